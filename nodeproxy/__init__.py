@@ -1,0 +1,3 @@
+"""nodeproxy: a per-node transparent service-mesh proxy."""
+
+__version__ = "0.1.0"
