@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of nodeproxy against no proxy and HAProxy on one namespace lab: `python -m bench.run`."""

@@ -1,0 +1,5 @@
+import sys
+
+from nodeproxy.cli import main
+
+sys.exit(main())

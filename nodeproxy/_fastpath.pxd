@@ -1,0 +1,269 @@
+# Declarations for nodeproxy/_fastpath.pyx: the C API it uses and the layout of its handles.
+
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EINTR
+        EINPROGRESS
+        ECONNABORTED
+        ETIMEDOUT
+        EMFILE
+        ENFILE
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+    int pipe2(int pipefd[2], int flags)
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<time.h>" nogil:
+    enum:
+        CLOCK_MONOTONIC
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct linger:
+        int l_onoff
+        int l_linger
+    enum:
+        AF_INET
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
+        SO_LINGER
+        SHUT_WR
+    int socket(int domain, int type, int protocol)
+    int bind(int fd, const sockaddr *addr, socklen_t len)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
+    int getsockname(int fd, sockaddr *addr, socklen_t *len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int shutdown(int fd, int how)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    ctypedef uint32_t in_addr_t
+    struct in_addr:
+        in_addr_t s_addr
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    enum:
+        IPPROTO_TCP
+        IPPROTO_IP
+    unsigned short htons(unsigned short)
+    unsigned short ntohs(unsigned short)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+
+cdef extern from *:
+    """
+    #include <linux/in.h>
+    #ifndef IP_TRANSPARENT
+    #define IP_TRANSPARENT 19
+    #endif
+    #ifndef IP_BIND_ADDRESS_NO_PORT
+    #define IP_BIND_ADDRESS_NO_PORT 24
+    #endif
+    """
+    enum:
+        IP_TRANSPARENT
+        IP_BIND_ADDRESS_NO_PORT
+
+
+
+
+# -- relay handles ---------------------------------------------------------------------------------
+
+cdef enum:
+    CLIENT = 0             # index of the client socket / the client -> upstream direction
+    UPSTREAM = 1           # index of the upstream socket / the upstream -> client direction
+    EVENTS_PER_WAIT = 256
+    SPLICES_PER_TURN = 16  # reads per direction per wake-up before yielding to other connections
+    PIPE_POOL_MAX = 128    # empty pipes a worker keeps for reuse; idle connections hold no pipe
+
+
+cdef enum Ending:
+    END_CLOSED = 0           # both directions finished with FIN
+    END_CLIENT_RESET = 1     # the client side failed (RST or error); the upstream got an RST
+    END_UPSTREAM_RESET = 2   # the upstream side failed; the client got an RST
+    END_CONNECT_FAILED = 3   # upstream connect failed; client_fd is handed back to Python
+    END_CONNECT_TIMEOUT = 4  # upstream connect timed out; client_fd is handed back to Python
+    END_ABORTED = 5          # the worker stopped while the connection was live
+
+
+cdef enum ConnState:
+    CONNECTING = 0
+    RELAYING = 1
+
+
+ctypedef struct Direction:
+    # Bytes flow src socket -> pipe -> dst socket; `in_pipe` is what the pipe holds now.
+    int pipe_r
+    int pipe_w
+    size_t in_pipe
+    uint64_t bytes
+    bint src_eof
+    bint dst_shut
+
+
+cdef struct Conn
+
+ctypedef struct Side:
+    # epoll's data.ptr for one socket of a connection.
+    Conn *conn
+    int index
+
+
+cdef struct Conn:
+    uint64_t id
+    int fds[2]            # CLIENT, UPSTREAM
+    Side sides[2]
+    Direction dirs[2]     # dirs[CLIENT]: client -> upstream, dirs[UPSTREAM]: upstream -> client
+    bint readable[2]
+    bint writable[2]
+    ConnState state
+    int64_t deadline_ns   # connect deadline while CONNECTING
+    bint queued           # on the ready list (work left after its fairness budget)
+    Conn *ready_next
+    Conn *prev            # every live connection of the worker, for stop() and deadline scans
+    Conn *next
+
+
+ctypedef struct Submission:
+    uint64_t id
+    int client_fd
+    int upstream_fd
+    int64_t deadline_ns
+
+
+ctypedef struct Completion:
+    uint64_t id
+    int kind
+    int err
+    uint64_t bytes_up
+    uint64_t bytes_down
+    int client_fd
+
+
+cdef class RelayWorker:
+    cdef int epfd
+    cdef int wake_fd
+    cdef int notify_fd
+    cdef size_t pipe_size
+    cdef bint stopping
+    cdef bint closed
+    cdef Conn *conns
+    cdef Conn *ready
+    cdef int64_t connecting
+    cdef int64_t live
+    cdef uint64_t total_accepted
+    cdef pthread_mutex_t lock
+    cdef Submission *subs
+    cdef size_t subs_len
+    cdef size_t subs_cap
+    cdef Completion *done
+    cdef size_t done_len
+    cdef size_t done_cap
+    cdef int pipe_pool[2 * PIPE_POOL_MAX]
+    cdef int pipes_pooled
+
+    cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1
+    cdef void _loop(self) noexcept nogil
+    cdef int _wait_timeout(self) noexcept nogil
+    cdef void _take_submissions(self) noexcept nogil
+    cdef void _adopt(self, Submission *s) noexcept nogil
+    cdef void _on_event(self, Conn *c, int index, uint32_t events) noexcept nogil
+    cdef void _start_relay(self, Conn *c) noexcept nogil
+    cdef void _pump_both(self, Conn *c) noexcept nogil
+    cdef int _pump(self, Conn *c, int src) noexcept nogil
+    cdef void _queue_ready(self, Conn *c) noexcept nogil
+    cdef void _run_ready(self) noexcept nogil
+    cdef void _expire_connects(self, int64_t now) noexcept nogil
+    cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil
+    cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil
+    cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil
+    cdef void _release(self, Conn *c) noexcept nogil
+    cdef void _unqueue(self, Conn *c) noexcept nogil
+    cdef void _complete_raw(self, uint64_t conn_id, int kind, int err, uint64_t up, uint64_t down,
+                            int client_fd) noexcept nogil
+    cdef void _close_all(self) noexcept nogil
+    cdef int _take_pipe(self, Direction *d) noexcept nogil
+    cdef void _give_pipe(self, Direction *d) noexcept nogil

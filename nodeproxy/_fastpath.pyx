@@ -1,0 +1,571 @@
+# cython: language_level=3
+"""The byte-moving core of nodeproxy.
+
+Python decides where a connection goes; a RelayWorker then owns it: it finishes the non-blocking connect
+to the chosen upstream and relays bytes both ways with splice(2) through a pipe per direction, on its own
+epoll loop, on a thread that never takes the GIL. When a connection ends (or its connect fails, in which
+case the client socket is handed back so Python can try another endpoint), the worker queues a completion
+record and signals an eventfd that the asyncio loop watches.
+
+Ownership: a file descriptor passed to RelayWorker.connect() belongs to the worker until it comes back in
+a completion record (client_fd >= 0) or the worker closes it. Only the worker thread touches Conn structs.
+"""
+
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memset
+
+import os as _os
+
+# Completion kinds, for Python (nodeproxy.proxy.relay.Ending mirrors them).
+CLOSED = END_CLOSED
+CLIENT_RESET = END_CLIENT_RESET
+UPSTREAM_RESET = END_UPSTREAM_RESET
+CONNECT_FAILED = END_CONNECT_FAILED
+CONNECT_TIMEOUT = END_CONNECT_TIMEOUT
+ABORTED = END_ABORTED
+
+
+cdef int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef void _set_reset_on_close(int fd) noexcept nogil:
+    # SO_LINGER {1, 0}: close() sends RST instead of FIN, which is how a reset propagates.
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef int _sock_error(int fd) noexcept nogil:
+    cdef int err = 0
+    cdef socklen_t n = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
+        return errno
+    return err
+
+
+cdef int _parse_ipv4(str text, sockaddr_in *out, int port) except -1:
+    cdef bytes raw = text.encode("ascii")
+    memset(out, 0, sizeof(sockaddr_in))
+    out.sin_family = AF_INET
+    out.sin_port = htons(<unsigned short>port)
+    if inet_pton(AF_INET, raw, &out.sin_addr) != 1:
+        raise ValueError(f"not an IPv4 address: {text!r}")
+    return 0
+
+
+cdef str _format_ipv4(sockaddr_in *addr):
+    cdef char buf[16]
+    inet_ntop(AF_INET, &addr.sin_addr, buf, sizeof(buf))
+    return buf.decode("ascii")
+
+
+def accept_batch(int listen_fd, int max_batch=64):
+    """Accept up to max_batch connections from a non-blocking listener.
+
+    Returns [(fd, peer_ip, peer_port, orig_ip, orig_port)]; orig_* is the socket's local address, which
+    for a TPROXY-diverted connection is the destination the client dialled. Raises OSError only when
+    nothing could be accepted for a reason other than "no more pending" (e.g. EMFILE).
+    """
+    cdef list accepted = []
+    cdef sockaddr_in peer, local
+    cdef socklen_t plen, llen
+    cdef int fd, err, one = 1
+    while len(accepted) < max_batch:
+        plen = sizeof(peer)
+        with nogil:
+            fd = accept4(listen_fd, <sockaddr*>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            err = errno
+        if fd < 0:
+            if err == EINTR or err == ECONNABORTED:
+                continue
+            if err == EAGAIN or accepted:
+                break
+            raise OSError(err, _os.strerror(err))
+        llen = sizeof(local)
+        getsockname(fd, <sockaddr*>&local, &llen)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        accepted.append((fd, _format_ipv4(&peer), ntohs(peer.sin_port),
+                         _format_ipv4(&local), ntohs(local.sin_port)))
+    return accepted
+
+
+def reset_and_close(int fd):
+    """Close a socket with an RST (used when no upstream can be reached)."""
+    _set_reset_on_close(fd)
+    close(fd)
+
+
+cdef class RelayWorker:
+    """One relay thread: an epoll loop owning a set of connections. Call run() on a dedicated thread."""
+
+    def __cinit__(self, int notify_fd, size_t pipe_size=65536):
+        self.epfd = -1
+        self.wake_fd = -1
+        pthread_mutex_init(&self.lock, NULL)
+        self.notify_fd = notify_fd
+        self.pipe_size = pipe_size
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            raise OSError(errno, "eventfd")
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.ptr = NULL  # NULL marks the wake-up eventfd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+
+    def __dealloc__(self):
+        cdef size_t i
+        for i in range(self.subs_len):
+            close(self.subs[i].client_fd)
+            close(self.subs[i].upstream_fd)
+        for i in range(self.done_len):
+            if self.done[i].client_fd >= 0:
+                close(self.done[i].client_fd)
+        free(self.subs)
+        free(self.done)
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+        pthread_mutex_destroy(&self.lock)
+
+    @property
+    def live_connections(self):
+        """Connections the worker owns now (connecting or relaying)."""
+        return self.live
+
+    @property
+    def connecting(self):
+        return self.connecting
+
+    # -- called from Python (any thread) ---------------------------------------------------------------
+
+    def connect(self, uint64_t conn_id, int client_fd, str dst_ip, int dst_port, int timeout_ms,
+                str bind_ip=None):
+        """Start a non-blocking connect to dst and relay client_fd <-> upstream once it is up.
+
+        bind_ip makes the upstream connection transparent (IP_TRANSPARENT): the backend sees bind_ip, the
+        client pod's address, as the source. Raises OSError if the connect fails at once; client_fd then
+        stays with the caller. On success both sockets belong to the worker.
+        """
+        cdef sockaddr_in dst, src
+        cdef int fd, one = 1, rc, err
+        _parse_ipv4(dst_ip, &dst, dst_port)
+        if bind_ip is not None:
+            _parse_ipv4(bind_ip, &src, 0)
+        if self.stopping:
+            raise RuntimeError("relay worker is stopping")
+        with nogil:
+            fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            err = errno
+        if fd < 0:
+            raise OSError(err, _os.strerror(err))
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        setsockopt(client_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        with nogil:
+            rc = 0
+            if bind_ip is not None:
+                rc = setsockopt(fd, IPPROTO_IP, IP_TRANSPARENT, &one, sizeof(one))
+                if rc == 0:
+                    # The port is chosen at connect() from the full 4-tuple, not reserved at bind().
+                    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
+                    rc = bind(fd, <sockaddr*>&src, sizeof(src))
+            if rc == 0:
+                rc = connect(fd, <sockaddr*>&dst, sizeof(dst))
+                if rc < 0 and errno == EINPROGRESS:
+                    rc = 0
+            err = errno
+        if rc < 0:
+            close(fd)
+            raise OSError(err, _os.strerror(err))
+        self._submit(conn_id, client_fd, fd, _now_ns() + <int64_t>timeout_ms * 1000000)
+
+    cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1:
+        cdef Submission *grown
+        cdef uint64_t one = 1
+        pthread_mutex_lock(&self.lock)
+        if self.subs_len == self.subs_cap:
+            grown = <Submission*>realloc(self.subs, (self.subs_cap * 2 + 64) * sizeof(Submission))
+            if grown == NULL:
+                pthread_mutex_unlock(&self.lock)
+                close(upstream_fd)
+                raise MemoryError()
+            self.subs = grown
+            self.subs_cap = self.subs_cap * 2 + 64
+        self.subs[self.subs_len].id = conn_id
+        self.subs[self.subs_len].client_fd = client_fd
+        self.subs[self.subs_len].upstream_fd = upstream_fd
+        self.subs[self.subs_len].deadline_ns = deadline
+        self.subs_len += 1
+        self.total_accepted += 1
+        pthread_mutex_unlock(&self.lock)
+        write(self.wake_fd, &one, sizeof(one))
+        return 0
+
+    def drain(self):
+        """Take the completion records: [(conn_id, kind, errno, bytes_up, bytes_down, client_fd)].
+
+        client_fd is >= 0 only for CONNECT_FAILED / CONNECT_TIMEOUT; the caller then owns it.
+        """
+        cdef list out = []
+        cdef Completion *batch
+        cdef size_t n, i
+        pthread_mutex_lock(&self.lock)
+        batch = self.done
+        n = self.done_len
+        self.done = NULL
+        self.done_len = 0
+        self.done_cap = 0
+        pthread_mutex_unlock(&self.lock)
+        for i in range(n):
+            out.append((batch[i].id, batch[i].kind, batch[i].err, batch[i].bytes_up, batch[i].bytes_down,
+                        batch[i].client_fd))
+        free(batch)
+        return out
+
+    def stop(self):
+        """Ask run() to return; live connections are closed (reported as ABORTED)."""
+        cdef uint64_t one = 1
+        self.stopping = True
+        write(self.wake_fd, &one, sizeof(one))
+
+    def run(self):
+        """The worker loop; returns after stop(). Runs without the GIL."""
+        if self.closed:
+            raise RuntimeError("relay worker already ran")
+        with nogil:
+            self._loop()
+        self.closed = True
+
+    # -- worker thread, no GIL ---------------------------------------------------------------------
+
+    cdef void _loop(self) noexcept nogil:
+        cdef epoll_event events[EVENTS_PER_WAIT]
+        cdef int n, i, timeout
+        cdef uint64_t counter
+        cdef Side *side
+        cdef Conn *c
+        cdef int64_t now, next_deadline
+        while not self.stopping:
+            timeout = self._wait_timeout()
+            n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, timeout)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                break
+            for i in range(n):
+                side = <Side*>events[i].data.ptr
+                if side == NULL:
+                    read(self.wake_fd, &counter, sizeof(counter))
+                    self._take_submissions()
+                    continue
+                self._on_event(side.conn, side.index, events[i].events)
+            self._run_ready()
+            if self.connecting > 0:
+                self._expire_connects(_now_ns())
+        self._close_all()
+
+    cdef int _wait_timeout(self) noexcept nogil:
+        cdef Conn *c
+        cdef int64_t soonest = -1, left
+        if self.ready != NULL:
+            return 0
+        if self.connecting == 0:
+            return 1000
+        c = self.conns
+        while c != NULL:
+            if c.state == CONNECTING and (soonest < 0 or c.deadline_ns < soonest):
+                soonest = c.deadline_ns
+            c = c.next
+        left = (soonest - _now_ns()) // 1000000 + 1
+        if left < 0:
+            return 0
+        return <int>left if left < 1000 else 1000
+
+    cdef void _take_submissions(self) noexcept nogil:
+        cdef Submission *batch
+        cdef size_t n, i
+        pthread_mutex_lock(&self.lock)
+        batch = self.subs
+        n = self.subs_len
+        self.subs = NULL
+        self.subs_len = 0
+        self.subs_cap = 0
+        pthread_mutex_unlock(&self.lock)
+        for i in range(n):
+            self._adopt(&batch[i])
+        free(batch)
+
+    cdef void _adopt(self, Submission *s) noexcept nogil:
+        cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
+        cdef epoll_event ev
+        cdef int k
+        if c == NULL:
+            _set_reset_on_close(s.client_fd)
+            close(s.client_fd)
+            close(s.upstream_fd)
+            self._complete_raw(s.id, END_CLIENT_RESET, 12, 0, 0, -1)  # ENOMEM
+            return
+        c.id = s.id
+        c.fds[CLIENT] = s.client_fd
+        c.fds[UPSTREAM] = s.upstream_fd
+        c.state = CONNECTING
+        c.deadline_ns = s.deadline_ns
+        for k in range(2):
+            c.sides[k].conn = c
+            c.sides[k].index = k
+            c.dirs[k].pipe_r = -1
+            c.dirs[k].pipe_w = -1
+        c.next = self.conns
+        if self.conns != NULL:
+            self.conns.prev = c
+        self.conns = c
+        self.live += 1
+        self.connecting += 1
+        for k in range(2):
+            # Edge-triggered: ADD reports the current readiness once; afterwards only changes.
+            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.data.ptr = &c.sides[k]
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, c.fds[k], &ev) < 0:
+                self._fail_connect(c, errno, END_CONNECT_FAILED)
+                return
+
+    cdef void _on_event(self, Conn *c, int index, uint32_t events) noexcept nogil:
+        cdef int err
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            c.readable[index] = True
+        if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+            c.writable[index] = True
+        if c.state == CONNECTING:
+            if index == UPSTREAM:
+                err = _sock_error(c.fds[UPSTREAM])
+                if err != 0:
+                    self._fail_connect(c, err, END_CONNECT_FAILED)
+                elif events & EPOLLOUT:
+                    self._start_relay(c)
+            # Client events while connecting only set flags; its bytes wait in the socket buffer.
+            return
+        if events & EPOLLERR:
+            err = _sock_error(c.fds[index])
+            if err != 0:
+                self._abort(c, index, err)
+                return
+        self._pump_both(c)
+
+    cdef void _start_relay(self, Conn *c) noexcept nogil:
+        self.connecting -= 1
+        c.state = RELAYING
+        self._pump_both(c)
+
+    cdef int _take_pipe(self, Direction *d) noexcept nogil:
+        # A pipe is lent to a direction only while it holds bytes, so an idle connection costs two fds.
+        cdef int p[2]
+        if self.pipes_pooled > 0:
+            self.pipes_pooled -= 1
+            d.pipe_r = self.pipe_pool[2 * self.pipes_pooled]
+            d.pipe_w = self.pipe_pool[2 * self.pipes_pooled + 1]
+            return 0
+        if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
+            return -1
+        if self.pipe_size != 65536:
+            fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
+        d.pipe_r = p[0]
+        d.pipe_w = p[1]
+        return 0
+
+    cdef void _give_pipe(self, Direction *d) noexcept nogil:
+        if d.pipe_r < 0:
+            return
+        if d.in_pipe == 0 and self.pipes_pooled < PIPE_POOL_MAX:
+            self.pipe_pool[2 * self.pipes_pooled] = d.pipe_r
+            self.pipe_pool[2 * self.pipes_pooled + 1] = d.pipe_w
+            self.pipes_pooled += 1
+        else:
+            close(d.pipe_r)
+            close(d.pipe_w)
+        d.pipe_r = -1
+        d.pipe_w = -1
+        d.in_pipe = 0
+
+    cdef void _pump_both(self, Conn *c) noexcept nogil:
+        if self._pump(c, CLIENT) < 0 or self._pump(c, UPSTREAM) < 0:
+            return
+        if c.dirs[CLIENT].dst_shut and c.dirs[UPSTREAM].dst_shut:
+            self._finish(c, END_CLOSED, 0)
+
+    cdef int _pump(self, Conn *c, int src) noexcept nogil:
+        """Move bytes src -> dst until one side would block; -1 if the connection was torn down."""
+        cdef int dst = 1 - src
+        cdef Direction *d = &c.dirs[src]
+        cdef ssize_t n
+        cdef int turns = SPLICES_PER_TURN
+        while True:
+            if d.in_pipe > 0:
+                if not c.writable[dst]:
+                    return 0
+                n = splice(d.pipe_r, NULL, c.fds[dst], NULL, d.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n < 0:
+                    if errno == EAGAIN:
+                        c.writable[dst] = False
+                        return 0
+                    if errno == EINTR:
+                        continue
+                    self._abort(c, dst, errno)
+                    return -1
+                d.in_pipe -= n
+                d.bytes += n
+                if d.in_pipe == 0:
+                    self._give_pipe(d)
+                continue
+            if d.src_eof:
+                if not d.dst_shut:
+                    # Half-close: the source finished sending, so finish the destination's direction.
+                    shutdown(c.fds[dst], SHUT_WR)
+                    d.dst_shut = True
+                return 0
+            if not c.readable[src]:
+                return 0
+            if turns == 0:
+                self._queue_ready(c)
+                return 0
+            turns -= 1
+            if d.pipe_r < 0 and self._take_pipe(d) < 0:
+                self._abort(c, src, errno)
+                return -1
+            # Only read into an empty pipe, so EAGAIN here means the socket is empty, never the pipe full.
+            n = splice(c.fds[src], NULL, d.pipe_w, NULL, self.pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n < 0:
+                if errno == EAGAIN:
+                    c.readable[src] = False
+                    return 0
+                if errno == EINTR:
+                    continue
+                self._abort(c, src, errno)
+                return -1
+            if n == 0:
+                d.src_eof = True
+                self._give_pipe(d)
+            else:
+                d.in_pipe = n
+
+    cdef void _queue_ready(self, Conn *c) noexcept nogil:
+        if not c.queued:
+            c.queued = True
+            c.ready_next = self.ready
+            self.ready = c
+
+    cdef void _run_ready(self) noexcept nogil:
+        cdef Conn *c
+        cdef Conn *batch = self.ready
+        self.ready = NULL
+        while batch != NULL:
+            c = batch
+            batch = c.ready_next
+            c.queued = False
+            c.ready_next = NULL
+            if c.state == RELAYING:
+                self._pump_both(c)
+
+    cdef void _expire_connects(self, int64_t now) noexcept nogil:
+        cdef Conn *c = self.conns
+        cdef Conn *nxt
+        while c != NULL:
+            nxt = c.next
+            if c.state == CONNECTING and now >= c.deadline_ns:
+                self._fail_connect(c, ETIMEDOUT, END_CONNECT_TIMEOUT)
+            c = nxt
+
+    cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil:
+        # The client socket goes back to Python, untouched, so it can try another endpoint.
+        cdef int client_fd = c.fds[CLIENT]
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, client_fd, NULL)
+        c.fds[CLIENT] = -1
+        self._complete_raw(c.id, kind, err, 0, 0, client_fd)
+        self._release(c)
+
+    cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil:
+        """One side failed: reset the other side so the failure propagates, and drop the connection."""
+        cdef int other = 1 - failed
+        if c.fds[other] >= 0:
+            _set_reset_on_close(c.fds[other])
+        self._finish(c, END_CLIENT_RESET if failed == CLIENT else END_UPSTREAM_RESET, err)
+
+    cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil:
+        self._complete_raw(c.id, kind, err, c.dirs[CLIENT].bytes, c.dirs[UPSTREAM].bytes, -1)
+        self._release(c)
+
+    cdef void _release(self, Conn *c) noexcept nogil:
+        """Close everything the connection still holds and free it (it must not be touched after)."""
+        cdef int k
+        if c.state == CONNECTING:
+            self.connecting -= 1
+        for k in range(2):
+            if c.fds[k] >= 0:
+                close(c.fds[k])  # closing also removes it from the epoll set
+            self._give_pipe(&c.dirs[k])
+        if c.queued:
+            self._unqueue(c)
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.conns = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        self.live -= 1
+        free(c)
+
+    cdef void _unqueue(self, Conn *c) noexcept nogil:
+        cdef Conn **link = &self.ready
+        while link[0] != NULL:
+            if link[0] == c:
+                link[0] = c.ready_next
+                return
+            link = &link[0].ready_next
+
+    cdef void _complete_raw(self, uint64_t conn_id, int kind, int err, uint64_t up, uint64_t down,
+                            int client_fd) noexcept nogil:
+        cdef Completion *grown
+        cdef bint was_empty
+        cdef uint64_t one = 1
+        pthread_mutex_lock(&self.lock)
+        if self.done_len == self.done_cap:
+            grown = <Completion*>realloc(self.done, (self.done_cap * 2 + 64) * sizeof(Completion))
+            if grown == NULL:
+                # Out of memory: the record is lost but the fd must not leak.
+                pthread_mutex_unlock(&self.lock)
+                if client_fd >= 0:
+                    close(client_fd)
+                return
+            self.done = grown
+            self.done_cap = self.done_cap * 2 + 64
+        was_empty = self.done_len == 0
+        self.done[self.done_len].id = conn_id
+        self.done[self.done_len].kind = kind
+        self.done[self.done_len].err = err
+        self.done[self.done_len].bytes_up = up
+        self.done[self.done_len].bytes_down = down
+        self.done[self.done_len].client_fd = client_fd
+        self.done_len += 1
+        pthread_mutex_unlock(&self.lock)
+        if was_empty:
+            write(self.notify_fd, &one, sizeof(one))
+
+    cdef void _close_all(self) noexcept nogil:
+        cdef int k
+        cdef int i
+        self._take_submissions()
+        for i in range(2 * self.pipes_pooled):
+            close(self.pipe_pool[i])
+        self.pipes_pooled = 0
+        while self.conns != NULL:
+            for k in range(2):
+                if self.conns.fds[k] >= 0:
+                    _set_reset_on_close(self.conns.fds[k])
+            self._finish(self.conns, END_ABORTED, 0)

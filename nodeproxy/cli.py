@@ -1,0 +1,128 @@
+"""Command line: `nodeproxy run|cleanup|check-config|capture|lab|demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nodeproxy import capture
+from nodeproxy.config import Config, ConfigError, default_config, load_config
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nodeproxy import daemon
+
+    daemon.configure_logging(args.log_level)
+    return daemon.run(_load(args.config), args.config, args.ready_file, access_log=not args.no_access_log)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    removed = capture.remove(capture.CapturePlan.from_config(_load(args.config)))
+    print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    ports = sum(len(s.ports) for s in config.services)
+    endpoints = sum(len(s.endpoints) for s in config.services)
+    print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} services, {ports} ports, "
+          f"{endpoints} endpoints)")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    plan = capture.CapturePlan.from_config(_load(args.config))
+    if args.action == "install":
+        capture.install(plan)
+    elif args.action == "remove":
+        capture.remove(plan)
+    elif args.action == "render":
+        print(capture.render_iptables(plan, hook_present=False), end="")
+    else:
+        print(capture.installed_summary(plan))
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from nodeproxy.lab import Lab
+
+    lab = Lab(prefix=args.prefix, clients=args.clients, backends=args.backends)
+    if args.action == "up":
+        lab.up()
+        # Backends outlive this command; `lab down` kills every process in the lab's namespaces.
+        lab.start_backends()
+        lab.processes.clear()
+        print(f"lab {args.prefix} up: node {lab.node_ns}, pods "
+              f"{', '.join(f'{p.ns}={p.ip}' for p in lab.client_pods)}, backends "
+              f"{', '.join(f'{p.ns}={p.ip}' for p in lab.backend_pods)}")
+    elif args.action == "down":
+        lab.down()
+        print(f"lab {args.prefix} down")
+    else:
+        print(lab.config_yaml(), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nodeproxy.demo import run_demo
+
+    return run_demo(args.requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodeproxy", description="Per-node transparent service-mesh proxy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (installs capture rules; removes them on exit)")
+    run.add_argument("--config", help="YAML config file (default: the embedded default config)")
+    run.add_argument("--ready-file", help="write the pid here once serving; removed on exit")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--no-access-log", action="store_true", help="do not log every connection")
+    run.set_defaults(func=cmd_run)
+
+    cleanup = sub.add_parser("cleanup", help="remove capture rules and routes left by a crashed daemon")
+    cleanup.add_argument("--config", help="the config the daemon ran with (chain names, mark, table)")
+    cleanup.set_defaults(func=cmd_cleanup)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+
+    cap = sub.add_parser("capture", help="install, remove, show or render the capture rules alone")
+    cap.add_argument("action", choices=["install", "remove", "show", "render"])
+    cap.add_argument("--config")
+    cap.set_defaults(func=cmd_capture)
+
+    lab = sub.add_parser("lab", help="a namespace lab that looks like a node with pods")
+    lab.add_argument("action", choices=["up", "down", "config"])
+    lab.add_argument("--prefix", default="np")
+    lab.add_argument("--clients", type=int, default=2)
+    lab.add_argument("--backends", type=int, default=3)
+    lab.set_defaults(func=cmd_lab)
+
+    demo = sub.add_parser("demo", help="build a lab, run the proxy on it, show captured traffic, tear down")
+    demo.add_argument("--requests", type=int, default=6)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"nodeproxy: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"nodeproxy: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

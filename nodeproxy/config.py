@@ -1,0 +1,693 @@
+"""YAML configuration for nodeproxy, validated with pydantic.
+
+Entry points: :func:`load_config`, :func:`parse_config`, :func:`default_config`.  Every problem in a
+file is reported at once as a :class:`ConfigError`, one line per problem, so an operator can fix a
+config in a single pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from importlib import resources
+from ipaddress import IPv4Address, IPv4Network
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+__all__ = [
+    "CaptureConfig",
+    "Config",
+    "ConfigError",
+    "Endpoint",
+    "ListenersConfig",
+    "NodeConfig",
+    "RelayConfig",
+    "Service",
+    "ServicePort",
+    "SocketAddress",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+DEFAULT_CONFIG_RESOURCE = "default-config.yaml"
+
+# Longest repr of an offending value quoted in an error message; a whole mis-indented subtree
+# would otherwise drown the message.
+_MAX_GOT = 60
+
+
+class ConfigError(Exception):
+    """An invalid configuration: ``str(err)`` has one ``'<source>: <problem>'`` line per problem."""
+
+    def __init__(self, problems: str | Iterable[str], source: str | None = None) -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        prefix = f"{source}: " if source is not None else ""
+        super().__init__("\n".join(prefix + p for p in self.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Durations
+
+_DURATION_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>ms|s|m|h)?", re.ASCII)
+_UNIT_SECONDS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60), "h": Fraction(3600)}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in ``value``: ``"250ms"``, ``"1.5s"``, ``"2m"``, ``"1h"``, or a bare number of seconds.
+
+    Raises ValueError for negative, non-finite or malformed values and unknown units.
+    """
+    try:
+        return _parse_duration(value)
+    except ValueError as err:
+        raise ValueError(f"invalid duration {_trunc(value)}: {err}") from None
+
+
+def _parse_duration(value: object) -> float:
+    # Messages leave out the value: pydantic errors already show it as "(got ...)".
+    if isinstance(value, bool):  # bool is an int subclass; `timeout: yes` is a typo, not 1 s
+        raise ValueError("expected a duration such as '250ms' or '1.5s', not a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("duration must not be negative")
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float range
+            raise ValueError("duration is too large") from None
+        if not math.isfinite(seconds):
+            raise ValueError("duration must be finite")
+        return seconds
+    if not isinstance(value, str):
+        # Not TypeError: that would escape pydantic's per-field error collection.
+        raise ValueError(f"expected a duration such as '250ms' or '1.5s', not {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("-"):
+        raise ValueError("duration must not be negative")
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            "expected a number with an optional unit ms, s, m or h (e.g. '250ms', '1.5s', '2m'); "
+            "a bare number means seconds"
+        )
+    # Fraction keeps the arithmetic exact so "1500ms" is exactly 1.5 and the result is the
+    # correctly rounded float, identical to n / 1000 for any integer n.
+    exact = Fraction(match["num"]) * _UNIT_SECONDS[match["unit"] or "s"]
+    try:
+        return float(exact)
+    except OverflowError:
+        raise ValueError("duration is too large") from None
+
+
+def _seconds_between(low: float, high: float, *, low_exclusive: bool = False) -> AfterValidator:
+    def check(value: float) -> float:
+        if value < low or (low_exclusive and value == low) or value > high:
+            lower = f"more than {low:g} s" if low_exclusive else f"at least {low:g} s"
+            raise ValueError(f"must be {lower} and at most {high:g} s")
+        return value
+
+    return AfterValidator(check)
+
+
+# --------------------------------------------------------------------------------------------
+# Field types and validators
+
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
+_IFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\+?", re.ASCII)
+_CHAIN_PREFIX_RE = re.compile(r"[A-Z0-9_]{1,20}", re.ASCII)
+_LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", re.ASCII)
+_DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", re.ASCII)
+_KERNEL_TABLES = {253: "default", 254: "main", 255: "local"}
+
+
+def _dns_label(value: str) -> str:
+    if not _DNS_LABEL_RE.fullmatch(value):
+        raise ValueError(
+            "must be an RFC 1123 DNS label: 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _iface_pattern(value: str) -> str:
+    # IFNAMSIZ is 16 including the NUL, and iptables stores the '+' inside that buffer too.
+    if len(value) > 15 or not _IFACE_RE.fullmatch(value):
+        raise ValueError(
+            "must be an iptables interface pattern: 1-15 characters from [A-Za-z0-9_.-], "
+            "optionally ending in a single '+' wildcard (e.g. 'eth0', 'veth+')"
+        )
+    return value
+
+
+def _chain_prefix(value: str) -> str:
+    if not _CHAIN_PREFIX_RE.fullmatch(value):
+        raise ValueError("must be 1-20 characters from uppercase letters, digits and '_'")
+    return value
+
+
+def _route_table(value: int) -> int:
+    if value in _KERNEL_TABLES:
+        raise ValueError(
+            f"table {value} is the kernel's '{_KERNEL_TABLES[value]}' table; nodeproxy needs a table of "
+            "its own because it installs a catch-all 'local' route there"
+        )
+    return value
+
+
+def _power_of_two(value: int) -> int:
+    # The kernel rounds pipe sizes up to a power-of-two number of pages; ask for what we get.
+    if value & (value - 1):
+        raise ValueError("must be a power of two")
+    return value
+
+
+def _label_key(value: str) -> str:
+    prefix, slash, name = value.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
+        raise ValueError("the label key's prefix must be a lowercase DNS subdomain of at most 253 characters")
+    if not _LABEL_NAME_RE.fullmatch(name):
+        raise ValueError(
+            "a label key must be 1-63 characters from [A-Za-z0-9._-], starting and ending with a letter "
+            "or digit, after an optional 'prefix/'"
+        )
+    return value
+
+
+def _label_value(value: str) -> str:
+    if len(value) > 63:
+        raise ValueError(f"a label value must be at most 63 characters (has {len(value)})")
+    return value
+
+
+def _ipv4_input(value: object) -> object:
+    # pydantic would also take an int (`vip: 10` -> 0.0.0.10), which is always a typo in YAML.
+    if isinstance(value, IPv4Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected an IPv4 address as a string such as '10.96.0.10', not {type(value).__name__}"
+        )
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        raise ValueError("not a valid IPv4 address (expected dotted quad such as '10.96.0.10')") from None
+
+
+def _ipv4_network_input(value: object) -> object:
+    if isinstance(value, IPv4Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected an IPv4 CIDR as a string such as '10.244.1.0/24', not {type(value).__name__}"
+        )
+    try:
+        return IPv4Network(value)
+    except ValueError:
+        pass
+    try:
+        loose = IPv4Network(value, strict=False)
+    except ValueError:
+        raise ValueError("not a valid IPv4 CIDR such as '10.244.1.0/24'") from None
+    # A CIDR with host bits set is almost always a pod IP pasted where its subnet was meant.
+    raise ValueError(f"host bits are set; did you mean '{loose}'?")
+
+
+def _routable(value: IPv4Address) -> IPv4Address:
+    if value.is_unspecified or value.is_multicast or value == IPv4Address("255.255.255.255"):
+        raise ValueError("must be a unicast address (not 0.0.0.0, multicast or broadcast)")
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4_input)]
+UnicastIPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4_input), AfterValidator(_routable)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelValue = Annotated[str, AfterValidator(_label_value)]
+ChainPrefix = Annotated[str, AfterValidator(_chain_prefix)]
+RouteTable = Annotated[int, Field(strict=True, ge=1, le=0x7FFFFFFF), AfterValidator(_route_table)]
+PipeSize = Annotated[int, Field(strict=True, ge=4096, le=1048576), AfterValidator(_power_of_two)]
+PodCidr = Annotated[IPv4Network, BeforeValidator(_ipv4_network_input)]
+IfacePattern = Annotated[str, AfterValidator(_iface_pattern)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Problems(ValueError):
+    """Several problems found by one model validator, each at a path relative to that model.
+
+    pydantic keeps only one error per validator call; this carries all of them through it and
+    :func:`_format_validation_error` expands them back into separate lines.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.items = list(problems)
+        super().__init__("; ".join(f"{path}: {why}" if path else why for path, why in self.items))
+
+
+def _raise_problems(problems: Sequence[tuple[str, str]]) -> None:
+    if problems:
+        raise _Problems(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class NodeConfig(_Frozen):
+    """The node this daemon runs on."""
+
+    name: DnsLabel = Field(description="Kubernetes node name; compared with Endpoint.node.")
+
+
+class CaptureConfig(_Frozen):
+    """Which pod traffic is captured with iptables TPROXY, and the policy routing that delivers it."""
+
+    pod_cidrs: list[PodCidr] = Field(
+        default=[], description="Source CIDRs of local pods whose outbound TCP is captured."
+    )
+    pod_interfaces: list[IfacePattern] = Field(
+        default=[],
+        description="iptables `-i` patterns ('eth0', 'veth+') of the interfaces pod traffic arrives on.",
+    )
+    # 0x539 (1337) and table 133 are what Istio's TPROXY interception mode uses: familiar to
+    # operators and known not to collide with the common CNIs.
+    mark: int = Field(
+        default=0x539, strict=True, ge=1, le=0xFFFFFFFF, description="fwmark the TPROXY target sets."
+    )
+    # The low 12 bits stay clear of kube-proxy's 0x4000/0x8000 marks and Calico's default
+    # 0xffff0000 mark bits, so we never clobber another component's bits.
+    mark_mask: int = Field(
+        default=0xFFF, strict=True, ge=1, le=0xFFFFFFFF, description="fwmark bits nodeproxy owns."
+    )
+    route_table: RouteTable = Field(
+        default=133, description="Routing table holding the 'local 0.0.0.0/0 dev lo' route (Istio: 133)."
+    )
+    # Must sort before the main table's rule at 32766; a low number also keeps it ahead of rules
+    # that CNIs append with automatically assigned priorities.
+    rule_priority: int = Field(
+        default=100, strict=True, ge=1, le=32765, description="Priority of the 'fwmark -> table' ip rule."
+    )
+    # iptables chain names are limited to 28 characters; 20 leaves room for suffixes like "_OUTPUT".
+    chain_prefix: ChainPrefix = Field(
+        default="NODEPROXY", description="Prefix of the iptables chains nodeproxy creates and owns."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        problems: list[tuple[str, str]] = []
+        if not self.pod_cidrs and not self.pod_interfaces:
+            problems.append(
+                (
+                    "",
+                    "at least one of pod_cidrs or pod_interfaces must be non-empty, otherwise no pod "
+                    "traffic would be captured",
+                )
+            )
+        if self.mark & ~self.mark_mask:
+            problems.append(
+                (
+                    "mark",
+                    f"mark {self.mark:#x} does not fit in mark_mask {self.mark_mask:#x}: it must only "
+                    "use bits inside the mask, or the ip rule matching mark/mask never sees it",
+                )
+            )
+        _raise_problems(problems)
+        return self
+
+
+class SocketAddress(_Frozen):
+    """An IPv4 address and TCP port, written ``"host:port"`` or as a ``{host, port}`` mapping."""
+
+    host: IPv4
+    port: Port
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value  # a mapping (or an instance) goes through normal field validation
+        match = re.fullmatch(r"(?P<host>[^:]+):(?P<port>[0-9]+)", value.strip(), re.ASCII)
+        if match is None:
+            raise ValueError("expected 'IPv4:port', e.g. '127.0.0.1:15001'")
+        return {"host": match["host"], "port": int(match["port"])}
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class ListenersConfig(_Frozen):
+    """Sockets nodeproxy listens on."""
+
+    # 15001 is the outbound capture port of both ztunnel and Istio's Envoy sidecar.
+    outbound: SocketAddress = Field(
+        default=SocketAddress(host=IPv4Address("127.0.0.1"), port=15001),
+        description="Where TPROXY delivers captured outbound connections.",
+    )
+
+
+def _usable_cpus() -> int:
+    # The affinity mask honours taskset/cpusets, which os.cpu_count() ignores.
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class RelayConfig(_Frozen):
+    """Tuning of the splice relay."""
+
+    threads: int = Field(
+        default=0, strict=True, ge=0, le=64, description="Relay threads; 0 means one per usable CPU (max 64)."
+    )
+    # 64 KiB is Linux's default pipe capacity (16 pages); 1 MiB is the default fs.pipe-max-size,
+    # the most an unprivileged F_SETPIPE_SZ may ask for.
+    pipe_size: PipeSize = Field(default=65536, description="Bytes of each splice pipe.")
+    # Envoy's connect_timeout defaults to 5 s; we use 1 s because endpoints are at most a hop or
+    # two away and the first SYN retransmit is at 1 s, so a timed-out attempt is better spent on
+    # the next endpoint (connect_attempts) than on waiting for a retransmission.
+    connect_timeout: Annotated[
+        float, BeforeValidator(_parse_duration), _seconds_between(0, 300, low_exclusive=True)
+    ] = Field(default=1.0, description="Per-attempt upstream connect timeout in seconds.")
+    # Istio retries a failed connection twice by default (three tries in all); we match that.
+    connect_attempts: int = Field(
+        default=3,
+        strict=True,
+        ge=1,
+        le=16,
+        description="Distinct endpoints tried before the client is reset.",
+    )
+    # Istio's sidecar terminationDrainDuration defaults to 5 s.
+    drain_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 3600)] = Field(
+        default=5.0, description="Seconds open connections may finish after shutdown starts."
+    )
+    # Each relayed connection holds two sockets and a pipe per direction (six fds), so the
+    # default needs RLIMIT_NOFILE of about 600k; Envoy's per-cluster breaker is 1024, far too low
+    # for a whole node.
+    max_connections: int = Field(
+        default=100000,
+        strict=True,
+        ge=1,
+        le=10_000_000,
+        description="Concurrent connections; beyond it new ones are reset.",
+    )
+
+    @property
+    def effective_threads(self) -> int:
+        """Number of relay threads to start."""
+        return self.threads or min(_usable_cpus(), 64)
+
+
+class ServicePort(_Frozen):
+    """One port of a service VIP and the endpoint port it forwards to."""
+
+    port: Port
+    target_port: Port | None = Field(default=None, description="Endpoint port; defaults to `port`.")
+    name: DnsLabel | None = Field(default=None, description="Optional name, for logs and metrics.")
+
+    @property
+    def backend_port(self) -> int:
+        """The port connections are forwarded to on an endpoint."""
+        return self.port if self.target_port is None else self.target_port
+
+
+class Endpoint(_Frozen):
+    """One backend of a service."""
+
+    address: UnicastIPv4
+    node: DnsLabel | None = Field(default=None, description="Node the endpoint runs on, if known.")
+    labels: dict[LabelKey, LabelValue] = Field(default={}, description="Kubernetes-style labels.")
+    # Relative share of new connections under round_robin and p2c (an endpoint with weight 2 gets
+    # twice the picks of one with weight 1); least_conn ignores it.  1 = all equal, as in Envoy.
+    weight: int = Field(default=1, strict=True, ge=1, le=1000, description="Relative balancing weight.")
+
+
+class Service(_Frozen):
+    """A virtual IP, its ports, and the endpoints behind it."""
+
+    name: DnsLabel
+    vip: UnicastIPv4
+    ports: list[ServicePort] = Field(min_length=1)
+    # p2c (power of two choices on least active connections, as Envoy's least_request with
+    # choice_count 2 and Linkerd's balancer) avoids round robin's blindness to slow endpoints
+    # without least_conn's herding of every new connection onto the same idle endpoint.
+    balancer: Literal["round_robin", "least_conn", "p2c"] = Field(
+        default="p2c", description="Endpoint picker."
+    )
+    # Empty is valid: the service exists (its VIP is captured) but new connections are reset.
+    endpoints: list[Endpoint] = Field(default=[], description="Backends; empty resets new connections.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        problems: list[tuple[str, str]] = []
+        first_port: dict[int, int] = {}
+        for i, sp in enumerate(self.ports):
+            j = first_port.setdefault(sp.port, i)
+            if j != i:
+                problems.append(
+                    (f"ports[{i}].port", f"port {sp.port} is listed twice (ports[{j}] and ports[{i}])")
+                )
+        first_addr: dict[IPv4Address, int] = {}
+        for i, ep in enumerate(self.endpoints):
+            j = first_addr.setdefault(ep.address, i)
+            if j != i:
+                problems.append(
+                    (
+                        f"endpoints[{i}].address",
+                        f"endpoint {ep.address} is listed twice (endpoints[{j}] and endpoints[{i}])",
+                    )
+                )
+        _raise_problems(problems)
+        return self
+
+
+class Config(_Frozen):
+    """The whole nodeproxy configuration file."""
+
+    node: NodeConfig
+    capture: CaptureConfig
+    listeners: ListenersConfig = ListenersConfig()
+    relay: RelayConfig = RelayConfig()
+    services: list[Service] = Field(default=[], description="Services whose VIPs are captured and balanced.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        problems: list[tuple[str, str]] = []
+        first_name: dict[str, int] = {}
+        for i, svc in enumerate(self.services):
+            j = first_name.setdefault(svc.name, i)
+            if j != i:
+                problems.append(
+                    (
+                        "services",
+                        f"service name '{svc.name}' is defined twice (services[{j}] and services[{i}])",
+                    )
+                )
+        claimed: dict[tuple[IPv4Address, int], tuple[int, int]] = {}
+        for i, svc in enumerate(self.services):
+            for k, sp in enumerate(svc.ports):
+                first = claimed.setdefault((svc.vip, sp.port), (i, k))
+                if first != (i, k) and first[0] != i:  # duplicates inside one service are Service's job
+                    problems.append(
+                        (
+                            f"services[{i}].ports[{k}].port",
+                            f"{svc.vip}:{sp.port} is already claimed by service "
+                            f"'{self.services[first[0]].name}' (services[{first[0]}].ports[{first[1]}]); "
+                            "each VIP:port can route to only one service",
+                        )
+                    )
+            for c, cidr in enumerate(self.capture.pod_cidrs):
+                if svc.vip in cidr:
+                    problems.append(
+                        (
+                            f"services[{i}].vip",
+                            f"VIP {svc.vip} is inside pod CIDR {cidr} (capture.pod_cidrs[{c}]); "
+                            "VIPs must come from a separate service range, or traffic to the pod that owns "
+                            "that address would be captured as service traffic",
+                        )
+                    )
+        _raise_problems(problems)
+        return self
+
+    def service_ports(self) -> dict[tuple[str, int], tuple[Service, ServicePort]]:
+        """Map ``(str(vip), port)`` to the service and port that claims it."""
+        return {(str(svc.vip), sp.port): (svc, sp) for svc in self.services for sp in svc.ports}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def _trunc(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_GOT else text[: _MAX_GOT - 3] + "..."
+
+
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def _join_path(base: str, loc: Iterable[int | str]) -> str:
+    path = base
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _IDENT_RE.fullmatch(part):
+            path += f".{part}" if path else part
+        else:  # dict keys such as label keys 'app.kubernetes.io/name' would be ambiguous after a '.'
+            path += f"[{part!r}]"
+    return path
+
+
+def _fields_at(loc: Sequence[int | str]) -> list[str] | None:
+    """Field names of the model that owns the last element of ``loc`` (for 'unknown key' hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # list index: the element type was already unwrapped
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
+        if field is None:
+            return None
+        model = _element_model(field.annotation)
+        if model is None:
+            return None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return None
+
+
+def _element_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _element_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(err: ErrorDetails) -> Iterable[str]:
+    loc = err["loc"]
+    in_key = bool(loc) and loc[-1] == "[key]"  # pydantic's marker for an error in a dict key
+    if in_key:
+        loc = loc[:-1]
+    path = _join_path("", loc)
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _Problems):
+        for sub, why in cause.items:
+            full = f"{path}.{sub}" if path and sub else path or sub
+            yield f"{full}: {why}" if full else why
+        return
+    if err["type"] == "extra_forbidden":
+        key = loc[-1] if loc else "?"
+        valid = _fields_at(loc) or []
+        hint = difflib.get_close_matches(str(key), valid, n=1)
+        why = f"unknown key '{key}'"
+        if hint:
+            why += f"; did you mean '{hint[0]}'?"
+        elif valid:
+            why += f"; valid keys here: {', '.join(valid)}"
+        yield f"{path}: {why}"
+        return
+    if err["type"] == "missing":
+        # The input here is the enclosing mapping, which would only add noise.
+        yield f"{path}: required key is missing"
+        return
+    why = str(cause) if err["type"] == "value_error" and cause is not None else err["msg"]
+    if in_key:
+        why = f"invalid key: {why}"
+    line = f"{path}: {why}" if path else why
+    yield f"{line} (got {_trunc(err['input'])})"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys, which PyYAML silently lets the last one win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                first = seen[key].start_mark
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first defined on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        why = err.problem or "invalid YAML"
+        if err.context and err.context_mark is not None and err.context_mark.line != mark.line:
+            why += f" ({err.context} started on line {err.context_mark.line + 1})"
+        return f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {why}"
+    return f"YAML syntax error: {err}"
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    return [line for detail in err.errors(include_url=False) for line in _describe(detail)]
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate YAML ``text``; ``source`` names it in error messages."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err), source) from None
+    if data is None:
+        raise ConfigError("the file is empty; expected a mapping with at least 'node' and 'capture'", source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level (got {_trunc(data)})", source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err), source) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file at ``path``."""
+    source = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file: {err.strerror or err}", source) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file is not valid UTF-8: {err.reason} at byte {err.start}", source
+        ) from None
+    return parse_config(text, source)
+
+
+def default_config() -> Config:
+    """The example config shipped in the package as ``nodeproxy/default-config.yaml``."""
+    text = resources.files("nodeproxy").joinpath(DEFAULT_CONFIG_RESOURCE).read_text(encoding="utf-8")
+    return parse_config(text, f"nodeproxy/{DEFAULT_CONFIG_RESOURCE}")
