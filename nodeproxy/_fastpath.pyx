@@ -444,6 +444,7 @@ cdef class RelayWorker:
             if n < 0:
                 if errno == EAGAIN:
                     c.readable[src] = False
+                    self._give_pipe(d)  # still empty: an idle direction holds no pipe
                     return 0
                 if errno == EINTR:
                     continue

@@ -4,8 +4,8 @@
       └─ worker × relay.threads (forked): accept loop + routing decisions (uvloop) + one relay thread
 
 Workers are processes rather than threads because every relayed connection holds descriptors and the
-descriptor limit is per process (and may be fixed below what one process would need); they share the
-supervisor's listening socket. Like Envoy's worker threads, each balances on its own view of load.
+descriptor limit is per process (and may be fixed below what one process would need); each has its own
+SO_REUSEPORT listener, which the supervisor keeps open so a replacement worker inherits its queue. Like Envoy's worker threads, each balances on its own view of load.
 
 Lifecycle: listener → workers → capture → ready (ready file, sd_notify) → serve. SIGTERM/SIGINT: workers
 stop accepting and drain live connections for up to relay.drain_timeout, then reset the rest; the
@@ -182,15 +182,17 @@ class Supervisor:
         self.access_log = access_log
         self.plan = capture.CapturePlan.from_config(config)
         self.workers: dict[int, WorkerHandle] = {}
-        self.listen_sock: socket.socket | None = None
+        self.listen_socks: list[socket.socket] = []
 
     def run(self) -> int:
         fd_limit = raise_fd_limit()
         signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
         listen = self.config.listeners.outbound
-        self.listen_sock = open_listener((str(listen.host), listen.port))
+        address = (str(listen.host), listen.port)
         try:
-            for index in range(self.config.relay.effective_threads):
+            # One SO_REUSEPORT listener per worker, kept here so a replacement worker inherits its queue.
+            self.listen_socks = [open_listener(address) for _ in range(self.config.relay.effective_threads)]
+            for index in range(len(self.listen_socks)):
                 self._spawn(index)
             capture.install(self.plan)
             log.info("nodeproxy ready", node=self.config.node.name, listener=str(listen),
@@ -204,21 +206,24 @@ class Supervisor:
         finally:
             self._kill_workers()
             capture.remove(self.plan)
-            self.listen_sock.close()
+            for sock in self.listen_socks:
+                sock.close()
             if self.ready_file:
                 Path(self.ready_file).unlink(missing_ok=True)
         log.info("nodeproxy stopped")
         return 0
 
     def _spawn(self, index: int) -> None:
-        assert self.listen_sock is not None
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(control_w)
             for other in self.workers.values():
                 os.close(other.control_w)
-            _worker_main(index, self.config, self.listen_sock, control_r, self.access_log)
+            for i, sock in enumerate(self.listen_socks):
+                if i != index:
+                    sock.close()
+            _worker_main(index, self.config, self.listen_socks[index], control_r, self.access_log)
         os.close(control_r)
         self.workers[index] = WorkerHandle(index, pid, control_w)
 

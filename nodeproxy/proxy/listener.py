@@ -4,7 +4,9 @@ socket pair to the relay. Only this layer does I/O; the decision is nodeproxy.pr
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,13 +22,22 @@ from nodeproxy.state.routing import StateUpdater
 
 log = structlog.get_logger("nodeproxy.outbound")
 IP_TRANSPARENT = 19
+# Failures of our own resources, not of the endpoint: trying another endpoint cannot help.
+LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+# Descriptors budgeted per connection when deriving a worker's connection cap from its fd limit: two
+# sockets always, pipes (two fds each) only while bytes are in flight.
+FDS_PER_CONNECTION = 3
+FDS_RESERVED = 256
 ACCEPT_BATCH = 128
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
 
 
 def open_listener(address: tuple[str, int], backlog: int = 65535) -> socket.socket:
+    """A transparent listener; SO_REUSEPORT lets each worker have its own, and the kernel spreads new
+    connections over them by 4-tuple hash (also for TPROXY's socket lookup), so no worker hogs them."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # TPROXY hands us connections addressed to other hosts; the listener must be transparent to take them.
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.bind(address)
@@ -71,6 +82,8 @@ class OutboundListener:
         self.connections: dict[int, Connection] = {}
         self.stats = ListenerStats()
         self._ids = itertools.count(1)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_connection_cap = max(1, (fd_limit - FDS_RESERVED) // FDS_PER_CONNECTION)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -94,6 +107,10 @@ class OutboundListener:
         for record in self.pool.stop():
             self._on_completion(record)
 
+    @property
+    def connection_cap(self) -> int:
+        return min(self.relay_config.max_connections, self.fd_connection_cap)
+
     # -- accepting -------------------------------------------------------------------------------------
 
     def _on_acceptable(self) -> None:
@@ -111,8 +128,8 @@ class OutboundListener:
             self.stats.accepted += 1
             conn = Connection(next(self._ids), fd, client_ip, client_port, orig_ip, orig_port, now,
                               self.pool.next_worker())
-            if len(self.connections) >= self.relay_config.max_connections:
-                self._refuse(conn, "max_connections reached")
+            if len(self.connections) >= self.connection_cap:
+                self._refuse(conn, f"connection limit reached ({self.connection_cap} in this worker)")
                 continue
             self._dispatch(conn)
 
@@ -141,6 +158,12 @@ class OutboundListener:
                                 conn.client_ip)
         except OSError as err:
             del self.connections[conn.id]
+            if conn.endpoint is not None:
+                conn.endpoint.active -= 1
+            if err.errno in LOCAL_ERRORS:
+                conn.endpoint = None
+                self._refuse(conn, f"local resources exhausted: {err.strerror}")
+                return
             self._connect_failed(conn, err.errno or 0)
 
     def _refuse(self, conn: Connection, reason: str) -> None:

@@ -1,0 +1,165 @@
+"""The L4 data path through a real daemon: integrity, half-close, resets, transparency, scale."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+import time
+
+import pytest
+import uvloop
+
+from nodeproxy import netns
+from nodeproxy.lab import ECHO_PORT, Lab
+from tests.conftest import RunningProxy
+from tests.helpers import connect, http_get, listen, pattern, recv_all, stream_echo
+
+pytestmark = pytest.mark.netns
+
+WEB_VIP, ECHO_VIP, SINK_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
+GIB = 1 << 30
+
+
+def test_gib_echo_through_vip_keeps_every_byte(lab: Lab, proxy: RunningProxy) -> None:
+    pod = lab.client_pods[0]
+    with connect(pod.ns, ECHO_VIP, 9000, timeout=60) as sock:
+        sent, received, count = stream_echo(sock, GIB, pattern(1 << 20))
+    assert count == GIB
+    assert sent == received
+
+
+def test_upload_sha256_seen_by_backend(lab: Lab, proxy: RunningProxy) -> None:
+    data = pattern(64 << 20, seed=11)
+    with connect(lab.client_pods[1].ns, SINK_VIP, 9001, timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # half-close: the backend answers only after our FIN
+        answer = recv_all(sock).decode().split()
+    assert answer == [hashlib.sha256(data).hexdigest(), str(len(data))]
+
+
+def test_half_close_both_directions(lab: Lab, proxy: RunningProxy) -> None:
+    with connect(lab.client_pods[0].ns, ECHO_VIP, 9000) as sock:
+        sock.sendall(b"hello, ")
+        sock.sendall(b"world")
+        sock.shutdown(socket.SHUT_WR)
+        # The echo backend only half-closes after it saw our FIN; we must still receive everything.
+        assert recv_all(sock) == b"hello, world"
+
+
+def test_backend_sees_client_pod_ip(lab: Lab, proxy: RunningProxy) -> None:
+    for pod in lab.client_pods:
+        body = http_get(pod.ns, WEB_VIP)
+        assert f"client={pod.ip}:" in body, body
+
+
+def test_round_robin_over_vip_reaches_every_backend(lab: Lab, proxy: RunningProxy) -> None:
+    seen = {http_get(lab.client_pods[0].ns, WEB_VIP).split()[0] for _ in range(30)}
+    assert seen == {f"backend=be{i}" for i in range(lab.backends)}
+
+
+def test_non_service_traffic_passes_through_to_original_destination(lab: Lab, proxy: RunningProxy) -> None:
+    target = lab.backend_pods[2]
+    body = http_get(lab.client_pods[1].ns, target.ip, 8080)
+    assert body.startswith("backend=be2 ") and f"client={lab.client_pods[1].ip}:" in body
+    # It went through the proxy: the access log has it, with no service.
+    text = proxy.wait_log(f'"dst": "{target.ip}:8080"')
+    assert '"service": null' in text
+
+
+def _accept_in_thread(server: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    conn, peer = server.accept()
+    return conn, peer
+
+
+def test_upstream_reset_reaches_client(lab: Lab, proxy: RunningProxy) -> None:
+    backend, client_pod = lab.backend_pods[0], lab.client_pods[0]
+    with listen(backend.ns, 9100) as server, connect(client_pod.ns, backend.ip, 9100) as client:
+        conn, peer = server.accept()
+        assert peer[0] == client_pod.ip
+        client.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST
+        with pytest.raises(ConnectionResetError):
+            for _ in range(50):
+                if not client.recv(1):
+                    pytest.fail("client saw a FIN, not the backend's RST")
+
+
+def test_client_reset_reaches_backend(lab: Lab, proxy: RunningProxy) -> None:
+    backend, client_pod = lab.backend_pods[1], lab.client_pods[1]
+    with listen(backend.ns, 9101) as server:
+        client = connect(client_pod.ns, backend.ip, 9101)
+        conn, _ = server.accept()
+        with conn:
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            conn.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                for _ in range(50):
+                    if not conn.recv(1):
+                        pytest.fail("backend saw a FIN, not the client's RST")
+
+
+def test_slow_reader_does_not_make_the_proxy_buffer(lab: Lab, proxy: RunningProxy) -> None:
+    """Backpressure: a backend that reads nothing stops the client's writes after bounded buffering."""
+    backend, client_pod = lab.backend_pods[2], lab.client_pods[0]
+    with listen(backend.ns, 9102) as server, connect(client_pod.ns, backend.ip, 9102) as client:
+        conn, _ = server.accept()
+        with conn:
+            client.setblocking(False)
+            chunk, written = b"\0" * 65536, 0
+            deadline = time.monotonic() + 5
+            stalled_since = None
+            while time.monotonic() < deadline:
+                try:
+                    written += client.send(chunk)
+                    stalled_since = None
+                except BlockingIOError:
+                    stalled_since = stalled_since or time.monotonic()
+                    if time.monotonic() - stalled_since > 0.5:
+                        break
+                    time.sleep(0.01)
+            # Client and backend socket buffers (autotuned, a few MiB each) plus one 64 KiB pipe.
+            assert stalled_since is not None, f"client never blocked after {written} bytes"
+            assert written < 48 << 20, f"proxy accepted {written} bytes for a reader that reads nothing"
+            # Once the reader reads, everything arrives intact.
+            conn.settimeout(10)
+            got = 0
+            while got < written:
+                got += len(conn.recv(1 << 20))
+            assert got == written
+
+
+def test_ten_thousand_concurrent_connections(lab: Lab, proxy: RunningProxy) -> None:
+    count = 10_000
+    pod = lab.client_pods[0]
+
+    async def run() -> int:
+        opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        sem = asyncio.Semaphore(500)
+
+        async def open_one(i: int) -> None:
+            async with sem:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(ECHO_VIP, ECHO_PORT), 30)
+                writer.write(b"%08d" % i)
+                assert await asyncio.wait_for(reader.readexactly(8), 30) == b"%08d" % i
+                opened.append((reader, writer))
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(open_one(i) for i in range(count))), 120)
+            # All are open at once; prove each one still works.
+            for i, (reader, writer) in enumerate(opened[:: count // 100]):
+                writer.write(b"again%03d" % (i % 1000))
+                assert await asyncio.wait_for(reader.readexactly(8), 10) == b"again%03d" % (i % 1000)
+            return len(opened)
+        finally:
+            for _, writer in opened:
+                writer.close()
+
+    with netns.entered(pod.ns):
+        assert uvloop.run(run()) == count
