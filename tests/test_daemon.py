@@ -1,0 +1,192 @@
+"""Daemon behaviour on a real lab: failover between endpoints, reloads, rules lifecycle, bad config."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeproxy import netns
+from nodeproxy.lab import Lab, stop_process
+from tests.conftest import RunningProxy, new_lab, start_proxy
+from tests.helpers import connect, http_get, listen
+
+pytestmark = pytest.mark.netns
+
+FLAKY_VIP = "10.96.0.20"
+DEAD_ADDRESS = "10.244.1.250"  # inside the pod CIDR, but no pod: the node has no route to it
+
+
+def flaky_service(lab: Lab, endpoints: list[str], port: int = 9200) -> str:
+    lines = "".join(f"      - address: {ip}\n" for ip in endpoints)
+    return (f"  - name: flaky\n    vip: {FLAKY_VIP}\n    ports: [{{port: 80, target_port: {port}}}]\n"
+            f"    balancer: round_robin\n    endpoints:\n{lines}")
+
+
+@pytest.fixture
+def fresh_lab() -> Iterator[Lab]:
+    lab = new_lab(clients=1, backends=3)
+    try:
+        lab.up()
+        lab.start_backends()
+        yield lab
+    finally:
+        lab.down()
+
+
+def rules_present(lab: Lab) -> tuple[bool, bool, bool]:
+    save = netns.run(lab.node_ns, ["iptables-save", "-t", "mangle"])
+    rules = netns.run(lab.node_ns, ["ip", "rule", "show"])
+    routes = netns.run(lab.node_ns, ["ip", "route", "show", "table", "133"])
+    return "NODEPROXY" in save, "lookup 133" in rules, "local" in routes
+
+
+def serve_forever(server: socket.socket, name: bytes) -> None:
+    import threading
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(name)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def test_failed_endpoints_are_skipped_for_the_next_one(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    be = lab.backend_pods
+    # be0 refuses (nothing listens on 9200), DEAD_ADDRESS is unroutable, be2 drops SYNs (connect timeout);
+    # only be1 serves. Every connection must still succeed, within connect_attempts=4.
+    netns.run(be[2].ns, ["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9200", "-j", "DROP"])
+    extra = "relay:\n  connect_timeout: 300ms\n  connect_attempts: 4\n"
+    config = lab.config_yaml(extra=extra) + flaky_service(lab, [be[0].ip, DEAD_ADDRESS, be[2].ip, be[1].ip])
+    with listen(be[1].ns, 9200) as server:
+        serve_forever(server, b"be1")
+        proxy = start_proxy(lab, tmp_path, config)
+        try:
+            for _ in range(8):
+                with connect(lab.client_pods[0].ns, FLAKY_VIP, 80) as sock:
+                    assert sock.recv(16) == b"be1"
+            log = proxy.log()
+            assert "Connection refused" in log and "Connection timed out" in log
+            assert "unreachable" in log.lower()
+        finally:
+            stop_process(proxy.proc)
+
+
+def test_all_endpoints_down_resets_the_client(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    config = lab.config_yaml() + flaky_service(lab, [lab.backend_pods[0].ip, DEAD_ADDRESS])
+    proxy = start_proxy(lab, tmp_path, config)
+    try:
+        with connect(lab.client_pods[0].ns, FLAKY_VIP, 80) as sock, pytest.raises(ConnectionResetError):
+            sock.recv(16)
+        proxy.wait_log("all 2 endpoints failed")
+        # The daemon is unharmed and keeps serving others.
+        assert http_get(lab.client_pods[0].ns, "10.96.0.10").startswith("backend=")
+    finally:
+        stop_process(proxy.proc)
+
+
+def test_reload_changes_endpoints_without_touching_established(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    be = lab.backend_pods
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml() + flaky_service(lab, [be[0].ip]))
+    servers = [listen(p.ns, 9200) for p in be]
+    try:
+        for server, pod in zip(servers, be, strict=True):
+            serve_forever(server, pod.ns.encode())
+        with connect(lab.client_pods[0].ns, "10.96.0.11", 9000) as established:
+            established.sendall(b"before")
+            assert established.recv(16) == b"before"
+            # Move the flaky service to be1+be2 only.
+            proxy.reload(lab.config_yaml() + flaky_service(lab, [be[1].ip, be[2].ip]))
+            proxy.wait_log("config reloaded")
+            time.sleep(0.2)
+            answers = set()
+            for _ in range(10):
+                with connect(lab.client_pods[0].ns, FLAKY_VIP, 80) as sock:
+                    answers.add(sock.recv(64).decode())
+            assert answers == {be[1].ns, be[2].ns}
+            established.sendall(b"after")
+            assert established.recv(16) == b"after"
+
+            # A bad config is rejected with a precise message and the running one stays.
+            proxy.reload(lab.config_yaml() + flaky_service(lab, ["10.244.1.999"]))
+            log = proxy.wait_log("config reload rejected")
+            assert "services[4].endpoints[0].address" in log
+            with connect(lab.client_pods[0].ns, FLAKY_VIP, 80) as sock:
+                assert sock.recv(64).decode() in answers
+            established.sendall(b"still")
+            assert established.recv(16) == b"still"
+    finally:
+        for server in servers:
+            server.close()
+        stop_process(proxy.proc)
+
+
+def test_connection_to_the_listener_itself_is_refused(lab: Lab, proxy: RunningProxy) -> None:
+    with netns.entered(lab.node_ns):
+        sock = socket.create_connection(("127.0.0.1", 15001), timeout=5)
+    with sock, pytest.raises(ConnectionResetError):
+        sock.recv(1)
+    proxy.wait_log("own listener")
+
+
+def test_rules_removed_after_sigterm_and_reinstall_is_idempotent(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    config = tmp_path / "c.yaml"
+    config.write_text(lab.config_yaml())
+    install = [sys.executable, "-m", "nodeproxy", "capture", "install", "--config", str(config)]
+    netns.run(lab.node_ns, install)
+    netns.run(lab.node_ns, install)  # twice: still exactly one hook and one rule
+    save = netns.run(lab.node_ns, ["iptables-save", "-t", "mangle"])
+    assert save.count("-A PREROUTING -j NODEPROXY_PREROUTING") == 1
+    assert netns.run(lab.node_ns, ["ip", "rule", "show"]).count("lookup 133") == 1
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml())
+    assert rules_present(lab) == (True, True, True)
+    assert stop_process(proxy.proc) == 0
+    assert rules_present(lab) == (False, False, False)
+    assert not proxy.ready_file.exists()
+
+
+def test_cleanup_removes_what_a_killed_daemon_left(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml())
+    supervisor = proxy.proc.pid
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait()
+    # Orphaned workers notice their supervisor is gone (control pipe EOF) and exit on their own.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            Path(f"/proc/{pid}/status").exists() for pid in netns.pids(lab.node_ns)):
+        time.sleep(0.1)
+    assert not netns.pids(lab.node_ns), "workers outlived their supervisor"
+    assert rules_present(lab) == (True, True, True)
+    out = netns.run(lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config",
+                                  str(proxy.config_path)])
+    assert "removed" in out and supervisor
+    assert rules_present(lab) == (False, False, False)
+    assert netns.run(lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config",
+                                   str(proxy.config_path)]).strip() == "nothing to remove"
+
+
+def test_invalid_config_is_rejected_with_field_and_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node: {name: node-a}\ncapture: {pod_cidrs: [10.244.1.0/24]}\nservices:\n"
+                   "  - name: web\n    vip: 10.96.0.10\n    ports: [{port: 70000}]\n")
+    for argv in (["run", "--config", str(bad)], ["check-config", str(bad)]):
+        proc = subprocess.run([sys.executable, "-m", "nodeproxy", *argv], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 2
+        assert "services[0].ports[0].port" in proc.stderr and "65535" in proc.stderr, proc.stderr
