@@ -21,8 +21,8 @@ class Endpoint:
     weight: int = 1
     node: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    active: int = 0          # connections open now
-    total: int = 0           # connections ever picked
+    active: int = 0  # connections open now
+    total: int = 0  # connections ever picked
     connect_failures: int = 0
     current_weight: int = 0  # smooth weighted round robin state
 

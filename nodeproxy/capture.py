@@ -23,6 +23,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -118,11 +119,24 @@ def install(plan: CapturePlan) -> None:
         raise RuntimeError(f"iptables-restore failed: {result.stderr.strip()}\n--- ruleset ---\n{ruleset}")
     with IPRoute() as ipr:
         if not _our_rules(ipr, plan):
-            ipr.rule("add", family=_AF_INET, fwmark=plan.mark, fwmask=plan.mask, table=plan.table,
-                     priority=plan.rule_priority)
+            ipr.rule(
+                "add",
+                family=_AF_INET,
+                fwmark=plan.mark,
+                fwmask=plan.mask,
+                table=plan.table,
+                priority=plan.rule_priority,
+            )
         lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route("replace", family=_AF_INET, dst="0.0.0.0/0", type="local", table=plan.table, oif=lo,
-                  scope=_SCOPE_HOST)
+        ipr.route(
+            "replace",
+            family=_AF_INET,
+            dst="0.0.0.0/0",
+            type="local",
+            table=plan.table,
+            oif=lo,
+            scope=_SCOPE_HOST,
+        )
 
 
 def remove(plan: CapturePlan) -> list[str]:
@@ -137,21 +151,35 @@ def remove(plan: CapturePlan) -> list[str]:
             removed.append(f"mangle chain {chain}")
     with IPRoute() as ipr:
         for rule in _our_rules(ipr, plan):
-            ipr.rule("del", family=_AF_INET, fwmark=plan.mark, fwmask=plan.mask, table=plan.table,
-                     priority=rule.get("priority"))
+            ipr.rule(
+                "del",
+                family=_AF_INET,
+                fwmark=plan.mark,
+                fwmask=plan.mask,
+                table=plan.table,
+                priority=rule.get("priority"),
+            )
             removed.append(f"ip rule fwmark {plan.mark:#x}/{plan.mask:#x} lookup {plan.table}")
         routes = ipr.get_routes(family=_AF_INET, table=plan.table)
         for route in routes:
             if route.get_attr("RTA_TABLE") == plan.table:
-                ipr.route("del", family=_AF_INET, dst="0.0.0.0/0", type="local", table=plan.table,
-                          oif=route.get_attr("RTA_OIF"), scope=_SCOPE_HOST)
+                ipr.route(
+                    "del",
+                    family=_AF_INET,
+                    dst="0.0.0.0/0",
+                    type="local",
+                    table=plan.table,
+                    oif=route.get_attr("RTA_OIF"),
+                    scope=_SCOPE_HOST,
+                )
                 removed.append(f"ip route local 0.0.0.0/0 table {plan.table}")
     return removed
 
 
-def _our_rules(ipr: IPRoute, plan: CapturePlan) -> list[object]:
+def _our_rules(ipr: IPRoute, plan: CapturePlan) -> list[Any]:  # pyroute2 messages are untyped
     return [
-        r for r in ipr.get_rules(family=_AF_INET)
+        r
+        for r in ipr.get_rules(family=_AF_INET)
         if r.get_attr("FRA_TABLE") == plan.table and r.get_attr("FRA_FWMARK") == plan.mark
     ]
 
@@ -161,6 +189,7 @@ def installed_summary(plan: CapturePlan) -> str:
     save = _iptables(["iptables-save", "-t", "mangle"]).stdout
     ours = [line for line in save.splitlines() if plan.chain_prefix in line]
     rules = subprocess.run(["ip", "rule", "show"], capture_output=True, text=True).stdout
-    routes = subprocess.run(["ip", "route", "show", "table", str(plan.table)], capture_output=True,
-                            text=True).stdout
+    routes = subprocess.run(
+        ["ip", "route", "show", "table", str(plan.table)], capture_output=True, text=True
+    ).stdout
     return "\n".join([*ours, rules.rstrip(), routes.rstrip()])

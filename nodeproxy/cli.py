@@ -31,8 +31,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     ports = sum(len(s.ports) for s in config.services)
     endpoints = sum(len(s.endpoints) for s in config.services)
-    print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} services, {ports} ports, "
-          f"{endpoints} endpoints)")
+    print(
+        f"{args.config}: ok (node {config.node.name}, {len(config.services)} services, {ports} ports, "
+        f"{endpoints} endpoints)"
+    )
     return 0
 
 
@@ -58,9 +60,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
         # Backends outlive this command; `lab down` kills every process in the lab's namespaces.
         lab.start_backends()
         lab.processes.clear()
-        print(f"lab {args.prefix} up: node {lab.node_ns}, pods "
-              f"{', '.join(f'{p.ns}={p.ip}' for p in lab.client_pods)}, backends "
-              f"{', '.join(f'{p.ns}={p.ip}' for p in lab.backend_pods)}")
+        print(
+            f"lab {args.prefix} up: node {lab.node_ns}, pods "
+            f"{', '.join(f'{p.ns}={p.ip}' for p in lab.client_pods)}, backends "
+            f"{', '.join(f'{p.ns}={p.ip}' for p in lab.backend_pods)}"
+        )
     elif args.action == "down":
         lab.down()
         print(f"lab {args.prefix} down")

@@ -1,11 +1,12 @@
 """The node proxy daemon: a supervisor process and its worker processes.
 
     supervisor: capture rules, the transparent listener socket, config reloads, signals, readiness
-      └─ worker × relay.threads (forked): accept loop + routing decisions (uvloop) + one relay thread
+      └─ worker x relay.threads (forked): accept loop + routing decisions (uvloop) + one relay thread
 
 Workers are processes rather than threads because every relayed connection holds descriptors and the
 descriptor limit is per process (and may be fixed below what one process would need); each has its own
-SO_REUSEPORT listener, which the supervisor keeps open so a replacement worker inherits its queue. Like Envoy's worker threads, each balances on its own view of load.
+SO_REUSEPORT listener, which the supervisor keeps open so a replacement worker inherits its queue.
+Like Envoy's worker threads, each balances on its own view of load.
 
 Lifecycle: listener → workers → capture → ready (ready file, sd_notify) → serve. SIGTERM/SIGINT: workers
 stop accepting and drain live connections for up to relay.drain_timeout, then reset the rest; the
@@ -41,8 +42,8 @@ log = structlog.get_logger("nodeproxy")
 # Settings bound at start-up; a reload that changes them is refused with this explanation.
 RESTART_ONLY = ("listeners", "relay.threads", "relay.pipe_size", "capture")
 SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-RESPAWN_BACKOFF = 1.0     # seconds between replacing a crashed worker, so a crash loop cannot spin
-KILL_GRACE = 5.0          # seconds after the drain deadline before workers are killed
+RESPAWN_BACKOFF = 1.0  # seconds between replacing a crashed worker, so a crash loop cannot spin
+KILL_GRACE = 5.0  # seconds after the drain deadline before workers are killed
 
 
 def configure_logging(level: str = "info") -> None:
@@ -93,8 +94,9 @@ def _get(config: Config, dotted: str) -> object:
 class Worker:
     """One worker process: accepts from the shared listener and owns one relay thread."""
 
-    def __init__(self, index: int, config: Config, listen_sock: socket.socket, control_fd: int,
-                 access_log: bool) -> None:
+    def __init__(
+        self, index: int, config: Config, listen_sock: socket.socket, control_fd: int, access_log: bool
+    ) -> None:
         self.index = index
         self.config = config
         self.listen_sock = listen_sock
@@ -111,8 +113,9 @@ class Worker:
         self.updater.apply(self.config)
         pool = RelayPool(1, self.config.relay.pipe_size)
         listen = self.config.listeners.outbound
-        self.listener = OutboundListener((str(listen.host), listen.port), self.config.relay, self.updater, pool,
-                                         self.access_log)
+        self.listener = OutboundListener(
+            (str(listen.host), listen.port), self.config.relay, self.updater, pool, self.access_log
+        )
         pool.start()
         self.listener.start(loop, self.listen_sock)
         loop.add_reader(self.control_fd, self._on_control)
@@ -125,8 +128,14 @@ class Worker:
             await asyncio.sleep(0.05)
         self.listener.close()
         stats = self.listener.stats
-        log.info("worker stopped", worker=self.index, accepted=stats.accepted, refused=stats.refused,
-                 connect_failures=stats.connect_failures, closed=stats.closed)
+        log.info(
+            "worker stopped",
+            worker=self.index,
+            accepted=stats.accepted,
+            refused=stats.refused,
+            connect_failures=stats.connect_failures,
+            closed=stats.closed,
+        )
 
     def _on_control(self) -> None:
         """Validated configs from the supervisor, one JSON document per line."""
@@ -145,8 +154,9 @@ class Worker:
             log.debug("worker applied config", worker=self.index, generation=state.generation)
 
 
-def _worker_main(index: int, config: Config, listen_sock: socket.socket, control_fd: int,
-                 access_log: bool) -> None:
+def _worker_main(
+    index: int, config: Config, listen_sock: socket.socket, control_fd: int, access_log: bool
+) -> None:
     """Entry point of a forked worker; never returns."""
     code = 0
     try:
@@ -174,8 +184,9 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str | None, ready_file: str | None = None,
-                 access_log: bool = True) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None, ready_file: str | None = None, access_log: bool = True
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.ready_file = ready_file
@@ -195,8 +206,14 @@ class Supervisor:
             for index in range(len(self.listen_socks)):
                 self._spawn(index)
             capture.install(self.plan)
-            log.info("nodeproxy ready", node=self.config.node.name, listener=str(listen),
-                     workers=len(self.workers), services=len(self.config.services), fd_limit_per_worker=fd_limit)
+            log.info(
+                "nodeproxy ready",
+                node=self.config.node.name,
+                listener=str(listen),
+                workers=len(self.workers),
+                services=len(self.config.services),
+                fd_limit_per_worker=fd_limit,
+            )
             if self.ready_file:
                 Path(self.ready_file).write_text(f"{os.getpid()}\n")
             sd_notify("READY=1")
@@ -278,8 +295,11 @@ class Supervisor:
             except OSError as err:  # a dying worker; its replacement starts from self.config
                 log.warning("could not send config to worker", worker=handle.index, error=str(err))
         self.config = new
-        log.info("config reloaded", services=len(new.services),
-                 endpoints=sum(len(s.endpoints) for s in new.services))
+        log.info(
+            "config reloaded",
+            services=len(new.services),
+            endpoints=sum(len(s.endpoints) for s in new.services),
+        )
 
     def _stop_workers(self) -> None:
         for handle in self.workers.values():
@@ -299,5 +319,7 @@ class Supervisor:
         self.workers.clear()
 
 
-def run(config: Config, config_path: str | None, ready_file: str | None = None, access_log: bool = True) -> int:
+def run(
+    config: Config, config_path: str | None, ready_file: str | None = None, access_log: bool = True
+) -> int:
     return Supervisor(config, config_path, ready_file, access_log).run()

@@ -53,14 +53,29 @@ def run_demo(requests: int = 6) -> int:
     work = Path(tempfile.mkdtemp(prefix="nodeproxy-demo-"))
     config, ready, log = work / "config.yaml", work / "ready", work / "daemon.log"
     try:
-        _say("building the lab: node namespace np-node, pods np-pod0/1, backends np-be0/1/2 (no outside route)")
+        _say(
+            "building the lab: node namespace np-node, pods np-pod0/1, backends np-be0/1/2 (no outside route)"
+        )
         lab.up()
         lab.start_backends()
         config.write_text(lab.config_yaml())
         print(f"config: {config}")
         with log.open("wb") as out:
-            proxy = lab.spawn(lab.node_ns, [sys.executable, "-m", "nodeproxy", "run", "--config", str(config),
-                                            "--ready-file", str(ready)], stdout=out, stderr=out)
+            proxy = lab.spawn(
+                lab.node_ns,
+                [
+                    sys.executable,
+                    "-m",
+                    "nodeproxy",
+                    "run",
+                    "--config",
+                    str(config),
+                    "--ready-file",
+                    str(ready),
+                ],
+                stdout=out,
+                stderr=out,
+            )
         deadline = time.monotonic() + 20
         while not ready.exists():
             if proxy.poll() is not None or time.monotonic() > deadline:
@@ -69,18 +84,25 @@ def run_demo(requests: int = 6) -> int:
             time.sleep(0.05)
 
         _say("capture rules the daemon installed in np-node (iptables mangle + policy routing)")
-        print(netns.run(lab.node_ns, [sys.executable, "-m", "nodeproxy", "capture", "show", "--config",
-                                      str(config)]))
+        print(
+            netns.run(
+                lab.node_ns, [sys.executable, "-m", "nodeproxy", "capture", "show", "--config", str(config)]
+            )
+        )
 
         _say(f"{requests} requests from np-pod0 ({lab.client_pods[0].ip}) to service web {WEB[0]}:{WEB[1]}")
         answers = [_get(lab.client_pods[0].ns, *WEB) for _ in range(requests)]
         for answer in answers:
             print(f"  {answer}")
-        print(f"  balanced over: {dict(Counter(a.split()[0] for a in answers))}; "
-              "each backend saw the pod's own address as the client")
+        print(
+            f"  balanced over: {dict(Counter(a.split()[0] for a in answers))}; "
+            "each backend saw the pod's own address as the client"
+        )
 
         target = lab.backend_pods[2]
-        _say(f"a connection that is no service (np-pod1 -> {target.ip}:8080) goes to its original destination")
+        _say(
+            f"a connection that is no service (np-pod1 -> {target.ip}:8080) goes to its original destination"
+        )
         print(f"  {_get(lab.client_pods[1].ns, target.ip, 8080)}")
 
         _say("256 MiB upload to service sink; the backend returns the sha256 it received")

@@ -61,12 +61,16 @@ class Lab:
     @property
     def client_pods(self) -> list[Pod]:
         net = ipaddress.ip_network(POD_CIDR)
-        return [Pod(f"{self.prefix}-pod{i}", str(net[CLIENT_BASE + i]), f"npv-c{i}") for i in range(self.clients)]
+        return [
+            Pod(f"{self.prefix}-pod{i}", str(net[CLIENT_BASE + i]), f"npv-c{i}") for i in range(self.clients)
+        ]
 
     @property
     def backend_pods(self) -> list[Pod]:
         net = ipaddress.ip_network(POD_CIDR)
-        return [Pod(f"{self.prefix}-be{i}", str(net[BACKEND_BASE + i]), f"npv-b{i}") for i in range(self.backends)]
+        return [
+            Pod(f"{self.prefix}-be{i}", str(net[BACKEND_BASE + i]), f"npv-b{i}") for i in range(self.backends)
+        ]
 
     @property
     def namespaces(self) -> list[str]:
@@ -92,7 +96,9 @@ class Lab:
         batches: dict[str | None, list[str]] = {None: [f"netns add {ns}" for ns in self.namespaces]}
         batches[node] = ["link set lo up"]
         for pod in pods:
-            batches[None].append(f"link add {pod.node_veth} netns {node} type veth peer name eth0 netns {pod.ns}")
+            batches[None].append(
+                f"link add {pod.node_veth} netns {node} type veth peer name eth0 netns {pod.ns}"
+            )
             batches[pod.ns] = [
                 "link set lo up",
                 "link set eth0 up",
@@ -110,12 +116,23 @@ class Lab:
             proc = subprocess.run(argv, input="\n".join(commands) + "\n", text=True, capture_output=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"lab setup in netns {ns or 'root'} failed: {proc.stderr.strip()}")
-        netns.run(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                         "net.ipv4.conf.default.rp_filter=0", "net.core.somaxconn=65535",
-                         "net.ipv4.tcp_max_syn_backlog=65535"])
+        netns.run(
+            node,
+            [
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.core.somaxconn=65535",
+                "net.ipv4.tcp_max_syn_backlog=65535",
+            ],
+        )
         for pod in pods:
-            netns.run(pod.ns, ["sysctl", "-qw", "net.core.somaxconn=65535",
-                               "net.ipv4.ip_local_port_range=10000 65000"])
+            netns.run(
+                pod.ns,
+                ["sysctl", "-qw", "net.core.somaxconn=65535", "net.ipv4.ip_local_port_range=10000 65000"],
+            )
 
     def down(self) -> None:
         """Stop what the lab started and delete its namespaces; safe to call any number of times."""
@@ -141,7 +158,9 @@ class Lab:
     def start_backends(self, timeout: float = 15.0) -> None:
         """Start nodeproxy.lab_backend in every backend pod and wait until each one listens."""
         for pod in self.backend_pods:
-            self.spawn(pod.ns, [sys.executable, "-m", "nodeproxy.lab_backend", "--name", pod.ns.rsplit("-", 1)[1]])
+            self.spawn(
+                pod.ns, [sys.executable, "-m", "nodeproxy.lab_backend", "--name", pod.ns.rsplit("-", 1)[1]]
+            )
         for pod in self.backend_pods:
             for port in (HTTP_PORT, ECHO_PORT, SINK_PORT):
                 wait_listening(self.node_ns, pod.ip, port, timeout)
@@ -149,13 +168,17 @@ class Lab:
     def config_yaml(self, outbound_port: int = 15001, extra: str = "") -> str:
         """A daemon config for this lab: the services of nodeproxy/default-config.yaml on this lab's pods."""
         bes = self.backend_pods
+
         def endpoints(pods: Sequence[Pod]) -> str:
             return "".join(
-                f"      - address: {p.ip}\n        node: node-a\n        labels: {{version: v{1 + (i == 2)}}}\n"
-                for i, p in enumerate(pods))
+                f"      - address: {p.ip}\n        node: node-a\n"
+                f"        labels: {{version: v{1 + (i == 2)}}}\n"
+                for i, p in enumerate(pods)
+            )
+
         return (
             "node:\n  name: node-a\n"
-            f"capture:\n  pod_cidrs: [{POD_CIDR}]\n  pod_interfaces: [\"{POD_INTERFACE_PATTERN}\"]\n"
+            f'capture:\n  pod_cidrs: [{POD_CIDR}]\n  pod_interfaces: ["{POD_INTERFACE_PATTERN}"]\n'
             f"listeners:\n  outbound: 127.0.0.1:{outbound_port}\n"
             f"{extra}"
             "services:\n"

@@ -29,12 +29,14 @@ class HttpResponder(asyncio.Protocol):
         host, port = self.transport.get_extra_info("peername")[:2]
         body = f"backend={self.name} client={host}:{port}\n".encode()
         self.response = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(body), body)
+            len(body),
+            body,
+        )
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             self.transport.write(self.response)
             if b"connection: close" in head.lower():
                 self.transport.close()
@@ -96,7 +98,9 @@ async def serve(name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--name", required=True)
     args = parser.parse_args()
     import resource

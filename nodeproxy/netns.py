@@ -61,7 +61,9 @@ def run(name: str | None, argv: Sequence[str], check: bool = True, timeout: floa
     """Run a command in a namespace and return its stdout; a failure raises with stderr in the message."""
     proc = subprocess.run(exec_argv(name, argv), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} (netns {name}) failed: {proc.stderr.strip() or proc.returncode}")
+        raise RuntimeError(
+            f"{' '.join(argv)} (netns {name}) failed: {proc.stderr.strip() or proc.returncode}"
+        )
     return proc.stdout
 
 

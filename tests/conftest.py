@@ -26,8 +26,11 @@ NEEDS = ("ip", "iptables", "iptables-restore")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     missing = [tool for tool in NEEDS if shutil.which(tool) is None]
-    reason = ("needs root" if os.geteuid() != 0 else f"missing tools: {', '.join(missing)}") if (
-        os.geteuid() != 0 or missing) else None
+    reason = (
+        ("needs root" if os.geteuid() != 0 else f"missing tools: {', '.join(missing)}")
+        if (os.geteuid() != 0 or missing)
+        else None
+    )
     if reason:
         for item in items:
             if "netns" in item.keywords:
@@ -67,8 +70,12 @@ def start_proxy(lab: Lab, tmp: Path, config_yaml: str, timeout: float = 20.0) ->
     config_path.write_text(config_yaml)
     ready.unlink(missing_ok=True)
     log_file = log_path.open("wb")
-    proc = lab.spawn(lab.node_ns, [sys.executable, "-m", "nodeproxy", "run", "--config", str(config_path),
-                                   "--ready-file", str(ready)], stdout=log_file, stderr=subprocess.STDOUT)
+    proc = lab.spawn(
+        lab.node_ns,
+        [sys.executable, "-m", "nodeproxy", "run", "--config", str(config_path), "--ready-file", str(ready)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
     log_file.close()
     deadline = time.monotonic() + timeout
     while not ready.exists():
@@ -79,8 +86,8 @@ def start_proxy(lab: Lab, tmp: Path, config_yaml: str, timeout: float = 20.0) ->
     return RunningProxy(lab, proc, config_path, ready, log_path)
 
 
-def new_lab(**kwargs: int) -> Lab:
-    return Lab(prefix=f"npt{secrets.token_hex(2)}", **kwargs)
+def new_lab(clients: int = 2, backends: int = 3) -> Lab:
+    return Lab(prefix=f"npt{secrets.token_hex(2)}", clients=clients, backends=backends)
 
 
 @pytest.fixture(scope="module")
@@ -101,5 +108,10 @@ def proxy(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         yield running
     finally:
         stop_process(running.proc)
-        subprocess.run(netns.exec_argv(lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config",
-                                                     str(running.config_path)]), capture_output=True)
+        subprocess.run(
+            netns.exec_argv(
+                lab.node_ns,
+                [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(running.config_path)],
+            ),
+            capture_output=True,
+        )

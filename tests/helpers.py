@@ -46,7 +46,9 @@ def pattern(size: int, seed: int = 7) -> bytes:
 
 
 def stream_echo(sock: socket.socket, total: int, chunk: bytes) -> tuple[str, str, int]:
-    """Send `total` bytes (repeating chunk) while reading the echo; returns (sent sha, received sha, received)."""
+    """Send `total` bytes (chunk repeated) while reading the echo.
+
+    Returns (sha256 sent, sha256 received, bytes received)."""
     sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
     errors: list[BaseException] = []
 

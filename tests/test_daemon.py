@@ -25,8 +25,10 @@ DEAD_ADDRESS = "10.244.1.250"  # inside the pod CIDR, but no pod: the node has n
 
 def flaky_service(lab: Lab, endpoints: list[str], port: int = 9200) -> str:
     lines = "".join(f"      - address: {ip}\n" for ip in endpoints)
-    return (f"  - name: flaky\n    vip: {FLAKY_VIP}\n    ports: [{{port: 80, target_port: {port}}}]\n"
-            f"    balancer: round_robin\n    endpoints:\n{lines}")
+    return (
+        f"  - name: flaky\n    vip: {FLAKY_VIP}\n    ports: [{{port: 80, target_port: {port}}}]\n"
+        f"    balancer: round_robin\n    endpoints:\n{lines}"
+    )
 
 
 @pytest.fixture
@@ -169,24 +171,33 @@ def test_cleanup_removes_what_a_killed_daemon_left(fresh_lab: Lab, tmp_path: Pat
     # Orphaned workers notice their supervisor is gone (control pipe EOF) and exit on their own.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            Path(f"/proc/{pid}/status").exists() for pid in netns.pids(lab.node_ns)):
+        Path(f"/proc/{pid}/status").exists() for pid in netns.pids(lab.node_ns)
+    ):
         time.sleep(0.1)
     assert not netns.pids(lab.node_ns), "workers outlived their supervisor"
     assert rules_present(lab) == (True, True, True)
-    out = netns.run(lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config",
-                                  str(proxy.config_path)])
+    out = netns.run(
+        lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(proxy.config_path)]
+    )
     assert "removed" in out and supervisor
     assert rules_present(lab) == (False, False, False)
-    assert netns.run(lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config",
-                                   str(proxy.config_path)]).strip() == "nothing to remove"
+    assert (
+        netns.run(
+            lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(proxy.config_path)]
+        ).strip()
+        == "nothing to remove"
+    )
 
 
 def test_invalid_config_is_rejected_with_field_and_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("node: {name: node-a}\ncapture: {pod_cidrs: [10.244.1.0/24]}\nservices:\n"
-                   "  - name: web\n    vip: 10.96.0.10\n    ports: [{port: 70000}]\n")
+    bad.write_text(
+        "node: {name: node-a}\ncapture: {pod_cidrs: [10.244.1.0/24]}\nservices:\n"
+        "  - name: web\n    vip: 10.96.0.10\n    ports: [{port: 70000}]\n"
+    )
     for argv in (["run", "--config", str(bad)], ["check-config", str(bad)]):
-        proc = subprocess.run([sys.executable, "-m", "nodeproxy", *argv], capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-m", "nodeproxy", *argv], capture_output=True, text=True, timeout=30
+        )
         assert proc.returncode == 2
         assert "services[0].ports[0].port" in proc.stderr and "65535" in proc.stderr, proc.stderr

@@ -72,8 +72,14 @@ class ListenerStats:
 
 
 class OutboundListener:
-    def __init__(self, address: tuple[str, int], relay: RelayConfig, updater: StateUpdater, pool: RelayPool,
-                 access_log: bool = True) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        relay: RelayConfig,
+        updater: StateUpdater,
+        pool: RelayPool,
+        access_log: bool = True,
+    ) -> None:
         self.address = address
         self.relay_config = relay
         self.updater = updater
@@ -126,8 +132,9 @@ class OutboundListener:
         now = time.monotonic()
         for fd, client_ip, client_port, orig_ip, orig_port in batch:
             self.stats.accepted += 1
-            conn = Connection(next(self._ids), fd, client_ip, client_port, orig_ip, orig_port, now,
-                              self.pool.next_worker())
+            conn = Connection(
+                next(self._ids), fd, client_ip, client_port, orig_ip, orig_port, now, self.pool.next_worker()
+            )
             if len(self.connections) >= self.connection_cap:
                 self._refuse(conn, f"connection limit reached ({self.connection_cap} in this worker)")
                 continue
@@ -154,8 +161,9 @@ class OutboundListener:
         self.connections[conn.id] = conn
         timeout_ms = int(self.relay_config.connect_timeout * 1000)
         try:
-            conn.worker.connect(conn.id, conn.client_fd, conn.target[0], conn.target[1], timeout_ms,
-                                conn.client_ip)
+            conn.worker.connect(
+                conn.id, conn.client_fd, conn.target[0], conn.target[1], timeout_ms, conn.client_ip
+            )
         except OSError as err:
             del self.connections[conn.id]
             if conn.endpoint is not None:
@@ -170,8 +178,14 @@ class OutboundListener:
         self.stats.refused += 1
         _fastpath.reset_and_close(conn.client_fd)
         if self.access_log:
-            log.info("connection refused", conn=conn.id, src=f"{conn.client_ip}:{conn.client_port}",
-                     dst=f"{conn.orig_ip}:{conn.orig_port}", reason=reason, attempts=len(conn.tried))
+            log.info(
+                "connection refused",
+                conn=conn.id,
+                src=f"{conn.client_ip}:{conn.client_port}",
+                dst=f"{conn.orig_ip}:{conn.orig_port}",
+                reason=reason,
+                attempts=len(conn.tried),
+            )
 
     # -- completions -----------------------------------------------------------------------------------
 
@@ -193,19 +207,33 @@ class OutboundListener:
         name = ending.name.lower()
         self.stats.closed[name] = self.stats.closed.get(name, 0) + 1
         if self.access_log:
-            log.info("connection closed", conn=conn.id, src=f"{conn.client_ip}:{conn.client_port}",
-                     dst=f"{conn.orig_ip}:{conn.orig_port}", service=conn.service,
-                     upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
-                     ending=name, errno=record.err, bytes_up=record.bytes_up, bytes_down=record.bytes_down,
-                     duration_ms=round((time.monotonic() - conn.started) * 1000, 3), attempts=len(conn.tried) + 1)
+            log.info(
+                "connection closed",
+                conn=conn.id,
+                src=f"{conn.client_ip}:{conn.client_port}",
+                dst=f"{conn.orig_ip}:{conn.orig_port}",
+                service=conn.service,
+                upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
+                ending=name,
+                errno=record.err,
+                bytes_up=record.bytes_up,
+                bytes_down=record.bytes_down,
+                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
+                attempts=len(conn.tried) + 1,
+            )
 
     def _connect_failed(self, conn: Connection, err: int) -> None:
         """Try another endpoint of the same service, or reset the client."""
         self.stats.connect_failures += 1
         if self.access_log:
-            log.warning("upstream connect failed", conn=conn.id, service=conn.service,
-                        upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
-                        errno=err, error=_strerror(err))
+            log.warning(
+                "upstream connect failed",
+                conn=conn.id,
+                service=conn.service,
+                upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
+                errno=err,
+                error=_strerror(err),
+            )
         if conn.endpoint is None:
             self._refuse(conn, f"connect to original destination failed: {_strerror(err)}")
             return

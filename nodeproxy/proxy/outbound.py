@@ -33,8 +33,9 @@ class Refuse:
 Decision = Passthrough | ToEndpoint | Refuse
 
 
-def decide(state: RoutingState, orig_ip: str, orig_port: int, listener: tuple[str, int],
-           tried: Collection[str] = ()) -> Decision:
+def decide(
+    state: RoutingState, orig_ip: str, orig_port: int, listener: tuple[str, int], tried: Collection[str] = ()
+) -> Decision:
     """Where a connection to orig_ip:orig_port goes, given the endpoints it already tried."""
     if (orig_ip, orig_port) == listener:
         # Someone dialled the listener itself; relaying to the original destination would loop.

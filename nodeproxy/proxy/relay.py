@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -30,9 +31,9 @@ class Completion(NamedTuple):
     conn_id: int
     ending: int
     err: int
-    bytes_up: int     # client -> upstream
-    bytes_down: int   # upstream -> client
-    client_fd: int    # >= 0 only when the connect failed: the caller owns the client socket again
+    bytes_up: int  # client -> upstream
+    bytes_down: int  # upstream -> client
+    client_fd: int  # >= 0 only when the connect failed: the caller owns the client socket again
 
 
 class RelayPool:
@@ -62,10 +63,8 @@ class RelayPool:
         return sum(w.live_connections for w in self.workers)
 
     def completions(self) -> Iterator[Completion]:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.notify_fd)
-        except BlockingIOError:
-            pass
         for worker in self.workers:
             for record in worker.drain():
                 yield Completion._make(record)

@@ -54,7 +54,9 @@ class StateUpdater:
             members = []
             for ep in service.endpoints:
                 key = (service.name, port, str(ep.address), service_port.backend_port)
-                live = self._endpoints.get(key) or Endpoint(address=str(ep.address), port=service_port.backend_port)
+                live = self._endpoints.get(key) or Endpoint(
+                    address=str(ep.address), port=service_port.backend_port
+                )
                 # Static attributes follow the config; live counters stay with the object.
                 live.weight, live.node, live.labels = ep.weight, ep.node, dict(ep.labels)
                 endpoints[key] = live
