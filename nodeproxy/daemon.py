@@ -92,7 +92,7 @@ def _get(config: Config, dotted: str) -> object:
 
 
 class Worker:
-    """One worker process: accepts from the shared listener and owns one relay thread."""
+    """One worker process: accepts from its own listener and owns one relay thread."""
 
     def __init__(
         self, index: int, config: Config, listen_sock: socket.socket, control_fd: int, access_log: bool
@@ -114,7 +114,13 @@ class Worker:
         pool = RelayPool(1, self.config.relay.pipe_size)
         listen = self.config.listeners.outbound
         self.listener = OutboundListener(
-            (str(listen.host), listen.port), self.config.relay, self.updater, pool, self.access_log
+            (str(listen.host), listen.port),
+            self.config.relay,
+            self.updater,
+            pool,
+            self.access_log,
+            worker=self.index,
+            workers=self.config.relay.effective_threads,
         )
         pool.start()
         self.listener.start(loop, self.listen_sock)

@@ -79,6 +79,8 @@ class OutboundListener:
         updater: StateUpdater,
         pool: RelayPool,
         access_log: bool = True,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         self.address = address
         self.relay_config = relay
@@ -87,14 +89,16 @@ class OutboundListener:
         self.access_log = access_log
         self.connections: dict[int, Connection] = {}
         self.stats = ListenerStats()
-        self._ids = itertools.count(1)
+        self.workers = workers
+        # Interleaved so connection ids are unique across all workers of the daemon.
+        self._ids = itertools.count(worker + 1, workers)
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_connection_cap = max(1, (fd_limit - FDS_RESERVED) // FDS_PER_CONNECTION)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        """Serve `sock` (from open_listener; worker processes share one) on `loop`."""
+        """Serve `sock` (this worker's SO_REUSEPORT listener from open_listener) on `loop`."""
         sock.setblocking(False)
         self._sock, self._loop = sock, loop
         loop.add_reader(sock.fileno(), self._on_acceptable)
@@ -115,7 +119,9 @@ class OutboundListener:
 
     @property
     def connection_cap(self) -> int:
-        return min(self.relay_config.max_connections, self.fd_connection_cap)
+        """New connections beyond this are reset: this worker's share of relay.max_connections, and never
+        more than its descriptor limit allows (EMFILE mid-connect would fail connections at random)."""
+        return min(max(1, self.relay_config.max_connections // self.workers), self.fd_connection_cap)
 
     # -- accepting -------------------------------------------------------------------------------------
 
