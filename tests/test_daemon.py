@@ -139,7 +139,7 @@ def test_reload_changes_endpoints_without_touching_established(fresh_lab: Lab, t
 
 def test_connection_to_the_listener_itself_is_refused(lab: Lab, proxy: RunningProxy) -> None:
     # The reset may even beat connect() back to user space on loopback; either way it is a reset.
-    with pytest.raises(ConnectionResetError), netns.entered(lab.node_ns):  # noqa: PT012
+    with pytest.raises(ConnectionResetError), netns.entered(lab.node_ns):
         sock = socket.create_connection(("127.0.0.1", 15001), timeout=5)
         with sock:
             sock.recv(1)
