@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -163,3 +164,34 @@ def test_ten_thousand_concurrent_connections(lab: Lab, proxy: RunningProxy) -> N
 
     with netns.entered(pod.ns):
         assert uvloop.run(run()) == count
+
+
+def _worker_fds(proxy: RunningProxy) -> dict[int, int]:
+    children = open(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read().split()
+    return {int(pid): len(os.listdir(f"/proc/{pid}/fd")) for pid in children}
+
+
+def test_no_descriptor_leak_after_a_burst_of_every_ending(lab: Lab, proxy: RunningProxy) -> None:
+    before = _worker_fds(proxy)
+    pod = lab.client_pods[1]
+    for i in range(300):
+        sock = connect(pod.ns, ECHO_VIP, 9000)
+        if i % 3 == 0:  # client reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif i % 3 == 1:  # clean half-close
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b""
+        sock.close()
+    for _ in range(50):  # refused: nothing listens on be0:9300 (passthrough connect failure)
+        with pytest.raises(ConnectionError), connect(pod.ns, lab.backend_pods[0].ip, 9300) as sock:
+            sock.recv(1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = _worker_fds(proxy)
+        if after == before:
+            break
+        time.sleep(0.1)
+    assert after.keys() == before.keys()
+    # A worker may keep up to PIPE_POOL_MAX pipes pooled; beyond that, nothing may stay open.
+    for pid, count in after.items():
+        assert count <= before[pid] + 2 * 128, (pid, before[pid], count)
