@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -167,7 +168,7 @@ def test_ten_thousand_concurrent_connections(lab: Lab, proxy: RunningProxy) -> N
 
 
 def _worker_fds(proxy: RunningProxy) -> dict[int, int]:
-    children = open(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read().split()
+    children = Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read_text().split()
     return {int(pid): len(os.listdir(f"/proc/{pid}/fd")) for pid in children}
 
 
