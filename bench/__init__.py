@@ -1,1 +1,4 @@
-"""Side-by-side benchmark of nodeproxy against no proxy and HAProxy on one namespace lab: `python -m bench.run`."""
+"""Side-by-side benchmark: nodeproxy against no proxy and against HAProxy on one namespace lab.
+
+Run it with `python -m bench.run` (see bench/README.md).
+"""

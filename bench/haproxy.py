@@ -26,7 +26,9 @@ def render_config(config: Config, threads: int = 2) -> str:
     for service in config.services:
         for port in service.ports:
             name = f"{service.name}_{port.port}"
-            frontend_rules.append(f"    use_backend {name} if {{ dst {service.vip} }} {{ dst_port {port.port} }}")
+            frontend_rules.append(
+                f"    use_backend {name} if {{ dst {service.vip} }} {{ dst_port {port.port} }}"
+            )
             servers = [
                 f"    server ep{i} {ep.address}:{port.backend_port}" for i, ep in enumerate(service.endpoints)
             ]

@@ -58,8 +58,15 @@ async def read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def connection_loop(host: str, port: int, offsets_ns: Sequence[int], request: bytes, timeout: float,
-                          start: asyncio.Future[int], tally: Tally) -> None:
+async def connection_loop(
+    host: str,
+    port: int,
+    offsets_ns: Sequence[int],
+    request: bytes,
+    timeout: float,
+    start: asyncio.Future[int],
+    tally: Tally,
+) -> None:
     """On one connection, send a request at each offset after the start time, one after the other."""
     streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     with contextlib.suppress(OSError, TimeoutError):  # retried (and counted) at the first request
@@ -100,8 +107,9 @@ def percentile(sorted_values: Sequence[int], pct: float) -> int:
     return sorted_values[rank - 1]
 
 
-async def measure(host: str, port: int, rate: float, connections: int, duration: float,
-                  timeout: float, path: str) -> dict[str, object]:
+async def measure(
+    host: str, port: int, rate: float, connections: int, duration: float, timeout: float, path: str
+) -> dict[str, object]:
     total = max(1, round(rate * duration))
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodeproxy-bench\r\n\r\n".encode()
     tally = Tally()
@@ -110,7 +118,8 @@ async def measure(host: str, port: int, rate: float, connections: int, duration:
     offsets = [round(i * 1e9 / rate) for i in range(total)]
     tasks = [
         asyncio.create_task(
-            connection_loop(host, port, offsets[c::connections], request, timeout, start, tally))
+            connection_loop(host, port, offsets[c::connections], request, timeout, start, tally)
+        )
         for c in range(connections)
     ]
     await asyncio.sleep(0.2)  # connections are opened before the clock starts
@@ -153,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.connections <= 0 or args.duration <= 0:
         parser.error("--rate, --connections and --duration must be positive")
-    result = uvloop.run(measure(args.host, args.port, args.rate, args.connections, args.duration,
-                                args.timeout, args.path))
+    result = uvloop.run(
+        measure(args.host, args.port, args.rate, args.connections, args.duration, args.timeout, args.path)
+    )
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -377,7 +377,11 @@ class RelayConfig(_Frozen):
     """Tuning of the splice relay."""
 
     threads: int = Field(
-        default=0, strict=True, ge=0, le=64, description="Worker processes (one relay thread each); 0 means one per usable CPU (max 64)."
+        default=0,
+        strict=True,
+        ge=0,
+        le=64,
+        description="Worker processes (one relay thread each); 0 means one per usable CPU (max 64).",
     )
     # 64 KiB is Linux's default pipe capacity (16 pages); 1 MiB is the default fs.pipe-max-size,
     # the most an unprivileged F_SETPIPE_SZ may ask for.
