@@ -78,8 +78,12 @@ def _capture_matches(plan: CapturePlan) -> list[str]:
     return [" ".join(p for p in (i, c) if p) for i in ifaces for c in cidrs]
 
 
-def render_iptables(plan: CapturePlan, hook_present: bool) -> str:
-    """The iptables-restore --noflush input that (re)creates our chains; pure, for tests and dry runs."""
+def render_iptables(plan: CapturePlan, hook_present: bool, capture_new: bool = True) -> str:
+    """The iptables-restore --noflush input that (re)creates our chains; pure, for tests and dry runs.
+
+    With capture_new=False only the divert rules remain: connections the proxy already owns keep
+    working while new ones bypass it (used while draining).
+    """
     mark = f"{plan.mark:#x}/{plan.mask:#x}"
     pre, div = plan.prerouting_chain, plan.divert_chain
     lines = [
@@ -91,7 +95,7 @@ def render_iptables(plan: CapturePlan, hook_present: bool) -> str:
         f"-A {pre} -p tcp -m socket --transparent -j {div}",
         f"-A {pre} -p tcp -m addrtype --dst-type LOCAL -j RETURN",
     ]
-    for match in _capture_matches(plan):
+    for match in _capture_matches(plan) if capture_new else []:
         lines.append(
             f"-A {pre} -p tcp {match} --syn -j TPROXY --on-ip {plan.listen_ip} --on-port {plan.listen_port}"
             f" --tproxy-mark {mark}"
@@ -111,9 +115,9 @@ def _hook_present(plan: CapturePlan) -> bool:
     return check.returncode == 0
 
 
-def install(plan: CapturePlan) -> None:
+def install(plan: CapturePlan, capture_new: bool = True) -> None:
     """Install (or atomically replace) the capture rules and policy routing in this namespace."""
-    ruleset = render_iptables(plan, hook_present=_hook_present(plan))
+    ruleset = render_iptables(plan, hook_present=_hook_present(plan), capture_new=capture_new)
     result = _iptables(["iptables-restore", "-w", "--noflush"], stdin=ruleset)
     if result.returncode != 0:
         raise RuntimeError(f"iptables-restore failed: {result.stderr.strip()}\n--- ruleset ---\n{ruleset}")

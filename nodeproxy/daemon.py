@@ -225,6 +225,12 @@ class Supervisor:
             sd_notify("READY=1")
             self._supervise()
             sd_notify("STOPPING=1")
+            # Drain: new connections stop being captured (passthrough ones then go direct, VIPs fail
+            # fast) while established ones keep their divert rule; closing our listener copies lets
+            # the kernel reset whatever still waits in an accept queue once each worker closes its own.
+            capture.install(self.plan, capture_new=False)
+            for sock in self.listen_socks:
+                sock.close()
             self._stop_workers()
         finally:
             self._kill_workers()

@@ -49,12 +49,13 @@ def _upload(ns: str, size: int) -> tuple[bool, float]:
 
 
 def run_demo(requests: int = 6) -> int:
-    lab = Lab(prefix="np", clients=2, backends=3)
+    lab = Lab(prefix="npdemo", clients=2, backends=3)  # not "np": that is `nodeproxy lab up`'s
     work = Path(tempfile.mkdtemp(prefix="nodeproxy-demo-"))
     config, ready, log = work / "config.yaml", work / "ready", work / "daemon.log"
     try:
         _say(
-            "building the lab: node namespace np-node, pods np-pod0/1, backends np-be0/1/2 (no outside route)"
+            f"building the lab: node {lab.node_ns}, pods and backends {', '.join(lab.namespaces[1:])}"
+            "; no outside route"
         )
         lab.up()
         lab.start_backends()
@@ -83,14 +84,17 @@ def run_demo(requests: int = 6) -> int:
                 raise RuntimeError("the daemon did not become ready")
             time.sleep(0.05)
 
-        _say("capture rules the daemon installed in np-node (iptables mangle + policy routing)")
+        _say(f"capture rules the daemon installed in {lab.node_ns} (iptables mangle + policy routing)")
         print(
             netns.run(
                 lab.node_ns, [sys.executable, "-m", "nodeproxy", "capture", "show", "--config", str(config)]
             )
         )
 
-        _say(f"{requests} requests from np-pod0 ({lab.client_pods[0].ip}) to service web {WEB[0]}:{WEB[1]}")
+        _say(
+            f"{requests} requests from {lab.client_pods[0].ns} ({lab.client_pods[0].ip})"
+            f" to service web {WEB[0]}:{WEB[1]}"
+        )
         answers = [_get(lab.client_pods[0].ns, *WEB) for _ in range(requests)]
         for answer in answers:
             print(f"  {answer}")
@@ -101,7 +105,8 @@ def run_demo(requests: int = 6) -> int:
 
         target = lab.backend_pods[2]
         _say(
-            f"a connection that is no service (np-pod1 -> {target.ip}:8080) goes to its original destination"
+            f"a connection that is no service ({lab.client_pods[1].ns} -> {target.ip}:8080)"
+            " goes to its original destination"
         )
         print(f"  {_get(lab.client_pods[1].ns, target.ip, 8080)}")
 

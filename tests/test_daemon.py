@@ -202,3 +202,31 @@ def test_invalid_config_is_rejected_with_field_and_reason(tmp_path: Path) -> Non
         )
         assert proc.returncode == 2
         assert "services[0].ports[0].port" in proc.stderr and "65535" in proc.stderr, proc.stderr
+
+
+def test_drain_keeps_established_connections_and_stops_capturing_new_ones(
+    fresh_lab: Lab, tmp_path: Path
+) -> None:
+    lab = fresh_lab
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml(extra="relay:\n  drain_timeout: 8s\n"))
+    pod, backend = lab.client_pods[0], lab.backend_pods[0]
+    try:
+        with connect(pod.ns, "10.96.0.11", 9000) as established:
+            established.sendall(b"one")
+            assert established.recv(8) == b"one"
+            proxy.proc.send_signal(signal.SIGTERM)
+            proxy.wait_log("draining")
+            # Still relayed while draining.
+            established.sendall(b"two")
+            assert established.recv(8) == b"two"
+            # New connections are no longer captured: passthrough traffic goes straight to the pod.
+            assert "NODEPROXY_DIVERT" in proxy.iptables_save() and "TPROXY" not in proxy.iptables_save()
+            body = http_get(pod.ns, backend.ip, 8080)
+            assert body.startswith("backend=be0") and f"client={pod.ip}:" in body
+            started = time.monotonic()
+        # The last connection closed: the daemon exits well before the 8 s drain deadline.
+        assert proxy.proc.wait(timeout=8) == 0
+        assert time.monotonic() - started < 4
+        assert rules_present(lab) == (False, False, False)
+    finally:
+        stop_process(proxy.proc)

@@ -96,6 +96,7 @@ class OutboundListener:
         self.fd_connection_cap = max(1, (fd_limit - FDS_RESERVED) // FDS_PER_CONNECTION)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # set once the relay stops: connect failures are then refused, not retried
 
     def start(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         """Serve `sock` (this worker's SO_REUSEPORT listener from open_listener) on `loop`."""
@@ -114,6 +115,7 @@ class OutboundListener:
         self.stop_accepting()
         if self._loop is not None:
             self._loop.remove_reader(self.pool.notify_fd)
+        self._closing = True
         for record in self.pool.stop():
             self._on_completion(record)
 
@@ -166,6 +168,12 @@ class OutboundListener:
             conn.target = (decision.ip, decision.port)
         self.connections[conn.id] = conn
         timeout_ms = int(self.relay_config.connect_timeout * 1000)
+        if self._closing:
+            del self.connections[conn.id]
+            if conn.endpoint is not None:
+                conn.endpoint.active -= 1
+            self._refuse(conn, "proxy is shutting down")
+            return
         try:
             conn.worker.connect(
                 conn.id, conn.client_fd, conn.target[0], conn.target[1], timeout_ms, conn.client_ip
