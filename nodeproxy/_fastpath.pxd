@@ -158,6 +158,7 @@ cdef enum:
     EVENTS_PER_WAIT = 256
     SPLICES_PER_TURN = 16  # reads per direction per wake-up before yielding to other connections
     PIPE_POOL_MAX = 128    # empty pipes a worker keeps for reuse; idle connections hold no pipe
+    PIPE_START = 65536     # a new pipe's capacity (Linux's default); grown up to pipe_size for bulk flows
 
 
 cdef enum Ending:
@@ -179,6 +180,7 @@ ctypedef struct Direction:
     int pipe_r
     int pipe_w
     size_t in_pipe
+    size_t pipe_cap
     uint64_t bytes
     bint src_eof
     bint dst_shut
@@ -242,7 +244,7 @@ cdef class RelayWorker:
     cdef Completion *done
     cdef size_t done_len
     cdef size_t done_cap
-    cdef int pipe_pool[2 * PIPE_POOL_MAX]
+    cdef int pipe_pool[3 * PIPE_POOL_MAX]   # (read fd, write fd, capacity) triples
     cdef int pipes_pooled
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1
@@ -267,3 +269,4 @@ cdef class RelayWorker:
     cdef void _close_all(self) noexcept nogil
     cdef int _take_pipe(self, Direction *d) noexcept nogil
     cdef void _give_pipe(self, Direction *d) noexcept nogil
+    cdef void _grow_pipe(self, Direction *d) noexcept nogil

@@ -102,7 +102,7 @@ def reset_and_close(int fd):
 cdef class RelayWorker:
     """One relay thread: an epoll loop owning a set of connections. Call run() on a dedicated thread."""
 
-    def __cinit__(self, int notify_fd, size_t pipe_size=65536):
+    def __cinit__(self, int notify_fd, size_t pipe_size=1048576):
         self.epfd = -1
         self.wake_fd = -1
         pthread_mutex_init(&self.lock, NULL)
@@ -367,25 +367,33 @@ cdef class RelayWorker:
     cdef int _take_pipe(self, Direction *d) noexcept nogil:
         # A pipe is lent to a direction only while it holds bytes, so an idle connection costs two fds.
         cdef int p[2]
+        cdef int *slot
         if self.pipes_pooled > 0:
             self.pipes_pooled -= 1
-            d.pipe_r = self.pipe_pool[2 * self.pipes_pooled]
-            d.pipe_w = self.pipe_pool[2 * self.pipes_pooled + 1]
+            slot = &self.pipe_pool[3 * self.pipes_pooled]
+            d.pipe_r, d.pipe_w, d.pipe_cap = slot[0], slot[1], <size_t>slot[2]
             return 0
         if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
             return -1
-        if self.pipe_size != 65536:
-            fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
-        d.pipe_r = p[0]
-        d.pipe_w = p[1]
+        d.pipe_r, d.pipe_w, d.pipe_cap = p[0], p[1], PIPE_START
+        if self.pipe_size < PIPE_START:
+            d.pipe_cap = fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
         return 0
 
+    cdef void _grow_pipe(self, Direction *d) noexcept nogil:
+        # The last read filled half the pipe or more (pipe slots, not bytes, may run out first): a bulk flow, so fewer, larger splices pay off (as
+        # ztunnel grows its copy buffers). Bounded by pipe_size, the per-direction buffering limit.
+        cdef int grown = fcntl(d.pipe_w, F_SETPIPE_SZ, <int>self.pipe_size)
+        if grown > 0:
+            d.pipe_cap = grown
+
     cdef void _give_pipe(self, Direction *d) noexcept nogil:
+        cdef int *slot
         if d.pipe_r < 0:
             return
         if d.in_pipe == 0 and self.pipes_pooled < PIPE_POOL_MAX:
-            self.pipe_pool[2 * self.pipes_pooled] = d.pipe_r
-            self.pipe_pool[2 * self.pipes_pooled + 1] = d.pipe_w
+            slot = &self.pipe_pool[3 * self.pipes_pooled]
+            slot[0], slot[1], slot[2] = d.pipe_r, d.pipe_w, <int>d.pipe_cap
             self.pipes_pooled += 1
         else:
             close(d.pipe_r)
@@ -440,7 +448,7 @@ cdef class RelayWorker:
                 self._abort(c, src, errno)
                 return -1
             # Only read into an empty pipe, so EAGAIN here means the socket is empty, never the pipe full.
-            n = splice(c.fds[src], NULL, d.pipe_w, NULL, self.pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(c.fds[src], NULL, d.pipe_w, NULL, d.pipe_cap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n < 0:
                 if errno == EAGAIN:
                     c.readable[src] = False
@@ -455,6 +463,8 @@ cdef class RelayWorker:
                 self._give_pipe(d)
             else:
                 d.in_pipe = n
+                if <size_t>n * 2 >= d.pipe_cap and d.pipe_cap < self.pipe_size:
+                    self._grow_pipe(d)
 
     cdef void _queue_ready(self, Conn *c) noexcept nogil:
         if not c.queued:
@@ -562,8 +572,9 @@ cdef class RelayWorker:
         cdef int k
         cdef int i
         self._take_submissions()
-        for i in range(2 * self.pipes_pooled):
-            close(self.pipe_pool[i])
+        for i in range(self.pipes_pooled):
+            close(self.pipe_pool[3 * i])
+            close(self.pipe_pool[3 * i + 1])
         self.pipes_pooled = 0
         while self.conns != NULL:
             for k in range(2):

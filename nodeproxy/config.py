@@ -383,9 +383,11 @@ class RelayConfig(_Frozen):
         le=64,
         description="Worker processes (one relay thread each); 0 means one per usable CPU (max 64).",
     )
-    # 64 KiB is Linux's default pipe capacity (16 pages); 1 MiB is the default fs.pipe-max-size,
-    # the most an unprivileged F_SETPIPE_SZ may ask for.
-    pipe_size: PipeSize = Field(default=65536, description="Bytes of each splice pipe.")
+    # Pipes start at Linux's default 64 KiB and grow to pipe_size once a direction moves bulk data,
+    # so this bounds what one direction buffers in the proxy. 1 MiB matches Envoy's default
+    # per_connection_buffer_limit_bytes and is the default fs.pipe-max-size, the most an
+    # unprivileged F_SETPIPE_SZ may ask for.
+    pipe_size: PipeSize = Field(default=1048576, description="Largest capacity a splice pipe grows to.")
     # Envoy's connect_timeout defaults to 5 s; we use 1 s because endpoints are at most a hop or
     # two away and the first SYN retransmit is at 1 s, so a timed-out attempt is better spent on
     # the next endpoint (connect_attempts) than on waiting for a retransmission.

@@ -120,7 +120,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     relay = cfg.relay
     assert (relay.threads, relay.pipe_size, relay.connect_attempts, relay.max_connections) == (
         0,
-        65536,
+        1048576,
         3,
         100000,
     )
