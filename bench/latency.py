@@ -5,7 +5,7 @@ connections. A connection sends its next request when it is due, or as soon as t
 arrived if that is later (HTTP/1.1 without pipelining cannot do better); `behind_schedule_p99_us` shows how
 far sends slipped. Each latency is measured from the send to the end of the response body with
 time.perf_counter_ns, so event-loop timer granularity does not inflate it. The run is bounded: exactly
-rate * duration requests, each with a timeout.
+rate * duration requests, each with a timeout, and at most duration + timeout + 1 seconds overall.
 
     python bench/latency.py --host 10.96.0.10 --port 80 --rate 1000 --connections 8 --duration 5
 
@@ -125,7 +125,11 @@ async def measure(
     await asyncio.sleep(0.2)  # connections are opened before the clock starts
     t0 = time.perf_counter_ns()
     start.set_result(t0)
-    await asyncio.gather(*tasks)
+    # Bounded even when every request times out: whatever is not done by then counts as failed.
+    _, late = await asyncio.wait(tasks, timeout=duration + timeout + 1)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     elapsed_s = (time.perf_counter_ns() - t0) / 1e9
     lat = sorted(tally.latencies_ns)
     behind = sorted(tally.behind_ns)
@@ -139,6 +143,7 @@ async def measure(
         "sent": tally.sent,
         "ok": len(lat),
         "failed": total - len(lat),
+        "gave_up": bool(late),
         "errors": tally.errors,
         "achieved_rate": round(len(lat) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
         "p50_us": percentile(lat, 50) / us,
