@@ -204,6 +204,8 @@ cdef struct Conn:
     ConnState state
     int64_t deadline_ns   # connect deadline while CONNECTING
     bint queued           # on the ready list (work left after its fairness budget)
+    bint dead             # released: its fds are closed; freed at the end of the loop turn
+    Conn *grave_next
     Conn *ready_next
     Conn *prev            # every live connection of the worker, for stop() and deadline scans
     Conn *next
@@ -234,6 +236,7 @@ cdef class RelayWorker:
     cdef bint closed
     cdef Conn *conns
     cdef Conn *ready
+    cdef Conn *graveyard  # released connections; events of the same epoll batch may still name them
     cdef int64_t connecting
     cdef int64_t live
     cdef uint64_t total_accepted
@@ -267,6 +270,7 @@ cdef class RelayWorker:
     cdef void _complete_raw(self, uint64_t conn_id, int kind, int err, uint64_t up, uint64_t down,
                             int client_fd) noexcept nogil
     cdef void _close_all(self) noexcept nogil
+    cdef void _bury(self) noexcept nogil
     cdef int _take_pipe(self, Direction *d) noexcept nogil
     cdef void _give_pipe(self, Direction *d) noexcept nogil
     cdef void _grow_pipe(self, Direction *d) noexcept nogil

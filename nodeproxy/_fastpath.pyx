@@ -266,11 +266,22 @@ cdef class RelayWorker:
                     read(self.wake_fd, &counter, sizeof(counter))
                     self._take_submissions()
                     continue
-                self._on_event(side.conn, side.index, events[i].events)
+                if not side.conn.dead:
+                    self._on_event(side.conn, side.index, events[i].events)
             self._run_ready()
             if self.connecting > 0:
                 self._expire_connects(_now_ns())
+            self._bury()
         self._close_all()
+        self._bury()
+
+    cdef void _bury(self) noexcept nogil:
+        # Freed only here: until the loop turn ends, a later event or the ready batch may point at it.
+        cdef Conn *c
+        while self.graveyard != NULL:
+            c = self.graveyard
+            self.graveyard = c.grave_next
+            free(c)
 
     cdef int _wait_timeout(self) noexcept nogil:
         cdef Conn *c
@@ -481,7 +492,7 @@ cdef class RelayWorker:
             batch = c.ready_next
             c.queued = False
             c.ready_next = NULL
-            if c.state == RELAYING:
+            if not c.dead and c.state == RELAYING:
                 self._pump_both(c)
 
     cdef void _expire_connects(self, int64_t now) noexcept nogil:
@@ -513,7 +524,7 @@ cdef class RelayWorker:
         self._release(c)
 
     cdef void _release(self, Conn *c) noexcept nogil:
-        """Close everything the connection still holds and free it (it must not be touched after)."""
+        """Close everything the connection still holds and retire it (freed at the end of the loop turn)."""
         cdef int k
         if c.state == CONNECTING:
             self.connecting -= 1
@@ -530,7 +541,9 @@ cdef class RelayWorker:
         if c.next != NULL:
             c.next.prev = c.prev
         self.live -= 1
-        free(c)
+        c.dead = True
+        c.grave_next = self.graveyard
+        self.graveyard = c
 
     cdef void _unqueue(self, Conn *c) noexcept nogil:
         cdef Conn **link = &self.ready

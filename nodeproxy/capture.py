@@ -3,7 +3,7 @@
 What gets installed (all in the current network namespace, i.e. the node's):
 
     mangle PREROUTING ─► <P>_PREROUTING
-        -p tcp -m socket --transparent        ─► <P>_DIVERT   (packets of a socket the proxy already owns,
+        -p tcp ! --syn -m socket --transparent ─► <P>_DIVERT  (packets of a socket the proxy already owns,
                                                                incl. replies to its transparent upstreams)
         -p tcp -m addrtype --dst-type LOCAL   ─► RETURN       (traffic for the node itself)
         -p tcp [-i pod-if | -s pod-cidr] --syn ─► TPROXY --on-ip <listener> --on-port <port>
@@ -92,7 +92,9 @@ def render_iptables(plan: CapturePlan, hook_present: bool, capture_new: bool = T
         f":{div} - [0:0]",
         f"-A {div} -j MARK --set-xmark {mark}",
         f"-A {div} -j ACCEPT",
-        f"-A {pre} -p tcp -m socket --transparent -j {div}",
+        # `! --syn`: a new SYN whose 4-tuple matches one of our TIME_WAIT sockets must still reach TPROXY
+        # (which handles TIME_WAIT reuse); diverting it would answer with a stray ACK and a 1 s retry.
+        f"-A {pre} -p tcp ! --syn -m socket --transparent -j {div}",
         f"-A {pre} -p tcp -m addrtype --dst-type LOCAL -j RETURN",
     ]
     for match in _capture_matches(plan) if capture_new else []:

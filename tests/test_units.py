@@ -95,7 +95,7 @@ def test_ruleset_captures_only_pod_syns_and_diverts_owned_sockets() -> None:
     plan = CapturePlan.from_config(parse_config(Lab().config_yaml()))
     rules = render_iptables(plan, hook_present=False).splitlines()
     assert rules[0] == "*mangle" and rules[-1] == "COMMIT"
-    divert = rules.index("-A NODEPROXY_PREROUTING -p tcp -m socket --transparent -j NODEPROXY_DIVERT")
+    divert = rules.index("-A NODEPROXY_PREROUTING -p tcp ! --syn -m socket --transparent -j NODEPROXY_DIVERT")
     tproxy = next(i for i, r in enumerate(rules) if "-j TPROXY" in r)
     assert divert < tproxy  # replies to our transparent upstreams must never be re-captured
     assert "-i npv+ -s 10.244.1.0/24 --syn" in rules[tproxy]
