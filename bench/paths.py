@@ -1,0 +1,462 @@
+"""The lab the bench runs on, the servers in it, and the three ways a client pod can reach them.
+
+Every path gets a fresh lab (namespaces `npb-node`, `npb-pod0`, `npb-be0`) with nginx and iperf3 in the
+backend pod be0, so one path cannot leave state behind that skews the next. The lab has no link to the
+root namespace: no benchmark packet can leave it.
+
+- DirectPath: the client connects to the backend pod's address; packets are routed through the node
+  namespace with no capture rules and no proxy.
+- NodeProxyPath: `python -m nodeproxy run` in the node namespace (it installs and removes its own capture
+  rules); the client connects to the service VIP.
+- HAProxyPath: HAProxy in the node namespace, fed by the same capture rules pointed at its port
+  (`python -m nodeproxy capture install`); the client connects to the service VIP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from bench import haproxy
+from nodeproxy import netns
+from nodeproxy.config import Config, parse_config
+from nodeproxy.lab import Lab, Pod, stop_process
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAB_PREFIX = "npb"
+NGINX = "/usr/sbin/nginx"
+IPERF3 = "iperf3"
+NODEPROXY_PORT = 15001
+HAPROXY_PORT = 15101
+READY_TIMEOUT = 20.0
+START_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+
+NGINX_CONFIG = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    server {{
+        listen {port} reuseport backlog=4096;
+        location / {{ return 200 "ok"; }}
+        location = /whoami {{ return 200 "$remote_addr"; }}
+    }}
+}}
+"""
+
+
+class BenchError(RuntimeError):
+    """A path or server that could not be set up, or a workload that produced no number."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where the client pod sends each kind of traffic on one path."""
+
+    web: tuple[str, int]
+    iperf: tuple[str, int]
+
+    @property
+    def url(self) -> str:
+        host, port = self.web
+        return f"http://{host}:{port}/"
+
+
+def new_lab() -> Lab:
+    """The bench topology: one client pod, one backend pod, the node namespace between them."""
+    return Lab(prefix=LAB_PREFIX, clients=1, backends=1)
+
+
+def client_pod(lab: Lab) -> Pod:
+    return lab.client_pods[0]
+
+
+def server_pod(lab: Lab) -> Pod:
+    return lab.backend_pods[0]
+
+
+def service_config(lab: Lab, outbound_port: int, extra: str = "") -> str:
+    """The daemon config for this lab: every service has be0 as its only endpoint (the lab has one)."""
+    return lab.config_yaml(outbound_port=outbound_port, extra=extra)
+
+
+def parsed(config_text: str) -> Config:
+    return parse_config(config_text, "bench config")
+
+
+def service_address(config: Config, name: str) -> tuple[str, int, int]:
+    """(VIP, port, endpoint port) of the first port of service `name`."""
+    for service in config.services:
+        if service.name == name:
+            port = service.ports[0]
+            return str(service.vip), port.port, port.backend_port
+    raise BenchError(f"the lab config has no service {name!r}")
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+
+def python_env() -> dict[str, str]:
+    """The environment for `python -m nodeproxy` and bench helpers: this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_in(ns: str, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> str:
+    """Run a command inside `ns` from the repository root; raise BenchError with its output on failure."""
+    try:
+        proc = subprocess.run(
+            netns.exec_argv(ns, argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            env=python_env(),
+        )
+    except subprocess.TimeoutExpired as err:
+        raise BenchError(f"{' '.join(argv)} (netns {ns}) did not finish in {timeout:g} s") from err
+    if proc.returncode != 0:
+        output = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise BenchError(f"{' '.join(argv)} (netns {ns}) exited {proc.returncode}: {output}")
+    return proc.stdout
+
+
+def spawn_logged(lab: Lab, ns: str, argv: Sequence[str], log: pathlib.Path) -> subprocess.Popen[bytes]:
+    """Start a long-running process in `ns` with its output in `log`; lab.down() stops it at the latest."""
+    with log.open("wb") as out:
+        return lab.spawn(
+            ns,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            env=python_env(),
+        )
+
+
+def log_tail(log: pathlib.Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_for(
+    ready: Callable[[], bool],
+    what: str,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: pathlib.Path | None = None,
+) -> None:
+    """Poll `ready` until true; fail early when `proc` exits, with the tail of `log` in the message."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        exited = proc is not None and proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            why = f"exited with {proc.returncode}" if exited and proc else f"not ready after {timeout:g} s"
+            tail = log_tail(log) if log else ""
+            raise BenchError(f"{what} {why}" + (f"; last output:\n{tail}" if tail else ""))
+        time.sleep(0.05)
+
+
+def can_connect(ns: str, host: str, port: int) -> bool:
+    try:
+        with netns.entered(ns), socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def listening(ns: str, port: int) -> bool:
+    """Whether a TCP socket listens on `port` in `ns` (without connecting, which iperf3 would log)."""
+    out = subprocess.run(
+        netns.exec_argv(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True
+    ).stdout
+    return bool(out.strip())
+
+
+def http_get(ns: str, host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    """One HTTP/1.0 GET from inside `ns`: (status, body)."""
+    with netns.entered(ns):
+        sock = socket.create_connection((host, port), timeout=timeout)
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body.decode(errors="replace")
+
+
+# -- servers in the backend pod ----------------------------------------------------------------------
+
+
+def start_servers(lab: Lab, workdir: pathlib.Path) -> dict[str, int]:
+    """nginx and iperf3 in be0 on the ports the lab config's services name; returns those ports."""
+    config = parsed(service_config(lab, NODEPROXY_PORT))
+    http_port = service_address(config, "web")[2]
+    iperf_port = service_address(config, "iperf")[2]
+    be = server_pod(lab)
+    nginx_dir = workdir / "nginx"
+    (nginx_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    nginx_conf = nginx_dir / "nginx.conf"
+    nginx_conf.write_text(NGINX_CONFIG.format(dir=nginx_dir, port=http_port))
+    nginx_log = nginx_dir / "nginx.out"
+    nginx = spawn_logged(
+        lab,
+        be.ns,
+        [NGINX, "-c", str(nginx_conf), "-p", str(nginx_dir), "-e", str(nginx_dir / "nginx-error.log")],
+        nginx_log,
+    )
+    iperf_log = workdir / "iperf3-server.log"
+    iperf = spawn_logged(lab, be.ns, [IPERF3, "-s", "-p", str(iperf_port)], iperf_log)
+    wait_for(
+        lambda: can_connect(lab.node_ns, be.ip, http_port),
+        "nginx",
+        START_TIMEOUT,
+        nginx,
+        nginx_dir / "nginx-error.log",
+    )
+    wait_for(lambda: listening(be.ns, iperf_port), "iperf3 -s", START_TIMEOUT, iperf, iperf_log)
+    return {"http": http_port, "iperf": iperf_port}
+
+
+def probe(lab: Lab, targets: Targets, timeout: float = 5.0) -> str:
+    """GET /whoami from the client pod through the path; returns the client address nginx saw."""
+    pod = client_pod(lab)
+    host, port = targets.web
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = http_get(pod.ns, host, port, "/whoami")
+            if status == 200:
+                return body.strip()
+            problem = f"HTTP status {status}"
+        except (OSError, ValueError, IndexError) as err:
+            problem = str(err) or type(err).__name__
+        if time.monotonic() > deadline:
+            raise BenchError(f"GET http://{host}:{port}/whoami from {pod.ns} fails: {problem}")
+        time.sleep(0.1)
+
+
+def leftover_capture(lab: Lab) -> list[str]:
+    """TPROXY rules, fwmark ip rules and nodeproxy chains still in the node namespace."""
+    save = subprocess.run(
+        netns.exec_argv(lab.node_ns, ["iptables-save", "-t", "mangle"]), capture_output=True, text=True
+    ).stdout
+    rules = subprocess.run(
+        netns.exec_argv(lab.node_ns, ["ip", "rule", "show"]), capture_output=True, text=True
+    ).stdout
+    return [line for line in save.splitlines() if "TPROXY" in line or "NODEPROXY" in line] + [
+        line for line in rules.splitlines() if "fwmark" in line
+    ]
+
+
+# -- the three paths ---------------------------------------------------------------------------------
+
+
+class TrafficPath:
+    """One way from the client pod to the servers in be0: setup(), measure, teardown() (always)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, lab: Lab, workdir: pathlib.Path) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.config_text = service_config(lab, NODEPROXY_PORT)
+
+    def targets(self) -> Targets:
+        """Service VIPs by default: what a pod would dial."""
+        config = parsed(self.config_text)
+        web_vip, web_port, _ = service_address(config, "web")
+        iperf_vip, iperf_port, _ = service_address(config, "iperf")
+        return Targets(web=(web_vip, web_port), iperf=(iperf_vip, iperf_port))
+
+    def setup(self) -> None:
+        """Start whatever carries the traffic; raise BenchError when it does not come up."""
+
+    def check(self) -> None:
+        """Raise BenchError when what carries the traffic has died (checked after every workload)."""
+
+    def teardown(self) -> list[str]:
+        """Stop it and remove what setup installed; returns problems worth reporting (never raises)."""
+        return []
+
+    def info(self) -> dict[str, object]:
+        """What the JSON should record about this path's setup."""
+        return {"description": self.description}
+
+
+def check_running(what: str, proc: subprocess.Popen[bytes] | None, log: pathlib.Path) -> None:
+    if proc is not None and proc.poll() is not None:
+        tail = log_tail(log)
+        raise BenchError(f"{what} exited with {proc.returncode} during the run; last output:\n{tail}")
+
+
+class DirectPath(TrafficPath):
+    name = "direct"
+    description = "client -> backend pod IP, routed through the node namespace; no capture, no proxy"
+
+    def targets(self) -> Targets:
+        config = parsed(self.config_text)
+        ip = server_pod(self.lab).ip
+        web_port = service_address(config, "web")[2]
+        iperf_port = service_address(config, "iperf")[2]
+        return Targets(web=(ip, web_port), iperf=(ip, iperf_port))
+
+
+class NodeProxyPath(TrafficPath):
+    name = "nodeproxy"
+    description = "client -> service VIP, captured by TPROXY into `python -m nodeproxy run` in the node ns"
+
+    def __init__(self, lab: Lab, workdir: pathlib.Path, relay_threads: int | None = None) -> None:
+        super().__init__(lab, workdir)
+        self.relay_threads = relay_threads
+        extra = f"relay:\n  threads: {relay_threads}\n" if relay_threads is not None else ""
+        self.config_text = service_config(lab, NODEPROXY_PORT, extra)
+        self.config_file = workdir / "nodeproxy.yaml"
+        self.ready_file = workdir / "nodeproxy.ready"
+        self.log = workdir / "nodeproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def setup(self) -> None:
+        self.config_file.write_text(self.config_text)
+        self.ready_file.unlink(missing_ok=True)
+        self.proc = spawn_logged(
+            self.lab,
+            self.lab.node_ns,
+            [
+                sys.executable,
+                "-m",
+                "nodeproxy",
+                "run",
+                "--config",
+                str(self.config_file),
+                "--ready-file",
+                str(self.ready_file),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            self.log,
+        )
+        wait_for(self.ready_file.exists, "nodeproxy run", READY_TIMEOUT, self.proc, self.log)
+
+    def check(self) -> None:
+        check_running("nodeproxy", self.proc, self.log)
+
+    def teardown(self) -> list[str]:
+        problems: list[str] = []
+        if self.proc is not None:
+            died_earlier = self.proc.poll() is not None  # setup() or check() has reported that already
+            self.exit_code = stop_process(self.proc, timeout=15)
+            if self.exit_code not in (0, -15) and not died_earlier:
+                problems.append(f"nodeproxy exited with {self.exit_code}; last output:\n{log_tail(self.log)}")
+            self.proc = None
+        # It runs at --log-level warning: anything logged at error level is worth a look.
+        with contextlib.suppress(OSError):
+            errors = [
+                line
+                for line in self.log.read_text(errors="replace").splitlines()
+                if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+            ]
+            if errors:
+                problems.append(f"nodeproxy logged {len(errors)} errors, e.g. {errors[0][:300]}")
+        return problems
+
+    def info(self) -> dict[str, object]:
+        return {
+            **super().info(),
+            "config": self.config_text,
+            "relay_threads": self.relay_threads,
+            "exit_code": self.exit_code,
+        }
+
+
+class HAProxyPath(TrafficPath):
+    name = "haproxy"
+    description = (
+        "client -> service VIP, captured by the same TPROXY rules into HAProxy (mode tcp, "
+        "transparent, usesrc clientip, splice-auto) in the node ns"
+    )
+
+    def __init__(self, lab: Lab, workdir: pathlib.Path, threads: int = 2) -> None:
+        super().__init__(lab, workdir)
+        self.threads = threads
+        self.config_text = service_config(lab, HAPROXY_PORT)
+        self.capture_file = workdir / "capture-haproxy.yaml"
+        self.haproxy_cfg = haproxy.render_config(parsed(self.config_text), threads)
+        self.cfg_file = workdir / "haproxy.cfg"
+        self.log = workdir / "haproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.capture_installed = False
+
+    def setup(self) -> None:
+        self.capture_file.write_text(self.config_text)
+        self.cfg_file.write_text(self.haproxy_cfg)
+        self.proc = spawn_logged(
+            self.lab, self.lab.node_ns, [haproxy.BINARY, "-db", "-f", str(self.cfg_file)], self.log
+        )
+        wait_for(
+            lambda: listening(self.lab.node_ns, HAPROXY_PORT), "haproxy", START_TIMEOUT, self.proc, self.log
+        )
+        self.capture_installed = True  # set first: a half-done install is removed too
+        run_in(self.lab.node_ns, self._capture("install"))
+
+    def check(self) -> None:
+        check_running("haproxy", self.proc, self.log)
+
+    def _capture(self, action: str) -> list[str]:
+        return [sys.executable, "-m", "nodeproxy", "capture", action, "--config", str(self.capture_file)]
+
+    def teardown(self) -> list[str]:
+        problems: list[str] = []
+        if self.capture_installed:
+            try:
+                run_in(self.lab.node_ns, self._capture("remove"))
+            except BenchError as err:
+                problems.append(str(err))
+            self.capture_installed = False
+        if self.proc is not None:
+            died_earlier = self.proc.poll() is not None
+            code = stop_process(self.proc)
+            if code not in (0, -15) and not died_earlier:
+                problems.append(f"haproxy exited with {code}; last output:\n{log_tail(self.log)}")
+            self.proc = None
+        return problems
+
+    def info(self) -> dict[str, object]:
+        return {
+            **super().info(),
+            "threads": self.threads,
+            "haproxy_cfg": self.haproxy_cfg,
+            "capture_config": self.config_text,
+        }
+
+
+PATHS: dict[str, type[TrafficPath]] = {p.name: p for p in (DirectPath, NodeProxyPath, HAProxyPath)}

@@ -1,0 +1,479 @@
+"""Run the same workloads direct, through nodeproxy and through HAProxy; print ratios, save JSON.
+
+    python -m bench.run [--duration 5] [--quick] [--only direct,nodeproxy,haproxy] [--relay-threads N]
+                        [--rounds 1] [--keep-logs]
+
+Needs root (it builds network namespaces). Each path gets a fresh `npb-*` lab that is torn down in a
+`finally`, also on errors and Ctrl-C/SIGTERM; see bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from types import FrameType
+
+if not __package__:  # `python bench/run.py`: import this checkout's packages like `python -m bench.run`
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench import haproxy
+from bench.paths import (
+    LAB_PREFIX,
+    REPO_ROOT,
+    BenchError,
+    DirectPath,
+    HAProxyPath,
+    NodeProxyPath,
+    Targets,
+    TrafficPath,
+    client_pod,
+    leftover_capture,
+    new_lab,
+    probe,
+    start_servers,
+)
+from bench.workloads import (
+    LATENCY_CONNECTIONS,
+    LATENCY_RATE,
+    METRICS,
+    WORKLOADS,
+    WRK_CONNECTIONS,
+    WRK_THREADS,
+    Better,
+    Metric,
+    Workload,
+    tcp_counters,
+)
+from nodeproxy import netns
+from nodeproxy.lab import Lab
+
+PATH_NAMES = ("direct", "nodeproxy", "haproxy")
+Values = dict[str, dict[str, float]]  # path -> metric key -> number
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DEFAULT_DURATION = 5
+QUICK_DURATION = 1
+PAUSE_BETWEEN_WORKLOADS = 0.5
+# The ratios in the table: nodeproxy over each baseline.
+RATIOS = (("nodeproxy", "direct"), ("nodeproxy", "haproxy"))
+
+
+@dataclass(frozen=True)
+class Goal:
+    metric: str
+    baseline: str
+    min_ratio: float
+
+
+GOALS = (
+    Goal("iperf3_1_gbps", "direct", 0.85),
+    Goal("iperf3_4_gbps", "direct", 0.85),
+    Goal("iperf3_1_gbps", "haproxy", 1.3),
+    Goal("iperf3_4_gbps", "haproxy", 1.3),
+    Goal("wrk_keepalive_rps", "haproxy", 1.1),
+)
+
+
+@dataclass
+class PathResult:
+    """One path measured once, in a lab of its own."""
+
+    name: str
+    round: int = 1
+    status: str = "not run"  # ok | partial (some workload failed) | failed
+    error: str | None = None
+    seconds: float = 0.0
+    info: dict[str, object] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+    workloads: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- signals -----------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot cut a teardown short."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# -- one path ----------------------------------------------------------------------------------------
+
+
+def make_path(name: str, lab: Lab, workdir: pathlib.Path, args: argparse.Namespace) -> TrafficPath:
+    if name == "nodeproxy":
+        return NodeProxyPath(lab, workdir, args.relay_threads)
+    if name == "haproxy":
+        return HAProxyPath(lab, workdir)
+    return DirectPath(lab, workdir)
+
+
+def run_workload(
+    label: str, workload: Workload, ns: str, targets: Targets, duration: int, result: PathResult
+) -> None:
+    """Run one workload; its numbers go into result.values, its report (or error) into result.workloads."""
+    began = time.monotonic()
+    before = tcp_counters(ns)
+    try:
+        measurement = workload.run(ns, targets, duration)
+    except BenchError as err:
+        progress(f"[{label}] {workload.name}: FAILED: {err}")
+        result.workloads[workload.name] = {"error": str(err)}
+        return
+    after = tcp_counters(ns)
+    client_tcp = {key: after[key] - before.get(key, 0) for key in after}
+    result.values.update(measurement.values)
+    result.workloads[workload.name] = {**measurement.raw, "client_tcp": client_tcp}
+    result.warnings += [f"{workload.name}: {w}" for w in measurement.warnings]
+    if syn_retransmits := client_tcp.get("TcpExt:TCPSynRetrans"):
+        result.warnings.append(
+            f"{workload.name}: {syn_retransmits} SYN retransmits in the client pod "
+            "(each stalls a connect for at least 1 s)"
+        )
+    shown = ", ".join(
+        f"{metric.label} {format_value(metric, measurement.values[metric.key])}"
+        for metric in workload.metrics
+        if metric.key in measurement.values
+    )
+    progress(f"[{label}] {shown}  ({time.monotonic() - began:.1f} s)")
+
+
+def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: pathlib.Path) -> PathResult:
+    """Build a lab, bring the path up, run every workload on it, tear everything down (always)."""
+    result = PathResult(name, round_)
+    label = name if args.rounds == 1 else f"{name} #{round_}"
+    progress(f"[{label}] setting up")
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lab = new_lab()
+    try:
+        lab.up()
+        result.info["servers"] = start_servers(lab, workdir)
+        path = make_path(name, lab, workdir, args)
+        try:
+            path.setup()
+            targets = path.targets()
+            result.info["targets"] = asdict(targets)
+            pod = client_pod(lab)
+            seen = probe(lab, targets)
+            result.info["backend_saw_client"] = seen
+            if seen != pod.ip:
+                result.warnings.append(f"not transparent: nginx saw {seen}, the client pod is {pod.ip}")
+            for workload in WORKLOADS:
+                run_workload(label, workload, pod.ns, targets, args.duration, result)
+                path.check()
+                time.sleep(PAUSE_BETWEEN_WORKLOADS)
+        finally:
+            with signals_deferred():
+                result.warnings += path.teardown()
+                result.info.update(path.info())
+                if leftovers := leftover_capture(lab):
+                    result.warnings.append(f"capture rules left after teardown: {leftovers}")
+    except Exception as err:  # one broken path must not cost the other paths their numbers
+        result.error = str(err) if isinstance(err, BenchError) else traceback.format_exc(limit=6)
+        progress(f"[{label}] FAILED: {result.error}")
+    finally:
+        with signals_deferred():
+            lab.down()
+        result.seconds = round(time.monotonic() - started, 1)
+    if result.error is not None or not result.values:
+        result.status = "failed"
+    elif any(isinstance(raw, dict) and "error" in raw for raw in result.workloads.values()):
+        result.status = "partial"
+    else:
+        result.status = "ok"
+    return result
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+def format_value(metric: Metric, value: float | None, missing: str = "-") -> str:
+    if value is None:
+        return missing
+    if metric.unit == "Gb/s":
+        return f"{value:.2f}"
+    if metric.unit == "us":
+        return f"{value:.0f}"
+    return f"{value:,.0f}"
+
+
+def summarize(runs: dict[str, list[PathResult]]) -> Values:
+    """Per path, the median of each metric over the rounds that produced it."""
+    return {
+        name: {
+            m.key: statistics.median(samples)
+            for m in METRICS
+            if (samples := [r.values[m.key] for r in results if m.key in r.values])
+        }
+        for name, results in runs.items()
+    }
+
+
+def ratio(values: Values, metric: Metric, top: str, bottom: str) -> float | None:
+    a = values.get(top, {}).get(metric.key)
+    b = values.get(bottom, {}).get(metric.key)
+    return round(a / b, 3) if a is not None and b else None
+
+
+def metrics_table(runs: dict[str, list[PathResult]], values: Values) -> list[dict[str, object]]:
+    return [
+        {
+            **asdict(metric),
+            "values": {name: values[name].get(metric.key) for name in runs},
+            "samples": {name: [r.values.get(metric.key) for r in results] for name, results in runs.items()},
+            "ratios": {f"{top}/{bottom}": ratio(values, metric, top, bottom) for top, bottom in RATIOS},
+        }
+        for metric in METRICS
+    ]
+
+
+def goals_report(values: Values) -> list[dict[str, object]]:
+    metrics = {m.key: m for m in METRICS}
+    report: list[dict[str, object]] = []
+    for goal in GOALS:
+        value = ratio(values, metrics[goal.metric], "nodeproxy", goal.baseline)
+        report.append(
+            {
+                **asdict(goal),
+                "label": metrics[goal.metric].label,
+                "ratio": value,
+                "met": None if value is None else value >= goal.min_ratio,
+            }
+        )
+    return report
+
+
+def render_table(values: Values) -> str:
+    header = f"{'workload':<34}" + "".join(f"{n:>12}" for n in PATH_NAMES)
+    header += "".join(f"{'np/' + b:>12}" for _, b in RATIOS) + "  better"
+    lines = [header, "-" * len(header)]
+    for metric in METRICS:
+        # "-": path not run; "error": run, but this workload gave no number.
+        cells = [
+            "-" if name not in values else format_value(metric, values[name].get(metric.key), "error")
+            for name in PATH_NAMES
+        ]
+        ratios = [ratio(values, metric, top, bottom) for top, bottom in RATIOS]
+        line = f"{metric.label:<34}" + "".join(f"{c:>12}" for c in cells)
+        line += "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in ratios)
+        line += f"  {metric.better}" + (" (np/x < 1 is better)" if metric.better is Better.LOWER else "")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_goals(goals: list[dict[str, object]]) -> str:
+    lines = ["targets (nodeproxy / baseline, measured side by side in this run):"]
+    for g in goals:
+        r = g["ratio"]
+        verdict = "n/a" if g["met"] is None else ("met" if g["met"] else "MISSED")
+        shown = "-" if not isinstance(r, float) else f"{r:.2f}"
+        lines.append(
+            f"  {g['label']:<34} vs {g['baseline']:<8} >= {g['min_ratio']:<5} got {shown:<6} {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def command_output(argv: Sequence[str]) -> str:
+    """First line a version command prints (on stdout or stderr)."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"unavailable: {err}"
+    text = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
+    return text[0] if text else ""
+
+
+def machine_info() -> dict[str, object]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    dirty = command_output(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": haproxy.version(),
+        "nginx": command_output(["nginx", "-v"]),
+        "iperf3": command_output(["iperf3", "--version"]),
+        "wrk": command_output(["wrk", "-v"]),
+        "nodeproxy_rev": command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
+        "nodeproxy_tree_dirty": bool(dirty),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def save(report: dict[str, object], directory: pathlib.Path) -> pathlib.Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    out = directory / f"{stamp}.json"
+    out.write_text(text)
+    (directory / "latest.json").write_text(text)
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Run iperf3, wrk and a fixed-rate latency client direct, through nodeproxy and through "
+        "HAProxy on one namespace lab; print nodeproxy's ratios and save JSON.",
+    )
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=DEFAULT_DURATION,
+        help=f"seconds per workload (default {DEFAULT_DURATION})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_DURATION} s per workload, for smoke tests (overrides --duration)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(PATH_NAMES),
+        help="comma-separated paths to run (default: direct,nodeproxy,haproxy)",
+    )
+    parser.add_argument(
+        "--relay-threads",
+        type=int,
+        default=None,
+        help="nodeproxy relay.threads (default: the daemon's own default)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every path this many times, alternating the order; the table shows medians",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the configs and logs of nginx, iperf3, nodeproxy and HAProxy (path printed at the end)",
+    )
+    parser.add_argument("--results-dir", type=pathlib.Path, default=RESULTS_DIR, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
+    if (unknown := [p for p in args.paths if p not in PATH_NAMES]) or not args.paths:
+        parser.error(f"--only takes a comma-separated subset of {','.join(PATH_NAMES)} (got {unknown})")
+    if args.quick:
+        args.duration = QUICK_DURATION
+    if args.duration < 1 or args.duration > 60:
+        parser.error("--duration must be 1..60 seconds")
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be 1..10")
+    if args.relay_threads is not None and not 0 <= args.relay_threads <= 64:
+        parser.error("--relay-threads must be 0..64")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.run needs root: it creates network namespaces and iptables rules", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.monotonic()
+    machine = machine_info()
+    runs: dict[str, list[PathResult]] = {name: [] for name in PATH_NAMES if name in args.paths}
+    progress(
+        f"bench: {', '.join(runs)}; {args.duration} s per workload; {args.rounds} round(s); "
+        f"lab {LAB_PREFIX}-*"
+    )
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="npb-bench-"))
+    try:
+        for round_ in range(1, args.rounds + 1):
+            # Alternate the order so slow drift of the machine does not always favour the same path.
+            for name in list(runs) if round_ % 2 else list(runs)[::-1]:
+                runs[name].append(measure_path(name, round_, args, workdir / f"{name}-{round_}"))
+    except KeyboardInterrupt:
+        progress("bench: interrupted; labs torn down, nothing saved")
+        return 130
+    finally:
+        if args.keep_logs:
+            progress(f"bench: configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    left = [ns for ns in netns.list_names() if ns.startswith(f"{LAB_PREFIX}-")]
+    results = [r for results in runs.values() for r in results]
+    warnings = [f"{r.name} #{r.round}: {w}" for r in results for w in r.warnings]
+    if left:
+        warnings.append(f"namespaces left behind: {left}")
+    values = summarize(runs)
+    goals = goals_report(values)
+    report: dict[str, object] = {
+        "schema": 1,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "argv": sys.argv,
+        "options": {
+            "paths": list(runs),
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "relay_threads": args.relay_threads,
+            "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS},
+            "latency": {"rate": LATENCY_RATE, "connections": LATENCY_CONNECTIONS},
+        },
+        "machine": {**machine, "loadavg_at_end": os.getloadavg()},
+        "metrics": metrics_table(runs, values),
+        "goals": goals,
+        "paths": {name: [asdict(r) for r in results] for name, results in runs.items()},
+        "warnings": warnings,
+        "ok": all(r.status == "ok" for r in results) and not left,
+    }
+    out = save(report, args.results_dir)
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds (every sample is in the JSON)")
+    print(render_table(values))
+    print()
+    print(render_goals(goals))
+    for r in results:
+        if r.status != "ok":
+            print(f"\n{r.name} #{r.round}: {r.status}" + (f": {r.error}" if r.error else ""))
+    if warnings:
+        print("\nwarnings:\n" + "\n".join(f"  {w}" for w in warnings))
+    shown = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
+    print(f"\nresults: {shown} ({report['elapsed_s']} s)")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
