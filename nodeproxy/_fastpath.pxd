@@ -98,6 +98,9 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ERROR
         SO_LINGER
         SHUT_WR
+        MSG_NOSIGNAL
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
     int socket(int domain, int type, int protocol)
     int bind(int fd, const sockaddr *addr, socklen_t len)
     int connect(int fd, const sockaddr *addr, socklen_t len)
@@ -156,9 +159,11 @@ cdef enum:
     CLIENT = 0             # index of the client socket / the client -> upstream direction
     UPSTREAM = 1           # index of the upstream socket / the upstream -> client direction
     EVENTS_PER_WAIT = 256
-    SPLICES_PER_TURN = 16  # reads per direction per wake-up before yielding to other connections
+    READS_PER_TURN = 16    # reads per direction per wake-up before yielding to other connections
     PIPE_POOL_MAX = 128    # empty pipes a worker keeps for reuse; idle connections hold no pipe
     PIPE_START = 65536     # a new pipe's capacity (Linux's default); grown up to pipe_size for bulk flows
+    COPY_SIZE = 16384      # reads below this size go through a copy buffer (recv/send), not splice
+    BULK_EXIT = 4096       # a splice read shorter than this switches the direction back to copying
 
 
 cdef enum Ending:
@@ -182,6 +187,7 @@ ctypedef struct Direction:
     size_t in_pipe
     size_t pipe_cap
     uint64_t bytes
+    bint bulk             # splice (zero copy) while reads fill the copy buffer; recv/send otherwise
     bint src_eof
     bint dst_shut
 
@@ -201,6 +207,7 @@ cdef struct Conn:
     Direction dirs[2]     # dirs[CLIENT]: client -> upstream, dirs[UPSTREAM]: upstream -> client
     bint readable[2]
     bint writable[2]
+    bint eof_pending[2]   # EPOLLRDHUP seen: keep reading past a short read until recv returns 0
     ConnState state
     int64_t deadline_ns   # connect deadline while CONNECTING
     bint queued           # on the ready list (work left after its fairness budget)
@@ -249,6 +256,8 @@ cdef class RelayWorker:
     cdef size_t done_cap
     cdef int pipe_pool[3 * PIPE_POOL_MAX]   # (read fd, write fd, capacity) triples
     cdef int pipes_pooled
+    cdef size_t copy_size
+    cdef char scratch[COPY_SIZE]
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1
     cdef void _loop(self) noexcept nogil
@@ -274,3 +283,4 @@ cdef class RelayWorker:
     cdef int _take_pipe(self, Direction *d) noexcept nogil
     cdef void _give_pipe(self, Direction *d) noexcept nogil
     cdef void _grow_pipe(self, Direction *d) noexcept nogil
+    cdef int _read_copy(self, Conn *c, Direction *d, int src) noexcept nogil
