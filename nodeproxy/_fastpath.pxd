@@ -97,6 +97,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_ERROR
         SO_LINGER
+        SO_KEEPALIVE
         SHUT_WR
         MSG_NOSIGNAL
     ssize_t recv(int fd, void *buf, size_t len, int flags)
@@ -129,6 +130,9 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+        TCP_KEEPIDLE
+        TCP_KEEPINTVL
+        TCP_KEEPCNT
 
 
 cdef extern from "<arpa/inet.h>" nogil:
@@ -164,6 +168,12 @@ cdef enum:
     PIPE_START = 65536     # a new pipe's capacity (Linux's default); grown up to pipe_size for bulk flows
     COPY_SIZE = 16384      # reads below this size go through a copy buffer (recv/send), not splice
     BULK_EXIT = 4096       # a splice read shorter than this switches the direction back to copying
+    # TCP keepalive on every relayed socket, so a peer that vanished without FIN or RST (a dead node)
+    # does not pin a connection's descriptors forever: first probe after 2 min idle, dead after 4 more
+    # unanswered probes 30 s apart. Kernel defaults (2 h, 75 s, 9) would hold a dead peer for 2 h 11 min.
+    KEEPALIVE_IDLE_S = 120
+    KEEPALIVE_INTERVAL_S = 30
+    KEEPALIVE_PROBES = 4
 
 
 cdef enum Ending:

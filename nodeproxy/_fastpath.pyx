@@ -93,6 +93,15 @@ def accept_batch(int listen_fd, int max_batch=64):
     return accepted
 
 
+def set_keepalive(int fd):
+    """Enable TCP keepalive with nodeproxy's timings (see KEEPALIVE_* in _fastpath.pxd)."""
+    cdef int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S, probes = KEEPALIVE_PROBES
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle))
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval))
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes))
+
+
 def reset_and_close(int fd):
     """Close a socket with an RST (used when no upstream can be reached)."""
     _set_reset_on_close(fd)
@@ -169,7 +178,7 @@ cdef class RelayWorker:
         if fd < 0:
             raise OSError(err, _os.strerror(err))
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-        setsockopt(client_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        set_keepalive(fd)  # accepted sockets inherit it from the listener
         with nogil:
             rc = 0
             if bind_ip is not None:

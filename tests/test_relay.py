@@ -196,3 +196,15 @@ def test_no_descriptor_leak_after_a_burst_of_every_ending(lab: Lab, proxy: Runni
     # A worker may keep up to PIPE_POOL_MAX pipes pooled; beyond that, nothing may stay open.
     for pid, count in after.items():
         assert count <= before[pid] + 2 * 128, (pid, before[pid], count)
+
+
+def test_relayed_sockets_use_keepalive(lab: Lab, proxy: RunningProxy) -> None:
+    """Both of the proxy's sockets for a connection run TCP keepalive timers (ss: timer:(keepalive,...))."""
+    backend, pod = lab.backend_pods[0], lab.client_pods[0]
+    with listen(backend.ns, 9103) as server, connect(pod.ns, backend.ip, 9103):
+        conn, _ = server.accept()
+        with conn:
+            out = netns.run(lab.node_ns, ["ss", "-tnoH", "state", "established"])
+    ours = [line for line in out.splitlines() if ":9103" in line]
+    assert len(ours) == 2, out  # client side (to the pod) and upstream side (to the backend)
+    assert all("keepalive" in line for line in ours), ours
