@@ -189,6 +189,8 @@ lint() {
     local rc=0
     say "ruff check ."
     "$PYTHON" -m ruff check . || rc=1
+    say "ruff format --check ."
+    "$PYTHON" -m ruff format --check . || rc=1
     say "mypy"
     "$PYTHON" -m mypy || rc=1     # files and strictness come from [tool.mypy] in pyproject.toml
     return "$rc"
