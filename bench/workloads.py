@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from bench.paths import REPO_ROOT, BenchError, Targets, python_env
 from nodeproxy import netns
@@ -68,6 +69,18 @@ def client_run(ns: str, argv: Sequence[str], duration: float) -> subprocess.Comp
         raise BenchError(f"{argv[0]} did not finish within {duration + TIMEOUT_MARGIN:g} s") from err
 
 
+def client_json(ns: str, argv: Sequence[str], duration: float, name: str) -> tuple[int, dict[str, Any]]:
+    """Run a client that reports JSON on stdout; returns (exit code, report)."""
+    proc = client_run(ns, argv, duration)
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(
+            f"{name} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+        ) from None
+    return proc.returncode, report
+
+
 # -- kernel TCP counters -----------------------------------------------------------------------------
 
 # Client-pod counters recorded around every workload: a SYN retransmit costs a connection at least 1 s
@@ -106,15 +119,9 @@ def tcp_counters(ns: str) -> dict[str, int]:
 def iperf3(ns: str, target: tuple[str, int], duration: int, streams: int) -> Measurement:
     host, port = target
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-P", str(streams), "-J"]
-    proc = client_run(ns, argv, duration)
-    try:
-        report = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(
-            f"iperf3 exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
-        ) from None
-    if proc.returncode != 0 or "error" in report:
-        raise BenchError(f"iperf3 exited {proc.returncode}: {report.get('error', 'no error message')}")
+    returncode, report = client_json(ns, argv, duration, "iperf3")
+    if returncode != 0 or "error" in report:
+        raise BenchError(f"iperf3 exited {returncode}: {report.get('error', 'no error message')}")
     end = report["end"]
     received = float(end["sum_received"]["bits_per_second"])
     raw = {
@@ -185,13 +192,7 @@ def latency(ns: str, target: tuple[str, int], duration: int) -> Measurement:
         "--duration",
         str(duration),
     ]
-    proc = client_run(ns, argv, duration)
-    try:
-        report = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(
-            f"latency client exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
-        ) from None
+    _, report = client_json(ns, argv, duration, "latency client")
     if not report["ok"]:
         raise BenchError(f"latency client: no request succeeded ({report['errors']})")
     warnings = []

@@ -125,24 +125,8 @@ def install(plan: CapturePlan, capture_new: bool = True) -> None:
         raise RuntimeError(f"iptables-restore failed: {result.stderr.strip()}\n--- ruleset ---\n{ruleset}")
     with IPRoute() as ipr:
         if not _our_rules(ipr, plan):
-            ipr.rule(
-                "add",
-                family=_AF_INET,
-                fwmark=plan.mark,
-                fwmask=plan.mask,
-                table=plan.table,
-                priority=plan.rule_priority,
-            )
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route(
-            "replace",
-            family=_AF_INET,
-            dst="0.0.0.0/0",
-            type="local",
-            table=plan.table,
-            oif=lo,
-            scope=_SCOPE_HOST,
-        )
+            _fwmark_rule(ipr, "add", plan, plan.rule_priority)
+        _local_route(ipr, "replace", plan, oif=ipr.link_lookup(ifname="lo")[0])
 
 
 def remove(plan: CapturePlan) -> list[str]:
@@ -157,29 +141,25 @@ def remove(plan: CapturePlan) -> list[str]:
             removed.append(f"mangle chain {chain}")
     with IPRoute() as ipr:
         for rule in _our_rules(ipr, plan):
-            ipr.rule(
-                "del",
-                family=_AF_INET,
-                fwmark=plan.mark,
-                fwmask=plan.mask,
-                table=plan.table,
-                priority=rule.get("priority"),
-            )
+            _fwmark_rule(ipr, "del", plan, rule.get("priority"))
             removed.append(f"ip rule fwmark {plan.mark:#x}/{plan.mask:#x} lookup {plan.table}")
         routes = ipr.get_routes(family=_AF_INET, table=plan.table)
         for route in routes:
             if route.get_attr("RTA_TABLE") == plan.table:
-                ipr.route(
-                    "del",
-                    family=_AF_INET,
-                    dst="0.0.0.0/0",
-                    type="local",
-                    table=plan.table,
-                    oif=route.get_attr("RTA_OIF"),
-                    scope=_SCOPE_HOST,
-                )
+                _local_route(ipr, "del", plan, oif=route.get_attr("RTA_OIF"))
                 removed.append(f"ip route local 0.0.0.0/0 table {plan.table}")
     return removed
+
+
+def _local_route(ipr: IPRoute, action: str, plan: CapturePlan, oif: int) -> None:
+    """`local 0.0.0.0/0 dev lo table <table>`: everything marked is delivered to this host's sockets."""
+    ipr.route(
+        action, family=_AF_INET, dst="0.0.0.0/0", type="local", table=plan.table, oif=oif, scope=_SCOPE_HOST
+    )
+
+
+def _fwmark_rule(ipr: IPRoute, action: str, plan: CapturePlan, priority: int) -> None:
+    ipr.rule(action, family=_AF_INET, fwmark=plan.mark, fwmask=plan.mask, table=plan.table, priority=priority)
 
 
 def _our_rules(ipr: IPRoute, plan: CapturePlan) -> list[Any]:  # pyroute2 messages are untyped

@@ -6,6 +6,7 @@ rules or processes behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -90,15 +91,22 @@ def new_lab(clients: int = 2, backends: int = 3) -> Lab:
     return Lab(prefix=f"npt{secrets.token_hex(2)}", clients=clients, backends=backends)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = new_lab()
+@contextlib.contextmanager
+def running_lab(clients: int = 2, backends: int = 3) -> Iterator[Lab]:
+    """A lab with its backends serving, torn down however the block ends."""
+    lab = new_lab(clients, backends)
     try:
         lab.up()
         lab.start_backends()
         yield lab
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with running_lab() as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from nodeproxy import netns
 from nodeproxy.lab import Lab, stop_process
-from tests.conftest import RunningProxy, new_lab, start_proxy
+from tests.conftest import RunningProxy, running_lab, start_proxy
 from tests.helpers import connect, http_get, listen
 
 pytestmark = pytest.mark.netns
@@ -33,13 +33,8 @@ def flaky_service(lab: Lab, endpoints: list[str], port: int = 9200) -> str:
 
 @pytest.fixture
 def fresh_lab() -> Iterator[Lab]:
-    lab = new_lab(clients=1, backends=3)
-    try:
-        lab.up()
-        lab.start_backends()
+    with running_lab(clients=1) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def rules_present(lab: Lab) -> tuple[bool, bool, bool]:

@@ -63,6 +63,16 @@ class Connection:
     target: tuple[str, int] | None = None
     tried: set[str] = field(default_factory=set)
 
+    def log_fields(self) -> dict[str, object]:
+        """What every access-log line about this connection says."""
+        return {
+            "conn": self.id,
+            "src": f"{self.client_ip}:{self.client_port}",
+            "dst": f"{self.orig_ip}:{self.orig_port}",
+            "service": self.service,
+            "upstream": f"{self.target[0]}:{self.target[1]}" if self.target else None,
+        }
+
 
 @dataclass
 class ListenerStats:
@@ -195,9 +205,7 @@ class OutboundListener:
         if self.access_log:
             log.info(
                 "connection refused",
-                conn=conn.id,
-                src=f"{conn.client_ip}:{conn.client_port}",
-                dst=f"{conn.orig_ip}:{conn.orig_port}",
+                **conn.log_fields(),
                 reason=reason,
                 attempts=len(conn.tried),
             )
@@ -224,11 +232,7 @@ class OutboundListener:
         if self.access_log:
             log.info(
                 "connection closed",
-                conn=conn.id,
-                src=f"{conn.client_ip}:{conn.client_port}",
-                dst=f"{conn.orig_ip}:{conn.orig_port}",
-                service=conn.service,
-                upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
+                **conn.log_fields(),
                 ending=name,
                 errno=record.err,
                 bytes_up=record.bytes_up,
@@ -243,9 +247,7 @@ class OutboundListener:
         if self.access_log:
             log.warning(
                 "upstream connect failed",
-                conn=conn.id,
-                service=conn.service,
-                upstream=f"{conn.target[0]}:{conn.target[1]}" if conn.target else None,
+                **conn.log_fields(),
                 errno=err,
                 error=_strerror(err),
             )
