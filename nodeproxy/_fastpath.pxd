@@ -26,6 +26,8 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
         F_SETPIPE_SZ
+        F_GETFL
+        F_SETFL
         O_NONBLOCK
         O_CLOEXEC
     ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t len, unsigned int flags)

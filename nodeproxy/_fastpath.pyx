@@ -166,7 +166,7 @@ cdef class RelayWorker:
         stays with the caller. On success both sockets belong to the worker.
         """
         cdef sockaddr_in dst, src
-        cdef int fd, one = 1, rc, err
+        cdef int fd, one = 1, rc, err, flags
         _parse_ipv4(dst_ip, &dst, dst_port)
         if bind_ip is not None:
             _parse_ipv4(bind_ip, &src, 0)
@@ -179,6 +179,10 @@ cdef class RelayWorker:
             raise OSError(err, _os.strerror(err))
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         set_keepalive(fd)  # accepted sockets inherit it from the listener
+        flags = fcntl(client_fd, F_GETFL)
+        if flags >= 0 and not flags & O_NONBLOCK:
+            # The loop must never block in recv or splice; accept_batch's sockets already are non-blocking.
+            fcntl(client_fd, F_SETFL, flags | O_NONBLOCK)
         with nogil:
             rc = 0
             if bind_ip is not None:
