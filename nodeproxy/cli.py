@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from nodeproxy import capture
 from nodeproxy.config import Config, ConfigError, default_config, load_config
@@ -57,13 +59,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
     lab = Lab(prefix=args.prefix, clients=args.clients, backends=args.backends)
     if args.action == "up":
         lab.up()
-        # Backends outlive this command; `lab down` kills every process in the lab's namespaces.
-        lab.start_backends()
+        # Backends outlive this command (`lab down` kills every process in the lab's namespaces), so their
+        # output goes to a file rather than to whoever reads ours.
+        log_path = Path(tempfile.gettempdir()) / f"nodeproxy-lab-{args.prefix}-backends.log"
+        with log_path.open("ab") as log:
+            lab.start_backends(output=log)
         lab.processes.clear()
         print(
             f"lab {args.prefix} up: node {lab.node_ns}, pods "
             f"{', '.join(f'{p.ns}={p.ip}' for p in lab.client_pods)}, backends "
-            f"{', '.join(f'{p.ns}={p.ip}' for p in lab.backend_pods)}"
+            f"{', '.join(f'{p.ns}={p.ip}' for p in lab.backend_pods)}; backend output in {log_path}"
         )
     elif args.action == "down":
         lab.down()

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from nodeproxy import netns
 
@@ -155,12 +156,15 @@ class Lab:
         self.processes.append(proc)
         return proc
 
-    def start_backends(self, timeout: float = 15.0) -> None:
-        """Start nodeproxy.lab_backend in every backend pod and wait until each one listens."""
+    def start_backends(self, timeout: float = 15.0, output: IO[bytes] | None = None) -> None:
+        """Start nodeproxy.lab_backend in every backend pod and wait until each one listens.
+
+        `output` receives their stdout and stderr (default: ours); a command that returns while they
+        run on must pass a file, or whoever reads its output would wait for them too.
+        """
         for pod in self.backend_pods:
-            self.spawn(
-                pod.ns, [sys.executable, "-m", "nodeproxy.lab_backend", "--name", pod.ns.rsplit("-", 1)[1]]
-            )
+            argv = [sys.executable, "-m", "nodeproxy.lab_backend", "--name", pod.ns.rsplit("-", 1)[1]]
+            self.spawn(pod.ns, argv, stdout=output, stderr=output, start_new_session=output is not None)
         for pod in self.backend_pods:
             for port in (HTTP_PORT, ECHO_PORT, SINK_PORT):
                 wait_listening(self.node_ns, pod.ip, port, timeout)

@@ -208,3 +208,50 @@ def test_relayed_sockets_use_keepalive(lab: Lab, proxy: RunningProxy) -> None:
     ours = [line for line in out.splitlines() if ":9103" in line]
     assert len(ours) == 2, out  # client side (to the pod) and upstream side (to the backend)
     assert all("keepalive" in line for line in ours), ours
+
+
+def test_connection_flood_leaves_established_connections_alone(lab: Lab, proxy: RunningProxy) -> None:
+    """Thousands of short-lived and refused connections from one pod while another pod keeps talking."""
+    talker, flooder = lab.client_pods
+    before = _worker_fds(proxy)
+
+    async def flood() -> int:
+        async def one(i: int) -> None:
+            target = (ECHO_VIP, ECHO_PORT) if i % 2 else (lab.backend_pods[0].ip, 9300)  # odd: refused
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*target), 10)
+                writer.close()
+            except (OSError, TimeoutError):
+                pass
+
+        sem = asyncio.Semaphore(256)
+
+        async def bounded(i: int) -> None:
+            async with sem:
+                await one(i)
+
+        await asyncio.wait_for(asyncio.gather(*(bounded(i) for i in range(4000))), 60)
+        return 4000
+
+    with connect(talker.ns, ECHO_VIP, 9000) as established:
+        flood_thread_result: list[int] = []
+
+        def run_flood() -> None:
+            with netns.entered(flooder.ns):
+                flood_thread_result.append(uvloop.run(flood()))
+
+        import threading
+
+        flood_thread = threading.Thread(target=run_flood)
+        flood_thread.start()
+        exchanged = 0
+        while flood_thread.is_alive() and exchanged < 2000:
+            established.sendall(b"%06d" % exchanged)
+            assert established.recv(6) == b"%06d" % exchanged
+            exchanged += 1
+        flood_thread.join(90)
+        assert flood_thread_result == [4000]
+        established.sendall(b"after!")
+        assert established.recv(6) == b"after!"
+    assert proxy.proc.poll() is None
+    assert _worker_fds(proxy).keys() == before.keys(), "a worker died during the flood"
