@@ -226,8 +226,10 @@ cdef struct Conn:
     bint dead             # released: its fds are closed; freed at the end of the loop turn
     Conn *grave_next
     Conn *ready_next
-    Conn *prev            # every live connection of the worker, for stop() and deadline scans
+    Conn *prev            # every live connection of the worker, for stop()
     Conn *next
+    Conn *connecting_prev # the connections still connecting, for deadline scans that stay short
+    Conn *connecting_next
 
 
 ctypedef struct Submission:
@@ -257,6 +259,7 @@ cdef class RelayWorker:
     cdef Conn *ready
     cdef Conn *graveyard  # released connections; events of the same epoll batch may still name them
     cdef int64_t connecting
+    cdef Conn *connecting_head
     cdef int64_t live
     cdef uint64_t total_accepted
     cdef pthread_mutex_t lock
@@ -292,6 +295,7 @@ cdef class RelayWorker:
                             int client_fd) noexcept nogil
     cdef void _close_all(self) noexcept nogil
     cdef void _bury(self) noexcept nogil
+    cdef void _connect_done(self, Conn *c) noexcept nogil
     cdef int _take_pipe(self, Direction *d) noexcept nogil
     cdef void _give_pipe(self, Direction *d) noexcept nogil
     cdef void _grow_pipe(self, Direction *d) noexcept nogil

@@ -304,11 +304,11 @@ cdef class RelayWorker:
             return 0
         if self.connecting == 0:
             return 1000
-        c = self.conns
+        c = self.connecting_head
         while c != NULL:
-            if c.state == CONNECTING and (soonest < 0 or c.deadline_ns < soonest):
+            if soonest < 0 or c.deadline_ns < soonest:
                 soonest = c.deadline_ns
-            c = c.next
+            c = c.connecting_next
         left = (soonest - _now_ns()) // 1000000 + 1
         if left < 0:
             return 0
@@ -354,6 +354,10 @@ cdef class RelayWorker:
         self.conns = c
         self.live += 1
         self.connecting += 1
+        c.connecting_next = self.connecting_head
+        if self.connecting_head != NULL:
+            self.connecting_head.connecting_prev = c
+        self.connecting_head = c
         for k in range(2):
             # Edge-triggered: ADD reports the current readiness once; afterwards only changes.
             ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -387,9 +391,20 @@ cdef class RelayWorker:
         self._pump_both(c)
 
     cdef void _start_relay(self, Conn *c) noexcept nogil:
-        self.connecting -= 1
-        c.state = RELAYING
+        self._connect_done(c)
         self._pump_both(c)
+
+    cdef void _connect_done(self, Conn *c) noexcept nogil:
+        # Off the connecting list, whatever the outcome.
+        if c.connecting_prev != NULL:
+            c.connecting_prev.connecting_next = c.connecting_next
+        else:
+            self.connecting_head = c.connecting_next
+        if c.connecting_next != NULL:
+            c.connecting_next.connecting_prev = c.connecting_prev
+        c.connecting_prev = c.connecting_next = NULL
+        c.state = RELAYING
+        self.connecting -= 1
 
     cdef int _take_pipe(self, Direction *d) noexcept nogil:
         # A pipe is lent to a direction only while it holds bytes, so an idle connection costs two fds.
@@ -566,11 +581,11 @@ cdef class RelayWorker:
                 self._pump_both(c)
 
     cdef void _expire_connects(self, int64_t now) noexcept nogil:
-        cdef Conn *c = self.conns
+        cdef Conn *c = self.connecting_head
         cdef Conn *nxt
         while c != NULL:
-            nxt = c.next
-            if c.state == CONNECTING and now >= c.deadline_ns:
+            nxt = c.connecting_next
+            if now >= c.deadline_ns:
                 self._fail_connect(c, ETIMEDOUT, END_CONNECT_TIMEOUT)
             c = nxt
 
@@ -597,7 +612,7 @@ cdef class RelayWorker:
         """Close everything the connection still holds and retire it (freed at the end of the loop turn)."""
         cdef int k
         if c.state == CONNECTING:
-            self.connecting -= 1
+            self._connect_done(c)
         for k in range(2):
             if c.fds[k] >= 0:
                 close(c.fds[k])  # closing also removes it from the epoll set
