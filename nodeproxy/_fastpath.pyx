@@ -73,7 +73,7 @@ def accept_batch(int listen_fd, int max_batch=64):
     cdef list accepted = []
     cdef sockaddr_in peer, local
     cdef socklen_t plen, llen
-    cdef int fd, err, one = 1
+    cdef int fd, err
     while len(accepted) < max_batch:
         plen = sizeof(peer)
         with nogil:
@@ -87,15 +87,18 @@ def accept_batch(int listen_fd, int max_batch=64):
             raise OSError(err, _os.strerror(err))
         llen = sizeof(local)
         getsockname(fd, <sockaddr*>&local, &llen)
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         accepted.append((fd, _format_ipv4(&peer), ntohs(peer.sin_port),
                          _format_ipv4(&local), ntohs(local.sin_port)))
     return accepted
 
 
-def set_keepalive(int fd):
-    """Enable TCP keepalive with nodeproxy's timings (see KEEPALIVE_* in _fastpath.pxd)."""
+def set_socket_options(int fd):
+    """TCP_NODELAY and TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _fastpath.pxd).
+
+    Set on the listener, both are inherited by every accepted socket.
+    """
     cdef int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S, probes = KEEPALIVE_PROBES
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle))
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval))
@@ -177,8 +180,7 @@ cdef class RelayWorker:
             err = errno
         if fd < 0:
             raise OSError(err, _os.strerror(err))
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-        set_keepalive(fd)  # accepted sockets inherit it from the listener
+        set_socket_options(fd)  # the client socket inherited the same options from the listener
         flags = fcntl(client_fd, F_GETFL)
         if flags >= 0 and not flags & O_NONBLOCK:
             # The loop must never block in recv or splice; accept_batch's sockets already are non-blocking.
@@ -204,6 +206,7 @@ cdef class RelayWorker:
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1:
         cdef Submission *grown
         cdef uint64_t one = 1
+        cdef bint first
         pthread_mutex_lock(&self.lock)
         if self.subs_len == self.subs_cap:
             grown = <Submission*>realloc(self.subs, (self.subs_cap * 2 + 64) * sizeof(Submission))
@@ -217,10 +220,13 @@ cdef class RelayWorker:
         self.subs[self.subs_len].client_fd = client_fd
         self.subs[self.subs_len].upstream_fd = upstream_fd
         self.subs[self.subs_len].deadline_ns = deadline
+        first = self.subs_len == 0
         self.subs_len += 1
         self.total_accepted += 1
         pthread_mutex_unlock(&self.lock)
-        write(self.wake_fd, &one, sizeof(one))
+        if first:
+            # Only the first submission of a batch wakes the loop; it takes the whole batch at once.
+            write(self.wake_fd, &one, sizeof(one))
         return 0
 
     def drain(self):

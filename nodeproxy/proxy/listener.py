@@ -40,7 +40,7 @@ def open_listener(address: tuple[str, int], backlog: int = 65535) -> socket.sock
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # TPROXY hands us connections addressed to other hosts; the listener must be transparent to take them.
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    _fastpath.set_keepalive(sock.fileno())  # inherited by every accepted socket
+    _fastpath.set_socket_options(sock.fileno())  # inherited by every accepted socket
     sock.bind(address)
     sock.listen(backlog)
     return sock
