@@ -277,6 +277,7 @@ cdef class RelayWorker:
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1
     cdef void _loop(self) noexcept nogil
     cdef int _wait_timeout(self) noexcept nogil
+    cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil
     cdef void _take_submissions(self) noexcept nogil
     cdef void _adopt(self, Submission *s) noexcept nogil
     cdef void _on_event(self, Conn *c, int index, uint32_t events) noexcept nogil

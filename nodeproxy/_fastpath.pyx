@@ -237,13 +237,7 @@ cdef class RelayWorker:
         cdef list out = []
         cdef Completion *batch
         cdef size_t n, i
-        pthread_mutex_lock(&self.lock)
-        batch = self.done
-        n = self.done_len
-        self.done = NULL
-        self.done_len = 0
-        self.done_cap = 0
-        pthread_mutex_unlock(&self.lock)
+        batch = <Completion*>self._take_queue(<void**>&self.done, &self.done_len, &self.done_cap, &n)
         for i in range(n):
             out.append((batch[i].id, batch[i].kind, batch[i].err, batch[i].bytes_up, batch[i].bytes_down,
                         batch[i].client_fd))
@@ -320,16 +314,22 @@ cdef class RelayWorker:
             return 0
         return <int>left if left < 1000 else 1000
 
+    cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil:
+        """Detach a whole queue under the lock; the caller owns (and frees) the returned array."""
+        cdef void *batch
+        pthread_mutex_lock(&self.lock)
+        batch = items[0]
+        taken[0] = length[0]
+        items[0] = NULL
+        length[0] = 0
+        capacity[0] = 0
+        pthread_mutex_unlock(&self.lock)
+        return batch
+
     cdef void _take_submissions(self) noexcept nogil:
         cdef Submission *batch
         cdef size_t n, i
-        pthread_mutex_lock(&self.lock)
-        batch = self.subs
-        n = self.subs_len
-        self.subs = NULL
-        self.subs_len = 0
-        self.subs_cap = 0
-        pthread_mutex_unlock(&self.lock)
+        batch = <Submission*>self._take_queue(<void**>&self.subs, &self.subs_len, &self.subs_cap, &n)
         for i in range(n):
             self._adopt(&batch[i])
         free(batch)
