@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +173,27 @@ def _worker_fds(proxy: RunningProxy) -> dict[int, int]:
     return {int(pid): len(os.listdir(f"/proc/{pid}/fd")) for pid in children}
 
 
+# A worker may keep up to PIPE_POOL_MAX (128) idle pipes pooled, two descriptors each; beyond that
+# nothing opened for a connection may stay open once the connections are gone.
+POOLED_PIPE_FDS = 2 * 128
+
+
+def _assert_fds_settle(proxy: RunningProxy, before: dict[int, int], within: float = 10.0) -> None:
+    """Wait (bounded) until every worker is back within its pooled-pipe allowance of `before`."""
+    deadline = time.monotonic() + within
+    while True:
+        after = _worker_fds(proxy)
+        settled = after.keys() == before.keys() and all(
+            count <= before[pid] + POOLED_PIPE_FDS for pid, count in after.items()
+        )
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert after.keys() == before.keys(), "a worker died"
+    for pid, count in after.items():
+        assert count <= before[pid] + POOLED_PIPE_FDS, (pid, before[pid], count)
+
+
 def test_no_descriptor_leak_after_a_burst_of_every_ending(lab: Lab, proxy: RunningProxy) -> None:
     before = _worker_fds(proxy)
     pod = lab.client_pods[1]
@@ -186,16 +208,7 @@ def test_no_descriptor_leak_after_a_burst_of_every_ending(lab: Lab, proxy: Runni
     for _ in range(50):  # refused: nothing listens on be0:9300 (passthrough connect failure)
         with pytest.raises(ConnectionError), connect(pod.ns, lab.backend_pods[0].ip, 9300) as sock:
             sock.recv(1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        after = _worker_fds(proxy)
-        if after == before:
-            break
-        time.sleep(0.1)
-    assert after.keys() == before.keys()
-    # A worker may keep up to PIPE_POOL_MAX pipes pooled; beyond that, nothing may stay open.
-    for pid, count in after.items():
-        assert count <= before[pid] + 2 * 128, (pid, before[pid], count)
+    _assert_fds_settle(proxy, before)
 
 
 def test_relayed_sockets_use_keepalive(lab: Lab, proxy: RunningProxy) -> None:
@@ -240,8 +253,6 @@ def test_connection_flood_leaves_established_connections_alone(lab: Lab, proxy: 
             with netns.entered(flooder.ns):
                 flood_thread_result.append(uvloop.run(flood()))
 
-        import threading
-
         flood_thread = threading.Thread(target=run_flood)
         flood_thread.start()
         exchanged = 0
@@ -254,4 +265,4 @@ def test_connection_flood_leaves_established_connections_alone(lab: Lab, proxy: 
         established.sendall(b"after!")
         assert established.recv(6) == b"after!"
     assert proxy.proc.poll() is None
-    assert _worker_fds(proxy).keys() == before.keys(), "a worker died during the flood"
+    _assert_fds_settle(proxy, before)
