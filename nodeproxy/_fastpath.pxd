@@ -176,6 +176,7 @@ cdef enum:
     KEEPALIVE_IDLE_S = 120
     KEEPALIVE_INTERVAL_S = 30
     KEEPALIVE_PROBES = 4
+    IDLE_SCAN_MS = 1000    # idle timeouts are checked once a second, so they fire up to 1 s late
 
 
 cdef enum Ending:
@@ -185,6 +186,7 @@ cdef enum Ending:
     END_CONNECT_FAILED = 3   # upstream connect failed; client_fd is handed back to Python
     END_CONNECT_TIMEOUT = 4  # upstream connect timed out; client_fd is handed back to Python
     END_ABORTED = 5          # the worker stopped while the connection was live
+    END_IDLE_TIMEOUT = 6     # no byte moved either way for the idle timeout; both sides got a FIN
 
 
 cdef enum ConnState:
@@ -222,6 +224,8 @@ cdef struct Conn:
     bint eof_pending[2]   # EPOLLRDHUP seen: keep reading past a short read until recv returns 0
     ConnState state
     int64_t deadline_ns   # connect deadline while CONNECTING
+    int64_t idle_ns       # idle timeout (0: none)
+    int64_t active_ns     # when the relay last pumped it (for the idle timeout)
     bint queued           # on the ready list (work left after its fairness budget)
     bint dead             # released: its fds are closed; freed at the end of the loop turn
     Conn *grave_next
@@ -237,6 +241,7 @@ ctypedef struct Submission:
     int client_fd
     int upstream_fd
     int64_t deadline_ns
+    int64_t idle_ns
 
 
 ctypedef struct Completion:
@@ -262,6 +267,8 @@ cdef class RelayWorker:
     cdef Conn *connecting_head
     cdef int64_t live
     cdef uint64_t total_accepted
+    cdef int64_t now_ns           # the loop's clock, read once per epoll_wait return
+    cdef int64_t next_idle_scan_ns
     cdef pthread_mutex_t lock
     cdef Submission *subs
     cdef size_t subs_len
@@ -274,7 +281,8 @@ cdef class RelayWorker:
     cdef size_t copy_size
     cdef char scratch[COPY_SIZE]
 
-    cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline) except -1
+    cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline,
+                     int64_t idle_ns) except -1
     cdef void _loop(self) noexcept nogil
     cdef int _wait_timeout(self) noexcept nogil
     cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil
@@ -287,6 +295,7 @@ cdef class RelayWorker:
     cdef void _queue_ready(self, Conn *c) noexcept nogil
     cdef void _run_ready(self) noexcept nogil
     cdef void _expire_connects(self, int64_t now) noexcept nogil
+    cdef void _expire_idle(self, int64_t now) noexcept nogil
     cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil
     cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil
     cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil

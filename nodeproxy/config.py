@@ -402,6 +402,13 @@ class RelayConfig(_Frozen):
         le=16,
         description="Distinct endpoints tried before the client is reset.",
     )
+    # Envoy's tcp_proxy idle_timeout defaults to 1 h; HAProxy needs `timeout client/server` set.
+    # Checked once a second by the relay, so it fires up to a second late. 0 turns it off (TCP
+    # keepalive still clears connections whose peer vanished).
+    idle_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 7 * 86400)] = Field(
+        default=3600.0,
+        description="Seconds without a byte either way before a connection is closed; 0: never.",
+    )
     # Istio's sidecar terminationDrainDuration defaults to 5 s.
     drain_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 3600)] = Field(
         default=5.0, description="Seconds open connections may finish after shutdown starts."

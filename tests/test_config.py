@@ -124,7 +124,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
         3,
         100000,
     )
-    assert (relay.connect_timeout, relay.drain_timeout) == (1.0, 5.0)
+    assert (relay.connect_timeout, relay.drain_timeout, relay.idle_timeout) == (1.0, 5.0, 3600.0)
 
 
 def test_models_are_frozen() -> None:
@@ -162,9 +162,9 @@ def test_socket_address_string_and_mapping() -> None:
 
 def test_relay_durations_and_threads() -> None:
     data = base()
-    data["relay"] = {"connect_timeout": "250ms", "drain_timeout": "1m", "threads": 4}
+    data["relay"] = {"connect_timeout": "250ms", "drain_timeout": "1m", "idle_timeout": "0", "threads": 4}
     relay = parse_config(to_yaml(data)).relay
-    assert relay.connect_timeout == 0.25 and relay.drain_timeout == 60.0
+    assert relay.connect_timeout == 0.25 and relay.drain_timeout == 60.0 and relay.idle_timeout == 0
     assert relay.effective_threads == 4
     auto = RelayConfig.model_validate({"threads": 0}).effective_threads
     assert 1 <= auto <= 64
@@ -364,6 +364,8 @@ def test_capture_ranges(field: str, value: object) -> None:
         ("connect_attempts", 0),
         ("connect_attempts", "3"),
         ("connect_timeout", "10m"),
+        ("idle_timeout", "-1s"),
+        ("idle_timeout", "169h"),
         ("max_connections", 0),
     ],
 )

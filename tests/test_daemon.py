@@ -225,3 +225,41 @@ def test_drain_keeps_established_connections_and_stops_capturing_new_ones(
         assert rules_present(lab) == (False, False, False)
     finally:
         stop_process(proxy.proc)
+
+
+def test_idle_connections_are_closed_and_busy_ones_kept(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml(extra="relay:\n  idle_timeout: 1s\n"))
+    pod, backend = lab.client_pods[0], lab.backend_pods[0]
+    try:
+        with (
+            listen(backend.ns, 9105) as server,
+            connect(pod.ns, backend.ip, 9105) as idle,
+            connect(pod.ns, "10.96.0.11", 9000) as busy,
+        ):
+            upstream, _ = server.accept()
+            with upstream:
+                idle.sendall(b"hello")
+                assert upstream.recv(8) == b"hello"
+                idle.setblocking(False)
+                silent_since = time.monotonic()
+                closed_after = None
+                # The busy connection talks every 0.2 s, never silent for the timeout, for 3.2 s in all;
+                # meanwhile the idle one must close after the 1 s timeout plus at most the 1 s scan period.
+                for i in range(16):
+                    busy.sendall(b"%02d" % i)
+                    assert busy.recv(2) == b"%02d" % i
+                    if closed_after is None:
+                        try:
+                            if idle.recv(8) == b"":
+                                closed_after = time.monotonic() - silent_since
+                        except BlockingIOError:
+                            pass
+                    time.sleep(0.2)
+                assert closed_after is not None and 1.0 <= closed_after <= 2.5, closed_after
+                upstream.settimeout(5)
+                assert upstream.recv(8) == b""  # a FIN reached the backend too
+        log = proxy.wait_log('"ending": "idle_timeout"')
+        assert log.count('"ending": "idle_timeout"') == 1, log
+    finally:
+        stop_process(proxy.proc)

@@ -187,7 +187,13 @@ class OutboundListener:
             return
         try:
             conn.worker.connect(
-                conn.id, conn.client_fd, conn.target[0], conn.target[1], timeout_ms, conn.client_ip
+                conn.id,
+                conn.client_fd,
+                conn.target[0],
+                conn.target[1],
+                timeout_ms,
+                conn.client_ip,
+                idle_timeout_ms=int(self.relay_config.idle_timeout * 1000),
             )
         except OSError as err:
             del self.connections[conn.id]

@@ -21,6 +21,7 @@ class Ending(IntEnum):
     CONNECT_FAILED = _fastpath.CONNECT_FAILED
     CONNECT_TIMEOUT = _fastpath.CONNECT_TIMEOUT
     ABORTED = _fastpath.ABORTED
+    IDLE_TIMEOUT = _fastpath.IDLE_TIMEOUT
 
     @property
     def connect_failed(self) -> bool:
