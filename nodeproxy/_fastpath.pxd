@@ -208,6 +208,15 @@ ctypedef struct Direction:
 
 cdef struct Conn
 
+cdef enum:
+    # The worker's lists of connections (indices into RelayWorker.heads and Conn.links).
+    ALL_CONNS = 0          # every live connection of the worker: for stop() and the idle scan
+    CONNECTING_CONNS = 1   # those still connecting, so connect-deadline scans stay short
+
+ctypedef struct Links:
+    Conn *prev
+    Conn *next
+
 ctypedef struct Side:
     # epoll's data.ptr for one socket of a connection.
     Conn *conn
@@ -230,10 +239,7 @@ cdef struct Conn:
     bint dead             # released: its fds are closed; freed at the end of the loop turn
     Conn *grave_next
     Conn *ready_next
-    Conn *prev            # every live connection of the worker, for stop()
-    Conn *next
-    Conn *connecting_prev # the connections still connecting, for deadline scans that stay short
-    Conn *connecting_next
+    Links links[2]        # its place in each of the worker's lists (ALL_CONNS, CONNECTING_CONNS)
 
 
 ctypedef struct Submission:
@@ -260,11 +266,10 @@ cdef class RelayWorker:
     cdef size_t pipe_size
     cdef bint stopping
     cdef bint closed
-    cdef Conn *conns
+    cdef Conn *heads[2]   # first connection of each list (ALL_CONNS, CONNECTING_CONNS)
     cdef Conn *ready
     cdef Conn *graveyard  # released connections; events of the same epoll batch may still name them
     cdef int64_t connecting
-    cdef Conn *connecting_head
     cdef int64_t live
     cdef uint64_t total_accepted
     cdef int64_t now_ns           # the loop's clock, read once per epoll_wait return
@@ -292,6 +297,8 @@ cdef class RelayWorker:
     cdef void _start_relay(self, Conn *c) noexcept nogil
     cdef void _pump_both(self, Conn *c) noexcept nogil
     cdef int _pump(self, Conn *c, int src) noexcept nogil
+    cdef void _link(self, Conn *c, int which) noexcept nogil
+    cdef void _unlink(self, Conn *c, int which) noexcept nogil
     cdef void _queue_ready(self, Conn *c) noexcept nogil
     cdef void _run_ready(self) noexcept nogil
     cdef void _expire_connects(self, int64_t now) noexcept nogil
