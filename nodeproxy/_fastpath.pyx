@@ -165,10 +165,11 @@ cdef class RelayWorker:
                 str bind_ip=None, int64_t idle_timeout_ms=0):
         """Start a non-blocking connect to dst and relay client_fd <-> upstream once it is up.
 
-        idle_timeout_ms > 0 closes the connection (FIN both ways, IDLE_TIMEOUT) once no byte has moved
-        in either direction for that long. bind_ip makes the upstream connection transparent (IP_TRANSPARENT): the backend sees bind_ip, the
-        client pod's address, as the source. Raises OSError if the connect fails at once; client_fd then
-        stays with the caller. On success both sockets belong to the worker.
+        bind_ip makes the upstream connection transparent (IP_TRANSPARENT): the backend sees bind_ip, the
+        client pod's address, as the source. idle_timeout_ms > 0 closes the connection (a FIN both ways,
+        reported as IDLE_TIMEOUT) once nothing has moved in either direction for that long. Raises OSError
+        if the connect fails at once; client_fd then stays with the caller. On success both sockets
+        belong to the worker.
         """
         cdef sockaddr_in dst, src
         cdef int fd, one = 1, rc, err, flags
@@ -323,7 +324,8 @@ cdef class RelayWorker:
             return 0
         return <int>left if left < 1000 else 1000
 
-    cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil:
+    cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity,
+                           size_t *taken) noexcept nogil:
         """Detach a whole queue under the lock; the caller owns (and frees) the returned array."""
         cdef void *batch
         pthread_mutex_lock(&self.lock)
@@ -427,8 +429,9 @@ cdef class RelayWorker:
         return 0
 
     cdef void _grow_pipe(self, Direction *d) noexcept nogil:
-        # The last read filled half the pipe or more (pipe slots, not bytes, may run out first): a bulk flow, so fewer, larger splices pay off (as
-        # ztunnel grows its copy buffers). Bounded by pipe_size, the per-direction buffering limit.
+        # The last read filled half the pipe or more (pipe slots, not bytes, may run out first): a bulk
+        # flow, so fewer, larger splices pay off (as ztunnel grows its copy buffers). Bounded by
+        # pipe_size, the per-direction buffering limit.
         cdef int grown = fcntl(d.pipe_w, F_SETPIPE_SZ, <int>self.pipe_size)
         if grown > 0:
             d.pipe_cap = grown
