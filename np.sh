@@ -21,7 +21,7 @@ PYTHON=$(command -v "$PYTHON")
 # Commands the daemon, the lab, the tests and the bench use, and the Debian package that provides each.
 declare -A PROVIDER=(
     [iptables]=iptables [iptables-restore]=iptables [iptables-save]=iptables
-    [ip]=iproute2 [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [haproxy]=haproxy
+    [ip]=iproute2 [ss]=iproute2 [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [haproxy]=haproxy
     [nginx]=nginx-light [curl]=curl [socat]=socat [ps]=procps [sysctl]=procps
     [killall]=psmisc [fuser]=psmisc [gcc]=build-essential [make]=build-essential
 )
@@ -72,22 +72,24 @@ restore_policy_rc() {
 install_system_packages() {
     local missing packages=("${APT_PACKAGES[@]}") fresh_services=() svc
     missing=$(missing_commands)
-    local need_headers=0
+    local need_headers=0 need_pip=0
     python_headers_present || need_headers=1
-    if [[ -z $missing && $need_headers -eq 0 ]]; then
+    "$PYTHON" -m pip --version >/dev/null 2>&1 || need_pip=1
+    if [[ -z $missing && $need_headers -eq 0 && $need_pip -eq 0 ]]; then
         say "system tools present; skipping apt"
         return 0
     fi
     [[ -n $missing ]] && say "missing commands: ${missing//$'\n'/ }"
     [[ $need_headers -eq 1 ]] && say "missing Python.h for $PYTHON (needed to build the native relay)"
     command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install the packages providing the commands above"
-    if [[ $need_headers -eq 1 ]]; then
-        if [[ $(command -v "$PYTHON") == /usr/bin/* ]]; then
-            packages+=(python3-dev)
-        else
-            die "$PYTHON ($(command -v "$PYTHON")) has no C headers; install its development files"
-        fi
+    # Debian's own python3 comes without pip and headers; another interpreter must bring its own.
+    local python_packages=()
+    [[ $need_headers -eq 1 ]] && python_packages+=(python3-dev)
+    [[ $need_pip -eq 1 ]] && python_packages+=(python3-pip)
+    if [[ ${#python_packages[@]} -gt 0 && $PYTHON != /usr/bin/* ]]; then
+        die "$PYTHON lacks what Debian's ${python_packages[*]} would give /usr/bin/python3 (pip, C headers); install that for $PYTHON"
     fi
+    packages+=("${python_packages[@]}")
     for svc in "${ROOT_NS_SERVICES[@]}"; do
         command -v "$svc" >/dev/null 2>&1 || fresh_services+=("$svc")
     done
@@ -127,6 +129,7 @@ install_system_packages() {
     missing=$(missing_commands)
     [[ -z $missing ]] || die "still missing after apt-get install: ${missing//$'\n'/ }"
     python_headers_present || die "still no Python.h for $PYTHON after installing python3-dev"
+    "$PYTHON" -m pip --version >/dev/null 2>&1 || die "still no pip for $PYTHON after installing python3-pip"
 }
 
 # -- Python package -----------------------------------------------------------------------------------
