@@ -1,14 +1,26 @@
-"""Build script: everything declarative lives in pyproject.toml; this file only adds the Cython extension."""
+"""Build script: everything declarative lives in pyproject.toml; this file only adds the Cython extensions.
+
+Every `nodeproxy/_*.pyx` is one native module with one job (the relay core, each codec, ...); each
+has a `.pxd` beside it for cimports and a `.pyi` stub for the Python side.
+"""
+
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+NATIVE_SOURCES = sorted(Path("nodeproxy").glob("_*.pyx"))
+# Modules that link a C library name it here (module name -> libraries).
+LIBRARIES: dict[str, list[str]] = {}
+
 extensions = [
     Extension(
-        "nodeproxy._fastpath",
-        ["nodeproxy/_fastpath.pyx"],
+        f"nodeproxy.{source.stem}",
+        [str(source)],
         extra_compile_args=["-O2", "-D_GNU_SOURCE"],
+        libraries=LIBRARIES.get(source.stem, []),
     )
+    for source in NATIVE_SOURCES
 ]
 
 setup(
