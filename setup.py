@@ -4,12 +4,16 @@ Every `nodeproxy/_*.pyx` is one native module with one job (the relay core, each
 has a `.pxd` beside it for cimports and a `.pyi` stub for the Python side.
 """
 
+import os
 from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 NATIVE_SOURCES = sorted(Path("nodeproxy").glob("_*.pyx"))
+# NP_NATIVE_ONLY=_fastpath,_h1 rebuilds just those modules (a developer iterating on one of them).
+if only := os.environ.get("NP_NATIVE_ONLY"):
+    NATIVE_SOURCES = [s for s in NATIVE_SOURCES if s.stem in only.split(",")]
 # Modules that link a C library name it here (module name -> libraries).
 LIBRARIES: dict[str, list[str]] = {}
 
