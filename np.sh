@@ -24,9 +24,14 @@ declare -A PROVIDER=(
     [ip]=iproute2 [ss]=iproute2 [iperf3]=iperf3 [wrk]=wrk [h2load]=nghttp2-client [haproxy]=haproxy
     [nginx]=nginx-light [curl]=curl [socat]=socat [ps]=procps [sysctl]=procps
     [killall]=psmisc [fuser]=psmisc [gcc]=build-essential [make]=build-essential
+    [capsh]=libcap2-bin [setpriv]=util-linux [nghttpd]=nghttp2-server
 )
-APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client haproxy nginx-light curl socat procps psmisc
-              build-essential)
+# C headers the native modules build against, and the Debian package that provides each.
+declare -A HEADER_PROVIDER=(
+    [/usr/include/nghttp2/nghttp2.h]=libnghttp2-dev
+)
+APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client nghttp2-server haproxy nginx-light curl socat procps
+              psmisc build-essential libcap2-bin util-linux libnghttp2-dev)
 # Services the packages above would otherwise start (and enable) in the root namespace.
 ROOT_NS_SERVICES=(nginx haproxy)
 STAMP="$ROOT/build/.np-install-stamp"
@@ -56,9 +61,12 @@ EOF
 }
 
 missing_commands() {
-    local cmd
+    local cmd header
     for cmd in "${!PROVIDER[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || printf '%s\n' "$cmd"
+    done | sort
+    for header in "${!HEADER_PROVIDER[@]}"; do
+        [[ -e $header ]] || printf '%s\n' "$header"
     done | sort
 }
 
