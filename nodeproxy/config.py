@@ -311,6 +311,13 @@ class CaptureConfig(_Frozen):
     chain_prefix: ChainPrefix = Field(
         default="NODEPROXY", description="Prefix of the iptables chains nodeproxy creates and owns."
     )
+    # "open": if the supervisor dies (kill -9, OOM), the last surviving process of the daemon removes the
+    # capture so pod traffic flows direct, unproxied. "closed": the rules stay and new captured
+    # connections fail until a daemon runs again; right once mTLS is STRICT (no plaintext bypass).
+    on_failure: Literal["open", "closed"] = Field(
+        default="open",
+        description="What happens to the capture rules when the daemon dies without a clean stop.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
