@@ -77,14 +77,16 @@ ctypedef struct h1_field:
 
 ctypedef struct h1_head:
     # --- resume state: h1_head_init() before the first parse call of each message; keep it between calls
-    uint32_t scanned         # bytes already known not to hold the end of the head (internal)
+    uint32_t scanned         # internal: where the next unparsed line starts
+    uint32_t parse_flags     # internal: state of the field checks between calls
     # --- start line
     h1_span method           # request: the method token
     uint8_t method_id        # request: h1_method
     h1_span target           # request: the whole request-target
     uint8_t target_form      # request: h1_target_form
     h1_span path             # request: path part of origin-/absolute-form ("*" for asterisk-form; empty
-                             #          for authority-form)
+                             #          for authority-form, and for an absolute-form target without a
+                             #          path, which means "/")
     h1_span query            # request: the query without '?' (len 0 if none)
     h1_span authority        # request: authority of an absolute-/authority-form target, else the Host value
     uint16_t status          # response: 100..599
@@ -223,7 +225,11 @@ cdef int h1_body_eof(h1_body *body) noexcept nogil
 # (Connection, Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade, every field named in
 # Connection except Host) and Content-Length, minus opts.remove, then the framing field opts.framing asks
 # for, then "Connection" / "Upgrade" / "TE: trailers" as the opts ask, then opts.add, then CRLF.
-# Returns the number of bytes written into dst[0:cap], or -1 if cap is too small (nothing usable written).
+# Returns the number of bytes written into dst[0:cap], -1 if cap is too small, or -2 if an added field
+# has an invalid name (not a token) or value (CR, LF, NUL or another control character); on a negative
+# return nothing usable was written. The fields of `head` must have passed h1_parse_* (not re-checked).
+# A request is sent as HTTP/1.1 with the parsed method and target (or opts.target); the caller replaces
+# Host through opts.remove / opts.add when it rewrites an absolute-form target (RFC 9112 §3.2.2).
 cdef ssize_t h1_serialize_head(const unsigned char *src, const h1_head *head, bint is_request,
                                const h1_serialize_opts *opts, unsigned char *dst,
                                size_t cap) noexcept nogil
