@@ -29,11 +29,21 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from nodeproxy.routes import (
+    Protocol,
+    Route,
+    Subset,
+    protocol_from_app_protocol,
+    protocol_from_port_name,
+    service_route_problems,
+)
+
 __all__ = [
     "CaptureConfig",
     "Config",
     "ConfigError",
     "Endpoint",
+    "HttpConfig",
     "ListenersConfig",
     "NodeConfig",
     "RelayConfig",
@@ -437,17 +447,85 @@ class RelayConfig(_Frozen):
         return self.threads or min(_usable_cpus(), 64)
 
 
+class HttpConfig(_Frozen):
+    """Limits and timeouts of the HTTP engine (ports whose protocol is http, http2, grpc or auto)."""
+
+    # An `auto` port waits this long for the client's first bytes before it treats the connection
+    # as opaque TCP, so a server-first protocol (SMTP, MySQL) starts at most this late. Linkerd
+    # waits 10 s there, a stall its users keep reporting.
+    peek_timeout: Annotated[
+        float, BeforeValidator(_parse_duration), _seconds_between(0, 10, low_exclusive=True)
+    ] = Field(default=0.1, description="How long an auto port waits for the client to speak first.")
+    # Envoy's request_headers_timeout is off by default; 10 s is nginx's client_header_timeout
+    # order of magnitude and bounds what a slowloris client can hold.
+    header_timeout: Annotated[
+        float, BeforeValidator(_parse_duration), _seconds_between(0, 3600, low_exclusive=True)
+    ] = Field(default=10.0, description="A request head must arrive within this, else 408.")
+    # Envoy's defaults: max_request_headers_kb 60 and max_headers_count 100.
+    max_head_bytes: int = Field(
+        default=61440, strict=True, ge=1024, le=1048576, description="Largest request head; beyond: 431."
+    )
+    # At most 128: the capacity of the native HTTP/1 parser's field table (H1_FIELDS_CAP).
+    max_header_fields: int = Field(
+        default=100, strict=True, ge=1, le=128, description="Most header fields in a head; beyond: 431."
+    )
+    # Idle upstream HTTP/1.1 connections kept per endpoint by each worker; more concurrent requests
+    # open more connections, which are closed instead of pooled when the pool is full.
+    upstream_pool_size: int = Field(
+        default=256, strict=True, ge=0, le=65536, description="Idle upstream connections kept per endpoint."
+    )
+    # Below the 5 s keep-alive timeout of Node.js, Apache and uvicorn, so the proxy closes an idle
+    # connection before the server does and rarely reuses one the server is closing at that moment
+    # (the race behind sporadic 502s with Envoy's 1 h default). A new connection one hop away costs
+    # little. 0 keeps idle connections until the server closes them.
+    upstream_idle_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 86400)] = (
+        Field(default=4.0, description="Idle upstream connections are closed after this.")
+    )
+
+
 class ServicePort(_Frozen):
     """One port of a service VIP and the endpoint port it forwards to."""
 
     port: Port
     target_port: Port | None = Field(default=None, description="Endpoint port; defaults to `port`.")
     name: DnsLabel | None = Field(default=None, description="Optional name, for logs and metrics.")
+    # Default tcp (unlike Istio, which sniffs ports it cannot classify): an existing port keeps
+    # the opaque L4 path unless told otherwise.
+    protocol: Protocol | None = Field(
+        default=None,
+        description="tcp, http, http2, grpc or auto; default from app_protocol, then the name, then tcp.",
+    )
+    app_protocol: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        description="Kubernetes appProtocol, e.g. kubernetes.io/h2c.",
+    )
 
     @property
     def backend_port(self) -> int:
         """The port connections are forwarded to on an endpoint."""
         return self.port if self.target_port is None else self.target_port
+
+    @property
+    def resolved_protocol(self) -> Protocol:
+        """`protocol`, else what `app_protocol` or Istio's name prefix (http-, grpc-, ...) says, else tcp."""
+        return (
+            self.protocol
+            or protocol_from_app_protocol(self.app_protocol)
+            or protocol_from_port_name(self.name)
+            or "tcp"
+        )
+
+    @model_validator(mode="after")
+    def _check_protocol(self) -> Self:
+        implied = protocol_from_app_protocol(self.app_protocol)
+        if self.protocol is not None and implied is not None and implied != self.protocol:
+            raise ValueError(
+                f"protocol '{self.protocol}' contradicts app_protocol '{self.app_protocol}' "
+                f"(which means {implied}); set one of them"
+            )
+        return self
 
 
 class Endpoint(_Frozen):
@@ -475,10 +553,15 @@ class Service(_Frozen):
     )
     # Empty is valid: the service exists (its VIP is captured) but new connections are reset.
     endpoints: list[Endpoint] = Field(default=[], description="Backends; empty resets new connections.")
+    # HTTP routing (docs/routing.md); used by the service's http, http2, grpc and auto ports.
+    subsets: list[Subset] = Field(default=[], description="Named endpoint groups selected by labels.")
+    routes: list[Route] = Field(default=[], description="Ordered HTTP routes; none: all endpoints.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        problems: list[tuple[str, str]] = []
+        problems: list[tuple[str, str]] = service_route_problems(
+            [sp.resolved_protocol for sp in self.ports], self.subsets, self.routes
+        )
         first_port: dict[int, int] = {}
         for i, sp in enumerate(self.ports):
             j = first_port.setdefault(sp.port, i)
@@ -508,6 +591,7 @@ class Config(_Frozen):
     listeners: ListenersConfig = ListenersConfig()
     relay: RelayConfig = RelayConfig()
     services: list[Service] = Field(default=[], description="Services whose VIPs are captured and balanced.")
+    http: HttpConfig = HttpConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Self:

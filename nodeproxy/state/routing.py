@@ -3,15 +3,21 @@
 A RoutingState is immutable once built; the StateUpdater is the only writer and swaps in a new one on
 every config change. Endpoint objects (with their live counters) are carried across swaps by identity,
 so connections opened before a reload keep decrementing the same counters they incremented.
+
+For HTTP ports (protocol http, http2, grpc or auto) the updater also compiles the service's routes and
+subsets into an HttpServiceRoutes here, once per snapshot, so no request ever compiles a regex or
+filters endpoints by label.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nodeproxy.balance import Balancer, Endpoint, make_balancer
 from nodeproxy.config import Config
+from nodeproxy.routes import L7_PROTOCOLS, HttpServiceRoutes, Protocol, compile_service_routes
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,9 @@ class ServiceRoute:
     port: int
     endpoints: tuple[Endpoint, ...]
     balancer: Balancer
+    protocol: Protocol = "tcp"
+    # Compiled routes for an HTTP port (protocol other than tcp); None for tcp ports.
+    http: HttpServiceRoutes | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,9 @@ EMPTY = RoutingState(generation=0, routes={})
 class StateUpdater:
     """Owns every write to the routing state; readers take `current` and never mutate it."""
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        # Drives the weighted choice between a route's subsets; tests inject a seeded one.
+        self.rng = rng or random.Random()
         self.current: RoutingState = EMPTY
         self._endpoints: dict[tuple[str, int, str, int], Endpoint] = {}
         self._balancers: dict[tuple[str, int], tuple[str, Balancer]] = {}
@@ -64,7 +75,15 @@ class StateUpdater:
             kept = self._balancers.get((service.name, port))
             balancer = kept[1] if kept and kept[0] == service.balancer else make_balancer(service.balancer)
             balancers[(service.name, port)] = (service.balancer, balancer)
-            routes[(vip, port)] = ServiceRoute(service.name, vip, port, tuple(members), balancer)
+            protocol = service_port.resolved_protocol
+            http = (
+                compile_service_routes(service, protocol, tuple(members), balancer, self.rng)
+                if protocol in L7_PROTOCOLS
+                else None
+            )
+            routes[(vip, port)] = ServiceRoute(
+                service.name, vip, port, tuple(members), balancer, protocol=protocol, http=http
+            )
         self._endpoints, self._balancers = endpoints, balancers
         self.current = RoutingState(generation=self.current.generation + 1, routes=routes)
         return self.current

@@ -1,0 +1,606 @@
+"""HTTP routing configuration: port protocols, subsets, routes, and their compiled per-snapshot form.
+
+The pydantic models here are fields of :class:`nodeproxy.config.Service` and
+:class:`nodeproxy.config.ServicePort`; :func:`service_route_problems` runs the checks that span
+several fields of a service. :func:`compile_service_routes` turns one service port's routes into an
+:class:`HttpServiceRoutes`, once per config snapshot (the StateUpdater calls it), so the per-request
+decision in :mod:`nodeproxy.proxy.http_route` only compares strings and runs compiled regexes.
+
+Regexes use RE2 (the ``google-re2`` package), as Envoy's ``safe_regex`` and Istio do: matching is
+linear in the input, so a route regex applied to attacker-controlled paths and header values can
+never backtrack catastrophically, which Python's ``re`` cannot promise for an arbitrary pattern.
+Patterns must match the whole value (``fullmatch``), as in Envoy and Istio.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import TYPE_CHECKING, Annotated, Literal, Self
+
+import re2
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from nodeproxy.balance import Balancer, Endpoint
+
+if TYPE_CHECKING:
+    from nodeproxy.config import Service
+
+__all__ = [
+    "DEFAULT_ROUTE_NAME",
+    "GRPC_DETECTION_HEADER",
+    "L7_PROTOCOLS",
+    "MAX_REGEX_PROGRAM_SIZE",
+    "CompiledRoute",
+    "Destination",
+    "HeaderEdits",
+    "HeaderMatch",
+    "HttpServiceRoutes",
+    "Protocol",
+    "QueryMatch",
+    "Route",
+    "RouteMatch",
+    "StringMatch",
+    "Subset",
+    "UpstreamProtocol",
+    "compile_service_routes",
+    "protocol_from_app_protocol",
+    "protocol_from_port_name",
+    "service_route_problems",
+]
+
+Protocol = Literal["tcp", "http", "http2", "grpc", "auto"]
+UpstreamProtocol = Literal["http1", "http2"]
+# Protocols whose connections go through the HTTP engine (auto only when sniffing finds HTTP).
+L7_PROTOCOLS: frozenset[str] = frozenset({"http", "http2", "grpc", "auto"})
+
+# Istio's port-name convention `<protocol>[-<suffix>]` and appProtocol values, mapped onto ours.
+# Protocols we relay opaquely (TLS, databases, ...) are tcp; the HTTP engine never sees them.
+_ISTIO_NAME_PROTOCOLS: dict[str, Protocol] = {
+    "http": "http",
+    "http2": "http2",
+    "grpc": "grpc",
+    "grpc-web": "http",  # gRPC-Web is HTTP/1.1 or HTTP/2 requests, not native gRPC framing
+    "tcp": "tcp",
+    "https": "tcp",
+    "tls": "tcp",
+    "mongo": "tcp",
+    "mysql": "tcp",
+    "redis": "tcp",
+}
+_APP_PROTOCOLS: dict[str, Protocol] = {
+    **_ISTIO_NAME_PROTOCOLS,
+    "h2c": "http2",
+    "kubernetes.io/h2c": "http2",  # Kubernetes' standard name for HTTP/2 over cleartext
+    "kubernetes.io/ws": "http",
+    "kubernetes.io/wss": "tcp",
+}
+
+# Envoy rejects RE2 programs above 100 instructions by default (re2.max_program_size.error_level);
+# the same bound keeps the per-request cost of a route regex small and predictable. Typical route
+# regexes are far below it: '/api/v[0-9]+/users/[^/]+' is 28, a UUID pattern about 75.
+MAX_REGEX_PROGRAM_SIZE = 100
+# Cheap guard checked before RE2 parses the pattern at all.
+MAX_REGEX_LENGTH = 1024
+
+# RFC 9110 §5.6.2 token characters (field names and methods).
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Fields a route may not add or remove: they carry the message framing, the connection's own
+# options, or the target, which the engine manages itself (Envoy forbids the same).
+_UNEDITABLE_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_MAX_HEADER_VALUE = 8192
+
+
+def protocol_from_port_name(name: str | None) -> Protocol | None:
+    """The protocol Istio's naming convention `<protocol>[-<suffix>]` gives a port name, if any."""
+    if name is None:
+        return None
+    if name in _ISTIO_NAME_PROTOCOLS:
+        return _ISTIO_NAME_PROTOCOLS[name]
+    # 'grpc-web-x' must be gRPC-Web, not gRPC with suffix 'web-x': try the longest prefix first.
+    for prefix in sorted(_ISTIO_NAME_PROTOCOLS, key=len, reverse=True):
+        if name.startswith(prefix + "-"):
+            return _ISTIO_NAME_PROTOCOLS[prefix]
+    return None
+
+
+def protocol_from_app_protocol(app_protocol: str | None) -> Protocol | None:
+    """The protocol a Kubernetes `appProtocol` value names, if nodeproxy knows it."""
+    if app_protocol is None:
+        return None
+    return _APP_PROTOCOLS.get(app_protocol.lower())
+
+
+# --------------------------------------------------------------------------------------------
+# Field validators
+
+
+def _dns_label(value: str) -> str:
+    # nodeproxy.config imports this module, so its validators are imported when first used.
+    from nodeproxy.config import _dns_label as check
+
+    return check(value)
+
+
+def _label_key(value: str) -> str:
+    from nodeproxy.config import _label_key as check
+
+    return check(value)
+
+
+def _label_value(value: str) -> str:
+    from nodeproxy.config import _label_value as check
+
+    return check(value)
+
+
+def _regex(pattern: str) -> str:
+    _compile_regex(pattern)  # raises ValueError with the reason
+    return pattern
+
+
+def _compile_regex(pattern: str) -> re2._Regexp[str]:
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(f"regex is {len(pattern)} characters long; at most {MAX_REGEX_LENGTH} are allowed")
+    options = re2.Options()
+    options.log_errors = False  # the reason goes into the config error instead of stderr
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as err:
+        reason = err.args[0].decode(errors="replace") if err.args and isinstance(err.args[0], bytes) else err
+        raise ValueError(f"invalid RE2 regex: {reason} (RE2 has no backreferences or lookaround)") from None
+    size: int = compiled.programsize
+    if size > MAX_REGEX_PROGRAM_SIZE:
+        raise ValueError(
+            f"regex is too complex: its RE2 program has {size} instructions, at most "
+            f"{MAX_REGEX_PROGRAM_SIZE} are allowed (simplify it or split it over several matches)"
+        )
+    return compiled
+
+
+def _header_name(value: str) -> str:
+    if not value or not set(value) <= _TCHAR:
+        raise ValueError(
+            "must be an HTTP field name: one or more token characters (letters, digits and !#$%&'*+-.^_`|~)"
+        )
+    return value.lower()  # field names are case-insensitive; HTTP/2 and the engine use lower case
+
+
+def _method(value: str) -> str:
+    if not value or not set(value) <= _TCHAR:
+        raise ValueError("must be an HTTP method: one or more token characters, e.g. GET")
+    return value  # methods are case-sensitive (RFC 9110 §9.1)
+
+
+def _editable_header(value: str) -> str:
+    name = _header_name(value)
+    if name in _UNEDITABLE_HEADERS:
+        raise ValueError(
+            f"'{name}' cannot be edited by a route: it belongs to the message framing or the connection, "
+            "which nodeproxy manages"
+        )
+    return name
+
+
+def _header_value(value: str) -> str:
+    if len(value) > _MAX_HEADER_VALUE:
+        raise ValueError(f"a header value must be at most {_MAX_HEADER_VALUE} characters")
+    # RFC 9110 §5.5: visible characters, space and tab inside, no control characters (CR, LF, NUL
+    # would split or truncate the header), and no leading or trailing whitespace.
+    if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+        raise ValueError("a header value must not contain control characters (CR, LF, NUL, ...)")
+    if value != value.strip(" \t"):
+        raise ValueError("a header value must not start or end with whitespace")
+    return value
+
+
+SubsetName = Annotated[str, AfterValidator(_dns_label)]
+RouteName = Annotated[str, AfterValidator(_dns_label)]
+Regex = Annotated[str, AfterValidator(_regex)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+EditableHeader = Annotated[str, AfterValidator(_editable_header)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+Method = Annotated[str, AfterValidator(_method)]
+SelectorKey = Annotated[str, AfterValidator(_label_key)]
+SelectorValue = Annotated[str, AfterValidator(_label_value)]
+
+
+class _RouteModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _exactly_one(model: BaseModel, fields: Sequence[str]) -> None:
+    given = [f for f in fields if getattr(model, f) not in (None, False)]
+    if len(given) != 1:
+        what = f"got {', '.join(given)}" if given else "got none"
+        raise ValueError(f"exactly one of {', '.join(fields)} must be set ({what})")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class StringMatch(_RouteModel):
+    """Compare a request value: exactly one of `exact`, `prefix` or `regex` (RE2, whole value)."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        _exactly_one(self, ("exact", "prefix", "regex"))
+        return self
+
+
+class HeaderMatch(_RouteModel):
+    """A request header condition: `name` plus exactly one of exact, prefix, regex, present, absent.
+
+    Repeated fields are compared as one value joined with ', ' (RFC 9110 §5.3)."""
+
+    name: HeaderName
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+    present: Literal[True] | None = Field(default=None, description="true: the header is sent (any value).")
+    absent: Literal[True] | None = Field(default=None, description="true: the header is not sent.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        _exactly_one(self, ("exact", "prefix", "regex", "present", "absent"))
+        if self.name.startswith(":"):  # unreachable through _header_name; kept as a guard
+            raise ValueError("pseudo-headers cannot be matched; use `authority`, `path` or `methods`")
+        return self
+
+
+class QueryMatch(_RouteModel):
+    """A query parameter condition: `name` plus exactly one of exact, regex, present.
+
+    Names and values are compared after form decoding ('%41' is 'A', '+' is a space); with a
+    repeated parameter the first occurrence counts."""
+
+    name: str = Field(min_length=1, max_length=256)
+    exact: str | None = None
+    regex: Regex | None = None
+    present: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        _exactly_one(self, ("exact", "regex", "present"))
+        return self
+
+
+class RouteMatch(_RouteModel):
+    """Conditions that must all hold (an omitted one always holds)."""
+
+    path: StringMatch | None = Field(default=None, description="The path without the query.")
+    methods: list[Method] | None = Field(default=None, min_length=1, description="Any of these methods.")
+    authority: StringMatch | None = Field(
+        default=None, description="Host / :authority, compared in lower case."
+    )
+    headers: list[HeaderMatch] = Field(default=[], description="All of these header conditions.")
+    query: list[QueryMatch] = Field(default=[], description="All of these query parameter conditions.")
+
+
+class Destination(_RouteModel):
+    """Where a share of a route's requests go."""
+
+    subset: SubsetName | None = Field(default=None, description="A subset name; omitted: every endpoint.")
+    weight: int = Field(
+        default=1, strict=True, ge=0, le=1_000_000, description="Relative share among the route's `to`."
+    )
+
+
+class HeaderEdits(_RouteModel):
+    """Header changes applied in the order remove, set, add."""
+
+    add: dict[EditableHeader, HeaderValue] = Field(default={}, description="Appended as extra fields.")
+    set: dict[EditableHeader, HeaderValue] = Field(default={}, description="Replace any existing field.")
+    remove: list[EditableHeader] = Field(default=[], description="Fields removed.")
+
+
+class Route(_RouteModel):
+    """One entry of a service's ordered route list: the first whose `match` holds decides."""
+
+    name: RouteName | None = Field(default=None, description="For logs and metrics; default 'routes[i]'.")
+    # A list of alternatives (any one may hold), as in Istio; empty matches every request.
+    match: list[RouteMatch] = Field(default=[], description="Any of these; empty: every request.")
+    to: list[Destination] = Field(default=[], description="Weighted destinations; empty: every endpoint.")
+    request_headers: HeaderEdits = HeaderEdits()
+    response_headers: HeaderEdits = HeaderEdits()
+
+
+class Subset(_RouteModel):
+    """A named group of a service's endpoints: those whose labels include all of `labels`."""
+
+    name: SubsetName
+    labels: dict[SelectorKey, SelectorValue] = Field(min_length=1)
+
+
+def service_route_problems(
+    protocols: Sequence[Protocol], subsets: Sequence[Subset], routes: Sequence[Route]
+) -> list[tuple[str, str]]:
+    """Problems spanning a service's fields, as (path relative to the service, reason) pairs."""
+    problems: list[tuple[str, str]] = []
+    if (subsets or routes) and not any(p in L7_PROTOCOLS for p in protocols):
+        where = "routes" if routes else "subsets"
+        problems.append(
+            (
+                where,
+                "routes and subsets apply to HTTP ports only, and every port of this service is tcp; "
+                "set `protocol` (http, http2, grpc or auto) on a port, or name it http-..., grpc-...",
+            )
+        )
+    first_subset: dict[str, int] = {}
+    for i, subset in enumerate(subsets):
+        j = first_subset.setdefault(subset.name, i)
+        if j != i:
+            problems.append(
+                (
+                    f"subsets[{i}].name",
+                    f"subset '{subset.name}' is defined twice (subsets[{j}] and subsets[{i}])",
+                )
+            )
+    first_route: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.name is not None:
+            j = first_route.setdefault(route.name, i)
+            if j != i:
+                problems.append(
+                    (
+                        f"routes[{i}].name",
+                        f"route '{route.name}' is defined twice (routes[{j}] and routes[{i}])",
+                    )
+                )
+        if route.to and sum(d.weight for d in route.to) == 0:
+            problems.append((f"routes[{i}].to", "the weights sum to 0; at least one must be positive"))
+        first_dest: dict[str | None, int] = {}
+        for k, dest in enumerate(route.to):
+            if dest.subset is not None and dest.subset not in first_subset:
+                known = ", ".join(f"'{s}'" for s in first_subset) or "none"
+                problems.append(
+                    (f"routes[{i}].to[{k}].subset", f"unknown subset '{dest.subset}' (defined: {known})")
+                )
+            j = first_dest.setdefault(dest.subset, k)
+            if j != k:
+                what = f"subset '{dest.subset}'" if dest.subset is not None else "the whole service"
+                problems.append(
+                    (
+                        f"routes[{i}].to[{k}]",
+                        f"{what} is listed twice (to[{j}] and to[{k}]); merge the weights",
+                    )
+                )
+        for e, edits in (
+            ("request_headers", route.request_headers),
+            ("response_headers", route.response_headers),
+        ):
+            for name in edits.remove:
+                if name in edits.set or name in edits.add:
+                    problems.append((f"routes[{i}].{e}.remove", f"'{name}' is both removed and added or set"))
+            for name in edits.add:
+                if name in edits.set:
+                    problems.append((f"routes[{i}].{e}.add", f"'{name}' is both added and set; use one"))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled forms (built once per config snapshot)
+
+# StringMatch kinds
+_EXACT, _PREFIX, _REGEX = 0, 1, 2
+# HeaderMatch kinds beyond those
+_PRESENT, _ABSENT = 3, 4
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStringMatch:
+    kind: int
+    text: str
+    regex: re2._Regexp[str] | None
+
+    def test(self, value: str) -> bool:
+        if self.kind == _EXACT:
+            return value == self.text
+        if self.kind == _PREFIX:
+            return value.startswith(self.text)
+        assert self.regex is not None
+        return self.regex.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledFieldMatch:
+    """A header or query parameter condition."""
+
+    name: str
+    kind: int
+    value: CompiledStringMatch | None  # None for present / absent
+
+    def test(self, fields: Mapping[str, str]) -> bool:
+        value = fields.get(self.name)
+        if self.kind == _PRESENT:
+            return value is not None
+        if self.kind == _ABSENT:
+            return value is None
+        assert self.value is not None
+        return value is not None and self.value.test(value)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledMatch:
+    path: CompiledStringMatch | None
+    methods: frozenset[str] | None
+    authority: CompiledStringMatch | None
+    headers: tuple[CompiledFieldMatch, ...]
+    query: tuple[CompiledFieldMatch, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A route ready for matching; `subsets[i]` gets a share `cumulative[i] - cumulative[i-1]`."""
+
+    name: str
+    matches: tuple[CompiledMatch, ...]  # empty: every request
+    subsets: tuple[str | None, ...]  # None: every endpoint of the service
+    endpoints: tuple[tuple[Endpoint, ...], ...]  # per entry of `subsets`
+    cumulative: tuple[int, ...]  # running sums of the weights, for a bisect
+    request_headers_add: tuple[tuple[str, str], ...]
+    request_headers_remove: tuple[str, ...]
+    response_headers_add: tuple[tuple[str, str], ...]
+    response_headers_remove: tuple[str, ...]
+    uses_query: bool
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HttpServiceRoutes:
+    """Everything the per-request decision needs for one HTTP service port, for one snapshot."""
+
+    service: str
+    protocol: Protocol
+    routes: tuple[CompiledRoute, ...]  # never empty: a service without routes gets the default route
+    subsets: Mapping[str, tuple[Endpoint, ...]]
+    endpoints: tuple[Endpoint, ...]
+    balancer: Balancer
+    # Request header names some route matches on: the engine copies only these into RequestAttrs.
+    matched_headers: frozenset[str]
+    # False when the service has no routes: then everything goes to all endpoints (route 'default').
+    has_routes: bool
+    rng: random.Random
+
+
+def _compile_string(match: StringMatch) -> CompiledStringMatch:
+    if match.exact is not None:
+        return CompiledStringMatch(_EXACT, match.exact, None)
+    if match.prefix is not None:
+        return CompiledStringMatch(_PREFIX, match.prefix, None)
+    assert match.regex is not None
+    return CompiledStringMatch(_REGEX, match.regex, _compile_regex(match.regex))
+
+
+def _compile_field(
+    name: str,
+    exact: str | None,
+    prefix: str | None,
+    regex: str | None,
+    present: bool | None,
+    absent: bool | None,
+) -> CompiledFieldMatch:
+    if present:
+        return CompiledFieldMatch(name, _PRESENT, None)
+    if absent:
+        return CompiledFieldMatch(name, _ABSENT, None)
+    string = _compile_string(StringMatch(exact=exact, prefix=prefix, regex=regex))
+    return CompiledFieldMatch(name, string.kind, string)
+
+
+def _compile_match(match: RouteMatch) -> CompiledMatch:
+    authority = None
+    if match.authority is not None:
+        a = match.authority
+        authority = _compile_string(
+            StringMatch(
+                exact=None if a.exact is None else a.exact.lower(),
+                prefix=None if a.prefix is None else a.prefix.lower(),
+                regex=a.regex,
+            )
+        )
+    return CompiledMatch(
+        path=None if match.path is None else _compile_string(match.path),
+        methods=None if match.methods is None else frozenset(match.methods),
+        authority=authority,
+        headers=tuple(
+            _compile_field(h.name, h.exact, h.prefix, h.regex, h.present, h.absent) for h in match.headers
+        ),
+        query=tuple(_compile_field(q.name, q.exact, None, q.regex, q.present, None) for q in match.query),
+    )
+
+
+def _edits(edits: HeaderEdits) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    # `set` is a remove followed by an add: the engine applies removals first, then additions.
+    remove = tuple(dict.fromkeys([*edits.remove, *edits.set]))
+    add = tuple([*edits.set.items(), *edits.add.items()])
+    return add, remove
+
+
+def _select(endpoints: Iterable[Endpoint], labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
+    return tuple(e for e in endpoints if all(e.labels.get(k) == v for k, v in labels.items()))
+
+
+def _compile_route(
+    name: str, route: Route, subsets: Mapping[str, tuple[Endpoint, ...]], endpoints: tuple[Endpoint, ...]
+) -> CompiledRoute:
+    # Zero-weight destinations stay in the config (a drained canary) but never receive a request.
+    dests = [d for d in route.to if d.weight > 0] if route.to else [Destination()]
+    if not dests:
+        raise ValueError(f"route {name}: the weights sum to 0")  # the config check rejects this first
+    req_add, req_remove = _edits(route.request_headers)
+    resp_add, resp_remove = _edits(route.response_headers)
+    matches = tuple(_compile_match(m) for m in route.match)
+    return CompiledRoute(
+        name=name,
+        matches=matches,
+        subsets=tuple(d.subset for d in dests),
+        endpoints=tuple(endpoints if d.subset is None else subsets[d.subset] for d in dests),
+        cumulative=tuple(accumulate(d.weight for d in dests)),
+        request_headers_add=req_add,
+        request_headers_remove=req_remove,
+        response_headers_add=resp_add,
+        response_headers_remove=resp_remove,
+        uses_query=any(m.query for m in matches),
+    )
+
+
+DEFAULT_ROUTE_NAME = "default"
+
+# On ports not declared grpc the engine also copies content-type: it tells a gRPC request
+# (application/grpc...), which must go upstream over HTTP/2 and gets gRPC-style local replies.
+GRPC_DETECTION_HEADER = "content-type"
+
+
+def compile_service_routes(
+    service: Service,
+    protocol: Protocol,
+    endpoints: tuple[Endpoint, ...],
+    balancer: Balancer,
+    rng: random.Random,
+) -> HttpServiceRoutes:
+    """The compiled routing of one HTTP port of `service` over its live `endpoints`.
+
+    Subsets are resolved against the endpoints' labels now, so call this again for every snapshot."""
+    if protocol not in L7_PROTOCOLS:
+        raise ValueError(f"service {service.name}: protocol {protocol} has no HTTP routing")
+    subsets = {s.name: _select(endpoints, s.labels) for s in service.subsets}
+    if service.routes:
+        routes = tuple(
+            _compile_route(r.name or f"routes[{i}]", r, subsets, endpoints)
+            for i, r in enumerate(service.routes)
+        )
+    else:
+        routes = (_compile_route(DEFAULT_ROUTE_NAME, Route(), subsets, endpoints),)
+    matched = {h.name for r in service.routes for m in r.match for h in m.headers}
+    if protocol != "grpc":
+        matched.add(GRPC_DETECTION_HEADER)
+    return HttpServiceRoutes(
+        service=service.name,
+        protocol=protocol,
+        routes=routes,
+        subsets=subsets,
+        endpoints=endpoints,
+        balancer=balancer,
+        matched_headers=frozenset(matched),
+        has_routes=bool(service.routes),
+        rng=rng,
+    )
