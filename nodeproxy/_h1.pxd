@@ -128,6 +128,8 @@ ctypedef struct h1_body:
     uint16_t error_status    # 400 (request) or 502 (response) once h1_body_feed returned -1
     const char *error
     bint is_response         # internal: which error status to use
+    uint32_t scan            # internal: trailer bytes already checked (the trailer section is not consumed
+    uint32_t count           # internal: trailer field lines counted    until it is complete)
 
 
 ctypedef struct h1_chunk:
