@@ -20,17 +20,39 @@ so re-installing is atomic and idempotent.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from pyroute2 import IPRoute
 
 from nodeproxy.config import Config
 
+log = structlog.get_logger("nodeproxy.capture")
+
 _AF_INET = 2
 _SCOPE_HOST = 254  # local routes must be host-scoped or the kernel rejects them (EINVAL)
+# iptables-legacy serialises every change through the xtables lock (/run/xtables.lock), which other agents
+# (kube-proxy, CNIs) may hold for seconds. Each install/remove waits for it at most this long in all, then
+# fails with CaptureError instead of hanging a drain (iptables-nft ignores the lock; the bound still covers
+# a hung binary).
+IPTABLES_LOCK_BUDGET = 10.0  # seconds
+IPTABLES_HANG_GRACE = 5.0  # seconds a single iptables run may take beyond its lock wait before it is killed
+_IPTABLES_LOCK_EXIT = 4  # iptables' exit status when it gave up waiting for the xtables lock
+_IPTABLES_RETRY_PAUSE = 0.2  # seconds between attempts after a lock timeout
+# Where the single-instance lock lives; /run is a tmpfs, so a reboot leaves no stale lock files (and a
+# lock file left by a dead process is free: flock locks die with their last holder).
+RUN_DIR = "/run/nodeproxy"
+
+
+class CaptureError(RuntimeError):
+    """Installing or removing the capture failed; the message says what is left and why."""
 
 
 @dataclass(frozen=True)
@@ -108,36 +130,90 @@ def render_iptables(plan: CapturePlan, hook_present: bool, capture_new: bool = T
     return "\n".join(lines) + "\n"
 
 
-def _iptables(args: Iterable[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), input=stdin, text=True, capture_output=True, timeout=30)
+class _Budget:
+    """A deadline shared by every iptables run of one install or remove."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
 
-def _hook_present(plan: CapturePlan) -> bool:
-    check = _iptables(["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", plan.prerouting_chain])
+def _iptables(
+    args: Iterable[str], budget: _Budget, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run iptables / iptables-restore, waiting for the xtables lock only within `budget`.
+
+    `-w <seconds>` makes iptables-legacy give up on the lock (exit status 4) instead of waiting forever;
+    the subprocess timeout covers a binary that hangs for any other reason. Both end in CaptureError.
+    """
+    argv = list(args)
+    assert argv[1] == "-w", "every iptables call passes -w first so the lock wait is bounded"
+    while True:
+        wait = max(1, int(budget.left()))
+        command = [argv[0], "-w", str(wait), *argv[2:]]
+        try:
+            result = subprocess.run(
+                command, input=stdin, text=True, capture_output=True, timeout=wait + IPTABLES_HANG_GRACE
+            )
+        except subprocess.TimeoutExpired:
+            raise CaptureError(
+                f"{' '.join(command)} did not finish within {wait + IPTABLES_HANG_GRACE:.0f} s "
+                "(another program holding the xtables lock?)"
+            ) from None
+        if result.returncode != _IPTABLES_LOCK_EXIT or "xtables lock" not in result.stderr:
+            return result
+        if budget.left() <= _IPTABLES_RETRY_PAUSE:
+            raise CaptureError(
+                f"{' '.join(command)}: another program held the xtables lock for more than "
+                f"{IPTABLES_LOCK_BUDGET:.0f} s: {result.stderr.strip()}"
+            )
+        time.sleep(_IPTABLES_RETRY_PAUSE)
+
+
+def _hook_present(plan: CapturePlan, budget: _Budget) -> bool:
+    check = _iptables(
+        ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", plan.prerouting_chain], budget
+    )
     return check.returncode == 0
 
 
-def install(plan: CapturePlan, capture_new: bool = True) -> None:
-    """Install (or atomically replace) the capture rules and policy routing in this namespace."""
-    ruleset = render_iptables(plan, hook_present=_hook_present(plan), capture_new=capture_new)
-    result = _iptables(["iptables-restore", "-w", "--noflush"], stdin=ruleset)
-    if result.returncode != 0:
-        raise RuntimeError(f"iptables-restore failed: {result.stderr.strip()}\n--- ruleset ---\n{ruleset}")
+def install(plan: CapturePlan, capture_new: bool = True, lock_budget: float = IPTABLES_LOCK_BUDGET) -> None:
+    """Install (or atomically replace) the capture rules and policy routing in this namespace.
+
+    The policy routing goes in first: a SYN that TPROXY marks before the fwmark rule and the local route
+    exist would be routed (forwarded) instead of delivered to our listener. Raises CaptureError.
+    """
     with IPRoute() as ipr:
         if not _our_rules(ipr, plan):
             _fwmark_rule(ipr, "add", plan, plan.rule_priority)
         _local_route(ipr, "replace", plan, oif=ipr.link_lookup(ifname="lo")[0])
+    budget = _Budget(lock_budget)
+    ruleset = render_iptables(plan, hook_present=_hook_present(plan, budget), capture_new=capture_new)
+    result = _iptables(["iptables-restore", "-w", "--noflush"], budget, stdin=ruleset)
+    if result.returncode != 0:
+        raise CaptureError(f"iptables-restore failed: {result.stderr.strip()}\n--- ruleset ---\n{ruleset}")
 
 
-def remove(plan: CapturePlan) -> list[str]:
-    """Remove everything install() may have left; returns what was removed. Safe when nothing is there."""
+def remove(plan: CapturePlan, lock_budget: float = IPTABLES_LOCK_BUDGET) -> list[str]:
+    """Remove everything install() may have left; returns what was removed. Safe when nothing is there.
+
+    The iptables rules go first and the policy routing last (the reverse of install), so no captured SYN
+    ever meets a missing route. If the rules cannot be removed (CaptureError), the routing stays too.
+    """
     removed: list[str] = []
-    while _hook_present(plan):
-        _iptables(["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", "-j", plan.prerouting_chain])
+    budget = _Budget(lock_budget)
+    while _hook_present(plan, budget):
+        unhook = _iptables(
+            ["iptables", "-w", "-t", "mangle", "-D", "PREROUTING", "-j", plan.prerouting_chain], budget
+        )
+        if unhook.returncode != 0:
+            raise CaptureError(f"could not unhook {plan.prerouting_chain}: {unhook.stderr.strip()}")
         removed.append(f"mangle PREROUTING -j {plan.prerouting_chain}")
     for chain in (plan.prerouting_chain, plan.divert_chain):
-        if _iptables(["iptables", "-w", "-t", "mangle", "-F", chain]).returncode == 0:
-            _iptables(["iptables", "-w", "-t", "mangle", "-X", chain])
+        if _iptables(["iptables", "-w", "-t", "mangle", "-F", chain], budget).returncode == 0:
+            _iptables(["iptables", "-w", "-t", "mangle", "-X", chain], budget)
             removed.append(f"mangle chain {chain}")
     with IPRoute() as ipr:
         for rule in _our_rules(ipr, plan):
@@ -170,9 +246,91 @@ def _our_rules(ipr: IPRoute, plan: CapturePlan) -> list[Any]:  # pyroute2 messag
     ]
 
 
+# -- ownership of the capture in this network namespace ---------------------------------------------------
+
+
+def _lock_path(plan: CapturePlan, suffix: str) -> str:
+    """A path unique to (this network namespace, chain prefix): two daemons with different chain prefixes
+    may share a namespace, and every lab namespace on one host gets its own."""
+    ns = os.stat("/proc/self/ns/net")
+    return os.path.join(RUN_DIR, f"netns-{ns.st_dev}-{ns.st_ino}-{plan.chain_prefix}.{suffix}")
+
+
+class InstanceLock:
+    """Single-instance guard: an exclusive flock(2) held on an open file description.
+
+    Forked workers inherit the descriptor, and a flock lives until the last descriptor of its open file
+    description closes, so the capture stays owned until the daemon's last process is gone, including
+    workers still draining or cleaning up after their supervisor was killed.
+    """
+
+    def __init__(self, plan: CapturePlan) -> None:
+        self.path = _lock_path(plan, "lock")
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise CaptureError(
+                f"another nodeproxy (pid {owner}) owns the capture (chains {plan.chain_prefix}_*) in this "
+                f"network namespace; refusing to start a second one (lock {self.path})"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class SurvivorLock:
+    """Decides which process of a daemon whose supervisor died removes the capture (on_failure: open).
+
+    Every process of the daemon (the supervisor and each worker) holds a shared flock on its own open file
+    description of one file. A worker that outlives its supervisor drops its shared lock when done and then
+    tries for the exclusive lock without waiting: only the last process standing gets it. The winner
+    records the removal in the file, so a worker that wins after it (a second "last") does nothing.
+    """
+
+    _DONE = b"removed\n"
+
+    def __init__(self, plan: CapturePlan, fresh: bool = False) -> None:
+        path = _lock_path(plan, "survivors")
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        if fresh:  # a new daemon: forget the record of a previous one's cleanup
+            os.ftruncate(self.fd, 0)
+
+    def reopen_in_child(self, plan: CapturePlan) -> SurvivorLock:
+        """A forked child shares our open file description (and so our lock); give it its own."""
+        os.close(self.fd)
+        return SurvivorLock(plan)
+
+    def last_one_standing(self) -> bool:
+        """Release our share; True if no other process of the daemon holds one and nobody cleaned up."""
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return os.pread(self.fd, len(self._DONE), 0) != self._DONE
+
+    def mark_done(self) -> None:
+        os.pwrite(self.fd, self._DONE, 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 def installed_summary(plan: CapturePlan) -> str:
     """What is installed now, as iptables-save and ip rule would show it (for `nodeproxy capture show`)."""
-    save = _iptables(["iptables-save", "-t", "mangle"]).stdout
+    save = subprocess.run(
+        ["iptables-save", "-t", "mangle"], capture_output=True, text=True, timeout=30
+    ).stdout
     ours = [line for line in save.splitlines() if plan.chain_prefix in line]
     rules = subprocess.run(["ip", "rule", "show"], capture_output=True, text=True).stdout
     routes = subprocess.run(

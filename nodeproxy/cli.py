@@ -1,35 +1,62 @@
-"""Command line: `nodeproxy run|cleanup|check-config|capture|lab|demo`."""
+"""Command line: `nodeproxy run|cleanup|check-config|capture|lab|demo`.
+
+Only the standard library is imported at module level: `nodeproxy run` blocks the daemon's signals before
+the slow imports (pydantic, pyroute2, uvloop), so a SIGHUP or SIGINT that arrives while it starts waits for
+the daemon's handlers instead of killing it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nodeproxy import capture
-from nodeproxy.config import Config, ConfigError, default_config, load_config
+if TYPE_CHECKING:
+    from nodeproxy.config import Config
+
+# The daemon supervisor's signals (nodeproxy.daemon.SUPERVISOR_SIGNALS), listed here to avoid its imports.
+_DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 def _load(path: str | None) -> Config:
+    from nodeproxy.config import default_config, load_config
+
     return load_config(path) if path else default_config()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from nodeproxy import daemon
 
+    assert _DAEMON_SIGNALS == daemon.SUPERVISOR_SIGNALS, "cli blocks what the daemon handles"
     daemon.configure_logging(args.log_level)
     return daemon.run(_load(args.config), args.config, args.ready_file, access_log=not args.no_access_log)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    removed = capture.remove(capture.CapturePlan.from_config(_load(args.config)))
+    from nodeproxy import capture
+
+    config = _load(args.config)
+    plan = capture.CapturePlan.from_config(config)
+    # Never pull the rules from under a running daemon (raises CaptureError naming its pid).
+    instance = capture.InstanceLock(plan)
+    try:
+        if args.after_stop and config.capture.on_failure == "closed":
+            print("capture.on_failure is closed: capture rules left in place")
+            return 0
+        removed = capture.remove(plan)
+    finally:
+        instance.close()
     print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
     return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from nodeproxy.config import load_config
+
     config = load_config(args.config)
     ports = sum(len(s.ports) for s in config.services)
     endpoints = sum(len(s.endpoints) for s in config.services)
@@ -41,6 +68,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    from nodeproxy import capture
+
     plan = capture.CapturePlan.from_config(_load(args.config))
     if args.action == "install":
         capture.install(plan)
@@ -97,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser("cleanup", help="remove capture rules and routes left by a crashed daemon")
     cleanup.add_argument("--config", help="the config the daemon ran with (chain names, mark, table)")
+    cleanup.add_argument(
+        "--after-stop",
+        action="store_true",
+        help="run by the service manager after the daemon ended: honour capture.on_failure (closed: keep)",
+    )
     cleanup.set_defaults(func=cmd_cleanup)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -123,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is cmd_run:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DAEMON_SIGNALS)  # the daemon unblocks them
+    from nodeproxy.config import ConfigError
+
     try:
         return int(args.func(args))
     except ConfigError as err:
