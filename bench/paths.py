@@ -10,6 +10,13 @@ root namespace: no benchmark packet can leave it.
   rules); the client connects to the service VIP.
 - HAProxyPath: HAProxy in the node namespace, fed by the same capture rules pointed at its port
   (`python -m nodeproxy capture install`); the client connects to the service VIP.
+
+The L7 workloads use two more services (L7_SERVICES): `web-h1` (HTTP/1.1 to nginx) and `web-h2` (h2c to
+nginx's http2 listener). nodeproxy gets them with `protocol: http` / `protocol: http2` on their ports.
+Its L7 targets are "not available" (and it runs with the L4 services only) while its config rejects that
+field or the daemon does not start with them; they are also "not available" when nodeproxy accepts the
+field but still relays those connections as opaque TCP, which l7_relay_problem() detects (an HTTP-aware
+proxy pools upstream connections, an opaque relay cannot). HAProxy carries them in HTTP mode.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import yaml
 
 from bench import haproxy
 from nodeproxy import netns
-from nodeproxy.config import Config, parse_config
+from nodeproxy.config import Config, ConfigError, parse_config
 from nodeproxy.lab import Lab, Pod, stop_process
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +48,9 @@ HAPROXY_PORT = 15101
 READY_TIMEOUT = 20.0
 START_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+# nginx's h2c (HTTP/2 with prior knowledge, no TLS) listener in be0; nginx 1.22's plain `listen ... http2`
+# speaks only HTTP/2 on that port.
+H2C_PORT = 8082
 
 NGINX_CONFIG = """\
 daemon off;
@@ -60,6 +72,13 @@ http {{
         listen {port} reuseport backlog=4096;
         location / {{ return 200 "ok"; }}
         location = /whoami {{ return 200 "$remote_addr"; }}
+        location = /connection {{ return 200 "$connection"; }}
+    }}
+    server {{
+        listen {h2c_port} http2 reuseport backlog=4096;
+        location / {{ return 200 "ok"; }}
+        location = /whoami {{ return 200 "$remote_addr"; }}
+        location = /connection {{ return 200 "$connection"; }}
     }}
 }}
 """
@@ -69,17 +88,54 @@ class BenchError(RuntimeError):
     """A path or server that could not be set up, or a workload that produced no number."""
 
 
+TargetKind = Literal["web", "iperf", "h1", "h2"]
+
+
 @dataclass(frozen=True)
 class Targets:
-    """Where the client pod sends each kind of traffic on one path."""
+    """Where the client pod sends each kind of traffic on one path.
+
+    web and iperf are the L4 targets (every path has them); h1 (HTTP/1.1) and h2 (h2c) are the L7 ones,
+    None on a path that cannot carry them, with the reason in `unavailable`.
+    """
 
     web: tuple[str, int]
     iperf: tuple[str, int]
+    h1: tuple[str, int] | None = None
+    h2: tuple[str, int] | None = None
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # target kind -> why it is None
 
     @property
     def url(self) -> str:
         host, port = self.web
         return f"http://{host}:{port}/"
+
+    def get(self, kind: TargetKind) -> tuple[str, int] | None:
+        address: tuple[str, int] | None = getattr(self, kind)
+        return address
+
+    def why_unavailable(self, kind: TargetKind) -> str:
+        return self.unavailable.get(kind, f"this path has no {kind} target")
+
+
+@dataclass(frozen=True)
+class L7Service:
+    """A service the L7 workloads go through (added to the lab's services by with_l7_services)."""
+
+    name: str
+    vip: str
+    port: int
+    protocol: Literal["http", "http2"]  # nodeproxy's `protocol` of the port (issue 7)
+    kind: TargetKind
+
+    def backend_port(self, http_port: int) -> int:
+        return http_port if self.protocol == "http" else H2C_PORT
+
+
+L7_SERVICES = (
+    L7Service("web-h1", "10.96.0.20", 80, "http", "h1"),
+    L7Service("web-h2", "10.96.0.21", 80, "http2", "h2"),
+)
 
 
 def new_lab() -> Lab:
@@ -98,6 +154,38 @@ def server_pod(lab: Lab) -> Pod:
 def service_config(lab: Lab, outbound_port: int, extra: str = "") -> str:
     """The daemon config for this lab: every service has be0 as its only endpoint (the lab has one)."""
     return lab.config_yaml(outbound_port=outbound_port, extra=extra)
+
+
+def with_l7_services(config_text: str, lab: Lab, declare_protocol: bool) -> str:
+    """`config_text` plus L7_SERVICES, each with be0 as its only endpoint.
+
+    declare_protocol adds `protocol: http|http2` to their ports (nodeproxy's L7 path); without it they
+    are plain TCP services (what `nodeproxy capture` and the HAProxy config need to know of them).
+    """
+    data: dict[str, Any] = yaml.safe_load(config_text)
+    http_port = service_address(parsed(config_text), "web")[2]
+    for service in L7_SERVICES:
+        port: dict[str, object] = {"port": service.port, "target_port": service.backend_port(http_port)}
+        if declare_protocol:
+            port["protocol"] = service.protocol
+        data["services"].append(
+            {
+                "name": service.name,
+                "vip": service.vip,
+                "ports": [port],
+                "balancer": "round_robin",
+                "endpoints": [{"address": server_pod(lab).ip, "node": "node-a"}],
+            }
+        )
+    text: str = yaml.safe_dump(data, sort_keys=False)
+    return text
+
+
+def l7_targets(unavailable: str | None = None) -> dict[str, Any]:
+    """Targets keyword arguments for the L7 VIPs, or for none of them with the reason."""
+    if unavailable is not None:
+        return {"unavailable": {s.kind: unavailable for s in L7_SERVICES}}
+    return {s.kind: (s.vip, s.port) for s in L7_SERVICES}
 
 
 def parsed(config_text: str) -> Config:
@@ -223,7 +311,7 @@ def start_servers(lab: Lab, workdir: pathlib.Path) -> dict[str, int]:
     nginx_dir = workdir / "nginx"
     (nginx_dir / "tmp").mkdir(parents=True, exist_ok=True)
     nginx_conf = nginx_dir / "nginx.conf"
-    nginx_conf.write_text(NGINX_CONFIG.format(dir=nginx_dir, port=http_port))
+    nginx_conf.write_text(NGINX_CONFIG.format(dir=nginx_dir, port=http_port, h2c_port=H2C_PORT))
     nginx_log = nginx_dir / "nginx.out"
     nginx = spawn_logged(
         lab,
@@ -240,8 +328,40 @@ def start_servers(lab: Lab, workdir: pathlib.Path) -> dict[str, int]:
         nginx,
         nginx_dir / "nginx-error.log",
     )
+    wait_for(lambda: listening(be.ns, H2C_PORT), "nginx h2c", START_TIMEOUT, nginx, nginx_log)
     wait_for(lambda: listening(be.ns, iperf_port), "iperf3 -s", START_TIMEOUT, iperf, iperf_log)
-    return {"http": http_port, "iperf": iperf_port}
+    return {"http": http_port, "h2c": H2C_PORT, "iperf": iperf_port}
+
+
+# Sequential client connections l7_relay_problem() makes to one L7 target.
+L7_CHECK_CONNECTIONS = 6
+
+
+def l7_relay_problem(lab: Lab, service: L7Service) -> str | None:
+    """None when the proxy handles `service` as HTTP; otherwise why its L7 numbers would be wrong.
+
+    Opens L7_CHECK_CONNECTIONS client connections one after the other (one curl each) and asks nginx for
+    the serial number of the connection each request arrived on. An opaque relay gives every client
+    connection an upstream connection of its own (as many serials as clients); an HTTP proxy with an
+    upstream pool reuses idle upstream connections (fewer serials, at most one pool per worker).
+    """
+    pod = client_pod(lab)
+    url = f"http://{service.vip}:{service.port}/connection"
+    argv = ["curl", "-sS", "--fail", "--max-time", "3", url]
+    if service.protocol == "http2":
+        argv.insert(1, "--http2-prior-knowledge")
+    serials = set()
+    for _ in range(L7_CHECK_CONNECTIONS):
+        try:
+            serials.add(run_in(pod.ns, argv, timeout=10).strip())
+        except BenchError as err:
+            return f"GET {url} ({service.protocol}) through nodeproxy fails: {brief(str(err))}"
+    if len(serials) >= L7_CHECK_CONNECTIONS:
+        return (
+            f"nodeproxy accepts `protocol: {service.protocol}` but relays it as opaque TCP "
+            f"({L7_CHECK_CONNECTIONS} client connections reached nginx on {len(serials)} connections)"
+        )
+    return None
 
 
 def probe(lab: Lab, targets: Targets, timeout: float = 5.0) -> str:
@@ -294,7 +414,15 @@ class TrafficPath:
         config = parsed(self.config_text)
         web_vip, web_port, _ = service_address(config, "web")
         iperf_vip, iperf_port, _ = service_address(config, "iperf")
-        return Targets(web=(web_vip, web_port), iperf=(iperf_vip, iperf_port))
+        return Targets(web=(web_vip, web_port), iperf=(iperf_vip, iperf_port), **self.l7_targets())
+
+    def l7_targets(self) -> dict[str, Any]:
+        """The L7 part of targets(); none by default."""
+        return l7_targets(f"the {self.name} path carries no L7 traffic")
+
+    def cpu_roots(self) -> list[int]:
+        """Pids whose process trees are the proxy, for its CPU time (none: no proxy)."""
+        return []
 
     def setup(self) -> None:
         """Start whatever carries the traffic; raise BenchError when it does not come up."""
@@ -309,6 +437,11 @@ class TrafficPath:
     def info(self) -> dict[str, object]:
         """What the JSON should record about this path's setup."""
         return {"description": self.description}
+
+
+def brief(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[:3])[:300] if lines else "(no message)"
 
 
 def check_running(what: str, proc: subprocess.Popen[bytes] | None, log: pathlib.Path) -> None:
@@ -326,25 +459,60 @@ class DirectPath(TrafficPath):
         ip = server_pod(self.lab).ip
         web_port = service_address(config, "web")[2]
         iperf_port = service_address(config, "iperf")[2]
-        return Targets(web=(ip, web_port), iperf=(ip, iperf_port))
+        return Targets(web=(ip, web_port), iperf=(ip, iperf_port), h1=(ip, web_port), h2=(ip, H2C_PORT))
 
 
 class NodeProxyPath(TrafficPath):
     name = "nodeproxy"
     description = "client -> service VIP, captured by TPROXY into `python -m nodeproxy run` in the node ns"
 
-    def __init__(self, lab: Lab, workdir: pathlib.Path, relay_threads: int | None = None) -> None:
+    def __init__(
+        self, lab: Lab, workdir: pathlib.Path, relay_threads: int | None = None, l7: bool = True
+    ) -> None:
         super().__init__(lab, workdir)
         self.relay_threads = relay_threads
         extra = f"relay:\n  threads: {relay_threads}\n" if relay_threads is not None else ""
-        self.config_text = service_config(lab, NODEPROXY_PORT, extra)
+        self.l4_config_text = service_config(lab, NODEPROXY_PORT, extra)
+        self.config_text = self.l4_config_text
+        # Why nodeproxy's L7 targets are not available, per target kind (absent: available).
+        self.l7_problems: dict[str, str] = {}
+        if not l7:
+            self._l7_unavailable("L7 workloads not selected")
+        else:
+            candidate = with_l7_services(self.l4_config_text, lab, declare_protocol=True)
+            try:
+                parse_config(candidate, "bench config with L7 services")
+            except ConfigError as err:
+                self._l7_unavailable(f"nodeproxy's config rejects the L7 services: {brief(str(err))}")
+            else:
+                self.config_text = candidate
         self.config_file = workdir / "nodeproxy.yaml"
         self.ready_file = workdir / "nodeproxy.ready"
         self.log = workdir / "nodeproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
 
+    def _l7_unavailable(self, reason: str) -> None:
+        self.l7_problems = {service.kind: reason for service in L7_SERVICES}
+
     def setup(self) -> None:
+        try:
+            self._start()
+        except BenchError as err:
+            if self.config_text == self.l4_config_text:
+                raise
+            # The config takes `protocol` but the daemon does not run with it: measure L4 anyway.
+            self._stop()
+            self._l7_unavailable(f"nodeproxy did not start with the L7 services: {brief(str(err))}")
+            self.config_text = self.l4_config_text
+            self._start()
+            return
+        if self.config_text != self.l4_config_text:
+            for service in L7_SERVICES:
+                if problem := l7_relay_problem(self.lab, service):
+                    self.l7_problems[service.kind] = problem
+
+    def _start(self) -> None:
         self.config_file.write_text(self.config_text)
         self.ready_file.unlink(missing_ok=True)
         self.proc = spawn_logged(
@@ -367,6 +535,24 @@ class NodeProxyPath(TrafficPath):
         )
         wait_for(self.ready_file.exists, "nodeproxy run", READY_TIMEOUT, self.proc, self.log)
 
+    def _stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = stop_process(self.proc, timeout=15)
+        self.proc = None
+        return code
+
+    def l7_targets(self) -> dict[str, Any]:
+        available = l7_targets()
+        return {
+            **{kind: address for kind, address in available.items() if kind not in self.l7_problems},
+            "unavailable": dict(self.l7_problems),
+        }
+
+    def cpu_roots(self) -> list[int]:
+        # `ip netns exec` execs the command, so the Popen pid is the supervisor; workers are its children.
+        return [self.proc.pid] if self.proc is not None else []
+
     def check(self) -> None:
         check_running("nodeproxy", self.proc, self.log)
 
@@ -374,10 +560,9 @@ class NodeProxyPath(TrafficPath):
         problems: list[str] = []
         if self.proc is not None:
             died_earlier = self.proc.poll() is not None  # setup() or check() has reported that already
-            self.exit_code = stop_process(self.proc, timeout=15)
+            self.exit_code = self._stop()
             if self.exit_code not in (0, -15) and not died_earlier:
                 problems.append(f"nodeproxy exited with {self.exit_code}; last output:\n{log_tail(self.log)}")
-            self.proc = None
         # It runs at --log-level warning: anything logged at error level is worth a look.
         with contextlib.suppress(OSError):
             errors = [
@@ -394,6 +579,7 @@ class NodeProxyPath(TrafficPath):
             **super().info(),
             "config": self.config_text,
             "relay_threads": self.relay_threads,
+            "l7_not_available": self.l7_problems,
             "exit_code": self.exit_code,
         }
 
@@ -408,9 +594,15 @@ class HAProxyPath(TrafficPath):
     def __init__(self, lab: Lab, workdir: pathlib.Path, threads: int = 2) -> None:
         super().__init__(lab, workdir)
         self.threads = threads
-        self.config_text = service_config(lab, HAPROXY_PORT)
+        # The L7 services as plain TCP services: `nodeproxy capture` reads this file, and the HAProxy
+        # config carries them in HTTP mode (http_services).
+        self.config_text = with_l7_services(service_config(lab, HAPROXY_PORT), lab, declare_protocol=False)
         self.capture_file = workdir / "capture-haproxy.yaml"
-        self.haproxy_cfg = haproxy.render_config(parsed(self.config_text), threads)
+        self.haproxy_cfg = haproxy.render_config(
+            parsed(self.config_text),
+            threads,
+            http_services={s.name: "h1" if s.protocol == "http" else "h2" for s in L7_SERVICES},
+        )
         self.cfg_file = workdir / "haproxy.cfg"
         self.log = workdir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -427,6 +619,13 @@ class HAProxyPath(TrafficPath):
         )
         self.capture_installed = True  # set first: a half-done install is removed too
         run_in(self.lab.node_ns, self._capture("install"))
+
+    def l7_targets(self) -> dict[str, Any]:
+        return l7_targets()
+
+    def cpu_roots(self) -> list[int]:
+        # One process (`-db`: no master-worker), its nbthread threads counted in its /proc stat.
+        return [self.proc.pid] if self.proc is not None else []
 
     def check(self) -> None:
         check_running("haproxy", self.proc, self.log)

@@ -1,7 +1,7 @@
 """Run the same workloads direct, through nodeproxy and through HAProxy; print ratios, save JSON.
 
-    python -m bench.run [--duration 5] [--quick] [--only direct,nodeproxy,haproxy] [--relay-threads N]
-                        [--rounds 1] [--keep-logs]
+    python -m bench.run [--duration 5] [--quick] [--only direct,nodeproxy,haproxy] [--workloads l4,l7]
+                        [--relay-threads N] [--rounds 1] [--keep-logs]
 
 Needs root (it builds network namespaces). Each path gets a fresh `npb-*` lab that is torn down in a
 `finally`, also on errors and Ctrl-C/SIGTERM; see bench/README.md for how to read the output.
@@ -31,7 +31,7 @@ from types import FrameType
 if not __package__:  # `python bench/run.py`: import this checkout's packages like `python -m bench.run`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench import haproxy
+from bench import cpu, haproxy
 from bench.paths import (
     LAB_PREFIX,
     REPO_ROOT,
@@ -48,13 +48,21 @@ from bench.paths import (
     start_servers,
 )
 from bench.workloads import (
+    CONNECTION_RATE,
+    GROUPS,
+    H2LOAD_CONNECTIONS,
+    H2LOAD_STREAMS,
+    H2LOAD_THREADS,
     LATENCY_CONNECTIONS,
     LATENCY_RATE,
     METRICS,
+    REQUEST_RATE,
+    REQUEST_RATE_CONNECTIONS,
     WORKLOADS,
     WRK_CONNECTIONS,
     WRK_THREADS,
     Better,
+    Measurement,
     Metric,
     Workload,
     tcp_counters,
@@ -64,6 +72,7 @@ from nodeproxy.lab import Lab
 
 PATH_NAMES = ("direct", "nodeproxy", "haproxy")
 Values = dict[str, dict[str, float]]  # path -> metric key -> number
+Unavailable = dict[str, dict[str, str]]  # path -> metric key -> why the path cannot measure it
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_DURATION = 5
 QUICK_DURATION = 1
@@ -74,9 +83,20 @@ RATIOS = (("nodeproxy", "direct"), ("nodeproxy", "haproxy"))
 
 @dataclass(frozen=True)
 class Goal:
+    """nodeproxy's value against a baseline's: a ratio of at least / at most `bound`, or (for latencies)
+    at most `bound` microseconds more."""
+
     metric: str
     baseline: str
-    min_ratio: float
+    bound: float
+    kind: str = "min_ratio"  # min_ratio | max_ratio | max_excess_us
+
+    def describe(self) -> str:
+        if self.kind == "min_ratio":
+            return f">= {self.bound:g}x"
+        if self.kind == "max_ratio":
+            return f"<= {self.bound:g}x"
+        return f"<= +{self.bound:g} us"
 
 
 GOALS = (
@@ -85,6 +105,12 @@ GOALS = (
     Goal("iperf3_1_gbps", "haproxy", 1.3),
     Goal("iperf3_4_gbps", "haproxy", 1.3),
     Goal("wrk_keepalive_rps", "haproxy", 1.1),
+    Goal("wrk_close_cps", "haproxy", 1.2),  # issue 6
+    # issue 7
+    Goal("h1_rps", "haproxy", 1.0),
+    Goal("cpu_h1_requests", "haproxy", 1.0, "max_ratio"),
+    Goal("h2_rps", "haproxy", 0.7),
+    Goal("h1_latency_p99_us", "haproxy", 200.0, "max_excess_us"),
 )
 
 
@@ -99,6 +125,7 @@ class PathResult:
     seconds: float = 0.0
     info: dict[str, object] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
+    not_available: dict[str, str] = field(default_factory=dict)  # metric key -> why
     workloads: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -130,28 +157,73 @@ def signals_deferred() -> Iterator[None]:
 
 def make_path(name: str, lab: Lab, workdir: pathlib.Path, args: argparse.Namespace) -> TrafficPath:
     if name == "nodeproxy":
-        return NodeProxyPath(lab, workdir, args.relay_threads)
+        return NodeProxyPath(lab, workdir, args.relay_threads, l7="l7" in args.groups)
     if name == "haproxy":
         return HAProxyPath(lab, workdir)
     return DirectPath(lab, workdir)
 
 
+def proxy_cpu_report(seconds: float, processes: int, measurement: Measurement) -> dict[str, object]:
+    """The proxy's CPU seconds during a workload, also per unit of every kind of work it did."""
+    return {
+        "seconds": round(seconds, 3),
+        "processes": processes,
+        "per_unit": {
+            unit: value
+            for unit, amount in measurement.work.items()
+            if (value := cpu.cost(seconds, amount, 1.0)) is not None
+        },
+    }
+
+
 def run_workload(
-    label: str, workload: Workload, ns: str, targets: Targets, duration: int, result: PathResult
+    label: str,
+    workload: Workload,
+    ns: str,
+    targets: Targets,
+    duration: int,
+    result: PathResult,
+    cpu_roots: Sequence[int] = (),
 ) -> None:
-    """Run one workload; its numbers go into result.values, its report (or error) into result.workloads."""
+    """Run one workload; its numbers go into result.values, its report (or error) into result.workloads.
+
+    With cpu_roots (the proxy's processes), the proxy's CPU time during the workload is recorded too,
+    and the workload's cost metric computed from it.
+    """
+    if targets.get(workload.target) is None:
+        reason = targets.why_unavailable(workload.target)
+        result.not_available.update(dict.fromkeys((m.key for m in workload.all_metrics), reason))
+        result.workloads[workload.name] = {"not_available": reason}
+        progress(f"[{label}] {workload.name}: not available ({reason})")
+        return
     began = time.monotonic()
     before = tcp_counters(ns)
+    cpu_before = cpu.sample(cpu_roots) if cpu_roots else None
     try:
         measurement = workload.run(ns, targets, duration)
     except BenchError as err:
         progress(f"[{label}] {workload.name}: FAILED: {err}")
         result.workloads[workload.name] = {"error": str(err)}
         return
+    cpu_after = cpu.sample(cpu_roots) if cpu_roots else None
     after = tcp_counters(ns)
     client_tcp = {key: after[key] - before.get(key, 0) for key in after}
     result.values.update(measurement.values)
-    result.workloads[workload.name] = {**measurement.raw, "client_tcp": client_tcp}
+    report: dict[str, object] = {**measurement.raw, "work": measurement.work, "client_tcp": client_tcp}
+    if cpu_before is not None and cpu_after is not None:
+        # Never negative, even if a process of the tree was lost (see bench/cpu.py).
+        seconds = max(0.0, cpu_after.seconds - cpu_before.seconds)
+        report["proxy_cpu"] = proxy_cpu_report(seconds, cpu_after.processes, measurement)
+        if cpu_after.processes == 0:
+            result.warnings.append(f"{workload.name}: the proxy's processes were gone when its CPU was read")
+        elif workload.cost is not None:
+            cost = workload.cost
+            value = cpu.cost(seconds, measurement.work.get(cost.work, 0.0), cost.per)
+            if value is not None:
+                result.values[cost.metric.key] = value
+    elif workload.cost is not None:
+        result.not_available[workload.cost.metric.key] = "no proxy on this path"
+    result.workloads[workload.name] = report
     result.warnings += [f"{workload.name}: {w}" for w in measurement.warnings]
     if syn_retransmits := client_tcp.get("TcpExt:TCPSynRetrans"):
         result.warnings.append(
@@ -159,11 +231,11 @@ def run_workload(
             "(each stalls a connect for at least 1 s)"
         )
     shown = ", ".join(
-        f"{metric.label} {format_value(metric, measurement.values[metric.key])}"
-        for metric in workload.metrics
-        if metric.key in measurement.values
+        f"{metric.label.strip()} {format_value(metric, result.values[metric.key])}"
+        for metric in workload.all_metrics
+        if metric.key in result.values
     )
-    progress(f"[{label}] {shown}  ({time.monotonic() - began:.1f} s)")
+    progress(f"[{label}] {workload.name}: {shown or 'done'}  ({time.monotonic() - began:.1f} s)")
 
 
 def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: pathlib.Path) -> PathResult:
@@ -188,7 +260,9 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
             if seen != pod.ip:
                 result.warnings.append(f"not transparent: nginx saw {seen}, the client pod is {pod.ip}")
             for workload in WORKLOADS:
-                run_workload(label, workload, pod.ns, targets, args.duration, result)
+                if workload.group not in args.groups:
+                    continue
+                run_workload(label, workload, pod.ns, targets, args.duration, result, path.cpu_roots())
                 path.check()
                 time.sleep(PAUSE_BETWEEN_WORKLOADS)
         finally:
@@ -221,6 +295,8 @@ def format_value(metric: Metric, value: float | None, missing: str = "-") -> str
         return missing
     if metric.unit == "Gb/s":
         return f"{value:.2f}"
+    if metric.unit.startswith("CPU-s"):
+        return f"{value:.3f}"
     if metric.unit == "us":
         return f"{value:.0f}"
     return f"{value:,.0f}"
@@ -238,18 +314,33 @@ def summarize(runs: dict[str, list[PathResult]]) -> Values:
     }
 
 
+def unavailable(runs: dict[str, list[PathResult]]) -> Unavailable:
+    """Per path, the metrics it could not measure and why (from the first round that said so)."""
+    found: Unavailable = {}
+    for name, results in runs.items():
+        for result in results:
+            for key, reason in result.not_available.items():
+                found.setdefault(name, {}).setdefault(key, reason)
+    return found
+
+
 def ratio(values: Values, metric: Metric, top: str, bottom: str) -> float | None:
     a = values.get(top, {}).get(metric.key)
     b = values.get(bottom, {}).get(metric.key)
     return round(a / b, 3) if a is not None and b else None
 
 
-def metrics_table(runs: dict[str, list[PathResult]], values: Values) -> list[dict[str, object]]:
+def metrics_table(
+    runs: dict[str, list[PathResult]], values: Values, missing: Unavailable
+) -> list[dict[str, object]]:
     return [
         {
             **asdict(metric),
             "values": {name: values[name].get(metric.key) for name in runs},
             "samples": {name: [r.values.get(metric.key) for r in results] for name, results in runs.items()},
+            "not_available": {
+                name: reason for name in runs if (reason := missing.get(name, {}).get(metric.key))
+            },
             "ratios": {f"{top}/{bottom}": ratio(values, metric, top, bottom) for top, bottom in RATIOS},
         }
         for metric in METRICS
@@ -260,45 +351,83 @@ def goals_report(values: Values) -> list[dict[str, object]]:
     metrics = {m.key: m for m in METRICS}
     report: list[dict[str, object]] = []
     for goal in GOALS:
-        value = ratio(values, metrics[goal.metric], "nodeproxy", goal.baseline)
+        metric = metrics[goal.metric]
+        measured: float | None
+        if goal.kind == "max_excess_us":
+            ours = values.get("nodeproxy", {}).get(metric.key)
+            theirs = values.get(goal.baseline, {}).get(metric.key)
+            measured = None if ours is None or theirs is None else round(ours - theirs, 1)
+            met = None if measured is None else measured <= goal.bound
+        else:
+            measured = ratio(values, metric, "nodeproxy", goal.baseline)
+            if measured is None:
+                met = None
+            else:
+                met = measured >= goal.bound if goal.kind == "min_ratio" else measured <= goal.bound
         report.append(
             {
                 **asdict(goal),
-                "label": metrics[goal.metric].label,
-                "ratio": value,
-                "met": None if value is None else value >= goal.min_ratio,
+                "label": metric.label.strip(),
+                "wanted": goal.describe(),
+                "measured": measured,
+                "met": met,
             }
         )
     return report
 
 
-def render_table(values: Values) -> str:
-    header = f"{'workload':<34}" + "".join(f"{n:>12}" for n in PATH_NAMES)
+LABEL_WIDTH = 46
+
+
+def render_table(values: Values, missing: Unavailable | None = None) -> str:
+    missing = missing or {}
+    header = f"{'workload':<{LABEL_WIDTH}}" + "".join(f"{n:>12}" for n in PATH_NAMES)
     header += "".join(f"{'np/' + b:>12}" for _, b in RATIOS) + "  better"
     lines = [header, "-" * len(header)]
     for metric in METRICS:
-        # "-": path not run; "error": run, but this workload gave no number.
+        # "-": path not run; "n/a": the path cannot measure it; "error": run, but no number.
         cells = [
-            "-" if name not in values else format_value(metric, values[name].get(metric.key), "error")
+            "-"
+            if name not in values
+            else format_value(
+                metric,
+                values[name].get(metric.key),
+                "n/a" if metric.key in missing.get(name, {}) else "error",
+            )
             for name in PATH_NAMES
         ]
         ratios = [ratio(values, metric, top, bottom) for top, bottom in RATIOS]
-        line = f"{metric.label:<34}" + "".join(f"{c:>12}" for c in cells)
+        line = f"{metric.label:<{LABEL_WIDTH}}" + "".join(f"{c:>12}" for c in cells)
         line += "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in ratios)
         line += f"  {metric.better}" + (" (np/x < 1 is better)" if metric.better is Better.LOWER else "")
         lines.append(line)
     return "\n".join(lines)
 
 
+def render_unavailable(missing: Unavailable) -> str:
+    """One line per path and reason: which rows show n/a and why."""
+    lines: list[str] = []
+    for name, reasons in missing.items():
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in reasons.items():
+            by_reason.setdefault(reason, []).append(key)
+        for reason, keys in by_reason.items():
+            lines.append(f"  {name}: n/a for {', '.join(keys)}: {reason}")
+    return "not available:\n" + "\n".join(lines) if lines else ""
+
+
 def render_goals(goals: list[dict[str, object]]) -> str:
-    lines = ["targets (nodeproxy / baseline, measured side by side in this run):"]
+    lines = ["targets (nodeproxy against a baseline, measured side by side in this run):"]
     for g in goals:
-        r = g["ratio"]
+        measured = g["measured"]
         verdict = "n/a" if g["met"] is None else ("met" if g["met"] else "MISSED")
-        shown = "-" if not isinstance(r, float) else f"{r:.2f}"
-        lines.append(
-            f"  {g['label']:<34} vs {g['baseline']:<8} >= {g['min_ratio']:<5} got {shown:<6} {verdict}"
-        )
+        if not isinstance(measured, float):
+            shown = "-"
+        elif g["kind"] == "max_excess_us":
+            shown = f"{measured:+.0f} us"
+        else:
+            shown = f"{measured:.2f}x"
+        lines.append(f"  {g['label']:<44} vs {g['baseline']:<8} {g['wanted']:<11} got {shown:<9} {verdict}")
     return "\n".join(lines)
 
 
@@ -372,6 +501,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated paths to run (default: direct,nodeproxy,haproxy)",
     )
     parser.add_argument(
+        "--workloads",
+        default=",".join(GROUPS),
+        help="comma-separated workload groups: l4 (iperf3, wrk, latency, new connections) and l7 "
+        "(HTTP/1.1 and HTTP/2); default: l4,l7",
+    )
+    parser.add_argument(
         "--relay-threads",
         type=int,
         default=None,
@@ -393,6 +528,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.paths = [p.strip() for p in args.only.split(",") if p.strip()]
     if (unknown := [p for p in args.paths if p not in PATH_NAMES]) or not args.paths:
         parser.error(f"--only takes a comma-separated subset of {','.join(PATH_NAMES)} (got {unknown})")
+    args.groups = [g.strip() for g in args.workloads.split(",") if g.strip()]
+    if (unknown := [g for g in args.groups if g not in GROUPS]) or not args.groups:
+        parser.error(f"--workloads takes a comma-separated subset of {','.join(GROUPS)} (got {unknown})")
     if args.quick:
         args.duration = QUICK_DURATION
     if args.duration < 1 or args.duration > 60:
@@ -438,22 +576,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if left:
         warnings.append(f"namespaces left behind: {left}")
     values = summarize(runs)
+    missing = unavailable(runs)
     goals = goals_report(values)
     report: dict[str, object] = {
-        "schema": 1,
+        "schema": 2,
         "started_utc": started.isoformat(timespec="seconds"),
         "elapsed_s": round(time.monotonic() - t0, 1),
         "argv": sys.argv,
         "options": {
             "paths": list(runs),
+            "workload_groups": args.groups,
             "duration_s": args.duration,
             "rounds": args.rounds,
             "relay_threads": args.relay_threads,
             "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS},
             "latency": {"rate": LATENCY_RATE, "connections": LATENCY_CONNECTIONS},
+            "new_connections": {"rate": CONNECTION_RATE},
+            "h2load": {
+                "threads": H2LOAD_THREADS,
+                "connections": H2LOAD_CONNECTIONS,
+                "streams": H2LOAD_STREAMS,
+            },
+            "fixed_request_rate": {"rate": REQUEST_RATE, "connections": REQUEST_RATE_CONNECTIONS},
+            "cpu": "utime+stime(+cutime+cstime) of the proxy's process tree, /proc/<pid>/stat",
         },
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},
-        "metrics": metrics_table(runs, values),
+        "metrics": metrics_table(runs, values, missing),
         "goals": goals,
         "paths": {name: [asdict(r) for r in results] for name, results in runs.items()},
         "warnings": warnings,
@@ -462,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = save(report, args.results_dir)
     if args.rounds > 1:
         print(f"medians of {args.rounds} rounds (every sample is in the JSON)")
-    print(render_table(values))
+    print(render_table(values, missing))
+    if notes := render_unavailable(missing):
+        print("\n" + notes)
     print()
     print(render_goals(goals))
     for r in results:
