@@ -161,8 +161,11 @@ def _compile_regex(pattern: str) -> re2._Regexp[str]:
     try:
         compiled = re2.compile(pattern, options)
     except re2.error as err:
-        reason = err.args[0].decode(errors="replace") if err.args and isinstance(err.args[0], bytes) else err
-        raise ValueError(f"invalid RE2 regex: {reason} (RE2 has no backreferences or lookaround)") from None
+        raw = err.args[0] if err.args else err
+        reason = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        if reason.startswith(("invalid escape sequence", "invalid perl operator")):
+            reason += " (RE2 has no backreferences or lookaround)"
+        raise ValueError(f"invalid RE2 regex: {reason}") from None
     size: int = compiled.programsize
     if size > MAX_REGEX_PROGRAM_SIZE:
         raise ValueError(
