@@ -154,25 +154,51 @@ def tcp_counters(ns: str) -> dict[str, int]:
 # -- iperf3 ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Iperf3Report:
+    received_bps: float
+    received_bytes: float
+    sent_bps: float
+    retransmits: int | None
+    cpu_utilization_percent: object
+
+
+def parse_iperf3(report: dict[str, Any]) -> Iperf3Report:
+    """The totals of an `iperf3 -c ... -J` report (the receiver's side counts what was relayed)."""
+    if "error" in report:
+        raise ValueError(f"iperf3 reported an error: {report['error']}")
+    end = report["end"]
+    return Iperf3Report(
+        received_bps=float(end["sum_received"]["bits_per_second"]),
+        received_bytes=float(end["sum_received"]["bytes"]),
+        sent_bps=float(end["sum_sent"]["bits_per_second"]),
+        retransmits=end["sum_sent"].get("retransmits"),
+        cpu_utilization_percent=end.get("cpu_utilization_percent"),
+    )
+
+
 def iperf3(ns: str, target: tuple[str, int], duration: int, streams: int) -> Measurement:
     host, port = target
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-P", str(streams), "-J"]
     returncode, report = client_json(ns, argv, duration, "iperf3")
     if returncode != 0 or "error" in report:
         raise BenchError(f"iperf3 exited {returncode}: {report.get('error', 'no error message')}")
-    end = report["end"]
-    received = float(end["sum_received"]["bits_per_second"])
-    received_bytes = float(end["sum_received"]["bytes"])
+    try:
+        totals = parse_iperf3(report)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BenchError(f"iperf3 report without totals: {err!r}") from None
     raw = {
         "argv": argv,
-        "sum_received_bps": received,
-        "sum_received_bytes": received_bytes,
-        "sum_sent_bps": end["sum_sent"]["bits_per_second"],
-        "retransmits": end["sum_sent"].get("retransmits"),
-        "cpu_utilization_percent": end.get("cpu_utilization_percent"),
+        "sum_received_bps": totals.received_bps,
+        "sum_received_bytes": totals.received_bytes,
+        "sum_sent_bps": totals.sent_bps,
+        "retransmits": totals.retransmits,
+        "cpu_utilization_percent": totals.cpu_utilization_percent,
     }
     return Measurement(
-        values={f"iperf3_{streams}_gbps": received / 1e9}, raw=raw, work={"gb": received_bytes / 1e9}
+        values={f"iperf3_{streams}_gbps": totals.received_bps / 1e9},
+        raw=raw,
+        work={"gb": totals.received_bytes / 1e9},
     )
 
 
@@ -186,34 +212,60 @@ _WRK_SOCKET_ERRORS = re.compile(
 _WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses: ([0-9]+)")
 
 
+@dataclass(frozen=True)
+class WrkReport:
+    rps: float
+    requests: int | None  # completed requests (None when wrk did not print the count)
+    socket_errors: dict[str, int]  # connect, read, write, timeout
+    non_2xx_3xx: int
+
+
+def parse_wrk(output: str) -> WrkReport:
+    """The summary wrk 4.x prints on stdout."""
+    rps = _WRK_RPS.search(output)
+    if rps is None:
+        raise ValueError("no 'Requests/sec:' line in wrk's output")
+    requests = _WRK_REQUESTS.search(output)
+    socket_errors = _WRK_SOCKET_ERRORS.search(output)
+    non_2xx = _WRK_NON_2XX.search(output)
+    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    if socket_errors is not None:
+        errors = dict(zip(errors, map(int, socket_errors.groups()), strict=True))
+    return WrkReport(
+        rps=float(rps.group(1)),
+        requests=int(requests.group(1)) if requests else None,
+        socket_errors=errors,
+        non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
 def wrk(ns: str, url: str, duration: int, close: bool, key: str | None = None) -> Measurement:
     argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration}s"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(url)
     proc = client_run(ns, argv, duration)
-    rps = _WRK_RPS.search(proc.stdout)
-    if proc.returncode != 0 or rps is None:
-        raise BenchError(f"wrk exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
-    requests = _WRK_REQUESTS.search(proc.stdout)
-    socket_errors = _WRK_SOCKET_ERRORS.search(proc.stdout)
-    non_2xx = _WRK_NON_2XX.search(proc.stdout)
-    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
-    if socket_errors is not None:
-        errors = dict(zip(errors, map(int, socket_errors.groups()), strict=True))
+    try:
+        if proc.returncode != 0:
+            raise ValueError("non-zero exit")
+        report = parse_wrk(proc.stdout)
+    except ValueError:
+        raise BenchError(
+            f"wrk exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}"
+        ) from None
     raw: dict[str, object] = {
         "argv": argv,
-        "requests": int(requests.group(1)) if requests else None,
-        "socket_errors": errors,
-        "non_2xx_3xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "requests": report.requests,
+        "socket_errors": report.socket_errors,
+        "non_2xx_3xx": report.non_2xx_3xx,
         "output": proc.stdout,
     }
     warnings = []
-    if sum(errors.values()) or raw["non_2xx_3xx"]:
-        warnings.append(f"wrk socket errors {errors}, non-2xx answers {raw['non_2xx_3xx']}")
+    if sum(report.socket_errors.values()) or report.non_2xx_3xx:
+        warnings.append(f"wrk socket errors {report.socket_errors}, non-2xx answers {report.non_2xx_3xx}")
     key = key or ("wrk_close_cps" if close else "wrk_keepalive_rps")
-    work = {"connections" if close else "requests": float(requests.group(1))} if requests else {}
-    return Measurement(values={key: float(rps.group(1))}, raw=raw, warnings=warnings, work=work)
+    work = {} if report.requests is None else {"connections" if close else "requests": float(report.requests)}
+    return Measurement(values={key: report.rps}, raw=raw, warnings=warnings, work=work)
 
 
 # -- latency -----------------------------------------------------------------------------------------
