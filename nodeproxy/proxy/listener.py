@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import logging
+import os
 import resource
 import socket
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
 from nodeproxy import _fastpath
+from nodeproxy.accesslog import AccessLog
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import RelayConfig
 from nodeproxy.proxy.outbound import Passthrough, Refuse, ToEndpoint, decide
@@ -21,15 +26,24 @@ from nodeproxy.proxy.relay import Completion, Ending, RelayPool
 from nodeproxy.state.routing import StateUpdater
 
 log = structlog.get_logger("nodeproxy.outbound")
-IP_TRANSPARENT = 19
+
 # Failures of our own resources, not of the endpoint: trying another endpoint cannot help.
 LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
-# Descriptors budgeted per connection when deriving a worker's connection cap from its fd limit: two
-# sockets always, pipes (two fds each) only while bytes are in flight.
-FDS_PER_CONNECTION = 3
-FDS_RESERVED = 256
+# The most descriptors one relayed connection holds at once: its two sockets, plus a pipe (two fds) per
+# direction while bytes are in flight. A bulk connection holds all six, so a budget of fewer lets the
+# relay run out of descriptors mid-stream (issue 6, defect 2). The relay exports its own figure.
+FDS_PER_CONNECTION: int = getattr(_fastpath, "FDS_PER_CONNECTION_MAX", 6)
+# Descriptors a relay thread holds whatever its load (epoll, wake-up eventfd, and up to 128 empty pooled
+# pipes of two fds): the fallback when the relay does not export its own figure.
+FDS_PER_RELAY_THREAD_FALLBACK = 2 + 2 * 128
+# Descriptors kept spare beyond what the process held at start and its relay threads may hold: logging,
+# the control pipe, a connect in progress.
+FDS_SPARE = 32
 ACCEPT_BATCH = 128
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
+LOCAL_ENDING_NAME = "local_resources"  # access-log `ending` of a connection this host could not carry
+
+assert FDS_PER_CONNECTION >= 2, "a connection holds at least its two sockets"
 
 
 def open_listener(address: tuple[str, int], backlog: int = 65535) -> socket.socket:
@@ -39,39 +53,76 @@ def open_listener(address: tuple[str, int], backlog: int = 65535) -> socket.sock
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # TPROXY hands us connections addressed to other hosts; the listener must be transparent to take them.
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
     _fastpath.set_socket_options(sock.fileno())  # inherited by every accepted socket
     sock.bind(address)
     sock.listen(backlog)
     return sock
 
 
-@dataclass(slots=True)
+def worker_share(max_connections: int, workers: int, index: int) -> int:
+    """Worker `index`'s share of `max_connections`: the shares of all workers add up to exactly
+    max_connections (the first max_connections % workers workers take one more), so the node-wide cap is
+    never exceeded. The cap is per worker share: a worker whose share is full refuses new connections even
+    while another worker has room, as SO_REUSEPORT (not the proxy) chose the worker."""
+    if workers < 1 or not 0 <= index < workers:
+        raise ValueError(f"worker {index} of {workers}")
+    return max_connections // workers + (1 if index < max_connections % workers else 0)
+
+
+def descriptor_cap(fd_limit: int, fds_reserved: int) -> int:
+    """Connections a process with `fd_limit` descriptors can carry when `fds_reserved` are spoken for."""
+    return max(0, (fd_limit - fds_reserved) // FDS_PER_CONNECTION)
+
+
 class Connection:
-    """A captured connection on its way through the proxy (Python only tracks it, the relay moves it)."""
+    """A captured connection on its way through the proxy (Python only tracks it, the relay moves it).
 
-    id: int
-    client_fd: int
-    client_ip: str
-    client_port: int
-    orig_ip: str
-    orig_port: int
-    started: float
-    worker: _fastpath.RelayWorker
-    service: str | None = None
-    endpoint: Endpoint | None = None
-    target: tuple[str, int] | None = None
-    tried: set[str] = field(default_factory=set)
+    A plain slotted class rather than a dataclass: one is built per accepted connection, so its
+    constructor is on the hot path; `tried` is created only when a connect fails."""
 
-    def log_fields(self) -> dict[str, object]:
-        """What every access-log line about this connection says."""
-        return {
-            "conn": self.id,
-            "src": f"{self.client_ip}:{self.client_port}",
-            "dst": f"{self.orig_ip}:{self.orig_port}",
-            "service": self.service,
-            "upstream": f"{self.target[0]}:{self.target[1]}" if self.target else None,
-        }
+    __slots__ = (
+        "client_fd",
+        "client_ip",
+        "client_port",
+        "endpoint",
+        "id",
+        "orig_ip",
+        "orig_port",
+        "service",
+        "started",
+        "target",
+        "tried",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        conn_id: int,
+        client_fd: int,
+        client_ip: str,
+        client_port: int,
+        orig_ip: str,
+        orig_port: int,
+        started: float,
+        worker: _fastpath.RelayWorker,
+    ) -> None:
+        self.id = conn_id
+        self.client_fd = client_fd
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.orig_ip = orig_ip
+        self.orig_port = orig_port
+        self.started = started
+        self.worker = worker
+        self.service: str | None = None
+        self.endpoint: Endpoint | None = None
+        self.target: tuple[str, int] | None = None
+        self.tried: set[str] | None = None
+
+    @property
+    def attempts_failed(self) -> int:
+        return len(self.tried) if self.tried else 0
 
 
 @dataclass
@@ -79,7 +130,21 @@ class ListenerStats:
     accepted: int = 0
     refused: int = 0
     connect_failures: int = 0
+    dispatch_errors: int = 0
     closed: dict[str, int] = field(default_factory=dict)
+
+
+def _ending_names() -> dict[int, str]:
+    """Access-log names of the relay's completion kinds (lower-case enum names)."""
+    names = {int(ending): ending.name.lower() for ending in Ending}
+    local = getattr(_fastpath, "LOCAL_RESOURCES", None)
+    if local is not None:
+        names[int(local)] = LOCAL_ENDING_NAME
+    return names
+
+
+ENDING_NAMES = _ending_names()
+CONNECT_FAILED_ENDINGS = frozenset({int(Ending.CONNECT_FAILED), int(Ending.CONNECT_TIMEOUT)})
 
 
 class OutboundListener:
@@ -92,29 +157,78 @@ class OutboundListener:
         access_log: bool = True,
         worker: int = 0,
         workers: int = 1,
+        access_log_fd: int | None = None,
+        on_load_change: Callable[[int], None] | None = None,
     ) -> None:
         self.address = address
-        self.relay_config = relay
         self.updater = updater
         self.pool = pool
-        self.access_log = access_log
+        self.worker = worker
+        self.workers = workers
+        self.access_log = AccessLog(
+            access_log_fd,
+            enabled=access_log,
+            warnings_only=not log.is_enabled_for(logging.INFO),
+        )
         self.connections: dict[int, Connection] = {}
         self.stats = ListenerStats()
-        self.workers = workers
         # Interleaved so connection ids are unique across all workers of the daemon.
         self._ids = itertools.count(worker + 1, workers)
-        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.fd_connection_cap = max(1, (fd_limit - FDS_RESERVED) // FDS_PER_CONNECTION)
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        pool_reserve = getattr(pool, "fds_reserved", 1 + FDS_PER_RELAY_THREAD_FALLBACK * len(pool.workers))
+        self.fds_reserved = _open_descriptors() + pool_reserve + FDS_SPARE
+        self.fd_connection_cap = descriptor_cap(self.fd_limit, self.fds_reserved)
+        # Called with this worker's live connection count when it changes by a batch (the reuseport
+        # balancer's load table); None when no balancer is attached.
+        self.on_load_change = on_load_change
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False  # set once the relay stops: connect failures are then refused, not retried
+        self.relay_config = relay
+
+    @property
+    def relay_config(self) -> RelayConfig:
+        return self._relay_config
+
+    @relay_config.setter
+    def relay_config(self, relay: RelayConfig) -> None:
+        """Applied by a reload; the per-connection numbers are derived here once, not per connection."""
+        self._relay_config = relay
+        self._connect_timeout_ms = int(relay.connect_timeout * 1000)
+        self._idle_timeout_ms = int(relay.idle_timeout * 1000)
+        self._connect_attempts = relay.connect_attempts
+        self.connection_cap = min(
+            worker_share(relay.max_connections, self.workers, self.worker), self.fd_connection_cap
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         """Serve `sock` (this worker's SO_REUSEPORT listener from open_listener) on `loop`."""
         sock.setblocking(False)
         self._sock, self._loop = sock, loop
+        self.warn_if_descriptors_cap_connections()
         loop.add_reader(sock.fileno(), self._on_acceptable)
         loop.add_reader(self.pool.notify_fd, self._on_completions)
+
+    def warn_if_descriptors_cap_connections(self) -> None:
+        """Once per daemon (worker 0 speaks for all: they share one limit): say so when RLIMIT_NOFILE,
+        not relay.max_connections, is what limits the node's connections."""
+        share = worker_share(self._relay_config.max_connections, self.workers, self.worker)
+        if self.worker != 0 or self.fd_connection_cap >= share:
+            return
+        node_cap = sum(
+            min(worker_share(self._relay_config.max_connections, self.workers, i), self.fd_connection_cap)
+            for i in range(self.workers)
+        )
+        log.warning(
+            "descriptor limit caps connections below relay.max_connections",
+            max_connections=self._relay_config.max_connections,
+            connection_cap=node_cap,
+            workers=self.workers,
+            fd_limit_per_worker=self.fd_limit,
+            fds_per_connection=FDS_PER_CONNECTION,
+            fds_reserved_per_worker=self.fds_reserved,
+            fd_limit_needed=self.fds_reserved + share * FDS_PER_CONNECTION,
+        )
 
     def stop_accepting(self) -> None:
         if self._sock is not None and self._loop is not None:
@@ -130,12 +244,6 @@ class OutboundListener:
         for record in self.pool.stop():
             self._on_completion(record)
 
-    @property
-    def connection_cap(self) -> int:
-        """New connections beyond this are reset: this worker's share of relay.max_connections, and never
-        more than its descriptor limit allows (EMFILE mid-connect would fail connections at random)."""
-        return min(max(1, self.relay_config.max_connections // self.workers), self.fd_connection_cap)
-
     # -- accepting -------------------------------------------------------------------------------------
 
     def _on_acceptable(self) -> None:
@@ -149,78 +257,110 @@ class OutboundListener:
             self._loop.call_later(ACCEPT_PAUSE_ON_EMFILE, self._resume_accepting)
             return
         now = time.monotonic()
+        next_id = self._ids.__next__
+        next_worker = self.pool.next_worker
+        connections = self.connections
+        cap = self.connection_cap
+        self.stats.accepted += len(batch)
         for fd, client_ip, client_port, orig_ip, orig_port in batch:
-            self.stats.accepted += 1
-            conn = Connection(
-                next(self._ids), fd, client_ip, client_port, orig_ip, orig_port, now, self.pool.next_worker()
-            )
-            if len(self.connections) >= self.connection_cap:
-                self._refuse(conn, f"connection limit reached ({self.connection_cap} in this worker)")
+            conn = Connection(next_id(), fd, client_ip, client_port, orig_ip, orig_port, now, next_worker())
+            if len(connections) >= cap:
+                self._refuse(conn, f"connection limit reached ({cap} in this worker)")
                 continue
             self._dispatch(conn)
+        if self.on_load_change is not None:
+            self.on_load_change(len(connections))
 
     def _resume_accepting(self) -> None:
         if self._sock is not None and self._loop is not None:
             self._loop.add_reader(self._sock.fileno(), self._on_acceptable)
 
     def _dispatch(self, conn: Connection) -> None:
-        decision = decide(self.updater.current, conn.orig_ip, conn.orig_port, self.address, conn.tried)
-        if isinstance(decision, Refuse):
-            self._refuse(conn, decision.reason)
+        """Route one connection and hand it to the relay. Never raises: a failure of this connection
+        (even a bug) resets its client and is logged, and the rest of the batch goes on."""
+        try:
+            self._route_and_connect(conn)
+        except Exception as err:
+            self.stats.dispatch_errors += 1
+            if self.connections.pop(conn.id, None) is not None and conn.endpoint is not None:
+                conn.endpoint.active -= 1
+            log.error(
+                "connection dispatch failed; resetting the client",
+                conn=conn.id,
+                error=repr(err),
+                traceback=traceback.format_exc(),
+            )
+            conn.endpoint = None
+            self._refuse(conn, f"internal error: {err!r}")
+
+    def _route_and_connect(self, conn: Connection) -> None:
+        if self._closing:
+            self._refuse(conn, "proxy is shutting down")
             return
+        decision = decide(self.updater.current, conn.orig_ip, conn.orig_port, self.address, conn.tried or ())
         if isinstance(decision, ToEndpoint):
             endpoint = decision.endpoint
             conn.service, conn.endpoint = decision.route.service, endpoint
-            conn.target = (endpoint.address, endpoint.port)
+            conn.target = target = (endpoint.address, endpoint.port)
             endpoint.active += 1
             endpoint.total += 1
+        elif isinstance(decision, Passthrough):
+            conn.target = target = (decision.ip, decision.port)
         else:
-            assert isinstance(decision, Passthrough)
-            conn.target = (decision.ip, decision.port)
-        self.connections[conn.id] = conn
-        timeout_ms = int(self.relay_config.connect_timeout * 1000)
-        if self._closing:
-            del self.connections[conn.id]
-            if conn.endpoint is not None:
-                conn.endpoint.active -= 1
-            self._refuse(conn, "proxy is shutting down")
+            assert isinstance(decision, Refuse)
+            self._refuse(conn, decision.reason)
             return
+        self.connections[conn.id] = conn
         try:
             conn.worker.connect(
                 conn.id,
                 conn.client_fd,
-                conn.target[0],
-                conn.target[1],
-                timeout_ms,
+                target[0],
+                target[1],
+                self._connect_timeout_ms,
                 conn.client_ip,
-                idle_timeout_ms=int(self.relay_config.idle_timeout * 1000),
+                idle_timeout_ms=self._idle_timeout_ms,
             )
         except OSError as err:
             del self.connections[conn.id]
             if conn.endpoint is not None:
                 conn.endpoint.active -= 1
-            if err.errno in LOCAL_ERRORS:
-                conn.endpoint = None
-                self._refuse(conn, f"local resources exhausted: {err.strerror}")
-                return
             self._connect_failed(conn, err.errno or 0)
 
     def _refuse(self, conn: Connection, reason: str) -> None:
+        """Reset the client; the connection is not (or no longer) in self.connections."""
         self.stats.refused += 1
-        _fastpath.reset_and_close(conn.client_fd)
-        if self.access_log:
-            log.info(
-                "connection refused",
-                **conn.log_fields(),
-                reason=reason,
-                attempts=len(conn.tried),
-            )
+        if conn.client_fd >= 0:
+            _fastpath.reset_and_close(conn.client_fd)
+            conn.client_fd = -1
+        if self.access_log.info_enabled:
+            self.access_log.refused(self._log_fields(conn), reason, conn.attempts_failed)
+
+    def _log_fields(self, conn: Connection) -> str:
+        return self.access_log.connection_fields(
+            conn.id,
+            (conn.client_ip, conn.client_port),
+            (conn.orig_ip, conn.orig_port),
+            conn.service,
+            conn.target,
+        )
 
     # -- completions -----------------------------------------------------------------------------------
 
     def _on_completions(self) -> None:
         for record in self.pool.completions():
-            self._on_completion(record)
+            try:
+                self._on_completion(record)
+            except Exception as err:  # one bad record must not lose the rest of the batch
+                self.stats.dispatch_errors += 1
+                log.error(
+                    "completion handling failed",
+                    conn=record.conn_id,
+                    error=repr(err),
+                    traceback=traceback.format_exc(),
+                )
+        if self.on_load_change is not None:
+            self.on_load_change(len(self.connections))
 
     def _on_completion(self, record: Completion) -> None:
         conn = self.connections.pop(record.conn_id, None)
@@ -228,48 +368,54 @@ class OutboundListener:
             return
         if conn.endpoint is not None:
             conn.endpoint.active -= 1
-        ending = Ending(record.ending)
-        if ending.connect_failed:
+        ending = record.ending
+        if ending in CONNECT_FAILED_ENDINGS:
             conn.client_fd = record.client_fd
             self._connect_failed(conn, record.err)
             return
-        name = ending.name.lower()
-        self.stats.closed[name] = self.stats.closed.get(name, 0) + 1
-        if self.access_log:
-            log.info(
-                "connection closed",
-                **conn.log_fields(),
-                ending=name,
-                errno=record.err,
-                bytes_up=record.bytes_up,
-                bytes_down=record.bytes_down,
-                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
-                attempts=len(conn.tried) + 1,
+        name = ENDING_NAMES.get(ending) or f"ending_{ending}"
+        closed = self.stats.closed
+        closed[name] = closed.get(name, 0) + 1
+        if self.access_log.info_enabled:
+            self.access_log.closed(
+                self._log_fields(conn),
+                name,
+                record.err,
+                record.bytes_up,
+                record.bytes_down,
+                (time.monotonic() - conn.started) * 1000,
+                conn.attempts_failed + 1,
             )
 
     def _connect_failed(self, conn: Connection, err: int) -> None:
         """Try another endpoint of the same service, or reset the client."""
+        error = os.strerror(err) if err else "unknown error"
+        if err in LOCAL_ERRORS:
+            # This host ran short (descriptors, ports, buffers): another endpoint cannot help, and
+            # neither the endpoint nor the peer is to blame.
+            conn.endpoint = None
+            self._refuse(conn, f"{LOCAL_ENDING_NAME}: {error}")
+            return
         self.stats.connect_failures += 1
-        if self.access_log:
-            log.warning(
-                "upstream connect failed",
-                **conn.log_fields(),
-                errno=err,
-                error=_strerror(err),
-            )
+        if self.access_log.warning_enabled:
+            self.access_log.connect_failed(self._log_fields(conn), err)
         if conn.endpoint is None:
-            self._refuse(conn, f"connect to original destination failed: {_strerror(err)}")
+            self._refuse(conn, f"connect to original destination failed: {error}")
             return
         conn.endpoint.connect_failures += 1
+        if conn.tried is None:
+            conn.tried = set()
         conn.tried.add(conn.endpoint.address)
         conn.endpoint = None
-        if len(conn.tried) >= self.relay_config.connect_attempts:
-            self._refuse(conn, f"{len(conn.tried)} connect attempts failed, last: {_strerror(err)}")
+        if len(conn.tried) >= self._connect_attempts:
+            self._refuse(conn, f"{len(conn.tried)} connect attempts failed, last: {error}")
             return
         self._dispatch(conn)
 
 
-def _strerror(err: int) -> str:
-    import os
-
-    return os.strerror(err) if err else "unknown error"
+def _open_descriptors() -> int:
+    """Descriptors this process holds now (listener, event loop, control pipe, stdio, relay threads)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64  # no /proc: a generous guess for a Python process

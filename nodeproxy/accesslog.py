@@ -1,0 +1,221 @@
+"""Access log and atomic log lines: one JSON object per line, each written with a single write().
+
+Every process of the daemon (supervisor and workers) writes to the same stderr. A line written with more
+than one write() can be split by another process's line (issue 6, defect 12), so every record here is
+rendered completely first and then written with one os.write():
+
+- to a pipe (journald, a container runtime, `| tee`), a write of at most PIPE_BUF bytes is atomic, so
+  records are kept below PIPE_BUF (long free-text fields are truncated);
+- to a regular file, the descriptor is switched to O_APPEND, so every write lands at the end as a whole
+  even when several processes (or several open descriptions of the file) append to it.
+
+Access-log records are rendered by hand rather than through structlog: a connection's record is a few
+string joins, where a structlog chain with a JSON renderer costs several times that per connection.
+The keys are those structlog's JSON renderer produced before (`event`, the connection's fields, `level`,
+`timestamp`), so readers of the log see the same records.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import stat
+import sys
+import time
+from typing import Any, TextIO
+
+# Records at most this long are written atomically to a pipe (POSIX guarantees PIPE_BUF >= 512; Linux 4096).
+MAX_LINE = select.PIPE_BUF
+# Free text (a refusal reason, an error message) is cut to this many characters, which keeps a record of
+# the longest allowed names well below MAX_LINE.
+MAX_TEXT = 512
+_ENCODED_CACHE_LIMIT = 4096  # distinct service names / upstream addresses kept JSON-encoded
+
+
+def prepare_fd(fd: int) -> None:
+    """Make `fd` safe for appends from several processes: O_APPEND on a regular file; pipes, sockets and
+    terminals need nothing (their atomicity is per write() below PIPE_BUF)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return  # a closed stderr: writes will fail and be counted as dropped
+    if stat.S_ISREG(mode):
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not flags & os.O_APPEND:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+
+
+def write_line(fd: int, line: bytes) -> bool:
+    """Write one whole record (ending in a newline) with a single write(); False if it was dropped.
+
+    A logger must never take the proxy down: a full non-blocking pipe or a closed stderr drops the record.
+    A short write (a signal, or a record over MAX_LINE) is completed with further writes.
+    """
+    view = memoryview(line)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:  # EAGAIN (a full non-blocking pipe), EPIPE, EBADF, ENOSPC, EIO, ...
+            return False
+        view = view[written:]
+    return True
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) gives,
+    formatting the date and time only once per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _text(value: str) -> str:
+    """A JSON string literal for free text, cut to MAX_TEXT characters."""
+    return json.dumps(value[:MAX_TEXT])
+
+
+class AccessLog:
+    """One JSON line per connection outcome: closed, refused, or an upstream connect that failed.
+
+    `enabled` False (the `--no-access-log` flag) makes every method return at once. `warnings_only`
+    (log level warning or higher) keeps only the "upstream connect failed" records, which are warnings.
+    """
+
+    def __init__(self, fd: int | None = None, enabled: bool = True, warnings_only: bool = False) -> None:
+        self.fd = sys.stderr.fileno() if fd is None else fd
+        self.info_enabled = enabled and not warnings_only
+        self.warning_enabled = enabled
+        self.dropped = 0  # records a full pipe or a closed stderr cost us
+        self._clock = _Clock()
+        self._encoded: dict[str, str] = {}
+        if enabled:
+            prepare_fd(self.fd)
+
+    def _name(self, value: str | None) -> str:
+        """JSON for a service name or upstream address; they repeat, so each is encoded once."""
+        if value is None:
+            return "null"
+        encoded = self._encoded.get(value)
+        if encoded is None:
+            if len(self._encoded) >= _ENCODED_CACHE_LIMIT:
+                self._encoded.clear()
+            encoded = self._encoded[value] = json.dumps(value[:MAX_TEXT])
+        return encoded
+
+    def _emit(self, event: str, level: str, conn_fields: str, fields: str) -> None:
+        line = (
+            f'{{"event": "{event}", {conn_fields}{fields}, "level": "{level}", '
+            f'"timestamp": "{self._clock.now()}"}}\n'
+        ).encode()
+        if len(line) > MAX_LINE:
+            # Only names and texts full of escaped characters get here; keep the record whole and atomic.
+            line = (
+                json.dumps(
+                    {
+                        "event": event,
+                        "truncated": line[:MAX_TEXT].decode("ascii", "replace"),
+                        "level": level,
+                        "timestamp": self._clock.now(),
+                    }
+                )
+                + "\n"
+            ).encode()
+        if not write_line(self.fd, line):
+            self.dropped += 1
+
+    def connection_fields(
+        self,
+        conn_id: int,
+        client: tuple[str, int],
+        original: tuple[str, int],
+        service: str | None,
+        upstream: tuple[str, int] | None,
+    ) -> str:
+        """The fields every record about one connection starts with (addresses come from inet_ntop and
+        config-validated endpoints, so they need no escaping beyond what _name does)."""
+        upstream_text = self._name(f"{upstream[0]}:{upstream[1]}") if upstream is not None else "null"
+        return (
+            f'"conn": {conn_id}, "src": "{client[0]}:{client[1]}", "dst": "{original[0]}:{original[1]}", '
+            f'"service": {self._name(service)}, "upstream": {upstream_text}'
+        )
+
+    def closed(
+        self,
+        conn_fields: str,
+        ending: str,
+        err: int,
+        bytes_up: int,
+        bytes_down: int,
+        duration_ms: float,
+        attempts: int,
+    ) -> None:
+        if self.info_enabled:
+            self._emit(
+                "connection closed",
+                "info",
+                conn_fields,
+                f', "ending": "{ending}", "errno": {err}, "bytes_up": {bytes_up}, '
+                f'"bytes_down": {bytes_down}, "duration_ms": {duration_ms:.3f}, "attempts": {attempts}',
+            )
+
+    def refused(self, conn_fields: str, reason: str, attempts: int) -> None:
+        if self.info_enabled:
+            self._emit(
+                "connection refused",
+                "info",
+                conn_fields,
+                f', "reason": {_text(reason)}, "attempts": {attempts}',
+            )
+
+    def connect_failed(self, conn_fields: str, err: int) -> None:
+        if self.warning_enabled:
+            error = os.strerror(err) if err else "unknown error"
+            self._emit(
+                "upstream connect failed",
+                "warning",
+                conn_fields,
+                f', "errno": {err}, "error": {_text(error)}',
+            )
+
+
+class AtomicLineLogger:
+    """A structlog logger writing each rendered message as one line with one write() (unlike
+    PrintLogger, whose print() writes the message and the newline separately)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        prepare_fd(fd)
+
+    def msg(self, message: str) -> None:
+        line = (message + "\n").encode("utf-8", "backslashreplace")
+        write_line(self.fd, line)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class AtomicLineLoggerFactory:
+    """structlog logger_factory for AtomicLineLogger: `AtomicLineLoggerFactory(sys.stderr)`."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> AtomicLineLogger:
+        file = self._file if self._file is not None else sys.stderr
+        file.flush()  # anything print()ed before must not land after our lines
+        return AtomicLineLogger(file.fileno())

@@ -1,0 +1,215 @@
+"""Access log: every record is one whole JSON line, also with several processes writing to one file or
+pipe under load (issue 6, defect 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeproxy import netns
+from nodeproxy.accesslog import MAX_LINE, AccessLog, AtomicLineLoggerFactory, prepare_fd
+from nodeproxy.lab import Lab, stop_process
+from tests.conftest import running_lab, start_proxy
+
+LOAD_SECONDS = 3
+RECORDS_PER_WRITER = 5000
+
+
+def parse_lines(text: str) -> list[dict[str, object]]:
+    """Every line must be one JSON object; the failure names the first line that is not."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AssertionError(f"line {number} is not one JSON record ({err}): {line[:300]!r}") from None
+        assert isinstance(record, dict), line
+        records.append(record)
+    return records
+
+
+def _write_records(fd: int, writer: int) -> None:
+    log = AccessLog(fd)
+    for i in range(RECORDS_PER_WRITER):
+        fields = log.connection_fields(
+            writer * RECORDS_PER_WRITER + i, ("10.0.0.1", i), ("10.96.0.10", 80), "web", None
+        )
+        if i % 3:
+            log.closed(fields, "closed", 0, i, 2 * i, 0.5, 1)
+        else:
+            log.refused(
+                fields, 'reason with "quotes", a \\ and non-ASCII: \u00e9\u6f22 ' + "x" * (i % 700), 0
+            )
+
+
+def _fork_writers(fd: int, writers: int) -> list[int]:
+    pids = []
+    for writer in range(writers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _write_records(fd, writer)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return pids
+
+
+def test_records_from_several_processes_stay_whole_on_a_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    pids = _fork_writers(write_fd, 3)
+    os.close(write_fd)
+    chunks = []
+    with os.fdopen(read_fd, "rb") as reader:
+        while chunk := reader.read(1 << 16):
+            chunks.append(chunk)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    records = parse_lines(b"".join(chunks).decode())
+    assert len(records) == 3 * RECORDS_PER_WRITER
+    assert len({r["conn"] for r in records}) == 3 * RECORDS_PER_WRITER
+
+
+def test_records_from_several_processes_stay_whole_in_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    # Two separate open descriptions without O_APPEND would overwrite each other: prepare_fd sets it.
+    fds = [os.open(path, os.O_WRONLY | os.O_CREAT, 0o644) for _ in range(2)]
+    pids = [pid for fd in fds for pid in _fork_writers(fd, 1)]
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    for fd in fds:
+        assert os.get_blocking(fd)
+        os.close(fd)
+    records = parse_lines(path.read_text())
+    assert len(records) == 2 * RECORDS_PER_WRITER
+
+
+def test_record_fields_and_bounded_length() -> None:
+    read_fd, write_fd = os.pipe()
+    log = AccessLog(write_fd)
+    fields = log.connection_fields(
+        7, ("10.244.1.10", 40000), ("10.96.0.10", 80), "w\u00e9b\n", ("10.244.1.100", 8080)
+    )
+    log.closed(fields, "closed", 0, 10, 20, 1.23456, 1)
+    log.refused(fields, "\u6f22" * 5000, 2)  # escapes to 6 bytes a character: far over PIPE_BUF uncut
+    log.connect_failed(fields, 111)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        raw = reader.read()
+    lines = raw.decode().splitlines()
+    assert all(len(line) + 1 <= MAX_LINE for line in lines)
+    closed, refused, failed = parse_lines(raw.decode())
+    assert closed["event"] == "connection closed" and closed["level"] == "info"
+    assert closed["src"] == "10.244.1.10:40000" and closed["dst"] == "10.96.0.10:80"
+    assert closed["service"] == "w\u00e9b\n" and closed["upstream"] == "10.244.1.100:8080"
+    assert closed["bytes_up"] == 10 and closed["bytes_down"] == 20 and closed["duration_ms"] == 1.235
+    assert str(closed["timestamp"]).endswith("Z") and len(str(closed["timestamp"])) == 27
+    assert refused["event"] == "connection refused"
+    assert failed["level"] == "warning" and failed["error"] == os.strerror(111)
+
+
+def test_warnings_only_and_disabled() -> None:
+    read_fd, write_fd = os.pipe()
+    quiet = AccessLog(write_fd, warnings_only=True)
+    fields = quiet.connection_fields(1, ("10.0.0.1", 1), ("10.0.0.2", 2), None, None)
+    quiet.closed(fields, "closed", 0, 0, 0, 0.0, 1)
+    quiet.connect_failed(fields, 110)
+    AccessLog(write_fd, enabled=False).connect_failed(fields, 110)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        records = parse_lines(reader.read().decode())
+    assert [r["event"] for r in records] == ["upstream connect failed"]
+    assert records[0]["service"] is None and records[0]["upstream"] is None
+
+
+def test_atomic_line_logger_for_structlog(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with path.open("w") as file:
+        logger = AtomicLineLoggerFactory(file)()
+        logger.info('{"event":"a"}')
+        logger.error('{"event":"b"}')
+    assert [r["event"] for r in parse_lines(path.read_text())] == ["a", "b"]
+
+
+def test_prepare_fd_sets_append_only_on_regular_files(tmp_path: Path) -> None:
+    import fcntl
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    read_fd, write_fd = os.pipe()
+    try:
+        prepare_fd(fd)
+        prepare_fd(write_fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+        assert not fcntl.fcntl(write_fd, fcntl.F_GETFL) & os.O_APPEND
+    finally:
+        for each in (fd, read_fd, write_fd):
+            os.close(each)
+
+
+# -- the daemon under load ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_client_lab() -> Iterator[Lab]:
+    with running_lab(clients=2) as lab:
+        yield lab
+
+
+@pytest.mark.netns
+def test_loaded_daemon_log_of_two_workers_is_one_json_record_per_line(
+    two_client_lab: Lab, tmp_path: Path
+) -> None:
+    lab = two_client_lab
+    proxy = start_proxy(lab, tmp_path, lab.config_yaml(extra="relay:\n  threads: 2\n"))
+    try:
+        loads = [
+            subprocess.Popen(
+                netns.exec_argv(
+                    pod.ns,
+                    [
+                        "wrk",
+                        "-t1",
+                        "-c16",
+                        f"-d{LOAD_SECONDS}s",
+                        "-H",
+                        "Connection: close",
+                        "http://10.96.0.10:80/",
+                    ],
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for pod in lab.client_pods
+        ]
+        outputs = [load.communicate(timeout=LOAD_SECONDS + 30)[0] for load in loads]
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.proc.wait(timeout=30)
+    finally:
+        stop_process(proxy.proc)
+        subprocess.run(
+            netns.exec_argv(
+                lab.node_ns,
+                [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(proxy.config_path)],
+            ),
+            capture_output=True,
+        )
+    requests = 0
+    for output in outputs:
+        found = [line for line in output.splitlines() if "requests in" in line]
+        assert found, output
+        requests += int(found[0].split()[0])
+    assert requests > 1000, outputs  # enough load for two workers to write at the same time
+    records = parse_lines(proxy.log())
+    closed = [r for r in records if r.get("event") == "connection closed"]
+    # wrk's connections still open at the end are counted when the daemon stops them.
+    assert len(closed) >= requests, (len(closed), requests)
+    workers = {int(str(r["conn"])) % 2 for r in closed}
+    assert workers == {0, 1}, "both workers logged connections"
