@@ -168,8 +168,9 @@ def proxy_cpu_report(seconds: float, processes: int, measurement: Measurement) -
     return {
         "seconds": round(seconds, 3),
         "processes": processes,
-        "per_unit": {
-            unit: value
+        # CPU seconds per GB / per connection / per request: whatever work the workload counted.
+        "seconds_per_unit": {
+            unit: float(f"{value:.4g}")
             for unit, amount in measurement.work.items()
             if (value := cpu.cost(seconds, amount, 1.0)) is not None
         },
@@ -459,6 +460,8 @@ def machine_info() -> dict[str, object]:
         "nginx": command_output(["nginx", "-v"]),
         "iperf3": command_output(["iperf3", "--version"]),
         "wrk": command_output(["wrk", "-v"]),
+        "h2load": command_output(["h2load", "--version"]),
+        "curl": command_output(["curl", "--version"]),
         "nodeproxy_rev": command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
         "nodeproxy_tree_dirty": bool(dirty),
         "loadavg_at_start": os.getloadavg(),
