@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -25,7 +26,7 @@ from nodeproxy.proxy.http_route import (
     decide_request,
     grpc_status_for,
 )
-from nodeproxy.routes import HttpServiceRoutes, Route, Subset
+from nodeproxy.routes import HttpServiceRoutes, Route, RouteRegex, Subset
 from nodeproxy.state.routing import StateUpdater
 
 VIP = "10.96.0.20"
@@ -503,6 +504,32 @@ def test_split_weights_are_honoured(weights: list[int], seed: int) -> None:
         assert abs(share - expected) <= 5 * sigma + 1e-9, (name, weight, weights, share)
 
 
+class _EveryDraw(random.Random):
+    """randrange(n) returns 0, 1, ..., n-1 in turn: one cycle covers every draw exactly once."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.next = 0
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+        assert stop is None and step == 1, "decide_request draws with randrange(total)"
+        value = self.next % start
+        self.next += 1
+        return value
+
+
+@pytest.mark.parametrize("weights", [[90, 10], [1, 1], [1, 2, 3], [0, 5, 0, 7], [1000, 1]])
+def test_every_draw_maps_to_a_destination_in_exact_proportion(weights: list[int]) -> None:
+    routes, names = _weighted_routes(weights, seed=0)
+    routes = dataclasses.replace(routes, rng=_EveryDraw())
+    counts: Counter[str | None] = Counter()
+    for _ in range(sum(weights)):
+        decision = decide_request(routes, attrs())
+        assert isinstance(decision, Forward)
+        counts[decision.subset] += 1
+    assert counts == {name: w for name, w in zip(names, weights, strict=True) if w}
+
+
 def test_canary_90_10_within_3_percent_over_2000_requests() -> None:
     routes, _ = _weighted_routes([90, 10], seed=2026)
     counts: Counter[str | None] = Counter()
@@ -531,3 +558,18 @@ def test_decision_can_be_built_without_config_for_the_engine() -> None:
     routes = compile_service_routes(service, "http", (endpoint,), RoundRobin(), random.Random(0))
     decision = decide_request(routes, attrs())
     assert isinstance(decision, Forward) and decision.endpoint is endpoint and decision.route == "routes[0]"
+
+
+EQUIVALENCE_PATTERNS = ["/users/[0-9]+", "(?i)mozilla.*firefox.*", "a.c", "é+|[^/]*x", "(alice|bob)", ""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pattern=st.sampled_from(EQUIVALENCE_PATTERNS),
+    value=st.text(alphabet="aAbcxé/0123456789\x00\n", max_size=12),
+)
+def test_route_regex_agrees_with_the_public_re2_api(pattern: str, value: str) -> None:
+    # RouteRegex calls google-re2's binding directly for speed; it must answer as re2.fullmatch does.
+    import re2
+
+    assert RouteRegex(pattern).fullmatch(value) == (re2.fullmatch(pattern, value) is not None)
