@@ -66,7 +66,8 @@ class RunningProxy:
         return netns.run(self.lab.node_ns, ["iptables-save", "-t", "mangle"])
 
 
-def start_proxy(lab: Lab, tmp: Path, config_yaml: str, timeout: float = 20.0) -> RunningProxy:
+def spawn_proxy(lab: Lab, tmp: Path, config_yaml: str, env: dict[str, str] | None = None) -> RunningProxy:
+    """Start `nodeproxy run` in the lab's node namespace without waiting for it (see start_proxy)."""
     config_path, ready, log_path = tmp / "config.yaml", tmp / "ready", tmp / "daemon.log"
     config_path.write_text(config_yaml)
     ready.unlink(missing_ok=True)
@@ -76,15 +77,26 @@ def start_proxy(lab: Lab, tmp: Path, config_yaml: str, timeout: float = 20.0) ->
         [sys.executable, "-m", "nodeproxy", "run", "--config", str(config_path), "--ready-file", str(ready)],
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        env=env,
     )
     log_file.close()
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            raise RuntimeError(f"nodeproxy did not become ready:\n{log_path.read_text()}")
-        time.sleep(0.05)
     return RunningProxy(lab, proc, config_path, ready, log_path)
+
+
+def wait_ready(proxy: RunningProxy, timeout: float = 20.0) -> RunningProxy:
+    deadline = time.monotonic() + timeout
+    while not proxy.ready_file.exists():
+        if proxy.proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proxy.proc)
+            raise RuntimeError(f"nodeproxy did not become ready:\n{proxy.log()}")
+        time.sleep(0.05)
+    return proxy
+
+
+def start_proxy(
+    lab: Lab, tmp: Path, config_yaml: str, timeout: float = 20.0, env: dict[str, str] | None = None
+) -> RunningProxy:
+    return wait_ready(spawn_proxy(lab, tmp, config_yaml, env), timeout)
 
 
 def new_lab(clients: int = 2, backends: int = 3) -> Lab:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from nodeproxy import netns
 
@@ -79,3 +82,21 @@ def stream_echo(sock: socket.socket, total: int, chunk: bytes) -> tuple[str, str
     if errors:
         raise errors[0]
     return sent_hash.hexdigest(), recv_hash.hexdigest(), received
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process `pid` (e.g. a nodeproxy supervisor's workers)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -162,7 +162,9 @@ def test_rules_removed_after_sigterm_and_reinstall_is_idempotent(fresh_lab: Lab,
 
 def test_cleanup_removes_what_a_killed_daemon_left(fresh_lab: Lab, tmp_path: Path) -> None:
     lab = fresh_lab
-    proxy = start_proxy(lab, tmp_path, lab.config_yaml())
+    # on_failure closed: the rules outlive the daemon (with open, its last worker removes them itself).
+    config = lab.config_yaml().replace("capture:\n", "capture:\n  on_failure: closed\n", 1)
+    proxy = start_proxy(lab, tmp_path, config)
     supervisor = proxy.proc.pid
     proxy.proc.send_signal(signal.SIGKILL)
     proxy.proc.wait()
