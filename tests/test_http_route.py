@@ -573,3 +573,39 @@ def test_route_regex_agrees_with_the_public_re2_api(pattern: str, value: str) ->
     import re2
 
     assert RouteRegex(pattern).fullmatch(value) == (re2.fullmatch(pattern, value) is not None)
+
+
+FUZZ_ROUTES: list[dict[str, Any]] = [
+    {"name": "re", "match": [{"path": {"regex": "/(a|é)+"}, "query": [{"name": "q", "regex": "[0-9]+"}]}]},
+    {
+        "name": "hdr",
+        "match": [{"headers": [{"name": "x-a", "prefix": "v"}, {"name": "x-b", "absent": True}]}],
+    },
+    {"name": "q", "match": [{"query": [{"name": "k", "exact": "v w"}]}], "to": [{"subset": "empty"}]},
+    {
+        "name": "auth",
+        "match": [{"authority": {"regex": "rev.*"}}],
+        "to": [{"subset": "prod", "weight": 3}, {"subset": "v2"}],
+    },
+]
+FUZZ_COMPILED = compiled(FUZZ_ROUTES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "get", ""]),
+    authority=st.text(max_size=20),
+    path=st.text(max_size=30),
+    query=st.text(alphabet=st.characters(), max_size=30) | st.just("q=1&k=v+w&%zz=%&&=="),
+    headers=st.dictionaries(
+        st.sampled_from(["x-a", "x-b", "content-type"]), st.text(max_size=10), max_size=3
+    ),
+)
+def test_any_request_gets_a_decision(
+    method: str, authority: str, path: str, query: str, headers: dict[str, str]
+) -> None:
+    # Whatever bytes a client sends (the engine hands them over as str), the decision is a value.
+    decision = decide_request(FUZZ_COMPILED, RequestAttrs(method, authority, path, query, headers))
+    assert isinstance(decision, Forward | LocalReply)
+    if isinstance(decision, LocalReply):
+        assert (decision.status, decision.flag) in {(404, "NR"), (503, "UH")}
