@@ -15,8 +15,8 @@ The L7 workloads use two more services (L7_SERVICES): `web-h1` (HTTP/1.1 to ngin
 nginx's http2 listener). nodeproxy gets them with `protocol: http` / `protocol: http2` on their ports.
 Its L7 targets are "not available" (and it runs with the L4 services only) while its config rejects that
 field or the daemon does not start with them; they are also "not available" when nodeproxy accepts the
-field but still relays those connections as opaque TCP, which l7_relay_problem() detects (an HTTP-aware
-proxy pools upstream connections, an opaque relay cannot). HAProxy carries them in HTTP mode.
+field but still relays those connections as opaque TCP, which l7_relay_problem() detects. HAProxy
+carries them in HTTP mode (checked the same way).
 """
 
 from __future__ import annotations
@@ -72,13 +72,11 @@ http {{
         listen {port} reuseport backlog=4096;
         location / {{ return 200 "ok"; }}
         location = /whoami {{ return 200 "$remote_addr"; }}
-        location = /connection {{ return 200 "$connection"; }}
     }}
     server {{
         listen {h2c_port} http2 reuseport backlog=4096;
         location / {{ return 200 "ok"; }}
         location = /whoami {{ return 200 "$remote_addr"; }}
-        location = /connection {{ return 200 "$connection"; }}
     }}
 }}
 """
@@ -333,34 +331,53 @@ def start_servers(lab: Lab, workdir: pathlib.Path) -> dict[str, int]:
     return {"http": http_port, "h2c": H2C_PORT, "iperf": iperf_port}
 
 
-# Sequential client connections l7_relay_problem() makes to one L7 target.
-L7_CHECK_CONNECTIONS = 6
+# Silent client connections l7_relay_problem() opens to one L7 target, and how long it watches them.
+L7_CHECK_CONNECTIONS = 4
+L7_CHECK_SECONDS = 0.5
+
+# How the bench decides whether nodeproxy's L7 path carries the L7 services (bench.run --nodeproxy-l7):
+# auto: give it the services with `protocol`, measure them only if l7_relay_problem() finds no problem;
+# on: measure them even then (the problem becomes a warning); off: L4 services only, L7 rows n/a.
+L7Mode = Literal["auto", "on", "off"]
+L7_MODES: tuple[L7Mode, ...] = ("auto", "on", "off")
 
 
-def l7_relay_problem(lab: Lab, service: L7Service) -> str | None:
-    """None when the proxy handles `service` as HTTP; otherwise why its L7 numbers would be wrong.
+def established(ns: str, port: int) -> int:
+    """Established TCP connections with local port `port` in `ns`."""
+    out = run_in(ns, ["ss", "-Htn", "state", "established", f"( sport = :{port} )"], timeout=10)
+    return len(out.splitlines())
 
-    Opens L7_CHECK_CONNECTIONS client connections one after the other (one curl each) and asks nginx for
-    the serial number of the connection each request arrived on. An opaque relay gives every client
-    connection an upstream connection of its own (as many serials as clients); an HTTP proxy with an
-    upstream pool reuses idle upstream connections (fewer serials, at most one pool per worker).
+
+def l7_relay_problem(lab: Lab, proxy: str, service: L7Service) -> str | None:
+    """None when `proxy` handles `service` as HTTP; otherwise why its L7 numbers would be wrong.
+
+    An HTTP proxy connects to an endpoint (or takes a pooled connection) only once it has read a
+    request; an opaque TCP relay connects as soon as the client does. So the check opens
+    L7_CHECK_CONNECTIONS client connections that send nothing and counts nginx's established connections
+    for L7_CHECK_SECONDS: as many new ones as silent clients means an opaque relay. It needs no
+    particular HTTP feature (pooling, header handling) of the proxy.
     """
-    pod = client_pod(lab)
-    url = f"http://{service.vip}:{service.port}/connection"
-    argv = ["curl", "-sS", "--fail", "--max-time", "3", url]
-    if service.protocol == "http2":
-        argv.insert(1, "--http2-prior-knowledge")
-    serials = set()
-    for _ in range(L7_CHECK_CONNECTIONS):
-        try:
-            serials.add(run_in(pod.ns, argv, timeout=10).strip())
-        except BenchError as err:
-            return f"GET {url} ({service.protocol}) through nodeproxy fails: {brief(str(err))}"
-    if len(serials) >= L7_CHECK_CONNECTIONS:
-        return (
-            f"nodeproxy accepts `protocol: {service.protocol}` but relays it as opaque TCP "
-            f"({L7_CHECK_CONNECTIONS} client connections reached nginx on {len(serials)} connections)"
-        )
+    pod, backend = client_pod(lab), server_pod(lab)
+    port = service.backend_port(service_address(parsed(service_config(lab, NODEPROXY_PORT)), "web")[2])
+    before = established(backend.ns, port)
+    silent: list[socket.socket] = []
+    try:
+        with netns.entered(pod.ns):
+            for _ in range(L7_CHECK_CONNECTIONS):
+                silent.append(socket.create_connection((service.vip, service.port), timeout=2))
+        deadline = time.monotonic() + L7_CHECK_SECONDS
+        while time.monotonic() < deadline:
+            if (opened := established(backend.ns, port) - before) >= L7_CHECK_CONNECTIONS:
+                return (
+                    f"{proxy} relays `protocol: {service.protocol}` as opaque TCP: {opened} connections "
+                    f"to nginx opened for {L7_CHECK_CONNECTIONS} clients that sent no request"
+                )
+            time.sleep(0.05)
+    except (OSError, BenchError) as err:
+        return f"cannot check {proxy}'s handling of {service.vip}:{service.port}: {brief(str(err))}"
+    finally:
+        for sock in silent:
+            sock.close()
     return None
 
 
@@ -467,17 +484,24 @@ class NodeProxyPath(TrafficPath):
     description = "client -> service VIP, captured by TPROXY into `python -m nodeproxy run` in the node ns"
 
     def __init__(
-        self, lab: Lab, workdir: pathlib.Path, relay_threads: int | None = None, l7: bool = True
+        self,
+        lab: Lab,
+        workdir: pathlib.Path,
+        relay_threads: int | None = None,
+        l7: L7Mode = "auto",
     ) -> None:
         super().__init__(lab, workdir)
         self.relay_threads = relay_threads
         extra = f"relay:\n  threads: {relay_threads}\n" if relay_threads is not None else ""
         self.l4_config_text = service_config(lab, NODEPROXY_PORT, extra)
         self.config_text = self.l4_config_text
+        self.l7_mode = l7
         # Why nodeproxy's L7 targets are not available, per target kind (absent: available).
         self.l7_problems: dict[str, str] = {}
-        if not l7:
-            self._l7_unavailable("L7 workloads not selected")
+        # Problems found with --nodeproxy-l7 on, measured anyway: warnings.
+        self.l7_doubts: list[str] = []
+        if l7 == "off":
+            self._l7_unavailable("nodeproxy's L7 path not selected (--nodeproxy-l7 off or --workloads l4)")
         else:
             candidate = with_l7_services(self.l4_config_text, lab, declare_protocol=True)
             try:
@@ -509,8 +533,11 @@ class NodeProxyPath(TrafficPath):
             return
         if self.config_text != self.l4_config_text:
             for service in L7_SERVICES:
-                if problem := l7_relay_problem(self.lab, service):
-                    self.l7_problems[service.kind] = problem
+                if problem := l7_relay_problem(self.lab, "nodeproxy", service):
+                    if self.l7_mode == "on":
+                        self.l7_doubts.append(f"measured anyway (--nodeproxy-l7 on): {problem}")
+                    else:
+                        self.l7_problems[service.kind] = problem
 
     def _start(self) -> None:
         self.config_file.write_text(self.config_text)
@@ -557,7 +584,7 @@ class NodeProxyPath(TrafficPath):
         check_running("nodeproxy", self.proc, self.log)
 
     def teardown(self) -> list[str]:
-        problems: list[str] = []
+        problems: list[str] = list(self.l7_doubts)
         if self.proc is not None:
             died_earlier = self.proc.poll() is not None  # setup() or check() has reported that already
             self.exit_code = self._stop()
@@ -579,6 +606,7 @@ class NodeProxyPath(TrafficPath):
             **super().info(),
             "config": self.config_text,
             "relay_threads": self.relay_threads,
+            "l7_mode": self.l7_mode,
             "l7_not_available": self.l7_problems,
             "exit_code": self.exit_code,
         }
@@ -607,6 +635,7 @@ class HAProxyPath(TrafficPath):
         self.log = workdir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.capture_installed = False
+        self.l7_doubts: list[str] = []
 
     def setup(self) -> None:
         self.capture_file.write_text(self.config_text)
@@ -619,6 +648,8 @@ class HAProxyPath(TrafficPath):
         )
         self.capture_installed = True  # set first: a half-done install is removed too
         run_in(self.lab.node_ns, self._capture("install"))
+        # Its HTTP-mode switch is what makes the L7 rows HTTP numbers: check it did switch.
+        self.l7_doubts = [p for s in L7_SERVICES if (p := l7_relay_problem(self.lab, "haproxy", s))]
 
     def l7_targets(self) -> dict[str, Any]:
         return l7_targets()
@@ -634,7 +665,7 @@ class HAProxyPath(TrafficPath):
         return [sys.executable, "-m", "nodeproxy", "capture", action, "--config", str(self.capture_file)]
 
     def teardown(self) -> list[str]:
-        problems: list[str] = []
+        problems: list[str] = list(self.l7_doubts)
         if self.capture_installed:
             try:
                 run_in(self.lab.node_ns, self._capture("remove"))

@@ -1,7 +1,7 @@
 """Run the same workloads direct, through nodeproxy and through HAProxy; print ratios, save JSON.
 
     python -m bench.run [--duration 5] [--quick] [--only direct,nodeproxy,haproxy] [--workloads l4,l7]
-                        [--relay-threads N] [--rounds 1] [--keep-logs]
+                        [--nodeproxy-l7 auto|on|off] [--relay-threads N] [--rounds 1] [--keep-logs]
 
 Needs root (it builds network namespaces). Each path gets a fresh `npb-*` lab that is torn down in a
 `finally`, also on errors and Ctrl-C/SIGTERM; see bench/README.md for how to read the output.
@@ -33,6 +33,7 @@ if not __package__:  # `python bench/run.py`: import this checkout's packages li
 
 from bench import cpu, haproxy
 from bench.paths import (
+    L7_MODES,
     LAB_PREFIX,
     REPO_ROOT,
     BenchError,
@@ -157,7 +158,9 @@ def signals_deferred() -> Iterator[None]:
 
 def make_path(name: str, lab: Lab, workdir: pathlib.Path, args: argparse.Namespace) -> TrafficPath:
     if name == "nodeproxy":
-        return NodeProxyPath(lab, workdir, args.relay_threads, l7="l7" in args.groups)
+        return NodeProxyPath(
+            lab, workdir, args.relay_threads, l7=args.nodeproxy_l7 if "l7" in args.groups else "off"
+        )
     if name == "haproxy":
         return HAProxyPath(lab, workdir)
     return DirectPath(lab, workdir)
@@ -461,7 +464,6 @@ def machine_info() -> dict[str, object]:
         "iperf3": command_output(["iperf3", "--version"]),
         "wrk": command_output(["wrk", "-v"]),
         "h2load": command_output(["h2load", "--version"]),
-        "curl": command_output(["curl", "--version"]),
         "nodeproxy_rev": command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
         "nodeproxy_tree_dirty": bool(dirty),
         "loadavg_at_start": os.getloadavg(),
@@ -508,6 +510,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(GROUPS),
         help="comma-separated workload groups: l4 (iperf3, wrk, latency, new connections) and l7 "
         "(HTTP/1.1 and HTTP/2); default: l4,l7",
+    )
+    parser.add_argument(
+        "--nodeproxy-l7",
+        choices=L7_MODES,
+        default="auto",
+        help="nodeproxy's L7 path for the L7 workloads: auto (default: give it the L7 services with "
+        "`protocol`, report n/a unless it really proxies HTTP), on (measure even then), off (L4 only)",
     )
     parser.add_argument(
         "--relay-threads",
@@ -592,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "duration_s": args.duration,
             "rounds": args.rounds,
             "relay_threads": args.relay_threads,
+            "nodeproxy_l7": args.nodeproxy_l7,
             "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS},
             "latency": {"rate": LATENCY_RATE, "connections": LATENCY_CONNECTIONS},
             "new_connections": {"rate": CONNECTION_RATE},
