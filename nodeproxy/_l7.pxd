@@ -1,0 +1,452 @@
+# Declarations for nodeproxy/_l7.pyx: the HTTP engine thread (HTTP/1.1), its C API and handle layouts.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from nodeproxy._h1 cimport h1_body, h1_field_ref, h1_head, h1_limits
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EINTR
+        EINPROGRESS
+        ETIMEDOUT
+        ECONNRESET
+        EPIPE
+        ENOMEM
+
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void np_set_errno(int e) { errno = e; }
+    """
+    void np_set_errno(int e) nogil
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_GETFL
+        F_SETFL
+        O_NONBLOCK
+    int fcntl(int fd, int cmd, ...)
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CLOEXEC
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<time.h>" nogil:
+    enum:
+        CLOCK_MONOTONIC
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *mutex, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct linger:
+        int l_onoff
+        int l_linger
+    enum:
+        AF_INET
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
+        SO_LINGER
+        SHUT_WR
+        MSG_NOSIGNAL
+    ssize_t recv(int fd, void *buf, size_t len, int flags)
+    ssize_t send(int fd, const void *buf, size_t len, int flags)
+    int socket(int domain, int type, int protocol)
+    int bind(int fd, const sockaddr *addr, socklen_t len)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int shutdown(int fd, int how)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    ctypedef uint32_t in_addr_t
+    struct in_addr:
+        in_addr_t s_addr
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    enum:
+        IPPROTO_TCP
+        IPPROTO_IP
+    unsigned short htons(unsigned short)
+    unsigned short ntohs(unsigned short)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char *buf, size_t size, const char *fmt, ...)
+
+
+cdef extern from *:
+    """
+    #include <linux/in.h>
+    #ifndef IP_TRANSPARENT
+    #define IP_TRANSPARENT 19
+    #endif
+    #ifndef IP_BIND_ADDRESS_NO_PORT
+    #define IP_BIND_ADDRESS_NO_PORT 24
+    #endif
+    """
+    enum:
+        IP_TRANSPARENT
+        IP_BIND_ADDRESS_NO_PORT
+
+
+# -- engine constants ------------------------------------------------------------------------------
+
+cdef enum:
+    KIND_DOWN = 1          # epoll data.ptr points at a Down (first member `kind`)
+    KIND_UP = 2            # ... at an Up
+    EVENTS_PER_WAIT = 256
+    IO_CHUNK = 65536       # one recv's worth of body bytes
+    # Stop reading a side while its peer holds more unsent bytes than this (backpressure). Memory per
+    # exchange is bounded by about HIGH_WATER + IO_CHUNK per direction.
+    HIGH_WATER = 262144
+    READS_PER_TURN = 16    # reads per exchange per wake-up before yielding to other connections
+    SCAN_MS = 100          # timeouts (header, connect, per try, idle, linger) are checked this often
+    LINGER_MS = 2000       # after a final response: how long unread client bytes are drained before close,
+                           # so the close does not turn into an RST that destroys the response in flight
+    POOL_BUCKETS = 1024    # hash buckets of the upstream pool table (chained)
+    FLAG_TEXT_MAX = 16
+
+
+# Record kinds posted to Python (mirrored as module constants).
+cdef enum RecordKind:
+    REC_HEAD = 1             # a complete request head waits for a decision
+    REC_DONE = 2             # a request ended (answered, failed or abandoned): status, bytes, timings, flags
+    REC_ATTEMPT_FAILED = 3   # the upstream attempt failed before a response: decide again (or reply)
+    REC_CONN_CLOSED = 4      # a downstream connection is gone (exactly one per adopted connection)
+
+
+# Response flags (Envoy's vocabulary) as bits in REC_DONE / REC_ATTEMPT_FAILED records.
+cdef enum:
+    FLAG_DPE = 1        # downstream protocol error
+    FLAG_UF = 2         # upstream connect failure
+    FLAG_UC = 4         # upstream connection reset / closed before the response completed
+    FLAG_UT = 8         # upstream request (per try) timeout
+    # 16: unused (a request head timeout is DPE, as docs/config.md lists it)
+    FLAG_DC = 32        # downstream connection terminated before the response completed
+    FLAG_UPE = 64       # upstream protocol error (a malformed response)
+    FLAG_LR = 128       # a local reply decided in Python (its own flag text, e.g. NR, UH, is in the log)
+
+
+cdef enum DownState:
+    D_HEAD = 0         # reading / parsing a request head
+    D_DECIDING = 1     # head posted to Python, waiting for its answer
+    D_WAIT_CONN = 2    # forwarded, waiting for a pooled connection to free up (pool at max_conns)
+    D_EXCHANGE = 3     # bound to an upstream: request body and response stream
+    D_TUNNEL = 4       # after a 101: raw bytes both ways
+    D_CLOSING = 5      # final bytes flushing, then FIN, then unread client bytes drained until EOF/linger
+
+
+cdef enum UpState:
+    U_CONNECTING = 0
+    U_BUSY = 1
+    U_IDLE = 2
+
+
+cdef struct Buf:
+    # Bytes [off, len) are valid; capacity cap. Consumption moves off; compaction moves bytes to 0.
+    unsigned char *data
+    size_t off
+    size_t len
+    size_t cap
+
+
+cdef struct Edits:
+    # Header edits of one forward decision; one allocation holds the refs and the bytes they point at.
+    h1_field_ref *req_add
+    uint32_t nreq_add
+    h1_field_ref *req_remove
+    uint32_t nreq_remove
+    h1_field_ref *resp_add
+    uint32_t nresp_add
+    h1_field_ref *resp_remove
+    uint32_t nresp_remove
+
+
+cdef struct Pool
+cdef struct Up
+
+
+cdef struct Down:
+    int kind                  # KIND_DOWN: must stay first
+    int fd
+    uint64_t conn_id
+    uint32_t slot             # index in HttpWorker.slots; request ids are slot << 32 | per-slot sequence
+    uint64_t request_id
+    uint32_t source_ip        # network order; 0: connect upstream from the node's own address
+    DownState state
+    Buf inb                   # client bytes not yet consumed
+    Buf outb                  # bytes for the client not yet sent
+    Buf orig                  # the current request head as received (spans of `req` point into it)
+    Buf fwd                   # the head to forward (kept for a retry on a fresh connection)
+    bint readable
+    bint writable
+    bint peer_eof
+    bint shut_wr
+    h1_head req
+    h1_body req_body
+    bint request_open         # a head was posted and its REC_DONE not yet
+    bint req_done             # the whole request (head, body, trailers) went upstream
+    bint resp_head_sent
+    bint resp_done
+    bint method_head
+    bint client_keep_alive
+    bint close_after
+    bint dechunk              # HTTP/1.0 client, chunked response: forward payload only, end by close
+    bint head_idle            # D_HEAD between requests: the deadline is the keep-alive idle timeout
+    bint stale_retried        # a reused pooled connection failed before answering; retried once fresh
+    Up *up
+    Pool *waiting_pool
+    Down *wait_next
+    Down *wait_prev
+    sockaddr_in dst
+    Edits *edits
+    int64_t try_timeout_ns
+    int64_t deadline_ns       # header / idle / per-try / linger deadline (0: none), by state
+    int64_t t_head_start_ns
+    int64_t t_head_ns
+    int64_t t_forward_ns
+    int64_t t_resp_ns
+    uint64_t req_body_bytes   # request bytes after the head sent upstream
+    uint64_t resp_bytes       # response bytes (head and body) queued for the client
+    uint16_t status
+    uint32_t flags
+    uint32_t attempts
+    uint32_t requests         # request heads seen on this connection
+    bint reused
+    bint queued
+    bint dead
+    Down *ready_next
+    Down *grave_next
+    Down *prev
+    Down *next
+
+
+cdef struct Up:
+    int kind                  # KIND_UP: must stay first
+    int fd
+    UpState state
+    Pool *pool                # NULL once detached (a tunnel after 101)
+    Down *down
+    Buf inb
+    Buf outb
+    bint readable
+    bint writable
+    bint peer_eof
+    bint shut_wr
+    h1_head resp
+    h1_body resp_body
+    int64_t since_ns          # connect start (U_CONNECTING) or idle start (U_IDLE)
+    Up *idle_prev             # pool idle list: most recent at the head (LIFO), oldest at the tail
+    Up *idle_next
+    bint dead
+    Up *grave_next
+    Up *prev
+    Up *next
+
+
+cdef struct Pool:
+    # Upstream connections from one source address to one endpoint.
+    uint32_t source_ip
+    uint32_t dst_ip
+    uint16_t dst_port
+    uint32_t conns            # open (connecting, busy or idle)
+    uint32_t nidle
+    Up *idle_head
+    Up *idle_tail
+    Down *wait_head           # requests waiting for a connection (pool at max_conns), FIFO
+    Down *wait_tail
+    Pool *hash_next
+
+
+cdef struct Adoption:
+    uint64_t conn_id
+    int fd
+    uint32_t source_ip
+
+
+cdef struct Answer:
+    uint64_t request_id
+    bint forward
+    sockaddr_in dst
+    int64_t try_timeout_ns
+    Edits *edits
+    uint16_t status
+    char flag[FLAG_TEXT_MAX]
+    char *detail
+    size_t detail_len
+
+
+cdef struct Record:
+    RecordKind kind
+    uint64_t request_id
+    uint64_t conn_id
+    uint16_t status
+    int err
+    uint32_t flags
+    uint64_t bytes_in         # REC_DONE: request body bytes; REC_CONN_CLOSED: requests on the connection
+    uint64_t bytes_out
+    int64_t decide_ns         # head complete -> answer taken
+    int64_t upstream_ns       # forward -> response head
+    int64_t total_ns          # first head byte -> response end
+    uint32_t attempts
+    bint reused
+    unsigned char *head       # REC_HEAD: copy of the head bytes (freed by drain)
+    h1_head *parsed           # REC_HEAD: spans into `head` (freed by drain)
+
+
+cdef class HttpWorker:
+    cdef int epfd
+    cdef int wake_fd
+    cdef int notify_fd
+    cdef bint stopping
+    cdef bint closed
+    cdef h1_limits limits
+    cdef int64_t header_timeout_ns
+    cdef int64_t idle_timeout_ns
+    cdef int64_t connect_timeout_ns
+    cdef int64_t pool_idle_timeout_ns
+    cdef uint32_t pool_max_idle
+    cdef uint32_t pool_max_conns
+    cdef int64_t now_ns
+    cdef int64_t next_scan_ns
+    cdef int64_t live
+    cdef int64_t upstreams
+    cdef Down *downs
+    cdef Up *ups
+    cdef Down *ready
+    cdef Down *down_graves
+    cdef Up *up_graves
+    cdef Pool *pools[POOL_BUCKETS]
+    cdef Down **slots
+    cdef uint32_t *slot_seq
+    cdef uint32_t *free_slots
+    cdef uint32_t nslots
+    cdef uint32_t nfree
+    cdef pthread_mutex_t lock
+    cdef Adoption *adopts
+    cdef size_t adopts_len
+    cdef size_t adopts_cap
+    cdef Answer *answers
+    cdef size_t answers_len
+    cdef size_t answers_cap
+    cdef Record *records
+    cdef size_t records_len
+    cdef size_t records_cap
+
+    cdef int _push(self, void **items, size_t *length, size_t *capacity, size_t size,
+                   const void *item) noexcept nogil
+    cdef void *_take(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil
+    cdef void _loop(self) noexcept nogil
+    cdef void _take_adoptions(self) noexcept nogil
+    cdef void _take_answers(self) noexcept nogil
+    cdef void _adopt(self, Adoption *a) noexcept nogil
+    cdef void _apply_answer(self, Answer *a) noexcept nogil
+    cdef void _on_down_event(self, Down *d, uint32_t events) noexcept nogil
+    cdef void _on_up_event(self, Up *u, uint32_t events) noexcept nogil
+    cdef void _drive(self, Down *d) noexcept nogil
+    cdef int _step(self, Down *d, int *budget) noexcept nogil
+    cdef int _step_head(self, Down *d, int *budget) noexcept nogil
+    cdef void _head_complete(self, Down *d) noexcept nogil
+    cdef int _step_exchange(self, Down *d, int *budget) noexcept nogil
+    cdef int _pump_request_body(self, Down *d, Up *u, int *budget) noexcept nogil
+    cdef int _pump_response(self, Down *d, Up *u, int *budget) noexcept nogil
+    cdef int _response_head(self, Down *d, Up *u) noexcept nogil
+    cdef int _step_tunnel(self, Down *d, int *budget) noexcept nogil
+    cdef int _tunnel_direction(self, Down *d, bint *src_readable, Buf *src_in, bint *src_eof, int src_fd,
+                               int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
+                               int *budget) noexcept nogil
+    cdef int _step_closing(self, Down *d) noexcept nogil
+    cdef void _forward(self, Down *d) noexcept nogil
+    cdef void _acquire(self, Down *d, bint fresh) noexcept nogil
+    cdef void _attach(self, Down *d, Up *u, bint reused) noexcept nogil
+    cdef Up *_connect(self, Pool *p, int *err) noexcept nogil
+    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst) noexcept nogil
+    cdef void _pool_release(self, Up *u) noexcept nogil
+    cdef void _pool_unwait(self, Down *d) noexcept nogil
+    cdef void _serve_waiter(self, Pool *p) noexcept nogil
+    cdef void _attempt_failed(self, Down *d, int err, uint32_t flag) noexcept nogil
+    cdef int _upstream_failed(self, Down *d, int err) noexcept nogil
+    cdef void _end_exchange(self, Down *d) noexcept nogil
+    cdef void _next_request(self, Down *d) noexcept nogil
+    cdef void _local_reply(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
+                           const char *detail, size_t detail_len, bint close_after) noexcept nogil
+    cdef void _start_closing(self, Down *d) noexcept nogil
+    cdef void _release_down(self, Down *d, uint32_t flag, int err) noexcept nogil
+    cdef void _close_up(self, Up *u, bint reset) noexcept nogil
+    cdef void _post_done(self, Down *d, int err) noexcept nogil
+    cdef void _post(self, Record *r) noexcept nogil
+    cdef void _queue_ready(self, Down *d) noexcept nogil
+    cdef void _unqueue(self, Down *d) noexcept nogil
+    cdef void _run_ready(self) noexcept nogil
+    cdef void _scan(self) noexcept nogil
+    cdef void _bury(self) noexcept nogil
+    cdef void _close_all(self) noexcept nogil

@@ -1,0 +1,1755 @@
+# cython: language_level=3
+"""The HTTP engine of nodeproxy: one HttpWorker per worker process, on its own thread, without the GIL.
+
+Python hands it accepted client sockets (adopt). The engine reads them, parses request heads with the
+_h1 codec and posts one REC_HEAD record per complete head (batched behind one eventfd write). Python
+decides (nodeproxy.proxy.http) and answers in a batch: forward to an endpoint with header edits, or a
+local reply. The engine then takes an upstream connection from its pool (per source address and
+endpoint; LIFO, bounded, idle timeout) or connects a new one, transparently bound to the client pod's
+address like the L4 relay, forwards the head and streams the body both ways (Content-Length, chunked
+with trailers; never buffered whole: a side is not read while its peer holds HIGH_WATER unsent bytes),
+forwards the response and posts a REC_DONE record with status, bytes, timings and flags. Pipelined
+requests are handled one after the other, so their answers keep their order. After a 101 the two sockets
+become a raw tunnel. Body bytes never reach Python.
+
+Ownership: a descriptor passed to adopt() belongs to the engine from then on; it is closed by the engine.
+Every adopted connection ends with exactly one REC_CONN_CLOSED record; every REC_HEAD is followed by
+exactly one REC_DONE for the same request id (possibly after REC_ATTEMPT_FAILED records, each of which
+Python answers like a head). Only the worker thread touches Down/Up/Pool structs.
+"""
+
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset, strlen
+
+from nodeproxy._h1 cimport (
+    H1_BODY_CHUNKED,
+    H1_BODY_NONE,
+    H1_BODY_UNTIL_CLOSE,
+    H1_FRAMING_AS_PARSED,
+    H1_FRAMING_NONE,
+    H1_METHOD_CONNECT,
+    H1_METHOD_HEAD,
+    h1_body_eof,
+    h1_body_feed,
+    h1_body_for_request,
+    h1_body_for_response,
+    h1_chunk,
+    h1_head_init,
+    h1_limits_default,
+    h1_parse_request,
+    h1_parse_response,
+    h1_serialize_head,
+    h1_serialize_opts,
+    h1_should_keep_alive,
+    h1_span,
+)
+
+import os as _os
+
+HEAD = REC_HEAD
+DONE = REC_DONE
+ATTEMPT_FAILED = REC_ATTEMPT_FAILED
+CONN_CLOSED = REC_CONN_CLOSED
+
+# Response flag bits of DONE / ATTEMPT_FAILED records, by their Envoy names.
+FLAGS = {
+    "DPE": FLAG_DPE,
+    "UF": FLAG_UF,
+    "UC": FLAG_UC,
+    "UT": FLAG_UT,
+    "DC": FLAG_DC,
+    "UPE": FLAG_UPE,
+    "LR": FLAG_LR,
+}
+
+
+cdef int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# -- byte buffers --------------------------------------------------------------------------------------
+
+cdef int _reserve(Buf *b, size_t extra) noexcept nogil:
+    """Make room for `extra` more bytes after b.len; -1 when out of memory."""
+    cdef size_t held = b.len - b.off
+    cdef size_t want
+    cdef unsigned char *grown
+    if b.cap - b.len >= extra:
+        return 0
+    if b.off > 0:
+        if held:
+            memmove(b.data, b.data + b.off, held)
+        b.off = 0
+        b.len = held
+        if b.cap - b.len >= extra:
+            return 0
+    want = b.cap * 2 if b.cap else 4096
+    while want - held < extra:
+        want *= 2
+    grown = <unsigned char*>realloc(b.data, want)
+    if grown == NULL:
+        return -1
+    b.data = grown
+    b.cap = want
+    return 0
+
+
+cdef int _append(Buf *b, const void *p, size_t n) noexcept nogil:
+    if n == 0:
+        return 0
+    if _reserve(b, n) < 0:
+        return -1
+    memcpy(b.data + b.len, p, n)
+    b.len += n
+    return 0
+
+
+cdef inline void _consume(Buf *b, size_t n) noexcept nogil:
+    b.off += n
+    if b.off >= b.len:
+        b.off = 0
+        b.len = 0
+
+
+cdef inline size_t _held(Buf *b) noexcept nogil:
+    return b.len - b.off
+
+
+cdef void _free_buf(Buf *b) noexcept nogil:
+    free(b.data)
+    b.data = NULL
+    b.off = b.len = b.cap = 0
+
+
+cdef void _trim(Buf *b) noexcept nogil:
+    # An empty buffer that grew for a large head or a burst goes back to the allocator.
+    if b.len == 0 and b.cap > IO_CHUNK:
+        _free_buf(b)
+
+
+cdef ssize_t _recv_into(int fd, Buf *b, size_t limit, bint *readable) noexcept nogil:
+    """recv into b (grown up to `limit` bytes held). >0 bytes read, 0 EOF, -2 would block or b is full,
+    -1 error (errno)."""
+    cdef size_t room
+    cdef ssize_t n
+    if b.cap - b.len < 4096 or b.len == b.cap:
+        if _held(b) >= limit:
+            return -2
+        room = limit - _held(b)
+        if _reserve(b, room if room < IO_CHUNK else IO_CHUNK) < 0:
+            np_set_errno(ENOMEM)
+            return -1
+    room = b.cap - b.len
+    if _held(b) + room > limit:
+        room = limit - _held(b)
+    n = recv(fd, b.data + b.len, room, 0)
+    if n < 0:
+        if errno == EAGAIN:
+            readable[0] = False
+            return -2
+        if errno == EINTR:
+            return -2
+        return -1
+    b.len += n
+    return n
+
+
+cdef ssize_t _flush(int fd, Buf *b, bint *writable) noexcept nogil:
+    """Send what b holds; bytes sent, or -1 on a socket error (errno)."""
+    cdef ssize_t n, total = 0
+    while _held(b) > 0 and writable[0]:
+        n = send(fd, b.data + b.off, _held(b), MSG_NOSIGNAL)
+        if n < 0:
+            if errno == EAGAIN:
+                writable[0] = False
+                break
+            if errno == EINTR:
+                continue
+            return -1
+        _consume(b, n)
+        total += n
+    if _held(b) == 0:
+        _trim(b)
+    return total
+
+
+cdef int _send(int fd, Buf *out, bint *writable, const unsigned char *p, size_t n,
+               bint connected) noexcept nogil:
+    """Send p[0:n] now if nothing is queued before it, queue the rest; -1 on a socket error (errno)."""
+    cdef ssize_t sent = 0
+    if n == 0:
+        return 0
+    if connected and _held(out) == 0 and writable[0]:
+        while True:
+            sent = send(fd, p, n, MSG_NOSIGNAL)
+            if sent >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                writable[0] = False
+                sent = 0
+                break
+            return -1
+    if <size_t>sent < n and _append(out, p + sent, n - sent) < 0:
+        np_set_errno(ENOMEM)
+        return -1
+    return 0
+
+
+cdef void _set_reset_on_close(int fd) noexcept nogil:
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef int _sock_error(int fd) noexcept nogil:
+    cdef int err = 0
+    cdef socklen_t n = sizeof(err)
+    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
+        return errno
+    return err
+
+
+cdef const char *_reason(uint16_t status) noexcept nogil:
+    if status == 400:
+        return "Bad Request"
+    if status == 403:
+        return "Forbidden"
+    if status == 404:
+        return "Not Found"
+    if status == 405:
+        return "Method Not Allowed"
+    if status == 408:
+        return "Request Timeout"
+    if status == 413:
+        return "Content Too Large"
+    if status == 429:
+        return "Too Many Requests"
+    if status == 431:
+        return "Request Header Fields Too Large"
+    if status == 501:
+        return "Not Implemented"
+    if status == 502:
+        return "Bad Gateway"
+    if status == 503:
+        return "Service Unavailable"
+    if status == 504:
+        return "Gateway Timeout"
+    if status == 505:
+        return "HTTP Version Not Supported"
+    if status == 200:
+        return "OK"
+    return "Error"
+
+
+cdef uint32_t _hash_pool(uint32_t source_ip, uint32_t dst_ip, uint16_t port) noexcept nogil:
+    cdef uint32_t h = source_ip * 2654435761u
+    h ^= dst_ip * 2246822519u
+    h ^= <uint32_t>port * 3266489917u
+    return (h ^ (h >> 15)) & (POOL_BUCKETS - 1)
+
+
+cdef int _parse_ipv4(str text, sockaddr_in *out, int port) except -1:
+    cdef bytes raw = text.encode("ascii")
+    memset(out, 0, sizeof(sockaddr_in))
+    out.sin_family = AF_INET
+    out.sin_port = htons(<unsigned short>port)
+    if inet_pton(AF_INET, raw, &out.sin_addr) != 1:
+        raise ValueError(f"not an IPv4 address: {text!r}")
+    return 0
+
+
+cdef str _span_text(const unsigned char *base, h1_span s):
+    return (<const char*>base)[s.off:s.off + s.len].decode("latin-1")
+
+
+cdef size_t _check_field_bytes(object value, bint is_name) except? 0:
+    # A header edit reaches the upstream verbatim: CR, LF or NUL would split or smuggle fields.
+    cdef bytes raw = value
+    if is_name and (len(raw) == 0 or b":" in raw or b" " in raw):
+        raise ValueError(f"invalid header name {raw!r}")
+    if b"\r" in raw or b"\n" in raw or b"\0" in raw:
+        raise ValueError(f"header {'name' if is_name else 'value'} {raw!r} has CR, LF or NUL")
+    return len(raw)
+
+
+cdef unsigned char *_fill_refs(h1_field_ref *ref, tuple items, unsigned char *cursor, bint with_values):
+    cdef bytes name, value
+    for item in items:
+        name = item[0] if with_values else item
+        ref.name, ref.name_len = cursor, len(name)
+        memcpy(cursor, <const char*>name, len(name))
+        cursor += len(name)
+        ref.value, ref.value_len = NULL, 0
+        if with_values:
+            value = item[1]
+            ref.value, ref.value_len = cursor, len(value)
+            memcpy(cursor, <const char*>value, len(value))
+            cursor += len(value)
+        ref += 1
+    return cursor
+
+
+cdef Edits *_build_edits(tuple req_add, tuple req_remove, tuple resp_add, tuple resp_remove) except? NULL:
+    """One allocation: the Edits header, the refs, then the bytes the refs point at. NULL if no edits."""
+    cdef size_t nrefs = len(req_add) + len(req_remove) + len(resp_add) + len(resp_remove)
+    cdef size_t nbytes = 0
+    cdef size_t i
+    cdef Edits *e
+    cdef h1_field_ref *ref
+    cdef unsigned char *cursor
+    cdef bytes name, value
+    if nrefs == 0:
+        return NULL
+    for name, value in req_add + resp_add:
+        nbytes += _check_field_bytes(name, True) + _check_field_bytes(value, False)
+    for name in req_remove + resp_remove:
+        nbytes += _check_field_bytes(name, True)
+    e = <Edits*>malloc(sizeof(Edits) + nrefs * sizeof(h1_field_ref) + nbytes)
+    if e == NULL:
+        raise MemoryError()
+    ref = <h1_field_ref*>(<char*>e + sizeof(Edits))
+    cursor = <unsigned char*>(<char*>ref + nrefs * sizeof(h1_field_ref))
+    e.req_add, e.nreq_add = ref, len(req_add)
+    e.req_remove, e.nreq_remove = e.req_add + len(req_add), len(req_remove)
+    e.resp_add, e.nresp_add = e.req_remove + len(req_remove), len(resp_add)
+    e.resp_remove, e.nresp_remove = e.resp_add + len(resp_add), len(resp_remove)
+    cursor = _fill_refs(e.req_add, req_add, cursor, True)
+    cursor = _fill_refs(e.resp_add, resp_add, cursor, True)
+    cursor = _fill_refs(e.req_remove, req_remove, cursor, False)
+    cursor = _fill_refs(e.resp_remove, resp_remove, cursor, False)
+    return e
+
+
+cdef class HttpWorker:
+    """One HTTP engine thread: an epoll loop owning downstream connections and the upstream pools.
+
+    Call run() on a dedicated thread; adopt(), answer(), drain() and stop() from the Python loop.
+    """
+
+    def __cinit__(
+        self,
+        int notify_fd,
+        uint32_t max_head_bytes=61440,
+        uint32_t max_fields=100,
+        int64_t header_timeout_ms=10000,
+        int64_t idle_timeout_ms=300000,
+        int64_t connect_timeout_ms=1000,
+        uint32_t pool_max_idle=256,
+        uint32_t pool_max_conns=1024,
+        int64_t pool_idle_timeout_ms=4000,
+    ):
+        """notify_fd: an eventfd written when records are ready (one write per batch).
+
+        Defaults: request heads up to 60 KiB and 100 fields (Envoy's); a request head must arrive within
+        10 s of its first byte or of the connection (408, Envoy's request_headers_timeout role); a client
+        connection idle between requests is closed after 5 min; upstream connects time out after 1 s (the
+        L4 relay's); per (source, endpoint) pool at most 256 idle (config http.upstream_pool_size) and
+        1024 open connections (Envoy's circuit breaker default), idle ones closed after 4 s (below the 5 s
+        keep-alive timeout of Node.js and Apache, so the backend rarely closes a connection we are about
+        to reuse; 0 keeps them until the server closes them).
+        """
+        self.epfd = -1
+        self.wake_fd = -1
+        pthread_mutex_init(&self.lock, NULL)
+        if max_head_bytes < 1024 or max_fields < 1:
+            raise ValueError("max_head_bytes must be >= 1024 and max_fields >= 1")
+        if header_timeout_ms <= 0 or idle_timeout_ms <= 0 or connect_timeout_ms <= 0 or pool_idle_timeout_ms < 0:
+            raise ValueError("timeouts must be positive (pool_idle_timeout_ms: 0 for none)")
+        if pool_max_conns < 1:
+            raise ValueError("pool_max_conns must be >= 1")
+        self.notify_fd = notify_fd
+        h1_limits_default(&self.limits)
+        self.limits.max_head_bytes = max_head_bytes
+        self.limits.max_fields = max_fields
+        self.header_timeout_ns = header_timeout_ms * 1000000
+        self.idle_timeout_ns = idle_timeout_ms * 1000000
+        self.connect_timeout_ns = connect_timeout_ms * 1000000
+        self.pool_idle_timeout_ns = pool_idle_timeout_ms * 1000000
+        self.pool_max_idle = pool_max_idle
+        self.pool_max_conns = pool_max_conns
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            raise OSError(errno, "eventfd")
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.ptr = NULL  # NULL marks the wake-up eventfd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+
+    def __dealloc__(self):
+        cdef size_t i
+        for i in range(self.adopts_len):
+            close(self.adopts[i].fd)
+        for i in range(self.answers_len):
+            free(self.answers[i].edits)
+            free(self.answers[i].detail)
+        for i in range(self.records_len):
+            free(self.records[i].head)
+            free(self.records[i].parsed)
+        free(self.adopts)
+        free(self.answers)
+        free(self.records)
+        free(self.slots)
+        free(self.slot_seq)
+        free(self.free_slots)
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+        pthread_mutex_destroy(&self.lock)
+
+    @property
+    def live_connections(self):
+        """Downstream connections the engine owns now."""
+        return self.live
+
+    @property
+    def upstream_connections(self):
+        """Upstream connections open now (connecting, busy, idle in a pool, or tunnelling)."""
+        return self.upstreams
+
+    # -- called from Python (any thread) ---------------------------------------------------------------
+
+    def adopt(self, uint64_t conn_id, int client_fd, str source_ip=None):
+        """Take over an accepted client socket. source_ip: bind upstream connections to this address
+        (IP_TRANSPARENT, the client pod's), None to connect from the node's own address."""
+        cdef Adoption a
+        cdef sockaddr_in src
+        cdef int flags
+        if self.stopping:
+            raise RuntimeError("http worker is stopping")
+        a.conn_id = conn_id
+        a.fd = client_fd
+        a.source_ip = 0
+        if source_ip is not None:
+            _parse_ipv4(source_ip, &src, 0)
+            a.source_ip = src.sin_addr.s_addr
+        flags = fcntl(client_fd, F_GETFL)
+        if flags < 0:
+            raise OSError(errno, _os.strerror(errno))
+        if not flags & O_NONBLOCK:
+            # The loop must never block on a socket.
+            fcntl(client_fd, F_SETFL, flags | O_NONBLOCK)
+        if self._push(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, sizeof(Adoption), &a) < 0:
+            raise MemoryError()
+
+    def answer(self, list forwards, list replies):
+        """Answer request heads (and failed attempts) in one batch.
+
+        forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
+        try_timeout_ms): add = ((name, value), ...) bytes pairs, remove = (name, ...) bytes; try_timeout_ms
+        0 for none. replies: (request_id, status, flag, detail): a local reply with `x-nodeproxy-flags:
+        flag`. Answers for requests that ended meanwhile (the client left) are dropped by the engine.
+        """
+        cdef Answer a
+        cdef bytes flag, detail
+        cdef int rc
+        for item in forwards:
+            memset(&a, 0, sizeof(a))
+            a.request_id = item[0]
+            a.forward = True
+            _parse_ipv4(item[1], &a.dst, item[2])
+            a.try_timeout_ns = <int64_t>item[7] * 1000000
+            a.edits = _build_edits(item[3], item[4], item[5], item[6])
+            rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
+            if rc < 0:
+                free(a.edits)
+                raise MemoryError()
+        for item in replies:
+            memset(&a, 0, sizeof(a))
+            a.request_id = item[0]
+            a.status = item[1]
+            if not 200 <= a.status <= 599:
+                raise ValueError(f"local reply status {a.status} out of range")
+            flag = item[2].encode("ascii")
+            if len(flag) >= FLAG_TEXT_MAX or not flag.isalnum():
+                raise ValueError(f"bad response flag {item[2]!r}")
+            memcpy(a.flag, <const char*>flag, len(flag))
+            detail = item[3].encode("utf-8")
+            a.detail = <char*>malloc(len(detail) + 1)
+            if a.detail == NULL:
+                raise MemoryError()
+            memcpy(a.detail, <const char*>detail, len(detail))
+            a.detail_len = len(detail)
+            rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
+            if rc < 0:
+                free(a.detail)
+                raise MemoryError()
+
+    def drain(self):
+        """Take the records, in the order the engine posted them:
+
+        (HEAD, request_id, conn_id, method, target, authority, path, query, headers) with headers a
+        tuple of (lower-case name, value) str pairs (latin-1);
+        (DONE, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns,
+        total_ns, attempts, reused);
+        (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts);
+        (CONN_CLOSED, conn_id, requests, err).
+        """
+        cdef list out = []
+        cdef Record *batch
+        cdef Record *r
+        cdef size_t n, i, k
+        cdef h1_head *h
+        cdef const unsigned char *base
+        cdef list headers
+        batch = <Record*>self._take(<void**>&self.records, &self.records_len, &self.records_cap, &n)
+        try:
+            for i in range(n):
+                r = &batch[i]
+                if r.kind == REC_HEAD:
+                    h = r.parsed
+                    base = r.head
+                    headers = []
+                    for k in range(h.nfields):
+                        headers.append((_span_text(base, h.fields[k].name).lower(),
+                                        _span_text(base, h.fields[k].value)))
+                    out.append((REC_HEAD, r.request_id, r.conn_id, _span_text(base, h.method),
+                                _span_text(base, h.target), _span_text(base, h.authority),
+                                _span_text(base, h.path), _span_text(base, h.query), tuple(headers)))
+                elif r.kind == REC_DONE:
+                    out.append((REC_DONE, r.request_id, r.conn_id, r.status, r.flags, r.err, r.bytes_in,
+                                r.bytes_out, r.decide_ns, r.upstream_ns, r.total_ns, r.attempts, r.reused))
+                elif r.kind == REC_ATTEMPT_FAILED:
+                    out.append((REC_ATTEMPT_FAILED, r.request_id, r.conn_id, r.err, r.flags, r.attempts))
+                else:
+                    out.append((REC_CONN_CLOSED, r.conn_id, r.bytes_in, r.err))
+        finally:
+            for i in range(n):
+                free(batch[i].head)
+                free(batch[i].parsed)
+            free(batch)
+        return out
+
+    def stop(self):
+        """Ask run() to return; live connections are closed."""
+        cdef uint64_t one = 1
+        self.stopping = True
+        write(self.wake_fd, &one, sizeof(one))
+
+    def run(self):
+        """The engine loop; returns after stop(). Runs without the GIL."""
+        if self.closed:
+            raise RuntimeError("http worker already ran")
+        with nogil:
+            self._loop()
+        self.closed = True
+
+    # -- queues ----------------------------------------------------------------------------------------
+
+    cdef int _push(self, void **items, size_t *length, size_t *capacity, size_t size,
+                   const void *item) noexcept nogil:
+        """Append to a submission queue under the lock; the first item of a batch wakes the loop."""
+        cdef void *grown
+        cdef bint first
+        cdef uint64_t one = 1
+        pthread_mutex_lock(&self.lock)
+        if length[0] == capacity[0]:
+            grown = realloc(items[0], (capacity[0] * 2 + 64) * size)
+            if grown == NULL:
+                pthread_mutex_unlock(&self.lock)
+                return -1
+            items[0] = grown
+            capacity[0] = capacity[0] * 2 + 64
+        memcpy(<char*>items[0] + length[0] * size, item, size)
+        first = self.adopts_len + self.answers_len == 0
+        length[0] += 1
+        pthread_mutex_unlock(&self.lock)
+        if first:
+            write(self.wake_fd, &one, sizeof(one))
+        return 0
+
+    cdef void *_take(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil:
+        """Detach a whole queue under the lock; the caller owns (and frees) the returned array."""
+        cdef void *batch
+        pthread_mutex_lock(&self.lock)
+        batch = items[0]
+        taken[0] = length[0]
+        items[0] = NULL
+        length[0] = 0
+        capacity[0] = 0
+        pthread_mutex_unlock(&self.lock)
+        return batch
+
+    cdef void _post(self, Record *r) noexcept nogil:
+        cdef Record *grown
+        cdef bint was_empty
+        cdef uint64_t one = 1
+        pthread_mutex_lock(&self.lock)
+        if self.records_len == self.records_cap:
+            grown = <Record*>realloc(self.records, (self.records_cap * 2 + 64) * sizeof(Record))
+            if grown == NULL:
+                pthread_mutex_unlock(&self.lock)
+                free(r.head)
+                free(r.parsed)
+                return  # out of memory: the record is lost, nothing it owned leaks
+            self.records = grown
+            self.records_cap = self.records_cap * 2 + 64
+        was_empty = self.records_len == 0
+        self.records[self.records_len] = r[0]
+        self.records_len += 1
+        pthread_mutex_unlock(&self.lock)
+        if was_empty:
+            write(self.notify_fd, &one, sizeof(one))
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    cdef void _loop(self) noexcept nogil:
+        cdef epoll_event events[EVENTS_PER_WAIT]
+        cdef int n, i, timeout
+        cdef uint64_t counter
+        cdef int *kind
+        while not self.stopping:
+            timeout = 0 if self.ready != NULL else SCAN_MS
+            n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, timeout)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                break
+            self.now_ns = _now_ns()
+            for i in range(n):
+                kind = <int*>events[i].data.ptr
+                if kind == NULL:
+                    read(self.wake_fd, &counter, sizeof(counter))
+                    self._take_adoptions()
+                    self._take_answers()
+                elif kind[0] == KIND_DOWN:
+                    if not (<Down*>kind).dead:
+                        self._on_down_event(<Down*>kind, events[i].events)
+                elif not (<Up*>kind).dead:
+                    self._on_up_event(<Up*>kind, events[i].events)
+            self._run_ready()
+            if self.now_ns >= self.next_scan_ns:
+                self._scan()
+                self.next_scan_ns = self.now_ns + <int64_t>SCAN_MS * 1000000
+            self._bury()
+        self._close_all()
+        self._bury()
+
+    cdef void _take_adoptions(self) noexcept nogil:
+        cdef Adoption *batch
+        cdef size_t n, i
+        batch = <Adoption*>self._take(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, &n)
+        for i in range(n):
+            self._adopt(&batch[i])
+        free(batch)
+
+    cdef void _take_answers(self) noexcept nogil:
+        cdef Answer *batch
+        cdef size_t n, i
+        batch = <Answer*>self._take(<void**>&self.answers, &self.answers_len, &self.answers_cap, &n)
+        for i in range(n):
+            self._apply_answer(&batch[i])
+        free(batch)
+
+    cdef void _adopt(self, Adoption *a) noexcept nogil:
+        cdef Down *d = <Down*>calloc(1, sizeof(Down))
+        cdef epoll_event ev
+        cdef Record r
+        cdef int64_t k
+        cdef void *grown
+        if d != NULL and self.nfree == 0:
+            # Grow the slot table (request ids name a slot, so answers find their connection).
+            grown = realloc(self.slots, (self.nslots * 2 + 64) * sizeof(Down*))
+            if grown != NULL:
+                self.slots = <Down**>grown
+                grown = realloc(self.slot_seq, (self.nslots * 2 + 64) * sizeof(uint32_t))
+            if grown != NULL:
+                self.slot_seq = <uint32_t*>grown
+                grown = realloc(self.free_slots, (self.nslots * 2 + 64) * sizeof(uint32_t))
+            if grown != NULL:
+                self.free_slots = <uint32_t*>grown
+                for k in range(<int64_t>self.nslots * 2 + 64 - 1, <int64_t>self.nslots - 1, -1):
+                    # Lowest slots on top of the free stack, so ids stay small.
+                    self.slots[k] = NULL
+                    self.slot_seq[k] = 0
+                    self.free_slots[self.nfree] = <uint32_t>k
+                    self.nfree += 1
+                self.nslots = self.nslots * 2 + 64
+        if d == NULL or self.nfree == 0:
+            free(d)
+            _set_reset_on_close(a.fd)
+            close(a.fd)
+            memset(&r, 0, sizeof(r))
+            r.kind = REC_CONN_CLOSED
+            r.conn_id = a.conn_id
+            r.err = ENOMEM
+            self._post(&r)
+            return
+        self.nfree -= 1
+        d.slot = self.free_slots[self.nfree]
+        self.slots[d.slot] = d
+        d.kind = KIND_DOWN
+        d.fd = a.fd
+        d.conn_id = a.conn_id
+        d.source_ip = a.source_ip
+        d.state = D_HEAD
+        d.t_head_start_ns = self.now_ns
+        d.deadline_ns = self.now_ns + self.header_timeout_ns
+        h1_head_init(&d.req)
+        d.next = self.downs
+        if self.downs != NULL:
+            self.downs.prev = d
+        self.downs = d
+        self.live += 1
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = d
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, d.fd, &ev) < 0:
+            self._release_down(d, 0, errno)
+
+    cdef void _apply_answer(self, Answer *a) noexcept nogil:
+        cdef uint32_t slot = <uint32_t>(a.request_id >> 32)
+        cdef Down *d = self.slots[slot] if slot < self.nslots else NULL
+        if d == NULL or d.request_id != a.request_id or d.state != D_DECIDING:
+            free(a.edits)
+            free(a.detail)
+            return
+        d.t_forward_ns = self.now_ns
+        if not a.forward:
+            self._local_reply(d, a.status, a.flag, FLAG_LR, a.detail, a.detail_len, False)
+            free(a.detail)
+            self._drive(d)
+            return
+        if d.edits != a.edits:
+            free(d.edits)
+        d.edits = a.edits
+        d.dst = a.dst
+        d.try_timeout_ns = a.try_timeout_ns
+        self._forward(d)
+        self._drive(d)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    cdef void _on_down_event(self, Down *d, uint32_t events) noexcept nogil:
+        cdef int err
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            d.readable = True
+        if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+            d.writable = True
+        if events & EPOLLERR:
+            err = _sock_error(d.fd)
+            if err != 0:
+                self._release_down(d, FLAG_DC, err)
+                return
+        self._drive(d)
+
+    cdef void _on_up_event(self, Up *u, uint32_t events) noexcept nogil:
+        cdef int err
+        cdef Down *d = u.down
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            u.readable = True
+        if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+            u.writable = True
+        if u.state == U_IDLE:
+            # A pooled connection has nothing to say: any byte or EOF means it is no longer usable. (A late
+            # EPOLLOUT edge, from the ACK of the last request, is harmless.)
+            if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                self._close_up(u, False)
+            return
+        if u.state == U_CONNECTING:
+            err = _sock_error(u.fd)
+            if err == 0 and not events & EPOLLOUT:
+                return
+            if err != 0 or events & (EPOLLHUP | EPOLLERR):
+                self._close_up(u, False)
+                if d != NULL:
+                    self._attempt_failed(d, err if err else ECONNRESET, FLAG_UF)
+                return
+            u.state = U_BUSY
+        if d != NULL:
+            self._drive(d)
+
+    cdef void _drive(self, Down *d) noexcept nogil:
+        cdef int budget = READS_PER_TURN
+        while not d.dead and self._step(d, &budget) > 0:
+            pass
+
+    cdef int _step(self, Down *d, int *budget) noexcept nogil:
+        """One round of work on a connection; >0 when something moved, 0 when it must wait, -1 gone."""
+        cdef int progressed = 0, rc
+        cdef ssize_t n
+        cdef Up *u = d.up
+        if _held(&d.outb) and d.writable:
+            n = _flush(d.fd, &d.outb, &d.writable)
+            if n < 0:
+                self._release_down(d, FLAG_DC, errno)
+                return -1
+            progressed = n > 0
+        if u != NULL and u.state == U_BUSY and _held(&u.outb) and u.writable:
+            n = _flush(u.fd, &u.outb, &u.writable)
+            if n < 0:
+                return self._upstream_failed(d, errno)
+            progressed = progressed or n > 0
+        if d.state == D_HEAD:
+            rc = self._step_head(d, budget)
+        elif d.state == D_EXCHANGE:
+            rc = self._step_exchange(d, budget)
+        elif d.state == D_TUNNEL:
+            rc = self._step_tunnel(d, budget)
+        elif d.state == D_CLOSING:
+            rc = self._step_closing(d)
+        else:
+            rc = 0
+        if rc < 0:
+            return -1
+        return progressed or rc
+
+    # -- request heads ---------------------------------------------------------------------------------
+
+    cdef int _step_head(self, Down *d, int *budget) noexcept nogil:
+        cdef size_t avail
+        cdef int rc
+        cdef ssize_t n
+        if _held(&d.outb) > HIGH_WATER:
+            return 0  # the client is not reading its answers: take no further pipelined request
+        avail = _held(&d.inb)
+        if avail > 0:
+            if d.head_idle:
+                d.head_idle = False
+                d.t_head_start_ns = self.now_ns
+                d.deadline_ns = self.now_ns + self.header_timeout_ns
+            rc = h1_parse_request(d.inb.data + d.inb.off, avail, &self.limits, &d.req)
+            if rc > 0:
+                self._head_complete(d)
+                return 1
+            if rc < 0:
+                self._local_reply(d, d.req.error_status, "DPE", FLAG_DPE, d.req.error, strlen(d.req.error),
+                                  True)
+                return 1
+        if d.peer_eof:
+            if avail == 0:
+                self._start_closing(d)  # a clean end between requests; flush what is still queued
+                return 1
+            self._release_down(d, FLAG_DC, 0)  # a partial head nobody will answer
+            return -1
+        if not d.readable:
+            return 0
+        if budget[0] <= 0:
+            self._queue_ready(d)
+            return 0
+        budget[0] -= 1
+        n = _recv_into(d.fd, &d.inb, self.limits.max_head_bytes + 1024, &d.readable)
+        if n > 0:
+            return 1
+        if n == 0:
+            d.peer_eof = True
+            return 1
+        if n == -1:
+            self._release_down(d, FLAG_DC, errno)
+            return -1
+        if _held(&d.inb) >= self.limits.max_head_bytes + 1024:
+            # Cannot happen with the codec's own 431 check; kept so a full buffer never spins.
+            self._local_reply(d, 431, "DPE", FLAG_DPE, "request head too large", 22, True)
+            return 1
+        return 0
+
+    cdef void _head_complete(self, Down *d) noexcept nogil:
+        cdef Record r
+        cdef uint32_t head_len = d.req.head_len
+        d.orig.off = d.orig.len = 0
+        if _append(&d.orig, d.inb.data + d.inb.off, head_len) < 0:
+            self._release_down(d, FLAG_DPE, ENOMEM)
+            return
+        _consume(&d.inb, head_len)
+        d.t_head_ns = self.now_ns
+        d.deadline_ns = 0
+        d.method_head = d.req.method_id == H1_METHOD_HEAD
+        d.client_keep_alive = h1_should_keep_alive(&d.req)
+        d.req_done = d.resp_head_sent = d.resp_done = d.close_after = d.dechunk = False
+        d.stale_retried = d.reused = False
+        d.req_body_bytes = d.resp_bytes = 0
+        d.status = 0
+        d.flags = 0
+        d.attempts = 0
+        self.slot_seq[d.slot] += 1
+        d.request_id = (<uint64_t>d.slot << 32) | self.slot_seq[d.slot]
+        d.request_open = True
+        d.requests += 1
+        h1_body_for_request(&d.req_body, &d.req)
+        if d.req.method_id == H1_METHOD_CONNECT:
+            # CONNECT tunnels belong on the L4 path; the mesh's HTTP ports do not proxy them.
+            self._local_reply(d, 405, "DPE", FLAG_DPE, "CONNECT is not supported", 24, True)
+            return
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_HEAD
+        r.request_id = d.request_id
+        r.conn_id = d.conn_id
+        r.head = <unsigned char*>malloc(head_len)
+        r.parsed = <h1_head*>malloc(sizeof(h1_head))
+        if r.head == NULL or r.parsed == NULL:
+            free(r.head)
+            free(r.parsed)
+            self._release_down(d, 0, ENOMEM)
+            return
+        memcpy(r.head, d.orig.data, head_len)
+        memcpy(r.parsed, &d.req, sizeof(h1_head))
+        d.state = D_DECIDING
+        self._post(&r)
+
+    # -- forwarding ------------------------------------------------------------------------------------
+
+    cdef void _forward(self, Down *d) noexcept nogil:
+        """Serialize the head for the upstream (once per decision) and find it a connection."""
+        cdef h1_serialize_opts opts
+        cdef ssize_t n
+        cdef size_t cap = d.req.head_len + 512
+        memset(&opts, 0, sizeof(opts))
+        if d.edits != NULL:
+            opts.add, opts.nadd = d.edits.req_add, d.edits.nreq_add
+            opts.remove, opts.nremove = d.edits.req_remove, d.edits.nreq_remove
+            for n in range(d.edits.nreq_add):
+                cap += d.edits.req_add[n].name_len + d.edits.req_add[n].value_len + 4
+        opts.framing = H1_FRAMING_AS_PARSED
+        opts.upgrading = d.req.conn_upgrade and d.req.upgrade.len > 0
+        d.fwd.off = d.fwd.len = 0
+        if _reserve(&d.fwd, cap) < 0:
+            self._release_down(d, 0, ENOMEM)
+            return
+        n = h1_serialize_head(d.orig.data, &d.req, True, &opts, d.fwd.data, d.fwd.cap)
+        if n < 0:
+            self._local_reply(d, 431, "DPE", FLAG_DPE, "request head too large to forward", 33, True)
+            return
+        d.fwd.len = n
+        d.attempts += 1
+        self._acquire(d, False)
+
+    cdef void _acquire(self, Down *d, bint fresh) noexcept nogil:
+        cdef Pool *p = self._pool_for(d.source_ip, &d.dst)
+        cdef Up *u
+        cdef int err = 0
+        if p == NULL:
+            self._attempt_failed(d, ENOMEM, FLAG_UF)
+            return
+        if not fresh and p.idle_head != NULL:
+            u = p.idle_head
+            p.idle_head = u.idle_next
+            if p.idle_head != NULL:
+                p.idle_head.idle_prev = NULL
+            else:
+                p.idle_tail = NULL
+            u.idle_next = u.idle_prev = NULL
+            p.nidle -= 1
+            u.state = U_BUSY
+            self._attach(d, u, True)
+            return
+        if p.conns >= self.pool_max_conns:
+            d.state = D_WAIT_CONN
+            d.waiting_pool = p
+            d.wait_next = NULL
+            d.wait_prev = p.wait_tail
+            if p.wait_tail != NULL:
+                p.wait_tail.wait_next = d
+            else:
+                p.wait_head = d
+            p.wait_tail = d
+            return
+        u = self._connect(p, &err)
+        if u == NULL:
+            self._attempt_failed(d, err, FLAG_UF)
+            return
+        self._attach(d, u, False)
+
+    cdef void _attach(self, Down *d, Up *u, bint reused) noexcept nogil:
+        d.up = u
+        u.down = d
+        d.reused = reused
+        d.state = D_EXCHANGE
+        d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
+        h1_head_init(&u.resp)
+        u.inb.off = u.inb.len = 0
+        if _append(&u.outb, d.fwd.data, d.fwd.len) < 0:
+            self._release_down(d, 0, ENOMEM)
+
+    cdef Up *_connect(self, Pool *p, int *err) noexcept nogil:
+        cdef int fd, one = 1, rc
+        cdef sockaddr_in src, dst
+        cdef epoll_event ev
+        cdef Up *u
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            err[0] = errno
+            return NULL
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        rc = 0
+        if p.source_ip != 0:
+            memset(&src, 0, sizeof(src))
+            src.sin_family = AF_INET
+            src.sin_addr.s_addr = p.source_ip
+            rc = setsockopt(fd, IPPROTO_IP, IP_TRANSPARENT, &one, sizeof(one))
+            if rc == 0:
+                # The port is chosen at connect() from the full 4-tuple, not reserved at bind().
+                setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
+                rc = bind(fd, <sockaddr*>&src, sizeof(src))
+        if rc == 0:
+            memset(&dst, 0, sizeof(dst))
+            dst.sin_family = AF_INET
+            dst.sin_addr.s_addr = p.dst_ip
+            dst.sin_port = p.dst_port
+            rc = connect(fd, <sockaddr*>&dst, sizeof(dst))
+            if rc < 0 and errno == EINPROGRESS:
+                rc = 0
+        if rc < 0:
+            err[0] = errno
+            close(fd)
+            return NULL
+        u = <Up*>calloc(1, sizeof(Up))
+        if u == NULL:
+            err[0] = ENOMEM
+            close(fd)
+            return NULL
+        u.kind = KIND_UP
+        u.fd = fd
+        u.state = U_CONNECTING
+        u.pool = p
+        u.since_ns = self.now_ns
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = u
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            err[0] = errno
+            close(fd)
+            free(u)
+            return NULL
+        p.conns += 1
+        self.upstreams += 1
+        u.next = self.ups
+        if self.ups != NULL:
+            self.ups.prev = u
+        self.ups = u
+        return u
+
+    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst) noexcept nogil:
+        cdef uint32_t bucket = _hash_pool(source_ip, dst.sin_addr.s_addr, dst.sin_port)
+        cdef Pool *p = self.pools[bucket]
+        while p != NULL:
+            if p.source_ip == source_ip and p.dst_ip == dst.sin_addr.s_addr and p.dst_port == dst.sin_port:
+                return p
+            p = p.hash_next
+        p = <Pool*>calloc(1, sizeof(Pool))
+        if p == NULL:
+            return NULL
+        p.source_ip = source_ip
+        p.dst_ip = dst.sin_addr.s_addr
+        p.dst_port = dst.sin_port
+        p.hash_next = self.pools[bucket]
+        self.pools[bucket] = p
+        return p
+
+    cdef void _pool_release(self, Up *u) noexcept nogil:
+        """An upstream connection finished an exchange cleanly: to a waiting request, or idle (LIFO)."""
+        cdef Pool *p = u.pool
+        cdef Down *w
+        u.down = NULL
+        u.inb.off = u.inb.len = 0
+        _trim(&u.inb)
+        _trim(&u.outb)
+        if p.wait_head != NULL:
+            w = p.wait_head
+            self._pool_unwait(w)
+            self._attach(w, u, True)
+            self._queue_ready(w)
+            return
+        u.state = U_IDLE
+        u.since_ns = self.now_ns
+        u.idle_prev = NULL
+        u.idle_next = p.idle_head
+        if p.idle_head != NULL:
+            p.idle_head.idle_prev = u
+        else:
+            p.idle_tail = u
+        p.idle_head = u
+        p.nidle += 1
+        if p.nidle > self.pool_max_idle:
+            self._close_up(p.idle_tail, False)
+
+    cdef void _pool_unwait(self, Down *d) noexcept nogil:
+        cdef Pool *p = d.waiting_pool
+        if p == NULL:
+            return
+        if d.wait_prev != NULL:
+            d.wait_prev.wait_next = d.wait_next
+        else:
+            p.wait_head = d.wait_next
+        if d.wait_next != NULL:
+            d.wait_next.wait_prev = d.wait_prev
+        else:
+            p.wait_tail = d.wait_prev
+        d.wait_next = d.wait_prev = NULL
+        d.waiting_pool = NULL
+
+    cdef void _serve_waiter(self, Pool *p) noexcept nogil:
+        # A connection of a full pool closed: the first waiting request may open a new one.
+        cdef Down *w
+        cdef Up *u
+        cdef int err = 0
+        while p.wait_head != NULL and p.conns < self.pool_max_conns:
+            w = p.wait_head
+            self._pool_unwait(w)
+            u = self._connect(p, &err)
+            if u == NULL:
+                self._attempt_failed(w, err, FLAG_UF)
+            else:
+                self._attach(w, u, False)
+            self._queue_ready(w)
+
+    cdef void _attempt_failed(self, Down *d, int err, uint32_t flag) noexcept nogil:
+        """No usable upstream for this try: Python decides again (another endpoint, or a local reply)."""
+        cdef Record r
+        d.up = NULL
+        d.state = D_DECIDING
+        d.deadline_ns = 0
+        d.flags |= flag
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_ATTEMPT_FAILED
+        r.request_id = d.request_id
+        r.conn_id = d.conn_id
+        r.err = err
+        r.flags = flag
+        r.attempts = d.attempts
+        self._post(&r)
+
+    cdef int _upstream_failed(self, Down *d, int err) noexcept nogil:
+        """The upstream connection broke (error or EOF) before the exchange completed. Returns 1 if the
+        connection goes on (retried or answered locally), -1 if the client connection is gone."""
+        cdef Up *u = d.up
+        cdef bint untouched = not d.resp_head_sent and _held(&u.inb) == 0 and d.req_body_bytes == 0
+        if untouched and d.reused and not d.stale_retried:
+            # A pooled connection the backend closed while idle (the race every keep-alive pool has):
+            # nothing of the request body or the response moved, so send the head again on a fresh one.
+            d.stale_retried = True
+            d.up = NULL
+            u.down = NULL
+            self._close_up(u, False)
+            self._acquire(d, True)
+            return 1
+        d.up = NULL
+        u.down = NULL
+        self._close_up(u, True)
+        if not d.resp_head_sent:
+            self._local_reply(d, 502, "UC", FLAG_UC, "upstream connection closed before the response", 47,
+                              not d.req_done)
+            return 1
+        # Part of the response went out already: the client can only learn of the failure by a reset.
+        d.flags |= FLAG_UC
+        _set_reset_on_close(d.fd)
+        self._release_down(d, 0, err)
+        return -1
+
+    # -- exchanges -------------------------------------------------------------------------------------
+
+    cdef int _step_exchange(self, Down *d, int *budget) noexcept nogil:
+        cdef Up *u = d.up
+        cdef int progressed = 0, rc
+        if u == NULL or u.state != U_BUSY:
+            return 0
+        if not d.req_done:
+            rc = self._pump_request_body(d, u, budget)
+            if rc < 0:
+                return -1
+            progressed = rc
+            if d.up != u or d.state != D_EXCHANGE:
+                return 1
+        if not d.resp_done:
+            rc = self._pump_response(d, u, budget)
+            if rc < 0:
+                return -1
+            progressed = progressed or rc
+            if d.up != u or d.state != D_EXCHANGE:
+                return 1
+        if d.resp_done:
+            self._end_exchange(d)
+            return 1
+        return progressed
+
+    cdef int _pump_request_body(self, Down *d, Up *u, int *budget) noexcept nogil:
+        cdef size_t avail
+        cdef ssize_t n
+        cdef h1_chunk chunk
+        cdef int progressed = 0
+        while True:
+            if d.req_body.kind == H1_BODY_NONE or d.req_body.ended:
+                d.req_done = True
+                return 1
+            if _held(&u.outb) > HIGH_WATER:
+                return progressed  # the upstream is slow: resumes when it drains (EPOLLOUT)
+            avail = _held(&d.inb)
+            if avail > 0:
+                n = h1_body_feed(&d.req_body, d.inb.data + d.inb.off, avail, &chunk)
+                if n < 0:
+                    d.up = NULL
+                    u.down = NULL
+                    self._close_up(u, True)
+                    if d.resp_head_sent:
+                        self._release_down(d, FLAG_DPE, 0)
+                        return -1
+                    self._local_reply(d, d.req_body.error_status, "DPE", FLAG_DPE, d.req_body.error,
+                                      strlen(d.req_body.error), True)
+                    return 1
+                if n > 0:
+                    if _send(u.fd, &u.outb, &u.writable, d.inb.data + d.inb.off, n, True) < 0:
+                        return self._upstream_failed(d, errno)
+                    _consume(&d.inb, n)
+                    d.req_body_bytes += n
+                    progressed = 1
+                if d.req_body.ended:
+                    d.req_done = True
+                    return 1
+                if n > 0:
+                    continue
+            if d.peer_eof:
+                # The client left in the middle of its request body.
+                self._release_down(d, FLAG_DC, 0)
+                return -1
+            if not d.readable:
+                return progressed
+            if budget[0] <= 0:
+                self._queue_ready(d)
+                return progressed
+            budget[0] -= 1
+            n = _recv_into(d.fd, &d.inb, IO_CHUNK + self.limits.max_head_bytes, &d.readable)
+            if n == 0:
+                d.peer_eof = True
+            elif n == -1:
+                self._release_down(d, FLAG_DC, errno)
+                return -1
+            elif n == -2 and d.readable:
+                return progressed  # the buffer is full of an incomplete chunk line or trailer: feed waits
+            else:
+                progressed = 1
+
+    cdef int _pump_response(self, Down *d, Up *u, int *budget) noexcept nogil:
+        cdef size_t avail
+        cdef ssize_t n
+        cdef h1_chunk chunk
+        cdef int progressed = 0, rc
+        while True:
+            avail = _held(&u.inb)
+            if not d.resp_head_sent:
+                if avail > 0:
+                    rc = h1_parse_response(u.inb.data + u.inb.off, avail, &self.limits, &u.resp)
+                    if rc < 0:
+                        d.up = NULL
+                        u.down = NULL
+                        self._close_up(u, True)
+                        self._local_reply(d, 502, "UPE", FLAG_UPE, u.resp.error, strlen(u.resp.error),
+                                          not d.req_done)
+                        return 1
+                    if rc > 0:
+                        rc = self._response_head(d, u)
+                        if rc <= 0 or d.resp_done or d.state != D_EXCHANGE:
+                            return rc
+                        progressed = 1
+                        continue
+            else:
+                if _held(&d.outb) > HIGH_WATER:
+                    return progressed  # the client is slow: resumes when it drains
+                if avail > 0:
+                    n = h1_body_feed(&u.resp_body, u.inb.data + u.inb.off, avail, &chunk)
+                    if n < 0:
+                        # A broken response body: the client cannot be told in-band any more.
+                        d.flags |= FLAG_UPE
+                        d.up = NULL
+                        u.down = NULL
+                        self._close_up(u, True)
+                        _set_reset_on_close(d.fd)
+                        self._release_down(d, 0, 0)
+                        return -1
+                    if n > 0:
+                        if d.dechunk:
+                            rc = _send(d.fd, &d.outb, &d.writable, u.inb.data + u.inb.off + chunk.data.off,
+                                       chunk.data.len, True)
+                            d.resp_bytes += chunk.data.len
+                        else:
+                            rc = _send(d.fd, &d.outb, &d.writable, u.inb.data + u.inb.off, n, True)
+                            d.resp_bytes += n
+                        if rc < 0:
+                            self._release_down(d, FLAG_DC, errno)
+                            return -1
+                        _consume(&u.inb, n)
+                        progressed = 1
+                    if u.resp_body.ended:
+                        d.resp_done = True
+                        return 1
+                    if n > 0:
+                        continue
+            if u.peer_eof:
+                if d.resp_head_sent and h1_body_eof(&u.resp_body) > 0:
+                    d.resp_done = True  # an until-close body ends here
+                    return 1
+                return self._upstream_failed(d, ECONNRESET)
+            if not u.readable:
+                return progressed
+            if budget[0] <= 0:
+                self._queue_ready(d)
+                return progressed
+            budget[0] -= 1
+            n = _recv_into(u.fd, &u.inb, IO_CHUNK + self.limits.max_head_bytes, &u.readable)
+            if n == 0:
+                u.peer_eof = True
+            elif n == -1:
+                return self._upstream_failed(d, errno)
+            elif n == -2 and u.readable:
+                if not d.resp_head_sent:
+                    d.up = NULL
+                    u.down = NULL
+                    self._close_up(u, True)
+                    self._local_reply(d, 502, "UPE", FLAG_UPE, "response head too large", 23, not d.req_done)
+                    return 1
+                return progressed
+            else:
+                progressed = 1
+
+    cdef int _response_head(self, Down *d, Up *u) noexcept nogil:
+        """A complete response head in u.inb: forward it (1xx, 101, final). 1 to go on, -1 if d is gone."""
+        cdef h1_serialize_opts opts
+        cdef h1_field_ref keep_alive
+        cdef h1_field_ref adds[2]
+        cdef ssize_t n
+        cdef uint16_t status = u.resp.status
+        cdef uint32_t head_len = u.resp.head_len
+        cdef size_t cap = head_len + 512
+        cdef bint upgrade = status == 101
+        cdef bint informational = 100 <= status < 200 and not upgrade
+        memset(&opts, 0, sizeof(opts))
+        if upgrade and not (d.req.conn_upgrade and d.req.upgrade.len > 0):
+            d.up = NULL
+            u.down = NULL
+            self._close_up(u, True)
+            self._local_reply(d, 502, "UPE", FLAG_UPE, "101 to a request that did not ask to upgrade", 44,
+                              True)
+            return 1
+        if not informational:
+            h1_body_for_response(&u.resp_body, &u.resp, d.method_head, d.req.method_id == H1_METHOD_CONNECT)
+            d.dechunk = d.req.version_minor == 0 and u.resp_body.kind == H1_BODY_CHUNKED
+            if u.resp_body.kind == H1_BODY_UNTIL_CLOSE or d.dechunk:
+                d.close_after = True  # the body ends when we close
+            opts.framing = H1_FRAMING_NONE if d.dechunk else H1_FRAMING_AS_PARSED
+            opts.upgrading = upgrade
+            opts.conn_close = not upgrade and (d.close_after or not d.client_keep_alive)
+            if d.edits != NULL:
+                opts.remove, opts.nremove = d.edits.resp_remove, d.edits.nresp_remove
+                opts.add, opts.nadd = d.edits.resp_add, d.edits.nresp_add
+                for n in range(d.edits.nresp_add):
+                    cap += d.edits.resp_add[n].name_len + d.edits.resp_add[n].value_len + 4
+            if not opts.conn_close and not upgrade and d.req.version_minor == 0:
+                # An HTTP/1.0 client keeps the connection only when told so.
+                keep_alive.name, keep_alive.name_len = <const unsigned char*>"connection", 10
+                keep_alive.value, keep_alive.value_len = <const unsigned char*>"keep-alive", 10
+                if opts.nadd == 0:
+                    opts.add, opts.nadd = &keep_alive, 1
+                elif opts.nadd == 1:
+                    adds[0] = opts.add[0]
+                    adds[1] = keep_alive
+                    opts.add, opts.nadd = adds, 2
+                else:
+                    opts.conn_close = True  # rare (1.0 client and several added fields): just close
+                    d.close_after = True
+        elif d.req.version_minor == 0:
+            # 1xx never goes to an HTTP/1.0 client (RFC 9110 §15.2).
+            _consume(&u.inb, head_len)
+            h1_head_init(&u.resp)
+            return 1
+        if _reserve(&d.outb, cap) < 0:
+            self._release_down(d, 0, ENOMEM)
+            return -1
+        n = h1_serialize_head(u.inb.data + u.inb.off, &u.resp, False, &opts, d.outb.data + d.outb.len,
+                              d.outb.cap - d.outb.len)
+        if n < 0:
+            d.up = NULL
+            u.down = NULL
+            self._close_up(u, True)
+            self._local_reply(d, 502, "UPE", FLAG_UPE, "response head too large", 23, True)
+            return 1
+        d.outb.len += n
+        d.resp_bytes += n
+        _consume(&u.inb, head_len)
+        if informational:
+            h1_head_init(&u.resp)
+            return 1
+        d.status = status
+        d.resp_head_sent = True
+        d.t_resp_ns = self.now_ns
+        d.deadline_ns = 0
+        if upgrade:
+            # From here on both sockets carry the upgraded protocol: relay raw bytes until both ends close.
+            self._post_done(d, 0)
+            if u.pool != NULL:
+                u.pool.conns -= 1
+                self._serve_waiter(u.pool)
+                u.pool = NULL
+            d.state = D_TUNNEL
+            return 1
+        if u.resp_body.kind == H1_BODY_NONE:
+            d.resp_done = True
+        return 1
+
+    cdef void _end_exchange(self, Down *d) noexcept nogil:
+        cdef Up *u = d.up
+        cdef bint reusable = (d.req_done and _held(&u.outb) == 0 and _held(&u.inb) == 0 and not u.peer_eof
+                              and u.resp_body.kind != H1_BODY_UNTIL_CLOSE and h1_should_keep_alive(&u.resp))
+        d.up = NULL
+        u.down = NULL
+        if not d.req_done:
+            d.close_after = True  # the rest of the request body cannot be framed any more: end here
+        self._post_done(d, 0)
+        if reusable:
+            self._pool_release(u)
+        else:
+            self._close_up(u, False)
+        self._next_request(d)
+
+    cdef void _next_request(self, Down *d) noexcept nogil:
+        free(d.edits)
+        d.edits = NULL
+        d.fwd.off = d.fwd.len = 0
+        if d.close_after or not d.client_keep_alive:
+            self._start_closing(d)
+            return
+        d.state = D_HEAD
+        h1_head_init(&d.req)
+        d.head_idle = True
+        d.deadline_ns = self.now_ns + self.idle_timeout_ns
+        _trim(&d.orig)
+        _trim(&d.fwd)
+
+    cdef void _post_done(self, Down *d, int err) noexcept nogil:
+        cdef Record r
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_DONE
+        r.request_id = d.request_id
+        r.conn_id = d.conn_id
+        r.status = d.status
+        r.err = err
+        r.flags = d.flags
+        r.bytes_in = d.req_body_bytes
+        r.bytes_out = d.resp_bytes
+        r.decide_ns = d.t_forward_ns - d.t_head_ns if d.t_forward_ns >= d.t_head_ns and d.t_head_ns else 0
+        r.upstream_ns = d.t_resp_ns - d.t_forward_ns if d.t_resp_ns > d.t_forward_ns and d.t_forward_ns else 0
+        r.total_ns = self.now_ns - d.t_head_start_ns
+        r.attempts = d.attempts
+        r.reused = d.reused
+        d.request_open = False
+        d.t_forward_ns = d.t_resp_ns = 0
+        self._post(&r)
+
+    cdef void _local_reply(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
+                           const char *detail, size_t detail_len, bint close_after) noexcept nogil:
+        """Answer the client ourselves: `status` with x-nodeproxy-flags: flag and `detail` as the body."""
+        cdef char head[256]
+        cdef int n
+        cdef Up *u = d.up
+        if u != NULL:
+            d.up = NULL
+            u.down = NULL
+            self._close_up(u, True)
+        if d.state == D_WAIT_CONN:
+            self._pool_unwait(d)
+        if not d.request_open:
+            # A reply to a head that never completed (bad input, timeout): still one DONE for the log.
+            self.slot_seq[d.slot] += 1
+            d.request_id = (<uint64_t>d.slot << 32) | self.slot_seq[d.slot]
+            d.t_head_ns = 0
+            d.req_body_bytes = 0
+            d.resp_bytes = 0
+            d.attempts = 0
+            d.flags = 0
+            d.reused = False
+            d.request_open = True
+        if d.state == D_HEAD:
+            # No complete head (bad input, timeout): the connection's framing is lost.
+            close_after = True
+            d.method_head = False
+        elif d.req_body.kind != H1_BODY_NONE and not d.req_done:
+            close_after = True  # the unread request body cannot be skipped reliably
+        close_after = close_after or not d.client_keep_alive
+        n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %u %s\r\ncontent-type: text/plain\r\ncontent-length: %u\r\n"
+                     "x-nodeproxy-flags: %s\r\n%s\r\n",
+                     <unsigned>status, _reason(status), <unsigned>(detail_len + 1), flag,
+                     "connection: close\r\n" if close_after else "")
+        if n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0:
+            self._release_down(d, 0, ENOMEM)
+            return
+        d.resp_bytes += n
+        if not d.method_head:
+            if _append(&d.outb, detail, detail_len) < 0 or _append(&d.outb, "\n", 1) < 0:
+                self._release_down(d, 0, ENOMEM)
+                return
+            d.resp_bytes += detail_len + 1
+        d.status = status
+        d.flags |= flag_bit
+        d.close_after = close_after
+        self._post_done(d, 0)
+        self._next_request(d)
+
+    cdef void _start_closing(self, Down *d) noexcept nogil:
+        d.state = D_CLOSING
+        d.deadline_ns = self.now_ns + <int64_t>LINGER_MS * 1000000
+        if d.up != NULL:
+            d.up.down = NULL
+            self._close_up(d.up, False)
+            d.up = NULL
+
+    cdef int _step_closing(self, Down *d) noexcept nogil:
+        cdef ssize_t n
+        if _held(&d.outb):
+            return 0  # still flushing the last answer
+        if not d.shut_wr:
+            shutdown(d.fd, SHUT_WR)
+            d.shut_wr = True
+        while not d.peer_eof and d.readable:
+            # Drain what the client still sends, so our close is not an RST that destroys the answer.
+            d.inb.off = d.inb.len = 0
+            n = _recv_into(d.fd, &d.inb, IO_CHUNK, &d.readable)
+            if n == 0 or n == -1:
+                d.peer_eof = True
+        if d.peer_eof:
+            self._release_down(d, 0, 0)
+            return -1
+        return 0
+
+    # -- tunnels (after 101) ---------------------------------------------------------------------------
+
+    cdef int _step_tunnel(self, Down *d, int *budget) noexcept nogil:
+        cdef Up *u = d.up
+        cdef int a, b
+        if u == NULL:
+            self._release_down(d, 0, 0)
+            return -1
+        a = self._tunnel_direction(d, &d.readable, &d.inb, &d.peer_eof, d.fd, u.fd, &u.outb, &u.writable,
+                                   &u.shut_wr, budget)
+        if a < 0:
+            return -1
+        b = self._tunnel_direction(d, &u.readable, &u.inb, &u.peer_eof, u.fd, d.fd, &d.outb, &d.writable,
+                                   &d.shut_wr, budget)
+        if b < 0:
+            return -1
+        if d.shut_wr and u.shut_wr:
+            self._release_down(d, 0, 0)
+            return -1
+        return a or b
+
+    cdef int _tunnel_direction(self, Down *d, bint *src_readable, Buf *src_in, bint *src_eof, int src_fd,
+                               int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
+                               int *budget) noexcept nogil:
+        cdef ssize_t n
+        cdef int progressed = 0
+        while True:
+            if _held(src_in):
+                if _held(dst_out) > HIGH_WATER:
+                    return progressed
+                if _send(dst_fd, dst_out, dst_writable, src_in.data + src_in.off, _held(src_in), True) < 0:
+                    self._release_down(d, 0, errno)
+                    return -1
+                _consume(src_in, _held(src_in))
+                progressed = 1
+            if src_eof[0]:
+                if not dst_shut[0] and _held(dst_out) == 0:
+                    shutdown(dst_fd, SHUT_WR)
+                    dst_shut[0] = True
+                    progressed = 1
+                return progressed
+            if not src_readable[0]:
+                return progressed
+            if budget[0] <= 0:
+                self._queue_ready(d)
+                return progressed
+            budget[0] -= 1
+            n = _recv_into(src_fd, src_in, IO_CHUNK, src_readable)
+            if n == 0:
+                src_eof[0] = True
+            elif n == -1:
+                self._release_down(d, 0, errno)
+                return -1
+            elif n > 0:
+                progressed = 1
+
+    # -- teardown --------------------------------------------------------------------------------------
+
+    cdef void _release_down(self, Down *d, uint32_t flag, int err) noexcept nogil:
+        """Close a client connection and everything it holds; post its last records."""
+        cdef Record r
+        if d.dead:
+            return
+        if d.up != NULL:
+            d.up.down = NULL
+            self._close_up(d.up, True)
+            d.up = NULL
+        self._pool_unwait(d)
+        if d.request_open:
+            d.flags |= flag
+            self._post_done(d, err)
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_CONN_CLOSED
+        r.conn_id = d.conn_id
+        r.bytes_in = d.requests
+        r.err = err
+        self._post(&r)
+        close(d.fd)
+        d.fd = -1
+        self.slots[d.slot] = NULL
+        self.free_slots[self.nfree] = d.slot
+        self.nfree += 1
+        _free_buf(&d.inb)
+        _free_buf(&d.outb)
+        _free_buf(&d.orig)
+        _free_buf(&d.fwd)
+        free(d.edits)
+        d.edits = NULL
+        if d.queued:
+            self._unqueue(d)
+        if d.prev != NULL:
+            d.prev.next = d.next
+        else:
+            self.downs = d.next
+        if d.next != NULL:
+            d.next.prev = d.prev
+        self.live -= 1
+        d.dead = True
+        d.grave_next = self.down_graves
+        self.down_graves = d
+
+    cdef void _close_up(self, Up *u, bint reset) noexcept nogil:
+        cdef Pool *p = u.pool
+        if u.dead:
+            return
+        if reset:
+            _set_reset_on_close(u.fd)
+        close(u.fd)
+        u.fd = -1
+        if p != NULL:
+            if u.state == U_IDLE:
+                if u.idle_prev != NULL:
+                    u.idle_prev.idle_next = u.idle_next
+                else:
+                    p.idle_head = u.idle_next
+                if u.idle_next != NULL:
+                    u.idle_next.idle_prev = u.idle_prev
+                else:
+                    p.idle_tail = u.idle_prev
+                p.nidle -= 1
+            p.conns -= 1
+        _free_buf(&u.inb)
+        _free_buf(&u.outb)
+        if u.prev != NULL:
+            u.prev.next = u.next
+        else:
+            self.ups = u.next
+        if u.next != NULL:
+            u.next.prev = u.prev
+        self.upstreams -= 1
+        u.dead = True
+        u.grave_next = self.up_graves
+        self.up_graves = u
+        if p != NULL and p.wait_head != NULL:
+            self._serve_waiter(p)
+
+    cdef void _queue_ready(self, Down *d) noexcept nogil:
+        if not d.queued:
+            d.queued = True
+            d.ready_next = self.ready
+            self.ready = d
+
+    cdef void _unqueue(self, Down *d) noexcept nogil:
+        cdef Down **link = &self.ready
+        while link[0] != NULL:
+            if link[0] == d:
+                link[0] = d.ready_next
+                break
+            link = &link[0].ready_next
+        d.queued = False
+        d.ready_next = NULL
+
+    cdef void _run_ready(self) noexcept nogil:
+        cdef Down *d
+        cdef Down *batch = self.ready
+        self.ready = NULL
+        while batch != NULL:
+            d = batch
+            batch = d.ready_next
+            d.ready_next = NULL
+            d.queued = False
+            if not d.dead:
+                self._drive(d)
+
+    cdef void _scan(self) noexcept nogil:
+        # A linear walk every SCAN_MS: ~10 ns a connection, cheaper than timer bookkeeping per event.
+        cdef Down *d = self.downs
+        cdef Down *dn
+        cdef Up *u = self.ups
+        cdef Up *un
+        cdef int64_t now = self.now_ns
+        while u != NULL:
+            un = u.next
+            if u.state == U_CONNECTING and now - u.since_ns >= self.connect_timeout_ns:
+                d = u.down
+                u.down = NULL
+                self._close_up(u, False)
+                if d != NULL:
+                    d.up = NULL
+                    self._attempt_failed(d, ETIMEDOUT, FLAG_UF)
+            elif (u.state == U_IDLE and self.pool_idle_timeout_ns > 0
+                  and now - u.since_ns >= self.pool_idle_timeout_ns):
+                self._close_up(u, False)
+            u = un
+        d = self.downs
+        while d != NULL:
+            dn = d.next
+            if d.deadline_ns != 0 and now >= d.deadline_ns:
+                if d.state == D_HEAD:
+                    if d.head_idle:
+                        self._release_down(d, 0, 0)  # keep-alive idle timeout: a quiet close
+                    else:
+                        self._local_reply(d, 408, "DPE", FLAG_DPE, "request head not received in time", 33, True)
+                        self._drive(d)
+                elif d.state == D_EXCHANGE and not d.resp_head_sent:
+                    self._local_reply(d, 504, "UT", FLAG_UT, "upstream did not answer in time", 31,
+                                      not d.req_done)
+                    self._drive(d)
+                elif d.state == D_CLOSING:
+                    self._release_down(d, 0, 0)
+                else:
+                    d.deadline_ns = 0
+            d = dn
+
+    cdef void _bury(self) noexcept nogil:
+        # Freed only here: until the loop turn ends, a later event of the same batch may name them.
+        cdef Down *d
+        cdef Up *u
+        while self.down_graves != NULL:
+            d = self.down_graves
+            self.down_graves = d.grave_next
+            free(d)
+        while self.up_graves != NULL:
+            u = self.up_graves
+            self.up_graves = u.grave_next
+            free(u)
+
+    cdef void _close_all(self) noexcept nogil:
+        cdef int i
+        cdef Pool *p
+        cdef Answer *answers
+        cdef size_t n, k
+        self._take_adoptions()
+        answers = <Answer*>self._take(<void**>&self.answers, &self.answers_len, &self.answers_cap, &n)
+        for k in range(n):
+            free(answers[k].edits)
+            free(answers[k].detail)
+        free(answers)
+        while self.downs != NULL:
+            _set_reset_on_close(self.downs.fd)
+            self._release_down(self.downs, FLAG_DC, 0)
+        while self.ups != NULL:
+            self._close_up(self.ups, False)
+        for i in range(POOL_BUCKETS):
+            while self.pools[i] != NULL:
+                p = self.pools[i]
+                self.pools[i] = p.hash_next
+                free(p)

@@ -1,0 +1,420 @@
+"""Python side of the HTTP engine: HttpWorker threads, and one routing decision per request head.
+
+The listener hands an accepted connection of an HTTP port to :meth:`HttpProxy.adopt`; from then on the
+native engine (nodeproxy._l7) owns the socket. Whenever it has records, it writes the proxy's eventfd;
+:meth:`HttpProxy.process_records` then takes each worker's batch: for every request head it builds the
+:class:`RequestAttrs`, calls :func:`decide_request` with the routing snapshot current at that moment and
+answers the whole batch at once; a failed upstream attempt is decided again (another endpoint) until
+`connect_attempts` are used up; a finished request updates the endpoint's counters and the access log.
+Python never sees a body byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from nodeproxy import _l7
+from nodeproxy.balance import Endpoint
+from nodeproxy.config import HttpConfig, RelayConfig
+from nodeproxy.proxy.http_route import Forward, LocalReply, RequestAttrs, decide_request
+from nodeproxy.state.routing import RoutingState
+
+log = structlog.get_logger("nodeproxy.http")
+
+# Local-reply details for failures the engine reports and Python answers.
+UPSTREAM_CONNECT_FAILED = 502
+
+FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit in _l7.FLAGS.items()))
+
+ForwardAnswer = tuple[
+    int,
+    str,
+    int,
+    tuple[tuple[bytes, bytes], ...],
+    tuple[bytes, ...],
+    tuple[tuple[bytes, bytes], ...],
+    tuple[bytes, ...],
+    int,
+]
+ReplyAnswer = tuple[int, int, str, str]
+
+
+def flag_text(bits: int, local_flag: str | None = None) -> str:
+    """Envoy-style flags, comma-separated (e.g. "UF,UC"); a Python-decided local reply adds its own."""
+    names = [name for bit, name in FLAG_NAMES if bits & bit and name != "LR"]
+    if local_flag:
+        names.append(local_flag)
+    return ",".join(names) or "-"
+
+
+def _encode_fields(fields: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in fields)
+
+
+def _encode_names(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(name.encode("latin-1") for name in names)
+
+
+@dataclass(frozen=True, slots=True)
+class _Edits:
+    request_add: tuple[tuple[bytes, bytes], ...]
+    request_remove: tuple[bytes, ...]
+    response_add: tuple[tuple[bytes, bytes], ...]
+    response_remove: tuple[bytes, ...]
+
+
+_NO_EDITS = _Edits((), (), (), ())
+
+
+@dataclass(slots=True)
+class HttpConnection:
+    """A downstream connection the engine owns; Python keeps what routing and logs need."""
+
+    id: int
+    client_ip: str
+    client_port: int
+    orig_ip: str
+    orig_port: int
+    started: float
+    worker: _l7.HttpWorker
+    requests: int = 0
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request between its head and its DONE record."""
+
+    conn: HttpConnection
+    attrs: RequestAttrs
+    started: float
+    service: str | None = None
+    route: str | None = None
+    endpoint: Endpoint | None = None
+    tried: set[str] = field(default_factory=set)
+    local_flag: str | None = None
+
+
+@dataclass
+class HttpStats:
+    requests: int = 0
+    local_replies: int = 0
+    attempts_failed: int = 0
+    connections: int = 0
+    status_classes: dict[str, int] = field(default_factory=dict)
+
+
+class HttpProxy:
+    """The HTTP engine threads of one worker process and the decisions they ask for.
+
+    `routing` returns the current routing snapshot (StateUpdater.current), read once per request head,
+    so a config reload applies to the next request even on a kept-alive connection. pool_max_conns
+    bounds the upstream connections per (source, endpoint) of each engine thread (1024, Envoy's circuit
+    breaker default); requests beyond it wait for one to free up.
+    """
+
+    def __init__(
+        self,
+        routing: Callable[[], RoutingState],
+        http: HttpConfig,
+        relay: RelayConfig,
+        threads: int = 1,
+        access_log: bool = True,
+        bind_source: bool = True,
+        pool_max_conns: int = 1024,
+    ) -> None:
+        self.routing = routing
+        self.relay_config = relay
+        self.access_log = access_log
+        self.bind_source = bind_source  # connect upstream from the client's address (transparent)
+        self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.workers = [
+            _l7.HttpWorker(
+                self.notify_fd,
+                max_head_bytes=http.max_head_bytes,
+                max_fields=http.max_header_fields,
+                header_timeout_ms=max(1, int(http.header_timeout * 1000)),
+                connect_timeout_ms=max(1, int(relay.connect_timeout * 1000)),
+                pool_max_idle=http.upstream_pool_size,
+                pool_idle_timeout_ms=int(http.upstream_idle_timeout * 1000),
+                pool_max_conns=pool_max_conns,
+            )
+            for _ in range(threads)
+        ]
+        self._threads = [
+            threading.Thread(target=w.run, name=f"nodeproxy-http-{i}", daemon=True)
+            for i, w in enumerate(self.workers)
+        ]
+        self._next = 0
+        self.connections: dict[int, HttpConnection] = {}
+        self.requests: dict[int, PendingRequest] = {}
+        self.stats = HttpStats()
+        self._edits: dict[int, tuple[Forward, _Edits]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine threads; with a loop, records are processed on it (else call process_records)."""
+        for thread in self._threads:
+            thread.start()
+        if loop is not None:
+            self._loop = loop
+            loop.add_reader(self.notify_fd, self.process_records)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the engine threads (live connections are closed) and take their last records."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.notify_fd)
+        for worker in self.workers:
+            worker.stop()
+        for thread in self._threads:
+            thread.join(timeout)
+        self.process_records()
+        os.close(self.notify_fd)
+
+    @property
+    def live_connections(self) -> int:
+        return sum(w.live_connections for w in self.workers)
+
+    @property
+    def upstream_connections(self) -> int:
+        return sum(w.upstream_connections for w in self.workers)
+
+    # -- connections -----------------------------------------------------------------------------------
+
+    def adopt(
+        self, conn_id: int, client_fd: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int
+    ) -> None:
+        """Hand an accepted connection of an HTTP port to an engine thread, which owns the fd from now on
+        (also when this raises after the fd was queued: it never does, adopt() raises before queueing)."""
+        if self._stopped:
+            raise RuntimeError("http proxy is closed")
+        worker = self.workers[self._next]
+        self._next = (self._next + 1) % len(self.workers)
+        conn = HttpConnection(conn_id, client_ip, client_port, orig_ip, orig_port, time.monotonic(), worker)
+        worker.adopt(conn_id, client_fd, client_ip if self.bind_source else None)
+        self.connections[conn_id] = conn
+        self.stats.connections += 1
+
+    # -- records ---------------------------------------------------------------------------------------
+
+    def process_records(self) -> None:
+        """Take every worker's records and answer the request heads among them, one batch per worker."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.notify_fd)
+        for worker in self.workers:
+            records = worker.drain()
+            if not records:
+                continue
+            forwards: list[ForwardAnswer] = []
+            replies: list[ReplyAnswer] = []
+            self._handle(records, forwards, replies)
+            if (forwards or replies) and not self._stopped:
+                worker.answer(forwards, replies)
+
+    def _handle(
+        self, records: Iterable[tuple[Any, ...]], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
+    ) -> None:
+        for record in records:
+            kind = record[0]
+            if kind == _l7.HEAD:
+                self._on_head(record, forwards, replies)
+            elif kind == _l7.DONE:
+                self._on_done(record)
+            elif kind == _l7.ATTEMPT_FAILED:
+                self._on_attempt_failed(record, forwards, replies)
+            elif kind == _l7.CONN_CLOSED:
+                self._on_conn_closed(record)
+            else:
+                raise AssertionError(f"unknown engine record kind {kind}")
+
+    def _on_head(self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]) -> None:
+        _, request_id, conn_id, method, _target, authority, path, query, headers = record
+        conn = self.connections[conn_id]
+        conn.requests += 1
+        self.stats.requests += 1
+        route = self.routing().lookup(conn.orig_ip, conn.orig_port)
+        matched = route.http.matched_headers if route is not None and route.http is not None else frozenset()
+        picked: dict[str, str] = {}
+        if matched:
+            for name, value in headers:
+                if name in matched:
+                    # Repeated fields are one comma-joined value (RFC 9110 §5.3).
+                    picked[name] = f"{picked[name]}, {value}" if name in picked else value
+        attrs = RequestAttrs(method, authority, path, query, picked)
+        request = PendingRequest(conn, attrs, time.monotonic())
+        self.requests[request_id] = request
+        if route is None or route.http is None:
+            # The service or its HTTP protocol went away with a reload since the connection came in.
+            self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), replies)
+            return
+        request.service = route.service
+        self._answer(request_id, request, decide_request(route.http, attrs), forwards, replies)
+
+    def _answer(
+        self,
+        request_id: int,
+        request: PendingRequest,
+        decision: Forward | LocalReply,
+        forwards: list[ForwardAnswer],
+        replies: list[ReplyAnswer],
+    ) -> None:
+        if isinstance(decision, LocalReply):
+            self._reply(request_id, request, decision, replies)
+            return
+        endpoint = decision.endpoint
+        request.endpoint, request.route = endpoint, decision.route
+        endpoint.active += 1
+        endpoint.total += 1
+        edits = self._edits_for(decision)
+        forwards.append(
+            (
+                request_id,
+                endpoint.address,
+                endpoint.port,
+                edits.request_add,
+                edits.request_remove,
+                edits.response_add,
+                edits.response_remove,
+                0,
+            )
+        )
+
+    def _edits_for(self, decision: Forward) -> _Edits:
+        """Header edits encoded once per route (routes are immutable per snapshot), not per request."""
+        if not (
+            decision.request_headers_add
+            or decision.request_headers_remove
+            or decision.response_headers_add
+            or decision.response_headers_remove
+        ):
+            return _NO_EDITS
+        key = id(decision.request_headers_add) ^ id(decision.response_headers_add) * 31
+        cached = self._edits.get(key)
+        if cached is not None and _same_edits(cached[0], decision):
+            return cached[1]
+        edits = _Edits(
+            _encode_fields(decision.request_headers_add),
+            _encode_names(decision.request_headers_remove),
+            _encode_fields(decision.response_headers_add),
+            _encode_names(decision.response_headers_remove),
+        )
+        if len(self._edits) > 1024:
+            self._edits.clear()  # routes of old snapshots
+        self._edits[key] = (decision, edits)
+        return edits
+
+    def _reply(
+        self, request_id: int, request: PendingRequest, reply: LocalReply, replies: list[ReplyAnswer]
+    ) -> None:
+        # grpc_status applies to HTTP/2 clients; an HTTP/1.1 client gets the HTTP status itself.
+        request.local_flag = reply.flag
+        self.stats.local_replies += 1
+        replies.append((request_id, reply.status, reply.flag, reply.detail))
+
+    def _on_attempt_failed(
+        self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
+    ) -> None:
+        _, request_id, _conn_id, err, flags, attempts = record
+        request = self.requests[request_id]
+        self.stats.attempts_failed += 1
+        endpoint = request.endpoint
+        if endpoint is not None:
+            endpoint.active -= 1
+            endpoint.connect_failures += 1
+            request.tried.add(endpoint.address)
+            request.endpoint = None
+        if self.access_log:
+            log.warning(
+                "upstream attempt failed",
+                request=request_id,
+                conn=request.conn.id,
+                upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
+                errno=err,
+                error=os.strerror(err) if err else "unknown error",
+                flags=flag_text(flags),
+                attempt=attempts,
+            )
+        route = self.routing().lookup(request.conn.orig_ip, request.conn.orig_port)
+        reason = f"upstream connect failed ({os.strerror(err) if err else 'unknown error'})"
+        if attempts >= self.relay_config.connect_attempts or route is None or route.http is None:
+            self._reply(request_id, request, LocalReply(502, "UF", f"{reason} after {attempts} attempts"), replies)
+            return
+        decision = decide_request(route.http, request.attrs, request.tried)
+        if isinstance(decision, LocalReply):
+            # No endpoint left to try: the client learns of the connect failure, not of "no endpoint".
+            decision = LocalReply(502, "UF", f"{reason}; {decision.detail}")
+        self._answer(request_id, request, decision, forwards, replies)
+
+    def _on_done(self, record: tuple[Any, ...]) -> None:
+        (_, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns, total_ns,
+         attempts, reused) = record  # fmt: skip
+        request = self.requests.pop(request_id, None)
+        endpoint = request.endpoint if request is not None else None
+        if endpoint is not None:
+            endpoint.active -= 1
+        status_class = f"{status // 100}xx" if status else "none"
+        self.stats.status_classes[status_class] = self.stats.status_classes.get(status_class, 0) + 1
+        if not self.access_log:
+            return
+        conn = self.connections.get(conn_id)
+        attrs = request.attrs if request is not None else None
+        log.info(
+            "request",
+            request=request_id,
+            conn=conn_id,
+            src=f"{conn.client_ip}:{conn.client_port}" if conn else None,
+            dst=f"{conn.orig_ip}:{conn.orig_port}" if conn else None,
+            method=attrs.method if attrs else None,
+            authority=attrs.authority if attrs else None,
+            path=attrs.path if attrs else None,
+            service=request.service if request else None,
+            route=request.route if request else None,
+            upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
+            status=status,
+            flags=flag_text(flags, request.local_flag if request else None),
+            errno=err,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            decide_ms=round(decide_ns / 1e6, 3),
+            upstream_ms=round(upstream_ns / 1e6, 3),
+            duration_ms=round(total_ns / 1e6, 3),
+            attempts=attempts,
+            reused=bool(reused),
+        )
+
+    def _on_conn_closed(self, record: tuple[Any, ...]) -> None:
+        _, conn_id, requests, err = record
+        conn = self.connections.pop(conn_id, None)
+        if conn is not None and self.access_log:
+            log.info(
+                "http connection closed",
+                conn=conn_id,
+                src=f"{conn.client_ip}:{conn.client_port}",
+                dst=f"{conn.orig_ip}:{conn.orig_port}",
+                requests=requests,
+                errno=err,
+                duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
+            )
+
+
+def _same_edits(a: Forward, b: Forward) -> bool:
+    return (
+        a.request_headers_add is b.request_headers_add
+        and a.request_headers_remove is b.request_headers_remove
+        and a.response_headers_add is b.response_headers_add
+        and a.response_headers_remove is b.response_headers_remove
+    )
