@@ -5,6 +5,7 @@ None of these run a workload or build a namespace; nothing here is timed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import re
@@ -14,8 +15,7 @@ import sys
 
 import pytest
 
-from bench import cpu, haproxy, paths
-from bench.latency import percentile
+from bench import cpu, haproxy, latency, paths
 from bench.run import (
     LABEL_WIDTH,
     PathResult,
@@ -206,9 +206,9 @@ def test_parse_iperf3_uses_the_receiver_totals() -> None:
 
 def test_percentile_is_nearest_rank() -> None:
     values = list(range(1, 101))
-    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50, 99, 100)
-    assert percentile([7], 99) == 7
-    assert percentile([], 50) == 0
+    assert [latency.percentile(values, pct) for pct in (50, 99, 100)] == [50, 99, 100]
+    assert latency.percentile([7], 99) == 7
+    assert latency.percentile([], 50) == 0
 
 
 # -- the ratio table and the goals -------------------------------------------------------------------
@@ -421,3 +421,30 @@ def test_nodeproxy_l7_targets_when_its_config_takes_protocol(
     path.l7_problems["h2"] = "relayed as opaque TCP"
     assert path.targets().h2 is None and path.targets().h1 == ("10.96.0.20", 80)
     assert path.targets().why_unavailable("h2") == "relayed as opaque TCP"
+
+
+# -- the fixed-rate client, against a loopback server ------------------------------------------------
+
+
+def test_latency_client_new_connections_mode_counts_each_request_on_its_own_connection() -> None:
+    """50 requests at 200/s (0.25 s), each on a new connection that the server closes after answering."""
+    connections: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        connections.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> dict[str, object]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await latency.measure("127.0.0.1", port, 200.0, 8, 0.25, 2.0, "/", new_connections=True)
+
+    report = asyncio.run(scenario())
+    assert (report["requests"], report["ok"], report["failed"]) == (50, 50, 0)
+    assert report["mode"] == "new connections"
+    assert len(connections) == 50
+    assert all(b"Connection: close\r\n" in head for head in connections)
