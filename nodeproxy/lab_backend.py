@@ -62,8 +62,9 @@ class Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        self.transport.write_eof()
-        return True
+        # False: the transport closes itself once the echo still buffered is written, so our FIN follows
+        # the last byte. Keeping it open (True) after write_eof() leaked the socket: nothing closed it.
+        return False
 
 
 class Sink(asyncio.Protocol):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from nodeproxy import netns
+from tests.conftest import running_lab
+from tests.helpers import connect
 
 pytestmark = pytest.mark.netns
 
@@ -43,3 +48,26 @@ def test_lab_up_and_down() -> None:
         down = nodeproxy("lab", "down", "--prefix", prefix)
     assert down.returncode == 0
     assert not [ns for ns in netns.list_names() if ns.startswith(prefix)]
+
+
+def test_lab_echo_backend_keeps_no_descriptor_per_finished_connection() -> None:
+    with running_lab(clients=1, backends=1) as lab:
+        backend = lab.backend_pods[0]
+        (pid,) = netns.pids(backend.ns)
+
+        def open_fds() -> int:
+            return len(os.listdir(f"/proc/{pid}/fd"))
+
+        before = open_fds()
+        for _ in range(40):
+            with connect(lab.client_pods[0].ns, backend.ip, 9000) as sock:
+                sock.sendall(b"echo me")
+                sock.shutdown(socket.SHUT_WR)
+                received = b""
+                while chunk := sock.recv(64):
+                    received += chunk
+                assert received == b"echo me"
+        deadline = time.monotonic() + 5
+        while open_fds() > before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_fds() <= before + 2, (before, open_fds())
