@@ -486,8 +486,9 @@ def save(report: dict[str, object], directory: pathlib.Path) -> pathlib.Path:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
-        description="Run iperf3, wrk and a fixed-rate latency client direct, through nodeproxy and through "
-        "HAProxy on one namespace lab; print nodeproxy's ratios and save JSON.",
+        description="Run iperf3, wrk, h2load and fixed-rate clients direct, through nodeproxy and through "
+        "HAProxy on one namespace lab; print nodeproxy's ratios and each proxy's own CPU per unit of work "
+        "(from /proc), and save JSON.",
     )
     parser.add_argument(
         "--duration",
