@@ -13,6 +13,9 @@ cdef extern from "<errno.h>" nogil:
         ETIMEDOUT
         EMFILE
         ENFILE
+        ENOMEM
+        ENOBUFS
+        EIO
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -26,6 +29,7 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
         F_SETPIPE_SZ
+        F_GETPIPE_SZ
         F_GETFL
         F_SETFL
         O_NONBLOCK
@@ -56,6 +60,23 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    enum:
+        FIONREAD
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    enum:
+        SIGPIPE
+        SIG_BLOCK
+    int sigemptyset(sigset_t *s)
+    int sigaddset(sigset_t *s, int signum)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -167,7 +188,6 @@ cdef enum:
     EVENTS_PER_WAIT = 256
     READS_PER_TURN = 16    # reads per direction per wake-up before yielding to other connections
     PIPE_POOL_MAX = 128    # empty pipes a worker keeps for reuse; idle connections hold no pipe
-    PIPE_START = 65536     # a new pipe's capacity (Linux's default); grown up to pipe_size for bulk flows
     COPY_SIZE = 16384      # reads below this size go through a copy buffer (recv/send), not splice
     BULK_EXIT = 4096       # a splice read shorter than this switches the direction back to copying
     # TCP keepalive on every relayed socket, so a peer that vanished without FIN or RST (a dead node)
@@ -176,7 +196,13 @@ cdef enum:
     KEEPALIVE_IDLE_S = 120
     KEEPALIVE_INTERVAL_S = 30
     KEEPALIVE_PROBES = 4
-    IDLE_SCAN_MS = 1000    # idle timeouts are checked once a second, so they fire up to 1 s late
+    # The most descriptors one relayed connection holds at once: its two sockets, plus a pipe (two fds)
+    # per direction while that direction has bytes in flight.
+    FDS_PER_CONN = 6
+    # Descriptors a RelayWorker holds whatever its load: its epoll instance and its wake-up eventfd.
+    FDS_PER_WORKER = 2
+    GROW_RETRY_NS = 1000000000  # after the kernel refused to grow a pipe, try again after 1 s
+    WAIT_MAX_MS = 60000         # longest epoll_wait with no timer due (stop() wakes the loop anyway)
 
 
 cdef enum Ending:
@@ -187,6 +213,7 @@ cdef enum Ending:
     END_CONNECT_TIMEOUT = 4  # upstream connect timed out; client_fd is handed back to Python
     END_ABORTED = 5          # the worker stopped while the connection was live
     END_IDLE_TIMEOUT = 6     # no byte moved either way for the idle timeout; both sides got a FIN
+    END_LOCAL_RESOURCES = 7  # the proxy ran short (descriptors, memory, socket buffers); both got an RST
 
 
 cdef enum ConnState:
@@ -195,11 +222,16 @@ cdef enum ConnState:
 
 
 ctypedef struct Direction:
-    # Bytes flow src socket -> pipe -> dst socket; `in_pipe` is what the pipe holds now.
+    # Bytes flow src socket -> pipe -> dst socket; `in_pipe` is what the pipe holds now. Bytes that fit
+    # neither the destination nor the pipe (a small pipe, or none to be had) wait in `spill`, behind
+    # the pipe's bytes; nothing more is read while either holds bytes.
     int pipe_r
     int pipe_w
     size_t in_pipe
-    size_t pipe_cap
+    size_t pipe_cap       # the pipe's real capacity (F_GETPIPE_SZ / F_SETPIPE_SZ), never assumed
+    char *spill           # COPY_SIZE bytes, allocated only while needed
+    size_t spill_off
+    size_t spill_len
     uint64_t bytes
     bint bulk             # splice (zero copy) while reads fill the copy buffer; recv/send otherwise
     bint src_eof
@@ -207,15 +239,6 @@ ctypedef struct Direction:
 
 
 cdef struct Conn
-
-cdef enum:
-    # The worker's lists of connections (indices into RelayWorker.heads and Conn.links).
-    ALL_CONNS = 0          # every live connection of the worker: for stop() and the idle scan
-    CONNECTING_CONNS = 1   # those still connecting, so connect-deadline scans stay short
-
-ctypedef struct Links:
-    Conn *prev
-    Conn *next
 
 ctypedef struct Side:
     # epoll's data.ptr for one socket of a connection.
@@ -232,22 +255,26 @@ cdef struct Conn:
     bint writable[2]
     bint eof_pending[2]   # EPOLLRDHUP seen: keep reading past a short read until recv returns 0
     ConnState state
-    int64_t deadline_ns   # connect deadline while CONNECTING
     int64_t idle_ns       # idle timeout (0: none)
     int64_t active_ns     # when the relay last pumped it (for the idle timeout)
+    int64_t timer_ns      # when its timer fires: the connect deadline, or the idle check
+    ssize_t heap_at       # its index in the worker's timer heap, -1 when it has no timer
     bint queued           # on the ready list (work left after its fairness budget)
     bint dead             # released: its fds are closed; freed at the end of the loop turn
     Conn *grave_next
+    Conn *ready_prev
     Conn *ready_next
-    Links links[2]        # its place in each of the worker's lists (ALL_CONNS, CONNECTING_CONNS)
+    Conn *prev            # the worker's list of every live connection (for stop())
+    Conn *next
 
 
 ctypedef struct Submission:
     uint64_t id
     int client_fd
     int upstream_fd
-    int64_t deadline_ns
+    int64_t deadline_ns   # connect deadline; unused when established
     int64_t idle_ns
+    bint established      # adopt_established(): already connected, relay at once
 
 
 ctypedef struct Completion:
@@ -266,14 +293,17 @@ cdef class RelayWorker:
     cdef size_t pipe_size
     cdef bint stopping
     cdef bint closed
-    cdef Conn *heads[2]   # first connection of each list (ALL_CONNS, CONNECTING_CONNS)
+    cdef Conn *conns      # every live connection
     cdef Conn *ready
     cdef Conn *graveyard  # released connections; events of the same epoll batch may still name them
+    cdef Conn **timers    # binary min-heap on timer_ns: connect deadlines and idle checks
+    cdef size_t timers_len
+    cdef size_t timers_cap
     cdef int64_t connecting
     cdef int64_t live
     cdef uint64_t total_accepted
     cdef int64_t now_ns           # the loop's clock, read once per epoll_wait return
-    cdef int64_t next_idle_scan_ns
+    cdef int64_t grow_refused_ns  # when the kernel last refused to grow a pipe (EPERM past the limits)
     cdef pthread_mutex_t lock
     cdef Submission *subs
     cdef size_t subs_len
@@ -281,13 +311,13 @@ cdef class RelayWorker:
     cdef Completion *done
     cdef size_t done_len
     cdef size_t done_cap
-    cdef int pipe_pool[3 * PIPE_POOL_MAX]   # (read fd, write fd, capacity) triples
+    cdef int pipe_pool[3 * PIPE_POOL_MAX]   # (read fd, write fd, capacity) triples, all empty
     cdef int pipes_pooled
     cdef size_t copy_size
     cdef char scratch[COPY_SIZE]
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline,
-                     int64_t idle_ns) except -1
+                     int64_t idle_ns, bint established) except -1
     cdef void _loop(self) noexcept nogil
     cdef int _wait_timeout(self) noexcept nogil
     cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil
@@ -297,15 +327,20 @@ cdef class RelayWorker:
     cdef void _start_relay(self, Conn *c) noexcept nogil
     cdef void _pump_both(self, Conn *c) noexcept nogil
     cdef int _pump(self, Conn *c, int src) noexcept nogil
-    cdef void _link(self, Conn *c, int which) noexcept nogil
-    cdef void _unlink(self, Conn *c, int which) noexcept nogil
+    cdef int _send_spill(self, Conn *c, Direction *d, int dst) noexcept nogil
+    cdef int _keep(self, Conn *c, Direction *d, int src, const char *data, size_t length) noexcept nogil
     cdef void _queue_ready(self, Conn *c) noexcept nogil
     cdef void _run_ready(self) noexcept nogil
-    cdef void _expire_connects(self, int64_t now) noexcept nogil
-    cdef void _expire_idle(self, int64_t now) noexcept nogil
+    cdef int _reserve_timer(self) noexcept nogil
+    cdef void _timer_set(self, Conn *c, int64_t when) noexcept nogil
+    cdef void _timer_clear(self, Conn *c) noexcept nogil
+    cdef void _timer_sift(self, size_t at) noexcept nogil
+    cdef void _heap_put(self, size_t at, Conn *c) noexcept nogil
+    cdef void _run_timers(self, int64_t now) noexcept nogil
     cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil
     cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil
     cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil
+    cdef void _finish_local(self, Conn *c, int err) noexcept nogil
     cdef void _release(self, Conn *c) noexcept nogil
     cdef void _unqueue(self, Conn *c) noexcept nogil
     cdef void _complete_raw(self, uint64_t conn_id, int kind, int err, uint64_t up, uint64_t down,

@@ -11,8 +11,8 @@ Ownership: a file descriptor passed to RelayWorker.connect() belongs to the work
 a completion record (client_fd >= 0) or the worker closes it. Only the worker thread touches Conn structs.
 """
 
-from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memset
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
 
 import os as _os
 
@@ -24,6 +24,14 @@ CONNECT_FAILED = END_CONNECT_FAILED
 CONNECT_TIMEOUT = END_CONNECT_TIMEOUT
 ABORTED = END_ABORTED
 IDLE_TIMEOUT = END_IDLE_TIMEOUT
+LOCAL_RESOURCES = END_LOCAL_RESOURCES
+
+# Descriptor budget, for the listener: a connection holds at most this many fds at once (2 sockets and,
+# while bytes are in flight, a pipe of 2 fds per direction); a worker holds WORKER_FDS of its own plus up
+# to PIPE_POOL_FDS_MAX in empty pipes kept for reuse.
+FDS_PER_CONNECTION_MAX = FDS_PER_CONN
+WORKER_FDS = FDS_PER_WORKER
+PIPE_POOL_FDS_MAX = 2 * PIPE_POOL_MAX
 
 
 cdef int64_t _now_ns() noexcept nogil:
@@ -32,12 +40,19 @@ cdef int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
-cdef void _set_reset_on_close(int fd) noexcept nogil:
-    # SO_LINGER {1, 0}: close() sends RST instead of FIN, which is how a reset propagates.
+cdef int _set_reset_on_close(int fd, bint on) noexcept nogil:
+    # SO_LINGER {1, 0}: close() sends RST instead of FIN, and so does the kernel when the process dies.
+    # Relayed sockets carry it from setup on, so a crash resets both peers instead of passing for a
+    # complete transfer; it is cleared just before a graceful close.
     cdef linger lg
-    lg.l_onoff = 1
+    lg.l_onoff = 1 if on else 0
     lg.l_linger = 0
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+    return setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef bint _is_local_shortage(int err) noexcept nogil:
+    # Errors that say this host ran out of something, not that a peer failed.
+    return err == EMFILE or err == ENFILE or err == ENOMEM or err == ENOBUFS
 
 
 cdef int _sock_error(int fd) noexcept nogil:
@@ -46,6 +61,29 @@ cdef int _sock_error(int fd) noexcept nogil:
     if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
         return errno
     return err
+
+
+cdef int _set_nonblocking(int fd) noexcept nogil:
+    # The loop must never block in recv or splice; accept_batch's sockets already are non-blocking.
+    cdef int flags = fcntl(fd, F_GETFL)
+    if flags < 0:
+        return -1
+    if flags & O_NONBLOCK:
+        return 0
+    return fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+
+
+cdef int _set_tcp_options(int fd) noexcept nogil:
+    cdef int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S, probes = KEEPALIVE_PROBES
+    if setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
+        return -1
+    if setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0:
+        return -1
+    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0:
+        return -1
+    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0:
+        return -1
+    return setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes))
 
 
 cdef int _parse_ipv4(str text, sockaddr_in *out, int port) except -1:
@@ -96,19 +134,16 @@ def accept_batch(int listen_fd, int max_batch=64):
 def set_socket_options(int fd):
     """TCP_NODELAY and TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _fastpath.pxd).
 
-    Set on the listener, both are inherited by every accepted socket.
+    Set on the listener, both are inherited by every accepted socket. The relay sets them itself on the
+    upstream sockets it creates and on both sockets given to adopt_established().
     """
-    cdef int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S, probes = KEEPALIVE_PROBES
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval))
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes))
+    if _set_tcp_options(fd) < 0:
+        raise OSError(errno, _os.strerror(errno))
 
 
 def reset_and_close(int fd):
     """Close a socket with an RST (used when no upstream can be reached)."""
-    _set_reset_on_close(fd)
+    _set_reset_on_close(fd, True)
     close(fd)
 
 
@@ -122,6 +157,7 @@ cdef class RelayWorker:
         self.notify_fd = notify_fd
         self.pipe_size = pipe_size
         self.copy_size = COPY_SIZE if pipe_size >= COPY_SIZE else pipe_size
+        self.grow_refused_ns = -GROW_RETRY_NS
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -144,6 +180,7 @@ cdef class RelayWorker:
                 close(self.done[i].client_fd)
         free(self.subs)
         free(self.done)
+        free(self.timers)
         if self.epfd >= 0:
             close(self.epfd)
         if self.wake_fd >= 0:
@@ -159,6 +196,11 @@ cdef class RelayWorker:
     def connecting(self):
         return self.connecting
 
+    @property
+    def pipes_pooled(self):
+        """Empty pipes kept for reuse (each holds two descriptors)."""
+        return self.pipes_pooled
+
     # -- called from Python (any thread) ---------------------------------------------------------------
 
     def connect(self, uint64_t conn_id, int client_fd, str dst_ip, int dst_port, int timeout_ms,
@@ -169,47 +211,59 @@ cdef class RelayWorker:
         client pod's address, as the source. idle_timeout_ms > 0 closes the connection (a FIN both ways,
         reported as IDLE_TIMEOUT) once nothing has moved in either direction for that long. Raises OSError
         if the connect fails at once; client_fd then stays with the caller. On success both sockets
-        belong to the worker.
+        belong to the worker. Only the syscalls that must precede connect() run here, on the caller's
+        thread; socket options are set on the relay thread. A client socket handed back after a failed
+        connect is non-blocking and carries SO_LINGER {1, 0} (a close resets it).
         """
         cdef sockaddr_in dst, src
-        cdef int fd, one = 1, rc, err, flags
+        cdef int fd, one = 1, rc, err
+        cdef bint transparent = bind_ip is not None
         _parse_ipv4(dst_ip, &dst, dst_port)
-        if bind_ip is not None:
+        if transparent:
             _parse_ipv4(bind_ip, &src, 0)
         if self.stopping:
             raise RuntimeError("relay worker is stopping")
         with nogil:
             fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-            err = errno
-        if fd < 0:
-            raise OSError(err, _os.strerror(err))
-        set_socket_options(fd)  # the client socket inherited the same options from the listener
-        flags = fcntl(client_fd, F_GETFL)
-        if flags >= 0 and not flags & O_NONBLOCK:
-            # The loop must never block in recv or splice; accept_batch's sockets already are non-blocking.
-            fcntl(client_fd, F_SETFL, flags | O_NONBLOCK)
-        with nogil:
-            rc = 0
-            if bind_ip is not None:
+            rc = 0 if fd >= 0 else -1
+            if fd >= 0 and transparent:
                 rc = setsockopt(fd, IPPROTO_IP, IP_TRANSPARENT, &one, sizeof(one))
                 if rc == 0:
                     # The port is chosen at connect() from the full 4-tuple, not reserved at bind().
-                    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
+                    rc = setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
+                if rc == 0:
                     rc = bind(fd, <sockaddr*>&src, sizeof(src))
             if rc == 0:
                 rc = connect(fd, <sockaddr*>&dst, sizeof(dst))
                 if rc < 0 and errno == EINPROGRESS:
                     rc = 0
             err = errno
+            if rc < 0 and fd >= 0:
+                close(fd)
         if rc < 0:
-            close(fd)
             raise OSError(err, _os.strerror(err))
         self._submit(conn_id, client_fd, fd, _now_ns() + <int64_t>timeout_ms * 1000000,
-                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0)
+                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, False)
+
+    def adopt_established(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t idle_timeout_ms=0):
+        """Relay an already connected socket pair, e.g. after an HTTP Upgrade was answered with 101.
+
+        Both sockets belong to the worker from now on (it makes them non-blocking and sets nodeproxy's
+        TCP options and SO_LINGER {1, 0} on them); the caller must have written out every byte it still
+        held for either peer. The connection ends with a completion record like any other (never
+        CONNECT_FAILED / CONNECT_TIMEOUT, so client_fd in it is -1). idle_timeout_ms as for connect().
+        """
+        if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
+            raise ValueError(f"two distinct open sockets are needed, got {client_fd} and {upstream_fd}")
+        if self.stopping:
+            raise RuntimeError("relay worker is stopping")
+        self._submit(conn_id, client_fd, upstream_fd, 0,
+                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, True)
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline,
-                     int64_t idle_ns) except -1:
+                     int64_t idle_ns, bint established) except -1:
         cdef Submission *grown
+        cdef Submission *sub
         cdef uint64_t one = 1
         cdef bint first
         pthread_mutex_lock(&self.lock)
@@ -217,15 +271,18 @@ cdef class RelayWorker:
             grown = <Submission*>realloc(self.subs, (self.subs_cap * 2 + 64) * sizeof(Submission))
             if grown == NULL:
                 pthread_mutex_unlock(&self.lock)
-                close(upstream_fd)
+                if not established:
+                    close(upstream_fd)  # ours; client_fd stays with the caller, as for any raise
                 raise MemoryError()
             self.subs = grown
             self.subs_cap = self.subs_cap * 2 + 64
-        self.subs[self.subs_len].id = conn_id
-        self.subs[self.subs_len].client_fd = client_fd
-        self.subs[self.subs_len].upstream_fd = upstream_fd
-        self.subs[self.subs_len].deadline_ns = deadline
-        self.subs[self.subs_len].idle_ns = idle_ns
+        sub = &self.subs[self.subs_len]
+        sub.id = conn_id
+        sub.client_fd = client_fd
+        sub.upstream_fd = upstream_fd
+        sub.deadline_ns = deadline
+        sub.idle_ns = idle_ns
+        sub.established = established
         first = self.subs_len == 0
         self.subs_len += 1
         self.total_accepted += 1
@@ -251,15 +308,27 @@ cdef class RelayWorker:
         return out
 
     def stop(self):
-        """Ask run() to return; live connections are closed (reported as ABORTED)."""
+        """Ask run() to return; live connections are reset (reported as ABORTED)."""
         cdef uint64_t one = 1
         self.stopping = True
         write(self.wake_fd, &one, sizeof(one))
 
     def run(self):
-        """The worker loop; returns after stop(). Runs without the GIL."""
+        """The worker loop; returns after stop(). Runs without the GIL.
+
+        SIGPIPE is blocked on this thread: send() passes MSG_NOSIGNAL, but splice() into a socket has no
+        such flag, and a peer that went away must end one connection, not the process (whatever the
+        process's SIGPIPE disposition is).
+        """
+        cdef sigset_t pipe_signal
+        cdef int rc
         if self.closed:
             raise RuntimeError("relay worker already ran")
+        sigemptyset(&pipe_signal)
+        sigaddset(&pipe_signal, SIGPIPE)
+        rc = pthread_sigmask(SIG_BLOCK, &pipe_signal, NULL)
+        if rc != 0:
+            raise OSError(rc, "pthread_sigmask")
         with nogil:
             self._loop()
         self.closed = True
@@ -268,14 +337,11 @@ cdef class RelayWorker:
 
     cdef void _loop(self) noexcept nogil:
         cdef epoll_event events[EVENTS_PER_WAIT]
-        cdef int n, i, timeout
+        cdef int n, i
         cdef uint64_t counter
         cdef Side *side
-        cdef Conn *c
-        cdef int64_t now, next_deadline
         while not self.stopping:
-            timeout = self._wait_timeout()
-            n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, timeout)
+            n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, self._wait_timeout())
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -290,11 +356,7 @@ cdef class RelayWorker:
                 if not side.conn.dead:
                     self._on_event(side.conn, side.index, events[i].events)
             self._run_ready()
-            if self.connecting > 0:
-                self._expire_connects(self.now_ns)
-            if self.now_ns >= self.next_idle_scan_ns:
-                self._expire_idle(self.now_ns)
-                self.next_idle_scan_ns = self.now_ns + <int64_t>IDLE_SCAN_MS * 1000000
+            self._run_timers(self.now_ns)
             self._bury()
         self._close_all()
         self._bury()
@@ -308,21 +370,16 @@ cdef class RelayWorker:
             free(c)
 
     cdef int _wait_timeout(self) noexcept nogil:
-        cdef Conn *c
-        cdef int64_t soonest = -1, left
+        # The soonest timer is the heap's top: O(1), however many connections there are.
+        cdef int64_t left
         if self.ready != NULL:
             return 0
-        if self.connecting == 0:
-            return 1000
-        c = self.heads[CONNECTING_CONNS]
-        while c != NULL:
-            if soonest < 0 or c.deadline_ns < soonest:
-                soonest = c.deadline_ns
-            c = c.links[CONNECTING_CONNS].next
-        left = (soonest - _now_ns()) // 1000000 + 1
+        if self.timers_len == 0:
+            return WAIT_MAX_MS
+        left = (self.timers[0].timer_ns - _now_ns()) // 1000000 + 1
         if left < 0:
             return 0
-        return <int>left if left < 1000 else 1000
+        return <int>left if left < WAIT_MAX_MS else WAIT_MAX_MS
 
     cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity,
                            size_t *taken) noexcept nogil:
@@ -346,36 +403,62 @@ cdef class RelayWorker:
         free(batch)
 
     cdef void _adopt(self, Submission *s) noexcept nogil:
-        cdef Conn *c = <Conn*>calloc(1, sizeof(Conn))
+        cdef Conn *c = NULL
         cdef epoll_event ev
-        cdef int k
+        cdef int k, err = 0
+        # Socket setup runs here, off the Python thread. SO_LINGER {1, 0} first: from now on a dying
+        # process resets both peers. The client socket inherited the TCP options from the listener.
+        if _set_reset_on_close(s.client_fd, True) < 0 or _set_reset_on_close(s.upstream_fd, True) < 0:
+            err = errno
+        elif _set_nonblocking(s.client_fd) < 0 or _set_tcp_options(s.upstream_fd) < 0:
+            err = errno
+        elif s.established and (_set_nonblocking(s.upstream_fd) < 0 or _set_tcp_options(s.client_fd) < 0):
+            err = errno
+        elif self._reserve_timer() < 0:
+            err = ENOMEM
+        else:
+            c = <Conn*>calloc(1, sizeof(Conn))
+            if c == NULL:
+                err = ENOMEM
         if c == NULL:
-            _set_reset_on_close(s.client_fd)
+            # Cannot take it on: reset both (a failed setsockopt on a socket means it is unusable).
+            _set_reset_on_close(s.client_fd, True)
             close(s.client_fd)
             close(s.upstream_fd)
-            self._complete_raw(s.id, END_CLIENT_RESET, 12, 0, 0, -1)  # ENOMEM
+            self._complete_raw(s.id, END_LOCAL_RESOURCES if _is_local_shortage(err) else END_CLIENT_RESET,
+                               err, 0, 0, -1)
             return
         c.id = s.id
         c.fds[CLIENT] = s.client_fd
         c.fds[UPSTREAM] = s.upstream_fd
-        c.state = CONNECTING
-        c.deadline_ns = s.deadline_ns
         c.idle_ns = s.idle_ns
+        c.heap_at = -1
+        c.active_ns = self.now_ns
         for k in range(2):
             c.sides[k].conn = c
             c.sides[k].index = k
             c.dirs[k].pipe_r = -1
             c.dirs[k].pipe_w = -1
-        self._link(c, ALL_CONNS)
-        self._link(c, CONNECTING_CONNS)
+        c.next = self.conns
+        if self.conns != NULL:
+            self.conns.prev = c
+        self.conns = c
         self.live += 1
-        self.connecting += 1
+        if s.established:
+            c.state = RELAYING
+            if c.idle_ns > 0:
+                self._timer_set(c, self.now_ns + c.idle_ns)
+        else:
+            c.state = CONNECTING
+            self.connecting += 1
+            self._timer_set(c, s.deadline_ns)
         for k in range(2):
             # Edge-triggered: ADD reports the current readiness once; afterwards only changes.
             ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
             ev.data.ptr = &c.sides[k]
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, c.fds[k], &ev) < 0:
-                self._fail_connect(c, errno, END_CONNECT_FAILED)
+                # ENOMEM or ENOSPC (max_user_watches): this host's limit, not the peer's fault.
+                self._finish(c, END_LOCAL_RESOURCES, errno)
                 return
 
     cdef void _on_event(self, Conn *c, int index, uint32_t events) noexcept nogil:
@@ -407,15 +490,22 @@ cdef class RelayWorker:
         self._pump_both(c)
 
     cdef void _connect_done(self, Conn *c) noexcept nogil:
-        # Off the connecting list, whatever the outcome.
-        self._unlink(c, CONNECTING_CONNS)
+        # The connect deadline no longer applies, whatever the outcome; the idle timer takes its place.
         c.state = RELAYING
         self.connecting -= 1
+        c.active_ns = self.now_ns
+        if c.idle_ns > 0:
+            self._timer_set(c, self.now_ns + c.idle_ns)
+        else:
+            self._timer_clear(c)
+
+    # -- pipes -------------------------------------------------------------------------------------
 
     cdef int _take_pipe(self, Direction *d) noexcept nogil:
         # A pipe is lent to a direction only while it holds bytes, so an idle connection costs two fds.
         cdef int p[2]
         cdef int *slot
+        cdef int cap
         if self.pipes_pooled > 0:
             self.pipes_pooled -= 1
             slot = &self.pipe_pool[3 * self.pipes_pooled]
@@ -423,20 +513,37 @@ cdef class RelayWorker:
             return 0
         if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
             return -1
-        d.pipe_r, d.pipe_w, d.pipe_cap = p[0], p[1], PIPE_START
-        if self.pipe_size < PIPE_START:
-            d.pipe_cap = fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
+        # The real size: 64 KiB by default, but without CAP_SYS_RESOURCE past fs.pipe-user-pages-soft
+        # the kernel hands out 2-page pipes (1 page on kernels before 5.14).
+        cap = fcntl(p[1], F_GETPIPE_SZ)
+        if cap > 0 and <size_t>cap > self.pipe_size:
+            cap = fcntl(p[1], F_SETPIPE_SZ, <int>self.pipe_size)
+            if cap <= 0:
+                cap = fcntl(p[1], F_GETPIPE_SZ)
+        if cap <= 0:
+            close(p[0])
+            close(p[1])
+            return -1
+        d.pipe_r, d.pipe_w, d.pipe_cap = p[0], p[1], <size_t>cap
         return 0
 
     cdef void _grow_pipe(self, Direction *d) noexcept nogil:
         # The last read filled half the pipe or more (pipe slots, not bytes, may run out first): a bulk
         # flow, so fewer, larger splices pay off (as ztunnel grows its copy buffers). Bounded by
-        # pipe_size, the per-direction buffering limit.
-        cdef int grown = fcntl(d.pipe_w, F_SETPIPE_SZ, <int>self.pipe_size)
+        # pipe_size, the per-direction buffering limit. Past the user's pipe limits the kernel refuses
+        # (EPERM); the pipe keeps its size and growing waits GROW_RETRY_NS.
+        cdef int grown
+        if self.now_ns - self.grow_refused_ns < GROW_RETRY_NS:
+            return
+        grown = fcntl(d.pipe_w, F_SETPIPE_SZ, <int>self.pipe_size)
         if grown > 0:
             d.pipe_cap = grown
+        else:
+            self.grow_refused_ns = self.now_ns
 
     cdef void _give_pipe(self, Direction *d) noexcept nogil:
+        # Only an empty pipe is pooled: bytes left in a pooled pipe would reach another connection, or
+        # make its first splice read fail with EAGAIN as if its socket were drained.
         cdef int *slot
         if d.pipe_r < 0:
             return
@@ -451,6 +558,8 @@ cdef class RelayWorker:
         d.pipe_w = -1
         d.in_pipe = 0
 
+    # -- moving bytes ------------------------------------------------------------------------------
+
     cdef void _pump_both(self, Conn *c) noexcept nogil:
         c.active_ns = self.now_ns  # readiness or queued work counts as activity for the idle timeout
         if self._pump(c, CLIENT) < 0 or self._pump(c, UPSTREAM) < 0:
@@ -463,7 +572,7 @@ cdef class RelayWorker:
         cdef int dst = 1 - src
         cdef Direction *d = &c.dirs[src]
         cdef ssize_t n
-        cdef int turns = READS_PER_TURN
+        cdef int turns = READS_PER_TURN, queued = 0
         while True:
             if d.in_pipe > 0:
                 if not c.writable[dst]:
@@ -482,6 +591,13 @@ cdef class RelayWorker:
                 if d.in_pipe == 0:
                     self._give_pipe(d)
                 continue
+            if d.spill_len > 0:
+                # Behind the pipe's bytes: only now that the pipe is empty.
+                if self._send_spill(c, d, dst) < 0:
+                    return -1
+                if d.spill_len > 0:
+                    return 0
+                continue
             if d.src_eof:
                 if not d.dst_shut:
                     # Half-close: the source finished sending, so finish the destination's direction.
@@ -494,17 +610,25 @@ cdef class RelayWorker:
                 self._queue_ready(c)
                 return 0
             turns -= 1
+            if d.bulk and d.pipe_r < 0 and self._take_pipe(d) < 0:
+                if not _is_local_shortage(errno):
+                    self._abort(c, src, errno)
+                    return -1
+                # No pipe to be had (EMFILE/ENFILE): carry on through the copy buffer, not abort.
+                d.bulk = False
             if not d.bulk:
                 if self._read_copy(c, d, src) < 0:
                     return -1
                 continue
-            if d.pipe_r < 0 and self._take_pipe(d) < 0:
-                self._abort(c, src, errno)
-                return -1
-            # Only read into an empty pipe, so EAGAIN here means the socket is empty, never the pipe full.
+            # Only read into an empty pipe, so EAGAIN here means the socket is empty, not the pipe full.
             n = splice(c.fds[src], NULL, d.pipe_w, NULL, d.pipe_cap, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n < 0:
                 if errno == EAGAIN:
+                    # Checked, not assumed: a pipe holding bytes we lost count of would turn every
+                    # later read into EAGAIN and stall the flow for good.
+                    if ioctl(d.pipe_r, FIONREAD, &queued) < 0 or queued != 0:
+                        self._finish_local(c, EIO)
+                        return -1
                     c.readable[src] = False
                     self._give_pipe(d)  # still empty: an idle direction holds no pipe
                     return 0
@@ -517,7 +641,7 @@ cdef class RelayWorker:
                 self._give_pipe(d)
             else:
                 d.in_pipe = n
-                if n < BULK_EXIT:
+                if n < BULK_EXIT and <size_t>n < d.pipe_cap:
                     d.bulk = False
                 elif <size_t>n * 2 >= d.pipe_cap and d.pipe_cap < self.pipe_size:
                     self._grow_pipe(d)
@@ -527,10 +651,10 @@ cdef class RelayWorker:
 
         Two syscalls per message instead of splice's three: a recv shorter than the buffer proves the
         socket drained (a splice into a pipe cannot tell that from the pipe running out of slots), so
-        no read has to fail with EAGAIN first. What the destination does not take goes into the pipe.
+        no read has to fail with EAGAIN first. What the destination does not take is kept (_keep).
         """
         cdef int dst = 1 - src
-        cdef ssize_t n, sent = 0, kept
+        cdef ssize_t n, sent = 0
         n = recv(c.fds[src], self.scratch, self.copy_size, 0)
         if n < 0:
             if errno == EAGAIN:
@@ -559,74 +683,177 @@ cdef class RelayWorker:
                 sent = 0
         d.bytes += sent
         if sent < n:
-            if d.pipe_r < 0 and self._take_pipe(d) < 0:
-                self._abort(c, src, errno)
-                return -1
-            # An empty pipe holds at least copy_size bytes, so this write is never partial.
-            kept = write(d.pipe_w, self.scratch + sent, n - sent)
-            if kept != n - sent:
-                self._abort(c, src, errno if kept < 0 else 5)  # EIO
-                return -1
-            d.in_pipe = kept
+            return self._keep(c, d, src, self.scratch + sent, n - sent)
         return 0
 
-    cdef void _link(self, Conn *c, int which) noexcept nogil:
-        # Push to the front of list `which`: O(1), and order does not matter to any scan.
-        cdef Conn *head = self.heads[which]
-        c.links[which].prev = NULL
-        c.links[which].next = head
-        if head != NULL:
-            head.links[which].prev = c
-        self.heads[which] = c
+    cdef int _keep(self, Conn *c, Direction *d, int src, const char *data, size_t length) noexcept nogil:
+        """Hold bytes read but not sent: in the pipe as far as it takes them, the rest in the spill.
 
-    cdef void _unlink(self, Conn *c, int which) noexcept nogil:
-        cdef Links *mine = &c.links[which]
-        if mine.prev != NULL:
-            mine.prev.links[which].next = mine.next
-        else:
-            self.heads[which] = mine.next
-        if mine.next != NULL:
-            mine.next.links[which].prev = mine.prev
-        mine.prev = mine.next = NULL
+        Called with the pipe and the spill empty. A pipe may take less than asked (its real capacity
+        can be one or two pages), and there may be no pipe at all (EMFILE): no byte is ever dropped.
+        """
+        cdef ssize_t kept = 0
+        if d.pipe_r >= 0 or self._take_pipe(d) == 0:
+            kept = write(d.pipe_w, data, length)
+            if kept < 0:
+                if errno != EAGAIN:
+                    self._finish_local(c, errno)
+                    return -1
+                kept = 0
+            d.in_pipe += kept
+            if d.in_pipe == 0:
+                self._give_pipe(d)
+        elif not _is_local_shortage(errno):
+            self._abort(c, src, errno)
+            return -1
+        if <size_t>kept < length:
+            if d.spill == NULL:
+                d.spill = <char*>malloc(COPY_SIZE)
+                if d.spill == NULL:
+                    self._finish_local(c, ENOMEM)
+                    return -1
+            memcpy(d.spill, data + kept, length - kept)
+            d.spill_off = 0
+            d.spill_len = length - kept
+        return 0
+
+    cdef int _send_spill(self, Conn *c, Direction *d, int dst) noexcept nogil:
+        cdef ssize_t sent
+        if not c.writable[dst]:
+            return 0
+        sent = send(c.fds[dst], d.spill + d.spill_off, d.spill_len, MSG_NOSIGNAL)
+        if sent < 0:
+            if errno == EAGAIN:
+                c.writable[dst] = False
+                return 0
+            if errno == EINTR:
+                return 0
+            self._abort(c, dst, errno)
+            return -1
+        d.bytes += sent
+        d.spill_off += sent
+        d.spill_len -= sent
+        if d.spill_len == 0:
+            free(d.spill)
+            d.spill = NULL
+            d.spill_off = 0
+        return 0
+
+    # -- ready list and timers -----------------------------------------------------------------------
 
     cdef void _queue_ready(self, Conn *c) noexcept nogil:
         if not c.queued:
             c.queued = True
+            c.ready_prev = NULL
             c.ready_next = self.ready
+            if self.ready != NULL:
+                self.ready.ready_prev = c
             self.ready = c
 
+    cdef void _unqueue(self, Conn *c) noexcept nogil:
+        # Doubly linked: O(1), not a walk of the ready list.
+        if c.ready_prev != NULL:
+            c.ready_prev.ready_next = c.ready_next
+        elif self.ready == c:
+            self.ready = c.ready_next
+        if c.ready_next != NULL:
+            c.ready_next.ready_prev = c.ready_prev
+        c.ready_prev = c.ready_next = NULL
+        c.queued = False
+
     cdef void _run_ready(self) noexcept nogil:
-        cdef Conn *c
-        cdef Conn *batch = self.ready
+        # Only the connections queued before this call: those that queue again wait for the next turn.
+        cdef Conn *c = self.ready
+        cdef Conn *later
         self.ready = NULL
-        while batch != NULL:
-            c = batch
-            batch = c.ready_next
+        while c != NULL:
+            later = c.ready_next
             c.queued = False
-            c.ready_next = NULL
+            c.ready_prev = c.ready_next = NULL
+            if later != NULL:
+                later.ready_prev = NULL
             if not c.dead and c.state == RELAYING:
                 self._pump_both(c)
+            c = later
 
-    cdef void _expire_connects(self, int64_t now) noexcept nogil:
-        cdef Conn *c = self.heads[CONNECTING_CONNS]
-        cdef Conn *nxt
-        while c != NULL:
-            nxt = c.links[CONNECTING_CONNS].next
-            if now >= c.deadline_ns:
+    cdef int _reserve_timer(self) noexcept nogil:
+        # Room for one more timer (a connection has at most one), so _timer_set cannot fail later.
+        cdef Conn **grown
+        cdef size_t cap
+        if <size_t>self.live < self.timers_cap:
+            return 0
+        cap = self.timers_cap * 2 + 64
+        grown = <Conn**>realloc(self.timers, cap * sizeof(Conn*))
+        if grown == NULL:
+            return -1
+        self.timers = grown
+        self.timers_cap = cap
+        return 0
+
+    cdef void _heap_put(self, size_t at, Conn *c) noexcept nogil:
+        self.timers[at] = c
+        c.heap_at = <ssize_t>at
+
+    cdef void _timer_sift(self, size_t at) noexcept nogil:
+        # Restore the heap order around `at`, up or down.
+        cdef Conn *c = self.timers[at]
+        cdef size_t parent, child
+        while at > 0:
+            parent = (at - 1) // 2
+            if self.timers[parent].timer_ns <= c.timer_ns:
+                break
+            self._heap_put(at, self.timers[parent])
+            at = parent
+        while True:
+            child = 2 * at + 1
+            if child >= self.timers_len:
+                break
+            if child + 1 < self.timers_len and self.timers[child + 1].timer_ns < self.timers[child].timer_ns:
+                child += 1
+            if self.timers[child].timer_ns >= c.timer_ns:
+                break
+            self._heap_put(at, self.timers[child])
+            at = child
+        self._heap_put(at, c)
+
+    cdef void _timer_set(self, Conn *c, int64_t when) noexcept nogil:
+        c.timer_ns = when
+        if c.heap_at < 0:
+            # _reserve_timer made room when the connection was adopted.
+            self._heap_put(self.timers_len, c)
+            self.timers_len += 1
+        self._timer_sift(<size_t>c.heap_at)
+
+    cdef void _timer_clear(self, Conn *c) noexcept nogil:
+        cdef size_t at
+        cdef Conn *last
+        if c.heap_at < 0:
+            return
+        at = <size_t>c.heap_at
+        c.heap_at = -1
+        self.timers_len -= 1
+        if at == self.timers_len:
+            return
+        last = self.timers[self.timers_len]
+        self._heap_put(at, last)
+        self._timer_sift(at)
+
+    cdef void _run_timers(self, int64_t now) noexcept nogil:
+        # Only due timers are touched: O(log n) each, nothing per live connection. An idle timer is
+        # not moved on each pump; when it fires early (the connection was active since) it is re-armed
+        # from the last activity.
+        cdef Conn *c
+        while self.timers_len > 0 and self.timers[0].timer_ns <= now:
+            c = self.timers[0]
+            if c.state == CONNECTING:
                 self._fail_connect(c, ETIMEDOUT, END_CONNECT_TIMEOUT)
-            c = nxt
-
-    cdef void _expire_idle(self, int64_t now) noexcept nogil:
-        # A linear walk once a second: ~10 ns a connection, so 100k connections cost 1 ms a second,
-        # less than a timer wheel's bookkeeping on every event would.
-        cdef Conn *c = self.heads[ALL_CONNS]
-        cdef Conn *nxt
-        while c != NULL:
-            nxt = c.links[ALL_CONNS].next
-            if c.state == RELAYING and c.idle_ns > 0 and now - c.active_ns >= c.idle_ns:
+            elif now - c.active_ns >= c.idle_ns:
                 # A plain close: FIN to both peers, as Envoy's and HAProxy's idle timeouts do.
                 self._finish(c, END_IDLE_TIMEOUT, ETIMEDOUT)
-            c = nxt
+            else:
+                self._timer_set(c, c.active_ns + c.idle_ns)
+
+    # -- endings -----------------------------------------------------------------------------------
 
     cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil:
         # The client socket goes back to Python, untouched, so it can try another endpoint.
@@ -637,13 +864,22 @@ cdef class RelayWorker:
         self._release(c)
 
     cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil:
-        """One side failed: reset the other side so the failure propagates, and drop the connection."""
-        cdef int other = 1 - failed
-        if c.fds[other] >= 0:
-            _set_reset_on_close(c.fds[other])
-        self._finish(c, END_CLIENT_RESET if failed == CLIENT else END_UPSTREAM_RESET, err)
+        """One side failed: drop the connection; both sockets reset (SO_LINGER {1, 0} since setup)."""
+        if _is_local_shortage(err):
+            self._finish(c, END_LOCAL_RESOURCES, err)
+        else:
+            self._finish(c, END_CLIENT_RESET if failed == CLIENT else END_UPSTREAM_RESET, err)
+
+    cdef void _finish_local(self, Conn *c, int err) noexcept nogil:
+        self._finish(c, END_LOCAL_RESOURCES, err)
 
     cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil:
+        cdef int k
+        if kind == END_CLOSED or kind == END_IDLE_TIMEOUT:
+            # Graceful: the close sends FIN after every byte still queued, instead of an RST.
+            for k in range(2):
+                if c.fds[k] >= 0:
+                    _set_reset_on_close(c.fds[k], False)
         self._complete_raw(c.id, kind, err, c.dirs[CLIENT].bytes, c.dirs[UPSTREAM].bytes, -1)
         self._release(c)
 
@@ -651,26 +887,32 @@ cdef class RelayWorker:
         """Close everything the connection still holds and retire it (freed at the end of the loop turn)."""
         cdef int k
         if c.state == CONNECTING:
-            self._connect_done(c)
+            c.state = RELAYING
+            self.connecting -= 1
+        self._timer_clear(c)
         for k in range(2):
             if c.fds[k] >= 0:
-                close(c.fds[k])  # closing also removes it from the epoll set
+                # Explicitly: close() removes the fd from the epoll set only when no other descriptor
+                # (a dup, a forked child) refers to the same socket; a stale entry would report events
+                # for freed memory.
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fds[k], NULL)
+                close(c.fds[k])
+                c.fds[k] = -1
             self._give_pipe(&c.dirs[k])
+            free(c.dirs[k].spill)
+            c.dirs[k].spill = NULL
         if c.queued:
             self._unqueue(c)
-        self._unlink(c, ALL_CONNS)
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.conns = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
         self.live -= 1
         c.dead = True
         c.grave_next = self.graveyard
         self.graveyard = c
-
-    cdef void _unqueue(self, Conn *c) noexcept nogil:
-        cdef Conn **link = &self.ready
-        while link[0] != NULL:
-            if link[0] == c:
-                link[0] = c.ready_next
-                return
-            link = &link[0].ready_next
 
     cdef void _complete_raw(self, uint64_t conn_id, int kind, int err, uint64_t up, uint64_t down,
                             int client_fd) noexcept nogil:
@@ -701,17 +943,12 @@ cdef class RelayWorker:
             write(self.notify_fd, &one, sizeof(one))
 
     cdef void _close_all(self) noexcept nogil:
-        cdef int k
         cdef int i
-        cdef Conn *c
         self._take_submissions()
         for i in range(self.pipes_pooled):
             close(self.pipe_pool[3 * i])
             close(self.pipe_pool[3 * i + 1])
         self.pipes_pooled = 0
-        while self.heads[ALL_CONNS] != NULL:
-            c = self.heads[ALL_CONNS]
-            for k in range(2):
-                if c.fds[k] >= 0:
-                    _set_reset_on_close(c.fds[k])
-            self._finish(c, END_ABORTED, 0)
+        while self.conns != NULL:
+            # SO_LINGER {1, 0} has been on both sockets since setup: each peer gets an RST.
+            self._finish(self.conns, END_ABORTED, 0)

@@ -22,10 +22,25 @@ class Ending(IntEnum):
     CONNECT_TIMEOUT = _fastpath.CONNECT_TIMEOUT
     ABORTED = _fastpath.ABORTED
     IDLE_TIMEOUT = _fastpath.IDLE_TIMEOUT
+    # This host ran short (EMFILE/ENFILE, memory, socket buffers) mid-connection: not a peer's reset.
+    LOCAL_RESOURCES = _fastpath.LOCAL_RESOURCES
 
     @property
     def connect_failed(self) -> bool:
         return self in (Ending.CONNECT_FAILED, Ending.CONNECT_TIMEOUT)
+
+    @property
+    def local(self) -> bool:
+        """The proxy itself ended the connection for want of resources."""
+        return self is Ending.LOCAL_RESOURCES
+
+
+# The descriptor budget of the relay, for sizing connection limits against RLIMIT_NOFILE: one connection
+# holds at most FDS_PER_CONNECTION_MAX descriptors at once (its two sockets, and a pipe of two fds per
+# direction while bytes are in flight); each relay thread holds FDS_PER_RELAY_THREAD whatever its load
+# (epoll, eventfd, and up to 128 empty pipes kept for reuse).
+FDS_PER_CONNECTION_MAX: int = _fastpath.FDS_PER_CONNECTION_MAX
+FDS_PER_RELAY_THREAD: int = _fastpath.WORKER_FDS + _fastpath.PIPE_POOL_FDS_MAX
 
 
 class Completion(NamedTuple):
@@ -69,6 +84,11 @@ class RelayPool:
         for worker in self.workers:
             for record in worker.drain():
                 yield Completion._make(record)
+
+    @property
+    def fds_reserved(self) -> int:
+        """Descriptors the pool's threads may hold apart from their connections' (and its notify eventfd)."""
+        return 1 + FDS_PER_RELAY_THREAD * len(self.workers)
 
     def stop(self, timeout: float = 5.0) -> list[Completion]:
         """Stop the workers (live connections are reset) and return their last records."""
