@@ -619,18 +619,19 @@ class HAProxyPath(TrafficPath):
         "transparent, usesrc clientip, splice-auto) in the node ns"
     )
 
-    def __init__(self, lab: Lab, workdir: pathlib.Path, threads: int = 2) -> None:
+    def __init__(self, lab: Lab, workdir: pathlib.Path, threads: int = 2, l7: bool = True) -> None:
         super().__init__(lab, workdir)
         self.threads = threads
-        # The L7 services as plain TCP services: `nodeproxy capture` reads this file, and the HAProxy
-        # config carries them in HTTP mode (http_services).
-        self.config_text = with_l7_services(service_config(lab, HAPROXY_PORT), lab, declare_protocol=False)
+        self.l7 = l7
+        self.config_text = service_config(lab, HAPROXY_PORT)
+        http_services: dict[str, haproxy.HttpVersion] = {}
+        if l7:
+            # The L7 services as plain TCP services: `nodeproxy capture` reads this file, and the HAProxy
+            # config carries them in HTTP mode (http_services).
+            self.config_text = with_l7_services(self.config_text, lab, declare_protocol=False)
+            http_services = {s.name: "h1" if s.protocol == "http" else "h2" for s in L7_SERVICES}
         self.capture_file = workdir / "capture-haproxy.yaml"
-        self.haproxy_cfg = haproxy.render_config(
-            parsed(self.config_text),
-            threads,
-            http_services={s.name: "h1" if s.protocol == "http" else "h2" for s in L7_SERVICES},
-        )
+        self.haproxy_cfg = haproxy.render_config(parsed(self.config_text), threads, http_services)
         self.cfg_file = workdir / "haproxy.cfg"
         self.log = workdir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -648,11 +649,11 @@ class HAProxyPath(TrafficPath):
         )
         self.capture_installed = True  # set first: a half-done install is removed too
         run_in(self.lab.node_ns, self._capture("install"))
-        # Its HTTP-mode switch is what makes the L7 rows HTTP numbers: check it did switch.
-        self.l7_doubts = [p for s in L7_SERVICES if (p := l7_relay_problem(self.lab, "haproxy", s))]
+        if self.l7:  # Its HTTP-mode switch is what makes the L7 rows HTTP numbers: check it did switch.
+            self.l7_doubts = [p for s in L7_SERVICES if (p := l7_relay_problem(self.lab, "haproxy", s))]
 
     def l7_targets(self) -> dict[str, Any]:
-        return l7_targets()
+        return l7_targets(None if self.l7 else "L7 workloads not selected (--workloads l4)")
 
     def cpu_roots(self) -> list[int]:
         # One process (`-db`: no master-worker), its nbthread threads counted in its /proc stat.

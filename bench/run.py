@@ -162,7 +162,7 @@ def make_path(name: str, lab: Lab, workdir: pathlib.Path, args: argparse.Namespa
             lab, workdir, args.relay_threads, l7=args.nodeproxy_l7 if "l7" in args.groups else "off"
         )
     if name == "haproxy":
-        return HAProxyPath(lab, workdir)
+        return HAProxyPath(lab, workdir, l7="l7" in args.groups)
     return DirectPath(lab, workdir)
 
 
@@ -334,8 +334,16 @@ def ratio(values: Values, metric: Metric, top: str, bottom: str) -> float | None
     return round(a / b, 3) if a is not None and b else None
 
 
+def selected_metrics(groups: Sequence[str]) -> tuple[Metric, ...]:
+    """The metrics of the workloads in `groups`, in table order."""
+    return tuple(m for w in WORKLOADS if w.group in groups for m in w.all_metrics)
+
+
 def metrics_table(
-    runs: dict[str, list[PathResult]], values: Values, missing: Unavailable
+    runs: dict[str, list[PathResult]],
+    values: Values,
+    missing: Unavailable,
+    metrics: Sequence[Metric] = METRICS,
 ) -> list[dict[str, object]]:
     return [
         {
@@ -347,15 +355,18 @@ def metrics_table(
             },
             "ratios": {f"{top}/{bottom}": ratio(values, metric, top, bottom) for top, bottom in RATIOS},
         }
-        for metric in METRICS
+        for metric in metrics
     ]
 
 
-def goals_report(values: Values) -> list[dict[str, object]]:
-    metrics = {m.key: m for m in METRICS}
+def goals_report(values: Values, metrics: Sequence[Metric] = METRICS) -> list[dict[str, object]]:
+    """Every goal on one of `metrics`: what was measured and whether it was met (None: no number)."""
+    by_key = {m.key: m for m in metrics}
     report: list[dict[str, object]] = []
     for goal in GOALS:
-        metric = metrics[goal.metric]
+        if goal.metric not in by_key:
+            continue
+        metric = by_key[goal.metric]
         measured: float | None
         if goal.kind == "max_excess_us":
             ours = values.get("nodeproxy", {}).get(metric.key)
@@ -383,12 +394,14 @@ def goals_report(values: Values) -> list[dict[str, object]]:
 LABEL_WIDTH = 46
 
 
-def render_table(values: Values, missing: Unavailable | None = None) -> str:
+def render_table(
+    values: Values, missing: Unavailable | None = None, metrics: Sequence[Metric] = METRICS
+) -> str:
     missing = missing or {}
     header = f"{'workload':<{LABEL_WIDTH}}" + "".join(f"{n:>12}" for n in PATH_NAMES)
     header += "".join(f"{'np/' + b:>12}" for _, b in RATIOS) + "  better"
     lines = [header, "-" * len(header)]
-    for metric in METRICS:
+    for metric in metrics:
         # "-": path not run; "n/a": the path cannot measure it; "error": run, but no number.
         cells = [
             "-"
@@ -590,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.append(f"namespaces left behind: {left}")
     values = summarize(runs)
     missing = unavailable(runs)
-    goals = goals_report(values)
+    shown_metrics = selected_metrics(args.groups)
+    goals = goals_report(values, shown_metrics)
     report: dict[str, object] = {
         "schema": 2,
         "started_utc": started.isoformat(timespec="seconds"),
@@ -615,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu": "utime+stime(+cutime+cstime) of the proxy's process tree, /proc/<pid>/stat",
         },
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},
-        "metrics": metrics_table(runs, values, missing),
+        "metrics": metrics_table(runs, values, missing, shown_metrics),
         "goals": goals,
         "paths": {name: [asdict(r) for r in results] for name, results in runs.items()},
         "warnings": warnings,
@@ -624,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = save(report, args.results_dir)
     if args.rounds > 1:
         print(f"medians of {args.rounds} rounds (every sample is in the JSON)")
-    print(render_table(values, missing))
+    print(render_table(values, missing, shown_metrics))
     if notes := render_unavailable(missing):
         print("\n" + notes)
     print()

@@ -23,8 +23,10 @@ from bench.run import (
     render_table,
     render_unavailable,
     run_workload,
+    selected_metrics,
 )
 from bench.workloads import (
+    METRICS,
     WORKLOADS,
     Better,
     Cost,
@@ -272,6 +274,20 @@ def test_render_table_shows_values_ratios_and_why_cells_are_empty() -> None:
 def test_render_table_marks_paths_not_run() -> None:
     table = render_table({"nodeproxy": {"wrk_keepalive_rps": 1.0}})
     assert table_row(table, "wrk -c32 keep-alive")[:5] == ["-", "1", "-", "-", "-"]
+
+
+def test_only_the_selected_workload_groups_are_shown() -> None:
+    l4 = selected_metrics(["l4"])
+    table = render_table(VALUES, MISSING, l4)
+    assert "wrk -c32 keep-alive" in table and "proxy CPU-s per 10k new conn" in table
+    assert "L7" not in table and "HTTP/2" not in table
+    assert {g["metric"] for g in goals_report(VALUES, l4)} == {
+        "iperf3_1_gbps",
+        "iperf3_4_gbps",
+        "wrk_keepalive_rps",
+        "wrk_close_cps",
+    }
+    assert selected_metrics(["l4", "l7"]) == METRICS
 
 
 def test_goals_report_checks_minimum_and_maximum_ratios_and_latency_excess() -> None:
