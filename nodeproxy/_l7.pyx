@@ -416,6 +416,16 @@ cdef class HttpWorker:
         """Upstream connections open now (connecting, busy, idle in a pool, or tunnelling)."""
         return self.upstreams
 
+    def debug_connections(self):
+        """[(conn_id, state, readable, writable, peer_eof, bytes in, bytes out)]: for debugging only, it reads
+        the engine thread's structures without a lock."""
+        cdef Down *d = self.downs
+        out = []
+        while d != NULL:
+            out.append((d.conn_id, d.state, d.readable, d.writable, d.peer_eof, _held(&d.inb), _held(&d.outb)))
+            d = d.next
+        return out
+
     # -- called from Python (any thread) ---------------------------------------------------------------
 
     def adopt(self, uint64_t conn_id, int client_fd, str source_ip=None):

@@ -10,7 +10,7 @@ a small HTTP/1.1 server (`--serve`) whose answers show what it received, plus a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import hashlib
 import http.client
 import itertools
@@ -56,32 +56,37 @@ GIB = 1 << 30
 
 
 def lab_config(lab: Lab) -> str:
-    def endpoints(port: int | None = None) -> str:
-        return "".join(
-            f"      - {{address: {p.ip}, labels: {{env: prod}}}}\n" for p in lab.backend_pods
-        ) + ("" if port is None else "")
+    """web, ws, nr, uh and uf (see SERVICES) on this lab's backends; every endpoint is `env: prod`."""
+    everyone = "".join(f"      - {{address: {p.ip}, labels: {{env: prod}}}}\n" for p in lab.backend_pods)
+
+    def service(name: str, vip: str, target_port: int, endpoints: str = everyone, extra: str = "") -> str:
+        port = f"{{port: 80, target_port: {target_port}, protocol: http}}"
+        return f"  - name: {name}\n    vip: {vip}\n    ports: [{port}]\n    endpoints:\n{endpoints}{extra}"
 
     be0 = lab.backend_pods[0].ip
+    staging_only = "[{headers: [{name: x-env, exact: staging}]}]"
     return (
         "node:\n  name: node-a\n"
         f'capture:\n  pod_cidrs: [{POD_CIDR}]\n  pod_interfaces: ["npv+"]\n'
         "listeners:\n  outbound: 127.0.0.1:15001\n"
         "services:\n"
-        f"  - name: web\n    vip: 10.96.0.30\n    ports: [{{port: 80, target_port: {BACKEND_PORT}, protocol: http}}]\n"
-        f"    endpoints:\n{endpoints()}"
-        f"  - name: ws\n    vip: 10.96.0.31\n    ports: [{{port: 80, target_port: {WS_PORT}, protocol: http}}]\n"
-        f"    endpoints:\n{endpoints()}"
-        f"  - name: nr\n    vip: 10.96.0.32\n    ports: [{{port: 80, target_port: {BACKEND_PORT}, protocol: http}}]\n"
-        f"    endpoints:\n{endpoints()}"
-        "    subsets: [{name: prod, labels: {env: prod}}]\n"
-        "    routes:\n"
-        "      - {name: staging-only, match: [{headers: [{name: x-env, exact: staging}]}], to: [{subset: prod}]}\n"
-        f"  - name: uh\n    vip: 10.96.0.33\n    ports: [{{port: 80, target_port: {BACKEND_PORT}, protocol: http}}]\n"
-        f"    endpoints:\n{endpoints()}"
-        "    subsets: [{name: staging, labels: {env: staging}}]\n"
-        "    routes:\n      - {name: all, to: [{subset: staging}]}\n"
-        f"  - name: uf\n    vip: 10.96.0.34\n    ports: [{{port: 80, target_port: {DEAD_PORT}, protocol: http}}]\n"
-        f"    endpoints:\n      - {{address: {be0}}}\n"
+        + service("web", SERVICES[WEB][0], BACKEND_PORT)
+        + service("ws", SERVICES[WS][0], WS_PORT)
+        + service(
+            "nr",
+            SERVICES[NR][0],
+            BACKEND_PORT,
+            extra="    subsets: [{name: prod, labels: {env: prod}}]\n    routes:\n"
+            f"      - {{name: staging-only, match: {staging_only}, to: [{{subset: prod}}]}}\n",
+        )
+        + service(
+            "uh",
+            SERVICES[UH][0],
+            BACKEND_PORT,
+            extra="    subsets: [{name: staging, labels: {env: staging}}]\n"
+            "    routes:\n      - {name: all, to: [{subset: staging}]}\n",
+        )
+        + service("uf", SERVICES[UF][0], DEAD_PORT, endpoints=f"      - {{address: {be0}}}\n")
     )
 
 
@@ -343,7 +348,9 @@ def test_pipelined_requests_answered_in_order(lab: Lab, engine: Engine) -> None:
     body = b"x" * 5000
     sock.sendall(
         b"GET /p1 HTTP/1.1\r\nHost: web\r\n\r\n"
-        b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 5000\r\n\r\n" + body + b"GET /p3 HTTP/1.1\r\nHost: web\r\n\r\n"
+        b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 5000\r\n\r\n"
+        + body
+        + b"GET /p3 HTTP/1.1\r\nHost: web\r\n\r\n"
         b"GET /p4 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
     )
     reader = sock.makefile("rb")
@@ -400,7 +407,11 @@ def test_chunked_trailers_forwarded_both_ways(lab: Lab, engine: Engine) -> None:
         b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-digest: abc\r\n\r\n"
     )
     response = read_response(reader)
-    assert response.body.decode().split() == [hashlib.sha256(b"hello world").hexdigest(), "11", "x-digest:abc"]
+    assert response.body.decode().split() == [
+        hashlib.sha256(b"hello world").hexdigest(),
+        "11",
+        "x-digest:abc",
+    ]
     sock.sendall(b"GET /blob/3000000 HTTP/1.1\r\nHost: web\r\n\r\n")
     status_line = reader.readline()
     assert status_line.startswith(b"HTTP/1.1 200")
@@ -425,8 +436,8 @@ def test_expect_100_continue(lab: Lab, engine: Engine) -> None:
     proc = subprocess.run(
         netns.exec_argv(
             lab.client_pods[0].ns,
-            ["curl", "-sS", "-v", "--max-time", "10", "--expect100-timeout", "5", "-H", "Expect: 100-continue",
-             "--data-binary", "@-", f"http://{GATEWAY}:{WEB}/sink"],
+            ["curl", "-sS", "-v", "--max-time", "10", "--expect100-timeout", "5",
+             "-H", "Expect: 100-continue", "--data-binary", "@-", f"http://{GATEWAY}:{WEB}/sink"],
         ),
         input=body,
         capture_output=True,
@@ -462,7 +473,9 @@ def test_header_timeout_408_and_bad_request_400_leave_others_alone(lab: Lab, eng
     assert bad_response.status == 400 and bad_response.header("x-nodeproxy-flags") == "DPE"
     assert bad.recv(1) == b""  # closed after the protocol error
     smuggle = pod_socket(lab, WEB)
-    smuggle.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    smuggle.sendall(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     assert read_response(smuggle.makefile("rb")).status == 400
 
     assert get(healthy, "/during", healthy_reader).status == 200
@@ -490,9 +503,7 @@ def test_websocket_upgrade_echo(lab: Lab, engine: Engine) -> None:
 
 def test_wrk_keep_alive(lab: Lab, engine: Engine) -> None:
     proc = subprocess.run(
-        netns.exec_argv(
-            lab.client_pods[0].ns, ["wrk", "-t1", "-c32", "-d2s", f"http://{GATEWAY}:{WEB}/"]
-        ),
+        netns.exec_argv(lab.client_pods[0].ns, ["wrk", "-t1", "-c32", "-d2s", f"http://{GATEWAY}:{WEB}/"]),
         capture_output=True,
         text=True,
         timeout=30,
@@ -522,7 +533,9 @@ def test_one_gib_chunked_both_ways(lab: Lab, engine: Engine) -> None:
     for _ in range(GIB // len(PATTERN)):
         upload.stdin.write(PATTERN)
     upload.stdin.close()
-    out, err = upload.communicate(timeout=150)
+    assert upload.stdout is not None and upload.stderr is not None
+    out, err = upload.stdout.read(), upload.stderr.read()
+    assert upload.wait(150) == 0, err
     assert out.split()[:2] == [expected.hexdigest().encode(), str(GIB).encode()], err
     # Download: the backend streams a chunked body; curl writes it to us.
     download = subprocess.Popen(
@@ -542,13 +555,19 @@ def test_one_gib_chunked_both_ways(lab: Lab, engine: Engine) -> None:
 
 def test_no_fd_leak_after_mixed_traffic(lab: Lab) -> None:
     before = fd_count()
+    _mixed_traffic_then_close(lab)
+    gc.collect()  # the workers' epoll and wake-up descriptors go with the objects
+    assert fd_count() == before, os.listdir("/proc/self/fd")
+
+
+def _mixed_traffic_then_close(lab: Lab) -> None:
     running = Engine(lab, HttpConfig(header_timeout=1.0), offset=SECOND)
     try:
         socks = []
         for _ in range(5):
             sock = pod_socket(lab, WEB + SECOND)
-            reader = sock.makefile("rb")
-            assert get(sock, "/x", reader).status == 200
+            with sock.makefile("rb") as reader:  # a live makefile() keeps the socket open
+                assert get(sock, "/x", reader).status == 200
             socks.append(sock)
         aborted = pod_socket(lab, WEB + SECOND)
         aborted.sendall(b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 100000\r\n\r\nabc")
@@ -564,7 +583,6 @@ def test_no_fd_leak_after_mixed_traffic(lab: Lab) -> None:
         assert running.call(lambda: len(running.proxy.requests)) == 0
     finally:
         running.close()
-    assert fd_count() == before
 
 
 # -- the test backend (run in each backend pod) ---------------------------------------------------------
@@ -580,7 +598,7 @@ def _serve(http_port: int, ws_port: int, name: str) -> None:  # pragma: no cover
             sock: socket.socket = self.request
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reader = sock.makefile("rb", buffering=1 << 20)
-            peer = "%s:%d" % self.client_address
+            peer = "{}:{}".format(*self.client_address)
             while self.one(sock, reader, peer):
                 pass
 
@@ -638,7 +656,10 @@ def _serve(http_port: int, ws_port: int, name: str) -> None:  # pragma: no cover
                 code = int(target.rsplit("/", 1)[1])
             elif target == "/headers":
                 body = json.dumps(headers).encode()
-                extra = "Connection: x-backend-hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Backend-End: 1\r\n"
+                extra = (
+                    "Connection: x-backend-hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+                    "X-Backend-End: 1\r\n"
+                )
             elif target.startswith("/sink"):
                 body = f"{digest.hexdigest()} {count} {';'.join(trailers)}".encode()
             else:

@@ -241,7 +241,9 @@ class HttpProxy:
             else:
                 raise AssertionError(f"unknown engine record kind {kind}")
 
-    def _on_head(self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]) -> None:
+    def _on_head(
+        self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
+    ) -> None:
         _, request_id, conn_id, method, _target, authority, path, query, headers = record
         conn = self.connections[conn_id]
         conn.requests += 1
@@ -351,7 +353,9 @@ class HttpProxy:
         route = self.routing().lookup(request.conn.orig_ip, request.conn.orig_port)
         reason = f"upstream connect failed ({os.strerror(err) if err else 'unknown error'})"
         if attempts >= self.relay_config.connect_attempts or route is None or route.http is None:
-            self._reply(request_id, request, LocalReply(502, "UF", f"{reason} after {attempts} attempts"), replies)
+            self._reply(
+                request_id, request, LocalReply(502, "UF", f"{reason} after {attempts} attempts"), replies
+            )
             return
         decision = decide_request(route.http, request.attrs, request.tried)
         if isinstance(decision, LocalReply):

@@ -1,0 +1,49 @@
+"""Type stub for the Cython module nodeproxy._l7 (see _l7.pyx for the semantics)."""
+
+from typing import Any
+
+HEAD: int
+DONE: int
+ATTEMPT_FAILED: int
+CONN_CLOSED: int
+FLAGS: dict[str, int]
+
+class HttpWorker:
+    def __init__(
+        self,
+        notify_fd: int,
+        max_head_bytes: int = 61440,
+        max_fields: int = 100,
+        header_timeout_ms: int = 10000,
+        idle_timeout_ms: int = 300000,
+        connect_timeout_ms: int = 1000,
+        pool_max_idle: int = 256,
+        pool_max_conns: int = 1024,
+        pool_idle_timeout_ms: int = 4000,
+    ) -> None: ...
+    @property
+    def live_connections(self) -> int: ...
+    @property
+    def upstream_connections(self) -> int: ...
+    def debug_connections(self) -> list[tuple[int, int, bool, bool, bool, int, int]]: ...
+    def adopt(self, conn_id: int, client_fd: int, source_ip: str | None = None) -> None: ...
+    def answer(
+        self,
+        forwards: list[
+            tuple[
+                int,
+                str,
+                int,
+                tuple[tuple[bytes, bytes], ...],
+                tuple[bytes, ...],
+                tuple[tuple[bytes, bytes], ...],
+                tuple[bytes, ...],
+                int,
+            ]
+        ],
+        replies: list[tuple[int, int, str, str]],
+    ) -> None: ...
+    # Records of several shapes, told apart by their first item (HEAD, DONE, ATTEMPT_FAILED, CONN_CLOSED).
+    def drain(self) -> list[tuple[Any, ...]]: ...
+    def stop(self) -> None: ...
+    def run(self) -> None: ...
