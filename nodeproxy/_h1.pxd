@@ -214,7 +214,9 @@ cdef void h1_body_for_response(h1_body *body, const h1_head *head, bint request_
 # line or a trailer section: those are consumed whole or not at all, so the unconsumed rest (to be fed
 # again with more bytes appended) stays below H1_MAX_CHUNK_LINE or max_trailer_bytes. Once the message
 # ended, returns 0 (the following bytes belong to the next message). Returns 0 with nothing consumed
-# only when more bytes are needed or the message ended.
+# only when more bytes are needed or the message ended. An error found after some bytes were consumed in
+# the same call is returned by the next call (with the bad bytes still unconsumed), so `out` never loses
+# the payload that came before it.
 cdef ssize_t h1_body_feed(h1_body *body, const unsigned char *buf, size_t len,
                           h1_chunk *out) noexcept nogil
 

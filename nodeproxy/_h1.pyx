@@ -806,7 +806,7 @@ cdef ssize_t _chunk_size_line(h1_body *body, const unsigned char *p, size_t n,
     # chunk-size [ chunk-ext ] CRLF, whole (RFC 9112 §7.1, §7.1.1). Returns its length, 0 if incomplete.
     cdef size_t lim = n if n < H1_MAX_CHUNK_LINE else H1_MAX_CHUNK_LINE
     cdef const unsigned char *lf = <const unsigned char *>memchr(p, 10, lim)
-    cdef size_t q, e, i, j
+    cdef size_t q, e, i, j, digits_end
     cdef uint64_t value = 0
     cdef signed char d
     if lf == NULL:
@@ -829,12 +829,17 @@ cdef ssize_t _chunk_size_line(h1_body *body, const unsigned char *p, size_t n,
     if i == 0:
         return _body_fail(body, b"invalid chunk size")
     # chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ), ext-val = token / quoted-string
+    digits_end = i
     while i < e:
         j = _skip_ws(p, i, e)
         if j == e or p[j] != 59:
             if j == e:
-                return _body_fail(body, b"whitespace after chunk size")
-            return _body_fail(body, b"invalid chunk size" if i == j else b"invalid chunk extension")
+                return _body_fail(body, b"whitespace at the end of the chunk-size line")
+            if p[j] == 13:
+                return _body_fail(body, b"bare CR in chunk-size line")
+            if j == digits_end:
+                return _body_fail(body, b"invalid chunk size")
+            return _body_fail(body, b"invalid chunk extension")
         j = _skip_ws(p, j + 1, e)
         i = _skip_token(p, j, e)
         if i == j:
@@ -893,6 +898,12 @@ cdef int _trailer_line(h1_body *body, const unsigned char *p, size_t a, size_t b
     return 0
 
 
+cdef inline ssize_t _consumed_before_error(size_t i) noexcept nogil:
+    # An error behind bytes consumed in the same call is reported by the next call (the state is
+    # B_ERROR already), so the payload span before it is not lost.
+    return <ssize_t>i if i > 0 else -1
+
+
 cdef ssize_t h1_body_feed(h1_body *body, const unsigned char *buf, size_t len,
                           h1_chunk *out) noexcept nogil:
     cdef size_t i = 0
@@ -935,13 +946,14 @@ cdef ssize_t h1_body_feed(h1_body *body, const unsigned char *buf, size_t len,
             if i == len:
                 return <ssize_t>i
             if buf[i] != (13 if body.state == B_DATA_CR else 10):
-                return _body_fail(body, b"chunk data not followed by CRLF")
+                _body_fail(body, b"chunk data not followed by CRLF")
+                return _consumed_before_error(i)
             i += 1
             body.state = B_DATA_LF if body.state == B_DATA_CR else B_SIZE
         elif body.state == B_SIZE:
             r = _chunk_size_line(body, buf + i, len - i, &size)
             if r <= 0:
-                return <ssize_t>i if r == 0 else -1
+                return <ssize_t>i if r == 0 else _consumed_before_error(i)
             i += r
             if size == 0:
                 body.state = B_TRAILERS
@@ -953,7 +965,7 @@ cdef ssize_t h1_body_feed(h1_body *body, const unsigned char *buf, size_t len,
         elif body.state == B_TRAILERS:
             r = _trailer_section(body, buf + i, len - i)
             if r <= 0:
-                return <ssize_t>i if r == 0 else -1
+                return <ssize_t>i if r == 0 else _consumed_before_error(i)
             if r > 2:
                 _set_span(&out.trailers, i, r - 2)
             i += r

@@ -1,0 +1,321 @@
+"""Properties of the HTTP/1.1 codec (nodeproxy._h1): packet boundaries never change the events, arbitrary
+bytes never crash or hang it, and h11 (a conformant pure-Python parser) agrees on what valid messages
+mean and accepts every head the codec accepts (the codec is the stricter of the two)."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from nodeproxy._h1 import H1RequestParser, H1ResponseParser
+from nodeproxy.proxy.http_events import (
+    DataReceived,
+    Event,
+    Headers,
+    MessageEnded,
+    ProtocolErrored,
+    RequestReceived,
+    ResponseReceived,
+    TrailersReceived,
+)
+
+h11 = pytest.importorskip("h11", reason="h11 is the reference peer of these tests (pip install h11)")
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+# Fields whose meaning the generator controls itself.
+RESERVED = {b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect", b"te"}
+
+tokens = st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=10).map(str.encode)
+field_names = tokens.filter(lambda name: name.lower() not in RESERVED)
+value_bytes = st.one_of(st.integers(0x21, 0x7E), st.integers(0x80, 0xFF), st.sampled_from([0x20, 0x09]))
+field_values = st.lists(value_bytes, max_size=24).map(lambda b: bytes(b).strip(b" \t"))
+fields = st.lists(st.tuples(field_names, field_values), max_size=6)
+path_chars = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@%/"
+targets = st.builds(
+    lambda path, query: b"/" + path + (b"?" + query if query is not None else b""),
+    st.text(alphabet=path_chars, max_size=20).map(str.encode),
+    st.none() | st.text(alphabet=path_chars + "?", max_size=12).map(str.encode),
+)
+hosts = st.from_regex(r"\A[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?(:[0-9]{1,5})?\Z", fullmatch=True).map(
+    str.encode
+)
+chunk_exts = st.lists(st.tuples(tokens, st.none() | tokens | st.just(b'"quoted \\" value"')), max_size=2).map(
+    lambda exts: b"".join(b";" + n + (b"=" + v if v is not None else b"") for n, v in exts)
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    raw: bytes
+    method: bytes
+    target: bytes
+    host: bytes
+    headers: Headers  # as the parser reports them (lower-case names)
+    body: bytes
+    trailers: Headers
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> Message:
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH"]) | tokens)
+    target = draw(targets)
+    host = draw(hosts)
+    extra = draw(fields)
+    framing = draw(st.sampled_from(["none", "length", "chunked"]))
+    body = draw(st.binary(max_size=300)) if framing != "none" else b""
+    lines = [(b"Host", host), *extra]
+    trailers: list[tuple[bytes, bytes]] = []
+    wire_body = b""
+    if framing == "length":
+        lines.append((b"Content-Length", str(len(body)).encode()))
+        wire_body = body
+    elif framing == "chunked":
+        lines.append((b"Transfer-Encoding", b"chunked"))
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=4))) if body else []
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+        for piece in pieces:
+            size = draw(st.sampled_from(["{:x}", "{:X}", "000{:x}"])).format(len(piece)).encode()
+            wire_body += size + draw(chunk_exts) + b"\r\n" + piece + b"\r\n"
+        trailers = draw(fields)
+        wire_body += (
+            b"0" + draw(chunk_exts) + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers)
+        )
+        wire_body += b"\r\n"
+    raw = method + b" " + target + b" HTTP/1.1\r\n"
+    raw += b"".join(n + b":" + draw(st.sampled_from([b"", b" ", b"\t "])) + v + b"\r\n" for n, v in lines)
+    raw += b"\r\n" + wire_body
+    return Message(
+        raw,
+        method,
+        target,
+        host,
+        tuple((n.lower(), v) for n, v in lines),
+        body,
+        tuple((n.lower(), v) for n, v in trailers),
+    )
+
+
+def normalized(events: list[Event]) -> list[Event]:
+    """Merge consecutive data events of a stream: how payload is cut depends on the packets."""
+    merged: list[Event] = []
+    for event in events:
+        if isinstance(event, DataReceived):
+            last = merged[-1] if merged else None
+            if isinstance(last, DataReceived) and last.stream_id == event.stream_id:
+                merged[-1] = DataReceived(event.stream_id, last.data + event.data)
+                continue
+        merged.append(event)
+    return merged
+
+
+def expected_events(messages: list[Message]) -> list[Event]:
+    events: list[Event] = []
+    for stream_id, m in enumerate(messages, start=1):
+        events.append(RequestReceived(stream_id, m.method, m.target, m.host, m.headers))
+        if m.body:
+            events.append(DataReceived(stream_id, m.body))
+        if m.trailers:
+            events.append(TrailersReceived(stream_id, m.trailers))
+        events.append(MessageEnded(stream_id))
+    return events
+
+
+def feed_in_pieces(parser: H1RequestParser | H1ResponseParser, raw: bytes, cuts: list[int]) -> list[Event]:
+    events: list[Event] = []
+    bounds = sorted({c for c in cuts if 0 < c < len(raw)})
+    for a, b in zip([0, *bounds], [*bounds, len(raw)], strict=True):
+        events += parser.feed(raw[a:b])
+    return events
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(requests(), min_size=1, max_size=3), st.lists(st.integers(0, 4000), max_size=12))
+def test_any_split_of_valid_pipelined_requests_gives_the_same_events(
+    messages: list[Message], cuts: list[int]
+) -> None:
+    raw = b"".join(m.raw for m in messages)
+    expected = expected_events(messages)
+    assert normalized(H1RequestParser().feed(raw)) == expected
+    assert normalized(feed_in_pieces(H1RequestParser(), raw, cuts)) == expected
+
+
+def test_every_byte_boundary_of_a_pipeline() -> None:
+    raw = (
+        b"\r\nPOST /a?b=c HTTP/1.1\r\nHost: h.example\r\nTransfer-Encoding: chunked\r\nX-A:  v \r\n\r\n"
+        b'3;e="q"\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: t\r\n\r\n'
+        b"PUT /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    )
+    whole = normalized(H1RequestParser().feed(raw))
+    assert [type(e).__name__ for e in whole] == [
+        "RequestReceived", "DataReceived", "TrailersReceived", "MessageEnded",
+        "RequestReceived", "DataReceived", "MessageEnded",
+        "RequestReceived", "MessageEnded", "ConnectionClosed",
+    ]  # fmt: skip
+    for i in range(len(raw) + 1):
+        assert normalized(feed_in_pieces(H1RequestParser(), raw, [i])) == whole, i
+    assert normalized(feed_in_pieces(H1RequestParser(), raw, list(range(len(raw))))) == whole
+
+
+def test_every_byte_boundary_of_responses() -> None:
+    raw = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nGrpc-Status: 0\r\n\r\n"
+        b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil close"
+    )
+
+    def run(cuts: list[int]) -> list[Event]:
+        parser = H1ResponseParser()
+        for method in (b"POST", b"GET", b"GET"):
+            parser.expect_response(method)
+        return normalized(feed_in_pieces(parser, raw, cuts) + parser.feed_eof())
+
+    whole = run([])
+    assert [type(e).__name__ for e in whole] == [
+        "ResponseReceived", "ResponseReceived", "DataReceived", "TrailersReceived", "MessageEnded",
+        "ResponseReceived", "MessageEnded", "ResponseReceived", "DataReceived", "MessageEnded",
+        "ConnectionClosed",
+    ]  # fmt: skip
+    for i in range(len(raw) + 1):
+        assert run([i]) == whole, i
+    assert run(list(range(len(raw)))) == whole
+
+
+def check_invariants(events: list[Event], parser: H1RequestParser | H1ResponseParser) -> None:
+    errors = [i for i, e in enumerate(events) if isinstance(e, ProtocolErrored)]
+    assert errors in ([], [len(events) - 1]), events
+    if errors:
+        error = events[-1]
+        assert isinstance(error, ProtocolErrored)
+        assert error.status in (400, 431, 501, 502, 505) and error.reason
+        assert parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == []
+    heads = [e.stream_id for e in events if isinstance(e, RequestReceived | ResponseReceived)]
+    assert heads == sorted(heads)
+
+
+def mutate(raw: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    data = bytearray(raw)
+    for kind, where, byte in edits:
+        at = where % (len(data) + 1)
+        if kind == 0:
+            data.insert(at, byte)
+        elif kind == 1 and at < len(data):
+            del data[at]
+        elif at < len(data):
+            data[at] = byte
+    return bytes(data)
+
+
+# (insert / delete / replace, where, byte): the bytes that matter to framing and field syntax.
+edit_bytes = st.sampled_from(b'\r\n \t\x00:;,"0aF-+x\xff')
+edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), edit_bytes), min_size=1, max_size=3)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600) | st.builds(mutate, requests().map(lambda m: m.raw), edits),
+       st.lists(st.integers(0, 700), max_size=8))  # fmt: skip
+def test_request_parser_survives_any_bytes(data: bytes, cuts: list[int]) -> None:
+    parser = H1RequestParser(max_head_bytes=512, max_fields=8)
+    events = feed_in_pieces(parser, data, cuts)
+    events += parser.feed_eof()
+    check_invariants(events, parser)
+    # The same bytes in one piece give the same events.
+    assert normalized(events) == normalized(H1RequestParser(512, 8).feed(data) + _eof_after(data))
+
+
+def _eof_after(data: bytes) -> list[Event]:
+    parser = H1RequestParser(512, 8)
+    parser.feed(data)
+    return parser.feed_eof()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.binary(max_size=600)
+    | st.builds(
+        mutate,
+        st.sampled_from([
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: y\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nab",
+        ]),
+        edits,
+    ),
+    st.lists(st.integers(0, 700), max_size=8),
+)  # fmt: skip
+def test_response_parser_survives_any_bytes(data: bytes, cuts: list[int]) -> None:
+    parser = H1ResponseParser(max_head_bytes=512, max_fields=8)
+    for method in (b"GET", b"HEAD", b"POST"):
+        parser.expect_response(method)
+    events = feed_in_pieces(parser, data, cuts) + parser.feed_eof()
+    check_invariants(events, parser)
+    assert all(e.status == 502 for e in events if isinstance(e, ProtocolErrored))
+
+
+# ------------------------------------------------------------------------------------------ h11 oracle
+
+
+def h11_first_request(raw: bytes) -> tuple[object, bytes, list[tuple[bytes, bytes]]] | None:
+    """The first request h11 reads from raw: (its Request event, body, trailers), None if h11 rejects it."""
+    # The one intended difference: the codec skips empty lines before a request line (RFC 9112 §2.2).
+    while raw.startswith(b"\r\n"):
+        raw = raw[2:]
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    head = None
+    body = b""
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head, body, [(bytes(n), bytes(v)) for n, v in event.headers]
+            else:
+                return None
+    except h11.RemoteProtocolError:
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests())
+def test_h11_reads_valid_requests_the_same_way(message: Message) -> None:
+    seen = h11_first_request(message.raw)
+    assert seen is not None, message.raw
+    head, body, trailers = seen
+    assert isinstance(head, h11.Request)
+    assert (bytes(head.method), bytes(head.target)) == (message.method, message.target)
+    assert [(bytes(n), bytes(v)) for n, v in head.headers] == list(message.headers)
+    assert (body, tuple(trailers)) == (message.body, message.trailers)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.builds(mutate, requests().map(lambda m: m.raw), edits))
+def test_every_request_the_codec_accepts_h11_accepts_too(raw: bytes) -> None:
+    """Mutated requests: whatever the codec takes as a complete message, h11 (strict on its own terms) reads
+    as the same message; the codec may reject more."""
+    ours = H1RequestParser().feed(raw)
+    assume(ours and isinstance(ours[0], RequestReceived) and any(isinstance(e, MessageEnded) for e in ours))
+    head = ours[0]
+    assert isinstance(head, RequestReceived)
+    seen = h11_first_request(raw)
+    assert seen is not None, raw
+    theirs, body, trailers = seen
+    assert isinstance(theirs, h11.Request)
+    assert (bytes(theirs.method), bytes(theirs.target)) == (head.method, head.target)
+    assert [(bytes(n), bytes(v)) for n, v in theirs.headers] == list(head.headers)
+    first_end = next(i for i, e in enumerate(ours) if isinstance(e, MessageEnded))
+    assert body == b"".join(e.data for e in ours[:first_end] if isinstance(e, DataReceived))
+    assert tuple(trailers) == next(
+        (e.headers for e in ours[:first_end] if isinstance(e, TrailersReceived)), ()
+    )
