@@ -1,0 +1,315 @@
+# cython: language_level=3
+"""Least-loaded SO_REUSEPORT balancing: an SK_REUSEPORT eBPF program that sends each new connection to
+the less loaded of two workers, built and loaded with raw bpf(2) calls (no libbpf, no compiler).
+
+The kernel spreads the connections of a SO_REUSEPORT group over its sockets by 4-tuple hash. That is
+fair for many short connections, but a few long bulk flows can land on one worker while another idles
+(iperf3 -P 4 over two workers: 3 + 1 half the time). The program (attached to the group, so it also runs
+for TPROXY's listener lookup, which passes the SYN to the reuseport selection) does, per new connection:
+
+    i = hash % n;  j = (i + 1 + (hash >> 16) % (n - 1)) % n      two distinct workers, from the hash
+    pick j if load[j] < load[i] else i                           ties keep the hash's choice
+    bpf_sk_select_reuseport(sockets[pick]);  on success load[pick] += 1 (atomic)
+
+`load` is a BPF_F_MMAPABLE array of one u64 per worker: the supervisor maps it before forking, so each
+worker sets its own entry with a plain memory write (LoadTable.set: its live connection count) and the
+program's increments cover the connections the kernel has handed out that the worker has not accepted
+yet. If anything fails in the program (a socket missing from the array) it returns SK_PASS without a
+selection and the kernel falls back to its hash.
+"""
+
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from libc.string cimport memset
+from libc.stdint cimport uint64_t
+
+import os as _os
+from collections.abc import Sequence
+
+
+cdef long _bpf(int cmd, bpf_attr *attr) noexcept nogil:
+    return syscall(SYS_bpf, cmd, attr, sizeof(bpf_attr))
+
+
+cdef int _create_map(uint32_t map_type, uint32_t value_size, uint32_t entries, uint32_t flags,
+                     bytes name) except -1:
+    cdef bpf_attr attr
+    cdef int fd
+    memset(&attr, 0, sizeof(attr))
+    attr.map_type = map_type
+    attr.key_size = 4
+    attr.value_size = value_size
+    attr.max_entries = entries
+    attr.map_flags = flags
+    attr.map_name[:len(name)] = name
+    fd = <int>_bpf(BPF_MAP_CREATE, &attr)
+    if fd < 0:
+        err = errno
+        raise OSError(err, f"bpf(BPF_MAP_CREATE, {name.decode()}): {_os.strerror(err)}")
+    return fd
+
+
+cdef int _put_socket(int map_fd, uint32_t index, int sock_fd) except -1:
+    cdef bpf_attr attr
+    cdef uint64_t value = <uint64_t>sock_fd
+    memset(&attr, 0, sizeof(attr))
+    attr.map_fd = map_fd
+    attr.key = <uint64_t>&index
+    attr.value = <uint64_t>&value
+    attr.flags = BPF_ANY
+    if _bpf(BPF_MAP_UPDATE_ELEM, &attr) < 0:
+        err = errno
+        raise OSError(err, f"socket {sock_fd} into the reuseport array: {_os.strerror(err)}"
+                           " (is it a listening SO_REUSEPORT socket?)")
+    return 0
+
+
+# -- the program --------------------------------------------------------------------------------------
+
+def _alu64_reg(op, dst, src):
+    return (BPF_ALU64 | op | BPF_X, dst, src, 0, 0)
+
+
+def _alu64_imm(op, dst, imm):
+    return (BPF_ALU64 | op | BPF_K, dst, 0, 0, imm)
+
+
+def _load(size, dst, src, off):
+    return (BPF_LDX | size | BPF_MEM, dst, src, off, 0)
+
+
+def _store(size, dst, off, src):
+    return (BPF_STX | size | BPF_MEM, dst, src, off, 0)
+
+
+def _map_fd(dst, fd):
+    """A 64-bit immediate load of a map: two instruction slots."""
+    return [(BPF_LD | BPF_DW | BPF_IMM, dst, BPF_PSEUDO_MAP_FD, 0, fd), (0, 0, 0, 0, 0)]
+
+
+def _jump(op, dst, label, imm=0, src=None):
+    """A conditional jump to `label` (resolved in _assemble); src=None compares with imm."""
+    return ("jump", BPF_JMP | op | (BPF_K if src is None else BPF_X), dst, src or 0, label, imm)
+
+
+def _call(helper):
+    return (BPF_JMP | BPF_CALL, 0, 0, 0, helper)
+
+
+def program(int workers, int load_fd, int sock_fd):
+    """The instructions of the least-loaded-of-two program for `workers` sockets, as
+    (code, dst, src, off, imm) tuples. Registers: r6 context, r7 hash then the chosen load slot,
+    r8 first candidate, r9 second; stack: -4/-8/-12 keys, -16 the first candidate's load slot."""
+    if not 2 <= workers <= MAX_WORKERS:
+        raise ValueError(f"{workers} workers: the program balances 2..{MAX_WORKERS}")
+    R0, R1, R2, R3, R4, R6, R7, R8, R9, FP = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
+    code = [
+        _alu64_reg(BPF_MOV, R6, R1),
+        _load(BPF_W, R7, R6, NP_HASH_OFFSET),
+        _alu64_reg(BPF_MOV, R8, R7),
+        _alu64_imm(BPF_MOD, R8, workers),                       # i = hash % n
+        _alu64_reg(BPF_MOV, R9, R7),
+        _alu64_imm(BPF_RSH, R9, 16),
+        _alu64_imm(BPF_MOD, R9, workers - 1),
+        _alu64_imm(BPF_ADD, R9, 1),
+        _alu64_reg(BPF_ADD, R9, R8),
+        _alu64_imm(BPF_MOD, R9, workers),                       # j = (i + 1 + (hash >> 16) % (n-1)) % n
+        _store(BPF_W, FP, -4, R8),
+        _alu64_reg(BPF_MOV, R2, FP),
+        _alu64_imm(BPF_ADD, R2, -4),
+        *_map_fd(R1, load_fd),
+        _call(BPF_FUNC_map_lookup_elem),                         # &load[i]
+        _jump(BPF_JEQ, R0, "pass"),
+        _store(BPF_DW, FP, -16, R0),
+        _store(BPF_W, FP, -8, R9),
+        _alu64_reg(BPF_MOV, R2, FP),
+        _alu64_imm(BPF_ADD, R2, -8),
+        *_map_fd(R1, load_fd),
+        _call(BPF_FUNC_map_lookup_elem),                         # &load[j]
+        _jump(BPF_JEQ, R0, "pass"),
+        _load(BPF_DW, R1, FP, -16),
+        _load(BPF_DW, R2, R1, 0),
+        _load(BPF_DW, R3, R0, 0),
+        _jump(BPF_JGE, R3, "keep_first", src=R2),                # load[j] >= load[i]: keep i
+        _alu64_reg(BPF_MOV, R7, R0),
+        _store(BPF_W, FP, -12, R9),
+        _jump(BPF_JA, 0, "select"),
+        ("label", "keep_first"),
+        _alu64_reg(BPF_MOV, R7, R1),
+        _store(BPF_W, FP, -12, R8),
+        ("label", "select"),
+        _alu64_reg(BPF_MOV, R1, R6),
+        *_map_fd(R2, sock_fd),
+        _alu64_reg(BPF_MOV, R3, FP),
+        _alu64_imm(BPF_ADD, R3, -12),
+        _alu64_imm(BPF_MOV, R4, 0),
+        _call(BPF_FUNC_sk_select_reuseport),
+        _jump(BPF_JNE, R0, "pass"),                              # not selected: the kernel's hash decides
+        _alu64_imm(BPF_MOV, R1, 1),
+        (BPF_STX | BPF_DW | BPF_ATOMIC, R7, R1, 0, BPF_ADD),     # lock load[pick] += 1
+        ("label", "pass"),
+        _alu64_imm(BPF_MOV, R0, SK_PASS),
+        (BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+    ]
+    return _assemble(code)
+
+
+def _assemble(code):
+    labels = {}
+    pc = 0
+    for insn in code:
+        if insn[0] == "label":
+            labels[insn[1]] = pc
+        else:
+            pc += 1
+    out = []
+    for insn in code:
+        if insn[0] == "label":
+            continue
+        if insn[0] == "jump":
+            _, opcode, dst, src, label, imm = insn
+            out.append((opcode, dst, src, labels[label] - (len(out) + 1), imm))
+        else:
+            out.append(insn)
+    return out
+
+
+cdef int _load_program(list insns) except -1:
+    cdef bpf_attr attr
+    cdef bpf_insn *code = <bpf_insn*>PyMem_Malloc(len(insns) * sizeof(bpf_insn))
+    cdef char *log = <char*>PyMem_Malloc(VERIFIER_LOG_SIZE)
+    cdef bytes license = b"GPL"
+    cdef int fd, i
+    if code == NULL or log == NULL:
+        PyMem_Free(code)
+        PyMem_Free(log)
+        raise MemoryError()
+    try:
+        memset(code, 0, len(insns) * sizeof(bpf_insn))
+        for i, (opcode, dst, src, off, imm) in enumerate(insns):
+            code[i].code = opcode
+            code[i].dst_reg = dst
+            code[i].src_reg = src
+            code[i].off = off
+            code[i].imm = imm
+        log[0] = 0
+        memset(&attr, 0, sizeof(attr))
+        attr.prog_type = BPF_PROG_TYPE_SK_REUSEPORT
+        attr.expected_attach_type = BPF_SK_REUSEPORT_SELECT
+        attr.insn_cnt = len(insns)
+        attr.insns = <uint64_t>code
+        attr.license = <uint64_t><char*>license
+        attr.log_level = 1
+        attr.log_size = VERIFIER_LOG_SIZE
+        attr.log_buf = <uint64_t>log
+        attr.prog_name[:13] = b"np_least_load"
+        fd = <int>_bpf(BPF_PROG_LOAD, &attr)
+        if fd < 0:
+            err = errno
+            detail = log[:VERIFIER_LOG_SIZE - 1].decode("ascii", "replace").strip()
+            raise OSError(err, f"bpf(BPF_PROG_LOAD): {_os.strerror(err)}; verifier: {detail[max(0, len(detail) - 2000):]}")
+        return fd
+    finally:
+        PyMem_Free(code)
+        PyMem_Free(log)
+
+
+cdef class LoadTable:
+    """Per-worker load shared with the kernel program: an mmap of the BPF array, so a write is a store.
+
+    Create it with attach_least_loaded() in the process that owns the listeners, before forking the
+    workers: the mapping is MAP_SHARED, so the workers' writes reach the same array."""
+
+    def __cinit__(self):
+        self.load_map_fd = -1
+        self.sock_map_fd = -1
+        self.prog_fd = -1
+        self.loads = NULL
+
+    def set(self, int worker, long long load):
+        """Worker `worker`'s current load (its live connections); the program adds the connections the
+        kernel hands it in the meantime. Out-of-range workers raise IndexError."""
+        if self.loads == NULL:
+            raise ValueError("load table is closed")
+        if not 0 <= worker < self.workers:
+            raise IndexError(worker)
+        self.loads[worker] = <uint64_t>(load if load > 0 else 0)
+
+    def get(self, int worker):
+        if self.loads == NULL:
+            raise ValueError("load table is closed")
+        if not 0 <= worker < self.workers:
+            raise IndexError(worker)
+        return self.loads[worker]
+
+    def snapshot(self):
+        """Every worker's load, in worker order."""
+        return [self.get(i) for i in range(self.workers)]
+
+    def set_listener(self, int worker, int listen_fd):
+        """Put worker `worker`'s listener (a replacement's new socket) into the program's array."""
+        if self.sock_map_fd < 0:
+            raise ValueError("no program is attached (one listener, or the table is closed)")
+        if not 0 <= worker < self.workers:
+            raise IndexError(worker)
+        _put_socket(self.sock_map_fd, worker, listen_fd)
+
+    def close(self):
+        """Unmap the table and close the map descriptors. The program stays attached to the listeners
+        (the kernel holds the maps) until the last socket of the group is closed."""
+        if self.loads != NULL:
+            munmap(self.loads, self.mapped_size)
+            self.loads = NULL
+        for fd in (self.prog_fd, self.sock_map_fd, self.load_map_fd):
+            if fd >= 0:
+                close(fd)
+        self.prog_fd = self.sock_map_fd = self.load_map_fd = -1
+
+    def __dealloc__(self):
+        if self.loads != NULL:
+            munmap(self.loads, self.mapped_size)
+        for fd in (self.prog_fd, self.sock_map_fd, self.load_map_fd):
+            if fd >= 0:
+                close(fd)
+
+
+def attach_least_loaded(listen_fds):
+    """Balance new connections over the SO_REUSEPORT listeners `listen_fds` (all bound to one address,
+    listening; index i is worker i) by load, and return the LoadTable the workers update.
+
+    With one listener there is nothing to balance: the table is returned with attached False. Raises
+    OSError when the kernel refuses (no CAP_BPF/CAP_SYS_ADMIN, a kernel without SK_REUSEPORT programs,
+    a socket that is not a listening SO_REUSEPORT socket); the listeners then keep the kernel's hash.
+    """
+    if not isinstance(listen_fds, Sequence) or not listen_fds:
+        raise ValueError("attach_least_loaded needs the listeners' descriptors, one per worker")
+    cdef int workers = len(listen_fds)
+    cdef LoadTable table = LoadTable()
+    cdef long page = sysconf(_SC_PAGESIZE)
+    cdef void *mapped
+    if workers > MAX_WORKERS:
+        raise ValueError(f"{workers} listeners: at most {MAX_WORKERS}")
+    table.workers = workers
+    try:
+        table.load_map_fd = _create_map(BPF_MAP_TYPE_ARRAY, LOAD_VALUE_SIZE, workers, BPF_F_MMAPABLE,
+                                        b"np_worker_load")
+        table.mapped_size = ((workers * LOAD_VALUE_SIZE + page - 1) // page) * page
+        mapped = mmap(NULL, table.mapped_size, PROT_READ | PROT_WRITE, MAP_SHARED, table.load_map_fd, 0)
+        if mapped == MAP_FAILED:
+            err = errno
+            raise OSError(err, f"mmap of the load table: {_os.strerror(err)}")
+        table.loads = <uint64_t*>mapped
+        if workers < 2:
+            return table
+        table.sock_map_fd = _create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 8, workers, 0, b"np_listeners")
+        for index, fd in enumerate(listen_fds):
+            _put_socket(table.sock_map_fd, index, fd)
+        table.prog_fd = _load_program(program(workers, table.load_map_fd, table.sock_map_fd))
+        if setsockopt(listen_fds[0], SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, &table.prog_fd,
+                      sizeof(table.prog_fd)) < 0:
+            err = errno
+            raise OSError(err, f"SO_ATTACH_REUSEPORT_EBPF: {_os.strerror(err)}")
+        table.attached = True
+        return table
+    except BaseException:
+        table.close()
+        raise
