@@ -11,11 +11,12 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import reprlib
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from importlib import resources
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import (
@@ -641,8 +642,17 @@ class Config(_Frozen):
 # Loading and error reporting
 
 
+# reprlib bounds the work on big or deeply nested values (aliases can share a subtree many times).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 2 * _MAX_GOT
+
+
 def _trunc(value: object) -> str:
-    text = repr(value)
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # repr of an int beyond 4300 digits; a cyclic structure
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= _MAX_GOT else text[: _MAX_GOT - 3] + "..."
 
 
@@ -690,7 +700,8 @@ def _element_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(err: ErrorDetails) -> Iterable[str]:
+def _describe(err: ErrorDetails) -> Iterable[tuple[tuple[int | str, ...], str]]:
+    """``(location, 'path: why')`` for each problem in one pydantic error."""
     loc = err["loc"]
     in_key = bool(loc) and loc[-1] == "[key]"  # pydantic's marker for an error in a dict key
     if in_key:
@@ -701,7 +712,7 @@ def _describe(err: ErrorDetails) -> Iterable[str]:
     if isinstance(cause, _Problems):
         for sub, why in cause.items:
             full = f"{path}.{sub}" if path and sub else path or sub
-            yield f"{full}: {why}" if full else why
+            yield (*loc, *_split_path(sub)), f"{full}: {why}" if full else why
         return
     if err["type"] == "extra_forbidden":
         key = loc[-1] if loc else "?"
@@ -712,60 +723,388 @@ def _describe(err: ErrorDetails) -> Iterable[str]:
             why += f"; did you mean '{hint[0]}'?"
         elif valid:
             why += f"; valid keys here: {', '.join(valid)}"
-        yield f"{path}: {why}"
+        yield loc, f"{path}: {why}"
         return
     if err["type"] == "missing":
         # The input here is the enclosing mapping, which would only add noise.
-        yield f"{path}: required key is missing"
+        yield loc, f"{path}: required key is missing"
         return
     why = str(cause) if err["type"] == "value_error" and cause is not None else err["msg"]
     if in_key:
         why = f"invalid key: {why}"
     line = f"{path}: {why}" if path else why
-    yield f"{line} (got {_trunc(err['input'])})"
+    yield loc, f"{line} (got {_trunc(err['input'])})"
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys, which PyYAML silently lets the last one win."""
+# --------------------------------------------------------------------------------------------
+# YAML: a YAML 1.2 core-schema loader with resource limits
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                first = seen[key].start_mark
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r} (first defined on line {first.line + 1})",
+#: Largest config accepted, in bytes of UTF-8. A node's config with a thousand services of ten
+#: endpoints each is about 1 MiB and loads in about a second (libyaml) or three (pure Python).
+MAX_DOCUMENT_BYTES = 1 << 20
+#: Deepest nesting of sequences and mappings. The schema needs fewer than ten levels; the bound keeps
+#: the recursive composer and constructor far from Python's recursion limit.
+MAX_NESTING_DEPTH = 64
+#: Most nodes (scalars, sequences, mappings; a mapping key counts) the document may have with every
+#: alias expanded, as validation sees it. That 1 MiB config has about 110,000. The bound keeps loading
+#: and validation near a second and 100 MB: a "billion laughs" stops at the alias that crosses it.
+MAX_EXPANDED_NODES = 250_000
+#: Longest integer literal in characters: every integer in the schema fits in 32 bits, and Python
+#: refuses decimal conversions of more than 4300 digits.
+MAX_INTEGER_CHARS = 100
+
+_TAG = "tag:yaml.org,2002:"
+_ANY_TEXT = re.compile("")
+# YAML 1.2.2 section 10.3.2, the core schema, as full matches. No YAML 1.1 forms: no yes/no/on/off,
+# no sexagesimal 1:20, no 0b/0755 octal, no '_' digit separators, no timestamps, no '<<' merge.
+_CORE_NULL = re.compile(r"(?:~|null|Null|NULL|)\Z")
+_CORE_BOOL = re.compile(r"(?:true|True|TRUE|false|False|FALSE)\Z")
+_CORE_INT = re.compile(r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
+_CORE_FLOAT = re.compile(
+    r"(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"
+)
+
+
+class _LoadError(yaml.MarkedYAMLError):
+    """A schema or limit violation at a position in the document (not a syntax error)."""
+
+    # Any: a PyYAML Mark, or libyaml's, which has the same line and column but another type.
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _CoreResolver(yaml.resolver.BaseResolver):
+    """Implicit tags of plain scalars by the YAML 1.2 core schema; everything else is a string."""
+
+
+# Order matters within a first character: "1" matches both, and must be an int.
+_CoreResolver.add_implicit_resolver(_TAG + "null", _CORE_NULL, ["~", "n", "N", ""])
+_CoreResolver.add_implicit_resolver(_TAG + "bool", _CORE_BOOL, list("tTfF"))
+_CoreResolver.add_implicit_resolver(_TAG + "int", _CORE_INT, list("-+0123456789"))
+_CoreResolver.add_implicit_resolver(_TAG + "float", _CORE_FLOAT, list("-+.0123456789"))
+
+
+class _LimitedComposer(yaml.composer.Composer):
+    """Composer that bounds nesting depth and the alias-expanded node count, and refuses cyclic aliases.
+
+    Nodes reached through an alias are shared, not copied, so composing a billion laughs is cheap;
+    what explodes is everything after it (construction to shared objects is cheap too, but
+    validation walks every path). So the expanded size is counted here, as the document is read:
+    each new node adds one, each alias adds the expanded size of the node it names.
+    """
+
+    # The event source: PyYAML's Python parser or libyaml's (see _loader_for).
+    check_event: Callable[..., bool]
+    peek_event: Callable[[], yaml.Event | None]
+
+    def _next_node_event(self) -> yaml.NodeEvent:
+        event = self.peek_event()
+        if not isinstance(event, yaml.NodeEvent):  # the parser has checked the grammar: never reached
+            raise _LoadError(f"expected a YAML node, found {event!r}", getattr(event, "start_mark", None))
+        return event
+
+    def __init__(self) -> None:
+        yaml.composer.Composer.__init__(self)
+        self._depth = 0
+        self._expanded = 0
+        self._expanded_size: dict[int, int] = {}  # id(node) -> expanded size, once the node is complete
+
+    def _count(self, nodes: int, mark: Any, what: str) -> None:
+        self._expanded += nodes
+        if self._expanded > MAX_EXPANDED_NODES:
+            raise _LoadError(
+                f"{what} makes the document larger than {MAX_EXPANDED_NODES:,} nodes with aliases "
+                "expanded (the limit, see docs/config.md)",
+                mark,
+            )
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self._next_node_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                size = self._expanded_size.get(id(target))
+                if size is None:  # the anchored node is still being composed: the alias is inside it
+                    raise _LoadError(
+                        f"alias *{event.anchor} refers to a node that contains it", event.start_mark
+                    )
+                self._count(size, event.start_mark, f"alias *{event.anchor} ({size:,} nodes)")
+            return super().compose_node(parent, index)  # an undefined alias raises ComposerError there
+        event = self._next_node_event()
+        if event.anchor is not None and event.anchor in self.anchors:
+            first = self.anchors[event.anchor].start_mark
+            raise _LoadError(
+                f"duplicate anchor &{event.anchor} (first defined on line {first.line + 1})", event.start_mark
+            )
+        if self._depth >= MAX_NESTING_DEPTH:
+            raise _LoadError(
+                f"nesting is deeper than {MAX_NESTING_DEPTH} levels (the limit)", event.start_mark
+            )
+        before = self._expanded
+        self._count(1, event.start_mark, "this node")
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            self._expanded_size[id(node)] = self._expanded - before
+        return node
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
+
+
+def _kind(node: yaml.Node) -> str:
+    return str(getattr(node, "id", "node"))
+
+
+class _CoreConstructor(yaml.constructor.BaseConstructor):
+    """Builds plain dicts, lists, str, int, float, bool and None; any other tag is an error."""
+
+    def _text(self, node: yaml.Node, pattern: re.Pattern[str], what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise _LoadError(f"expected {what}, found a {_kind(node)}", node.start_mark)
+        text = str(node.value)
+        if not pattern.match(text):  # only reachable with an explicit tag such as `!!int abc`
+            raise _LoadError(f"{_trunc(text)} is not {what} in the YAML 1.2 core schema", node.start_mark)
+        return text
+
+    def construct_core_null(self, node: yaml.Node) -> None:
+        self._text(node, _CORE_NULL, "a null")
+
+    def construct_core_bool(self, node: yaml.Node) -> bool:
+        return self._text(node, _CORE_BOOL, "a boolean (true or false)").lower() == "true"
+
+    def construct_core_int(self, node: yaml.Node) -> int:
+        text = self._text(node, _CORE_INT, "an integer")
+        if len(text) > MAX_INTEGER_CHARS:
+            raise _LoadError(
+                f"integer of {len(text)} characters (the limit is {MAX_INTEGER_CHARS})", node.start_mark
+            )
+        if text.startswith(("0x", "0o")):
+            return int(text[2:], 16 if text[1] == "x" else 8)
+        digits = text.lstrip("+-")
+        if len(digits) > 1 and digits.startswith("0"):
+            # YAML 1.1 (and plain PyYAML) reads 0755 as octal 493, YAML 1.2 as decimal 755.
+            raise _LoadError(
+                f"ambiguous integer {text}: a leading zero is octal in YAML 1.1 and decimal in YAML 1.2; "
+                f"write {int(text)} or 0o{digits.lstrip('0') or '0'}",
+                node.start_mark,
+            )
+        return int(text)
+
+    def construct_core_float(self, node: yaml.Node) -> float:
+        text = self._text(node, _CORE_FLOAT, "a floating-point number")
+        if text.lstrip("+-").lower() == ".inf":
+            return -math.inf if text.startswith("-") else math.inf
+        if text.lower() == ".nan":
+            return math.nan
+        return float(text)
+
+    def construct_core_str(self, node: yaml.Node) -> str:
+        return self._text(node, _ANY_TEXT, "a string")
+
+    def construct_core_seq(self, node: yaml.Node) -> list[Any]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise _LoadError(f"expected a sequence, found a {_kind(node)}", node.start_mark)
+        return [self.construct_object(child, deep=True) for child in node.value]
+
+    def construct_core_map(self, node: yaml.Node) -> dict[str, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise _LoadError(f"expected a mapping, found a {_kind(node)}", node.start_mark)
+        result: dict[str, Any] = {}
+        key_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                kind = "null" if key is None else type(key).__name__
+                raise _LoadError(
+                    f"mapping keys must be strings, found {kind} {_trunc(key)}; quote it if it is a name",
                     key_node.start_mark,
                 )
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+            if key == "<<" and isinstance(key_node, yaml.ScalarNode) and not key_node.style:  # plain: None or ""
+                raise _LoadError(
+                    "merge keys ('<<') are YAML 1.1 and not supported; write the keys out, "
+                    "or alias the whole mapping",
+                    key_node.start_mark,
+                )
+            if key in result:
+                raise _LoadError(
+                    f"duplicate key {key!r} (first defined on line {key_line[key]})", key_node.start_mark
+                )
+            key_line[key] = key_node.start_mark.line + 1
+            result[key] = self.construct_object(value_node, deep=True)
+        return result
+
+    def construct_other(self, node: yaml.Node) -> object:
+        raise _LoadError(
+            f"tag {_short_tag(node.tag)} is not allowed: only the YAML 1.2 core schema is (strings, "
+            "integers, floats, true/false, null, sequences and mappings; no !!binary, !!timestamp, !!set "
+            "or custom tags)",
+            node.start_mark,
+        )
+
+    # Replaces BaseConstructor's table: these tags and nothing else (None: any other tag).
+    yaml_constructors: ClassVar[dict[str | None, Any]] = {
+        _TAG + "null": construct_core_null,
+        _TAG + "bool": construct_core_bool,
+        _TAG + "int": construct_core_int,
+        _TAG + "float": construct_core_float,
+        _TAG + "str": construct_core_str,
+        _TAG + "seq": construct_core_seq,
+        _TAG + "map": construct_core_map,
+        None: construct_other,
+    }
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+class _PythonLoader(
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    _LimitedComposer,
+    _CoreConstructor,
+    _CoreResolver,
+):
+    """PyYAML's pure-Python reader, scanner and parser under the limited composer and the core schema."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _LimitedComposer.__init__(self)
+        _CoreConstructor.__init__(self)
+        _CoreResolver.__init__(self)
+
+
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _LibyamlLoader(_LimitedComposer, CParser, _CoreConstructor, _CoreResolver):
+        """libyaml's scanner and parser (3-5x faster than PyYAML's) under the same composer and schema.
+
+        Only libyaml's event stream is used: _LimitedComposer comes first in the MRO, so composition,
+        where the limits are enforced, stays in Python (PyYAML's C composer recurses without a bound).
+        """
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _LimitedComposer.__init__(self)
+            _CoreConstructor.__init__(self)
+            _CoreResolver.__init__(self)
+
+
+#: Parse with libyaml when PyYAML was built with it (tests switch this off to cover the other path).
+USE_LIBYAML = yaml.__with_libyaml__
+
+
+def _at(line: int, column: int) -> str:
+    return f"line {line}, column {column}"
+
+
+def _offset_position(text: str, offset: int) -> str:
+    line_start = text.rfind("\n", 0, offset) + 1
+    return _at(text.count("\n", 0, offset) + 1, offset - line_start + 1)
+
+
+# What YAML 1.2 allows in a stream (section 5.1), as PyYAML's reader checks it; libyaml's reader
+# reports byte offsets instead, so both are preceded by this check on the text.
+_NOT_PRINTABLE_RE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _unprintable_problem(text: str) -> str | None:
+    match = _NOT_PRINTABLE_RE.search(text)
+    if match is None:
+        return None
+    return (
+        f"{_offset_position(text, match.start())}: character U+{ord(match[0]):04X} is not allowed in YAML "
+        "(only tab, newline and printable characters; no other control characters, lone surrogates, "
+        "U+FFFE or U+FFFF)"
+    )
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    if isinstance(err, yaml.reader.ReaderError):  # not reached: _unprintable_problem runs first
+        return f"{_offset_position(text, err.position)}: YAML reader error: {err.reason}"
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         mark = err.problem_mark
         why = err.problem or "invalid YAML"
+        if isinstance(err, yaml.scanner.ScannerError | yaml.parser.ParserError):
+            why = f"YAML syntax error: {why}"
+        elif not isinstance(err, _LoadError):
+            why = f"YAML error: {why}"
         if err.context and err.context_mark is not None and err.context_mark.line != mark.line:
             why += f" ({err.context} started on line {err.context_mark.line + 1})"
-        return f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {why}"
-    return f"YAML syntax error: {err}"
+        return f"{_at(mark.line + 1, mark.column + 1)}: {why}"
+    return f"YAML error: {_trunc(str(err))}"
 
 
-def _format_validation_error(err: ValidationError) -> list[str]:
-    return [line for detail in err.errors(include_url=False) for line in _describe(detail)]
-
-
-def parse_config(text: str, source: str = "<string>") -> Config:
-    """Parse and validate YAML ``text``; ``source`` names it in error messages."""
+def _load_yaml(text: str) -> tuple[object, yaml.Node | None]:
+    """The data in ``text`` and its root node (for error positions); raises yaml.YAMLError."""
+    loader = _LibyamlLoader(text) if USE_LIBYAML and yaml.__with_libyaml__ else _PythonLoader(text)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+        root = loader.get_single_node()
+        return (None if root is None else loader.construct_document(root)), root
+    finally:
+        loader.dispose()
+
+
+_PATH_PART_RE = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]", re.ASCII)
+
+
+def _split_path(path: str) -> list[int | str]:
+    """The parts of a relative field path such as ``ports[1].port`` (an unparsable rest is dropped)."""
+    parts: list[int | str] = []
+    pos = 0
+    while match := _PATH_PART_RE.match(path, pos):
+        parts.append(match[1] if match[1] is not None else int(match[2]))
+        pos = match.end()
+    return parts
+
+
+def _node_at(root: yaml.Node, loc: Sequence[int | str]) -> yaml.Node:
+    """The deepest node along ``loc`` (the enclosing mapping for a missing key)."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            found = next(
+                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None
+            )
+            if found is None:
+                break
+            node = found
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+    return node
+
+
+def _format_validation_error(err: ValidationError, root: yaml.Node | None) -> list[str]:
+    lines: list[str] = []
+    for detail in err.errors(include_url=False):
+        for loc, text in _describe(detail):
+            if root is None:
+                lines.append(text)
+            else:
+                mark = _node_at(root, loc).start_mark
+                lines.append(f"{_at(mark.line + 1, mark.column + 1)}: {text}")
+    return lines
+
+
+def _parse(text: str, source: str) -> Config:
+    if not isinstance(text, str):  # a caller passing bytes; checked because the loader assumes str
+        raise ConfigError(f"expected the config as text, not {type(text).__name__}", source)
+    if len(text) > MAX_DOCUMENT_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"the config is larger than {MAX_DOCUMENT_BYTES:,} bytes (the limit)", source)
+    unprintable = _unprintable_problem(text)
+    if unprintable is not None:
+        raise ConfigError(unprintable, source)
+    try:
+        data, root = _load_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(_yaml_problem(err), source) from None
+        raise ConfigError(_yaml_problem(err, text), source) from None
     if data is None:
         raise ConfigError("the file is empty; expected a mapping with at least 'node' and 'capture'", source)
     if not isinstance(data, dict):
@@ -773,20 +1112,49 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err), source) from None
+        raise ConfigError(_format_validation_error(err, root), source) from None
+
+
+def _internal_error(err: Exception, source: str) -> ConfigError:
+    return ConfigError(
+        f"internal error while checking the config, please report it: {type(err).__name__}: "
+        f"{_trunc(str(err))}",
+        source,
+    )
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate YAML ``text``; ``source`` names it in error messages.
+
+    Any input gives a :class:`Config` or raises :class:`ConfigError`, never another exception, so
+    that a reload or ``check-config`` need only catch ConfigError.
+    """
+    try:
+        return _parse(text, source)
+    except ConfigError:
+        raise
+    except Exception as err:  # the guarantee above; the fuzz tests make sure this is not reached
+        raise _internal_error(err, source) from err
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``."""
-    source = os.fspath(path)
+    """Read and validate the config file at ``path``; like :func:`parse_config`, only raises ConfigError."""
+    source = str(path) if isinstance(path, str | os.PathLike) else repr(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file: {err.strerror or err}", source) from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)
+    except (OSError, ValueError, TypeError) as err:  # ValueError: a NUL in the path
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"cannot read config file: {why}", source) from None
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"config file is larger than {MAX_DOCUMENT_BYTES:,} bytes (the limit)", source)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        where = _at(raw.count(b"\n", 0, err.start) + 1, err.start - line_start + 1)
         raise ConfigError(
-            f"config file is not valid UTF-8: {err.reason} at byte {err.start}", source
+            f"{where}: config file is not valid UTF-8: {err.reason} (byte {err.start})", source
         ) from None
     return parse_config(text, source)
 

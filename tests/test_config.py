@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from importlib import resources
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -64,12 +65,21 @@ def errors_for(data: dict[str, Any] | str) -> ConfigError:
     return info.value
 
 
+POSITION_RE = re.compile(r"line [0-9]+, column [0-9]+: ")
+
+
+def without_position(problem: str) -> str:
+    """``problem`` without its leading 'line L, column C: ' (each problem in a parsed file has one)."""
+    match = POSITION_RE.match(problem)
+    return problem[match.end() :] if match else problem
+
+
 def problem_at(err: ConfigError, path: str) -> str:
-    """The one problem reported at exactly ``path``; fails listing all problems otherwise."""
-    matches = [p for p in err.problems if p.startswith(f"{path}: ")]
+    """The one problem at exactly ``path``, its position stripped; fails listing all problems otherwise."""
+    matches = [p for p in err.problems if without_position(p).startswith(f"{path}: ")]
     assert len(matches) == 1, f"expected one problem at {path!r}, got:\n{err}"
     assert f"{SOURCE}: {matches[0]}" in str(err).splitlines()
-    return matches[0]
+    return without_position(matches[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +251,8 @@ def test_port_out_of_range() -> None:
     data["services"][1]["ports"][0]["port"] = 70000
     err = errors_for(data)
     assert str(err) == (
-        "config.yaml: services[1].ports[0].port: Input should be less than or equal to 65535 (got 70000)"
+        "config.yaml: line 20, column 11: services[1].ports[0].port: "
+        "Input should be less than or equal to 65535 (got 70000)"
     )
 
 
@@ -463,7 +474,7 @@ def test_load_config_reports_file_as_source(tmp_path: Path) -> None:
     path.write_text("node: {name: a}\ncapture: {pod_interfaces: [eth0]}\nrelay: {threads: 100}\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
-    assert str(info.value).startswith(f"{path}: relay.threads: ")
+    assert str(info.value).startswith(f"{path}: line 3, column 18: relay.threads: ")
 
 
 def test_config_error_from_plain_message() -> None:
