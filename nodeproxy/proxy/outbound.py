@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nodeproxy.balance import Endpoint
 from nodeproxy.state.routing import RoutingState, ServiceRoute
 
+# The decisions are NamedTuples: one is built per connection, and a tuple is the cheapest immutable
+# record to build (a frozen dataclass sets each field through object.__setattr__).
 
-@dataclass(frozen=True)
-class Passthrough:
+
+class Passthrough(NamedTuple):
     """Not a service: connect to the original destination unchanged."""
 
     ip: str
     port: int
 
 
-@dataclass(frozen=True)
-class ToEndpoint:
+class ToEndpoint(NamedTuple):
     route: ServiceRoute
     endpoint: Endpoint
 
 
-@dataclass(frozen=True)
-class Refuse:
+class Refuse(NamedTuple):
     """Reset the client; `reason` goes to the access log."""
 
     reason: str
