@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
@@ -28,6 +28,7 @@ from nodeproxy.balance import Balancer, Endpoint
 
 if TYPE_CHECKING:
     from nodeproxy.config import Service
+    from nodeproxy.proxy.http_route import Forward
 
 __all__ = [
     "DEFAULT_ROUTE_NAME",
@@ -496,6 +497,15 @@ class CompiledRoute:
     response_headers_add: tuple[tuple[str, str], ...]
     response_headers_remove: tuple[str, ...]
     uses_query: bool
+    # Decisions are immutable values: the one for (destination, endpoint, upstream is HTTP/2) is
+    # built once and reused, which saves most of the cost of a frozen dataclass per request.
+    forwards: dict[tuple[int, Endpoint, bool], Forward] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+
+# Most cached Forward values per route (bounds memory for routes over very many endpoints).
+MAX_CACHED_FORWARDS = 4096
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from nodeproxy.proxy.http_route import (
     RequestAttrs,
     decide_request,
     grpc_status_for,
+    parse_query,
 )
 from nodeproxy.routes import HttpServiceRoutes, Route, RouteRegex, Subset
 from nodeproxy.state.routing import StateUpdater
@@ -609,3 +611,12 @@ def test_any_request_gets_a_decision(
     assert isinstance(decision, Forward | LocalReply)
     if isinstance(decision, LocalReply):
         assert (decision.status, decision.flag) in {(404, "NR"), (503, "UH")}
+
+
+@settings(max_examples=500, deadline=None)
+@given(query=st.text(alphabet="ab=&%+2041zé;", max_size=24))
+def test_parse_query_agrees_with_parse_qsl_first_values(query: str) -> None:
+    expected: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, errors="replace"):
+        expected.setdefault(name, value)
+    assert parse_query(query) == expected

@@ -28,11 +28,12 @@ from bisect import bisect_right
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from nodeproxy.balance import Endpoint
 from nodeproxy.routes import (
     GRPC_DETECTION_HEADER,
+    MAX_CACHED_FORWARDS,
     CompiledMatch,
     CompiledRoute,
     HttpServiceRoutes,
@@ -54,6 +55,7 @@ __all__ = [
     "grpc_status_for",
     "is_grpc_request",
     "local_reply",
+    "parse_query",
 ]
 
 RESPONSE_FLAGS_HEADER: Final = "x-nodeproxy-flags"
@@ -144,10 +146,23 @@ def local_reply(status: int, flag: str, detail: str, grpc: bool) -> LocalReply:
     return LocalReply(status, flag, detail, grpc_status_for(status, flag) if grpc else None)
 
 
-def _parse_query(query: str) -> dict[str, str]:
+def parse_query(query: str) -> dict[str, str]:
+    """Form-decoded query parameters, the first occurrence of each name winning (as in Envoy).
+
+    Same result as urllib.parse.parse_qsl(keep_blank_values=True) keeping first values, at about a
+    third of its cost: names and values without '%' or '+' are taken as they are."""
     params: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True, errors="replace"):
-        params.setdefault(name, value)  # the first occurrence counts, as in Envoy
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name, errors="replace")
+        if name in params:
+            continue
+        if "%" in value or "+" in value:
+            value = unquote_plus(value, errors="replace")
+        params[name] = value
     return params
 
 
@@ -175,7 +190,7 @@ def _first_route(routes: HttpServiceRoutes, attrs: RequestAttrs) -> CompiledRout
         if not route.matches:
             return route
         if route.uses_query and query is None:
-            query = _parse_query(attrs.query)
+            query = parse_query(attrs.query)
         for match in route.matches:
             if _match_holds(match, attrs, query):
                 return route
@@ -204,14 +219,21 @@ def decide_request(
     endpoint = routes.balancer.pick(endpoints, tried)
     if endpoint is None:
         return local_reply(503, "UH", f"all {len(endpoints)} endpoints of {where} were tried", grpc)
-    return Forward(
-        service=routes.service,
-        route=route.name,
-        subset=subset,
-        endpoint=endpoint,
-        upstream_protocol="http2" if grpc or routes.protocol == "http2" else "http1",
-        request_headers_add=route.request_headers_add,
-        request_headers_remove=route.request_headers_remove,
-        response_headers_add=route.response_headers_add,
-        response_headers_remove=route.response_headers_remove,
-    )
+    http2 = grpc or routes.protocol == "http2"
+    key = (pick, endpoint, http2)
+    forward = route.forwards.get(key)
+    if forward is None:
+        forward = Forward(
+            service=routes.service,
+            route=route.name,
+            subset=subset,
+            endpoint=endpoint,
+            upstream_protocol="http2" if http2 else "http1",
+            request_headers_add=route.request_headers_add,
+            request_headers_remove=route.request_headers_remove,
+            response_headers_add=route.response_headers_add,
+            response_headers_remove=route.response_headers_remove,
+        )
+        if len(route.forwards) < MAX_CACHED_FORWARDS:
+            route.forwards[key] = forward
+    return forward
