@@ -158,6 +158,7 @@ class Worker:
         self.updater = StateUpdater()
         self._control_buffer = b""
         self._stopping = asyncio.Event()
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,7 +182,7 @@ class Worker:
         # Handlers are in place: a stop signal that arrived since the fork is delivered now, not lost.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_STOP_SIGNALS)
         self._tell_supervisor(MSG_READY)
-        heartbeat = loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._heartbeat_timer = loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
         await self._stopping.wait()
         if os.getppid() != self.supervisor_pid:  # e.g. systemd's SIGTERM after the supervisor died
             self.supervisor_gone = True
@@ -200,7 +201,8 @@ class Worker:
             log.info("draining", worker=self.index, live_connections=pool.live_connections)
         while pool.live_connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        heartbeat.cancel()
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
         self.listener.close()
         stats = self.listener.stats
         log.info(
@@ -238,9 +240,9 @@ class Worker:
             self._supervisor_lost()
 
     def _heartbeat(self) -> None:
+        """Also while draining, however long relay.drain_timeout is: a draining worker is alive."""
         self._tell_supervisor(MSG_HEARTBEAT)
-        if not self._stopping.is_set():
-            asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._heartbeat_timer = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _supervisor_lost(self) -> None:
         self.supervisor_gone = True
@@ -412,6 +414,9 @@ class Supervisor:
         for key, events in self.selector.select(timeout):
             callback: Callable[[int], None] = key.data
             callback(events)
+        # Right after reading the status pipes: time we spent elsewhere (a slow reload) is not held
+        # against the workers.
+        self._check_heartbeats()
         while self._signals:
             signo = self._signals.popleft()
             if signo in (signal.SIGTERM, signal.SIGINT):
@@ -420,7 +425,6 @@ class Supervisor:
                 self.reload()
             elif signo == signal.SIGCHLD:
                 self._reap()
-        self._check_heartbeats()
         now = time.monotonic()
         for index, due in list(self._respawn_due.items()):
             if due <= now and self._stop_signal is None:
@@ -446,7 +450,10 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         listen = self.config.listeners.outbound
         # A fresh listener for every worker, ours only until the fork: the worker holds the only copy.
-        listen_sock = open_listener((str(listen.host), listen.port))
+        try:
+            listen_sock = open_listener((str(listen.host), listen.port))
+        except OSError as err:
+            raise DaemonFailure(f"cannot open the listener {listen} for worker {index}: {err}") from err
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         assert self._survivors is not None

@@ -34,7 +34,8 @@ def fresh_lab() -> Iterator[Lab]:
 
 
 def two_workers(lab: Lab, on_failure: str = "open", extra: str = "") -> str:
-    config = lab.config_yaml(extra=f"relay:\n  threads: 2\n  drain_timeout: 1s\n{extra}")
+    drain = "" if "drain_timeout" in extra else "  drain_timeout: 1s\n"
+    config = lab.config_yaml(extra=f"relay:\n  threads: 2\n{drain}{extra}")
     return config.replace("capture:\n", f"capture:\n  on_failure: {on_failure}\n", 1)
 
 
@@ -139,6 +140,24 @@ def test_stopped_worker_during_reload_storm_does_not_wedge_the_supervisor(
         if stuck is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stuck, signal.SIGKILL)
+        stop_process(proxy.proc)
+        cleanup(lab, proxy)
+
+
+def test_a_long_drain_is_not_mistaken_for_a_stuck_worker(fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    drain = HEARTBEAT_TIMEOUT + 4
+    proxy = start_proxy(lab, tmp_path, two_workers(lab, extra=f"  drain_timeout: {drain}s\n"))
+    try:
+        with connect(lab.client_pods[0].ns, "10.96.0.11", 9000) as established:
+            proxy.proc.send_signal(signal.SIGTERM)
+            proxy.wait_log("draining")
+            time.sleep(HEARTBEAT_TIMEOUT + 2)
+            established.sendall(b"still here")
+            assert established.recv(16) == b"still here"
+        assert proxy.proc.wait(timeout=10) == 0
+        assert "stopped answering" not in proxy.log()
+    finally:
         stop_process(proxy.proc)
         cleanup(lab, proxy)
 
