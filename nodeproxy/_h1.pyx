@@ -1265,6 +1265,11 @@ cdef class _H1Parser:
     cdef bint _head_step(self, const unsigned char *base, size_t avail, list events) except *:
         raise NotImplementedError
 
+    cdef void _limit_trailers(self) noexcept:
+        # Trailers obey the same limits as the head, so h1_parse_trailers takes whatever framing took.
+        self._body.max_trailer_bytes = self._limits.max_head_bytes
+        self._body.max_trailer_fields = self._limits.max_fields
+
     cdef bint _body_step(self, const unsigned char *base, size_t avail, list events) except *:
         cdef h1_chunk chunk
         cdef ssize_t r = h1_body_feed(&self._body, base, avail, &chunk)
@@ -1352,6 +1357,7 @@ cdef class H1RequestParser(_H1Parser):
                                                                      and head.conn_upgrade)
         self._pos += head.head_len
         h1_body_for_request(&self._body, head)
+        self._limit_trailers()
         self._state = S_BODY
         return True
 
@@ -1407,6 +1413,7 @@ cdef class H1ResponseParser(_H1Parser):
         self._pending.pop(0)
         h1_body_for_response(&self._body, head, method_id == H1_METHOD_HEAD,
                              method_id == H1_METHOD_CONNECT)
+        self._limit_trailers()
         self._keep_alive = h1_should_keep_alive(head) and self._body.kind != H1_BODY_UNTIL_CLOSE
         self._tunnel_after = method_id == H1_METHOD_CONNECT and head.status < 300
         self._state = S_BODY
@@ -1442,8 +1449,8 @@ def serialize_head(
     cdef h1_field_ref *refs = NULL
     cdef list add_list = [(bytes(n), bytes(v)) for n, v in add]
     cdef list remove_list = [bytes(n) for n in remove]
-    cdef size_t nrefs = len(add_list) + len(remove_list)
-    cdef size_t k
+    cdef Py_ssize_t nrefs = len(add_list) + len(remove_list)
+    cdef Py_ssize_t k
     cdef bytes name, value
     cdef bytearray out
     cdef ssize_t written

@@ -713,3 +713,15 @@ def test_serializer_refuses_unparsable_heads() -> None:
         serialize_head(b"GET / HTTP/1.1\nHost: a\n\n")
     with pytest.raises(ValueError, match="incomplete"):
         serialize_head(b"GET / HTTP/1.1\r\nHost: a\r\n")
+
+
+def test_trailers_obey_the_parser_limits() -> None:
+    parser = H1RequestParser(max_head_bytes=256)
+    events = parser.feed(CHUNKED_HEAD + b"0\r\nX-T: " + b"v" * 300 + b"\r\n\r\n")
+    assert only_error(events).reason == "trailer section larger than the limit"
+
+
+def test_payload_before_a_body_error_in_the_same_feed_is_delivered() -> None:
+    events = parse(CHUNKED_HEAD + b"1\r\na\r\n1\r\nb\r\n0\r\nX-T : y\r\n\r\n")
+    assert body_of(events) == b"ab"
+    assert only_error(events).reason == "whitespace between field name and colon"

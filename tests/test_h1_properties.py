@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nodeproxy._h1 import H1RequestParser, H1ResponseParser
+from nodeproxy._h1 import H1RequestParser, H1ResponseParser, serialize_head
 from nodeproxy.proxy.http_events import (
     DataReceived,
     Event,
@@ -185,6 +185,30 @@ def test_every_byte_boundary_of_responses() -> None:
     for i in range(len(raw) + 1):
         assert run([i]) == whole, i
     assert run(list(range(len(raw)))) == whole
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.data())
+def test_serialized_head_round_trips_without_hop_by_hop_fields(message: Message, data: st.DataObject) -> None:
+    """Forwarding a head keeps every end-to-end field in order and the framing, and drops the hop-by-hop
+    fields and every field the Connection field names."""
+    head_end = message.raw.index(b"\r\n\r\n") + 2
+    extra_names = sorted(
+        {n for n, _ in message.headers[1:-1] if n not in (b"content-length", b"transfer-encoding")}
+    )
+    nominated = data.draw(st.lists(st.sampled_from(extra_names), unique=True) if extra_names else st.just([]))
+    hop_by_hop = (
+        b"Connection: keep-alive, " + b", ".join(n.upper() for n in nominated) + b"\r\nKeep-Alive: 5\r\n"
+    )
+    head = message.raw[:head_end] + hop_by_hop + b"\r\n"
+    forwarded = serialize_head(head)
+    assert (
+        forwarded.endswith(b"\r\n\r\n") and b"onnection" not in forwarded and b"Keep-Alive" not in forwarded
+    )
+    kept = tuple((n, v) for n, v in message.headers if n not in nominated)
+    expected = expected_events([message])
+    expected[0] = RequestReceived(1, message.method, message.target, message.host, kept)
+    assert normalized(H1RequestParser().feed(forwarded + message.raw[head_end + 2 :])) == expected
 
 
 def check_invariants(events: list[Event], parser: H1RequestParser | H1ResponseParser) -> None:
