@@ -317,6 +317,11 @@ def test_all_cross_field_route_problems_are_reported_at_once() -> None:
             "match[0].headers[0].name",
             "must be an HTTP field name",
         ),
+        (
+            {"headers": [{"name": "Host", "exact": "a"}]},
+            "match[0].headers[0].name",
+            "match the host with `authority`",
+        ),
         ({"query": [{"name": "a", "prefix": "x"}]}, "match[0].query[0].prefix", "unknown key 'prefix'"),
         ({"query": [{"name": "", "exact": "x"}]}, "match[0].query[0].name", "at least 1 character"),
         ({"methods": []}, "match[0].methods", "at least 1 item"),
