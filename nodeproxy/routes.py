@@ -47,7 +47,6 @@ __all__ = [
     "RouteRegex",
     "StringMatch",
     "Subset",
-    "UpstreamProtocol",
     "compile_service_routes",
     "protocol_from_app_protocol",
     "protocol_from_port_name",
@@ -55,7 +54,6 @@ __all__ = [
 ]
 
 Protocol = Literal["tcp", "http", "http2", "grpc", "auto"]
-UpstreamProtocol = Literal["http1", "http2"]
 # Protocols whose connections go through the HTTP engine (auto only when sniffing finds HTTP).
 L7_PROTOCOLS: frozenset[str] = frozenset({"http", "http2", "grpc", "auto"})
 
@@ -91,7 +89,8 @@ MAX_REGEX_LENGTH = 1024
 # RFC 9110 §5.6.2 token characters (field names and methods).
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Fields a route may not add or remove: they carry the message framing, the connection's own
-# options, or the target, which the engine manages itself (Envoy forbids the same).
+# options, or the target, which the engine manages itself (Envoy likewise refuses host and the
+# pseudo-headers in its header mutations).
 _UNEDITABLE_HEADERS = frozenset(
     {
         "connection",
