@@ -133,7 +133,6 @@ cdef enum:
 
 cdef class LoadTable:
     cdef readonly int workers
-    cdef readonly bint attached
     cdef int load_map_fd
     cdef int sock_map_fd
     cdef int prog_fd

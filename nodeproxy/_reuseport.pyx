@@ -216,14 +216,61 @@ cdef int _load_program(list insns) except -1:
 cdef class LoadTable:
     """Per-worker load shared with the kernel program: an mmap of the BPF array, so a write is a store.
 
-    Create it with attach_least_loaded() in the process that owns the listeners, before forking the
-    workers: the mapping is MAP_SHARED, so the workers' writes reach the same array."""
+    Create it in the process that forks the workers, before forking: the mapping is MAP_SHARED, so the
+    workers' writes reach the same array. LoadTable(n) builds the maps and, for n >= 2, loads the
+    program; add_listener() puts worker i's listener into the program's array and attaches the program
+    to the listener's SO_REUSEPORT group (again for every listener, so a group rebuilt after all its
+    sockets closed gets it too). Raises OSError when the kernel refuses (no CAP_BPF/CAP_SYS_ADMIN, a
+    kernel without SK_REUSEPORT programs); the listeners then keep the kernel's hash.
+    """
 
-    def __cinit__(self):
+    def __cinit__(self, int workers):
         self.load_map_fd = -1
         self.sock_map_fd = -1
         self.prog_fd = -1
         self.loads = NULL
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"{workers} workers: a load table has 1..{MAX_WORKERS}")
+        self.workers = workers
+        cdef long page = sysconf(_SC_PAGESIZE)
+        cdef void *mapped
+        try:
+            self.load_map_fd = _create_map(BPF_MAP_TYPE_ARRAY, LOAD_VALUE_SIZE, workers, BPF_F_MMAPABLE,
+                                           b"np_worker_load")
+            self.mapped_size = ((workers * LOAD_VALUE_SIZE + page - 1) // page) * page
+            mapped = mmap(NULL, self.mapped_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.load_map_fd, 0)
+            if mapped == MAP_FAILED:
+                err = errno
+                raise OSError(err, f"mmap of the load table: {_os.strerror(err)}")
+            self.loads = <uint64_t*>mapped
+            if workers >= 2:  # with one worker there is nothing to balance
+                self.sock_map_fd = _create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 8, workers, 0,
+                                               b"np_listeners")
+                self.prog_fd = _load_program(program(workers, self.load_map_fd, self.sock_map_fd))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def balancing(self):
+        """True when a program balances the listeners (two workers or more)."""
+        return self.prog_fd >= 0
+
+    def add_listener(self, int worker, int listen_fd):
+        """Make `listen_fd` (a listening SO_REUSEPORT socket) worker `worker`'s listener, replacing a
+        previous one (a dead worker's socket leaves the array when it closes), and attach the program
+        to its group. Does nothing with one worker."""
+        if not 0 <= worker < self.workers:
+            raise IndexError(worker)
+        if self.loads == NULL:
+            raise ValueError("load table is closed")
+        if self.prog_fd < 0:
+            return
+        _put_socket(self.sock_map_fd, worker, listen_fd)
+        if setsockopt(listen_fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, &self.prog_fd,
+                      sizeof(self.prog_fd)) < 0:
+            err = errno
+            raise OSError(err, f"SO_ATTACH_REUSEPORT_EBPF: {_os.strerror(err)}")
 
     def set(self, int worker, long long load):
         """Worker `worker`'s current load (its live connections); the program adds the connections the
@@ -245,17 +292,9 @@ cdef class LoadTable:
         """Every worker's load, in worker order."""
         return [self.get(i) for i in range(self.workers)]
 
-    def set_listener(self, int worker, int listen_fd):
-        """Put worker `worker`'s listener (a replacement's new socket) into the program's array."""
-        if self.sock_map_fd < 0:
-            raise ValueError("no program is attached (one listener, or the table is closed)")
-        if not 0 <= worker < self.workers:
-            raise IndexError(worker)
-        _put_socket(self.sock_map_fd, worker, listen_fd)
-
     def close(self):
-        """Unmap the table and close the map descriptors. The program stays attached to the listeners
-        (the kernel holds the maps) until the last socket of the group is closed."""
+        """Unmap the table and close the descriptors. An attached program stays (the kernel holds it and
+        its maps) until the last socket of the group is closed."""
         if self.loads != NULL:
             munmap(self.loads, self.mapped_size)
             self.loads = NULL
@@ -274,42 +313,14 @@ cdef class LoadTable:
 
 def attach_least_loaded(listen_fds):
     """Balance new connections over the SO_REUSEPORT listeners `listen_fds` (all bound to one address,
-    listening; index i is worker i) by load, and return the LoadTable the workers update.
-
-    With one listener there is nothing to balance: the table is returned with attached False. Raises
-    OSError when the kernel refuses (no CAP_BPF/CAP_SYS_ADMIN, a kernel without SK_REUSEPORT programs,
-    a socket that is not a listening SO_REUSEPORT socket); the listeners then keep the kernel's hash.
-    """
+    listening; index i is worker i) by load, and return the LoadTable the workers update."""
     if not isinstance(listen_fds, Sequence) or not listen_fds:
         raise ValueError("attach_least_loaded needs the listeners' descriptors, one per worker")
-    cdef int workers = len(listen_fds)
-    cdef LoadTable table = LoadTable()
-    cdef long page = sysconf(_SC_PAGESIZE)
-    cdef void *mapped
-    if workers > MAX_WORKERS:
-        raise ValueError(f"{workers} listeners: at most {MAX_WORKERS}")
-    table.workers = workers
+    cdef LoadTable table = LoadTable(len(listen_fds))
     try:
-        table.load_map_fd = _create_map(BPF_MAP_TYPE_ARRAY, LOAD_VALUE_SIZE, workers, BPF_F_MMAPABLE,
-                                        b"np_worker_load")
-        table.mapped_size = ((workers * LOAD_VALUE_SIZE + page - 1) // page) * page
-        mapped = mmap(NULL, table.mapped_size, PROT_READ | PROT_WRITE, MAP_SHARED, table.load_map_fd, 0)
-        if mapped == MAP_FAILED:
-            err = errno
-            raise OSError(err, f"mmap of the load table: {_os.strerror(err)}")
-        table.loads = <uint64_t*>mapped
-        if workers < 2:
-            return table
-        table.sock_map_fd = _create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 8, workers, 0, b"np_listeners")
         for index, fd in enumerate(listen_fds):
-            _put_socket(table.sock_map_fd, index, fd)
-        table.prog_fd = _load_program(program(workers, table.load_map_fd, table.sock_map_fd))
-        if setsockopt(listen_fds[0], SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, &table.prog_fd,
-                      sizeof(table.prog_fd)) < 0:
-            err = errno
-            raise OSError(err, f"SO_ATTACH_REUSEPORT_EBPF: {_os.strerror(err)}")
-        table.attached = True
-        return table
+            table.add_listener(index, fd)
     except BaseException:
         table.close()
         raise
+    return table

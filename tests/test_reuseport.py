@@ -60,7 +60,7 @@ def test_connections_go_to_the_less_loaded_listener() -> None:
     with reuseport_group(2) as socks:
         table = _reuseport.attach_least_loaded([s.fileno() for s in socks])
         try:
-            assert table.attached and table.snapshot() == [0, 0]
+            assert table.balancing and table.snapshot() == [0, 0]
             address = socks[0].getsockname()
             table.set(0, 1000)
             clients = connect_many(address, 20)
@@ -100,7 +100,7 @@ def test_a_replacement_listener_takes_the_old_ones_place() -> None:
             address = socks[0].getsockname()
             socks[1].close()  # a dead worker's listener: the kernel drops it from the array
             with reuseport_group(1, *address) as (replacement,):
-                table.set_listener(1, replacement.fileno())
+                table.add_listener(1, replacement.fileno())
                 table.set(0, 1000)
                 table.set(1, 0)
                 clients = connect_many(address, 8)
@@ -114,7 +114,7 @@ def test_a_replacement_listener_takes_the_old_ones_place() -> None:
 def test_one_listener_needs_no_program() -> None:
     with reuseport_group(1) as socks:
         table = _reuseport.attach_least_loaded([socks[0].fileno()])
-        assert not table.attached and table.workers == 1
+        assert not table.balancing and table.workers == 1
         table.set(0, 5)
         assert table.get(0) == 5
         with pytest.raises(IndexError):
@@ -129,6 +129,8 @@ def test_a_socket_that_does_not_listen_is_refused() -> None:
         _reuseport.attach_least_loaded([idle.fileno(), other.fileno()])
     with pytest.raises(ValueError):
         _reuseport.attach_least_loaded([])
+    with pytest.raises(ValueError):
+        _reuseport.LoadTable(0)
 
 
 def test_program_validates_its_worker_count() -> None:

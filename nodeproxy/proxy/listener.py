@@ -206,6 +206,8 @@ class OutboundListener:
         sock.setblocking(False)
         self._sock, self._loop = sock, loop
         self.warn_if_descriptors_cap_connections()
+        if self.on_load_change is not None:
+            self.on_load_change(0)  # a replacement worker does not inherit its predecessor's load
         loop.add_reader(sock.fileno(), self._on_acceptable)
         loop.add_reader(self.pool.notify_fd, self._on_completions)
 
