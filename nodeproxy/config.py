@@ -127,6 +127,25 @@ def _parse_duration(value: object) -> float:
         raise ValueError("duration is too large") from None
 
 
+# The relay keeps timeouts in whole milliseconds (RelayConfig.connect_timeout_ms, idle_timeout_ms).
+_MILLISECOND = 0.001
+
+
+def _at_least_a_millisecond(value: float) -> float:
+    if value < _MILLISECOND:
+        raise ValueError("must be at least 1ms, the relay's timer resolution (less would round to 0)")
+    return value
+
+
+def _off_or_at_least_a_millisecond(value: float) -> float:
+    if 0 < value < _MILLISECOND:
+        raise ValueError(
+            "must be 0 (off) or at least 1ms, the relay's timer resolution: a shorter time would round "
+            "to 0, which turns the timeout off"
+        )
+    return value
+
+
 def _seconds_between(low: float, high: float, *, low_exclusive: bool = False) -> AfterValidator:
     def check(value: float) -> float:
         if value < low or (low_exclusive and value == low) or value > high:
@@ -165,6 +184,13 @@ def _iface_pattern(value: str) -> str:
             "optionally ending in a single '+' wildcard (e.g. 'eth0', 'veth+')"
         )
     return value
+
+
+def _iface_covers(pattern: str, name: str) -> bool:
+    """Whether iptables ``-i pattern`` matches every interface ``name`` (a pattern too) matches."""
+    if pattern.endswith("+"):
+        return name.removesuffix("+").startswith(pattern[:-1])
+    return pattern == name
 
 
 def _chain_prefix(value: str) -> str:
@@ -246,9 +272,35 @@ def _routable(value: IPv4Address) -> IPv4Address:
     return value
 
 
+# Ranges a service VIP must not come from, and why. A VIP is matched by the capture rules on the
+# pods' outbound packets and never assigned to an interface.
+_NOT_A_VIP: tuple[tuple[IPv4Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 ('this network'), which is never a destination"),
+    (
+        IPv4Network("127.0.0.0/8"),
+        "a loopback address (127.0.0.0/8): a pod's connection to it stays inside the pod and is never "
+        "captured",
+    ),
+    (
+        IPv4Network("169.254.0.0/16"),
+        "link-local (169.254.0.0/16), the range of node-local services such as cloud metadata",
+    ),
+    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4); TCP has no multicast"),
+    (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4) or the broadcast address 255.255.255.255"),
+)
+
+
+def _service_vip(value: IPv4Address) -> IPv4Address:
+    for network, why in _NOT_A_VIP:
+        if value in network:
+            raise ValueError(f"a VIP must be a routable unicast address; {value} is {why}")
+    return value
+
+
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4_input)]
 UnicastIPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4_input), AfterValidator(_routable)]
+ServiceVip = Annotated[IPv4Address, BeforeValidator(_ipv4_input), AfterValidator(_service_vip)]
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 LabelKey = Annotated[str, AfterValidator(_label_key)]
 LabelValue = Annotated[str, AfterValidator(_label_value)]
@@ -349,6 +401,20 @@ class CaptureConfig(_Frozen):
                     "use bits inside the mask, or the ip rule matching mark/mask never sees it",
                 )
             )
+        # A repeated or covered entry only duplicates iptables rules, but is almost always a typo
+        # for another range or interface.
+        for i, cidr in enumerate(self.pod_cidrs):
+            for j, earlier in enumerate(self.pod_cidrs[:i]):
+                if cidr.overlaps(earlier):
+                    how = "is listed twice" if cidr == earlier else f"overlaps {earlier}"
+                    problems.append((f"pod_cidrs[{i}]", f"{cidr} {how} (pod_cidrs[{j}])"))
+                    break
+        for i, pattern in enumerate(self.pod_interfaces):
+            for j, earlier_pattern in enumerate(self.pod_interfaces[:i]):
+                if _iface_covers(earlier_pattern, pattern) or _iface_covers(pattern, earlier_pattern):
+                    how = "is listed twice" if pattern == earlier_pattern else f"overlaps '{earlier_pattern}'"
+                    problems.append((f"pod_interfaces[{i}]", f"'{pattern}' {how} (pod_interfaces[{j}])"))
+                    break
         _raise_problems(problems)
         return self
 
@@ -382,6 +448,17 @@ class ListenersConfig(_Frozen):
         description="Where TPROXY delivers captured outbound connections.",
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        host = self.outbound.host
+        # Loopback (the default) and link-local are fine for a local listener, and 0.0.0.0 means
+        # every local address; the other ranges a VIP may not use can never be a local TCP address.
+        for network, why in _NOT_A_VIP:
+            local_ok = network.is_loopback or network.is_link_local
+            if host in network and not local_ok and not host.is_unspecified:
+                raise _Problems([("outbound", f"cannot listen on {host}: it is {why}")])
+        return self
+
 
 def _usable_cpus() -> int:
     # The affinity mask honours taskset/cpusets, which os.cpu_count() ignores.
@@ -410,7 +487,10 @@ class RelayConfig(_Frozen):
     # two away and the first SYN retransmit is at 1 s, so a timed-out attempt is better spent on
     # the next endpoint (connect_attempts) than on waiting for a retransmission.
     connect_timeout: Annotated[
-        float, BeforeValidator(_parse_duration), _seconds_between(0, 300, low_exclusive=True)
+        float,
+        BeforeValidator(_parse_duration),
+        _seconds_between(0, 300, low_exclusive=True),
+        AfterValidator(_at_least_a_millisecond),
     ] = Field(default=1.0, description="Per-attempt upstream connect timeout in seconds.")
     # Istio retries a failed connection twice by default (three tries in all); we match that.
     connect_attempts: int = Field(
@@ -423,7 +503,12 @@ class RelayConfig(_Frozen):
     # Envoy's tcp_proxy idle_timeout defaults to 1 h; HAProxy needs `timeout client/server` set.
     # Checked once a second by the relay, so it fires up to a second late. 0 turns it off (TCP
     # keepalive still clears connections whose peer vanished).
-    idle_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 7 * 86400)] = Field(
+    idle_timeout: Annotated[
+        float,
+        BeforeValidator(_parse_duration),
+        _seconds_between(0, 7 * 86400),
+        AfterValidator(_off_or_at_least_a_millisecond),
+    ] = Field(
         default=3600.0,
         description="Seconds without a byte either way before a connection is closed; 0: never.",
     )
@@ -446,6 +531,16 @@ class RelayConfig(_Frozen):
     def effective_threads(self) -> int:
         """Number of relay threads to start."""
         return self.threads or min(_usable_cpus(), 64)
+
+    @property
+    def connect_timeout_ms(self) -> int:
+        """connect_timeout in whole milliseconds, rounded to nearest (at least 1, by validation)."""
+        return round(self.connect_timeout * 1000)
+
+    @property
+    def idle_timeout_ms(self) -> int:
+        """idle_timeout in whole milliseconds, rounded to nearest; 0 means off."""
+        return round(self.idle_timeout * 1000)
 
 
 class HttpConfig(_Frozen):
@@ -544,7 +639,7 @@ class Service(_Frozen):
     """A virtual IP, its ports, and the endpoints behind it."""
 
     name: DnsLabel
-    vip: UnicastIPv4
+    vip: ServiceVip
     ports: list[ServicePort] = Field(min_length=1)
     # p2c (power of two choices on least active connections, as Envoy's least_request with
     # choice_count 2 and Linkerd's balancer) avoids round robin's blindness to slow endpoints
@@ -630,8 +725,52 @@ class Config(_Frozen):
                             "that address would be captured as service traffic",
                         )
                     )
+        problems += self._address_loops()
         _raise_problems(problems)
         return self
+
+    def _address_loops(self) -> list[tuple[str, str]]:
+        """A VIP that is the listener's address, and endpoints that are a VIP or the listener."""
+        problems: list[tuple[str, str]] = []
+        listener = self.listeners.outbound
+        first_with_vip: dict[IPv4Address, int] = {}
+        for i, svc in enumerate(self.services):
+            first_with_vip.setdefault(svc.vip, i)
+        for i, svc in enumerate(self.services):
+            if svc.vip == listener.host:
+                on_port = any(sp.port == listener.port for sp in svc.ports)
+                problems.append(
+                    (
+                        f"services[{i}].vip",
+                        f"VIP {svc.vip} is the address of the outbound listener (listeners.outbound: "
+                        f"{listener}){', on the same port' if on_port else ''}; the proxy would "
+                        "capture connections to its own listener",
+                    )
+                )
+            for e, ep in enumerate(svc.endpoints):
+                owner = i if ep.address == svc.vip else first_with_vip.get(ep.address)
+                if owner is not None:
+                    whose = (
+                        "this service's own VIP"
+                        if owner == i
+                        else f"the VIP of service '{self.services[owner].name}' (services[{owner}].vip)"
+                    )
+                    problems.append(
+                        (
+                            f"services[{i}].endpoints[{e}].address",
+                            f"endpoint {ep.address} is {whose}; a VIP is not a backend (nothing listens "
+                            "on it: list the pods behind that service instead)",
+                        )
+                    )
+                elif ep.address == listener.host and listener.port in {sp.backend_port for sp in svc.ports}:
+                    problems.append(
+                        (
+                            f"services[{i}].endpoints[{e}].address",
+                            f"endpoint {ep.address}:{listener.port} is the outbound listener "
+                            "(listeners.outbound); the proxy would connect to itself",
+                        )
+                    )
+        return problems
 
     def service_ports(self) -> dict[tuple[str, int], tuple[Service, ServicePort]]:
         """Map ``(str(vip), port)`` to the service and port that claims it."""
@@ -924,7 +1063,8 @@ class _CoreConstructor(yaml.constructor.BaseConstructor):
                     f"mapping keys must be strings, found {kind} {_trunc(key)}; quote it if it is a name",
                     key_node.start_mark,
                 )
-            if key == "<<" and isinstance(key_node, yaml.ScalarNode) and not key_node.style:  # plain: None or ""
+            plain = isinstance(key_node, yaml.ScalarNode) and not key_node.style  # libyaml: "", PyYAML: None
+            if key == "<<" and plain:
                 raise _LoadError(
                     "merge keys ('<<') are YAML 1.1 and not supported; write the keys out, "
                     "or alias the whole mapping",
