@@ -326,6 +326,7 @@ class Supervisor:
         self._last_respawn = 0.0
         self._instance: capture.InstanceLock | None = None
         self._survivors: capture.SurvivorLock | None = None
+        self._unforked: dict[int, socket.socket] = {}  # listeners opened at start, not yet handed over
 
     def run(self) -> int:
         # Block our signals before anything else (cli.main did so already when run from the command line),
@@ -343,7 +344,10 @@ class Supervisor:
         clean = False
         installed = False
         try:
-            for index in range(self.config.relay.effective_threads):
+            # Every listener first, then the forks: the SO_REUSEPORT group is complete before any worker
+            # serves (and a group-wide balancer program could be attached to it here).
+            self._unforked = {i: self._open_listener(i) for i in range(self.config.relay.effective_threads)}
+            for index in sorted(self._unforked):
                 self._spawn(index)
             self._wait_until_ready()
             if self._stop_signal is None:
@@ -371,6 +375,8 @@ class Supervisor:
             sd_notify("STOPPING=1")
             self._drain(stop_capture=installed and self.config.capture.on_failure == "open")
         finally:
+            for sock in self._unforked.values():  # a start that failed half way
+                sock.close()
             self._kill_workers()
             code = self._release_capture(clean, installed)
             if self.ready_file:
@@ -447,13 +453,17 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------------------
 
-    def _spawn(self, index: int) -> None:
+    def _open_listener(self, index: int) -> socket.socket:
         listen = self.config.listeners.outbound
-        # A fresh listener for every worker, ours only until the fork: the worker holds the only copy.
         try:
-            listen_sock = open_listener((str(listen.host), listen.port))
+            return open_listener((str(listen.host), listen.port))
         except OSError as err:
             raise DaemonFailure(f"cannot open the listener {listen} for worker {index}: {err}") from err
+
+    def _spawn(self, index: int) -> None:
+        # Each worker's listener is ours only until the fork: the worker holds the only copy. A
+        # replacement gets a fresh one (the dead worker's went with it).
+        listen_sock = self._unforked.pop(index, None) or self._open_listener(index)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         assert self._survivors is not None
@@ -471,6 +481,8 @@ class Supervisor:
                     for other in self.workers.values():
                         os.close(other.control_w)
                         os.close(other.status_r)
+                    for sibling in self._unforked.values():
+                        sibling.close()
                     os.set_blocking(status_w, False)
                     survivors = self._survivors.reopen_in_child(self.plan)
                     worker = Worker(
