@@ -157,8 +157,8 @@ python_install_current() {
     (cd / && "$PYTHON" - "$ROOT/nodeproxy" <<'EOF'
 import pathlib, sys
 import nodeproxy
-import uvloop, pyroute2, h2, cryptography, structlog, pydantic, yaml  # runtime
-import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools  # test extra
+import uvloop, pyroute2, h2, cryptography, structlog, pydantic, yaml, re2  # runtime
+import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools, h11, websockets  # test extra
 sys.exit(0 if pathlib.Path(nodeproxy.__file__).resolve().parent == pathlib.Path(sys.argv[1]) else 1)
 EOF
     ) >/dev/null 2>&1
@@ -180,10 +180,14 @@ install_python_package() {
         mkdir -p "$(dirname "$STAMP")"
         install_key >"$STAMP"
     fi
-    # Keep the extension beside the sources (rebuilt only when _fastpath.pyx/.pxd changed).
-    say "building the native relay (setup.py build_ext --inplace)"
+    # Keep the extensions beside the sources (each rebuilt only when its .pyx/.pxd changed).
+    say "building the native modules (setup.py build_ext --inplace)"
     "$PYTHON" -W ignore setup.py -q build_ext --inplace >/dev/null
-    "$PYTHON" -c 'import nodeproxy._fastpath' || die "nodeproxy._fastpath does not import after the build"
+    local module
+    for module in nodeproxy/_*.pyx; do
+        module=$(basename "$module" .pyx)
+        "$PYTHON" -c "import nodeproxy.$module" || die "nodeproxy.$module does not import after the build"
+    done
 }
 
 do_install() {
