@@ -314,6 +314,7 @@ class OutboundListener:
             return
         self.connections[conn.id] = conn
         try:
+            # Positional arguments only: Cython parses keywords far more slowly, once per connection.
             conn.worker.connect(
                 conn.id,
                 conn.client_fd,
@@ -321,7 +322,7 @@ class OutboundListener:
                 target[1],
                 self._connect_timeout_ms,
                 conn.client_ip,
-                idle_timeout_ms=self._idle_timeout_ms,
+                self._idle_timeout_ms,
             )
         except OSError as err:
             del self.connections[conn.id]
