@@ -249,6 +249,7 @@ cdef struct Down:
     Buf fwd                   # the head to forward (kept for a retry on a fresh connection)
     bint readable
     bint writable
+    bint rdhup                # EPOLLRDHUP seen: read on past a short read until recv returns 0
     bint peer_eof
     bint shut_wr
     h1_head req
@@ -300,6 +301,7 @@ cdef struct Up:
     Buf outb
     bint readable
     bint writable
+    bint rdhup
     bint peer_eof
     bint shut_wr
     h1_head resp
@@ -406,8 +408,7 @@ cdef class HttpWorker:
                    const void *item) noexcept nogil
     cdef void *_take(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil
     cdef void _loop(self) noexcept nogil
-    cdef void _take_adoptions(self) noexcept nogil
-    cdef void _take_answers(self) noexcept nogil
+    cdef void _take_submissions(self) noexcept nogil
     cdef void _adopt(self, Adoption *a) noexcept nogil
     cdef void _apply_answer(self, Answer *a) noexcept nogil
     cdef void _on_down_event(self, Down *d, uint32_t events) noexcept nogil
@@ -421,8 +422,8 @@ cdef class HttpWorker:
     cdef int _pump_response(self, Down *d, Up *u, int *budget) noexcept nogil
     cdef int _response_head(self, Down *d, Up *u) noexcept nogil
     cdef int _step_tunnel(self, Down *d, int *budget) noexcept nogil
-    cdef int _tunnel_direction(self, Down *d, bint *src_readable, Buf *src_in, bint *src_eof, int src_fd,
-                               int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
+    cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in,
+                               bint *src_eof, int src_fd, int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil
     cdef int _step_closing(self, Down *d) noexcept nogil
     cdef void _forward(self, Down *d) noexcept nogil

@@ -129,9 +129,14 @@ cdef void _trim(Buf *b) noexcept nogil:
         _free_buf(b)
 
 
-cdef ssize_t _recv_into(int fd, Buf *b, size_t limit, bint *readable) noexcept nogil:
+cdef ssize_t _recv_into(int fd, Buf *b, size_t limit, bint *readable, bint eof_pending) noexcept nogil:
     """recv into b (grown up to `limit` bytes held). >0 bytes read, 0 EOF, -2 would block or b is full,
-    -1 error (errno)."""
+    -1 error (errno).
+
+    A read shorter than the room offered proves the socket drained, so readable is cleared without the
+    extra recv that would fail with EAGAIN (as the L4 relay does); the next segment raises a new edge.
+    With EPOLLRDHUP seen (eof_pending) a FIN may already wait behind the data and raise no new edge, so
+    then reading goes on until recv says 0."""
     cdef size_t room
     cdef ssize_t n
     if b.cap - b.len < 4096 or b.len == b.cap:
@@ -152,6 +157,8 @@ cdef ssize_t _recv_into(int fd, Buf *b, size_t limit, bint *readable) noexcept n
         if errno == EINTR:
             return -2
         return -1
+    if 0 < n < <ssize_t>room and not eof_pending:
+        readable[0] = False
     b.len += n
     return n
 
@@ -629,8 +636,7 @@ cdef class HttpWorker:
                 kind = <int*>events[i].data.ptr
                 if kind == NULL:
                     read(self.wake_fd, &counter, sizeof(counter))
-                    self._take_adoptions()
-                    self._take_answers()
+                    self._take_submissions()
                 elif kind[0] == KIND_DOWN:
                     if not (<Down*>kind).dead:
                         self._on_down_event(<Down*>kind, events[i].events)
@@ -644,21 +650,24 @@ cdef class HttpWorker:
         self._close_all()
         self._bury()
 
-    cdef void _take_adoptions(self) noexcept nogil:
-        cdef Adoption *batch
-        cdef size_t n, i
-        batch = <Adoption*>self._take(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, &n)
-        for i in range(n):
-            self._adopt(&batch[i])
-        free(batch)
-
-    cdef void _take_answers(self) noexcept nogil:
-        cdef Answer *batch
-        cdef size_t n, i
-        batch = <Answer*>self._take(<void**>&self.answers, &self.answers_len, &self.answers_cap, &n)
-        for i in range(n):
-            self._apply_answer(&batch[i])
-        free(batch)
+    cdef void _take_submissions(self) noexcept nogil:
+        # Both queues under one lock: _push wakes the loop only when both were empty, so taking them
+        # one after the other could strand an adoption queued in between (no wake-up would follow).
+        cdef Adoption *adopts
+        cdef Answer *answers
+        cdef size_t nadopts, nanswers, i
+        pthread_mutex_lock(&self.lock)
+        adopts, nadopts = self.adopts, self.adopts_len
+        answers, nanswers = self.answers, self.answers_len
+        self.adopts, self.adopts_len, self.adopts_cap = NULL, 0, 0
+        self.answers, self.answers_len, self.answers_cap = NULL, 0, 0
+        pthread_mutex_unlock(&self.lock)
+        for i in range(nadopts):
+            self._adopt(&adopts[i])
+        free(adopts)
+        for i in range(nanswers):
+            self._apply_answer(&answers[i])
+        free(answers)
 
     cdef void _adopt(self, Adoption *a) noexcept nogil:
         cdef Down *d = <Down*>calloc(1, sizeof(Down))
@@ -742,6 +751,8 @@ cdef class HttpWorker:
         cdef int err
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             d.readable = True
+        if events & (EPOLLRDHUP | EPOLLHUP):
+            d.rdhup = True
         if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
             d.writable = True
         if events & EPOLLERR:
@@ -756,6 +767,8 @@ cdef class HttpWorker:
         cdef Down *d = u.down
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             u.readable = True
+        if events & (EPOLLRDHUP | EPOLLHUP):
+            u.rdhup = True
         if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
             u.writable = True
         if u.state == U_IDLE:
@@ -846,7 +859,7 @@ cdef class HttpWorker:
             self._queue_ready(d)
             return 0
         budget[0] -= 1
-        n = _recv_into(d.fd, &d.inb, self.limits.max_head_bytes + 1024, &d.readable)
+        n = _recv_into(d.fd, &d.inb, self.limits.max_head_bytes + 1024, &d.readable, d.rdhup)
         if n > 0:
             return 1
         if n == 0:
@@ -1223,7 +1236,7 @@ cdef class HttpWorker:
                 self._queue_ready(d)
                 return progressed
             budget[0] -= 1
-            n = _recv_into(d.fd, &d.inb, IO_CHUNK + self.limits.max_head_bytes, &d.readable)
+            n = _recv_into(d.fd, &d.inb, IO_CHUNK + self.limits.max_head_bytes, &d.readable, d.rdhup)
             if n == 0:
                 d.peer_eof = True
             elif n == -1:
@@ -1300,7 +1313,7 @@ cdef class HttpWorker:
                 self._queue_ready(d)
                 return progressed
             budget[0] -= 1
-            n = _recv_into(u.fd, &u.inb, IO_CHUNK + self.limits.max_head_bytes, &u.readable)
+            n = _recv_into(u.fd, &u.inb, IO_CHUNK + self.limits.max_head_bytes, &u.readable, u.rdhup)
             if n == 0:
                 u.peer_eof = True
             elif n == -1:
@@ -1517,7 +1530,7 @@ cdef class HttpWorker:
         while not d.peer_eof and d.readable:
             # Drain what the client still sends, so our close is not an RST that destroys the answer.
             d.inb.off = d.inb.len = 0
-            n = _recv_into(d.fd, &d.inb, IO_CHUNK, &d.readable)
+            n = _recv_into(d.fd, &d.inb, IO_CHUNK, &d.readable, True)
             if n == 0 or n == -1:
                 d.peer_eof = True
         if d.peer_eof:
@@ -1533,12 +1546,12 @@ cdef class HttpWorker:
         if u == NULL:
             self._release_down(d, 0, 0)
             return -1
-        a = self._tunnel_direction(d, &d.readable, &d.inb, &d.peer_eof, d.fd, u.fd, &u.outb, &u.writable,
-                                   &u.shut_wr, budget)
+        a = self._tunnel_direction(d, &d.readable, &d.rdhup, &d.inb, &d.peer_eof, d.fd, u.fd, &u.outb,
+                                   &u.writable, &u.shut_wr, budget)
         if a < 0:
             return -1
-        b = self._tunnel_direction(d, &u.readable, &u.inb, &u.peer_eof, u.fd, d.fd, &d.outb, &d.writable,
-                                   &d.shut_wr, budget)
+        b = self._tunnel_direction(d, &u.readable, &u.rdhup, &u.inb, &u.peer_eof, u.fd, d.fd, &d.outb,
+                                   &d.writable, &d.shut_wr, budget)
         if b < 0:
             return -1
         if d.shut_wr and u.shut_wr:
@@ -1546,7 +1559,7 @@ cdef class HttpWorker:
             return -1
         return a or b
 
-    cdef int _tunnel_direction(self, Down *d, bint *src_readable, Buf *src_in, bint *src_eof, int src_fd,
+    cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in, bint *src_eof, int src_fd,
                                int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil:
         cdef ssize_t n
@@ -1572,7 +1585,7 @@ cdef class HttpWorker:
                 self._queue_ready(d)
                 return progressed
             budget[0] -= 1
-            n = _recv_into(src_fd, src_in, IO_CHUNK, src_readable)
+            n = _recv_into(src_fd, src_in, IO_CHUNK, src_readable, src_rdhup[0])
             if n == 0:
                 src_eof[0] = True
             elif n == -1:
@@ -1745,14 +1758,7 @@ cdef class HttpWorker:
     cdef void _close_all(self) noexcept nogil:
         cdef int i
         cdef Pool *p
-        cdef Answer *answers
-        cdef size_t n, k
-        self._take_adoptions()
-        answers = <Answer*>self._take(<void**>&self.answers, &self.answers_len, &self.answers_cap, &n)
-        for k in range(n):
-            free(answers[k].edits)
-            free(answers[k].detail)
-        free(answers)
+        self._take_submissions()  # queued adoptions are adopted, then closed below with the others
         while self.downs != NULL:
             _set_reset_on_close(self.downs.fd)
             self._release_down(self.downs, FLAG_DC, 0)
