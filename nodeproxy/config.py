@@ -64,13 +64,24 @@ DEFAULT_CONFIG_RESOURCE = "default-config.yaml"
 _MAX_GOT = 60
 
 
+# Line breaks and other control characters, escaped in problems so that each stays one line.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(problem: str) -> str:
+    return _CONTROL_RE.sub(lambda match: repr(match[0])[1:-1], problem)
+
+
 class ConfigError(Exception):
     """An invalid configuration: ``str(err)`` has one ``'<source>: <problem>'`` line per problem."""
 
     def __init__(self, problems: str | Iterable[str], source: str | None = None) -> None:
-        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        # A key or value quoted in a problem may hold a line break; the one-line format is a promise.
+        self.problems: list[str] = [
+            _one_line(p) for p in ([problems] if isinstance(problems, str) else problems)
+        ]
         self.source = source
-        prefix = f"{source}: " if source is not None else ""
+        prefix = f"{_one_line(source)}: " if source is not None else ""
         super().__init__("\n".join(prefix + p for p in self.problems))
 
 
@@ -840,7 +851,10 @@ def _element_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _describe(err: ErrorDetails) -> Iterable[tuple[tuple[int | str, ...], str]]:
-    """``(location, 'path: why')`` for each problem in one pydantic error."""
+    """``(location, 'path: why')`` for each problem in one pydantic error.
+
+    The location ends in ``"[key]"`` when the problem is the last mapping key itself.
+    """
     loc = err["loc"]
     in_key = bool(loc) and loc[-1] == "[key]"  # pydantic's marker for an error in a dict key
     if in_key:
@@ -862,7 +876,7 @@ def _describe(err: ErrorDetails) -> Iterable[tuple[tuple[int | str, ...], str]]:
             why += f"; did you mean '{hint[0]}'?"
         elif valid:
             why += f"; valid keys here: {', '.join(valid)}"
-        yield loc, f"{path}: {why}"
+        yield (*loc, "[key]"), f"{path}: {why}"
         return
     if err["type"] == "missing":
         # The input here is the enclosing mapping, which would only add noise.
@@ -872,7 +886,7 @@ def _describe(err: ErrorDetails) -> Iterable[tuple[tuple[int | str, ...], str]]:
     if in_key:
         why = f"invalid key: {why}"
     line = f"{path}: {why}" if path else why
-    yield loc, f"{line} (got {_trunc(err['input'])})"
+    yield (*loc, "[key]") if in_key else loc, f"{line} (got {_trunc(err['input'])})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1204,16 +1218,19 @@ def _split_path(path: str) -> list[int | str]:
 
 
 def _node_at(root: yaml.Node, loc: Sequence[int | str]) -> yaml.Node:
-    """The deepest node along ``loc`` (the enclosing mapping for a missing key)."""
+    """The deepest node along ``loc`` (the enclosing mapping for a missing key); a final ``"[key]"``
+    selects the key node of the last mapping entry instead of its value."""
+    at_key = bool(loc) and loc[-1] == "[key]"
+    parts = loc[:-1] if at_key else loc
     node = root
-    for part in loc:
+    for i, part in enumerate(parts):
         if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            found = next(
-                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None
+            entry = next(
+                ((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None
             )
-            if found is None:
+            if entry is None:
                 break
-            node = found
+            node = entry[0] if at_key and i == len(parts) - 1 else entry[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
             node = node.value[part]
         else:
