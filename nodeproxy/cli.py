@@ -71,10 +71,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from nodeproxy import capture
 
     plan = capture.CapturePlan.from_config(_load(args.config))
-    if args.action == "install":
-        capture.install(plan)
-    elif args.action == "remove":
-        capture.remove(plan)
+    if args.action in ("install", "remove"):
+        instance = capture.InstanceLock(plan)  # not under a running daemon's feet (CaptureError)
+        try:
+            if args.action == "install":
+                capture.install(plan)
+            else:
+                capture.remove(plan)
+        finally:
+            instance.close()
     elif args.action == "render":
         print(capture.render_iptables(plan, hook_present=False), end="")
     else:

@@ -324,17 +324,18 @@ def test_a_second_instance_is_refused(fresh_lab: Lab, tmp_path: Path) -> None:
         assert second.proc.wait(timeout=30) == 1
         assert not second.ready_file.exists()
         assert f"another nodeproxy (pid {first.proc.pid}) owns the capture" in second.log(), second.log()
-        # `nodeproxy cleanup` does not pull the rules from under the running daemon either.
-        proc = subprocess.run(
-            netns.exec_argv(
-                lab.node_ns,
-                [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(first.config_path)],
-            ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 1 and "owns the capture" in proc.stderr
+        # `nodeproxy cleanup` / `capture remove` do not pull the rules from under the running daemon either.
+        for command in (["cleanup"], ["capture", "remove"]):
+            proc = subprocess.run(
+                netns.exec_argv(
+                    lab.node_ns,
+                    [sys.executable, "-m", "nodeproxy", *command, "--config", str(first.config_path)],
+                ),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 1 and "owns the capture" in proc.stderr, proc.stderr
         assert rules_present(lab) == (True, True, True)
         assert http_get(lab.client_pods[0].ns, "10.96.0.10").startswith("backend=")
         assert first.proc.poll() is None
