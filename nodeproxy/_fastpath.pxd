@@ -275,6 +275,7 @@ ctypedef struct Submission:
     int64_t deadline_ns   # connect deadline; unused when established
     int64_t idle_ns
     bint established      # adopt_established(): already connected, relay at once
+    bint client_prepared  # client_fd is non-blocking and has SO_LINGER {1, 0} (from accept_batch)
 
 
 ctypedef struct Completion:
@@ -293,6 +294,7 @@ cdef class RelayWorker:
     cdef size_t pipe_size
     cdef bint stopping
     cdef bint closed
+    cdef bint woken       # under lock: the loop was signalled and has not taken the queue since
     cdef Conn *conns      # every live connection
     cdef Conn *ready
     cdef Conn *graveyard  # released connections; events of the same epoll batch may still name them
@@ -317,7 +319,7 @@ cdef class RelayWorker:
     cdef char scratch[COPY_SIZE]
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline,
-                     int64_t idle_ns, bint established) except -1
+                     int64_t idle_ns, bint established, bint client_prepared, bint wake) except -1
     cdef void _loop(self) noexcept nogil
     cdef int _wait_timeout(self) noexcept nogil
     cdef void *_take_queue(self, void **items, size_t *length, size_t *capacity, size_t *taken) noexcept nogil

@@ -34,7 +34,10 @@ class RelayWorker:
         timeout_ms: int,
         bind_ip: str | None = None,
         idle_timeout_ms: int = 0,
+        client_prepared: bool = False,
+        wake: bool = True,
     ) -> None: ...
+    def wake(self) -> None: ...
     def adopt_established(
         self, conn_id: int, client_fd: int, upstream_fd: int, idle_timeout_ms: int = 0
     ) -> None: ...

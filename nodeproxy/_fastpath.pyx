@@ -55,6 +55,14 @@ cdef bint _is_local_shortage(int err) noexcept nogil:
     return err == EMFILE or err == ENFILE or err == ENOMEM or err == ENOBUFS
 
 
+cdef bint _resets_on_close(int fd) noexcept nogil:
+    cdef linger lg
+    cdef socklen_t n = sizeof(lg)
+    if getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &n) < 0:
+        return False
+    return lg.l_onoff != 0 and lg.l_linger == 0
+
+
 cdef int _sock_error(int fd) noexcept nogil:
     cdef int err = 0
     cdef socklen_t n = sizeof(err)
@@ -106,13 +114,16 @@ def accept_batch(int listen_fd, int max_batch=64):
     """Accept up to max_batch connections from a non-blocking listener.
 
     Returns [(fd, peer_ip, peer_port, orig_ip, orig_port)]; orig_* is the socket's local address, which
-    for a TPROXY-diverted connection is the destination the client dialled. Raises OSError only when
+    for a TPROXY-diverted connection is the destination the client dialled. Every socket returned is
+    non-blocking and carries SO_LINGER {1, 0} (inherited from a listener set up by set_socket_options, set
+    here otherwise), so it can go to RelayWorker.connect(..., client_prepared=True). Raises OSError only when
     nothing could be accepted for a reason other than "no more pending" (e.g. EMFILE).
     """
     cdef list accepted = []
     cdef sockaddr_in peer, local
     cdef socklen_t plen, llen
     cdef int fd, err
+    cdef bint inherits_linger = _resets_on_close(listen_fd)  # once a batch, not once a socket
     while len(accepted) < max_batch:
         plen = sizeof(peer)
         with nogil:
@@ -124,6 +135,8 @@ def accept_batch(int listen_fd, int max_batch=64):
             if err == EAGAIN or accepted:
                 break
             raise OSError(err, _os.strerror(err))
+        if not inherits_linger:
+            _set_reset_on_close(fd, True)
         llen = sizeof(local)
         getsockname(fd, <sockaddr*>&local, &llen)
         accepted.append((fd, _format_ipv4(&peer), ntohs(peer.sin_port),
@@ -132,12 +145,13 @@ def accept_batch(int listen_fd, int max_batch=64):
 
 
 def set_socket_options(int fd):
-    """TCP_NODELAY and TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _fastpath.pxd).
+    """TCP_NODELAY, TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _fastpath.pxd) and SO_LINGER
+    {1, 0} (a crash resets, see _set_reset_on_close), for a listener.
 
-    Set on the listener, both are inherited by every accepted socket. The relay sets them itself on the
-    upstream sockets it creates and on both sockets given to adopt_established().
+    All three are inherited by every accepted socket, which saves setting them once a connection. The
+    relay sets them itself on the upstream sockets it creates and on sockets given to adopt_established().
     """
-    if _set_tcp_options(fd) < 0:
+    if _set_tcp_options(fd) < 0 or _set_reset_on_close(fd, True) < 0:
         raise OSError(errno, _os.strerror(errno))
 
 
@@ -204,7 +218,7 @@ cdef class RelayWorker:
     # -- called from Python (any thread) ---------------------------------------------------------------
 
     def connect(self, uint64_t conn_id, int client_fd, str dst_ip, int dst_port, int timeout_ms,
-                str bind_ip=None, int64_t idle_timeout_ms=0):
+                str bind_ip=None, int64_t idle_timeout_ms=0, bint client_prepared=False, bint wake=True):
         """Start a non-blocking connect to dst and relay client_fd <-> upstream once it is up.
 
         bind_ip makes the upstream connection transparent (IP_TRANSPARENT): the backend sees bind_ip, the
@@ -214,6 +228,11 @@ cdef class RelayWorker:
         belong to the worker. Only the syscalls that must precede connect() run here, on the caller's
         thread; socket options are set on the relay thread. A client socket handed back after a failed
         connect is non-blocking and carries SO_LINGER {1, 0} (a close resets it).
+
+        client_prepared=True says client_fd already is non-blocking and carries SO_LINGER {1, 0}, as every
+        socket from accept_batch() does: the relay then spends no syscall on it. wake=False leaves the
+        relay thread asleep until wake() (or a later connect with wake=True): one wake-up for a whole
+        accept batch instead of one per connection.
         """
         cdef sockaddr_in dst, src
         cdef int fd, one = 1, rc, err
@@ -243,7 +262,18 @@ cdef class RelayWorker:
         if rc < 0:
             raise OSError(err, _os.strerror(err))
         self._submit(conn_id, client_fd, fd, _now_ns() + <int64_t>timeout_ms * 1000000,
-                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, False)
+                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, False, client_prepared, wake)
+
+    def wake(self):
+        """Wake the relay thread for submissions made with wake=False (a no-op when none wait)."""
+        cdef uint64_t one = 1
+        cdef bint needed
+        pthread_mutex_lock(&self.lock)
+        needed = self.subs_len > 0 and not self.woken
+        self.woken = True
+        pthread_mutex_unlock(&self.lock)
+        if needed:
+            write(self.wake_fd, &one, sizeof(one))
 
     def adopt_established(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t idle_timeout_ms=0):
         """Relay an already connected socket pair, e.g. after an HTTP Upgrade was answered with 101.
@@ -258,14 +288,14 @@ cdef class RelayWorker:
         if self.stopping:
             raise RuntimeError("relay worker is stopping")
         self._submit(conn_id, client_fd, upstream_fd, 0,
-                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, True)
+                     idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, True, False, True)
 
     cdef int _submit(self, uint64_t conn_id, int client_fd, int upstream_fd, int64_t deadline,
-                     int64_t idle_ns, bint established) except -1:
+                     int64_t idle_ns, bint established, bint client_prepared, bint wake) except -1:
         cdef Submission *grown
         cdef Submission *sub
         cdef uint64_t one = 1
-        cdef bint first
+        cdef bint needed = False
         pthread_mutex_lock(&self.lock)
         if self.subs_len == self.subs_cap:
             grown = <Submission*>realloc(self.subs, (self.subs_cap * 2 + 64) * sizeof(Submission))
@@ -283,12 +313,14 @@ cdef class RelayWorker:
         sub.deadline_ns = deadline
         sub.idle_ns = idle_ns
         sub.established = established
-        first = self.subs_len == 0
+        sub.client_prepared = client_prepared
         self.subs_len += 1
         self.total_accepted += 1
+        if wake and not self.woken:
+            # One wake-up per batch: the loop takes every queued submission at once.
+            needed = self.woken = True
         pthread_mutex_unlock(&self.lock)
-        if first:
-            # Only the first submission of a batch wakes the loop; it takes the whole batch at once.
+        if needed:
             write(self.wake_fd, &one, sizeof(one))
         return 0
 
@@ -397,6 +429,9 @@ cdef class RelayWorker:
     cdef void _take_submissions(self) noexcept nogil:
         cdef Submission *batch
         cdef size_t n, i
+        pthread_mutex_lock(&self.lock)
+        self.woken = False  # before the queue is taken: a later submission must wake the loop again
+        pthread_mutex_unlock(&self.lock)
         batch = <Submission*>self._take_queue(<void**>&self.subs, &self.subs_len, &self.subs_cap, &n)
         for i in range(n):
             self._adopt(&batch[i])
@@ -408,9 +443,10 @@ cdef class RelayWorker:
         cdef int k, err = 0
         # Socket setup runs here, off the Python thread. SO_LINGER {1, 0} first: from now on a dying
         # process resets both peers. The client socket inherited the TCP options from the listener.
-        if _set_reset_on_close(s.client_fd, True) < 0 or _set_reset_on_close(s.upstream_fd, True) < 0:
+        if not s.client_prepared and (_set_reset_on_close(s.client_fd, True) < 0
+                                      or _set_nonblocking(s.client_fd) < 0):
             err = errno
-        elif _set_nonblocking(s.client_fd) < 0 or _set_tcp_options(s.upstream_fd) < 0:
+        elif _set_reset_on_close(s.upstream_fd, True) < 0 or _set_tcp_options(s.upstream_fd) < 0:
             err = errno
         elif s.established and (_set_nonblocking(s.upstream_fd) < 0 or _set_tcp_options(s.client_fd) < 0):
             err = errno
@@ -471,7 +507,9 @@ cdef class RelayWorker:
             c.writable[index] = True
         if c.state == CONNECTING:
             if index == UPSTREAM:
-                err = _sock_error(c.fds[UPSTREAM])
+                # A failed connect always raises EPOLLERR; a plain EPOLLOUT is a success, and needs no
+                # SO_ERROR read to prove it.
+                err = _sock_error(c.fds[UPSTREAM]) if events & (EPOLLERR | EPOLLHUP) else 0
                 if err != 0:
                     self._fail_connect(c, err, END_CONNECT_FAILED)
                 elif events & EPOLLOUT:

@@ -18,6 +18,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -535,6 +536,54 @@ def test_adopt_rejects_bad_descriptors(local: tuple[LocalRelay, int]) -> None:
         relay.worker.adopt_established(10**9, -1, 5)
     with pytest.raises(ValueError):
         relay.worker.adopt_established(10**9, 7, 7)
+
+
+def test_accept_batch_sockets_reset_on_close_and_deferred_wake(local: tuple[LocalRelay, int]) -> None:
+    """accept_batch's sockets carry SO_LINGER {1, 0}, from the listener (set_socket_options) or set one by
+    one, so connect(client_prepared=True) spends no syscall on them; wake=False defers the relay's
+    wake-up to wake()."""
+    relay, _ = local
+    for prepared_listener in (True, False):
+        with netns.entered(relay.ns):
+            front = socket.create_server(("127.0.0.1", 0))
+            if prepared_listener:
+                _fastpath.set_socket_options(front.fileno())
+            client = socket.create_connection(front.getsockname(), timeout=10)
+        with front, client:
+            deadline = time.monotonic() + 5
+            batch: list[tuple[int, str, int, str, int]] = []
+            while not batch and time.monotonic() < deadline:
+                front.setblocking(False)
+                batch = _fastpath.accept_batch(front.fileno())
+            ((fd, *_),) = batch
+            accepted = socket.socket(fileno=fd)
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == struct.pack("ii", 1, 0)
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            conn_id, relay.next_id = relay.next_id, relay.next_id + 1
+            live = relay.worker.live_connections
+            with netns.entered(relay.ns):
+                relay.worker.connect(
+                    conn_id,
+                    accepted.detach(),
+                    "127.0.0.1",
+                    relay.server.getsockname()[1],
+                    2000,
+                    client_prepared=True,
+                    wake=False,
+                )
+            server, _ = relay.server.accept()  # the connect itself went out at once
+            with server:
+                time.sleep(0.2)
+                assert relay.worker.live_connections == live  # not taken on yet: nobody woke the relay
+                relay.worker.wake()
+                client.sendall(b"ping")
+                server.settimeout(10)
+                assert recv_exactly(server, 4) == b"ping"
+                client.shutdown(socket.SHUT_WR)
+                assert server.recv(1) == b""
+                server.shutdown(socket.SHUT_WR)
+                assert client.recv(1) == b""
+        assert Ending(relay.completion(conn_id).ending) is Ending.CLOSED
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
