@@ -80,9 +80,11 @@ def child_main(argv: list[str]) -> None:
         if sys.stdin in readable and not sys.stdin.readline():
             break
         if front in readable:
+            # As the listener does: accept_batch's sockets need no preparation, one wake-up per batch.
             for fd, *_ in _fastpath.accept_batch(front.fileno()):
                 conn_id += 1
-                worker.connect(conn_id, fd, "127.0.0.1", backend_port, 5000)
+                worker.connect(conn_id, fd, "127.0.0.1", backend_port, 5000, client_prepared=True, wake=False)
+            worker.wake()
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(notify_fd)
         for record in worker.drain():
