@@ -2,6 +2,12 @@
 
 Each balancer sees the service's endpoints (with their live connection counts) and the set of addresses
 this connection already tried, and returns another endpoint or None. They never do I/O.
+
+Weights mean the same thing under every balancer: an endpoint with weight 2 is meant to carry twice the
+connections of one with weight 1. Round robin hands out picks in proportion to weight; least_conn and
+p2c compare load as active connections per unit of weight, and where loads tie (as they do when
+connections are short and every endpoint is idle) choose in proportion to weight, so the split
+follows the weights whether connections are long-lived or not.
 """
 
 from __future__ import annotations
@@ -11,6 +17,16 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "Endpoint",
+    "LeastConnections",
+    "PowerOfTwoChoices",
+    "RoundRobin",
+    "make_balancer",
+]
+
 
 @dataclass(eq=False)
 class Endpoint:
@@ -18,7 +34,7 @@ class Endpoint:
 
     address: str
     port: int
-    weight: int = 1
+    weight: int = 1  # >= 1, checked in __post_init__: the balancers divide by it
     node: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     active: int = 0  # connections open now
@@ -26,8 +42,15 @@ class Endpoint:
     connect_failures: int = 0
     current_weight: int = 0  # smooth weighted round robin state
 
+    def __post_init__(self) -> None:
+        if self.weight < 1:
+            raise ValueError(
+                f"endpoint {self.address}:{self.port}: weight must be at least 1, not {self.weight}"
+            )
+
     @property
     def load(self) -> float:
+        """Active connections per unit of weight: what least_conn and p2c compare."""
         return self.active / self.weight
 
 
@@ -37,6 +60,16 @@ class Balancer(Protocol):
 
 def _candidates(endpoints: Sequence[Endpoint], tried: Collection[str]) -> list[Endpoint]:
     return [e for e in endpoints if e.address not in tried] if tried else list(endpoints)
+
+
+def _weighted_choice(rng: random.Random, endpoints: Sequence[Endpoint], total_weight: int) -> int:
+    """Index of an endpoint drawn with probability weight / total_weight."""
+    point = rng.randrange(total_weight)
+    for i, e in enumerate(endpoints):
+        point -= e.weight
+        if point < 0:
+            return i
+    raise AssertionError("total_weight exceeds the sum of the weights")  # callers pass the exact sum
 
 
 class RoundRobin:
@@ -58,7 +91,8 @@ class RoundRobin:
 
 
 class LeastConnections:
-    """The endpoint with the fewest active connections per unit of weight; ties go to a random one."""
+    """The endpoint with the fewest active connections per unit of weight; a tie goes to one of the tied
+    endpoints chosen in proportion to weight (all idle: weight 2 gets twice the picks of weight 1)."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
@@ -68,12 +102,22 @@ class LeastConnections:
         if not candidates:
             return None
         lowest = min(e.load for e in candidates)
-        return self.rng.choice([e for e in candidates if e.load == lowest])
+        # Equal ratios give equal floats (a correctly rounded division of the same rational number).
+        tied = [e for e in candidates if e.load == lowest]
+        if len(tied) == 1:
+            return tied[0]
+        return tied[_weighted_choice(self.rng, tied, sum(e.weight for e in tied))]
 
 
 class PowerOfTwoChoices:
-    """Two endpoints at random, keep the less loaded: near least-connections quality at O(1) cost,
-    without every proxy herding onto the same least-loaded endpoint (Envoy least_request, Linkerd p2c)."""
+    """Weighted power of two choices: draw two distinct endpoints with probability in proportion to
+    weight, keep the one with fewer active connections per unit of weight (the first drawn on a tie).
+
+    Near least-connections quality at O(1) decisions, without every proxy herding onto the same
+    least-loaded endpoint (Envoy's least_request, Linkerd's p2c). Drawing by weight makes the split
+    follow the weights when loads tie, as they do for short connections; comparing load per unit of
+    weight makes it follow them under sustained load.
+    """
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
@@ -82,8 +126,19 @@ class PowerOfTwoChoices:
         candidates = _candidates(endpoints, tried)
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
-        a, b = self.rng.sample(candidates, 2)
-        return a if a.load <= b.load else b
+        first, second = self._draw_two(candidates)
+        return second if second.load < first.load else first
+
+    def _draw_two(self, candidates: list[Endpoint]) -> tuple[Endpoint, Endpoint]:
+        weight = candidates[0].weight
+        if all(e.weight == weight for e in candidates):  # the common case: a uniform draw
+            a, b = self.rng.sample(candidates, 2)
+            return a, b
+        total = sum(e.weight for e in candidates)
+        i = _weighted_choice(self.rng, candidates, total)
+        first = candidates[i]
+        rest = candidates[:i] + candidates[i + 1 :]
+        return first, rest[_weighted_choice(self.rng, rest, total - first.weight)]
 
 
 BALANCERS: dict[str, type[RoundRobin] | type[LeastConnections] | type[PowerOfTwoChoices]] = {

@@ -641,8 +641,8 @@ class Endpoint(_Frozen):
     address: UnicastIPv4
     node: DnsLabel | None = Field(default=None, description="Node the endpoint runs on, if known.")
     labels: dict[LabelKey, LabelValue] = Field(default={}, description="Kubernetes-style labels.")
-    # Relative share of new connections under round_robin and p2c (an endpoint with weight 2 gets
-    # twice the picks of one with weight 1); least_conn ignores it.  1 = all equal, as in Envoy.
+    # Relative share of new connections under every balancer (weight 2 carries twice the connections
+    # of weight 1; see nodeproxy/balance.py). 1 = all equal, as in Envoy.
     weight: int = Field(default=1, strict=True, ge=1, le=1000, description="Relative balancing weight.")
 
 
