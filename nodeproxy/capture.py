@@ -264,18 +264,25 @@ class InstanceLock:
     workers still draining or cleaning up after their supervisor was killed.
     """
 
-    def __init__(self, plan: CapturePlan) -> None:
+    def __init__(self, plan: CapturePlan, wait: float = 0.0) -> None:
+        """Take the lock, waiting up to `wait` seconds for its holder to go; CaptureError if it stays."""
         self.path = _lock_path(plan, "lock")
         os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             owner = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise CaptureError(
                 f"another nodeproxy (pid {owner}) owns the capture (chains {plan.chain_prefix}_*) in this "
-                f"network namespace; refusing to start a second one (lock {self.path})"
+                f"network namespace; stop it first (lock {self.path})"
             ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)

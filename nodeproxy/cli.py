@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 # The daemon supervisor's signals (nodeproxy.daemon.SUPERVISOR_SIGNALS), listed here to avoid its imports.
 _DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# Seconds `cleanup --after-stop` waits for the daemon's last processes to exit (they drain for
+# relay.drain_timeout, 5 s by default, and may wait 10 s for the xtables lock); under TimeoutStopSec.
+AFTER_STOP_WAIT = 20.0
 
 
 def _load(path: str | None) -> Config:
@@ -41,8 +44,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     plan = capture.CapturePlan.from_config(config)
-    # Never pull the rules from under a running daemon (raises CaptureError naming its pid).
-    instance = capture.InstanceLock(plan)
+    # Never pull the rules from under a running daemon (raises CaptureError naming its pid). After a stop,
+    # workers that outlived a killed supervisor may still be draining: give them time to finish.
+    instance = capture.InstanceLock(plan, wait=AFTER_STOP_WAIT if args.after_stop else 0.0)
     try:
         if args.after_stop and config.capture.on_failure == "closed":
             print("capture.on_failure is closed: capture rules left in place")

@@ -275,9 +275,23 @@ def direct_connect_works(lab: Lab) -> bool:
 
 def test_supervisor_death_fails_open_by_default(fresh_lab: Lab, tmp_path: Path) -> None:
     lab = fresh_lab
-    proxy = start_proxy(lab, tmp_path, two_workers(lab, "open"))
+    proxy = start_proxy(lab, tmp_path, two_workers(lab, "open", extra="  drain_timeout: 3s\n"))
     try:
-        kill_supervisor_and_wait_for_workers(lab, proxy)
+        with connect(lab.client_pods[0].ns, "10.96.0.11", 9000) as established:
+            established.sendall(b"before")
+            assert established.recv(8) == b"before"
+            proxy.proc.send_signal(signal.SIGKILL)
+            proxy.proc.wait()
+            proxy.wait_log("supervisor is gone; taking no new connections")
+            # While the workers drain: established connections still relayed, new ones go direct.
+            established.sendall(b"during")
+            assert established.recv(8) == b"during"
+            assert direct_connect_works(lab)
+            # systemd's ExecStopPost runs about now; it waits for the draining workers, which clean up.
+            after_stop = [sys.executable, "-m", "nodeproxy", "cleanup", "--after-stop"]
+            out = netns.run(lab.node_ns, [*after_stop, "--config", str(proxy.config_path)])
+            assert out.strip() == "nothing to remove"
+        assert not netns.pids(lab.node_ns)
         assert rules_present(lab) == (False, False, False)
         log = proxy.log()
         assert log.count("removed the capture after the supervisor died") == 1, log
