@@ -270,6 +270,14 @@ cdef int _parse_ipv4(str text, sockaddr_in *out, int port) except -1:
     return 0
 
 
+cdef bint _is_ipv4(str text, sockaddr_in *out, int port):
+    try:
+        _parse_ipv4(text, out, port)
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
 cdef str _span_text(const unsigned char *base, h1_span s):
     return (<const char*>base)[s.off:s.off + s.len].decode("latin-1")
 
@@ -473,7 +481,11 @@ cdef class HttpWorker:
             memset(&a, 0, sizeof(a))
             a.request_id = item[0]
             a.forward = True
-            _parse_ipv4(item[1], &a.dst, item[2])
+            if not 0 < item[2] < 65536 or not _is_ipv4(item[1], &a.dst, item[2]):
+                # One bad endpoint must not cost the whole batch its answers.
+                bad = f"endpoint {item[1]}:{item[2]} is not an IPv4 address and port"
+                replies = replies + [(item[0], 502, "UF", bad)]
+                continue
             a.try_timeout_ns = <int64_t>item[7] * 1000000
             a.edits = _build_edits(item[3], item[4], item[5], item[6])
             rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
@@ -501,11 +513,12 @@ cdef class HttpWorker:
                 free(a.detail)
                 raise MemoryError()
 
-    def drain(self):
+    def drain(self, bint with_headers=True):
         """Take the records, in the order the engine posted them:
 
         (HEAD, request_id, conn_id, method, target, authority, path, query, headers) with headers a
-        tuple of (lower-case name, value) str pairs (latin-1);
+        tuple of (lower-case name, value) str pairs (latin-1), empty unless with_headers (routing that
+        matches no header need not pay for them);
         (DONE, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns,
         total_ns, attempts, reused);
         (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts);
@@ -526,9 +539,10 @@ cdef class HttpWorker:
                     h = r.parsed
                     base = r.head
                     headers = []
-                    for k in range(h.nfields):
-                        headers.append((_span_text(base, h.fields[k].name).lower(),
-                                        _span_text(base, h.fields[k].value)))
+                    if with_headers:
+                        for k in range(h.nfields):
+                            headers.append((_span_text(base, h.fields[k].name).lower(),
+                                            _span_text(base, h.fields[k].value)))
                     out.append((REC_HEAD, r.request_id, r.conn_id, _span_text(base, h.method),
                                 _span_text(base, h.target), _span_text(base, h.authority),
                                 _span_text(base, h.path), _span_text(base, h.query), tuple(headers)))

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -612,8 +613,21 @@ def _mixed_traffic_then_close(lab: Lab) -> None:
 
 
 def _serve(http_port: int, ws_port: int, name: str) -> None:  # pragma: no cover - runs in a pod
-    import socketserver
+    server = make_backend(("0.0.0.0", http_port), name)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
 
+    from websockets.sync.server import ServerConnection, serve
+
+    def echo(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with serve(echo, "0.0.0.0", ws_port, max_size=None) as ws_server:
+        ws_server.serve_forever()
+
+
+def make_backend(address: tuple[str, int], name: str) -> socketserver.ThreadingTCPServer:
+    """The test backend's HTTP/1.1 server: answers show what it received (see the paths below)."""
     reasons = {200: "OK", 204: "No Content", 304: "Not Modified", 404: "Not Found"}
 
     class Handler(socketserver.BaseRequestHandler):
@@ -664,6 +678,17 @@ def _serve(http_port: int, ws_port: int, name: str) -> None:  # pragma: no cover
                     count += len(data)
             close = fields.get("connection", "").lower() == "close"
             code, extra, body = 200, "", b""
+            if target == "/until-close":  # no framing: the body ends when the server closes
+                sock.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + PATTERN[:100_000])
+                return False
+            if target == "/bad-response":
+                sock.sendall(b"HTTP/1.1 2OO Fine\r\nContent-Length: 0\r\n\r\n")
+                return False
+            if target == "/silent-close":  # keep-alive by its head, yet closed right after
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                return False
+            if target.startswith("/slow/"):
+                time.sleep(int(target.rsplit("/", 1)[1]) / 1000)
             if target.startswith("/blob/"):
                 n = int(target.rsplit("/", 1)[1])
                 sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n")
@@ -700,17 +725,7 @@ def _serve(http_port: int, ws_port: int, name: str) -> None:  # pragma: no cover
         daemon_threads = True
         request_queue_size = 1024
 
-    server = Server(("0.0.0.0", http_port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    from websockets.sync.server import ServerConnection, serve
-
-    def echo(ws: ServerConnection) -> None:
-        for message in ws:
-            ws.send(message)
-
-    with serve(echo, "0.0.0.0", ws_port, max_size=None) as ws_server:
-        ws_server.serve_forever()
+    return Server(address, Handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

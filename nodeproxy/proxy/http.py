@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -56,11 +57,21 @@ def flag_text(bits: int, local_flag: str | None = None) -> str:
     return ",".join(names) or "-"
 
 
+_FORBIDDEN_IN_FIELDS = re.compile(r"[\r\n\0]")
+
+
 def _encode_fields(fields: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    for name, value in fields:
+        # The engine checks too, but then a bad edit would fail the whole batch, not this request.
+        if not name or ":" in name or " " in name or _FORBIDDEN_IN_FIELDS.search(name + value):
+            raise ValueError(f"header edit {name!r}: {value!r} cannot be sent")
     return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in fields)
 
 
 def _encode_names(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    for name in names:
+        if not name or ":" in name or " " in name or _FORBIDDEN_IN_FIELDS.search(name):
+            raise ValueError(f"header name {name!r} cannot be removed")
     return tuple(name.encode("latin-1") for name in names)
 
 
@@ -99,7 +110,7 @@ class PendingRequest:
     service: str | None = None
     route: str | None = None
     endpoint: Endpoint | None = None
-    tried: set[str] = field(default_factory=set)
+    tried: tuple[str, ...] = ()  # endpoint addresses that failed this request (rarely any)
     local_flag: str | None = None
 
 
@@ -109,7 +120,8 @@ class HttpStats:
     local_replies: int = 0
     attempts_failed: int = 0
     connections: int = 0
-    status_classes: dict[str, int] = field(default_factory=dict)
+    # Finished requests by status class: [0] none (client left first), [1] 1xx ... [5] 5xx.
+    status_classes: list[int] = field(default_factory=lambda: [0] * 6)
 
 
 class HttpProxy:
@@ -160,6 +172,8 @@ class HttpProxy:
         self._edits: dict[int, tuple[Forward, _Edits]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self._headers_state: RoutingState | None = None
+        self._with_headers = True
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -215,8 +229,15 @@ class HttpProxy:
         """Take every worker's records and answer the request heads among them, one batch per worker."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.notify_fd)
+        state = self.routing()
+        if state is not self._headers_state:
+            # Header values are copied out of the engine only when some route matches on a header.
+            self._headers_state = state
+            self._with_headers = any(
+                r.http is not None and r.http.matched_headers for r in state.routes.values()
+            )
         for worker in self.workers:
-            records = worker.drain()
+            records = worker.drain(self._with_headers)
             if not records:
                 continue
             forwards: list[ForwardAnswer] = []
@@ -230,16 +251,23 @@ class HttpProxy:
     ) -> None:
         for record in records:
             kind = record[0]
-            if kind == _l7.HEAD:
-                self._on_head(record, forwards, replies)
-            elif kind == _l7.DONE:
-                self._on_done(record)
-            elif kind == _l7.ATTEMPT_FAILED:
-                self._on_attempt_failed(record, forwards, replies)
-            elif kind == _l7.CONN_CLOSED:
-                self._on_conn_closed(record)
-            else:
-                raise AssertionError(f"unknown engine record kind {kind}")
+            try:
+                if kind == _l7.HEAD:
+                    self._on_head(record, forwards, replies)
+                elif kind == _l7.DONE:
+                    self._on_done(record)
+                elif kind == _l7.ATTEMPT_FAILED:
+                    self._on_attempt_failed(record, forwards, replies)
+                elif kind == _l7.CONN_CLOSED:
+                    self._on_conn_closed(record)
+                else:
+                    raise AssertionError(f"unknown engine record kind {kind}")
+            except Exception:
+                # A bug in one decision must not strand the rest of the batch, nor leave this request's
+                # client waiting forever: log it with its traceback and answer 500.
+                log.exception("http record handling failed", record=record[:3])
+                if kind in (_l7.HEAD, _l7.ATTEMPT_FAILED):
+                    replies.append((record[1], 500, "IE", "internal error while routing the request"))
 
     def _on_head(
         self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
@@ -337,7 +365,7 @@ class HttpProxy:
         if endpoint is not None:
             endpoint.active -= 1
             endpoint.connect_failures += 1
-            request.tried.add(endpoint.address)
+            request.tried += (endpoint.address,)
             request.endpoint = None
         if self.access_log:
             log.warning(
@@ -370,8 +398,7 @@ class HttpProxy:
         endpoint = request.endpoint if request is not None else None
         if endpoint is not None:
             endpoint.active -= 1
-        status_class = f"{status // 100}xx" if status else "none"
-        self.stats.status_classes[status_class] = self.stats.status_classes.get(status_class, 0) + 1
+        self.stats.status_classes[status // 100] += 1  # 0: no response
         if not self.access_log:
             return
         conn = self.connections.get(conn_id)

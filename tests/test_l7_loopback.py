@@ -1,0 +1,285 @@
+"""The HTTP engine on loopback (no namespaces, no root): the test backend of test_l7 on 127.0.0.1 and
+HttpProxy / HttpWorker in this process. Covers the paths that need no pod addressing."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from nodeproxy import _l7
+from nodeproxy.config import HttpConfig, RelayConfig, parse_config
+from nodeproxy.proxy import http as http_module
+from nodeproxy.proxy.http import HttpProxy
+from nodeproxy.state.routing import StateUpdater
+from tests.test_l7 import blob, get, make_backend, read_response
+
+VIP = "10.96.0.30"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LoopbackProxy:
+    """HttpProxy on its own asyncio loop thread behind a listener on 127.0.0.1 standing for VIP:80."""
+
+    def __init__(self, endpoints: list[str], backend_port: int, connect_attempts: int = 2) -> None:
+        listed = "".join(f"      - {{address: {ip}}}\n" for ip in endpoints)
+        updater = StateUpdater()
+        updater.apply(
+            parse_config(
+                "node:\n  name: node-a\ncapture:\n  pod_cidrs: [10.244.1.0/24]\n"
+                "services:\n"
+                f"  - name: web\n    vip: {VIP}\n"
+                f"    ports: [{{port: 80, target_port: {backend_port}, protocol: http}}]\n"
+                f"    balancer: round_robin\n    endpoints:\n{listed}"
+            )
+        )
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.proxy = HttpProxy(
+            lambda: updater.current,
+            HttpConfig(),
+            RelayConfig(connect_attempts=connect_attempts),
+            access_log=False,
+            bind_source=False,
+        )
+        self.proxy.start(self.loop)
+        self.stopping = threading.Event()
+        self.ids = itertools.count(1)
+        self.threads = [
+            threading.Thread(target=self.loop.run_forever, daemon=True),
+            threading.Thread(target=self._accept, daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, (ip, port) = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.loop.call_soon_threadsafe(self.proxy.adopt, next(self.ids), conn.detach(), ip, port, VIP, 80)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[1].join(5)
+        self.listener.close()
+        asyncio.run_coroutine_threadsafe(_call(self.proxy.close), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.threads[0].join(5)
+        self.loop.close()
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[int]:
+    server = make_backend(("127.0.0.1", 0), "lo")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def proxy(backend: int) -> Iterator[LoopbackProxy]:
+    running = LoopbackProxy(["127.0.0.1"], backend)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_a_routing_error_answers_500_and_spares_the_batch(
+    proxy: LoopbackProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = http_module.decide_request  # type: ignore[attr-defined]
+
+    def broken(routes: Any, attrs: Any, tried: Any = ()) -> Any:
+        if attrs.path == "/boom":
+            raise RuntimeError("a routing bug")
+        return real(routes, attrs, tried)
+
+    monkeypatch.setattr(http_module, "decide_request", broken)
+    socks = [proxy.connect() for _ in range(6)]
+    for i, sock in enumerate(socks):
+        sock.sendall(f"GET {'/boom' if i % 2 else '/fine'} HTTP/1.1\r\nHost: web\r\n\r\n".encode())
+    for i, sock in enumerate(socks):
+        with sock.makefile("rb") as reader:
+            response = read_response(reader)
+        if i % 2:
+            assert response.status == 500 and response.header("x-nodeproxy-flags") == "IE"
+        else:
+            assert response.status == 200 and b"path=/fine" in response.body
+        sock.close()
+
+
+def test_http10_client_gets_a_chunked_response_unchunked_then_close(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    sock.sendall(b"GET /blob/300000 HTTP/1.0\r\nHost: web\r\n\r\n")
+    with sock.makefile("rb") as reader:
+        response = read_response(reader)  # no framing: reads to EOF
+    assert response.status == 200
+    assert response.header("transfer-encoding") is None and response.header("connection") == "close"
+    assert response.body == blob(300000)
+    sock.close()
+
+
+def test_until_close_response_body_then_close(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    sock.sendall(b"GET /until-close HTTP/1.1\r\nHost: web\r\n\r\n")
+    with sock.makefile("rb") as reader:
+        response = read_response(reader)
+    assert response.header("connection") == "close"
+    assert response.body == blob(100_000)
+    sock.close()
+
+
+def test_malformed_response_is_502_upe(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    with sock.makefile("rb") as reader:
+        response = get(sock, "/bad-response", reader)
+        assert response.status == 502 and response.header("x-nodeproxy-flags") == "UPE"
+        # The client connection survives an upstream's mistake.
+        assert get(sock, "/next", reader).status == 200
+    sock.close()
+
+
+def test_backend_closing_a_kept_alive_connection_is_not_the_clients_problem(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    with sock.makefile("rb") as reader:
+        for _ in range(20):
+            assert get(sock, "/silent-close", reader).status == 200
+            assert get(sock, "/after", reader).status == 200
+    sock.close()
+
+
+def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
+    # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only: connections there are refused.
+    running = LoopbackProxy(["127.0.0.2", "127.0.0.1"], backend, connect_attempts=2)
+    try:
+        for _ in range(10):
+            sock = running.connect()
+            with sock.makefile("rb") as reader:
+                assert get(sock, "/r", reader).status == 200
+            sock.close()
+        assert running.proxy.stats.attempts_failed >= 4  # round robin sends every other request there first
+    finally:
+        running.close()
+    only_dead = LoopbackProxy(["127.0.0.2"], backend, connect_attempts=2)
+    try:
+        sock = only_dead.connect()
+        with sock.makefile("rb") as reader:
+            response = get(sock, "/r", reader)
+        assert response.status == 502 and response.header("x-nodeproxy-flags") == "UF"
+        sock.close()
+    finally:
+        only_dead.close()
+
+
+# -- the engine alone (answers written by hand) --------------------------------------------------------
+
+
+class BareWorker:
+    """An HttpWorker whose decisions the test writes."""
+
+    def __init__(self) -> None:
+        self.notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.worker = _l7.HttpWorker(self.notify)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+
+    def client(self) -> socket.socket:
+        sock = socket.create_connection(self.listener.getsockname(), timeout=10)
+        accepted, _ = self.listener.accept()
+        self.worker.adopt(1, accepted.detach())
+        return sock
+
+    def wait_record(self, kind: int, timeout: float = 5) -> tuple[Any, ...]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.worker.drain():
+                if record[0] == kind:
+                    return record
+            time.sleep(0.01)
+        raise AssertionError(f"no record of kind {kind}")
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.thread.join(5)
+        self.listener.close()
+        os.close(self.notify)
+
+
+@pytest.fixture()
+def bare() -> Iterator[BareWorker]:
+    running = BareWorker()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_per_try_timeout_answers_504_ut(bare: BareWorker, backend: int) -> None:
+    sock = bare.client()
+    sock.sendall(b"GET /slow/3000 HTTP/1.1\r\nHost: web\r\n\r\n")
+    head = bare.wait_record(_l7.HEAD)
+    started = time.monotonic()
+    bare.worker.answer([(head[1], "127.0.0.1", backend, (), (), (), (), 300)], [])
+    with sock.makefile("rb") as reader:
+        response = read_response(reader)
+    elapsed = time.monotonic() - started
+    assert response.status == 504 and response.header("x-nodeproxy-flags") == "UT"
+    assert 0.25 < elapsed < 1.0, elapsed  # checked every 100 ms
+    done = bare.wait_record(_l7.DONE)
+    assert done[3] == 504 and done[4] & _l7.FLAGS["UT"]
+    sock.close()
+
+
+def test_a_bad_endpoint_address_fails_only_its_request(bare: BareWorker, backend: int) -> None:
+    first, second = bare.client(), bare.client()
+    first.sendall(b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n")
+    head_a = bare.wait_record(_l7.HEAD)
+    second.sendall(b"GET /b HTTP/1.1\r\nHost: web\r\n\r\n")
+    head_b = bare.wait_record(_l7.HEAD)
+    bare.worker.answer(
+        [
+            (head_a[1], "fe80::1", backend, (), (), (), (), 0),
+            (head_b[1], "127.0.0.1", backend, ((b"x-added", b"1"),), (b"user-agent",), (), (), 0),
+        ],
+        [],
+    )
+    with first.makefile("rb") as reader:
+        bad = read_response(reader)
+    with second.makefile("rb") as reader:
+        good = read_response(reader)
+    assert bad.status == 502 and bad.header("x-nodeproxy-flags") == "UF"
+    assert good.status == 200 and b"path=/b" in good.body
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        bare.worker.answer([(1, "127.0.0.1", backend, ((b"x-evil", b"a\r\nb: c"),), (), (), (), 0)], [])
+    first.close()
+    second.close()
