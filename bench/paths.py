@@ -1,6 +1,6 @@
 """The lab the bench runs on, the servers in it, and the three ways a client pod can reach them.
 
-Every path gets a fresh lab (namespaces `npb-node`, `npb-pod0`, `npb-be0`) with nginx and iperf3 in the
+Every path gets a fresh lab (namespaces `npb<pid>-node`, `-pod0`, `-be0`) with nginx and iperf3 in the
 backend pod be0, so one path cannot leave state behind that skews the next. The lab has no link to the
 root namespace: no benchmark packet can leave it.
 
@@ -40,7 +40,10 @@ from nodeproxy.config import Config, ConfigError, parse_config
 from nodeproxy.lab import Lab, Pod, stop_process
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAB_PREFIX = "npb"
+# One prefix per run (npb + the bench's pid in hex): Lab.up() first deletes namespaces of its own names,
+# so two benches started side by side on a shared machine with one fixed prefix took each other's labs
+# (and daemons) down.
+LAB_PREFIX = f"npb{os.getpid():x}"
 NGINX = "/usr/sbin/nginx"
 IPERF3 = "iperf3"
 NODEPROXY_PORT = 15001

@@ -3,7 +3,7 @@
     python -m bench.run [--duration 5] [--quick] [--only direct,nodeproxy,haproxy] [--workloads l4,l7]
                         [--nodeproxy-l7 auto|on|off] [--relay-threads N] [--rounds 1] [--keep-logs]
 
-Needs root (it builds network namespaces). Each path gets a fresh `npb-*` lab that is torn down in a
+Needs root (it builds network namespaces). Each path gets a fresh `npb<pid>-*` lab that is torn down in a
 `finally`, also on errors and Ctrl-C/SIGTERM; see bench/README.md for how to read the output.
 """
 
