@@ -282,13 +282,21 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
         with signals_deferred():
             lab.down()
         result.seconds = round(time.monotonic() - started, 1)
-    if result.error is not None or not result.values:
-        result.status = "failed"
-    elif any(isinstance(raw, dict) and "error" in raw for raw in result.workloads.values()):
-        result.status = "partial"
-    else:
-        result.status = "ok"
+    result.status = path_status(result)
     return result
+
+
+def path_status(result: PathResult) -> str:
+    """failed: set-up failed or nothing was measured; partial: some workload failed; ok otherwise.
+
+    A workload the path cannot run ("not available") is no failure: a path whose every selected
+    workload is not available is ok.
+    """
+    if result.error is not None or not (result.values or result.not_available):
+        return "failed"
+    if any(isinstance(raw, dict) and "error" in raw for raw in result.workloads.values()):
+        return "partial"
+    return "ok"
 
 
 # -- results -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from bench.run import (
     LABEL_WIDTH,
     PathResult,
     goals_report,
+    path_status,
     render_table,
     render_unavailable,
     run_workload,
@@ -464,3 +465,17 @@ def test_latency_client_new_connections_mode_counts_each_request_on_its_own_conn
     assert report["mode"] == "new connections"
     assert len(connections) == 50
     assert all(b"Connection: close\r\n" in head for head in connections)
+
+
+def test_path_status() -> None:
+    assert path_status(PathResult("nodeproxy", error="lab setup failed")) == "failed"
+    assert path_status(PathResult("nodeproxy")) == "failed"  # nothing measured
+    measured = PathResult("nodeproxy", values={"wrk_keepalive_rps": 1.0}, workloads={"wrk": {}})
+    assert path_status(measured) == "ok"
+    measured.workloads["h2load"] = {"error": "h2load exited 1"}
+    assert path_status(measured) == "partial"
+    # Only L7 workloads selected, none available on this path: not a failure.
+    only_na = PathResult(
+        "nodeproxy", not_available={"h1_rps": "opaque"}, workloads={"h1": {"not_available": "x"}}
+    )
+    assert path_status(only_na) == "ok"
