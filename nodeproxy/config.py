@@ -1294,9 +1294,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise _internal_error(err, source) from err
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``; like :func:`parse_config`, only raises ConfigError."""
-    source = str(path) if isinstance(path, str | os.PathLike) else repr(path)
+def _read_config_file(path: str | os.PathLike[str], source: str) -> str:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_DOCUMENT_BYTES + 1)
@@ -1306,13 +1304,24 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if len(raw) > MAX_DOCUMENT_BYTES:
         raise ConfigError(f"config file is larger than {MAX_DOCUMENT_BYTES:,} bytes (the limit)", source)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line_start = raw.rfind(b"\n", 0, err.start) + 1
         where = _at(raw.count(b"\n", 0, err.start) + 1, err.start - line_start + 1)
         raise ConfigError(
             f"{where}: config file is not valid UTF-8: {err.reason} (byte {err.start})", source
         ) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file at ``path``; like :func:`parse_config`, only raises ConfigError."""
+    source = str(path) if isinstance(path, str | os.PathLike) else repr(path)
+    try:
+        text = _read_config_file(path, source)
+    except ConfigError:
+        raise
+    except Exception as err:  # the guarantee of the docstring, as in parse_config
+        raise _internal_error(err, source) from err
     return parse_config(text, source)
 
 

@@ -8,6 +8,7 @@ file takes about 8 s of CPU (about 750 examples).
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,4 +159,10 @@ def test_alias_chains_stay_bounded(fanout: int, levels: int, where: str) -> None
     lines = ["node: {name: a}", "capture: {pod_interfaces: [eth0]}", "d0: &d0 [1]"]
     lines += [f"d{i}: &d{i} [" + ", ".join([f"*d{i - 1}"] * fanout) + "]" for i in range(1, levels)]
     lines.append(f"{where}: {{threads: *d{levels - 1}}}")
-    check_outcome(parse_config, "\n".join(lines) + "\n")
+    tracemalloc.start()
+    try:
+        check_outcome(parse_config, "\n".join(lines) + "\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # 16^11 strings if aliases were expanded; the limit keeps ~250k
