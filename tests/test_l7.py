@@ -30,10 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from nodeproxy import capture as capture_rules
 from nodeproxy import netns
+from nodeproxy.capture import CapturePlan
 from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.lab import GATEWAY, POD_CIDR, Lab, wait_listening
 from nodeproxy.proxy.http import HttpProxy
+from nodeproxy.proxy.listener import open_listener
 from nodeproxy.state.routing import StateUpdater
 from tests.conftest import running_lab
 
@@ -52,6 +55,7 @@ SERVICES = {
 }
 WEB, WS, NR, UH, UF = SERVICES
 SECOND = 100  # port offset of an engine started beside the module's
+CAPTURED = -1  # Engine.listeners key of the transparent (TPROXY) listener
 PATTERN = hashlib.sha256(b"nodeproxy").digest() * 32768  # 1 MiB, the unit of big bodies
 GIB = 1 << 30
 
@@ -94,12 +98,19 @@ def lab_config(lab: Lab) -> str:
 class Engine:
     """HttpProxy in this process, its engine threads and listeners in the lab's node namespace."""
 
-    def __init__(self, lab: Lab, http: HttpConfig, pool_max_conns: int = 1024, offset: int = 0) -> None:
-        """offset: listener ports are SERVICES' plus this, so a second engine can run beside the first."""
+    def __init__(
+        self, lab: Lab, http: HttpConfig, pool_max_conns: int = 1024, offset: int = 0, capture: bool = False
+    ) -> None:
+        """offset: listener ports are SERVICES' plus this, so a second engine can run beside the first.
+        capture: also install the daemon's TPROXY capture in the node namespace and serve its
+        transparent listener, connecting upstream from the client pod's own address, as the daemon does.
+        """
         self.lab = lab
         self.offset = offset
         updater = StateUpdater()
-        updater.apply(parse_config(lab_config(lab)))
+        config = parse_config(lab_config(lab))
+        updater.apply(config)
+        self.capture = CapturePlan.from_config(config) if capture else None
         self.loop = asyncio.new_event_loop()
         self.ids = itertools.count(1)
         self.stopping = threading.Event()
@@ -112,29 +123,37 @@ class Engine:
                 sock.listen(1024)
                 sock.settimeout(0.1)
                 self.listeners[port] = sock
+            if self.capture is not None:
+                captured = open_listener((self.capture.listen_ip, self.capture.listen_port))
+                captured.settimeout(0.1)
+                self.listeners[CAPTURED] = captured
+                capture_rules.install(self.capture)
             self.proxy = HttpProxy(
                 lambda: updater.current,
                 http,
                 RelayConfig(connect_attempts=2),
                 threads=1,
                 access_log=False,
-                bind_source=False,
+                bind_source=capture,
                 pool_max_conns=pool_max_conns,
             )
             self.proxy.start(self.loop)
         self.threads = [threading.Thread(target=self.loop.run_forever, daemon=True)]
-        self.threads += [threading.Thread(target=self._accept, args=(p,), daemon=True) for p in SERVICES]
+        self.threads += [
+            threading.Thread(target=self._accept, args=(p,), daemon=True) for p in self.listeners
+        ]
         for t in self.threads:
             t.start()
 
     def _accept(self, port: int) -> None:
         sock = self.listeners[port]
-        vip, vport = SERVICES[port]
         while not self.stopping.is_set():
             try:
                 conn, (ip, cport) = sock.accept()
             except TimeoutError:
                 continue
+            # A captured connection's local address is the destination the client dialled.
+            vip, vport = conn.getsockname() if port == CAPTURED else SERVICES[port - self.offset]
             fd = conn.detach()
             self.loop.call_soon_threadsafe(self.proxy.adopt, next(self.ids), fd, ip, cport, vip, vport)
 
@@ -148,6 +167,9 @@ class Engine:
             t.join(5)
         for sock in self.listeners.values():
             sock.close()
+        if self.capture is not None:
+            with netns.entered(self.lab.node_ns):
+                capture_rules.remove(self.capture)
         self.call(self.proxy.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.threads[0].join(5)
@@ -500,6 +522,21 @@ def test_websocket_upgrade_echo(lab: Lab, engine: Engine) -> None:
         big = os.urandom(3 << 20)
         ws.send(big)
         assert ws.recv(timeout=20) == big
+
+
+def test_captured_connection_goes_upstream_from_the_client_pods_address(lab: Lab, engine: Engine) -> None:
+    """As the daemon runs it: TPROXY capture, the pod dials the service VIP, the engine connects upstream
+    bound to the pod's address (IP_TRANSPARENT), and the backend sees the pod, not the node."""
+    captured = Engine(lab, HttpConfig(), offset=SECOND, capture=True)
+    try:
+        for client in range(2):
+            pod_ip = lab.client_pods[client].ip
+            proc = curl(lab, f"http://{SERVICES[WEB][0]}/who", "http://10.96.0.30/again", client=client)
+            assert proc.returncode == 0, proc.stderr
+            seen = re.findall(r"conn=([\d.]+):\d+", proc.stdout.decode())
+            assert seen == [pod_ip, pod_ip], proc.stdout
+    finally:
+        captured.close()
 
 
 def test_wrk_keep_alive(lab: Lab, engine: Engine) -> None:
