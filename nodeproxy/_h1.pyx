@@ -62,8 +62,10 @@ cdef enum:
     C_QDTEXT = 16  # qdtext of a quoted-string
 
 cdef enum:
-    PF_START_DONE = 1  # the start line has been parsed
-    PF_TE_OTHER = 2    # a known transfer coding other than chunked was seen
+    PF_START_DONE = 1    # the start line has been parsed
+    PF_TE_OTHER = 2      # a known transfer coding other than chunked was seen
+    PF_CONN_OTHER = 4    # Connection lists an option other than keep-alive and upgrade
+    PF_NONE_NAMED = 8    # the head is complete and Connection names no field the serializer must check
     MAX_LEADING_EMPTY_LINES = 4
     # h1_body_feed looks at most this much per call, so spans fit uint32_t.
     MAX_FEED = 1 << 30
@@ -196,6 +198,23 @@ cdef size_t _skip_quoted(const unsigned char *buf, size_t i, size_t end) noexcep
 
 # ------------------------------------------------------------------------------------------ field lines
 
+cdef inline size_t _skip_plain_words(const unsigned char *buf, size_t i, size_t end) noexcept nogil:
+    # Skip 8 bytes at a time while none is a control character (< 0x20 or 0x7F): the common case of a
+    # field value, checked without a table lookup per byte. The caller checks the rest byte by byte
+    # (HTAB, which is valid, also stops the fast path). Exact: x - 0x20.. & ~x & 0x80.. is non-zero iff
+    # some byte of x is below 0x20 (and likewise for a zero byte of x ^ 0x7F..).
+    cdef uint64_t w, x
+    cdef uint64_t ones = 0x0101010101010101ULL
+    cdef uint64_t highs = 0x8080808080808080ULL
+    while end - i >= 8:
+        memcpy(&w, buf + i, 8)
+        x = w ^ (ones * 0x7F)
+        if ((w - ones * 0x20) & ~w & highs) | ((x - ones) & ~x & highs):
+            break
+        i += 8
+    return i
+
+
 cdef int _field_line(const unsigned char *buf, size_t a, size_t b, h1_field *f, h1_head *err,
                      bint first) noexcept nogil:
     # Check one field line buf[a:b] (CRLF excluded, not empty) and set its name/value spans.
@@ -221,10 +240,12 @@ cdef int _field_line(const unsigned char *buf, size_t a, size_t b, h1_field *f, 
     ve = b
     while ve > vs and _is_ws(buf[ve - 1]):
         ve -= 1
-    for i in range(vs, ve):
+    i = _skip_plain_words(buf, vs, ve)
+    while i < ve:
         c = buf[i]
         if not (CHAR_CLASS[c] & C_VALUE):
             return _fail_char(err, c, b"control character in field value", i)
+        i += 1
     _set_span(&f.value, vs, ve - vs)
     return 0
 
@@ -325,12 +346,15 @@ cdef int _connection(const unsigned char *buf, size_t i, size_t end, h1_head *ou
         n = i - start
         if n == 0:
             return _fail_char(out, buf[i], b"invalid connection option", i)
-        if n == 5 and _ieq(buf + start, b"close", 5):
-            out.conn_close = True
-        elif n == 10 and _ieq(buf + start, b"keep-alive", 10):
+        if n == 10 and _ieq(buf + start, b"keep-alive", 10):
             out.conn_keep_alive = True
         elif n == 7 and _ieq(buf + start, b"upgrade", 7):
             out.conn_upgrade = True
+        else:
+            # Any other option may name a field to drop ("close" names the reserved field Close).
+            out.parse_flags |= PF_CONN_OTHER
+            if n == 5 and _ieq(buf + start, b"close", 5):
+                out.conn_close = True
         i = _skip_ws(buf, i, end)
         if i < end and buf[i] != 44:
             return _fail(out, 400, b"invalid connection option", i)
@@ -587,6 +611,8 @@ cdef void h1_head_init(h1_head *head) noexcept nogil:
 
 cdef int _finish_head(h1_head *out, bint is_response) noexcept nogil:
     # Rules over the whole head (RFC 9112 §6.1, §6.3; RFC 9110 §7.2).
+    if not (out.parse_flags & PF_CONN_OTHER):
+        out.parse_flags |= PF_NONE_NAMED  # Keep-Alive and Upgrade are dropped or kept by rule anyway
     if out.has_transfer_encoding:
         if out.content_length >= 0:
             return _fail(out, 400, b"content-length with transfer-encoding", 0)
@@ -1058,7 +1084,7 @@ cdef bint _forwarded(const unsigned char *src, const h1_head *head, const h1_fie
         if _span_ieq(name, n, opts.remove[k].name, opts.remove[k].name_len):
             return False
     # A client must not be able to strip Host (or, when upgrading, Upgrade) by naming it in Connection.
-    if (n == 4 and _ieq(name, b"host", 4)) or is_upgrade:
+    if (n == 4 and _ieq(name, b"host", 4)) or is_upgrade or (head.parse_flags & PF_NONE_NAMED):
         return True
     return not _named_in_connection(src, head, name, n)
 
@@ -1421,6 +1447,69 @@ cdef class H1ResponseParser(_H1Parser):
 
     cdef int _truncated_head_status(self):
         return 502
+
+
+_TARGET_FORMS = {H1_TARGET_ORIGIN: "origin", H1_TARGET_ABSOLUTE: "absolute", H1_TARGET_AUTHORITY: "authority",
+                 H1_TARGET_ASTERISK: "asterisk"}
+_METHOD_IDS = {H1_METHOD_OTHER: "OTHER", H1_METHOD_GET: "GET", H1_METHOD_HEAD: "HEAD", H1_METHOD_POST: "POST",
+               H1_METHOD_PUT: "PUT", H1_METHOD_DELETE: "DELETE", H1_METHOD_CONNECT: "CONNECT",
+               H1_METHOD_OPTIONS: "OPTIONS", H1_METHOD_TRACE: "TRACE", H1_METHOD_PATCH: "PATCH"}
+
+
+def head_info(raw: bytes, *, is_request: bool = True, max_head_bytes: int = H1_DEFAULT_MAX_HEAD_BYTES,
+              max_fields: int = H1_DEFAULT_MAX_FIELDS) -> dict:
+    """Everything h1_parse_request / h1_parse_response put in h1_head, as a dict (spans as bytes), for
+    tests and debugging. {"result": 0} for an incomplete head; errors give result, error_status, error,
+    error_off."""
+    cdef h1_limits lim
+    cdef h1_head *head = <h1_head *>PyMem_Malloc(sizeof(h1_head))
+    cdef const unsigned char *src = raw
+    cdef int r
+    if head == NULL:
+        raise MemoryError()
+    try:
+        lim.max_head_bytes = max_head_bytes
+        lim.max_fields = max_fields
+        h1_head_init(head)
+        if is_request:
+            r = h1_parse_request(src, len(raw), &lim, head)
+        else:
+            r = h1_parse_response(src, len(raw), &lim, head)
+        if r < 0:
+            return {"result": r, "error_status": head.error_status, "error": head.error.decode(),
+                    "error_off": head.error_off}
+        if r == 0:
+            return {"result": 0}
+        return {
+            "result": r,
+            "method": _span_bytes(src, head.method),
+            "method_id": _METHOD_IDS[head.method_id],
+            "target": _span_bytes(src, head.target),
+            "target_form": _TARGET_FORMS[head.target_form],
+            "path": _span_bytes(src, head.path),
+            "query": _span_bytes(src, head.query),
+            "authority": _span_bytes(src, head.authority),
+            "status": head.status,
+            "reason": _span_bytes(src, head.reason),
+            "version_minor": head.version_minor,
+            "head_len": head.head_len,
+            "fields": [(_span_bytes(src, head.fields[k].name), _span_bytes(src, head.fields[k].value))
+                       for k in range(head.nfields)],
+            "content_length": head.content_length,
+            "chunked": head.chunked,
+            "has_transfer_encoding": head.has_transfer_encoding,
+            "conn_close": head.conn_close,
+            "conn_keep_alive": head.conn_keep_alive,
+            "conn_upgrade": head.conn_upgrade,
+            "upgrade": _span_bytes(src, head.upgrade),
+            "host": _span_bytes(src, head.host),
+            "has_host": head.has_host,
+            "expect_continue": head.expect_continue,
+            "te_trailers": head.te_trailers,
+            "keep_alive": h1_should_keep_alive(head),
+        }
+    finally:
+        PyMem_Free(head)
 
 
 def sniff_request(data: bytes) -> int:

@@ -300,10 +300,99 @@ def test_largest_content_length_is_accepted() -> None:
     assert body_of(events) == b"abc"
 
 
-def test_expect_continue_and_upgrade_fields_are_seen() -> None:
-    events = parse(request(b"Host: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n") + b"x")
-    assert isinstance(events[0], RequestReceived)
-    assert body_of(events) == b"x"
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            b"\r\nPOST /a/b?c=d&e HTTP/1.1\r\nHost: h:1\r\nContent-Length: 1, 1\r\n"
+            b"Expect: 100-Continue\r\n\r\nx",
+            {
+                "method_id": "POST",
+                "target_form": "origin",
+                "path": b"/a/b",
+                "query": b"c=d&e",
+                "authority": b"h:1",
+                "host": b"h:1",
+                "content_length": 1,
+                "expect_continue": True,
+                "head_len": 85,
+                "keep_alive": True,
+            },
+        ),
+        (
+            b"GET http://x.example/?q HTTP/1.1\r\nHost: other\r\nConnection: Upgrade, close\r\n"
+            b"Upgrade: h2c\r\n\r\n",
+            {
+                "method_id": "GET",
+                "target_form": "absolute",
+                "path": b"/",
+                "query": b"q",
+                "authority": b"x.example",
+                "host": b"other",
+                "conn_upgrade": True,
+                "conn_close": True,
+                "upgrade": b"h2c",
+                "keep_alive": False,
+            },
+        ),
+        (
+            b"GET https://x.example HTTP/1.1\r\nHost: x.example\r\nTE: gzip;q=0.5, trailers\r\n\r\n",
+            {
+                "target_form": "absolute",
+                "path": b"",
+                "query": b"",
+                "authority": b"x.example",
+                "te_trailers": True,
+            },
+        ),
+        (
+            b"CONNECT x.example:443 HTTP/1.1\r\nHost: x.example:443\r\n\r\n",
+            {"method_id": "CONNECT", "target_form": "authority", "path": b"", "authority": b"x.example:443"},
+        ),
+        (
+            b"OPTIONS * HTTP/1.0\r\nExpect: 100-continue\r\nConnection: keep-alive\r\n\r\n",
+            {
+                "method_id": "OPTIONS",
+                "target_form": "asterisk",
+                "path": b"*",
+                "authority": b"",
+                "has_host": False,
+                "version_minor": 0,
+                "expect_continue": False,
+                "keep_alive": True,
+            },
+        ),
+        (
+            b"PURGE /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            {"method_id": "OTHER", "chunked": True, "has_transfer_encoding": True, "content_length": -1},
+        ),
+    ],
+)
+def test_head_fields_for_the_engine(raw: bytes, expected: dict[str, object]) -> None:
+    info = _h1.head_info(raw)
+    assert info["result"] == 1
+    assert {key: info[key] for key in expected} == expected
+
+
+def test_response_head_fields_for_the_engine() -> None:
+    info = _h1.head_info(b"HTTP/1.1 404 Not  Found\r\nContent-Length: 0\r\n\r\n", is_request=False)
+    assert (info["status"], info["reason"], info["content_length"], info["head_len"]) == (
+        404,
+        b"Not  Found",
+        0,
+        46,
+    )
+    info = _h1.head_info(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", is_request=False)
+    assert (info["result"], info["error_status"], info["error"]) == (-1, 502, "invalid content-length")
+
+
+def test_error_offset_points_at_the_rule_broken() -> None:
+    raw = request(b"Host: a\r\nX-A: b\x00c\r\n")
+    info = _h1.head_info(raw)
+    assert (info["result"], info["error_status"]) == (-1, 400)
+    offset = info["error_off"]
+    assert isinstance(offset, int) and raw[offset : offset + 1] == b"\x00"
+    assert _h1.head_info(b"GET / HTTP/1.1\r\nHost: a\r\n") == {"result": 0}
 
 
 # ------------------------------------------------------------------------------------------- chunked
@@ -641,6 +730,13 @@ def test_serializer_drops_hop_by_hop_fields() -> None:
         (b"trailer", b"X-Sum"),
         (b"transfer-encoding", b"chunked"),
     )
+
+
+def test_serializer_drops_a_field_named_by_connection_close() -> None:
+    out = serialize_head(request(b"Host: a\r\nConnection: close\r\nClose: x\r\nX-A: 1\r\n"))
+    assert out == b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n"
+    out = serialize_head(request(b"Host: a\r\nConnection: keep-alive, upgrade\r\nX-A: 1\r\n"))
+    assert out == b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n"
 
 
 def test_serializer_options() -> None:
