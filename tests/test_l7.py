@@ -153,7 +153,7 @@ class Engine:
             except TimeoutError:
                 continue
             # A captured connection's local address is the destination the client dialled.
-            vip, vport = conn.getsockname() if port == CAPTURED else SERVICES[port - self.offset]
+            vip, vport = conn.getsockname() if port == CAPTURED else SERVICES[port]
             fd = conn.detach()
             self.loop.call_soon_threadsafe(self.proxy.adopt, next(self.ids), fd, ip, cport, vip, vport)
 
