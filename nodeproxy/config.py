@@ -905,6 +905,9 @@ MAX_EXPANDED_NODES = 250_000
 #: Longest integer literal in characters: every integer in the schema fits in 32 bits, and Python
 #: refuses decimal conversions of more than 4300 digits.
 MAX_INTEGER_CHARS = 100
+#: Most problems listed in one ConfigError; the rest are counted. A file of 200,000 invalid list items
+#: would otherwise log 28 MB on a reload.
+MAX_REPORTED_PROBLEMS = 100
 
 _TAG = "tag:yaml.org,2002:"
 _ANY_TEXT = re.compile("")
@@ -1240,7 +1243,14 @@ def _node_at(root: yaml.Node, loc: Sequence[int | str]) -> yaml.Node:
 
 def _format_validation_error(err: ValidationError, root: yaml.Node | None) -> list[str]:
     lines: list[str] = []
-    for detail in err.errors(include_url=False):
+    details = err.errors(include_url=False)
+    for shown, detail in enumerate(details):
+        if len(lines) >= MAX_REPORTED_PROBLEMS:
+            lines.append(
+                f"... and {len(details) - shown:,} more problems (only the first {MAX_REPORTED_PROBLEMS} "
+                "are listed)"
+            )
+            break
         for loc, text in _describe(detail):
             if root is None:
                 lines.append(text)

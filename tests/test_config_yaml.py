@@ -19,6 +19,7 @@ from nodeproxy.config import (
     MAX_DOCUMENT_BYTES,
     MAX_EXPANDED_NODES,
     MAX_NESTING_DEPTH,
+    MAX_REPORTED_PROBLEMS,
     ConfigError,
     load_config,
     parse_config,
@@ -271,3 +272,13 @@ def test_core_schema_values_that_load() -> None:
     assert (config.relay.threads, config.relay.connect_timeout, config.relay.drain_timeout) == (2, 0.15, 2.0)
     assert config.services[0].ports[0].name == "on"
     assert config.services[0].endpoints[0].labels == {"enabled": "true", "version": "no"}
+
+
+def test_problem_list_is_capped() -> None:
+    text = HEAD + "services: [" + ", ".join(["x"] * (MAX_REPORTED_PROBLEMS + 50)) + "]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    problems = info.value.problems
+    assert len(problems) == MAX_REPORTED_PROBLEMS + 1
+    assert problems[0].startswith("line 3, column 12: services[0]: Input should be a valid dictionary")
+    assert problems[-1] == f"... and 50 more problems (only the first {MAX_REPORTED_PROBLEMS} are listed)"
