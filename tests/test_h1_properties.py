@@ -4,6 +4,7 @@ mean and accepts every head the codec accepts (the codec is the stricter of the 
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 
@@ -330,6 +331,8 @@ def test_every_request_the_codec_accepts_h11_accepts_too(raw: bytes) -> None:
     as the same message; the codec may reject more."""
     ours = H1RequestParser().feed(raw)
     assume(ours and isinstance(ours[0], RequestReceived) and any(isinstance(e, MessageEnded) for e in ours))
+    # h11 follows RFC 7230's chunk-ext, without the BWS before ";" that RFC 9112 §7.1.1 lets a recipient take.
+    assume(not re.search(rb"\n[0-9a-fA-F]+[ \t]+;", raw[raw.find(b"\r\n\r\n") :]))
     head = ours[0]
     assert isinstance(head, RequestReceived)
     seen = h11_first_request(raw)
