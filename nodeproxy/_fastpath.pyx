@@ -270,7 +270,8 @@ cdef class RelayWorker:
         cdef bint needed
         pthread_mutex_lock(&self.lock)
         needed = self.subs_len > 0 and not self.woken
-        self.woken = True
+        if needed:
+            self.woken = True  # only when signalled: `woken` promises a wake-up is on its way
         pthread_mutex_unlock(&self.lock)
         if needed:
             write(self.wake_fd, &one, sizeof(one))

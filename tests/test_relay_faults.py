@@ -563,6 +563,7 @@ def test_accept_batch_sockets_reset_on_close_and_deferred_wake(local: tuple[Loca
             assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
             conn_id, relay.next_id = relay.next_id, relay.next_id + 1
             live = relay.worker.live_connections
+            relay.worker.wake()  # nothing waits: must not stop a later submission from waking the relay
             with netns.entered(relay.ns):
                 relay.worker.connect(
                     conn_id,
