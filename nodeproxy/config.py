@@ -561,12 +561,18 @@ class HttpConfig(_Frozen):
     # as opaque TCP, so a server-first protocol (SMTP, MySQL) starts at most this late. Linkerd
     # waits 10 s there, a stall its users keep reporting.
     peek_timeout: Annotated[
-        float, BeforeValidator(_parse_duration), _seconds_between(0, 10, low_exclusive=True)
+        float,
+        BeforeValidator(_parse_duration),
+        _seconds_between(0, 10, low_exclusive=True),
+        AfterValidator(_at_least_a_millisecond),
     ] = Field(default=0.1, description="How long an auto port waits for the client to speak first.")
     # Envoy's request_headers_timeout is off by default; 10 s is nginx's client_header_timeout
     # order of magnitude and bounds what a slowloris client can hold.
     header_timeout: Annotated[
-        float, BeforeValidator(_parse_duration), _seconds_between(0, 3600, low_exclusive=True)
+        float,
+        BeforeValidator(_parse_duration),
+        _seconds_between(0, 3600, low_exclusive=True),
+        AfterValidator(_at_least_a_millisecond),
     ] = Field(default=10.0, description="A request head must arrive within this, else 408.")
     # Envoy's defaults: max_request_headers_kb 60 and max_headers_count 100.
     max_head_bytes: int = Field(
@@ -585,9 +591,12 @@ class HttpConfig(_Frozen):
     # connection before the server does and rarely reuses one the server is closing at that moment
     # (the race behind sporadic 502s with Envoy's 1 h default). A new connection one hop away costs
     # little. 0 keeps idle connections until the server closes them.
-    upstream_idle_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0, 86400)] = (
-        Field(default=4.0, description="Idle upstream connections are closed after this.")
-    )
+    upstream_idle_timeout: Annotated[
+        float,
+        BeforeValidator(_parse_duration),
+        _seconds_between(0, 86400),
+        AfterValidator(_off_or_at_least_a_millisecond),
+    ] = Field(default=4.0, description="Idle upstream connections are closed after this.")
 
 
 class ServicePort(_Frozen):

@@ -181,6 +181,14 @@ def test_idle_timeout_below_a_millisecond_is_rejected(value: str) -> None:
     assert problem.startswith("relay.idle_timeout: must be 0 (off) or at least 1ms")
 
 
+@pytest.mark.parametrize("field", ["peek_timeout", "header_timeout", "upstream_idle_timeout"])
+def test_http_timeouts_below_a_millisecond_are_rejected(field: str) -> None:
+    # The HTTP engine keeps milliseconds too: 0.5ms would become 0 (no wait at all, or "off").
+    _, problem = only_problem(HEAD + f"http: {{{field}: 0.5ms}}\n")
+    assert problem.startswith(f"http.{field}: must be")
+    assert "1ms" in problem
+
+
 def test_millisecond_values_are_exact() -> None:
     relay = parse_config(HEAD + "relay: {connect_timeout: 1ms, idle_timeout: 1001ms}\n").relay
     assert (relay.connect_timeout_ms, relay.idle_timeout_ms) == (1, 1001)
