@@ -7,6 +7,8 @@ DONE: int
 ATTEMPT_FAILED: int
 CONN_CLOSED: int
 FLAGS: dict[str, int]
+HIGH_WATER_BYTES: int
+IO_CHUNK_BYTES: int
 
 class HttpWorker:
     def __init__(
@@ -25,7 +27,7 @@ class HttpWorker:
     def live_connections(self) -> int: ...
     @property
     def upstream_connections(self) -> int: ...
-    def debug_connections(self) -> list[tuple[int, int, bool, bool, bool, int, int]]: ...
+    def debug_connections(self) -> list[tuple[int, int, bool, bool, bool, int, int, int, int]]: ...
     def adopt(self, conn_id: int, client_fd: int, source_ip: str | None = None) -> None: ...
     def answer(
         self,

@@ -50,6 +50,8 @@ HEAD = REC_HEAD
 DONE = REC_DONE
 ATTEMPT_FAILED = REC_ATTEMPT_FAILED
 CONN_CLOSED = REC_CONN_CLOSED
+HIGH_WATER_BYTES = HIGH_WATER
+IO_CHUNK_BYTES = IO_CHUNK
 
 # Response flag bits of DONE / ATTEMPT_FAILED records, by their Envoy names.
 FLAGS = {
@@ -432,12 +434,14 @@ cdef class HttpWorker:
         return self.upstreams
 
     def debug_connections(self):
-        """[(conn_id, state, readable, writable, peer_eof, bytes in, bytes out)]: for debugging only, it reads
-        the engine thread's structures without a lock."""
+        """[(conn_id, state, readable, writable, peer_eof, client in, client out, upstream in, upstream out)]
+        with the bytes each buffer holds. For tests and debugging only: it reads the engine thread's
+        structures without a lock, so call it while the engine is quiet."""
         cdef Down *d = self.downs
         out = []
         while d != NULL:
-            out.append((d.conn_id, d.state, d.readable, d.writable, d.peer_eof, _held(&d.inb), _held(&d.outb)))
+            out.append((d.conn_id, d.state, d.readable, d.writable, d.peer_eof, _held(&d.inb), _held(&d.outb),
+                        _held(&d.up.inb) if d.up != NULL else 0, _held(&d.up.outb) if d.up != NULL else 0))
             d = d.next
         return out
 

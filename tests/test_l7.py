@@ -688,6 +688,8 @@ def make_backend(address: tuple[str, int], name: str) -> socketserver.ThreadingT
                 n, _, v = h.decode("latin-1").partition(":")
                 headers.append((n.strip().lower(), v.strip()))
             fields = dict(headers)
+            if target.startswith("/stall/"):  # reads the request body only after a while
+                time.sleep(int(target.rsplit("/", 1)[1]) / 1000)
             if fields.get("expect", "").lower() == "100-continue":
                 sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             digest, count, trailers = hashlib.sha256(), 0, []
@@ -745,7 +747,7 @@ def make_backend(address: tuple[str, int], name: str) -> socketserver.ThreadingT
                     "Connection: x-backend-hop\r\nX-Backend-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
                     "X-Backend-End: 1\r\n"
                 )
-            elif target.startswith("/sink"):
+            elif target.startswith(("/sink", "/stall/")):
                 body = f"{digest.hexdigest()} {count} {';'.join(trailers)}".encode()
             else:
                 body = f"backend={name} conn={peer} path={target}".encode()

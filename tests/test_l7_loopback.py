@@ -4,6 +4,7 @@ HttpProxy / HttpWorker in this process. Covers the paths that need no pod addres
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import socket
@@ -174,6 +175,42 @@ def test_backend_closing_a_kept_alive_connection_is_not_the_clients_problem(prox
         for _ in range(20):
             assert get(sock, "/silent-close", reader).status == 200
             assert get(sock, "/after", reader).status == 200
+    sock.close()
+
+
+def test_backpressure_bounds_what_the_engine_holds_both_ways(proxy: LoopbackProxy) -> None:
+    """Bodies stream: while the client does not read a 64 MiB response, or the backend does not read a
+    64 MiB request, the engine holds at most about HIGH_WATER + IO_CHUNK per buffer, not the body."""
+    worker = proxy.proxy.workers[0]
+    head_room = 61440 + 1024  # a buffer may also hold up to a head's worth of unparsed bytes
+    size = 64 << 20
+    sock = proxy.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # small, so the engine feels it soon
+    sock.sendall(f"GET /blob/{size} HTTP/1.1\r\nHost: web\r\n\r\n".encode())
+    time.sleep(1.0)
+    (_, _, _, _, _, client_in, client_out, upstream_in, upstream_out), *_ = worker.debug_connections()
+    assert client_out <= _l7.HIGH_WATER_BYTES + _l7.IO_CHUNK_BYTES + head_room, client_out
+    assert upstream_in <= _l7.IO_CHUNK_BYTES + head_room, upstream_in
+    with sock.makefile("rb") as reader:
+        assert read_response(reader).body == blob(size)
+    sock.close()
+
+    sock = proxy.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    body = blob(size)
+    sender = threading.Thread(
+        target=sock.sendall,
+        args=(f"POST /stall/1500 HTTP/1.1\r\nHost: web\r\nContent-Length: {size}\r\n\r\n".encode() + body,),
+    )
+    sender.start()
+    time.sleep(1.0)  # the backend reads nothing for 1.5 s
+    (_, _, _, _, _, client_in, client_out, upstream_in, upstream_out), *_ = worker.debug_connections()
+    assert client_in <= _l7.IO_CHUNK_BYTES + head_room, client_in
+    assert upstream_out <= _l7.HIGH_WATER_BYTES + _l7.IO_CHUNK_BYTES + head_room, upstream_out
+    sender.join(30)
+    with sock.makefile("rb") as reader:
+        answer = read_response(reader).body.split()
+    assert answer[:2] == [hashlib.sha256(body).hexdigest().encode(), str(size).encode()]
     sock.close()
 
 
