@@ -184,6 +184,7 @@ class OutboundListener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False  # set once the relay stops: connect failures are then refused, not retried
+        self._relays_to_wake = False  # connections were submitted without waking their relay thread
         self.relay_config = relay
 
     @property
@@ -260,16 +261,19 @@ class OutboundListener:
             return
         now = time.monotonic()
         next_id = self._ids.__next__
-        next_worker = self.pool.next_worker
+        relay = self.pool.next_worker
         connections = self.connections
         cap = self.connection_cap
         self.stats.accepted += len(batch)
-        for fd, client_ip, client_port, orig_ip, orig_port in batch:
-            conn = Connection(next_id(), fd, client_ip, client_port, orig_ip, orig_port, now, next_worker())
-            if len(connections) >= cap:
-                self._refuse(conn, f"connection limit reached ({cap} in this worker)")
-                continue
-            self._dispatch(conn)
+        try:
+            for fd, client_ip, client_port, orig_ip, orig_port in batch:
+                conn = Connection(next_id(), fd, client_ip, client_port, orig_ip, orig_port, now, relay())
+                if len(connections) >= cap:
+                    self._refuse(conn, f"connection limit reached ({cap} in this worker)")
+                    continue
+                self._dispatch(conn)
+        finally:
+            self._wake_relays()
         if self.on_load_change is not None:
             self.on_load_change(len(connections))
 
@@ -315,6 +319,8 @@ class OutboundListener:
         self.connections[conn.id] = conn
         try:
             # Positional arguments only: Cython parses keywords far more slowly, once per connection.
+            # The client socket comes from accept_batch (non-blocking, SO_LINGER set: "prepared"), and
+            # the relay thread is woken once for the whole batch (_wake_relays), not per connection.
             conn.worker.connect(
                 conn.id,
                 conn.client_fd,
@@ -323,12 +329,22 @@ class OutboundListener:
                 self._connect_timeout_ms,
                 conn.client_ip,
                 self._idle_timeout_ms,
+                True,
+                False,
             )
+            self._relays_to_wake = True
         except OSError as err:
             del self.connections[conn.id]
             if conn.endpoint is not None:
                 conn.endpoint.active -= 1
             self._connect_failed(conn, err.errno or 0)
+
+    def _wake_relays(self) -> None:
+        """One wake-up per relay thread for everything submitted since the last one."""
+        if self._relays_to_wake:
+            self._relays_to_wake = False
+            for worker in self.pool.workers:
+                worker.wake()
 
     def _refuse(self, conn: Connection, reason: str) -> None:
         """Reset the client; the connection is not (or no longer) in self.connections."""
@@ -351,17 +367,20 @@ class OutboundListener:
     # -- completions -----------------------------------------------------------------------------------
 
     def _on_completions(self) -> None:
-        for record in self.pool.completions():
-            try:
-                self._on_completion(record)
-            except Exception as err:  # one bad record must not lose the rest of the batch
-                self.stats.dispatch_errors += 1
-                log.error(
-                    "completion handling failed",
-                    conn=record.conn_id,
-                    error=repr(err),
-                    traceback=traceback.format_exc(),
-                )
+        try:
+            for record in self.pool.completions():
+                try:
+                    self._on_completion(record)
+                except Exception as err:  # one bad record must not lose the rest of the batch
+                    self.stats.dispatch_errors += 1
+                    log.error(
+                        "completion handling failed",
+                        conn=record.conn_id,
+                        error=repr(err),
+                        traceback=traceback.format_exc(),
+                    )
+        finally:
+            self._wake_relays()  # retries on another endpoint
         if self.on_load_change is not None:
             self.on_load_change(len(self.connections))
 
