@@ -983,6 +983,8 @@ cdef class HttpWorker:
             return
         if p.conns >= self.pool_max_conns:
             d.state = D_WAIT_CONN
+            # The per-try timeout covers the wait for a connection too.
+            d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
             d.waiting_pool = p
             d.wait_next = NULL
             d.wait_prev = p.wait_tail
@@ -1750,7 +1752,7 @@ cdef class HttpWorker:
                     else:
                         self._local_reply(d, 408, "DPE", FLAG_DPE, "request head not received in time", 33, True)
                         self._drive(d)
-                elif d.state == D_EXCHANGE and not d.resp_head_sent:
+                elif d.state == D_WAIT_CONN or d.state == D_EXCHANGE and not d.resp_head_sent:
                     self._local_reply(d, 504, "UT", FLAG_UT, "upstream did not answer in time", 31,
                                       not d.req_done)
                     self._drive(d)

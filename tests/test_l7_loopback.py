@@ -243,9 +243,9 @@ def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
 class BareWorker:
     """An HttpWorker whose decisions the test writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool_max_conns: int = 1024) -> None:
         self.notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.worker = _l7.HttpWorker(self.notify)
+        self.worker = _l7.HttpWorker(self.notify, pool_max_conns=pool_max_conns)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -295,6 +295,29 @@ def test_per_try_timeout_answers_504_ut(bare: BareWorker, backend: int) -> None:
     done = bare.wait_record(_l7.DONE)
     assert done[3] == 504 and done[4] & _l7.FLAGS["UT"]
     sock.close()
+
+
+def test_a_request_waiting_for_a_pooled_connection_times_out_504(backend: int) -> None:
+    bare = BareWorker(pool_max_conns=1)
+    try:
+        slow, waiting = bare.client(), bare.client()
+        slow.sendall(b"GET /slow/1500 HTTP/1.1\r\nHost: web\r\n\r\n")
+        bare.worker.answer([(bare.wait_record(_l7.HEAD)[1], "127.0.0.1", backend, (), (), (), (), 0)], [])
+        time.sleep(0.1)
+        waiting.sendall(b"GET /queued HTTP/1.1\r\nHost: web\r\n\r\n")
+        head = bare.wait_record(_l7.HEAD)
+        started = time.monotonic()
+        bare.worker.answer([(head[1], "127.0.0.1", backend, (), (), (), (), 300)], [])
+        with waiting.makefile("rb") as reader:
+            response = read_response(reader)
+        assert response.status == 504 and response.header("x-nodeproxy-flags") == "UT"
+        assert time.monotonic() - started < 1.0
+        with slow.makefile("rb") as reader:
+            assert read_response(reader).status == 200  # the pool's one connection was busy all along
+        slow.close()
+        waiting.close()
+    finally:
+        bare.close()
 
 
 def test_a_bad_endpoint_address_fails_only_its_request(bare: BareWorker, backend: int) -> None:
