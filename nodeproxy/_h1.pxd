@@ -20,6 +20,8 @@ cdef enum:
     H1_FIELDS_CAP = 128
     # Longest chunk-size line (size, extensions, CRLF) h1_body_feed accepts; longer -> 400.
     H1_MAX_CHUNK_LINE = 4096
+    # Room h1_chunk_header needs: 16 hex digits and CRLF.
+    H1_CHUNK_HEADER_MAX = 18
 
 
 cdef enum h1_method:
@@ -175,7 +177,9 @@ cdef void h1_head_init(h1_head *head) noexcept nogil
 #       resumes where it stopped, so a head fed byte by byte costs O(total), not O(total^2));
 #   -1  error: out.error_status / out.error / out.error_off say why; the connection is done.
 # A head longer than lim.max_head_bytes (complete or not) is error 431; more than lim.max_fields field
-# lines is 431. Leading empty lines (CRLF) before the request line are skipped (RFC 9112 §2.2).
+# lines is 431. Leading empty lines (CRLF) before the request line are skipped (at most 4; RFC 9112
+# §2.2). Once a call returned 1 or -1, later calls with the same `out` return the same (h1_head_init
+# starts the next message).
 cdef int h1_parse_request(const unsigned char *buf, size_t len, const h1_limits *lim,
                           h1_head *out) noexcept nogil
 
@@ -237,3 +241,17 @@ cdef int h1_body_eof(h1_body *body) noexcept nogil
 cdef ssize_t h1_serialize_head(const unsigned char *src, const h1_head *head, bint is_request,
                                const h1_serialize_opts *opts, unsigned char *dst,
                                size_t cap) noexcept nogil
+
+# Write the chunk-size line for a chunk of `size` payload bytes ("1a2b\r\n"; size 0 gives the last-chunk
+# line "0\r\n") into dst, which has room for H1_CHUNK_HEADER_MAX bytes. Returns the bytes written. The
+# chunk's payload follows, then "\r\n" (for size > 0); after the last chunk come the trailer fields and
+# "\r\n" (h1_serialize_trailers writes both).
+cdef size_t h1_chunk_header(uint64_t size, unsigned char *dst) noexcept nogil
+
+# Serialize the end of a chunked body: "0\r\n", the fields of `trailers` (spans into `src`, e.g. from
+# h1_parse_trailers) minus the ones a head would not forward either (hop-by-hop, framing) and opts.remove,
+# then opts.add, then "\r\n". Only opts.add / nadd / remove / nremove are used. Returns the bytes written,
+# -1 if cap is too small, -2 for an invalid added field. `trailers` may be NULL (no fields).
+cdef ssize_t h1_serialize_trailers(const unsigned char *src, const h1_head *trailers,
+                                   const h1_serialize_opts *opts, unsigned char *dst,
+                                   size_t cap) noexcept nogil

@@ -31,7 +31,7 @@ elements, leading zeros in sizes, and a status line without the SP before an emp
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, memset
 
 from nodeproxy.proxy.http_events import (
     ConnectionClosed,
@@ -651,6 +651,10 @@ cdef int _parse_head(const unsigned char *buf, size_t len, const h1_limits *lim,
     cdef int empty_lines = 0
     cdef const unsigned char *lf
     cdef h1_field *f
+    if out.error_status:
+        return -1
+    if out.head_len:
+        return 1
     if not (out.parse_flags & PF_START_DONE):
         pos = 0
         if not is_response:
@@ -1177,6 +1181,55 @@ cdef ssize_t h1_serialize_head(const unsigned char *src, const h1_head *head, bi
     return <ssize_t>pos
 
 
+cdef size_t h1_chunk_header(uint64_t size, unsigned char *dst) noexcept nogil:
+    cdef const char *digits = b"0123456789abcdef"
+    cdef int n = 1
+    cdef int k
+    while n < 16 and (size >> (4 * n)) != 0:
+        n += 1
+    for k in range(n):
+        dst[n - 1 - k] = <unsigned char>digits[(size >> (4 * k)) & 15]
+    dst[n] = 13
+    dst[n + 1] = 10
+    return <size_t>(n + 2)
+
+
+cdef ssize_t h1_serialize_trailers(const unsigned char *src, const h1_head *trailers,
+                                   const h1_serialize_opts *opts, unsigned char *dst,
+                                   size_t cap) noexcept nogil:
+    cdef size_t pos = 0
+    cdef uint32_t k
+    cdef const h1_field *f
+    cdef const h1_field_ref *ref
+    cdef h1_serialize_opts filter_opts
+    for k in range(opts.nadd):
+        if not _valid_added_field(&opts.add[k]):
+            return -2
+    # The same filter as for heads, never keeping Upgrade (it has no meaning in a trailer section).
+    filter_opts = opts[0]
+    filter_opts.upgrading = False
+    if not _put_str(dst, cap, &pos, b"0\r\n", 3):
+        return -1
+    if trailers != NULL:
+        for k in range(trailers.nfields):
+            f = &trailers.fields[k]
+            if not _forwarded(src, trailers, f, &filter_opts):
+                continue
+            if not (_put(dst, cap, &pos, src + f.name.off, f.name.len) and _put_str(dst, cap, &pos, b": ", 2)
+                    and _put(dst, cap, &pos, src + f.value.off, f.value.len)
+                    and _put_str(dst, cap, &pos, b"\r\n", 2)):
+                return -1
+    for k in range(opts.nadd):
+        ref = &opts.add[k]
+        if not (_put(dst, cap, &pos, ref.name, ref.name_len) and _put_str(dst, cap, &pos, b": ", 2)
+                and _put(dst, cap, &pos, ref.value, ref.value_len)
+                and _put_str(dst, cap, &pos, b"\r\n", 2)):
+            return -1
+    if not _put_str(dst, cap, &pos, b"\r\n", 2):
+        return -1
+    return <ssize_t>pos
+
+
 # ------------------------------------------------------------------------------------------- Python API
 
 cdef enum:
@@ -1510,6 +1563,69 @@ def head_info(raw: bytes, *, is_request: bool = True, max_head_bytes: int = H1_D
         }
     finally:
         PyMem_Free(head)
+
+
+def chunk_header(size: int) -> bytes:
+    """The chunk-size line for a chunk of `size` bytes (h1_chunk_header)."""
+    cdef unsigned char out[H1_CHUNK_HEADER_MAX]
+    if not 0 <= size < 2**64:
+        raise ValueError(f"chunk size out of range: {size}")
+    return out[:h1_chunk_header(size, out)]
+
+
+def serialize_trailers(raw_fields: bytes, *, add: object = (), remove: object = ()) -> bytes:
+    """Parse trailer field lines (each ending in CRLF) and serialize the end of a chunked body
+    (h1_serialize_trailers); ValueError if they do not parse or an added field is invalid."""
+    cdef h1_limits lim
+    cdef h1_head *fields = <h1_head *>PyMem_Malloc(sizeof(h1_head))
+    cdef h1_serialize_opts opts
+    cdef h1_field_ref *refs = NULL
+    cdef list add_list = [(bytes(n), bytes(v)) for n, v in add]
+    cdef list remove_list = [bytes(n) for n in remove]
+    cdef Py_ssize_t k
+    cdef Py_ssize_t nadd = len(add_list)
+    cdef bytes name, value
+    cdef bytearray out
+    cdef ssize_t written
+    cdef size_t cap
+    cdef const unsigned char *src = raw_fields
+    if fields == NULL:
+        raise MemoryError()
+    try:
+        h1_limits_default(&lim)
+        if h1_parse_trailers(src, len(raw_fields), &lim, fields) < 0:
+            raise ValueError(fields.error.decode())
+        refs = <h1_field_ref *>PyMem_Malloc(sizeof(h1_field_ref) * (nadd + len(remove_list) + 1))
+        if refs == NULL:
+            raise MemoryError()
+        for k in range(nadd):
+            name, value = add_list[k]
+            refs[k].name = name
+            refs[k].name_len = len(name)
+            refs[k].value = value
+            refs[k].value_len = len(value)
+        for k in range(len(remove_list)):
+            name = remove_list[k]
+            refs[nadd + k].name = name
+            refs[nadd + k].name_len = len(name)
+            refs[nadd + k].value = NULL
+            refs[nadd + k].value_len = 0
+        memset(&opts, 0, sizeof(opts))
+        opts.add = refs
+        opts.nadd = nadd
+        opts.remove = refs + nadd
+        opts.nremove = len(remove_list)
+        cap = len(raw_fields) + 8 + sum(len(n) + len(v) + 4 for n, v in add_list)
+        out = bytearray(cap)
+        written = h1_serialize_trailers(src, fields, &opts, <unsigned char *>PyByteArray_AS_STRING(out), cap)
+        if written == -2:
+            raise ValueError("invalid field to add")
+        if written < 0:
+            raise AssertionError("serialize_trailers: output capacity computed too small")
+        return bytes(out[:written])
+    finally:
+        PyMem_Free(refs)
+        PyMem_Free(fields)
 
 
 def sniff_request(data: bytes) -> int:

@@ -821,3 +821,35 @@ def test_payload_before_a_body_error_in_the_same_feed_is_delivered() -> None:
     events = parse(CHUNKED_HEAD + b"1\r\na\r\n1\r\nb\r\n0\r\nX-T : y\r\n\r\n")
     assert body_of(events) == b"ab"
     assert only_error(events).reason == "whitespace between field name and colon"
+
+
+def test_serialize_trailers_filters_like_a_head() -> None:
+    raw = b"Grpc-Status: 0\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n"
+    raw += b"Connection: x-hop\r\nX-Hop: 1\r\n"
+    out = _h1.serialize_trailers(raw, add=[(b"x-added", b"1")], remove=[b"GRPC-STATUS"])
+    assert out == b"0\r\nx-added: 1\r\n\r\n"
+    assert _h1.serialize_trailers(b"") == b"0\r\n\r\n"
+    events = parse(
+        CHUNKED_HEAD + _h1.chunk_header(3) + b"abc\r\n" + _h1.serialize_trailers(b"Grpc-Status: 0\r\n")
+    )
+    assert [e for e in events if isinstance(e, TrailersReceived)] == [
+        TrailersReceived(1, ((b"grpc-status", b"0"),))
+    ]
+    assert events[-1] == MessageEnded(1)
+    with pytest.raises(ValueError, match="invalid field to add"):
+        _h1.serialize_trailers(b"", add=[(b"x", b"\r\n")])
+    with pytest.raises(ValueError, match="whitespace between field name and colon"):
+        _h1.serialize_trailers(b"X : 1\r\n")
+
+
+def test_chunk_header() -> None:
+    assert [_h1.chunk_header(n) for n in (0, 1, 15, 16, 0xABCDEF, 2**64 - 1)] == [
+        b"0\r\n",
+        b"1\r\n",
+        b"f\r\n",
+        b"10\r\n",
+        b"abcdef\r\n",
+        b"ffffffffffffffff\r\n",
+    ]
+    with pytest.raises(ValueError):
+        _h1.chunk_header(-1)
