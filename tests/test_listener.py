@@ -7,7 +7,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
@@ -26,13 +26,24 @@ from nodeproxy.state.routing import RoutingState, StateUpdater
 
 
 def make_listener(
-    relay: RelayConfig, worker: int = 0, workers: int = 1, started: bool = False
+    relay: RelayConfig,
+    worker: int = 0,
+    workers: int = 1,
+    started: bool = False,
+    on_load_change: Callable[[int], None] | None = None,
 ) -> OutboundListener:
     pool = RelayPool(1, 65536)
     if started:
         pool.start()
     return OutboundListener(
-        ("127.0.0.1", 1), relay, StateUpdater(), pool, access_log=True, worker=worker, workers=workers
+        ("127.0.0.1", 1),
+        relay,
+        StateUpdater(),
+        pool,
+        access_log=True,
+        worker=worker,
+        workers=workers,
+        on_load_change=on_load_change,
     )
 
 
@@ -140,7 +151,8 @@ def test_an_exception_while_dispatching_resets_that_client_only(
     monkeypatch.setattr(listener_module, "decide", decide)
     monkeypatch.setattr(OutboundListener, "_route_and_connect", route)
     loop = asyncio.new_event_loop()
-    listener = make_listener(RelayConfig(), started=True)
+    loads: list[int] = []  # what the worker publishes to the reuseport load table
+    listener = make_listener(RelayConfig(), started=True, on_load_change=loads.append)
     fds_before = len(os.listdir("/proc/self/fd"))
     try:
         listener.start(loop, front)
@@ -158,6 +170,7 @@ def test_an_exception_while_dispatching_resets_that_client_only(
         (error,) = [entry for entry in logs if entry["log_level"] == "error"]
         assert "ZeroDivisionError" in str(error["traceback"]) and error["conn"] == 2
         assert len(listener.connections) == 2  # the failed one is not tracked (and not leaked)
+        assert loads == [0, 2]  # zeroed at start, then the live connections after the batch
     finally:
         for client in clients:
             client.close()
