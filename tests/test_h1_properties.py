@@ -212,6 +212,35 @@ def test_serialized_head_round_trips_without_hop_by_hop_fields(message: Message,
     assert normalized(H1RequestParser().feed(forwarded + message.raw[head_end + 2 :])) == expected
 
 
+plain_value_bytes = st.lists(st.integers(0x20, 0x7E) | st.integers(0x80, 0xFF), max_size=70)
+control_bytes = st.sampled_from([0x00, 0x01, 0x08, 0x0B, 0x0C, 0x1B, 0x1F, 0x7F])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    plain_value_bytes,
+    st.lists(st.tuples(st.integers(0, 80), control_bytes), max_size=2),
+    st.binary(max_size=9),
+)
+def test_field_value_check_agrees_with_the_grammar_at_every_alignment(
+    plain: list[int], bad: list[tuple[int, int]], pad: bytes
+) -> None:
+    """The value check skips 8 bytes at a time; whatever the alignment of a control byte it is found,
+    and obs-text next to it never hides it."""
+    value = bytearray(plain)
+    for where, byte in bad:
+        value.insert(where % (len(value) + 1), byte)
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad-" + pad.hex().encode() + b": " + value + b"\r\n\r\n"
+    events = H1RequestParser().feed(raw)
+    if not bad:
+        head = events[0]
+        assert isinstance(head, RequestReceived), events
+        assert head.headers[1][1] == bytes(value).strip(b" \t")
+    else:
+        error = events[-1]
+        assert isinstance(error, ProtocolErrored) and error.status == 400, events
+
+
 def check_invariants(events: list[Event], parser: H1RequestParser | H1ResponseParser) -> None:
     errors = [i for i, e in enumerate(events) if isinstance(e, ProtocolErrored)]
     assert errors in ([], [len(events) - 1]), events
