@@ -1,7 +1,13 @@
-"""L4 load balancers: pick an endpoint for a new connection.
+"""Load balancers: pick an endpoint for a new connection (L4) or a request (L7).
 
-Each balancer sees the service's endpoints (with their live connection counts) and the set of addresses
-this connection already tried, and returns another endpoint or None. They never do I/O.
+Each balancer sees the service's endpoints (with their live connection or in-flight request counts) and
+the set of addresses this connection or request already tried, and returns another endpoint or None.
+They never do I/O; the ones that need time or randomness take an injected clock and random source.
+
+Balancers: ``peak_ewma`` (Linkerd's model: power of two choices on a peak-sensitive moving average
+of response time times the requests in flight), ``p2c`` (power of two choices on in-flight load, the
+least-request balancer), ``least_conn`` and ``round_robin``. :class:`PreferLocal` wraps any of them to
+keep traffic on the caller's node when a healthy endpoint there exists.
 
 Weights mean the same thing under every balancer: an endpoint with weight 2 is meant to carry twice the
 connections of one with weight 1. Round robin hands out picks in proportion to weight; least_conn and
@@ -12,20 +18,36 @@ follows the weights whether connections are long-lived or not.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
     "BALANCERS",
+    "DEFAULT_EWMA_DECAY",
+    "DEFAULT_RTT",
     "Balancer",
+    "Clock",
     "Endpoint",
     "LeastConnections",
+    "PeakEwma",
     "PowerOfTwoChoices",
+    "PreferLocal",
     "RoundRobin",
+    "SkipUnhealthy",
     "make_balancer",
 ]
+
+Clock = Callable[[], float]
+"""Seconds on a monotonic clock (time.monotonic in production, a fake in tests)."""
+
+# Linkerd's defaults (linkerd2-proxy, tower's PeakEwma): an unmeasured endpoint is assumed to answer
+# in 30 ms, and a sample's weight in the estimate halves in about 7 s (time constant 10 s).
+DEFAULT_RTT = 0.030
+DEFAULT_EWMA_DECAY = 10.0
 
 
 @dataclass(eq=False)
@@ -41,6 +63,10 @@ class Endpoint:
     total: int = 0  # connections ever picked
     connect_failures: int = 0
     current_weight: int = 0  # smooth weighted round robin state
+    # Peak-EWMA state: the response-time estimate (seconds) as of rtt_updated_at (clock seconds);
+    # rtt_updated_at is None until the first sample, while the balancer's default RTT stands in.
+    rtt_estimate: float = 0.0
+    rtt_updated_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight < 1:
@@ -56,6 +82,10 @@ class Endpoint:
 
 class Balancer(Protocol):
     def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None: ...
+
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        """Record how long `endpoint` took to answer (seconds); only latency-aware balancers use it."""
+        ...
 
 
 def _candidates(endpoints: Sequence[Endpoint], tried: Collection[str]) -> list[Endpoint]:
@@ -89,6 +119,9 @@ class RoundRobin:
         best.current_weight -= total
         return best
 
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        """Round robin ignores latency."""
+
 
 class LeastConnections:
     """The endpoint with the fewest active connections per unit of weight; a tie goes to one of the tied
@@ -107,6 +140,9 @@ class LeastConnections:
         if len(tied) == 1:
             return tied[0]
         return tied[_weighted_choice(self.rng, tied, sum(e.weight for e in tied))]
+
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        """Least connections ignores latency."""
 
 
 class PowerOfTwoChoices:
@@ -129,24 +165,171 @@ class PowerOfTwoChoices:
         first, second = self._draw_two(candidates)
         return second if second.load < first.load else first
 
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        """Least-request P2C compares in-flight load only."""
+
     def _draw_two(self, candidates: list[Endpoint]) -> tuple[Endpoint, Endpoint]:
-        weight = candidates[0].weight
-        if all(e.weight == weight for e in candidates):  # the common case: a uniform draw
-            a, b = self.rng.sample(candidates, 2)
-            return a, b
-        total = sum(e.weight for e in candidates)
-        i = _weighted_choice(self.rng, candidates, total)
-        first = candidates[i]
-        rest = candidates[:i] + candidates[i + 1 :]
-        return first, rest[_weighted_choice(self.rng, rest, total - first.weight)]
+        return _draw_two(self.rng, candidates)
 
 
-BALANCERS: dict[str, type[RoundRobin] | type[LeastConnections] | type[PowerOfTwoChoices]] = {
+def _draw_two(rng: random.Random, candidates: list[Endpoint]) -> tuple[Endpoint, Endpoint]:
+    """Two distinct endpoints, each drawn with probability in proportion to weight (len >= 2)."""
+    weight = candidates[0].weight
+    if all(e.weight == weight for e in candidates):  # the common case: a uniform draw
+        a, b = rng.sample(candidates, 2)
+        return a, b
+    total = sum(e.weight for e in candidates)
+    i = _weighted_choice(rng, candidates, total)
+    first = candidates[i]
+    rest = candidates[:i] + candidates[i + 1 :]
+    return first, rest[_weighted_choice(rng, rest, total - first.weight)]
+
+
+class PeakEwma:
+    """Power of two choices on cost = response-time estimate x (requests in flight + 1) / weight.
+
+    Linkerd's balancer (tower's PeakEwma). The estimate is an exponentially weighted moving average
+    of response times with time constant `decay` seconds, but peak-sensitive: a sample above the
+    estimate replaces it at once, so an endpoint that turns slow loses traffic on its first slow
+    answer, while one that turns fast again wins traffic back only as the average decays. Between
+    samples the estimate decays toward zero with the same time constant, so an endpoint that lost all
+    traffic is probed again after a while instead of never (a 55 ms endpoint among 5 ms ones after
+    about decay x ln(11) = 24 s), and a sample below the decayed estimate is blended in with weight
+    1 - exp(-time since the last sample / decay). Before its first sample an endpoint
+    costs `default_rtt`. In-flight requests are `Endpoint.active`, which the caller keeps (+1 when a
+    request is sent, -1 when it ends); multiplying by them makes a queue of requests on one endpoint
+    as expensive as slowness.
+
+    The caller reports each response time with :meth:`observe` (for HTTP: request sent to response
+    head received; at L4: connect time).
+    """
+
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        default_rtt: float = DEFAULT_RTT,
+        decay: float = DEFAULT_EWMA_DECAY,
+    ) -> None:
+        if not default_rtt > 0 or not decay > 0:
+            raise ValueError(f"default_rtt ({default_rtt}) and decay ({decay}) must be positive")
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.default_rtt = default_rtt
+        self.decay = decay
+
+    def estimate(self, endpoint: Endpoint, now: float) -> float:
+        """The endpoint's response-time estimate at `now` (seconds), decayed since its last sample."""
+        if endpoint.rtt_updated_at is None:
+            return self.default_rtt
+        elapsed = max(0.0, now - endpoint.rtt_updated_at)
+        return endpoint.rtt_estimate * math.exp(-elapsed / self.decay)
+
+    def cost(self, endpoint: Endpoint, now: float) -> float:
+        return self.estimate(endpoint, now) * (endpoint.active + 1) / endpoint.weight
+
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        if not rtt >= 0 or math.isinf(rtt):
+            raise ValueError(f"response time must be finite and >= 0, not {rtt}")
+        now = self.clock()
+        current = self.estimate(endpoint, now)
+        if endpoint.rtt_updated_at is None or rtt > current:
+            endpoint.rtt_estimate = rtt  # the peak (or first sample) is taken at once
+        else:
+            # A sample's weight grows with the time since the last one: after a long quiet spell the
+            # new sample dominates, after a burst each one moves the estimate only a little.
+            kept = math.exp(-max(0.0, now - endpoint.rtt_updated_at) / self.decay)
+            endpoint.rtt_estimate = current * kept + rtt * (1.0 - kept)
+        endpoint.rtt_updated_at = now
+
+    def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
+        candidates = _candidates(endpoints, tried)
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        first, second = _draw_two(self.rng, candidates)
+        now = self.clock()
+        return second if self.cost(second, now) < self.cost(first, now) else first
+
+
+class SkipUnhealthy:
+    """Picks among the endpoints `healthy` accepts (outlier detection's ``is_available``); when none
+    of the untried ones is healthy it picks among all of them rather than fail the request (Envoy's
+    panic mode: a guess at a possibly recovered endpoint beats a certain 503)."""
+
+    def __init__(self, inner: Balancer, healthy: Callable[[Endpoint], bool]) -> None:
+        self.inner = inner
+        self.healthy = healthy
+
+    def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
+        usable = [e for e in endpoints if e.address not in tried and self.healthy(e)]
+        if usable:
+            return self.inner.pick(usable, ())
+        return self.inner.pick(endpoints, tried)
+
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        self.inner.observe(endpoint, rtt)
+
+
+class PreferLocal:
+    """Keeps requests on `node` when it can: picks among the endpoints on that node that are not yet
+    tried and that `healthy` accepts (outlier detection plugs in here); only when there is none
+    does it pick among all endpoints. The inner balancer does the picking either way."""
+
+    def __init__(
+        self,
+        inner: Balancer,
+        node: str,
+        healthy: Callable[[Endpoint], bool] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.node = node
+        self.healthy = healthy
+
+    def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
+        local = [
+            e
+            for e in endpoints
+            if e.node == self.node and e.address not in tried and (self.healthy is None or self.healthy(e))
+        ]
+        if local:
+            return self.inner.pick(local, ())
+        return self.inner.pick(endpoints, tried)
+
+    def observe(self, endpoint: Endpoint, rtt: float) -> None:
+        self.inner.observe(endpoint, rtt)
+
+
+BALANCERS: dict[str, type[RoundRobin] | type[LeastConnections] | type[PowerOfTwoChoices] | type[PeakEwma]] = {
     "round_robin": RoundRobin,
     "least_conn": LeastConnections,
     "p2c": PowerOfTwoChoices,
+    "peak_ewma": PeakEwma,
 }
 
 
-def make_balancer(name: str) -> Balancer:
-    return BALANCERS[name]()
+def make_balancer(
+    name: str,
+    *,
+    clock: Clock = time.monotonic,
+    rng: random.Random | None = None,
+    default_rtt: float = DEFAULT_RTT,
+    decay: float = DEFAULT_EWMA_DECAY,
+    local_node: str | None = None,
+    healthy: Callable[[Endpoint], bool] | None = None,
+) -> Balancer:
+    """The balancer called `name` (a key of BALANCERS); wrapped in SkipUnhealthy when `healthy` is
+    given, then in PreferLocal when `local_node` is. `default_rtt` and `decay` apply to peak_ewma."""
+    balancer: Balancer
+    if name == "peak_ewma":
+        balancer = PeakEwma(clock, rng, default_rtt, decay)
+    elif name == "round_robin":
+        balancer = RoundRobin()
+    elif name == "least_conn":
+        balancer = LeastConnections(rng)
+    elif name == "p2c":
+        balancer = PowerOfTwoChoices(rng)
+    else:
+        raise ValueError(f"unknown balancer {name!r}; known: {', '.join(sorted(BALANCERS))}")
+    if healthy is not None:
+        balancer = SkipUnhealthy(balancer, healthy)
+    return PreferLocal(balancer, local_node, healthy) if local_node is not None else balancer
