@@ -178,3 +178,22 @@ def test_an_exception_while_dispatching_resets_that_client_only(
         loop.close()
     assert listener.connections == {}
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_load_is_republished_while_idle() -> None:
+    """The kernel program counts every connection it hands out, even a SYN that never completes; an
+    idle worker must still correct its published load."""
+    front = socket.create_server(("127.0.0.1", 0))
+    loads: list[int] = []
+    loop = asyncio.new_event_loop()
+    listener = make_listener(RelayConfig(), started=True, on_load_change=loads.append)
+    try:
+        listener.start(loop, front)
+        loop.run_until_complete(asyncio.sleep(2.2))
+        assert loads == [0, 0, 0]
+        listener.stop_accepting()
+        loop.run_until_complete(asyncio.sleep(1.1))
+        assert len(loads) == 3  # not after the listener stopped
+    finally:
+        listener.close()
+        loop.close()

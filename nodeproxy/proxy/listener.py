@@ -41,6 +41,7 @@ FDS_PER_RELAY_THREAD_FALLBACK = 2 + 2 * 128
 FDS_SPARE = 32
 ACCEPT_BATCH = 128
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
+LOAD_REFRESH_INTERVAL = 1.0  # seconds between publications of a worker's load besides batch ends
 LOCAL_ENDING_NAME = "local_resources"  # access-log `ending` of a connection this host could not carry
 
 assert FDS_PER_CONNECTION >= 2, "a connection holds at least its two sockets"
@@ -185,6 +186,7 @@ class OutboundListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False  # set once the relay stops: connect failures are then refused, not retried
         self._relays_to_wake = False  # connections were submitted without waking their relay thread
+        self._load_timer: asyncio.TimerHandle | None = None
         self.relay_config = relay
 
     @property
@@ -207,8 +209,8 @@ class OutboundListener:
         sock.setblocking(False)
         self._sock, self._loop = sock, loop
         self.warn_if_descriptors_cap_connections()
-        if self.on_load_change is not None:
-            self.on_load_change(0)  # a replacement worker does not inherit its predecessor's load
+        # Zero at once (a replacement worker does not inherit its predecessor's load), then refreshed.
+        self._publish_load_periodically()
         loop.add_reader(sock.fileno(), self._on_acceptable)
         loop.add_reader(self.pool.notify_fd, self._on_completions)
 
@@ -233,7 +235,19 @@ class OutboundListener:
             fd_limit_needed=self.fds_reserved + share * FDS_PER_CONNECTION,
         )
 
+    def _publish_load_periodically(self) -> None:
+        """Publish the live connections every LOAD_REFRESH_INTERVAL too, not only after batches: the
+        kernel program counts every connection it hands out, also a SYN that never became one, and
+        an idle worker would otherwise keep that inflated count."""
+        if self.on_load_change is None or self._loop is None or self._sock is None:
+            return
+        self.on_load_change(len(self.connections))
+        self._load_timer = self._loop.call_later(LOAD_REFRESH_INTERVAL, self._publish_load_periodically)
+
     def stop_accepting(self) -> None:
+        if self._load_timer is not None:
+            self._load_timer.cancel()
+            self._load_timer = None
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
