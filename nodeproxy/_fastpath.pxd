@@ -15,6 +15,7 @@ cdef extern from "<errno.h>" nogil:
         ENFILE
         ENOMEM
         ENOBUFS
+        ENOSPC
         EIO
 
 
@@ -201,7 +202,7 @@ cdef enum:
     FDS_PER_CONN = 6
     # Descriptors a RelayWorker holds whatever its load: its epoll instance and its wake-up eventfd.
     FDS_PER_WORKER = 2
-    GROW_RETRY_NS = 1000000000  # after the kernel refused to grow a pipe, try again after 1 s
+    GROW_RETRY_NS = 1000000000  # after the kernel refused a new pipe or a bigger one, try again after 1 s
     WAIT_MAX_MS = 60000         # longest epoll_wait with no timer due (stop() wakes the loop anyway)
 
 
@@ -306,6 +307,8 @@ cdef class RelayWorker:
     cdef uint64_t total_accepted
     cdef int64_t now_ns           # the loop's clock, read once per epoll_wait return
     cdef int64_t grow_refused_ns  # when the kernel last refused to grow a pipe (EPERM past the limits)
+    cdef int64_t pipe_refused_ns  # when pipe2() last failed, and why (0: it did not)
+    cdef int pipe_error
     cdef pthread_mutex_t lock
     cdef Submission *subs
     cdef size_t subs_len

@@ -494,8 +494,10 @@ cdef class RelayWorker:
             ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
             ev.data.ptr = &c.sides[k]
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, c.fds[k], &ev) < 0:
-                # ENOMEM or ENOSPC (max_user_watches): this host's limit, not the peer's fault.
-                self._finish(c, END_LOCAL_RESOURCES, errno)
+                err = errno
+                # ENOMEM or ENOSPC (max_user_watches) are this host's limits, not the peer's fault.
+                self._finish(c, END_LOCAL_RESOURCES if err == ENOSPC or _is_local_shortage(err)
+                             else (END_CLIENT_RESET if k == CLIENT else END_UPSTREAM_RESET), err)
                 return
 
     cdef void _on_event(self, Conn *c, int index, uint32_t events) noexcept nogil:
@@ -541,17 +543,24 @@ cdef class RelayWorker:
     # -- pipes -------------------------------------------------------------------------------------
 
     cdef int _take_pipe(self, Direction *d) noexcept nogil:
+        """Lend a pipe to `d`: 0, or the errno why there is none (EMFILE/ENFILE: copy without one)."""
         # A pipe is lent to a direction only while it holds bytes, so an idle connection costs two fds.
         cdef int p[2]
         cdef int *slot
-        cdef int cap
+        cdef int cap, err
         if self.pipes_pooled > 0:
             self.pipes_pooled -= 1
             slot = &self.pipe_pool[3 * self.pipes_pooled]
             d.pipe_r, d.pipe_w, d.pipe_cap = slot[0], slot[1], <size_t>slot[2]
             return 0
+        if self.pipe_error != 0 and self.now_ns - self.pipe_refused_ns < GROW_RETRY_NS:
+            # Refused a moment ago: do not pay a failing pipe2() for every 16 KiB copied meanwhile.
+            return self.pipe_error
         if pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0:
-            return -1
+            self.pipe_error = errno
+            self.pipe_refused_ns = self.now_ns
+            return self.pipe_error
+        self.pipe_error = 0
         # The real size: 64 KiB by default, but without CAP_SYS_RESOURCE past fs.pipe-user-pages-soft
         # the kernel hands out 2-page pipes (1 page on kernels before 5.14).
         cap = fcntl(p[1], F_GETPIPE_SZ)
@@ -560,9 +569,10 @@ cdef class RelayWorker:
             if cap <= 0:
                 cap = fcntl(p[1], F_GETPIPE_SZ)
         if cap <= 0:
+            err = errno
             close(p[0])
             close(p[1])
-            return -1
+            return err
         d.pipe_r, d.pipe_w, d.pipe_cap = p[0], p[1], <size_t>cap
         return 0
 
@@ -611,7 +621,7 @@ cdef class RelayWorker:
         cdef int dst = 1 - src
         cdef Direction *d = &c.dirs[src]
         cdef ssize_t n
-        cdef int turns = READS_PER_TURN, queued = 0
+        cdef int turns = READS_PER_TURN, queued = 0, err
         while True:
             if d.in_pipe > 0:
                 if not c.writable[dst]:
@@ -649,12 +659,14 @@ cdef class RelayWorker:
                 self._queue_ready(c)
                 return 0
             turns -= 1
-            if d.bulk and d.pipe_r < 0 and self._take_pipe(d) < 0:
-                if not _is_local_shortage(errno):
-                    self._abort(c, src, errno)
-                    return -1
-                # No pipe to be had (EMFILE/ENFILE): carry on through the copy buffer, not abort.
-                d.bulk = False
+            if d.bulk and d.pipe_r < 0:
+                err = self._take_pipe(d)
+                if err != 0:
+                    if not _is_local_shortage(err):
+                        self._abort(c, src, err)
+                        return -1
+                    # No pipe to be had (EMFILE/ENFILE): carry on through the copy buffer, not abort.
+                    d.bulk = False
             if not d.bulk:
                 if self._read_copy(c, d, src) < 0:
                     return -1
@@ -732,7 +744,8 @@ cdef class RelayWorker:
         can be one or two pages), and there may be no pipe at all (EMFILE): no byte is ever dropped.
         """
         cdef ssize_t kept = 0
-        if d.pipe_r >= 0 or self._take_pipe(d) == 0:
+        cdef int err = 0 if d.pipe_r >= 0 else self._take_pipe(d)
+        if err == 0:
             kept = write(d.pipe_w, data, length)
             if kept < 0:
                 if errno != EAGAIN:
@@ -742,8 +755,8 @@ cdef class RelayWorker:
             d.in_pipe += kept
             if d.in_pipe == 0:
                 self._give_pipe(d)
-        elif not _is_local_shortage(errno):
-            self._abort(c, src, errno)
+        elif not _is_local_shortage(err):
+            self._abort(c, src, err)
             return -1
         if <size_t>kept < length:
             if d.spill == NULL:
