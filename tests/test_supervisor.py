@@ -405,3 +405,40 @@ def test_sigint_while_starting_stops_the_daemon_cleanly(fresh_lab: Lab, tmp_path
     finally:
         stop_process(proxy.proc)
         cleanup(lab, proxy)
+
+
+# -- defects 3 and 4: a hostile file on SIGHUP is rejected and the daemon keeps serving ---------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
+)
+HOSTILE_FILES = {
+    "impossible date": "node: {name: 2024-02-30}\n",
+    "date as a VIP": "services:\n  - {name: web, vip: 2024-13-45, ports: [{port: 80}]}\n",
+    "deep nesting": "node: " + "[" * 500 + "]" * 500 + "\n",
+    "alias bomb": ALIAS_BOMB,
+    "not UTF-8": "node: {name: \udcff}\n",
+}
+
+
+def test_hostile_files_on_sighup_are_rejected_and_the_daemon_keeps_serving(
+    fresh_lab: Lab, tmp_path: Path
+) -> None:
+    """Before the fix the date and nesting cases escaped reload() as ValueError/RecursionError and took
+    the daemon down (rules removed, workers killed); the alias bomb stalled the supervisor for seconds."""
+    lab = fresh_lab
+    good = lab.config_yaml()
+    proxy = start_proxy(lab, tmp_path, good)
+    try:
+        for number, (name, text) in enumerate(HOSTILE_FILES.items(), start=1):
+            proxy.config_path.write_bytes(text.encode("utf-8", "surrogateescape"))
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda n=number: proxy.log().count("config reload rejected") >= n, 10, name)
+            assert time.monotonic() - started < 3, f"{name}: the supervisor took too long"
+            assert proxy.proc.poll() is None, f"{name}: the daemon died:\n{proxy.log()[-3000:]}"
+            assert "backend=" in http_get(lab.client_pods[0].ns, "10.96.0.10", 80), name
+        assert "Traceback" not in proxy.log()
+        assert rules_present(lab) == (True, True, True)
+    finally:
+        stop_process(proxy.proc)
