@@ -5,6 +5,7 @@ and signals that arrive while the daemon starts."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -421,6 +422,10 @@ HOSTILE_FILES = {
 }
 
 
+def rejections_reach(proxy: RunningProxy, count: int) -> bool:
+    return proxy.log().count("config reload rejected") >= count
+
+
 def test_hostile_files_on_sighup_are_rejected_and_the_daemon_keeps_serving(
     fresh_lab: Lab, tmp_path: Path
 ) -> None:
@@ -434,7 +439,7 @@ def test_hostile_files_on_sighup_are_rejected_and_the_daemon_keeps_serving(
             proxy.config_path.write_bytes(text.encode("utf-8", "surrogateescape"))
             started = time.monotonic()
             proxy.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda n=number: proxy.log().count("config reload rejected") >= n, 10, name)
+            wait_for(functools.partial(rejections_reach, proxy, number), 10, name)
             assert time.monotonic() - started < 3, f"{name}: the supervisor took too long"
             assert proxy.proc.poll() is None, f"{name}: the daemon died:\n{proxy.log()[-3000:]}"
             assert "backend=" in http_get(lab.client_pods[0].ns, "10.96.0.10", 80), name
