@@ -22,7 +22,7 @@ from nodeproxy.proxy.relay import Completion, Ending
 
 pytestmark = pytest.mark.netns
 
-# Sizes around the relay's thresholds: BULK_EXIT (4 KiB), COPY_SIZE (16 KiB), PIPE_START (64 KiB).
+# Sizes around the relay's thresholds: BULK_EXIT (4 KiB), COPY_SIZE (16 KiB), a default pipe (64 KiB).
 SIZES = st.sampled_from([1, 7, 4095, 4096, 4097, 16383, 16384, 16385, 65536, 65537, 300_000])
 
 

@@ -147,7 +147,7 @@ def test_slow_reader_does_not_make_the_proxy_buffer(lab: Lab, proxy: RunningProx
                     if time.monotonic() - stalled_since > 0.5:
                         break
                     time.sleep(0.01)
-            # Client and backend socket buffers (autotuned, a few MiB each) plus one 64 KiB pipe.
+            # Client and backend socket buffers (autotuned, a few MiB each) plus a pipe (at most pipe_size).
             assert stalled_since is not None, f"client never blocked after {written} bytes"
             assert written < 48 << 20, f"proxy accepted {written} bytes for a reader that reads nothing"
             # Once the reader reads, everything arrives intact.
