@@ -37,6 +37,7 @@ from nodeproxy.config import Config
 log = structlog.get_logger("nodeproxy.capture")
 
 _AF_INET = 2
+_RTN_LOCAL = 2  # rtnetlink route type of `ip route local ...`
 _SCOPE_HOST = 254  # local routes must be host-scoped or the kernel rejects them (EINVAL)
 # iptables-legacy serialises every change through the xtables lock (/run/xtables.lock), which other agents
 # (kube-proxy, CNIs) may hold for seconds. Each install/remove waits for it at most this long in all, then
@@ -219,11 +220,9 @@ def remove(plan: CapturePlan, lock_budget: float = IPTABLES_LOCK_BUDGET) -> list
         for rule in _our_rules(ipr, plan):
             _fwmark_rule(ipr, "del", plan, rule.get("priority"))
             removed.append(f"ip rule fwmark {plan.mark:#x}/{plan.mask:#x} lookup {plan.table}")
-        routes = ipr.get_routes(family=_AF_INET, table=plan.table)
-        for route in routes:
-            if route.get_attr("RTA_TABLE") == plan.table:
-                _local_route(ipr, "del", plan, oif=route.get_attr("RTA_OIF"))
-                removed.append(f"ip route local 0.0.0.0/0 table {plan.table}")
+        for route in _our_routes(ipr, plan):
+            _local_route(ipr, "del", plan, oif=route.get_attr("RTA_OIF"))
+            removed.append(f"ip route local 0.0.0.0/0 table {plan.table}")
     return removed
 
 
@@ -243,6 +242,13 @@ def _our_rules(ipr: IPRoute, plan: CapturePlan) -> list[Any]:  # pyroute2 messag
         r
         for r in ipr.get_rules(family=_AF_INET)
         if r.get_attr("FRA_TABLE") == plan.table and r.get_attr("FRA_FWMARK") == plan.mark
+    ]
+
+
+def _our_routes(ipr: IPRoute, plan: CapturePlan) -> list[Any]:
+    """The routes of our table (the kernel may return other tables' routes when asked for one)."""
+    return [
+        r for r in ipr.get_routes(family=_AF_INET, table=plan.table) if r.get_attr("RTA_TABLE") == plan.table
     ]
 
 
@@ -334,13 +340,29 @@ class SurvivorLock:
 
 
 def installed_summary(plan: CapturePlan) -> str:
-    """What is installed now, as iptables-save and ip rule would show it (for `nodeproxy capture show`)."""
-    save = subprocess.run(
-        ["iptables-save", "-t", "mangle"], capture_output=True, text=True, timeout=30
-    ).stdout
-    ours = [line for line in save.splitlines() if plan.chain_prefix in line]
-    rules = subprocess.run(["ip", "rule", "show"], capture_output=True, text=True).stdout
-    routes = subprocess.run(
-        ["ip", "route", "show", "table", str(plan.table)], capture_output=True, text=True
-    ).stdout
-    return "\n".join([*ours, rules.rstrip(), routes.rstrip()])
+    """What is installed now (for `nodeproxy capture show`): our iptables rules as iptables-save prints
+    them, then our policy routing read over netlink, in `ip rule` / `ip route` notation."""
+    # iptables-save takes no lock (it only reads), so no -w and no lock budget.
+    save = subprocess.run(["iptables-save", "-t", "mangle"], capture_output=True, text=True, timeout=30)
+    if save.returncode != 0:
+        raise CaptureError(f"iptables-save failed: {save.stderr.strip()}")
+    lines = [line for line in save.stdout.splitlines() if plan.chain_prefix in line]
+    with IPRoute() as ipr:
+        lines.extend(describe_rule(rule) for rule in _our_rules(ipr, plan))
+        lines.extend(describe_route(route) for route in _our_routes(ipr, plan))
+    return "\n".join(lines)
+
+
+def describe_rule(rule: Any) -> str:
+    """One of our fwmark rules the way `ip rule show` prints it."""
+    mask = rule.get_attr("FRA_FWMASK")
+    fwmark = f"{rule.get_attr('FRA_FWMARK'):#x}" + (f"/{mask:#x}" if mask is not None else "")
+    return f"{rule.get_attr('FRA_PRIORITY')}:\tfrom all fwmark {fwmark} lookup {rule.get_attr('FRA_TABLE')}"
+
+
+def describe_route(route: Any) -> str:
+    """One of our table routes the way `ip route show table <table>` prints it (dev as an index)."""
+    kind = "local" if route["type"] == _RTN_LOCAL else f"type {route['type']}"
+    dst = route.get_attr("RTA_DST")
+    where = f"{dst}/{route['dst_len']}" if dst else "default"
+    return f"{kind} {where} dev #{route.get_attr('RTA_OIF')} table {route.get_attr('RTA_TABLE')}"
