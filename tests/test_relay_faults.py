@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import resource
 import secrets
 import select
@@ -352,6 +353,7 @@ class LocalRelay:
     server: socket.socket
     next_id: int = 1
     records: dict[int, Completion] = field(default_factory=dict)
+    arrivals: dict[int, float] = field(default_factory=dict)  # when each record was drained
 
     def pair(self) -> tuple[socket.socket, socket.socket]:
         """Two connected TCP pairs in the namespace: (client, proxy side) and (proxy side, server)."""
@@ -368,6 +370,7 @@ class LocalRelay:
                 os.eventfd_read(self.notify_fd)
             for record in self.worker.drain():
                 self.records[record[0]] = Completion._make(record)
+                self.arrivals[record[0]] = time.monotonic()
             if conn_id in self.records:
                 return self.records.pop(conn_id)
             select.select([self.notify_fd], [], [], 0.02)
@@ -500,6 +503,60 @@ def test_idle_timeout_is_exact_and_spares_busy_connections(local: tuple[LocalRel
         assert busy_client.recv(1) == b""
         assert 0.35 < time.monotonic() - quiet < 0.65
     assert Ending(relay.completion(busy_id).ending) is Ending.IDLE_TIMEOUT
+
+
+def test_connect_deadlines_fire_in_order_among_many(local: tuple[LocalRelay, int]) -> None:
+    """The timer heap under churn: 300 connects to a black hole with shuffled deadlines, interleaved with
+    connections that succeed and end (their timers leave the middle of the heap). Each timeout fires at
+    its own deadline, not before, not much after."""
+    relay, _ = local
+    drop = ["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"]
+    netns.run(relay.ns, drop)
+    deadlines: dict[int, float] = {}
+    kept: list[socket.socket] = []
+    try:
+        timeouts_ms = [50 + 5 * i for i in range(300)]  # the first fire while others are set up
+        random.Random(6).shuffle(timeouts_ms)
+        for i, timeout_ms in enumerate(timeouts_ms):
+            near, far = socket.socketpair()  # stands in for a client; handed back on timeout
+            near.setblocking(False)
+            kept.append(far)
+            conn_id, relay.next_id = relay.next_id, relay.next_id + 1
+            deadlines[conn_id] = time.monotonic() + timeout_ms / 1000
+            with netns.entered(relay.ns):
+                relay.worker.connect(conn_id, near.detach(), "127.0.0.1", 9, timeout_ms, client_prepared=True)
+            if i % 10 == 0:
+                ok_id, client, server, _ = relay.relayed(idle_timeout_ms=60_000)
+                with client, server:
+                    client.shutdown(socket.SHUT_WR)
+                    assert server.recv(1) == b""
+                    server.shutdown(socket.SHUT_WR)
+                    assert client.recv(1) == b""
+                assert Ending(relay.completion(ok_id).ending) is Ending.CLOSED
+        arrived: dict[int, float] = {}
+        give_up = time.monotonic() + 10
+        while len(arrived) < len(deadlines) and time.monotonic() < give_up:
+            records = [(r, time.monotonic()) for r in map(Completion._make, relay.worker.drain())]
+            # Those that came in while the successful connections were being waited for:
+            records += [
+                (relay.records.pop(i), relay.arrivals[i]) for i in list(relay.records) if i in deadlines
+            ]
+            for record, when in records:
+                assert record.conn_id in deadlines, record
+                assert Ending(record.ending) is Ending.CONNECT_TIMEOUT and record.client_fd >= 0, record
+                os.close(record.client_fd)
+                arrived[record.conn_id] = when
+            select.select([relay.notify_fd], [], [], 0.005)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(relay.notify_fd)
+        assert arrived.keys() == deadlines.keys()
+        late = sorted(arrived[conn_id] - deadline for conn_id, deadline in deadlines.items())
+        assert late[0] > -0.002, late[:5]  # none fired before its deadline
+        assert late[len(late) // 2] < 0.05 and late[-1] < 0.5, late[-10:]
+    finally:
+        netns.run(relay.ns, ["iptables", "-D", *drop[2:]])
+        for sock in kept:
+            sock.close()
 
 
 def test_closed_connection_leaves_no_epoll_entry(local: tuple[LocalRelay, int]) -> None:
