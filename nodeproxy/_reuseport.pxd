@@ -73,6 +73,7 @@ cdef extern from "<linux/bpf.h>" nogil:
         BPF_JA
         BPF_JEQ
         BPF_JGE
+        BPF_JLT
         BPF_JNE
         BPF_CALL
         BPF_EXIT

@@ -4,11 +4,12 @@ the less loaded of two workers, built and loaded with raw bpf(2) calls (no libbp
 
 The kernel spreads the connections of a SO_REUSEPORT group over its sockets by 4-tuple hash. That is
 fair for many short connections, but a few long bulk flows can land on one worker while another idles
-(iperf3 -P 4 over two workers: 3 + 1 half the time). The program (attached to the group, so it also runs
-for TPROXY's listener lookup, which passes the SYN to the reuseport selection) does, per new connection:
+(iperf3 -P 4 over two workers: 3 + 1 or 4 + 0 more than half the time). The program (attached to the
+group, so it also runs for TPROXY's listener lookup, which passes the SYN to the reuseport selection)
+does, per new connection:
 
     i = hash % n;  j = (i + 1 + (hash >> 16) % (n - 1)) % n      two distinct workers, from the hash
-    pick j if load[j] < load[i] else i                           ties keep the hash's choice
+    pick whichever has the lower load; a tie goes to the lower index (as Envoy's exact_balance)
     bpf_sk_select_reuseport(sockets[pick]);  on success load[pick] += 1 (atomic)
 
 `load` is a BPF_F_MMAPABLE array of one u64 per worker: the supervisor maps it before forking, so each
@@ -129,7 +130,10 @@ def program(int workers, int load_fd, int sock_fd):
         _load(BPF_DW, R1, FP, -16),
         _load(BPF_DW, R2, R1, 0),
         _load(BPF_DW, R3, R0, 0),
-        _jump(BPF_JGE, R3, "keep_first", src=R2),                # load[j] >= load[i]: keep i
+        _jump(BPF_JLT, R3, "take_second", src=R2),               # load[j] < load[i]: take j
+        _jump(BPF_JNE, R3, "keep_first", src=R2),                # load[j] > load[i]: keep i
+        _jump(BPF_JGE, R9, "keep_first", src=R8),                # a tie goes to the lower index
+        ("label", "take_second"),
         _alu64_reg(BPF_MOV, R7, R0),
         _store(BPF_W, FP, -12, R9),
         _jump(BPF_JA, 0, "select"),

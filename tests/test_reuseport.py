@@ -76,6 +76,25 @@ def test_connections_go_to_the_less_loaded_listener() -> None:
             table.close()
 
 
+def test_two_workers_take_turns() -> None:
+    """Equal loads go to the lower index, so with two workers connections alternate (like Envoy's
+    exact_balance): a control connection and then four streams leave two streams on each worker."""
+    with reuseport_group(2) as socks:
+        table = _reuseport.attach_least_loaded([s.fileno() for s in socks])
+        try:
+            order = []
+            clients = []
+            for _ in range(9):
+                clients.append(socket.create_connection(socks[0].getsockname(), timeout=5))
+                counts = accepted_per_listener(socks, 1)
+                order.append(counts.index(1))
+            assert order == [0, 1, 0, 1, 0, 1, 0, 1, 0]
+            for client in clients:
+                client.close()
+        finally:
+            table.close()
+
+
 @pytest.mark.parametrize("workers", [2, 3, 4])
 def test_a_burst_is_spread_evenly(workers: int) -> None:
     """The kernel's hash gives uneven shares of a burst; counting each hand-out evens them out."""
