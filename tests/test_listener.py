@@ -4,6 +4,7 @@ while dispatching one connection of a batch (issue 6, defects 2 and 14)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from nodeproxy.proxy.listener import (
     worker_share,
 )
 from nodeproxy.proxy.outbound import Decision, Passthrough
-from nodeproxy.proxy.relay import RelayPool
+from nodeproxy.proxy.relay import Completion, Ending, RelayPool
 from nodeproxy.state.routing import RoutingState, StateUpdater
 
 
@@ -197,3 +198,106 @@ def test_load_is_republished_while_idle() -> None:
     finally:
         listener.close()
         loop.close()
+
+
+# -- local shortages ----------------------------------------------------------------------------------
+
+
+class RecordingWorker:
+    """Stands in for a RelayWorker: records connect() calls, optionally failing at once."""
+
+    def __init__(self, error: int | None = None) -> None:
+        self.error = error
+        self.connects: list[tuple[object, ...]] = []
+
+    def connect(self, *args: object) -> None:
+        self.connects.append(args)
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+
+    def wake(self) -> None:
+        pass
+
+
+def routed_listener(access_fd: int) -> OutboundListener:
+    from nodeproxy.config import parse_config
+    from nodeproxy.lab import Lab
+
+    pool = RelayPool(1, 65536)
+    updater = StateUpdater()
+    updater.apply(parse_config(Lab(backends=3).config_yaml()))
+    return OutboundListener(("127.0.0.1", 15001), RelayConfig(), updater, pool, access_log_fd=access_fd)
+
+
+def access_records(read_fd: int) -> list[dict[str, object]]:
+    import json
+
+    with os.fdopen(read_fd, "rb") as reader:
+        return [json.loads(line) for line in reader.read().splitlines()]
+
+
+@pytest.mark.parametrize("err", [errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.EMFILE])
+def test_a_local_shortage_is_reported_as_local_not_blamed_on_the_endpoint(err: int) -> None:
+    """A connect that fails for want of this host's resources (ports, buffers, descriptors) resets the
+    client as a local shortage: no other endpoint is tried and the endpoint's failure count stays."""
+    read_fd, write_fd = os.pipe()
+    listener = routed_listener(write_fd)
+    client, peer = socket.socketpair()
+    try:
+        for asynchronous in (False, True):
+            worker = RecordingWorker(None if asynchronous else err)
+            conn = listener_module.Connection(
+                7,
+                os.dup(peer.fileno()),
+                "10.244.1.10",
+                40000,
+                "10.96.0.10",
+                80,
+                time.monotonic(),
+                worker,  # type: ignore[arg-type]
+            )
+            listener._dispatch(conn)
+            if asynchronous:  # the connect failed later, in the relay thread
+                assert conn.endpoint is not None and conn.endpoint.active == 1
+                listener._on_completion(Completion(7, int(Ending.CONNECT_FAILED), err, 0, 0, conn.client_fd))
+            assert len(worker.connects) == 1, "no other endpoint was tried"
+        endpoints = listener.updater.current.lookup("10.96.0.10", 80)
+        assert endpoints is not None
+        assert all(e.connect_failures == 0 and e.active == 0 for e in endpoints.endpoints)
+        assert listener.connections == {}
+    finally:
+        client.close()
+        peer.close()
+        os.close(listener.pool.notify_fd)
+        os.close(write_fd)
+    records = access_records(read_fd)
+    assert [r["event"] for r in records] == ["connection refused", "connection refused"]
+    assert all(str(r["reason"]).startswith("local_resources: ") for r in records)
+
+
+def test_a_local_ending_of_a_relayed_connection_is_logged_as_local() -> None:
+    read_fd, write_fd = os.pipe()
+    listener = routed_listener(write_fd)
+    local_ending = getattr(Ending, "LOCAL_RESOURCES", None)
+    try:
+        if local_ending is None:
+            pytest.skip("this relay has no LOCAL_RESOURCES ending")
+        worker: object = RecordingWorker()
+        conn = listener_module.Connection(
+            9,
+            -1,
+            "10.244.1.10",
+            40001,
+            "10.96.0.10",
+            80,
+            time.monotonic(),
+            worker,  # type: ignore[arg-type]
+        )
+        listener._dispatch(conn)
+        listener._on_completion(Completion(9, int(local_ending), errno.EMFILE, 10, 0, -1))
+        assert listener.stats.closed == {"local_resources": 1}
+    finally:
+        os.close(listener.pool.notify_fd)
+        os.close(write_fd)
+    (record,) = access_records(read_fd)
+    assert record["ending"] == "local_resources" and record["errno"] == errno.EMFILE
