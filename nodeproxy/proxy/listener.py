@@ -197,8 +197,8 @@ class OutboundListener:
     def relay_config(self, relay: RelayConfig) -> None:
         """Applied by a reload; the per-connection numbers are derived here once, not per connection."""
         self._relay_config = relay
-        self._connect_timeout_ms = int(relay.connect_timeout * 1000)
-        self._idle_timeout_ms = int(relay.idle_timeout * 1000)
+        self._connect_timeout_ms = relay.connect_timeout_ms
+        self._idle_timeout_ms = relay.idle_timeout_ms
         self._connect_attempts = relay.connect_attempts
         self.connection_cap = min(
             worker_share(relay.max_connections, self.workers, self.worker), self.fd_connection_cap
