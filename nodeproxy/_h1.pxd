@@ -22,6 +22,10 @@ cdef enum:
     H1_MAX_CHUNK_LINE = 4096
     # Room h1_chunk_header needs: 16 hex digits and CRLF.
     H1_CHUNK_HEADER_MAX = 18
+    # h1_serialize_head never writes more than head.head_len + H1_SERIALIZE_SLACK + the added fields
+    # (name + value + 4 each) + opts.target_len: one ' ' per field after the colon (H1_FIELDS_CAP), the
+    # framing, Connection and TE lines.
+    H1_SERIALIZE_SLACK = 256
 
 
 cdef enum h1_method:

@@ -48,6 +48,7 @@ DEFAULT_MAX_HEAD_BYTES = H1_DEFAULT_MAX_HEAD_BYTES
 DEFAULT_MAX_FIELDS = H1_DEFAULT_MAX_FIELDS
 FIELDS_CAP = H1_FIELDS_CAP
 MAX_CHUNK_LINE = H1_MAX_CHUNK_LINE
+SERIALIZE_SLACK = H1_SERIALIZE_SLACK
 FRAMING_AS_PARSED = H1_FRAMING_AS_PARSED
 FRAMING_NONE = H1_FRAMING_NONE
 FRAMING_CHUNKED = H1_FRAMING_CHUNKED
@@ -1699,7 +1700,8 @@ def serialize_head(
         opts.conn_close = conn_close
         opts.target = <const unsigned char *>target if target is not None else NULL
         opts.target_len = len(target) if target is not None else 0
-        cap = len(raw_head) + 128 + sum(len(n) + len(v) + 4 for n, v in add_list)
+        cap = (len(raw_head) + H1_SERIALIZE_SLACK + sum(len(n) + len(v) + 4 for n, v in add_list)
+               + (len(target) if target is not None else 0))
         out = bytearray(cap)
         written = h1_serialize_head(src, head, is_request, &opts,
                                     <unsigned char *>PyByteArray_AS_STRING(out), cap)

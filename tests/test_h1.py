@@ -853,3 +853,16 @@ def test_chunk_header() -> None:
     ]
     with pytest.raises(ValueError):
         _h1.chunk_header(-1)
+
+
+def test_serialized_head_stays_within_the_documented_slack() -> None:
+    """Worst case for growth: every field written without a space after the colon, the longest
+    Content-Length, and every line the options add."""
+    fields = (
+        b"Host:a\r\nContent-Length:9223372036854775807\r\nTE:trailers\r\nUpgrade:x\r\nConnection:upgrade\r\n"
+    )
+    raw = request(fields + b"a:b\r\n" * 95, b"GET / HTTP/1.0")
+    out = serialize_head(raw, upgrading=True, conn_close=True, keep_te_trailers=True)
+    # A space after 97 colons, one in Content-Length and TE, "Connection: upgrade, close" for "Connection:upgrade".
+    assert len(out) - len(raw) == 97 + 1 + 1 + 8
+    assert len(out) <= len(raw) + _h1.SERIALIZE_SLACK
