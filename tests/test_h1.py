@@ -863,6 +863,6 @@ def test_serialized_head_stays_within_the_documented_slack() -> None:
     )
     raw = request(fields + b"a:b\r\n" * 95, b"GET / HTTP/1.0")
     out = serialize_head(raw, upgrading=True, conn_close=True, keep_te_trailers=True)
-    # A space after 97 colons, one in Content-Length and TE, "Connection: upgrade, close" for "Connection:upgrade".
+    # One space after each of 97 colons, in Content-Length, in TE; then "Connection: upgrade, close".
     assert len(out) - len(raw) == 97 + 1 + 1 + 8
     assert len(out) <= len(raw) + _h1.SERIALIZE_SLACK
