@@ -1,4 +1,4 @@
-"""Command line: `nodeproxy run|cleanup|check-config|capture|lab|demo`.
+"""Command line: `nodeproxy run|ctl|cleanup|check-config|capture|lab|demo`.
 
 Only the standard library is imported at module level: `nodeproxy run` blocks the daemon's signals before
 the slow imports (pydantic, pyroute2, uvloop), so a SIGHUP or SIGINT that arrives while it starts waits for
@@ -36,7 +36,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     assert _DAEMON_SIGNALS == daemon.SUPERVISOR_SIGNALS, "cli blocks what the daemon handles"
     daemon.configure_logging(args.log_level)
-    return daemon.run(_load(args.config), args.config, args.ready_file, access_log=not args.no_access_log)
+    config, source = daemon.choose_startup_config(args.config)
+    return daemon.run(
+        config,
+        args.config,
+        args.ready_file,
+        access_log=not args.no_access_log,
+        admin_socket=args.admin_socket,
+        admin_group=args.admin_group,
+        config_source=source,
+    )
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from nodeproxy import ctl
+
+    return ctl.run(args)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -125,13 +140,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nodeproxy", description="Per-node transparent service-mesh proxy.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(func=None)
 
     run = sub.add_parser("run", help="run the daemon (installs capture rules; removes them on exit)")
     run.add_argument("--config", help="YAML config file (default: the embedded default config)")
     run.add_argument("--ready-file", help="write the pid here once serving; removed on exit")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-access-log", action="store_true", help="do not log every connection")
+    run.add_argument(
+        "--admin-socket",
+        help="admin API socket (default /run/nodeproxy/admin.sock; in another network namespace or with "
+        "another capture.chain_prefix, /run/nodeproxy/netns-<dev>-<inode>-<prefix>.admin.sock); '' for none",
+    )
+    run.add_argument("--admin-group", help="group allowed to use the admin socket (mode 0660; default 0600)")
     run.set_defaults(func=cmd_run)
+
+    from nodeproxy import ctl
+
+    ctl.add_parser(sub)
 
     cleanup = sub.add_parser("cleanup", help="remove capture rules and routes left by a crashed daemon")
     cleanup.add_argument("--config", help="the config the daemon ran with (chain names, mark, table)")
@@ -161,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a lab, run the proxy on it, show captured traffic, tear down")
     demo.add_argument("--requests", type=int, default=6)
     demo.set_defaults(func=cmd_demo)
+    sub.choices["ctl"].set_defaults(func=cmd_ctl)
     return parser
 
 

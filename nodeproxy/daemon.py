@@ -39,6 +39,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import itertools
+import json
 import logging
 import os
 import resource
@@ -47,16 +50,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any, ClassVar
 
 import structlog
 import uvloop
 
-from nodeproxy import capture
-from nodeproxy.config import Config, ConfigError, load_config
+from nodeproxy import admin, capture
+from nodeproxy.config import Config, ConfigError, load_config, parse_config
 from nodeproxy.proxy.listener import OutboundListener, open_listener
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
@@ -74,19 +78,72 @@ HEARTBEAT_TIMEOUT = 10.0  # seconds without a heartbeat before a worker is SIGKI
 START_TIMEOUT = 30.0  # seconds for every worker to report ready at start (systemd's TimeoutStartSec)
 CRASH_LOOP_LIMIT = 5  # more than this many worker deaths ...
 CRASH_LOOP_WINDOW = 60.0  # ... within this many seconds end the daemon (exit status 1)
-# Status pipe bytes, worker -> supervisor.
-MSG_READY = b"R"
-MSG_HEARTBEAT = b"H"
+SNAPSHOT_TIMEOUT = 1.0  # seconds an admin request waits for the workers' snapshots before answering without
+WATCHDOG_HEARTBEAT_AGE = (
+    3 * HEARTBEAT_INTERVAL
+)  # the watchdog is fed only while every worker was heard this recently
+STATUS_INTERVAL = 5.0  # seconds between sd_notify STATUS= updates (connection counts)
+PUSHED_SUFFIX = ".pushed"  # a config pushed through the admin API is kept next to the file: <file>.pushed
+# Status pipe lines, worker -> supervisor (each ends in a newline):
+MSG_READY = b"R"  # the worker serves its listener
+MSG_HEARTBEAT = b"H"  # "H <active connections> <accepted>": alive, with the counts for STATUS= lines
+MSG_SNAPSHOT = b"S"  # "S <request id> <json>": the worker's live state, asked for by a control line
+# Control pipe lines, supervisor -> worker (each ends in a newline):
+CTL_CONFIG = b"C"  # "C <config json>": apply this validated config
+CTL_SNAPSHOT = b"S"  # "S <request id>": send a snapshot
+CTL_LOG_LEVEL = b"L"  # "L <level>"
+CTL_DRAIN = b"D"  # stop accepting; established connections go on
+MAX_QUEUED_CONTROL_LINES = 64  # per worker; beyond it the oldest non-config lines are dropped
+MAX_STATUS_BUFFER = 64 << 20  # bytes of an unfinished status line before the worker counts as broken
+
+
+class LogLevel:
+    """The level below which log events are dropped; changed at run time through the admin API.
+
+    A processor rather than make_filtering_bound_logger's fixed level: loggers are cached on first use,
+    so a level baked into their class could not change afterwards. Below-level calls then cost a dict
+    lookup each; nothing logs at debug level per connection."""
+
+    _NUMBERS: ClassVar[dict[str, int]] = {
+        "debug": 10,
+        "info": 20,
+        "msg": 20,
+        "warning": 30,
+        "warn": 30,
+        "error": 40,
+        "exception": 40,
+    }
+
+    def __init__(self, level: str = "info") -> None:
+        self.level = level
+        self.threshold = self._NUMBERS[level]
+
+    def set(self, level: str) -> None:
+        if level not in admin.LOG_LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
+        self.level, self.threshold = level, self._NUMBERS[level]
+
+    def __call__(
+        self, _logger: object, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if self._NUMBERS.get(method, 50) < self.threshold:
+            raise structlog.DropEvent
+        return event
+
+
+LOG_LEVEL = LogLevel()
 
 
 def configure_logging(level: str = "info") -> None:
+    LOG_LEVEL.set(level)
     structlog.configure(
         processors=[
+            LOG_LEVEL,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),  # LOG_LEVEL filters
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
@@ -157,15 +214,21 @@ class Worker:
         self.fail_open = False  # set when serve() ends: the supervisor died and capture.on_failure is open
         self.updater = StateUpdater()
         self._control_buffer = b""
+        self._status_outbox = bytearray()  # status lines the pipe did not take yet (a large snapshot)
         self._stopping = asyncio.Event()
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self.draining = False
+        # Called once when the worker starts draining (POST drain, SIGTERM, supervisor gone), before it
+        # stops accepting. The L7 engine registers here to send `Connection: close` to HTTP/1 clients
+        # and GOAWAY to HTTP/2 clients; a hook must not block.
+        self.drain_hooks: list[Callable[[], None]] = []
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in WORKER_STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stopping.set)
         self.updater.apply(self.config)
-        pool = RelayPool(1, self.config.relay.pipe_size)
+        pool = self.pool = RelayPool(1, self.config.relay.pipe_size)
         listen = self.config.listeners.outbound
         self.listener = OutboundListener(
             (str(listen.host), listen.port),
@@ -195,7 +258,7 @@ class Worker:
                 await asyncio.to_thread(capture.install, plan, capture_new=False)
         elif self.supervisor_gone:
             log.error("supervisor is gone; capture stays in place (capture.on_failure: closed)")
-        self.listener.stop_accepting()
+        self.begin_drain()
         deadline = time.monotonic() + self.config.relay.drain_timeout
         if pool.live_connections:
             log.info("draining", worker=self.index, live_connections=pool.live_connections)
@@ -231,17 +294,86 @@ class Worker:
         self.survivors.mark_done()
         log.warning("removed the capture after the supervisor died", worker=self.index, removed=removed)
 
+    def begin_drain(self) -> None:
+        """Stop accepting (new connections go to the other workers or, with capture stopped, direct);
+        established connections go on. Idempotent."""
+        if self.draining:
+            return
+        self.draining = True
+        for hook in self.drain_hooks:
+            hook()
+        self.listener.stop_accepting()
+        log.info("worker draining", worker=self.index, live_connections=self.pool.live_connections)
+
+    def snapshot(self) -> dict[str, Any]:
+        """This worker's live state for the admin API: counters and every endpoint's connections."""
+        stats = self.listener.stats
+        routes = []
+        for (vip, port), route in sorted(self.updater.current.routes.items()):
+            routes.append(
+                {
+                    "service": route.service,
+                    "vip": vip,
+                    "port": port,
+                    "protocol": route.protocol,
+                    "endpoints": [
+                        {
+                            "address": ep.address,
+                            "port": ep.port,
+                            "weight": ep.weight,
+                            "node": ep.node,
+                            "active": ep.active,
+                            "total": ep.total,
+                            "connect_failures": ep.connect_failures,
+                        }
+                        for ep in route.endpoints
+                    ],
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "generation": self.updater.current.generation,
+            "draining": self.draining,
+            "active_connections": self.pool.live_connections,
+            "stats": {
+                "accepted": stats.accepted,
+                "refused": stats.refused,
+                "connect_failures": stats.connect_failures,
+                "dispatch_errors": stats.dispatch_errors,
+                "closed": dict(stats.closed),
+            },
+            "routes": routes,
+        }
+
     def _tell_supervisor(self, message: bytes) -> None:
-        try:
-            os.write(self.status_fd, message)
-        except BlockingIOError:  # the supervisor is behind on reading; it knows we are alive anyway
-            pass
-        except BrokenPipeError:
-            self._supervisor_lost()
+        """Queue one status line; a line is never split by another, so a snapshot that does not fit the
+        pipe makes later lines wait behind it (heartbeats are skipped instead: see _heartbeat)."""
+        self._status_outbox += message + b"\n"
+        self._flush_status()
+
+    def _flush_status(self) -> None:
+        while self._status_outbox:
+            try:
+                written = os.write(self.status_fd, self._status_outbox)
+            except BlockingIOError:  # the supervisor is behind on reading; finish when the pipe drains
+                break
+            except BrokenPipeError:
+                self._status_outbox.clear()
+                self._supervisor_lost()
+                break
+            del self._status_outbox[:written]
+        loop = asyncio.get_running_loop()
+        if self._status_outbox:
+            loop.add_writer(self.status_fd, self._flush_status)
+        else:
+            loop.remove_writer(self.status_fd)
 
     def _heartbeat(self) -> None:
         """Also while draining, however long relay.drain_timeout is: a draining worker is alive."""
-        self._tell_supervisor(MSG_HEARTBEAT)
+        if not self._status_outbox:  # else the supervisor is reading a snapshot of ours: alive enough
+            self._tell_supervisor(
+                b"%s %d %d" % (MSG_HEARTBEAT, self.pool.live_connections, self.listener.stats.accepted)
+            )
         self._heartbeat_timer = asyncio.get_running_loop().call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _supervisor_lost(self) -> None:
@@ -249,7 +381,7 @@ class Worker:
         self._stopping.set()
 
     def _on_control(self) -> None:
-        """Validated configs from the supervisor, one JSON document per line."""
+        """Lines from the supervisor: a validated config, a snapshot request, a log level, drain."""
         chunk = os.read(self.control_fd, 1 << 20)
         if not chunk:  # the supervisor is gone: stop like on SIGTERM
             asyncio.get_running_loop().remove_reader(self.control_fd)
@@ -258,11 +390,24 @@ class Worker:
         self._control_buffer += chunk
         while b"\n" in self._control_buffer:
             line, self._control_buffer = self._control_buffer.split(b"\n", 1)
-            config = Config.model_validate_json(line)
-            state = self.updater.apply(config)
-            self.listener.relay_config = config.relay
-            self.config = config
-            log.debug("worker applied config", worker=self.index, generation=state.generation)
+            kind, _, payload = line.partition(b" ")
+            if kind == CTL_CONFIG:
+                config = Config.model_validate_json(payload)
+                state = self.updater.apply(config)
+                self.listener.relay_config = config.relay
+                self.config = config
+                log.debug("worker applied config", worker=self.index, generation=state.generation)
+            elif kind == CTL_SNAPSHOT:
+                request_id = int(payload)
+                self._tell_supervisor(
+                    b"%s %d %s" % (MSG_SNAPSHOT, request_id, json.dumps(self.snapshot()).encode())
+                )
+            elif kind == CTL_LOG_LEVEL:
+                LOG_LEVEL.set(payload.decode())
+            elif kind == CTL_DRAIN:
+                self.begin_drain()
+            else:
+                raise ValueError(f"unknown control line from the supervisor: {line[:40]!r}")
 
 
 def _worker_main(worker: Worker) -> None:
@@ -297,9 +442,88 @@ class WorkerHandle:
     last_heard: float  # monotonic time of the last byte on the status pipe (or of the fork)
     ready: bool = False
     status_open: bool = True
-    outbox: bytes = b""  # unsent rest of the config line being written; a worker reads whole lines
-    next_config: bytes | None = None  # newest config waiting for the outbox (older ones are dropped)
+    status_buffer: bytes = b""  # the unfinished status line
+    outbox: bytes = b""  # unsent rest of the control line being written; a worker reads whole lines
+    # Control lines waiting for the outbox, in order; a new config replaces a waiting older one.
+    queue: collections.deque[bytes] = field(default_factory=collections.deque)
     killed_for_silence: bool = False
+    active_connections: int = 0  # as of the last heartbeat
+    accepted: int = 0
+
+
+@dataclass
+class PendingSnapshots:
+    """An admin request waiting for the workers' snapshots."""
+
+    waiting: set[int]
+    deadline: float
+    done: Callable[[dict[str, Any]], None]
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ActiveConfig:
+    """The running config and where it came from, as GET /v1/config shows it."""
+
+    config: Config
+    version: int  # 1 at start, +1 for every reload or push that took effect
+    source: str  # "file", "pushed" (through the admin API, or restored from <file>.pushed), "default"
+    applied_at: float  # time.time()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
+
+
+def pushed_path(config_path: str) -> str:
+    return config_path + PUSHED_SUFFIX
+
+
+def choose_startup_config(config_path: str | None) -> tuple[Config, str]:
+    """The config to start with, and its source ("file", "pushed" or "default").
+
+    Precedence: the config last applied wins, also across restarts. A config pushed through the admin API
+    is saved as <file>.pushed; at start it is used if it is at least as new as the file (an operator who
+    edits the file afterwards means the file). SIGHUP applies the file and deletes <file>.pushed. A
+    <file>.pushed that no longer validates is logged and skipped. Raises ConfigError for an invalid file.
+    """
+    from nodeproxy.config import default_config
+
+    if config_path is None:
+        return default_config(), "default"
+    pushed = pushed_path(config_path)
+    try:
+        newer = os.stat(pushed).st_mtime >= os.stat(config_path).st_mtime
+    except FileNotFoundError:
+        newer = False
+    if newer:
+        try:
+            return load_config(pushed), "pushed"
+        except ConfigError as err:
+            log.error("ignoring the saved pushed config; using the file", path=pushed, problems=err.problems)
+    return load_config(config_path), "file"
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """Replace `path` with `text` so a crash leaves the old or the new content, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
 
 
 class DaemonFailure(Exception):
@@ -308,9 +532,20 @@ class DaemonFailure(Exception):
 
 class Supervisor:
     def __init__(
-        self, config: Config, config_path: str | None, ready_file: str | None = None, access_log: bool = True
+        self,
+        config: Config,
+        config_path: str | None,
+        ready_file: str | None = None,
+        access_log: bool = True,
+        admin_socket: str | None = None,
+        admin_group: str | None = None,
+        config_source: str | None = None,
     ) -> None:
+        """admin_socket: the admin API's path (admin.default_socket_path() if None, "" for none)."""
         self.config = config
+        self.active = ActiveConfig(
+            config, 1, config_source or ("file" if config_path else "default"), time.time()
+        )
         self.config_path = config_path
         self.ready_file = ready_file
         self.access_log = access_log
@@ -327,6 +562,23 @@ class Supervisor:
         self._instance: capture.InstanceLock | None = None
         self._survivors: capture.SurvivorLock | None = None
         self._unforked: dict[int, socket.socket] = {}  # listeners opened at start, not yet handed over
+        self.started_at = time.monotonic()
+        self.ready = False  # READY=1 sent: rules, listeners and the admin socket are up
+        self.draining = False  # POST drain: no new connections, established ones go on
+        self.restarts = 0  # workers replaced since start
+        self._snapshot_ids = itertools.count(1)
+        self._snapshots: dict[int, PendingSnapshots] = {}
+        if admin_socket is None:
+            admin_socket = admin.default_socket_path(self.plan.chain_prefix)
+        self.admin = (
+            admin.AdminServer(admin_socket, self.selector, admin.AdminApi(self), admin_group)
+            if admin_socket
+            else None
+        )
+        self._watchdog_interval = _watchdog_interval()
+        self._next_watchdog = 0.0
+        self._next_status = 0.0
+        self._last_status = ""
 
     def run(self) -> int:
         # Block our signals before anything else (cli.main did so already when run from the command line),
@@ -344,6 +596,11 @@ class Supervisor:
         clean = False
         installed = False
         try:
+            if self.admin is not None:  # first: `nodeproxy ctl` can watch the start (ready: 503)
+                try:
+                    self.admin.open()
+                except admin.AdminError as err:
+                    raise DaemonFailure(str(err)) from err
             # Every listener first, then the forks: the SO_REUSEPORT group is complete before any worker
             # serves (and a group-wide balancer program could be attached to it here).
             self._unforked = {i: self._open_listener(i) for i in range(self.config.relay.effective_threads)}
@@ -364,10 +621,11 @@ class Supervisor:
                 )
                 if self.ready_file:
                     Path(self.ready_file).write_text(f"{os.getpid()}\n")
-                sd_notify("READY=1")
+                self.ready = True
+                sd_notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
                 self._supervise()
             log.info("stopping", signal=self._stop_signal)
-            sd_notify("STOPPING=1")
+            sd_notify("STOPPING=1\nSTATUS=stopping: draining connections")
             self._drain(stop_capture=installed)
             clean = True
         except DaemonFailure as failure:
@@ -378,6 +636,10 @@ class Supervisor:
             for sock in self._unforked.values():  # a start that failed half way
                 sock.close()
             self._kill_workers()
+            self._finish_snapshots()  # requests still waiting get what came
+            if self.admin is not None:
+                self.admin.flush(timeout=1.0)  # e.g. the answer to POST quit
+                self.admin.close()
             code = self._release_capture(clean, installed)
             if self.ready_file:
                 Path(self.ready_file).unlink(missing_ok=True)
@@ -415,14 +677,22 @@ class Supervisor:
     def _turn(self, timeout: float) -> None:
         """One loop turn: wait for pipes or signals at most `timeout` seconds, then handle what came."""
         now = time.monotonic()
-        if self._respawn_due:
-            timeout = max(0.0, min(timeout, min(self._respawn_due.values()) - now))
+        wake_ups = [*self._respawn_due.values(), *(p.deadline for p in self._snapshots.values())]
+        if self._watchdog_interval:
+            wake_ups.append(self._next_watchdog)
+        if wake_ups:
+            timeout = max(0.0, min(timeout, min(wake_ups) - now))
         for key, events in self.selector.select(timeout):
             callback: Callable[[int], None] = key.data
             callback(events)
         # Right after reading the status pipes: time we spent elsewhere (a slow reload) is not held
         # against the workers.
         self._check_heartbeats()
+        now = time.monotonic()
+        self._feed_watchdog(now)
+        self._expire_snapshots(now)
+        if self.admin is not None:
+            self.admin.expire_idle(now)
         while self._signals:
             signo = self._signals.popleft()
             if signo in (signal.SIGTERM, signal.SIGINT):
@@ -437,6 +707,11 @@ class Supervisor:
                 del self._respawn_due[index]
                 self._last_respawn = now
                 self._spawn(index)
+                if self.draining:  # a replacement joins the drain (its listener takes nothing new)
+                    self._send(self.workers[index], CTL_DRAIN)
+        if self.ready and self._stop_signal is None and now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            self._notify_status()
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -483,6 +758,8 @@ class Supervisor:
                         os.close(other.status_r)
                     for sibling in self._unforked.values():
                         sibling.close()
+                    if self.admin is not None:
+                        self.admin.close_in_child()
                     os.set_blocking(status_w, False)
                     survivors = self._survivors.reopen_in_child(self.plan)
                     worker = Worker(
@@ -514,16 +791,45 @@ class Supervisor:
 
     def _on_status(self, handle: WorkerHandle) -> None:
         try:
-            data = os.read(handle.status_r, 4096)
+            data = os.read(handle.status_r, 1 << 16)
         except BlockingIOError:
             return
         if not data:  # the worker is gone; SIGCHLD reaps it
             self._close_status(handle)
             return
         handle.last_heard = time.monotonic()
-        if MSG_READY in data and not handle.ready:
-            handle.ready = True
-            log.debug("worker ready", worker=handle.index, pid=handle.pid)
+        handle.status_buffer += data
+        *lines, handle.status_buffer = handle.status_buffer.split(b"\n")
+        if len(handle.status_buffer) > MAX_STATUS_BUFFER:
+            log.error("worker sent an endless status line; killing it", worker=handle.index, pid=handle.pid)
+            handle.status_buffer = b""
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
+            return
+        for line in lines:
+            self._on_status_line(handle, line)
+
+    def _on_status_line(self, handle: WorkerHandle, line: bytes) -> None:
+        kind, _, payload = line.partition(b" ")
+        if kind == MSG_READY:
+            if not handle.ready:
+                handle.ready = True
+                log.debug("worker ready", worker=handle.index, pid=handle.pid)
+        elif kind == MSG_HEARTBEAT:
+            active, accepted = payload.split()
+            handle.active_connections, handle.accepted = int(active), int(accepted)
+        elif kind == MSG_SNAPSHOT:
+            request_id, _, document = payload.partition(b" ")
+            pending = self._snapshots.get(int(request_id))
+            if pending is not None and handle.index in pending.waiting:
+                pending.results[str(handle.index)] = json.loads(document)
+                pending.waiting.discard(handle.index)
+                if not pending.waiting:
+                    self._finish_snapshot(int(request_id))
+        else:
+            log.error(
+                "unknown status line from a worker", worker=handle.index, line=line[:40].decode("latin-1")
+            )
 
     def _close_status(self, handle: WorkerHandle) -> None:
         if handle.status_open:
@@ -577,6 +883,7 @@ class Supervisor:
                     f"(limit {CRASH_LOOP_LIMIT}); stopping nodeproxy"
                 )
             self._respawn_due[handle.index] = max(now, self._last_respawn + RESPAWN_BACKOFF)
+            self.restarts += 1
 
     def _forget(self, handle: WorkerHandle) -> None:
         self._close_status(handle)
@@ -597,39 +904,60 @@ class Supervisor:
         except ConfigError as err:
             log.error("config reload rejected; keeping the running config", problems=err.problems)
             return
-        changed = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        changed = self._restart_only_changes(new)
         if changed:
             log.error("config reload rejected; these settings need a restart", fields=changed)
             return
-        line = new.model_dump_json().encode() + b"\n"
-        for handle in self.workers.values():
-            self._send(handle, line)
-        self.config = new  # a worker started from now on begins with it
+        self._apply(new, "file")
+        if self.config_path is not None:  # the file is now what runs, also after a restart
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pushed_path(self.config_path))
         log.info(
             "config reloaded",
             services=len(new.services),
             endpoints=sum(len(s.endpoints) for s in new.services),
+            version=self.active.version,
         )
 
+    def _restart_only_changes(self, new: Config) -> list[str]:
+        return [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+
+    def _apply(self, new: Config, source: str) -> None:
+        """Send a validated config to every worker and make it the active one."""
+        line = CTL_CONFIG + b" " + new.model_dump_json().encode()
+        for handle in self.workers.values():
+            self._send(handle, line)
+        self.config = new  # a worker started from now on begins with it
+        self.active = ActiveConfig(new, self.active.version + 1, source, time.time())
+
     def _send(self, handle: WorkerHandle, line: bytes) -> None:
-        if handle.outbox:  # a line is half written: the new config waits, replacing any older one
-            handle.next_config = line
-            return
-        handle.outbox = line
-        self._write_outbox(handle)
+        """Queue one control line (without its newline) for a worker; never blocks."""
+        if line.startswith(CTL_CONFIG):  # only the newest waiting config matters
+            kept = [queued for queued in handle.queue if not queued.startswith(CTL_CONFIG)]
+            handle.queue.clear()
+            handle.queue.extend(kept)
+        handle.queue.append(line + b"\n")
+        while len(handle.queue) > MAX_QUEUED_CONTROL_LINES:  # a stopped worker: snapshot requests pile up
+            oldest = next(i for i, queued in enumerate(handle.queue) if not queued.startswith(CTL_CONFIG))
+            del handle.queue[oldest]
+        if not handle.outbox:
+            self._write_outbox(handle)
 
     def _write_outbox(self, handle: WorkerHandle) -> None:
+        if not handle.outbox and handle.queue:
+            handle.outbox = handle.queue.popleft()
         while handle.outbox:
             try:
                 written = os.write(handle.control_w, handle.outbox)
             except BlockingIOError:
                 break
             except BrokenPipeError:  # the worker is dying; its replacement starts from self.config
-                handle.outbox, handle.next_config = b"", None
+                handle.outbox = b""
+                handle.queue.clear()
                 break
             handle.outbox = handle.outbox[written:]
-            if not handle.outbox and handle.next_config is not None:
-                handle.outbox, handle.next_config = handle.next_config, None
+            if not handle.outbox and handle.queue:
+                handle.outbox = handle.queue.popleft()
         registered = handle.control_w in self.selector.get_map()
         if handle.outbox and not registered:
             self.selector.register(
@@ -637,6 +965,213 @@ class Supervisor:
             )
         elif not handle.outbox and registered:
             self.selector.unregister(handle.control_w)
+
+    # -- systemd -----------------------------------------------------------------------------------------
+
+    def workers_answering(self, now: float) -> bool:
+        """Every worker is up and was heard within WATCHDOG_HEARTBEAT_AGE (while starting: not yet)."""
+        expected = self.config.relay.effective_threads
+        if self._starting:
+            return True  # START_TIMEOUT bounds the start
+        return len(self.workers) == expected and all(
+            h.ready and now - h.last_heard <= WATCHDOG_HEARTBEAT_AGE for h in self.workers.values()
+        )
+
+    def _feed_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 from this loop, only while the workers answer: a supervisor that runs but cannot keep
+        its workers alive (or is wedged itself) gets restarted by systemd."""
+        if not self._watchdog_interval or now < self._next_watchdog:
+            return
+        if self.workers_answering(now):
+            sd_notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog_interval
+        else:
+            self._next_watchdog = now + min(self._watchdog_interval, HEARTBEAT_INTERVAL / 2)
+
+    def _status_line(self) -> str:
+        active = sum(h.active_connections for h in self.workers.values())
+        accepted = sum(h.accepted for h in self.workers.values())
+        state = "draining" if self.draining else "serving"
+        return (
+            f"{state}: {len(self.workers)} workers, {active} active connections, {accepted} accepted, "
+            f"config v{self.active.version}"
+        )
+
+    def _notify_status(self) -> None:
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            sd_notify(f"STATUS={line}")
+
+    # -- the admin API (admin.AdminControl) --------------------------------------------------------------
+
+    def config_document(self) -> dict[str, Any]:
+        active = self.active
+        return {
+            "version": active.version,
+            "hash": active.digest,
+            "source": active.source,
+            "applied_at": active.applied_at,
+            "path": self.config_path,
+            "config": active.config.model_dump(mode="json"),
+        }
+
+    def push_config(self, text: str, expected_version: int | None, peer: str) -> dict[str, Any]:
+        if expected_version is not None and expected_version != self.active.version:
+            raise admin.VersionMismatch(self.active.version)
+        try:
+            new = parse_config(text, source="pushed config")
+        except ConfigError as err:
+            log.warning("pushed config rejected", peer=peer, problems=err.problems)
+            raise admin.ConfigRejected(400, "invalid config", admin.describe_problems(err.problems)) from None
+        changed = self._restart_only_changes(new)
+        if changed:
+            raise admin.ConfigRejected(
+                409,
+                "these settings need a restart",
+                [
+                    {"path": key, "reason": "differs from the running config; needs a restart"}
+                    for key in changed
+                ],
+            )
+        persisted: str | None = None
+        if self.config_path is not None:
+            # Saved before it is applied: a config that took effect is never lost by a restart.
+            persisted = pushed_path(self.config_path)
+            try:
+                write_atomically(persisted, text)
+            except OSError as err:
+                raise admin.ConfigRejected(
+                    500, "cannot save the pushed config; nothing changed", [{"path": "", "reason": str(err)}]
+                ) from None
+        self._apply(new, "pushed")
+        log.info(
+            "config pushed",
+            peer=peer,
+            version=self.active.version,
+            services=len(new.services),
+            endpoints=sum(len(s.endpoints) for s in new.services),
+        )
+        return {"version": self.active.version, "hash": self.active.digest, "persisted": persisted}
+
+    def collect_snapshots(self, done: Callable[[dict[str, Any]], None]) -> None:
+        request_id = next(self._snapshot_ids)
+        waiting = {h.index for h in self.workers.values() if h.ready and h.status_open}
+        self._snapshots[request_id] = PendingSnapshots(waiting, time.monotonic() + SNAPSHOT_TIMEOUT, done)
+        for index in waiting:
+            self._send(self.workers[index], b"%s %d" % (CTL_SNAPSHOT, request_id))
+        if not waiting:
+            self._finish_snapshot(request_id)
+
+    def _finish_snapshot(self, request_id: int) -> None:
+        pending = self._snapshots.pop(request_id)
+        expected = set(range(self.config.relay.effective_threads))
+        pending.done(
+            {
+                "workers": pending.results,
+                "missing": sorted(expected - {int(i) for i in pending.results}),
+                "config_version": self.active.version,
+                "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+            }
+        )
+
+    def _expire_snapshots(self, now: float) -> None:
+        for request_id, pending in list(self._snapshots.items()):
+            if pending.deadline <= now:
+                self._finish_snapshot(request_id)
+
+    def _finish_snapshots(self) -> None:
+        for request_id in list(self._snapshots):
+            self._finish_snapshot(request_id)
+
+    def listeners_document(self) -> dict[str, Any]:
+        listen = self.config.listeners.outbound
+        return {
+            "listeners": [
+                {
+                    "name": "outbound",
+                    "address": f"{listen.host}:{listen.port}",
+                    "workers": len(self.workers),
+                    "accepting": self.ready and not self.draining and self._stop_signal is None,
+                    "capture": {
+                        "chain_prefix": self.plan.chain_prefix,
+                        "route_table": self.plan.table,
+                        "capturing_new_connections": self.ready
+                        and not self.draining
+                        and self._stop_signal is None,
+                    },
+                }
+            ]
+        }
+
+    def workers_document(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "workers": [
+                {
+                    "index": h.index,
+                    "pid": h.pid,
+                    "ready": h.ready,
+                    "last_heartbeat_seconds_ago": round(now - h.last_heard, 3),
+                    "active_connections": h.active_connections,
+                    "accepted": h.accepted,
+                }
+                for h in sorted(self.workers.values(), key=lambda h: h.index)
+            ],
+            "expected": self.config.relay.effective_threads,
+            "restarts": self.restarts,
+        }
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stop_signal is not None:
+            return False, "stopping"
+        if self.draining:
+            return False, "draining"
+        if not self.ready:
+            return False, "starting"
+        return True, "serving"
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        answering = self.workers_answering(time.monotonic())
+        return answering, {
+            "workers": len(self.workers),
+            "expected_workers": self.config.relay.effective_threads,
+            "workers_answering": answering,
+        }
+
+    def get_log_level(self) -> str:
+        return LOG_LEVEL.level
+
+    def set_log_level(self, level: str, peer: str) -> None:
+        LOG_LEVEL.set(level)
+        for handle in self.workers.values():
+            self._send(handle, CTL_LOG_LEVEL + b" " + level.encode())
+        log.warning("log level changed", level=level, peer=peer)
+
+    def begin_drain(self, peer: str) -> dict[str, Any]:
+        """Stop taking new connections (capture stops diverting them, workers stop accepting); established
+        ones go on. The daemon keeps running (POST quit or SIGTERM ends it)."""
+        if not self.draining:
+            log.warning("draining", peer=peer)
+            self.draining = True
+            if self.ready:
+                try:
+                    capture.install(
+                        self.plan, capture_new=False, lock_budget=capture.IPTABLES_LOCK_BUDGET / 2
+                    )
+                except capture.CaptureError as err:
+                    log.error("could not stop capturing new connections; draining anyway", error=str(err))
+            for handle in self.workers.values():
+                self._send(handle, CTL_DRAIN)
+            self._notify_status()
+        return {
+            "draining": True,
+            "active_connections": sum(h.active_connections for h in self.workers.values()),
+        }
+
+    def quit(self, peer: str) -> None:
+        log.warning("quit requested", peer=peer)
+        self._stop_signal = self._stop_signal or "admin quit"
 
     # -- stopping --------------------------------------------------------------------------------------
 
@@ -669,7 +1204,24 @@ class Supervisor:
             self._forget(handle)
 
 
+def _watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings (a third of WatchdogSec), or 0 when systemd set no watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return 0.0
+    return int(usec) / 1e6 / 3
+
+
 def run(
-    config: Config, config_path: str | None, ready_file: str | None = None, access_log: bool = True
+    config: Config,
+    config_path: str | None,
+    ready_file: str | None = None,
+    access_log: bool = True,
+    admin_socket: str | None = None,
+    admin_group: str | None = None,
+    config_source: str | None = None,
 ) -> int:
-    return Supervisor(config, config_path, ready_file, access_log).run()
+    return Supervisor(
+        config, config_path, ready_file, access_log, admin_socket, admin_group, config_source
+    ).run()
