@@ -67,7 +67,7 @@ cdef enum h1_framing:
 
 
 ctypedef struct h1_limits:
-    uint32_t max_head_bytes  # H1_DEFAULT_MAX_HEAD_BYTES: a head (or trailer section) longer -> 431 (400 trailers)
+    uint32_t max_head_bytes  # H1_DEFAULT_MAX_HEAD_BYTES: a longer head -> 431
     uint32_t max_fields      # H1_DEFAULT_MAX_FIELDS: more field lines -> 431 (capped at H1_FIELDS_CAP)
 
 
@@ -117,7 +117,7 @@ ctypedef struct h1_head:
     bint te_trailers         # TE lists "trailers"
     # --- error (when a parse call returns -1)
     uint16_t error_status    # 400, 431, 501, 505 for requests; 502 for responses
-    const char *error        # static string naming the rule broken, e.g. "content-length with transfer-encoding"
+    const char *error        # static string naming the rule broken ("content-length with transfer-encoding")
     uint32_t error_off       # offset in the buffer where the error was found
 
 
@@ -259,3 +259,9 @@ cdef size_t h1_chunk_header(uint64_t size, unsigned char *dst) noexcept nogil
 cdef ssize_t h1_serialize_trailers(const unsigned char *src, const h1_head *trailers,
                                    const h1_serialize_opts *opts, unsigned char *dst,
                                    size_t cap) noexcept nogil
+
+# Can HTTP/1.1 carry this field as is (RFC 9110 §5.1, §5.5)? The name is a token and the value holds no
+# control character but HTAB (so no CR, LF, NUL) and no leading or trailing SP / HTAB. For fields coming
+# from elsewhere (HTTP/2, config) before they are written into an HTTP/1.1 head.
+cdef bint h1_field_is_valid(const unsigned char *name, size_t name_len, const unsigned char *value,
+                            size_t value_len) noexcept nogil

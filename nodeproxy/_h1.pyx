@@ -1094,6 +1094,23 @@ cdef bint _forwarded(const unsigned char *src, const h1_head *head, const h1_fie
     return not _named_in_connection(src, head, name, n)
 
 
+cdef bint h1_field_is_valid(const unsigned char *name, size_t name_len, const unsigned char *value,
+                            size_t value_len) noexcept nogil:
+    cdef size_t i
+    if name_len == 0 or name == NULL or (value_len > 0 and value == NULL):
+        return False
+    if _skip_token(name, 0, name_len) != name_len:
+        return False
+    if value_len > 0 and (_is_ws(value[0]) or _is_ws(value[value_len - 1])):
+        return False
+    i = _skip_plain_words(value, 0, value_len)
+    while i < value_len:
+        if not (CHAR_CLASS[value[i]] & C_VALUE):
+            return False
+        i += 1
+    return True
+
+
 cdef bint _valid_added_field(const h1_field_ref *ref) noexcept nogil:
     cdef uint32_t i
     if ref.name_len == 0 or ref.name == NULL or (ref.value_len > 0 and ref.value == NULL):
@@ -1564,6 +1581,11 @@ def head_info(raw: bytes, *, is_request: bool = True, max_head_bytes: int = H1_D
         }
     finally:
         PyMem_Free(head)
+
+
+def field_is_valid(name: bytes, value: bytes) -> bool:
+    """h1_field_is_valid: can HTTP/1.1 carry this field as is?"""
+    return h1_field_is_valid(name, len(name), value, len(value))
 
 
 def chunk_header(size: int) -> bytes:

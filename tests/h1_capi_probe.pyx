@@ -60,7 +60,8 @@ def relay_body(bytes head_raw, bytes body_raw, list cuts, bint is_response=False
             bp = window
             r = h1_body_feed(&body, bp, len(window), &chunk)
             if r < 0:
-                return b"".join(payload), trailers, b"".join(forwarded), False, largest_rest, body.error.decode()
+                error = body.error.decode()
+                return b"".join(payload), trailers, b"".join(forwarded), False, largest_rest, error
             if chunk.data.len:
                 payload.append(window[chunk.data.off:chunk.data.off + chunk.data.len])
             if chunk.trailers.len:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nodeproxy._h1 import H1RequestParser, H1ResponseParser, serialize_head
+from nodeproxy._h1 import H1RequestParser, H1ResponseParser, field_is_valid, serialize_head
 from nodeproxy.proxy.http_events import (
     DataReceived,
     Event,
@@ -239,6 +239,21 @@ def test_field_value_check_agrees_with_the_grammar_at_every_alignment(
     else:
         error = events[-1]
         assert isinstance(error, ProtocolErrored) and error.status == 400, events
+
+
+def field_is_valid_reference(name: bytes, value: bytes) -> bool:
+    token = bool(name) and all(chr(c) in TOKEN_CHARS for c in name)
+    chars = all(c == 0x09 or 0x20 <= c <= 0x7E or c >= 0x80 for c in value)
+    return token and chars and value == value.strip(b" \t")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(max_size=12) | tokens,
+    st.binary(max_size=40) | st.builds(bytes, plain_value_bytes),
+)
+def test_field_is_valid_matches_the_grammar(name: bytes, value: bytes) -> None:
+    assert field_is_valid(name, value) == field_is_valid_reference(name, value)
 
 
 def check_invariants(events: list[Event], parser: H1RequestParser | H1ResponseParser) -> None:
