@@ -8,7 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -162,52 +165,114 @@ def two_client_lab() -> Iterator[Lab]:
         yield lab
 
 
-@pytest.mark.netns
-def test_loaded_daemon_log_of_two_workers_is_one_json_record_per_line(
-    two_client_lab: Lab, tmp_path: Path
-) -> None:
-    lab = two_client_lab
-    proxy = start_proxy(lab, tmp_path, lab.config_yaml(extra="relay:\n  threads: 2\n"))
-    try:
-        loads = [
-            subprocess.Popen(
-                netns.exec_argv(
-                    pod.ns,
-                    [
-                        "wrk",
-                        "-t1",
-                        "-c16",
-                        f"-d{LOAD_SECONDS}s",
-                        "-H",
-                        "Connection: close",
-                        "http://10.96.0.10:80/",
-                    ],
-                ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for pod in lab.client_pods
-        ]
-        outputs = [load.communicate(timeout=LOAD_SECONDS + 30)[0] for load in loads]
-        proxy.proc.send_signal(signal.SIGTERM)
-        proxy.proc.wait(timeout=30)
-    finally:
-        stop_process(proxy.proc)
-        subprocess.run(
+def wrk_close_load(lab: Lab) -> int:
+    """Connection: close load from every client pod for LOAD_SECONDS; returns the requests made."""
+    loads = [
+        subprocess.Popen(
             netns.exec_argv(
-                lab.node_ns,
-                [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(proxy.config_path)],
+                pod.ns,
+                [
+                    "wrk",
+                    "-t1",
+                    "-c16",
+                    f"-d{LOAD_SECONDS}s",
+                    "-H",
+                    "Connection: close",
+                    "http://10.96.0.10:80/",
+                ],
             ),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
+        for pod in lab.client_pods
+    ]
     requests = 0
-    for output in outputs:
+    for load in loads:
+        output = load.communicate(timeout=LOAD_SECONDS + 30)[0]
         found = [line for line in output.splitlines() if "requests in" in line]
         assert found, output
         requests += int(found[0].split()[0])
-    assert requests > 1000, outputs  # enough load for two workers to write at the same time
-    records = parse_lines(proxy.log())
+    return requests
+
+
+@dataclass
+class PipedProxy:
+    """The daemon with stdout and stderr on one pipe (as under journald or a container runtime)."""
+
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    chunks: list[bytes]
+    reader: threading.Thread
+
+    def output(self) -> str:
+        return b"".join(self.chunks).decode()
+
+
+def start_proxy_on_a_pipe(lab: Lab, tmp: Path, config_yaml: str) -> PipedProxy:
+    config_path, ready = tmp / "config.yaml", tmp / "ready"
+    config_path.write_text(config_yaml)
+    argv = [
+        sys.executable,
+        "-m",
+        "nodeproxy",
+        "run",
+        "--config",
+        str(config_path),
+        "--ready-file",
+        str(ready),
+    ]
+    proc = lab.spawn(lab.node_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stream = proc.stdout
+    assert stream is not None
+    chunks: list[bytes] = []
+
+    def read_all() -> None:
+        while chunk := os.read(stream.fileno(), 1 << 16):
+            chunks.append(chunk)
+
+    piped = PipedProxy(proc, config_path, chunks, threading.Thread(target=read_all))
+    piped.reader.start()
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            piped.reader.join(10)
+            raise RuntimeError(f"nodeproxy did not become ready:\n{piped.output()[-4000:]}")
+        time.sleep(0.05)
+    return piped
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("output", ["file", "pipe"])
+def test_loaded_daemon_log_of_two_workers_is_one_json_record_per_line(
+    two_client_lab: Lab, tmp_path: Path, output: str
+) -> None:
+    lab = two_client_lab
+    config_yaml = lab.config_yaml(extra="relay:\n  threads: 2\n")
+    piped: PipedProxy | None = None
+    if output == "file":
+        proxy = start_proxy(lab, tmp_path, config_yaml)
+        proc, config_path = proxy.proc, proxy.config_path
+    else:
+        piped = start_proxy_on_a_pipe(lab, tmp_path, config_yaml)
+        proc, config_path = piped.proc, piped.config_path
+    try:
+        requests = wrk_close_load(lab)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        stop_process(proc)
+        if piped is not None:
+            piped.reader.join(10)
+        subprocess.run(
+            netns.exec_argv(
+                lab.node_ns, [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(config_path)]
+            ),
+            capture_output=True,
+        )
+    assert requests > 1000  # enough load for two workers to write at the same time
+    records = parse_lines(piped.output() if piped is not None else proxy.log())
     closed = [r for r in records if r.get("event") == "connection closed"]
     # wrk's connections still open at the end are counted when the daemon stops them.
     assert len(closed) >= requests, (len(closed), requests)
