@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,13 @@ from nodeproxy.lab import Lab, stop_process
 from tests.conftest import running_lab
 from tests.helpers import connect, listen
 
-pytestmark = pytest.mark.netns
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        shutil.which("setpriv") is None or shutil.which("prlimit") is None,
+        reason="needs setpriv and prlimit (util-linux)",
+    ),
+]
 
 BULK_PORT = 9310
 CONNECTIONS = 200
