@@ -741,13 +741,21 @@ cdef int h1_parse_trailers(const unsigned char *buf, size_t len, const h1_limits
 
 cdef int h1_sniff_request(const unsigned char *buf, size_t len) noexcept nogil:
     # Enough to tell an HTTP/1 client from TLS, SSH, the HTTP/2 preface or a binary protocol.
-    cdef size_t i = _skip_token(buf, 0, len)
-    cdef size_t target_start
-    cdef size_t k
+    cdef size_t start = 0
+    cdef size_t i, target_start, k
     cdef const char *version = b"HTTP/1."
+    cdef int empty_lines = 0
+    while start < len and buf[start] == 13:  # the empty lines h1_parse_request skips
+        if start + 1 == len:
+            return 0
+        if buf[start + 1] != 10 or empty_lines == MAX_LEADING_EMPTY_LINES:
+            return -1
+        start += 2
+        empty_lines += 1
+    i = _skip_token(buf, start, len)
     if i == len:
-        return 0 if i <= 24 else -1
-    if i == 0 or i > 24 or buf[i] != 32:
+        return 0 if i - start <= 24 else -1
+    if i == start or i - start > 24 or buf[i] != 32:
         return -1
     i += 1
     target_start = i

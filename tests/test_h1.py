@@ -699,6 +699,10 @@ def test_response_connection_close_and_http10() -> None:
         (b"GET  / HTTP/1.1", -1),
         (b"GET / FTP/1.1", -1),
         (b"A" * 30, -1),
+        (b"\r\n\r\nGET / HTTP/1.1", 1),
+        (b"\r\n\r", 0),
+        (b"\r\r", -1),
+        (b"\r\n" * 5 + b"GET / HTTP/1.1", -1),
     ],
 )
 def test_sniff_request(data: bytes, verdict: int) -> None:

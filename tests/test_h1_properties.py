@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nodeproxy._h1 import H1RequestParser, H1ResponseParser, field_is_valid, serialize_head
+from nodeproxy._h1 import H1RequestParser, H1ResponseParser, field_is_valid, serialize_head, sniff_request
 from nodeproxy.proxy.http_events import (
     DataReceived,
     Event,
@@ -395,3 +395,21 @@ def test_every_request_the_codec_accepts_h11_accepts_too(raw: bytes) -> None:
     assert tuple(trailers) == next(
         (e.headers for e in ours[:first_end] if isinstance(e, TrailersReceived)), ()
     )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests())
+def test_sniffing_never_refuses_a_prefix_of_a_valid_request(message: Message) -> None:
+    verdicts = [sniff_request(message.raw[:k]) for k in range(len(message.raw) + 1)]
+    assert set(verdicts) <= {0, 1} and verdicts[-1] == 1
+    assert verdicts == sorted(verdicts)  # once sure, more bytes do not change its mind
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=80) | st.builds(mutate, requests().map(lambda m: m.raw), edits))
+def test_what_sniffing_refuses_the_parser_refuses(data: bytes) -> None:
+    if sniff_request(data) == -1:
+        events = H1RequestParser().feed(data)
+        accepted = [e for e in events if isinstance(e, RequestReceived)]
+        # The one exception by design: methods longer than 24 characters are not taken for HTTP.
+        assert not accepted or len(accepted[0].method) > 24
