@@ -18,6 +18,7 @@ exactly one REC_DONE for the same request id (possibly after REC_ATTEMPT_FAILED 
 Python answers like a head). Only the worker thread touches Down/Up/Pool structs.
 """
 
+from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset, strlen
 
@@ -281,7 +282,9 @@ cdef bint _is_ipv4(str text, sockaddr_in *out, int port):
 
 
 cdef str _span_text(const unsigned char *base, h1_span s):
-    return (<const char*>base)[s.off:s.off + s.len].decode("latin-1")
+    # One allocation (slicing to bytes and decoding would make two); the codec admits only bytes a
+    # latin-1 decode maps one to one.
+    return PyUnicode_DecodeLatin1(<const char*>base + s.off, s.len, NULL)
 
 
 cdef size_t _check_field_bytes(object value, bint is_name) except? 0:

@@ -84,6 +84,7 @@ class _Edits:
 
 
 _NO_EDITS = _Edits((), (), (), ())
+_NO_HEADERS: dict[str, str] = {}  # shared, never mutated: RequestAttrs.headers when no route matches one
 
 
 @dataclass(slots=True)
@@ -106,7 +107,6 @@ class PendingRequest:
 
     conn: HttpConnection
     attrs: RequestAttrs
-    started: float
     service: str | None = None
     route: str | None = None
     endpoint: Endpoint | None = None
@@ -242,18 +242,23 @@ class HttpProxy:
                 continue
             forwards: list[ForwardAnswer] = []
             replies: list[ReplyAnswer] = []
-            self._handle(records, forwards, replies)
+            self._handle(records, state, forwards, replies)
             if (forwards or replies) and not self._stopped:
                 worker.answer(forwards, replies)
 
     def _handle(
-        self, records: Iterable[tuple[Any, ...]], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
+        self,
+        records: Iterable[tuple[Any, ...]],
+        state: RoutingState,
+        forwards: list[ForwardAnswer],
+        replies: list[ReplyAnswer],
     ) -> None:
+        """Act on one batch; `state` is the routing snapshot read once for the whole batch."""
         for record in records:
             kind = record[0]
             try:
                 if kind == _l7.HEAD:
-                    self._on_head(record, forwards, replies)
+                    self._on_head(record, state, forwards, replies)
                 elif kind == _l7.DONE:
                     self._on_done(record)
                 elif kind == _l7.ATTEMPT_FAILED:
@@ -270,22 +275,31 @@ class HttpProxy:
                     replies.append((record[1], 500, "IE", "internal error while routing the request"))
 
     def _on_head(
-        self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
+        self,
+        record: tuple[Any, ...],
+        state: RoutingState,
+        forwards: list[ForwardAnswer],
+        replies: list[ReplyAnswer],
     ) -> None:
         _, request_id, conn_id, method, _target, authority, path, query, headers = record
         conn = self.connections[conn_id]
         conn.requests += 1
         self.stats.requests += 1
-        route = self.routing().lookup(conn.orig_ip, conn.orig_port)
-        matched = route.http.matched_headers if route is not None and route.http is not None else frozenset()
-        picked: dict[str, str] = {}
-        if matched:
+        route = state.lookup(conn.orig_ip, conn.orig_port)
+        picked: dict[str, str] = _NO_HEADERS
+        if (
+            headers
+            and route is not None
+            and route.http is not None
+            and (matched := route.http.matched_headers)
+        ):
+            picked = {}
             for name, value in headers:
                 if name in matched:
                     # Repeated fields are one comma-joined value (RFC 9110 §5.3).
                     picked[name] = f"{picked[name]}, {value}" if name in picked else value
         attrs = RequestAttrs(method, authority, path, query, picked)
-        request = PendingRequest(conn, attrs, time.monotonic())
+        request = PendingRequest(conn, attrs)
         self.requests[request_id] = request
         if route is None or route.http is None:
             # The service or its HTTP protocol went away with a reload since the connection came in.
