@@ -199,8 +199,15 @@ class AdminServer:
         finally:
             os.umask(old_umask)
         if gid is not None:
-            os.chown(self.path, -1, gid)
-            os.chmod(self.path, 0o660)
+            try:
+                os.chown(self.path, -1, gid)
+                os.chmod(self.path, 0o660)
+            except OSError as err:
+                sock.close()
+                os.unlink(self.path)
+                raise AdminError(
+                    f"cannot give the admin socket {self.path} to group {self.group}: {err}"
+                ) from err
         sock.listen(16)
         info = os.stat(self.path)
         self._inode = (info.st_dev, info.st_ino)

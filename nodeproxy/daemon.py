@@ -82,7 +82,7 @@ SNAPSHOT_TIMEOUT = 1.0  # seconds an admin request waits for the workers' snapsh
 WATCHDOG_HEARTBEAT_AGE = (
     3 * HEARTBEAT_INTERVAL
 )  # the watchdog is fed only while every worker was heard this recently
-STATUS_INTERVAL = 5.0  # seconds between sd_notify STATUS= updates (connection counts)
+STATUS_INTERVAL = 2.0  # seconds between checks for a changed sd_notify STATUS= line (connection counts)
 PUSHED_SUFFIX = ".pushed"  # a config pushed through the admin API is kept next to the file: <file>.pushed
 # Status pipe lines, worker -> supervisor (each ends in a newline):
 MSG_READY = b"R"  # the worker serves its listener
