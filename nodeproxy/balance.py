@@ -63,10 +63,12 @@ class Endpoint:
     total: int = 0  # connections ever picked
     connect_failures: int = 0
     current_weight: int = 0  # smooth weighted round robin state
-    # Peak-EWMA state: the response-time estimate (seconds) as of rtt_updated_at (clock seconds);
-    # rtt_updated_at is None until the first sample, while the balancer's default RTT stands in.
+    # Peak-EWMA state: the response-time estimate (seconds) as of rtt_updated_at (clock seconds).
+    # Until the first sample the estimate is the balancer's default RTT, set (and decaying from)
+    # when a balancer first considers the endpoint; rtt_samples counts the samples taken.
     rtt_estimate: float = 0.0
     rtt_updated_at: float | None = None
+    rtt_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.weight < 1:
@@ -195,10 +197,13 @@ class PeakEwma:
     samples the estimate decays toward zero with the same time constant, so an endpoint that lost all
     traffic is probed again after a while instead of never (a 55 ms endpoint among 5 ms ones after
     about decay x ln(11) = 24 s), and a sample below the decayed estimate is blended in with weight
-    1 - exp(-time since the last sample / decay). Before its first sample an endpoint
-    costs `default_rtt`. In-flight requests are `Endpoint.active`, which the caller keeps (+1 when a
-    request is sent, -1 when it ends); multiplying by them makes a queue of requests on one endpoint
-    as expensive as slowness.
+    1 - exp(-time since the last sample / decay). Before its first sample an endpoint's estimate is
+    `default_rtt`, decaying from when a pick first considered it (as tower's), so a new endpoint
+    among faster ones is still tried; its first sample replaces the default outright.
+
+    In-flight requests are `Endpoint.active`, which the caller keeps (+1 when a request is sent, -1
+    when it ends); multiplying by them makes a queue of requests on one endpoint as expensive as
+    slowness.
 
     The caller reports each response time with :meth:`observe` (for HTTP: request sent to response
     head received; at L4: connect time).
@@ -233,7 +238,7 @@ class PeakEwma:
             raise ValueError(f"response time must be finite and >= 0, not {rtt}")
         now = self.clock()
         current = self.estimate(endpoint, now)
-        if endpoint.rtt_updated_at is None or rtt > current:
+        if endpoint.rtt_samples == 0 or endpoint.rtt_updated_at is None or rtt > current:
             endpoint.rtt_estimate = rtt  # the peak (or first sample) is taken at once
         else:
             # A sample's weight grows with the time since the last one: after a long quiet spell the
@@ -241,6 +246,7 @@ class PeakEwma:
             kept = math.exp(-max(0.0, now - endpoint.rtt_updated_at) / self.decay)
             endpoint.rtt_estimate = current * kept + rtt * (1.0 - kept)
         endpoint.rtt_updated_at = now
+        endpoint.rtt_samples += 1
 
     def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
         candidates = _candidates(endpoints, tried)
@@ -248,6 +254,9 @@ class PeakEwma:
             return candidates[0] if candidates else None
         first, second = _draw_two(self.rng, candidates)
         now = self.clock()
+        for e in (first, second):
+            if e.rtt_updated_at is None:  # first look: the default starts decaying now
+                e.rtt_estimate, e.rtt_updated_at = self.default_rtt, now
         return second if self.cost(second, now) < self.cost(first, now) else first
 
 

@@ -80,6 +80,26 @@ def test_estimate_decays_toward_zero_between_samples() -> None:
     assert ewma.estimate(ep, clock.now + 100 * DEFAULT_EWMA_DECAY) < 1e-6
 
 
+def test_a_new_endpoint_among_faster_ones_is_probed_and_then_judged_by_its_samples() -> None:
+    clock = FakeClock()
+    ewma = PeakEwma(clock, random.Random(6))
+    eps = endpoints(3)
+    for e in eps[:2]:
+        ewma.observe(e, 0.002)
+    first_pick_of_new: float | None = None
+    start = clock.now
+    for _ in range(6000):  # 60 s at 100 req/s, sequential
+        clock.now += 0.01
+        chosen = ewma.pick(eps, ())
+        assert chosen is not None
+        if chosen is eps[2] and first_pick_of_new is None:
+            first_pick_of_new = clock.now - start
+        ewma.observe(chosen, 0.002)
+    # The 30 ms default decays to the others' 2 ms in about 10 s x ln(15) = 27 s.
+    assert first_pick_of_new is not None and 20 < first_pick_of_new < 35, first_pick_of_new
+    assert eps[2].rtt_samples > 0 and eps[2].rtt_estimate == pytest.approx(0.002, rel=0.5)
+
+
 def test_two_endpoints_pick_the_cheaper_every_time() -> None:
     clock = FakeClock()
     ewma = PeakEwma(clock, random.Random(1))
@@ -259,7 +279,7 @@ class PeakEwmaMachine(RuleBasedStateMachine):
     def sample(self, i: int, rtt: float) -> None:
         endpoint = self.eps[i]
         previous = self.ewma.estimate(endpoint, self.clock.now)
-        had_data = endpoint.rtt_updated_at is not None
+        had_data = endpoint.rtt_samples > 0
         self.ewma.observe(endpoint, rtt)
         self.samples[i].append(rtt)
         if not had_data or rtt > previous:
@@ -304,7 +324,7 @@ class PeakEwmaMachine(RuleBasedStateMachine):
             if self.samples[i]:
                 assert estimate <= max(self.samples[i]) + 1e-12
             else:
-                assert estimate == DEFAULT_RTT
+                assert estimate <= DEFAULT_RTT  # the default, decaying since a pick first saw it
 
 
 TestPeakEwmaMachine = PeakEwmaMachine.TestCase
