@@ -255,7 +255,8 @@ cdef struct Down:
     h1_head req
     h1_body req_body
     bint request_open         # a head was posted and its REC_DONE not yet
-    bint req_done             # the whole request (head, body, trailers) went upstream
+    bint req_done             # the whole request (head, body, trailers) went upstream, or was abandoned
+    bint req_abandoned        # the upstream stopped taking the request body (it may answer early)
     bint resp_head_sent
     bint resp_done
     bint method_head
@@ -435,6 +436,7 @@ cdef class HttpWorker:
     cdef void _pool_unwait(self, Down *d) noexcept nogil
     cdef void _serve_waiter(self, Pool *p) noexcept nogil
     cdef void _attempt_failed(self, Down *d, int err, uint32_t flag) noexcept nogil
+    cdef int _request_send_failed(self, Down *d, Up *u, int err) noexcept nogil
     cdef int _upstream_failed(self, Down *d, int err) noexcept nogil
     cdef void _end_exchange(self, Down *d) noexcept nogil
     cdef void _next_request(self, Down *d) noexcept nogil

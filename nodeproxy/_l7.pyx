@@ -830,7 +830,7 @@ cdef class HttpWorker:
         if u != NULL and u.state == U_BUSY and _held(&u.outb) and u.writable:
             n = _flush(u.fd, &u.outb, &u.writable)
             if n < 0:
-                return self._upstream_failed(d, errno)
+                return self._request_send_failed(d, u, errno)
             progressed = progressed or n > 0
         if d.state == D_HEAD:
             rc = self._step_head(d, budget)
@@ -907,7 +907,7 @@ cdef class HttpWorker:
         d.deadline_ns = 0
         d.method_head = d.req.method_id == H1_METHOD_HEAD
         d.client_keep_alive = h1_should_keep_alive(&d.req)
-        d.req_done = d.resp_head_sent = d.resp_done = d.close_after = d.dechunk = False
+        d.req_done = d.resp_head_sent = d.resp_done = d.close_after = d.dechunk = d.req_abandoned = False
         d.stale_retried = d.reused = False
         d.req_body_bytes = d.resp_bytes = 0
         d.status = 0
@@ -1161,6 +1161,19 @@ cdef class HttpWorker:
         r.attempts = d.attempts
         self._post(&r)
 
+    cdef int _request_send_failed(self, Down *d, Up *u, int err) noexcept nogil:
+        """The upstream stopped taking the request. A server may answer early (413, 401 to an upload) and
+        close without reading the rest: stop sending, keep reading, and let that answer reach the client
+        (the connection closes after it, as the rest of the request body can no longer be framed)."""
+        if (d.reused and not d.stale_retried and not d.resp_head_sent and _held(&u.inb) == 0
+                and d.req_body_bytes == 0):
+            return self._upstream_failed(d, err)  # most likely a stale pooled connection: retry fresh
+        d.req_abandoned = True
+        d.req_done = True
+        d.close_after = True
+        u.outb.off = u.outb.len = 0
+        return 1
+
     cdef int _upstream_failed(self, Down *d, int err) noexcept nogil:
         """The upstream connection broke (error or EOF) before the exchange completed. Returns 1 if the
         connection goes on (retried or answered locally), -1 if the client connection is gone."""
@@ -1240,7 +1253,7 @@ cdef class HttpWorker:
                     return 1
                 if n > 0:
                     if _send(u.fd, &u.outb, &u.writable, d.inb.data + d.inb.off, n, True) < 0:
-                        return self._upstream_failed(d, errno)
+                        return self._request_send_failed(d, u, errno)
                     _consume(&d.inb, n)
                     d.req_body_bytes += n
                     progressed = 1
@@ -1438,7 +1451,7 @@ cdef class HttpWorker:
 
     cdef void _end_exchange(self, Down *d) noexcept nogil:
         cdef Up *u = d.up
-        cdef bint reusable = (d.req_done and _held(&u.outb) == 0 and _held(&u.inb) == 0 and not u.peer_eof
+        cdef bint reusable = (d.req_done and not d.req_abandoned and _held(&u.outb) == 0 and _held(&u.inb) == 0 and not u.peer_eof
                               and u.resp_body.kind != H1_BODY_UNTIL_CLOSE and h1_should_keep_alive(&u.resp))
         d.up = NULL
         u.down = NULL
@@ -1514,7 +1527,7 @@ cdef class HttpWorker:
             d.method_head = False
         elif d.req_body.kind != H1_BODY_NONE and not d.req_done:
             close_after = True  # the unread request body cannot be skipped reliably
-        close_after = close_after or not d.client_keep_alive
+        close_after = close_after or d.close_after or not d.client_keep_alive
         n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %u %s\r\ncontent-type: text/plain\r\ncontent-length: %u\r\n"
                      "x-nodeproxy-flags: %s\r\n%s\r\n",

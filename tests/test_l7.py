@@ -688,6 +688,11 @@ def make_backend(address: tuple[str, int], name: str) -> socketserver.ThreadingT
                 n, _, v = h.decode("latin-1").partition(":")
                 headers.append((n.strip().lower(), v.strip()))
             fields = dict(headers)
+            if target == "/early-413":  # answers at once and closes, the request body unread
+                sock.sendall(
+                    b"HTTP/1.1 413 Too Big\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n"
+                )
+                return False
             if target.startswith("/stall/"):  # reads the request body only after a while
                 time.sleep(int(target.rsplit("/", 1)[1]) / 1000)
             if fields.get("expect", "").lower() == "100-continue":

@@ -4,6 +4,7 @@ HttpProxy / HttpWorker in this process. Covers the paths that need no pod addres
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -212,6 +213,33 @@ def test_backpressure_bounds_what_the_engine_holds_both_ways(proxy: LoopbackProx
         answer = read_response(reader).body.split()
     assert answer[:2] == [hashlib.sha256(body).hexdigest().encode(), str(size).encode()]
     sock.close()
+
+
+def test_an_early_answer_to_an_upload_reaches_the_client(proxy: LoopbackProxy) -> None:
+    """The backend answers 413 without reading the 8 MiB body and closes: the client gets the 413, not a
+    502 for the failed send, and the connection closes after it."""
+    size = 8 << 20
+    sock = proxy.connect()
+    sender = threading.Thread(
+        target=_send_ignoring_resets,
+        args=(
+            sock,
+            f"POST /early-413 HTTP/1.1\r\nHost: web\r\nContent-Length: {size}\r\n\r\n".encode() + bytes(size),
+        ),
+    )
+    sender.start()
+    with sock.makefile("rb") as reader:
+        response = read_response(reader)
+    assert response.status == 413 and response.body == b"too big\n", response.raw_head
+    assert response.header("connection") == "close"
+    sender.join(10)
+    sock.close()
+
+
+def _send_ignoring_resets(sock: socket.socket, data: bytes) -> None:
+    # The proxy closes after the early answer, so the rest of the upload may be refused.
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
 
 
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
