@@ -242,6 +242,26 @@ def _send_ignoring_resets(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "X-Big: " + "a" * 70_000 + "\r\n",  # over 60 KiB of head
+        "".join(f"X-F{i}: v\r\n" for i in range(120)),  # over 100 fields
+    ],
+    ids=["bytes", "fields"],
+)
+def test_oversized_head_is_431_and_closes(proxy: LoopbackProxy, extra: str) -> None:
+    sock = proxy.connect()
+    with contextlib.suppress(OSError):  # the proxy may answer and close before it has read it all
+        sock.sendall(f"GET /x HTTP/1.1\r\nHost: web\r\n{extra}\r\n".encode())
+    with sock.makefile("rb") as reader:
+        response = read_response(reader)
+        assert response.status == 431 and response.header("x-nodeproxy-flags") == "DPE"
+        assert response.header("connection") == "close"
+        assert reader.read() == b""
+    sock.close()
+
+
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
     # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only: connections there are refused.
     running = LoopbackProxy(["127.0.0.2", "127.0.0.1"], backend, connect_attempts=2)
