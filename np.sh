@@ -25,13 +25,14 @@ declare -A PROVIDER=(
     [nginx]=nginx-light [curl]=curl [socat]=socat [ps]=procps [sysctl]=procps
     [killall]=psmisc [fuser]=psmisc [gcc]=build-essential [make]=build-essential
     [capsh]=libcap2-bin [setpriv]=util-linux [nghttpd]=nghttp2-server
+    [vagrant]=vagrant [systemd-analyze]=systemd
 )
 # C headers the native modules build against, and the Debian package that provides each.
 declare -A HEADER_PROVIDER=(
     [/usr/include/nghttp2/nghttp2.h]=libnghttp2-dev
 )
 APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client nghttp2-server haproxy nginx-light curl socat procps
-              psmisc build-essential libcap2-bin util-linux libnghttp2-dev)
+              psmisc build-essential libcap2-bin util-linux libnghttp2-dev vagrant systemd)
 # Services the packages above would otherwise start (and enable) in the root namespace.
 ROOT_NS_SERVICES=(nginx haproxy)
 STAMP="$ROOT/build/.np-install-stamp"
