@@ -371,6 +371,8 @@ cdef class HttpWorker:
     cdef int wake_fd
     cdef int notify_fd
     cdef bint stopping
+    cdef bint draining            # set by begin_draining(): every response closes its connection
+    cdef bint drained_idle        # the idle connections were closed once draining began
     cdef bint closed
     cdef h1_limits limits
     cdef int64_t header_timeout_ns
@@ -450,6 +452,7 @@ cdef class HttpWorker:
     cdef void _queue_ready(self, Down *d) noexcept nogil
     cdef void _unqueue(self, Down *d) noexcept nogil
     cdef void _run_ready(self) noexcept nogil
+    cdef void _close_idle(self) noexcept nogil
     cdef void _scan(self) noexcept nogil
     cdef void _bury(self) noexcept nogil
     cdef void _close_all(self) noexcept nogil

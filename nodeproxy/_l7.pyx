@@ -567,6 +567,13 @@ cdef class HttpWorker:
             free(batch)
         return out
 
+    def begin_draining(self):
+        """Wind the connections down for a restart: every response from now on says `Connection: close`
+        and its connection closes after it; connections idle between requests close now. Idempotent."""
+        cdef uint64_t one = 1
+        self.draining = True
+        write(self.wake_fd, &one, sizeof(one))
+
     def stop(self):
         """Ask run() to return; live connections are closed."""
         cdef uint64_t one = 1
@@ -658,6 +665,8 @@ cdef class HttpWorker:
                 if kind == NULL:
                     read(self.wake_fd, &counter, sizeof(counter))
                     self._take_submissions()
+                    if self.draining and not self.drained_idle:
+                        self._close_idle()
                 elif kind[0] == KIND_DOWN:
                     if not (<Down*>kind).dead:
                         self._on_down_event(<Down*>kind, events[i].events)
@@ -1391,6 +1400,7 @@ cdef class HttpWorker:
                 d.close_after = True  # the body ends when we close
             opts.framing = H1_FRAMING_NONE if d.dechunk else H1_FRAMING_AS_PARSED
             opts.upgrading = upgrade
+            d.close_after = d.close_after or self.draining
             opts.conn_close = not upgrade and (d.close_after or not d.client_keep_alive)
             if d.edits != NULL:
                 opts.remove, opts.nremove = d.edits.resp_remove, d.edits.nresp_remove
@@ -1527,7 +1537,7 @@ cdef class HttpWorker:
             d.method_head = False
         elif d.req_body.kind != H1_BODY_NONE and not d.req_done:
             close_after = True  # the unread request body cannot be skipped reliably
-        close_after = close_after or d.close_after or not d.client_keep_alive
+        close_after = close_after or d.close_after or not d.client_keep_alive or self.draining
         n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %u %s\r\ncontent-type: text/plain\r\ncontent-length: %u\r\n"
                      "x-nodeproxy-flags: %s\r\n%s\r\n",
@@ -1737,6 +1747,18 @@ cdef class HttpWorker:
             d.queued = False
             if not d.dead:
                 self._drive(d)
+
+    cdef void _close_idle(self) noexcept nogil:
+        # Draining: a connection between requests (no byte of a next head yet) is closed at once.
+        cdef Down *d = self.downs
+        cdef Down *dn
+        self.drained_idle = True
+        while d != NULL:
+            dn = d.next
+            if d.state == D_HEAD and _held(&d.inb) == 0 and (d.head_idle or d.requests == 0):
+                self._start_closing(d)
+                self._drive(d)
+            d = dn
 
     cdef void _scan(self) noexcept nogil:
         # A linear walk every SCAN_MS: ~10 ns a connection, cheaper than timer bookkeeping per event.

@@ -262,6 +262,23 @@ def test_oversized_head_is_431_and_closes(proxy: LoopbackProxy, extra: str) -> N
     sock.close()
 
 
+def test_draining_closes_idle_connections_and_ends_busy_ones_after_their_response(
+    proxy: LoopbackProxy,
+) -> None:
+    idle, busy = proxy.connect(), proxy.connect()
+    with idle.makefile("rb") as idle_reader, busy.makefile("rb") as busy_reader:
+        assert get(idle, "/first", idle_reader).status == 200
+        busy.sendall(b"GET /slow/500 HTTP/1.1\r\nHost: web\r\n\r\n")
+        time.sleep(0.1)
+        asyncio.run_coroutine_threadsafe(_call(proxy.proxy.begin_drain), proxy.loop).result(5)
+        assert idle_reader.read() == b""  # closed without waiting for another request
+        response = read_response(busy_reader)
+        assert response.status == 200 and response.header("connection") == "close"
+        assert busy_reader.read() == b""
+    idle.close()
+    busy.close()
+
+
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
     # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only: connections there are refused.
     running = LoopbackProxy(["127.0.0.2", "127.0.0.1"], backend, connect_attempts=2)

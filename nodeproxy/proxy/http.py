@@ -199,6 +199,12 @@ class HttpProxy:
         self.process_records()
         os.close(self.notify_fd)
 
+    def begin_drain(self) -> None:
+        """For Worker.drain_hooks: responses from now on carry `Connection: close` and end their
+        connection; idle kept-alive connections close now. Does not block."""
+        for worker in self.workers:
+            worker.begin_draining()
+
     @property
     def live_connections(self) -> int:
         return sum(w.live_connections for w in self.workers)
