@@ -1,0 +1,215 @@
+"""The resilience layers put together for the HTTP engine: what to call at which event.
+
+One :class:`ServiceGuards` per service, kept across config reloads like the Endpoint objects (its
+budget, breaker counts, ejections and rate-limit tokens are live state); one :class:`RouteGuards`
+per route and snapshot (immutable). The engine's Python side calls, per request:
+
+1. request head: :meth:`ServiceGuards.admit` -> a :class:`LocalAnswer` to send at once (429 RL rate
+   limited, 503 UO overflow, fault abort FI) or an :class:`Admission` (deadline, retry state,
+   fault delay, headers to set upstream);
+2. each attempt: pick the endpoint with the service's balancer (:meth:`ServiceGuards.balancer`,
+   which skips ejected endpoints and prefers the node's own), passing ``admission.retry.tried`` as
+   the addresses to avoid (:func:`nodeproxy.resilience.retry.exclude_for_retry` when none is left);
+   then ``admission.retry.attempt_started(address)``, send with the timeout
+   ``admission.attempt_timeout`` (first) or ``Retry.timeout`` (later);
+3. each attempt's end (response head, or failure incl. the attempt's timeout):
+   :meth:`ServiceGuards.attempt_ended` -> :class:`Retry` (wait `delay`, go to 2) or :class:`GiveUp`;
+   on GiveUp forward the response if there was one, else send :func:`failure_answer`;
+4. request over (answered, or client gone): :meth:`ServiceGuards.request_ended`, exactly once.
+
+Nothing here does I/O or keeps timers: the engine owns sockets and timers; these objects only keep
+counts and decide.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nodeproxy.balance import Balancer, Clock, Endpoint, make_balancer
+from nodeproxy.resilience.circuit import CircuitBreaker, Resource, overflow_answer
+from nodeproxy.resilience.config import RateLimitConfig, RouteResilience, ServiceResilience
+from nodeproxy.resilience.deadline import Deadline, deadline_exceeded
+from nodeproxy.resilience.fault import FaultPolicy
+from nodeproxy.resilience.outcome import AttemptResult, Failure, GrpcStatus, LocalAnswer
+from nodeproxy.resilience.outlier import Ejection, OutlierDetector
+from nodeproxy.resilience.ratelimit import RateLimiter
+from nodeproxy.resilience.retry import GiveUp, Retry, RetryPolicy, RetryState
+
+__all__ = ["Admission", "RouteGuards", "ServiceGuards", "failure_answer"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteGuards:
+    """A route's compiled resilience settings (one per route per snapshot)."""
+
+    name: str
+    timeout: float  # seconds, 0: none
+    honor_caller_timeout: bool
+    retry_policy: RetryPolicy
+    fault: FaultPolicy | None
+
+    @classmethod
+    def from_config(cls, name: str, config: RouteResilience) -> RouteGuards:
+        return cls(
+            name,
+            config.timeout,
+            config.honor_caller_timeout,
+            config.retries.policy(),
+            config.fault.policy() if config.fault is not None else None,
+        )
+
+    @property
+    def header_names(self) -> frozenset[str]:
+        """Request headers the engine must pass to admit(): the deadline's and the fault's."""
+        names = {"grpc-timeout", "x-nodeproxy-timeout-ms"}
+        if self.fault is not None:
+            names |= self.fault.header_names
+        return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let through: wait `delay` (fault injection, 0 normally), then attempt; set
+    `upstream_headers` on each attempt (recomputed per attempt with :meth:`headers_at`)."""
+
+    retry: RetryState
+    deadline: Deadline
+    delay: float
+    grpc: bool
+
+    @property
+    def attempt_timeout(self) -> float | None:
+        """Bound on the first attempt's wait for a response head (None: none)."""
+        return self.retry.first_attempt_timeout()
+
+    def headers_at(self, now: float) -> tuple[tuple[str, str], ...]:
+        """Headers to set (replacing the caller's) on an attempt sent at `now`: the time left."""
+        return self.deadline.upstream_headers(now, grpc=self.grpc)
+
+
+def failure_answer(result: AttemptResult, give_up: GiveUp) -> LocalAnswer | None:
+    """What the client gets when the request gave up: None to forward the response that came back,
+    else the local reply for the failure (504 UT when time ran out, 502 UF / UC otherwise)."""
+    if result.status is not None:
+        return None
+    if give_up.reason == "deadline" or result.failure is Failure.TIMEOUT:
+        return deadline_exceeded(f"no response head in time ({give_up.reason})")
+    if result.failure is Failure.CONNECT_FAILURE:
+        return LocalAnswer(502, "UF", f"upstream connect failed ({give_up.reason})", GrpcStatus.UNAVAILABLE)
+    return LocalAnswer(
+        502, "UC", f"upstream reset before the response ({give_up.reason})", GrpcStatus.UNAVAILABLE
+    )
+
+
+class ServiceGuards:
+    """Live resilience state of one service; see the module docstring for the calls."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ServiceResilience,
+        endpoints: Iterable[Endpoint],
+        routes: Mapping[str, RouteResilience] | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+        local_node: str | None = None,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.local_node = local_node
+        self.config = config
+        self.breaker = CircuitBreaker(config.circuit_breakers.limits())
+        self.budget = config.retry_budget.budget(clock)
+        self.outlier = OutlierDetector(config.outlier_detection.settings(), endpoints, clock)
+        self.limiter = RateLimiter(config.rate_limit.bucket() if config.rate_limit else None, clock)
+        self._route_limits: dict[str, RateLimitConfig] = {}
+        self._set_route_limits(routes or {})
+
+    def _set_route_limits(self, routes: Mapping[str, RouteResilience]) -> None:
+        wanted = {name: r.rate_limit for name, r in routes.items() if r.rate_limit is not None}
+        for route in set(self._route_limits) - set(wanted):
+            self.limiter.set_route_bucket(route, None)
+        for route, limit in wanted.items():
+            if self._route_limits.get(route) != limit:  # a changed limit starts a full bucket
+                self.limiter.set_route_bucket(route, limit.bucket())
+        self._route_limits = wanted
+
+    def reconfigure(
+        self,
+        config: ServiceResilience,
+        endpoints: Iterable[Endpoint],
+        routes: Mapping[str, RouteResilience],
+    ) -> None:
+        """A reload: new limits and settings, live counts kept. The budget and buckets restart only
+        when their own settings changed."""
+        if config.retry_budget != self.config.retry_budget:
+            self.budget = config.retry_budget.budget(self.clock)
+        if config.rate_limit != self.config.rate_limit:
+            self.limiter.service_bucket = config.rate_limit.bucket() if config.rate_limit else None
+        self.breaker.update_limits(config.circuit_breakers.limits())
+        self.outlier.update_settings(config.outlier_detection.settings())
+        self.outlier.update_endpoints(endpoints)
+        self._set_route_limits(routes)
+        self.config = config
+
+    def balancer(self, name: str) -> Balancer:
+        """The service's balancer `name`, skipping ejected endpoints and, when configured, preferring
+        endpoints on this node."""
+        lb = self.config.load_balancing
+        return make_balancer(
+            name,
+            clock=self.clock,
+            rng=self.rng,
+            default_rtt=lb.default_rtt,
+            decay=lb.decay,
+            local_node=self.local_node if lb.prefer_same_node else None,
+            healthy=self.outlier.is_available,
+        )
+
+    def admit(self, route: RouteGuards, headers: Mapping[str, str], *, grpc: bool) -> Admission | LocalAnswer:
+        """A request head arrived for `route`; `headers` holds at least route.header_names."""
+        limited = self.limiter.check(route.name, f"service {self.name}")
+        if limited is not None:
+            return limited
+        delay = 0.0
+        if route.fault is not None:
+            action = route.fault.decide(headers, self.rng)
+            if action.abort is not None:
+                return action.abort
+            delay = action.delay
+        if not self.breaker.try_acquire(Resource.REQUESTS):
+            return overflow_answer(Resource.REQUESTS)
+        now = self.clock()
+        deadline = Deadline.for_request(
+            now, route.timeout, headers, grpc=grpc, honor_caller_timeout=route.honor_caller_timeout
+        )
+        # The injected delay is spent from the deadline too (the caller waits for it).
+        retry = RetryState(route.retry_policy, deadline, self.clock, self.rng, self.budget, self.breaker)
+        return Admission(retry, deadline, delay, grpc)
+
+    def attempt_ended(
+        self,
+        admission: Admission,
+        endpoint: Endpoint,
+        result: AttemptResult,
+        *,
+        replayable: bool,
+        response_time: float | None,
+        balancer: Balancer | None = None,
+    ) -> tuple[Retry | GiveUp, Ejection | None]:
+        """An attempt on `endpoint` ended. `response_time` (seconds from sending to the response
+        head) feeds `balancer`'s latency estimate when there was a response."""
+        ejection = self.outlier.record(endpoint, result)
+        if balancer is not None and response_time is not None and result.status is not None:
+            balancer.observe(endpoint, response_time)
+        return admission.retry.on_result(result, replayable), ejection
+
+    def request_ended(self, admission: Admission) -> None:
+        """The request is over: frees its request slot (and an active-retry slot it may hold)."""
+        admission.retry.finished()
+        self.breaker.release(Resource.REQUESTS)
