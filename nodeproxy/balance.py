@@ -257,6 +257,12 @@ class PeakEwma:
         for e in (first, second):
             if e.rtt_updated_at is None:  # first look: the default starts decaying now
                 e.rtt_estimate, e.rtt_updated_at = self.default_rtt, now
+        if first.rtt_samples == 0 and second.rtt_samples == 0:
+            # Two defaults that started decaying at different times say nothing about either
+            # endpoint (and without any samples, as at L4 with no reports, an endpoint added later
+            # would lose every comparison for good): compare the requests in flight only.
+            second_load, first_load = (second.active + 1) / second.weight, (first.active + 1) / first.weight
+            return second if second_load < first_load else first
         return second if self.cost(second, now) < self.cost(first, now) else first
 
 

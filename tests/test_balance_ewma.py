@@ -100,6 +100,26 @@ def test_a_new_endpoint_among_faster_ones_is_probed_and_then_judged_by_its_sampl
     assert eps[2].rtt_samples > 0 and eps[2].rtt_estimate == pytest.approx(0.002, rel=0.5)
 
 
+def test_without_any_samples_it_is_least_request_even_for_late_endpoints() -> None:
+    # No latency reports at all (e.g. L4): an endpoint added an hour later must not lose every
+    # comparison to older ones because their defaults have decayed longer.
+    clock = FakeClock()
+    ewma = PeakEwma(clock, random.Random(8))
+    eps = endpoints(2)
+    for _ in range(10):
+        ewma.pick(eps, ())
+    clock.now += 3600
+    late = Endpoint("10.0.0.9", 80)
+    counts: Counter[str] = Counter()
+    for _ in range(3000):
+        chosen = ewma.pick([*eps, late], ())
+        assert chosen is not None
+        counts[chosen.address] += 1
+    assert abs(counts[late.address] / 3000 - 1 / 3) < 0.05, counts
+    eps[0].active = 5  # and in-flight requests still steer
+    assert all(ewma.pick(eps, ()) is eps[1] for _ in range(50))
+
+
 def test_two_endpoints_pick_the_cheaper_every_time() -> None:
     clock = FakeClock()
     ewma = PeakEwma(clock, random.Random(1))
@@ -314,7 +334,10 @@ class PeakEwmaMachine(RuleBasedStateMachine):
         chosen = self.ewma.pick(pair, ())
         assert chosen is not None
         now = self.clock.now
-        assert self.ewma.cost(chosen, now) == min(self.ewma.cost(e, now) for e in pair)
+        if all(e.rtt_samples == 0 for e in pair):  # no data on either: requests in flight decide
+            assert chosen.active == min(e.active for e in pair)
+        else:
+            assert self.ewma.cost(chosen, now) == min(self.ewma.cost(e, now) for e in pair)
 
     @invariant()
     def estimates_stay_within_the_samples(self) -> None:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nodeproxy.resilience.outcome import LocalAnswer
-from nodeproxy.routes import RouteRegex
+
+if TYPE_CHECKING:
+    # nodeproxy.routes may import the resilience config, which imports this module.
+    from nodeproxy.routes import RouteRegex
 
 __all__ = ["FaultAction", "FaultPolicy", "HeaderCondition"]
 
