@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any
 
-REQUEST_TIMEOUT = 10.0  # seconds for one admin request (GET clusters waits up to 1 s for the workers)
+REQUEST_TIMEOUT = 10.0  # seconds for one admin request (GET clusters waits up to 2 s for the workers)
 
 
 # admin.LOG_LEVELS, repeated to keep admin's imports out of the parser (run() checks they agree).

@@ -78,7 +78,7 @@ HEARTBEAT_TIMEOUT = 10.0  # seconds without a heartbeat before a worker is SIGKI
 START_TIMEOUT = 30.0  # seconds for every worker to report ready at start (systemd's TimeoutStartSec)
 CRASH_LOOP_LIMIT = 5  # more than this many worker deaths ...
 CRASH_LOOP_WINDOW = 60.0  # ... within this many seconds end the daemon (exit status 1)
-SNAPSHOT_TIMEOUT = 1.0  # seconds an admin request waits for the workers' snapshots before answering without
+SNAPSHOT_TIMEOUT = 2.0  # seconds an admin request waits for the workers' snapshots before answering without
 WATCHDOG_HEARTBEAT_AGE = (
     3 * HEARTBEAT_INTERVAL
 )  # the watchdog is fed only while every worker was heard this recently

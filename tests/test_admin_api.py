@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -25,8 +25,13 @@ from openapi_spec_validator import validate as validate_spec
 
 from nodeproxy import netns
 from nodeproxy.admin import AdminApi, describe_problems, parse_if_match
+from nodeproxy.capture import SurvivorLock
+from nodeproxy.config import default_config
 from nodeproxy.ctl import AdminClient
+from nodeproxy.daemon import Worker
 from nodeproxy.lab import Lab, stop_process
+from nodeproxy.proxy.listener import OutboundListener
+from nodeproxy.proxy.relay import RelayPool
 from tests.conftest import RunningProxy, running_lab, start_proxy, wait_ready
 from tests.helpers import connect, http_get, listen, wait_for
 
@@ -115,6 +120,27 @@ def test_problem_lines_become_field_paths_and_reasons() -> None:
     assert parse_if_match('"7"') == 7 and parse_if_match('W/"7"') == 7 and parse_if_match("*") is None
     with pytest.raises(ValueError):
         parse_if_match('"seven"')
+
+
+def test_worker_drain_runs_its_hooks_once_before_it_stops_accepting() -> None:
+    """The L7 engine's Connection: close / GOAWAY hook runs while the listener still exists."""
+    events: list[str] = []
+
+    class Listener:
+        def stop_accepting(self) -> None:
+            events.append("stop_accepting")
+
+    class Pool:
+        live_connections = 3
+
+    worker = Worker(0, default_config(), socket.socket(), -1, -1, False, cast(SurvivorLock, None), 1)
+    worker.listener = cast(OutboundListener, Listener())
+    worker.pool = cast(RelayPool, Pool())
+    worker.drain_hooks.append(lambda: events.append("hook"))
+    worker.begin_drain()
+    worker.begin_drain()  # POST drain, then SIGTERM: once
+    worker.listen_sock.close()
+    assert events == ["hook", "stop_accepting"] and worker.draining
 
 
 @pytest.mark.netns
@@ -391,7 +417,7 @@ def test_drain_keeps_established_takes_no_new_and_quit_removes_the_rules(
             accepted = client.get("/v1/stats")["accepted"]
             status, _h, drained = client.request("POST", "/v1/drain")
             assert status == 202 and drained["draining"] is True
-            assert client.get("/v1/stats")["active_connections"] == 1
+            wait_for(lambda: client.get("/v1/stats")["active_connections"] == 1, 5, "1 active connection")
             assert "TPROXY" not in proxy.iptables_save() and "NODEPROXY_DIVERT" in proxy.iptables_save()
             wait_for(lambda: proxy.log().count("worker draining") == 2, 5, "both workers draining")
             established.sendall(b"two")
