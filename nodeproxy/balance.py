@@ -188,7 +188,7 @@ def _draw_two(rng: random.Random, candidates: list[Endpoint]) -> tuple[Endpoint,
 
 
 class PeakEwma:
-    """Power of two choices on cost = response-time estimate x (requests in flight + 1) / weight.
+    """Power of two choices on cost = response-time estimate x (requests in flight / weight + 1).
 
     Linkerd's balancer (tower's PeakEwma). The estimate is an exponentially weighted moving average
     of response times with time constant `decay` seconds, but peak-sensitive: a sample above the
@@ -204,6 +204,12 @@ class PeakEwma:
     In-flight requests are `Endpoint.active`, which the caller keeps (+1 when a request is sent, -1
     when it ends); multiplying by them makes a queue of requests on one endpoint as expensive as
     slowness.
+
+    Weights mean capacity here: endpoints are drawn in proportion to weight and their in-flight
+    count is divided by it. Without latency samples (nothing reports them) this is exactly p2c and
+    the split follows the weights; with samples, latency decides between idle endpoints, so at low
+    load the split follows latency more than weight (Linkerd has no endpoint weights at all). Use
+    p2c or round_robin where an exact weighted split matters.
 
     The caller reports each response time with :meth:`observe` (for HTTP: request sent to response
     head received; at L4: connect time).
@@ -231,7 +237,10 @@ class PeakEwma:
         return endpoint.rtt_estimate * math.exp(-elapsed / self.decay)
 
     def cost(self, endpoint: Endpoint, now: float) -> float:
-        return self.estimate(endpoint, now) * (endpoint.active + 1) / endpoint.weight
+        # (in flight + 1) with the in-flight count per unit of weight: with weight 1 Linkerd's
+        # ewma x (in flight + 1); idle endpoints of equal latency tie whatever their weights, so
+        # the draw by weight decides and the split follows the weights (as for p2c).
+        return self.estimate(endpoint, now) * (endpoint.load + 1)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         if not rtt >= 0 or math.isinf(rtt):
@@ -261,8 +270,7 @@ class PeakEwma:
             # Two defaults that started decaying at different times say nothing about either
             # endpoint (and without any samples, as at L4 with no reports, an endpoint added later
             # would lose every comparison for good): compare the requests in flight only.
-            second_load, first_load = (second.active + 1) / second.weight, (first.active + 1) / first.weight
-            return second if second_load < first_load else first
+            return second if second.load < first.load else first
         return second if self.cost(second, now) < self.cost(first, now) else first
 
 

@@ -49,7 +49,7 @@ def test_unmeasured_endpoint_costs_the_default_rtt() -> None:
     ep = Endpoint("10.0.0.1", 80)
     assert ewma.estimate(ep, clock.now) == DEFAULT_RTT
     ep.active = 2
-    assert ewma.cost(ep, clock.now) == pytest.approx(3 * DEFAULT_RTT)
+    assert ewma.cost(ep, clock.now) == pytest.approx(3 * DEFAULT_RTT)  # Linkerd: ewma x (in flight + 1)
 
 
 def test_peak_replaces_the_estimate_at_once_and_lower_samples_blend() -> None:
@@ -131,13 +131,16 @@ def test_two_endpoints_pick_the_cheaper_every_time() -> None:
     assert all(ewma.pick([fast, slow], ()) is slow for _ in range(100))
 
 
-def test_weight_divides_the_cost() -> None:
+def test_weight_divides_the_requests_in_flight() -> None:
     clock = FakeClock()
     ewma = PeakEwma(clock, random.Random(1))
     light, heavy = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80, weight=4)
     ewma.observe(light, 0.010)
-    ewma.observe(heavy, 0.030)  # 0.030 / 4 < 0.010
-    assert ewma.pick([light, heavy], ()) is heavy
+    ewma.observe(heavy, 0.010)
+    light.active, heavy.active = 2, 4  # costs 0.010 x 3 against 0.010 x (4/4 + 1)
+    assert all(ewma.pick([light, heavy], ()) is heavy for _ in range(20))
+    heavy.active = 9  # 0.010 x 3.25
+    assert all(ewma.pick([light, heavy], ()) is light for _ in range(20))
 
 
 def test_tried_endpoints_are_skipped_and_none_when_all_tried() -> None:

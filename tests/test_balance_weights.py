@@ -18,6 +18,7 @@ from nodeproxy.balance import (
     Balancer,
     Endpoint,
     LeastConnections,
+    PeakEwma,
     PowerOfTwoChoices,
     RoundRobin,
     make_balancer,
@@ -57,10 +58,12 @@ def weight_shares(weights: list[int]) -> list[float]:
 def seeded_balancer(name: str) -> Balancer:
     if name == "round_robin":
         return RoundRobin()
+    if name == "peak_ewma":  # no latency reports here: in-flight load per unit of weight decides
+        return PeakEwma(rng=random.Random(7))
     return LeastConnections(random.Random(7)) if name == "least_conn" else PowerOfTwoChoices(random.Random(7))
 
 
-BALANCER_NAMES = ["round_robin", "least_conn", "p2c"]
+BALANCER_NAMES = ["round_robin", "least_conn", "p2c", "peak_ewma"]
 
 
 @pytest.mark.parametrize("name", BALANCER_NAMES)
@@ -73,7 +76,7 @@ def test_picks_follow_weights(name: str, weights: list[int], mean_hold: float) -
     assert worst <= TOLERANCE, f"{name}: shares {[round(s, 3) for s in shares]}, weights say {expected}"
 
 
-@pytest.mark.parametrize("name", ["least_conn", "p2c"])
+@pytest.mark.parametrize("name", ["least_conn", "p2c", "peak_ewma"])
 def test_equal_weights_split_evenly(name: str) -> None:
     shares = simulate(seeded_balancer(name), [3, 3, 3, 3], 20.0)
     assert max(abs(s - 0.25) for s in shares) <= TOLERANCE, shares
@@ -112,3 +115,4 @@ def test_make_balancer_names() -> None:
     assert isinstance(make_balancer("p2c"), PowerOfTwoChoices)
     assert isinstance(make_balancer("least_conn"), LeastConnections)
     assert isinstance(make_balancer("round_robin"), RoundRobin)
+    assert isinstance(make_balancer("peak_ewma"), PeakEwma)
