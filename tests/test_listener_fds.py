@@ -23,6 +23,7 @@ from nodeproxy import netns
 from nodeproxy.lab import Lab, stop_process
 from tests.conftest import running_lab
 from tests.helpers import connect, listen
+from tests.test_accesslog import parse_access_log
 
 pytestmark = [
     pytest.mark.netns,
@@ -205,7 +206,7 @@ def test_stalled_bulk_connections_under_a_descriptor_limit(small_buffer_lab: Lab
             ),
             capture_output=True,
         )
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    records = parse_access_log(log_path.read_text())
     refused = [r for r in records if r.get("event") == "connection refused"]
     assert len(refused) >= CONNECTIONS - admitted
     assert all("connection limit reached" in str(r["reason"]) for r in refused)
