@@ -190,11 +190,12 @@ def test_load_is_republished_while_idle() -> None:
     listener = make_listener(RelayConfig(), started=True, on_load_change=loads.append)
     try:
         listener.start(loop, front)
-        loop.run_until_complete(asyncio.sleep(2.2))
-        assert loads == [0, 0, 0]
+        loop.run_until_complete(asyncio.sleep(2.5))
+        assert len(loads) >= 2 and set(loads) == {0}  # at start, then about once a second
+        published = len(loads)
         listener.stop_accepting()
-        loop.run_until_complete(asyncio.sleep(1.1))
-        assert len(loads) == 3  # not after the listener stopped
+        loop.run_until_complete(asyncio.sleep(1.2))
+        assert len(loads) == published  # not after the listener stopped
     finally:
         listener.close()
         loop.close()
