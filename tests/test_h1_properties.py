@@ -4,6 +4,7 @@ here also feed test_h1_h11.py (h11 as a reference peer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from nodeproxy._h1 import H1RequestParser, H1ResponseParser, field_is_valid, serialize_head, sniff_request
 from nodeproxy.proxy.http_events import (
+    ConnectionClosed,
     DataReceived,
     Event,
     Headers,
@@ -251,6 +253,76 @@ def field_is_valid_reference(name: bytes, value: bytes) -> bool:
 )
 def test_field_is_valid_matches_the_grammar(name: bytes, value: bytes) -> None:
     assert field_is_valid(name, value) == field_is_valid_reference(name, value)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A request method and the response bytes an upstream sends for it."""
+
+    method: bytes
+    raw: bytes
+    events: tuple[Event, ...]  # expected, with stream id 0 (filled in by position)
+    closes: bool  # the body runs until the connection closes
+
+
+@st.composite
+def exchanges(draw: st.DrawFn) -> Exchange:
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"POST"]))
+    interim = draw(st.lists(st.sampled_from([(100, b"Continue"), (103, b"Early Hints")]), max_size=2))
+    status, reason = draw(st.sampled_from([(200, b"OK"), (204, b"No Content"), (304, b"Not Modified"),
+                                           (404, b""), (503, b"Service Unavailable")]))  # fmt: skip
+    framing = draw(st.sampled_from(["length", "chunked", "close"]))
+    extra = draw(fields)
+    body = draw(st.binary(max_size=200))
+    raw = b"".join(b"HTTP/1.1 %d %s\r\n\r\n" % s for s in interim)
+    events: list[Event] = [ResponseReceived(0, code, (), text) for code, text in interim]
+    lines = list(extra)
+    no_body = method == b"HEAD" or status in (204, 304)
+    wire = b""
+    trailers: list[tuple[bytes, bytes]] = []
+    if framing == "length":
+        lines.append((b"Content-Length", str(len(body)).encode()))
+        wire = body
+    elif framing == "chunked":
+        lines.append((b"Transfer-Encoding", b"chunked"))
+        trailers = draw(fields)
+        wire = (b"%x\r\n" % len(body) + body + b"\r\n" if body else b"") + b"0\r\n"
+        wire += b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+    else:
+        wire = body
+    raw += b"HTTP/1.1 %d %s\r\n" % (status, reason) + b"".join(n + b": " + v + b"\r\n" for n, v in lines)
+    raw += b"\r\n" + (b"" if no_body else wire)
+    events.append(ResponseReceived(0, status, tuple((n.lower(), v) for n, v in lines), reason))
+    if not no_body and body:
+        events.append(DataReceived(0, body))
+    if not no_body and trailers:
+        events.append(TrailersReceived(0, tuple((n.lower(), v) for n, v in trailers)))
+    events.append(MessageEnded(0))
+    return Exchange(method, raw, tuple(events), framing == "close" and not no_body)
+
+
+def with_stream_id(event: Event, stream_id: int) -> Event:
+    assert not isinstance(event, ConnectionClosed)
+    return dataclasses.replace(event, stream_id=stream_id)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(exchanges(), min_size=1, max_size=4), st.lists(st.integers(0, 3000), max_size=12))
+def test_any_split_of_pipelined_responses_gives_the_expected_events(
+    pipeline: list[Exchange], cuts: list[int]
+) -> None:
+    """The no-body rules (HEAD, 1xx, 204, 304), the three framings and the until-close end, whatever
+    the packets."""
+    closing = next((i for i, x in enumerate(pipeline) if x.closes), None)
+    if closing is not None:
+        pipeline = pipeline[: closing + 1]  # nothing can follow a body that runs until the close
+    parser = H1ResponseParser()
+    for exchange in pipeline:
+        parser.expect_response(exchange.method)
+    raw = b"".join(x.raw for x in pipeline)
+    events = normalized(feed_in_pieces(parser, raw, cuts) + parser.feed_eof())
+    expected = [with_stream_id(e, i) for i, x in enumerate(pipeline, start=1) for e in x.events]
+    assert events == [*expected, ConnectionClosed(last_stream_id=len(pipeline))]
 
 
 def check_invariants(events: list[Event], parser: H1RequestParser | H1ResponseParser) -> None:
