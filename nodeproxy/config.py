@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from nodeproxy.resilience.config import ServiceResilience
 from nodeproxy.routes import (
     Protocol,
     Route,
@@ -664,7 +665,9 @@ class Service(_Frozen):
     # p2c (power of two choices on least active connections, as Envoy's least_request with
     # choice_count 2 and Linkerd's balancer) avoids round robin's blindness to slow endpoints
     # without least_conn's herding of every new connection onto the same idle endpoint.
-    balancer: Literal["round_robin", "least_conn", "p2c"] = Field(
+    # peak_ewma (Linkerd's latency-aware p2c, docs/resilience.md) needs response times reported to
+    # the balancer; until the HTTP engine reports them it behaves as p2c.
+    balancer: Literal["round_robin", "least_conn", "p2c", "peak_ewma"] = Field(
         default="p2c", description="Endpoint picker."
     )
     # Empty is valid: the service exists (its VIP is captured) but new connections are reset.
@@ -672,6 +675,10 @@ class Service(_Frozen):
     # HTTP routing (docs/routing.md); used by the service's http, http2, grpc and auto ports.
     subsets: list[Subset] = Field(default=[], description="Named endpoint groups selected by labels.")
     routes: list[Route] = Field(default=[], description="Ordered HTTP routes; none: all endpoints.")
+    resilience: ServiceResilience = Field(
+        default=ServiceResilience(),
+        description="Balancing tuning, retry budget, outlier detection, circuit breakers, rate limit.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -25,6 +25,7 @@ import re2
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from nodeproxy.balance import Balancer, Endpoint
+from nodeproxy.resilience.config import RouteResilience
 
 if TYPE_CHECKING:
     from nodeproxy.config import Service
@@ -362,6 +363,8 @@ class Route(_RouteModel):
     to: list[Destination] = Field(default=[], description="Weighted destinations; empty: every endpoint.")
     request_headers: HeaderEdits = HeaderEdits()
     response_headers: HeaderEdits = HeaderEdits()
+    # Timeout, retries, rate limit and fault injection (docs/resilience.md).
+    resilience: RouteResilience = RouteResilience()
 
 
 class Subset(_RouteModel):

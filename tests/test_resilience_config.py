@@ -142,3 +142,51 @@ def test_runtime_objects() -> None:
     )
     assert fault.abort_percent == 100.0 and fault.header_names == {"x-chaos", "x-build"}
     assert fault.headers[1].regex is not None and fault.headers[1].test({"x-build": "12"})
+
+
+SERVICE_YAML = """
+node: {name: node-a}
+capture: {pod_cidrs: ["10.244.1.0/24"]}
+services:
+  - name: reviews
+    vip: 10.96.0.20
+    ports: [{port: 80, target_port: 9080, protocol: http}]
+    balancer: peak_ewma
+    endpoints: [{address: 10.244.1.10}, {address: 10.244.1.11}]
+    resilience:
+      load_balancing: {prefer_same_node: true}
+      outlier_detection: {consecutive_5xx: 3, base_ejection_time: 10s}
+      rate_limit: {requests_per_second: 2000}
+    routes:
+      - name: api
+        resilience:
+          timeout: 2s
+          retries: {max_retries: 3, retry_on: [reset, gateway-error], per_try_timeout: 500ms}
+          fault: {abort: {status: 503, percent: 5}, headers: [{name: x-chaos, exact: "on"}]}
+"""
+
+
+def test_hooked_into_the_service_and_route_config() -> None:
+    from nodeproxy.config import parse_config
+
+    config = parse_config(SERVICE_YAML)
+    service = config.services[0]
+    assert service.balancer == "peak_ewma"
+    assert service.resilience.load_balancing.prefer_same_node
+    assert service.resilience.outlier_detection.base_ejection_time == 10.0
+    assert service.resilience.circuit_breakers.max_requests == 1024  # default
+    route = service.routes[0].resilience
+    assert route.timeout == 2.0 and route.retries.per_try_timeout == 0.5
+    assert route.fault is not None and route.fault.policy().abort_percent == 5.0
+    # Omitted everywhere: the defaults.
+    bare = parse_config(SERVICE_YAML.replace("balancer: peak_ewma", "")).services[0]
+    assert bare.balancer == "p2c"
+
+
+def test_config_errors_point_at_the_resilience_key() -> None:
+    from nodeproxy.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(SERVICE_YAML.replace("per_try_timeout: 500ms", "per_try_timeout: 0.1ms"))
+    text = str(err.value)
+    assert "services[0].routes[0].resilience.retries.per_try_timeout" in text and "1ms" in text
