@@ -327,3 +327,62 @@ def test_circuit_breaker_never_exceeds_its_limits(ops: list[tuple[Resource, bool
             held[resource] -= 1
         assert breaker.in_use == held
         assert all(held[r] <= limits.limit(r) for r in Resource)
+
+
+def test_result_before_any_attempt_is_a_caller_bug() -> None:
+    with pytest.raises(RuntimeError, match="before any attempt_started"):
+        state().on_result(status(503), replayable=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 4),
+    st.floats(0.001, 2.0),
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    status(200),
+                    status(503),
+                    status(500),
+                    failed(Failure.CONNECT_FAILURE),
+                    failed(Failure.RESET),
+                ]
+            ),
+            st.floats(0, 0.5),  # time the attempt took
+            st.booleans(),  # replayable
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_retry_state_never_exceeds_attempts_or_the_deadline_and_frees_slots(
+    max_retries: int, timeout: float, attempts: list[tuple[AttemptResult, float, bool]]
+) -> None:
+    clock = FakeClock(10.0)
+    breaker = CircuitBreaker(CircuitLimits(max_retries=2))
+    s = RetryState(
+        RetryPolicy(max_retries=max_retries, retry_on=frozenset({RetryOn.HTTP_5XX})),
+        Deadline(10.0 + timeout),
+        clock,
+        random.Random(0),
+        RetryBudget(clock=clock),
+        breaker,
+    )
+    for result, took, replayable in attempts:
+        assert not s.deadline.expired(clock.now)  # every attempt starts before the deadline
+        s.attempt_started(f"10.0.0.{s.attempts}")
+        clock.now += took
+        decision = s.on_result(result, replayable)
+        if isinstance(decision, GiveUp):
+            break
+        assert result.is_5xx and replayable and s.attempts <= max_retries
+        assert decision.delay < s.deadline.remaining(clock.now)
+        assert (
+            decision.timeout is not None
+            and decision.timeout <= s.deadline.remaining(clock.now) - decision.delay + 1e-9
+        )
+        clock.now += decision.delay
+    assert s.attempts <= max_retries + 1
+    s.finished()
+    assert breaker.in_use[Resource.RETRIES] == 0

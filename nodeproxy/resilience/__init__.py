@@ -10,7 +10,8 @@ Each module is one layer, composable as in linkerd2-proxy (balance, retry, timeo
 - :mod:`.circuit` -- per-service limits on connections, pending and active requests, retries;
 - :mod:`.ratelimit` -- token buckets per service and per route;
 - :mod:`.fault` -- delay and abort injection;
-- :mod:`.config` -- their pydantic configuration models with defaults.
+- :mod:`.config` -- their pydantic configuration models with defaults;
+- :mod:`.guard` -- the layers put together, and which call the HTTP engine makes at which event.
 
 Peak-EWMA balancing lives with the other balancers in :mod:`nodeproxy.balance`.
 None of these modules does I/O, reads the clock on its own or draws random numbers from a global

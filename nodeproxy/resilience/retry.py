@@ -241,6 +241,8 @@ class RetryState:
     def on_result(self, result: AttemptResult, replayable: bool) -> Retry | GiveUp:
         """The attempt ended with `result`; `replayable` says whether the engine still holds the
         whole request body (see body_replayable)."""
+        if self.attempts == 0:
+            raise RuntimeError("on_result() before any attempt_started()")
         self._release_retry_slot()
         policy = self.policy
         if not policy.matches(result):
