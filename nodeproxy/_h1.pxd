@@ -175,7 +175,7 @@ cdef void h1_limits_default(h1_limits *lim) noexcept nogil
 cdef void h1_head_init(h1_head *head) noexcept nogil
 
 # Parse a request head at the start of buf[0:len] (the bytes of this message received so far; buf must
-# start where the message starts). Returns:
+# start where the message starts). Pointers are never NULL (buf may be when len is 0). Returns:
 #    1  head complete: all spans and flags of `out` are set, out.head_len bytes belong to the head;
 #    0  need more bytes: call again with the same `out` and buf holding these bytes plus more (the scan
 #       resumes where it stopped, so a head fed byte by byte costs O(total), not O(total^2));

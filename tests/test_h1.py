@@ -90,6 +90,8 @@ BAD_REQUESTS: list[tuple[str, bytes, int, str]] = [
         "other than chunked",
     ),
     ("te-chunkedx", request(b"Host: a\r\nTransfer-Encoding: chunkedx\r\n"), 501, "unknown transfer coding"),
+    ("te-vtab", request(b"Host: a\r\nTransfer-Encoding: chunked\x0b\r\n"), 400, "control character"),
+    ("te-quoted", request(b'Host: a\r\nTransfer-Encoding: "chunked"\r\n'), 400, "invalid transfer-encoding"),
     (
         "te-in-http10",
         request(b"Transfer-Encoding: chunked\r\n", b"POST / HTTP/1.0"),
@@ -291,6 +293,19 @@ def test_content_length_forms(fields: bytes, length: int) -> None:
     events = parse(request(b"Host: a\r\n" + fields) + body)
     assert body_of(events) == body[:length]
     assert events[-1] == MessageEnded(1)  # the rest is taken as the start of the next request
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Transfer-Encoding: Chunked\r\n",
+        b"Transfer-Encoding:\tCHUNKED \r\n",
+        b"Transfer-Encoding: ,chunked,\r\n",  # empty list elements are ignored (RFC 9110 §5.6.1.2)
+    ],
+)
+def test_transfer_encoding_forms(fields: bytes) -> None:
+    events = parse(request(b"Host: a\r\n" + fields, b"POST / HTTP/1.1") + b"2\r\nok\r\n0\r\n\r\n")
+    assert body_of(events) == b"ok" and events[-1] == MessageEnded(1)
 
 
 def test_largest_content_length_is_accepted() -> None:
