@@ -24,8 +24,10 @@ Strict by default. A request is rejected (status, then the `error` string report
   431 head longer than max_head_bytes, more than max_fields field lines
   400 (body) chunk size not exactly 1*HEXDIG, over 2^63-1, chunk extension off its grammar, chunk line
       over H1_MAX_CHUNK_LINE, chunk data not followed by CRLF, bad trailer field, trailer section too big
-A response breaking any of these is error 502. Lenient only where the RFC makes leniency safe: empty list
-elements, leading zeros in sizes, and a status line without the SP before an empty reason phrase.
+A response breaking any of these is error 502. Lenient only where an RFC asks for it or it is harmless:
+empty list elements (RFC 9110 §5.6.1.2), BWS around ';' and '=' in chunk extensions (RFC 9112 §7.1.1),
+up to 4 empty lines before a request line (§2.2), leading zeros in sizes, and a status line without the
+SP before an empty reason phrase.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
