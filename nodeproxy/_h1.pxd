@@ -1,9 +1,12 @@
 # C-level API of nodeproxy/_h1.pyx: a sans-IO HTTP/1.1 codec (RFC 9112, RFC 9110 §5) for the engine thread.
 #
 # Every function here is `noexcept nogil`, allocates nothing and touches no Python object. Parsers work on
-# the caller's byte buffer and describe what they found as spans (offset + length) into that buffer, so the
-# caller keeps the bytes alive and unmoved while it uses the spans (or re-bases the offsets if it moves
-# them). `cimport nodeproxy._h1` / `from nodeproxy._h1 cimport ...` from another .pyx gets these functions.
+# the caller's byte buffer and describe what they found as spans: offsets from the start of the buffer
+# passed, so they stay valid when the caller moves those bytes as a block (the resumable parse state too).
+# `cimport nodeproxy._h1` / `from nodeproxy._h1 cimport ...` from another .pyx gets these functions.
+#
+# Re-entrant: the functions keep no state outside the structs the caller passes (the character tables are
+# constant after import), so any number of threads may use them on different structs at once.
 #
 # Strict by default: anything RFC 9112/9110 lets a recipient reject is rejected (see _h1.pyx for the list
 # of rules, each with the `error` string it reports). Errors are final for the connection: the engine
