@@ -1400,7 +1400,9 @@ cdef class HttpWorker:
                 d.close_after = True  # the body ends when we close
             opts.framing = H1_FRAMING_NONE if d.dechunk else H1_FRAMING_AS_PARSED
             opts.upgrading = upgrade
-            d.close_after = d.close_after or self.draining
+            # A final answer before the whole request went up (an early 413, 401...): the rest of the
+            # request body will not be forwarded, so this connection ends after the answer.
+            d.close_after = d.close_after or self.draining or not d.req_done
             opts.conn_close = not upgrade and (d.close_after or not d.client_keep_alive)
             if d.edits != NULL:
                 opts.remove, opts.nremove = d.edits.resp_remove, d.edits.nresp_remove

@@ -279,6 +279,44 @@ def test_draining_closes_idle_connections_and_ends_busy_ones_after_their_respons
     busy.close()
 
 
+def test_expect_100_continue_interim_response_then_body(proxy: LoopbackProxy) -> None:
+    body = os.urandom(100_000)
+    sock = proxy.connect()
+    with sock.makefile("rb") as reader:
+        sock.sendall(
+            b"POST /sink HTTP/1.1\r\nHost: web\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = read_response(reader)  # the client sends no body byte before this
+        assert interim.status == 100
+        sock.sendall(body)
+        final = read_response(reader)
+        assert final.status == 200
+        assert final.body.split()[:2] == [hashlib.sha256(body).hexdigest().encode(), b"100000"]
+        assert get(sock, "/after", reader).status == 200
+    sock.close()
+
+
+def test_pipelined_heads_with_bodies_and_trailers_in_one_write(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    sock.sendall(
+        b"POST /sink HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"
+        b"HEAD /h HTTP/1.1\r\nHost: web\r\n\r\n"
+        b"GET /status/204 HTTP/1.1\r\nHost: web\r\n\r\n"
+        b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nhi"
+        b"GET /last HTTP/1.1\r\nHost: web\r\n\r\n"
+    )
+    with sock.makefile("rb") as reader:
+        first = read_response(reader)
+        assert first.body.split() == [hashlib.sha256(b"abc").hexdigest().encode(), b"3", b"x-t:1"]
+        assert read_response(reader, head_request=True).status == 200
+        assert read_response(reader).status == 204
+        assert read_response(reader).body.split()[:2] == [hashlib.sha256(b"hi").hexdigest().encode(), b"2"]
+        assert b"path=/last" in read_response(reader).body
+    sock.close()
+
+
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
     # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only: connections there are refused.
     running = LoopbackProxy(["127.0.0.2", "127.0.0.1"], backend, connect_attempts=2)
