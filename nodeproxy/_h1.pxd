@@ -180,8 +180,9 @@ cdef void h1_head_init(h1_head *head) noexcept nogil
 # Parse a request head at the start of buf[0:len] (the bytes of this message received so far; buf must
 # start where the message starts). Pointers are never NULL (buf may be when len is 0). Returns:
 #    1  head complete: all spans and flags of `out` are set, out.head_len bytes belong to the head;
-#    0  need more bytes: call again with the same `out` and buf holding these bytes plus more (the scan
-#       resumes where it stopped, so a head fed byte by byte costs O(total), not O(total^2));
+#    0  need more bytes: call again with the same `out` and buf holding these bytes plus more (complete
+#       lines are checked once and never again; only the memchr for the LF of the line still incomplete
+#       repeats, which max_head_bytes bounds);
 #   -1  error: out.error_status / out.error / out.error_off say why; the connection is done.
 # A head longer than lim.max_head_bytes (complete or not) is error 431; more than lim.max_fields field
 # lines is 431. Leading empty lines (CRLF) before the request line are skipped (at most 4; RFC 9112
