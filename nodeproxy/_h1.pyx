@@ -644,8 +644,8 @@ cdef inline int _need_more(size_t len, uint32_t max_head, h1_head *out) noexcept
 
 cdef int _parse_head(const unsigned char *buf, size_t len, const h1_limits *lim, h1_head *out,
                      bint is_response) noexcept nogil:
-    # Line by line: each complete line is checked once and never looked at again, so bytes arriving
-    # one at a time cost no rescans. out.scanned is where the next unparsed line starts.
+    # Line by line: each complete line is checked once and never looked at again; only the memchr over
+    # the incomplete last line repeats when bytes trickle in. out.scanned is where that line starts.
     cdef uint32_t max_head = lim.max_head_bytes
     cdef uint32_t max_fields = lim.max_fields if lim.max_fields < H1_FIELDS_CAP else H1_FIELDS_CAP
     cdef size_t limit = len if len < max_head else max_head
