@@ -21,7 +21,7 @@ from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.proxy import http as http_module
 from nodeproxy.proxy.http import HttpProxy
 from nodeproxy.state.routing import StateUpdater
-from tests.test_l7 import blob, get, make_backend, read_response
+from tests.test_l7 import blob, get, make_backend, read_response, wait_until
 
 VIP = "10.96.0.30"
 
@@ -315,6 +315,29 @@ def test_pipelined_heads_with_bodies_and_trailers_in_one_write(proxy: LoopbackPr
         assert read_response(reader).body.split()[:2] == [hashlib.sha256(b"hi").hexdigest().encode(), b"2"]
         assert b"path=/last" in read_response(reader).body
     sock.close()
+
+
+def test_websocket_upgrade_becomes_a_tunnel() -> None:
+    from websockets.sync.client import connect
+    from websockets.sync.server import ServerConnection, serve
+
+    def echo(ws: ServerConnection) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with serve(echo, "127.0.0.1", 0, max_size=None) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        running = LoopbackProxy(["127.0.0.1"], server.socket.getsockname()[1])
+        try:
+            with connect(f"ws://127.0.0.1:{running.port}/", sock=running.connect(), max_size=None) as ws:
+                for message in (b"x", os.urandom(1 << 20), "text"):
+                    ws.send(message)
+                    assert ws.recv(timeout=10) == message
+            assert wait_until(lambda: running.proxy.live_connections == 0)
+            assert running.proxy.upstream_connections == 0  # the tunnel's upstream socket went with it
+        finally:
+            running.close()
+        server.shutdown()
 
 
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
