@@ -150,6 +150,20 @@ def test_http10_client_gets_a_chunked_response_unchunked_then_close(proxy: Loopb
     sock.close()
 
 
+def test_http10_keep_alive_client_is_told_and_kept(proxy: LoopbackProxy) -> None:
+    sock = proxy.connect()
+    with sock.makefile("rb") as reader:
+        for i in range(3):
+            sock.sendall(f"GET /k{i} HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n".encode())
+            response = read_response(reader)
+            assert response.status == 200 and f"path=/k{i}".encode() in response.body
+            assert response.header("connection") == "keep-alive"
+        sock.sendall(b"GET /plain HTTP/1.0\r\nHost: web\r\n\r\n")  # no keep-alive: closed after
+        assert read_response(reader).header("connection") == "close"
+        assert reader.read() == b""
+    sock.close()
+
+
 def test_until_close_response_body_then_close(proxy: LoopbackProxy) -> None:
     sock = proxy.connect()
     sock.sendall(b"GET /until-close HTTP/1.1\r\nHost: web\r\n\r\n")
