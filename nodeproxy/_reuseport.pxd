@@ -56,6 +56,7 @@ cdef extern from "<linux/bpf.h>" nogil:
         # instruction classes, sizes, modes, operations, sources (linux/bpf_common.h)
         BPF_LD
         BPF_LDX
+        BPF_ST
         BPF_STX
         BPF_ALU64
         BPF_JMP
@@ -66,6 +67,9 @@ cdef extern from "<linux/bpf.h>" nogil:
         BPF_ATOMIC
         BPF_ADD
         BPF_RSH
+        BPF_LSH
+        BPF_OR
+        BPF_AND
         BPF_MOD
         BPF_MOV
         BPF_K
@@ -127,9 +131,13 @@ cdef extern from *:
 
 
 cdef enum:
-    LOAD_VALUE_SIZE = 8   # one u64 per worker: an array element's stride is its value size rounded to 8
+    # Per worker two u64: its load, and its own index (the program reads the index from the map rather
+    # than from its code, so the verifier sees an unknown value and prunes: linear, not quadratic, work).
+    LOAD_VALUE_SIZE = 16
+    LOAD_WORDS = 2
     VERIFIER_LOG_SIZE = 65536
-    MAX_WORKERS = 1024
+    INDEX_BITS = 8        # a candidate is load << INDEX_BITS | index
+    MAX_WORKERS = 256     # 1 << INDEX_BITS (relay.threads allows 64)
 
 
 cdef class LoadTable:

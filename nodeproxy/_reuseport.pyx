@@ -1,22 +1,22 @@
 # cython: language_level=3
 """Least-loaded SO_REUSEPORT balancing: an SK_REUSEPORT eBPF program that sends each new connection to
-the less loaded of two workers, built and loaded with raw bpf(2) calls (no libbpf, no compiler).
+the least loaded worker, built and loaded with raw bpf(2) calls (no libbpf, no compiler).
 
 The kernel spreads the connections of a SO_REUSEPORT group over its sockets by 4-tuple hash. That is
 fair for many short connections, but a few long bulk flows can land on one worker while another idles
 (iperf3 -P 4 over two workers: 3 + 1 or 4 + 0 more than half the time). The program (attached to the
 group, so it also runs for TPROXY's listener lookup, which passes the SYN to the reuseport selection)
-does, per new connection:
+sends each new connection to the worker with the lowest load, a tie to the lowest index (as Envoy's
+exact_balance), and counts it there at once:
 
-    i = hash % n;  j = (i + 1 + (hash >> 16) % (n - 1)) % n      two distinct workers, from the hash
-    pick whichever has the lower load; a tie goes to the lower index (as Envoy's exact_balance)
+    pick = argmin over i of (load[i], i)
     bpf_sk_select_reuseport(sockets[pick]);  on success load[pick] += 1 (atomic)
 
-`load` is a BPF_F_MMAPABLE array of one u64 per worker: the supervisor maps it before forking, so each
-worker sets its own entry with a plain memory write (LoadTable.set: its live connection count) and the
-program's increments cover the connections the kernel has handed out that the worker has not accepted
-yet. If anything fails in the program (a socket missing from the array) it returns SK_PASS without a
-selection and the kernel falls back to its hash.
+`load` is a BPF_F_MMAPABLE array (per worker a u64 load and the worker's index, see program()): the
+supervisor maps it before forking, so each worker sets its own load with a plain memory write
+(LoadTable.set: its live connection count), and the program's increments cover the connections the
+kernel has handed out that the worker has not accepted yet. If anything fails in the program (a socket
+missing from the array) it returns SK_PASS without a selection and the kernel falls back to its hash.
 """
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -97,59 +97,54 @@ def _call(helper):
 
 
 def program(int workers, int load_fd, int sock_fd):
-    """The instructions of the least-loaded-of-two program for `workers` sockets, as
-    (code, dst, src, off, imm) tuples. Registers: r6 context, r7 hash then the chosen load slot,
-    r8 first candidate, r9 second; stack: -4/-8/-12 keys, -16 the first candidate's load slot."""
+    """The instructions of the least-loaded program for `workers` sockets, as (code, dst, src, off, imm)
+    tuples. The loop over the workers is unrolled, and each candidate is the single number
+    load << INDEX_BITS | index, so the minimum is both the least load and, among equals, the lowest
+    index. The index is read from the table (LoadTable stores each worker's own), not from the code: a
+    constant would let the verifier tell every path apart, and its work would grow with n squared.
+    Registers: r6 context, r7 the running minimum; stack -4 the key being read, -8 the chosen key."""
     if not 2 <= workers <= MAX_WORKERS:
         raise ValueError(f"{workers} workers: the program balances 2..{MAX_WORKERS}")
-    R0, R1, R2, R3, R4, R6, R7, R8, R9, FP = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
+    R0, R1, R2, R3, R4, R6, R7, FP = 0, 1, 2, 3, 4, 6, 7, 10
     code = [
         _alu64_reg(BPF_MOV, R6, R1),
-        _load(BPF_W, R7, R6, NP_HASH_OFFSET),
-        _alu64_reg(BPF_MOV, R8, R7),
-        _alu64_imm(BPF_MOD, R8, workers),                       # i = hash % n
-        _alu64_reg(BPF_MOV, R9, R7),
-        _alu64_imm(BPF_RSH, R9, 16),
-        _alu64_imm(BPF_MOD, R9, workers - 1),
-        _alu64_imm(BPF_ADD, R9, 1),
-        _alu64_reg(BPF_ADD, R9, R8),
-        _alu64_imm(BPF_MOD, R9, workers),                       # j = (i + 1 + (hash >> 16) % (n-1)) % n
-        _store(BPF_W, FP, -4, R8),
-        _alu64_reg(BPF_MOV, R2, FP),
-        _alu64_imm(BPF_ADD, R2, -4),
-        *_map_fd(R1, load_fd),
-        _call(BPF_FUNC_map_lookup_elem),                         # &load[i]
-        _jump(BPF_JEQ, R0, "pass"),
-        _store(BPF_DW, FP, -16, R0),
-        _store(BPF_W, FP, -8, R9),
-        _alu64_reg(BPF_MOV, R2, FP),
-        _alu64_imm(BPF_ADD, R2, -8),
-        *_map_fd(R1, load_fd),
-        _call(BPF_FUNC_map_lookup_elem),                         # &load[j]
-        _jump(BPF_JEQ, R0, "pass"),
-        _load(BPF_DW, R1, FP, -16),
-        _load(BPF_DW, R2, R1, 0),
-        _load(BPF_DW, R3, R0, 0),
-        _jump(BPF_JLT, R3, "take_second", src=R2),               # load[j] < load[i]: take j
-        _jump(BPF_JNE, R3, "keep_first", src=R2),                # load[j] > load[i]: keep i
-        _jump(BPF_JGE, R9, "keep_first", src=R8),                # a tie goes to the lower index
-        ("label", "take_second"),
-        _alu64_reg(BPF_MOV, R7, R0),
-        _store(BPF_W, FP, -12, R9),
-        _jump(BPF_JA, 0, "select"),
-        ("label", "keep_first"),
-        _alu64_reg(BPF_MOV, R7, R1),
-        _store(BPF_W, FP, -12, R8),
-        ("label", "select"),
+        _alu64_imm(BPF_MOV, R7, -1),                             # no candidate yet: u64 max
+    ]
+    for index in range(workers):
+        code += [
+            (BPF_ST | BPF_W | BPF_MEM, FP, 0, -4, index),
+            _alu64_reg(BPF_MOV, R2, FP),
+            _alu64_imm(BPF_ADD, R2, -4),
+            *_map_fd(R1, load_fd),
+            _call(BPF_FUNC_map_lookup_elem),                     # &load[index]
+            _jump(BPF_JEQ, R0, f"next{index}"),
+            _load(BPF_DW, R1, R0, 0),                            # load[index]
+            _alu64_imm(BPF_LSH, R1, INDEX_BITS),
+            _load(BPF_DW, R2, R0, 8),                            # index, as the table stores it
+            _alu64_imm(BPF_AND, R2, (1 << INDEX_BITS) - 1),
+            _alu64_reg(BPF_OR, R1, R2),
+            _jump(BPF_JGE, R1, f"next{index}", src=R7),
+            _alu64_reg(BPF_MOV, R7, R1),
+            ("label", f"next{index}"),
+        ]
+    code += [
+        _jump(BPF_JEQ, R7, "pass", imm=-1),                      # no load readable: the kernel's hash
+        _alu64_imm(BPF_AND, R7, (1 << INDEX_BITS) - 1),
+        _store(BPF_W, FP, -8, R7),
         _alu64_reg(BPF_MOV, R1, R6),
         *_map_fd(R2, sock_fd),
         _alu64_reg(BPF_MOV, R3, FP),
-        _alu64_imm(BPF_ADD, R3, -12),
+        _alu64_imm(BPF_ADD, R3, -8),
         _alu64_imm(BPF_MOV, R4, 0),
         _call(BPF_FUNC_sk_select_reuseport),
         _jump(BPF_JNE, R0, "pass"),                              # not selected: the kernel's hash decides
+        _alu64_reg(BPF_MOV, R2, FP),
+        _alu64_imm(BPF_ADD, R2, -8),
+        *_map_fd(R1, load_fd),
+        _call(BPF_FUNC_map_lookup_elem),
+        _jump(BPF_JEQ, R0, "pass"),
         _alu64_imm(BPF_MOV, R1, 1),
-        (BPF_STX | BPF_DW | BPF_ATOMIC, R7, R1, 0, BPF_ADD),     # lock load[pick] += 1
+        (BPF_STX | BPF_DW | BPF_ATOMIC, R0, R1, 0, BPF_ADD),     # lock load[pick] += 1
         ("label", "pass"),
         _alu64_imm(BPF_MOV, R0, SK_PASS),
         (BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
@@ -195,23 +190,28 @@ cdef int _load_program(list insns) except -1:
             code[i].src_reg = src
             code[i].off = off
             code[i].imm = imm
-        log[0] = 0
-        memset(&attr, 0, sizeof(attr))
-        attr.prog_type = BPF_PROG_TYPE_SK_REUSEPORT
-        attr.expected_attach_type = BPF_SK_REUSEPORT_SELECT
-        attr.insn_cnt = len(insns)
-        attr.insns = <uint64_t>code
-        attr.license = <uint64_t><char*>license
-        attr.log_level = 1
-        attr.log_size = VERIFIER_LOG_SIZE
-        attr.log_buf = <uint64_t>log
-        attr.prog_name[:13] = b"np_least_load"
-        fd = <int>_bpf(BPF_PROG_LOAD, &attr)
-        if fd < 0:
+        # Without a log first: a log buffer the verifier fills up fails the load (ENOSPC). Only when the
+        # program is refused is it loaded again with the log, for the verifier's reason.
+        for log_level in (0, 1):
+            log[0] = 0
+            memset(&attr, 0, sizeof(attr))
+            attr.prog_type = BPF_PROG_TYPE_SK_REUSEPORT
+            attr.expected_attach_type = BPF_SK_REUSEPORT_SELECT
+            attr.insn_cnt = len(insns)
+            attr.insns = <uint64_t>code
+            attr.license = <uint64_t><char*>license
+            if log_level:
+                attr.log_level = log_level
+                attr.log_size = VERIFIER_LOG_SIZE
+                attr.log_buf = <uint64_t>log
+            attr.prog_name[:13] = b"np_least_load"
+            fd = <int>_bpf(BPF_PROG_LOAD, &attr)
+            if fd >= 0:
+                return fd
             err = errno
-            detail = log[:VERIFIER_LOG_SIZE - 1].decode("ascii", "replace").strip()
-            raise OSError(err, f"bpf(BPF_PROG_LOAD): {_os.strerror(err)}; verifier: {detail[max(0, len(detail) - 2000):]}")
-        return fd
+        detail = log[:VERIFIER_LOG_SIZE - 1].decode("ascii", "replace").strip()
+        raise OSError(err, f"bpf(BPF_PROG_LOAD): {_os.strerror(err)}; verifier: "
+                           f"{detail[max(0, len(detail) - 2000):]}")
     finally:
         PyMem_Free(code)
         PyMem_Free(log)
@@ -247,6 +247,9 @@ cdef class LoadTable:
                 err = errno
                 raise OSError(err, f"mmap of the load table: {_os.strerror(err)}")
             self.loads = <uint64_t*>mapped
+            for index in range(workers):
+                self.loads[index * LOAD_WORDS] = 0
+                self.loads[index * LOAD_WORDS + 1] = index
             if workers >= 2:  # with one worker there is nothing to balance
                 self.sock_map_fd = _create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 8, workers, 0,
                                                b"np_listeners")
@@ -283,14 +286,14 @@ cdef class LoadTable:
             raise ValueError("load table is closed")
         if not 0 <= worker < self.workers:
             raise IndexError(worker)
-        self.loads[worker] = <uint64_t>(load if load > 0 else 0)
+        self.loads[worker * LOAD_WORDS] = <uint64_t>(load if load > 0 else 0)
 
     def get(self, int worker):
         if self.loads == NULL:
             raise ValueError("load table is closed")
         if not 0 <= worker < self.workers:
             raise IndexError(worker)
-        return self.loads[worker]
+        return self.loads[worker * LOAD_WORDS]
 
     def snapshot(self):
         """Every worker's load, in worker order."""
