@@ -48,6 +48,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLRDHUP
         EPOLLET
         EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
         EPOLL_CLOEXEC
     ctypedef union epoll_data_t:
         void *ptr
@@ -182,6 +183,7 @@ cdef enum RecordKind:
     REC_DONE = 2             # a request ended (answered, failed or abandoned): status, bytes, timings, flags
     REC_ATTEMPT_FAILED = 3   # the upstream attempt failed before a response: decide again (or reply)
     REC_CONN_CLOSED = 4      # a downstream connection is gone (exactly one per adopted connection)
+    REC_UPGRADED = 5         # after a 101: both sockets handed to Python for the L4 relay (then CONN_CLOSED)
 
 
 # Response flags (Envoy's vocabulary) as bits in REC_DONE / REC_ATTEMPT_FAILED records.
@@ -362,6 +364,8 @@ cdef struct Record:
     int64_t total_ns          # first head byte -> response end
     uint32_t attempts
     bint reused
+    int client_fd             # REC_UPGRADED: the sockets now owned by whoever drains the record
+    int upstream_fd
     unsigned char *head       # REC_HEAD: copy of the head bytes (freed by drain)
     h1_head *parsed           # REC_HEAD: spans into `head` (freed by drain)
 
@@ -371,6 +375,7 @@ cdef class HttpWorker:
     cdef int wake_fd
     cdef int notify_fd
     cdef bint stopping
+    cdef bint hand_off_upgrades   # after a 101, give both sockets to Python (REC_UPGRADED), not tunnel
     cdef bint draining            # set by begin_draining(): every response closes its connection
     cdef bint drained_idle        # the idle connections were closed once draining began
     cdef bint closed
@@ -425,6 +430,7 @@ cdef class HttpWorker:
     cdef int _pump_response(self, Down *d, Up *u, int *budget) noexcept nogil
     cdef int _response_head(self, Down *d, Up *u) noexcept nogil
     cdef int _step_tunnel(self, Down *d, int *budget) noexcept nogil
+    cdef void _hand_off(self, Down *d) noexcept nogil
     cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in,
                                bint *src_eof, int src_fd, int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil

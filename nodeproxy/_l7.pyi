@@ -6,6 +6,7 @@ HEAD: int
 DONE: int
 ATTEMPT_FAILED: int
 CONN_CLOSED: int
+UPGRADED: int
 FLAGS: dict[str, int]
 HIGH_WATER_BYTES: int
 IO_CHUNK_BYTES: int
@@ -22,6 +23,7 @@ class HttpWorker:
         pool_max_idle: int = 256,
         pool_max_conns: int = 1024,
         pool_idle_timeout_ms: int = 4000,
+        hand_off_upgrades: bool = False,
     ) -> None: ...
     @property
     def live_connections(self) -> int: ...

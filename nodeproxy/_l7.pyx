@@ -51,6 +51,7 @@ HEAD = REC_HEAD
 DONE = REC_DONE
 ATTEMPT_FAILED = REC_ATTEMPT_FAILED
 CONN_CLOSED = REC_CONN_CLOSED
+UPGRADED = REC_UPGRADED
 HIGH_WATER_BYTES = HIGH_WATER
 IO_CHUNK_BYTES = IO_CHUNK
 
@@ -362,6 +363,7 @@ cdef class HttpWorker:
         uint32_t pool_max_idle=256,
         uint32_t pool_max_conns=1024,
         int64_t pool_idle_timeout_ms=4000,
+        bint hand_off_upgrades=False,
     ):
         """notify_fd: an eventfd written when records are ready (one write per batch).
 
@@ -371,7 +373,9 @@ cdef class HttpWorker:
         L4 relay's); per (source, endpoint) pool at most 256 idle (config http.upstream_pool_size) and
         1024 open connections (Envoy's circuit breaker default), idle ones closed after 4 s (below the 5 s
         keep-alive timeout of Node.js and Apache, so the backend rarely closes a connection we are about
-        to reuse; 0 keeps them until the server closes them).
+        to reuse; 0 keeps them until the server closes them). hand_off_upgrades: after a 101, once no
+        byte is in flight, post both sockets in an UPGRADED record (for the L4 splice relay) instead of
+        relaying them here with copies.
         """
         self.epfd = -1
         self.wake_fd = -1
@@ -391,6 +395,7 @@ cdef class HttpWorker:
         self.connect_timeout_ns = connect_timeout_ms * 1000000
         self.pool_idle_timeout_ns = pool_idle_timeout_ms * 1000000
         self.pool_max_idle = pool_max_idle
+        self.hand_off_upgrades = hand_off_upgrades
         self.pool_max_conns = pool_max_conns
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -414,6 +419,9 @@ cdef class HttpWorker:
         for i in range(self.records_len):
             free(self.records[i].head)
             free(self.records[i].parsed)
+            if self.records[i].kind == REC_UPGRADED:
+                close(self.records[i].client_fd)
+                close(self.records[i].upstream_fd)
         free(self.adopts)
         free(self.answers)
         free(self.records)
@@ -529,6 +537,7 @@ cdef class HttpWorker:
         (DONE, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns,
         total_ns, attempts, reused);
         (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts);
+        (UPGRADED, conn_id, request_id, client_fd, upstream_fd): the caller owns both sockets now;
         (CONN_CLOSED, conn_id, requests, err).
         """
         cdef list out = []
@@ -558,6 +567,8 @@ cdef class HttpWorker:
                                 r.bytes_out, r.decide_ns, r.upstream_ns, r.total_ns, r.attempts, r.reused))
                 elif r.kind == REC_ATTEMPT_FAILED:
                     out.append((REC_ATTEMPT_FAILED, r.request_id, r.conn_id, r.err, r.flags, r.attempts))
+                elif r.kind == REC_UPGRADED:
+                    out.append((REC_UPGRADED, r.conn_id, r.request_id, r.client_fd, r.upstream_fd))
                 else:
                     out.append((REC_CONN_CLOSED, r.conn_id, r.bytes_in, r.err))
         finally:
@@ -635,6 +646,9 @@ cdef class HttpWorker:
                 pthread_mutex_unlock(&self.lock)
                 free(r.head)
                 free(r.parsed)
+                if r.kind == REC_UPGRADED:
+                    close(r.client_fd)
+                    close(r.upstream_fd)
                 return  # out of memory: the record is lost, nothing it owned leaks
             self.records = grown
             self.records_cap = self.records_cap * 2 + 64
@@ -1594,6 +1608,11 @@ cdef class HttpWorker:
         if u == NULL:
             self._release_down(d, 0, 0)
             return -1
+        if (self.hand_off_upgrades and not (d.peer_eof or u.peer_eof or d.shut_wr or u.shut_wr)
+                and _held(&d.inb) + _held(&d.outb) + _held(&u.inb) + _held(&u.outb) == 0):
+            # Nothing in flight and both directions open: the splice relay can take over cleanly.
+            self._hand_off(d)
+            return -1
         a = self._tunnel_direction(d, &d.readable, &d.rdhup, &d.inb, &d.peer_eof, d.fd, u.fd, &u.outb,
                                    &u.writable, &u.shut_wr, budget)
         if a < 0:
@@ -1642,6 +1661,25 @@ cdef class HttpWorker:
             elif n > 0:
                 progressed = 1
 
+    cdef void _hand_off(self, Down *d) noexcept nogil:
+        cdef Up *u = d.up
+        cdef Record r
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, d.fd, NULL)
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, u.fd, NULL)
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_UPGRADED
+        r.conn_id = d.conn_id
+        r.request_id = d.request_id
+        r.client_fd = d.fd
+        r.upstream_fd = u.fd
+        d.fd = -1  # no longer ours: release below closes neither
+        u.fd = -1
+        d.up = NULL
+        u.down = NULL
+        self._close_up(u, False)
+        self._post(&r)
+        self._release_down(d, 0, 0)
+
     # -- teardown --------------------------------------------------------------------------------------
 
     cdef void _release_down(self, Down *d, uint32_t flag, int err) noexcept nogil:
@@ -1663,8 +1701,9 @@ cdef class HttpWorker:
         r.bytes_in = d.requests
         r.err = err
         self._post(&r)
-        close(d.fd)
-        d.fd = -1
+        if d.fd >= 0:
+            close(d.fd)
+            d.fd = -1
         self.slots[d.slot] = NULL
         self.free_slots[self.nfree] = d.slot
         self.nfree += 1
@@ -1691,10 +1730,11 @@ cdef class HttpWorker:
         cdef Pool *p = u.pool
         if u.dead:
             return
-        if reset:
-            _set_reset_on_close(u.fd)
-        close(u.fd)
-        u.fd = -1
+        if u.fd >= 0:
+            if reset:
+                _set_reset_on_close(u.fd)
+            close(u.fd)
+            u.fd = -1
         if p != NULL:
             if u.state == U_IDLE:
                 if u.idle_prev != NULL:
@@ -1820,7 +1860,8 @@ cdef class HttpWorker:
         cdef Pool *p
         self._take_submissions()  # queued adoptions are adopted, then closed below with the others
         while self.downs != NULL:
-            _set_reset_on_close(self.downs.fd)
+            if self.downs.fd >= 0:
+                _set_reset_on_close(self.downs.fd)
             self._release_down(self.downs, FLAG_DC, 0)
         while self.ups != NULL:
             self._close_up(self.ups, False)

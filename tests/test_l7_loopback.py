@@ -20,6 +20,7 @@ from nodeproxy import _l7
 from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.proxy import http as http_module
 from nodeproxy.proxy.http import HttpProxy
+from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
 from tests.test_l7 import blob, get, make_backend, read_response, wait_until
 
@@ -36,7 +37,13 @@ def free_port() -> int:
 class LoopbackProxy:
     """HttpProxy on its own asyncio loop thread behind a listener on 127.0.0.1 standing for VIP:80."""
 
-    def __init__(self, endpoints: list[str], backend_port: int, connect_attempts: int = 2) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        backend_port: int,
+        connect_attempts: int = 2,
+        splice_relay: RelayPool | None = None,
+    ) -> None:
         listed = "".join(f"      - {{address: {ip}}}\n" for ip in endpoints)
         updater = StateUpdater()
         updater.apply(
@@ -58,6 +65,7 @@ class LoopbackProxy:
             RelayConfig(connect_attempts=connect_attempts),
             access_log=False,
             bind_source=False,
+            splice_relay=splice_relay,
         )
         self.proxy.start(self.loop)
         self.stopping = threading.Event()
@@ -331,7 +339,10 @@ def test_pipelined_heads_with_bodies_and_trailers_in_one_write(proxy: LoopbackPr
     sock.close()
 
 
-def test_websocket_upgrade_becomes_a_tunnel() -> None:
+@pytest.mark.parametrize("spliced", [False, True], ids=["engine-tunnel", "splice-relay"])
+def test_websocket_upgrade_becomes_a_tunnel(spliced: bool) -> None:
+    """After the 101 the engine relays the bytes itself, or (given the worker's L4 RelayPool) hands both
+    sockets to the splice relay once nothing is in flight."""
     from websockets.sync.client import connect
     from websockets.sync.server import ServerConnection, serve
 
@@ -341,16 +352,25 @@ def test_websocket_upgrade_becomes_a_tunnel() -> None:
 
     with serve(echo, "127.0.0.1", 0, max_size=None) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        running = LoopbackProxy(["127.0.0.1"], server.socket.getsockname()[1])
+        relay = RelayPool(1, 1 << 20) if spliced else None
+        if relay is not None:
+            relay.start()
+        running = LoopbackProxy(["127.0.0.1"], server.socket.getsockname()[1], splice_relay=relay)
         try:
             with connect(f"ws://127.0.0.1:{running.port}/", sock=running.connect(), max_size=None) as ws:
                 for message in (b"x", os.urandom(1 << 20), "text"):
                     ws.send(message)
                     assert ws.recv(timeout=10) == message
+                if relay is not None:
+                    assert relay.live_connections == 1 and running.proxy.live_connections == 0
             assert wait_until(lambda: running.proxy.live_connections == 0)
             assert running.proxy.upstream_connections == 0  # the tunnel's upstream socket went with it
+            if relay is not None:
+                assert wait_until(lambda: relay.live_connections == 0)
         finally:
             running.close()
+            if relay is not None:
+                relay.stop()
         server.shutdown()
 
 

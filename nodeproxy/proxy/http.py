@@ -27,6 +27,7 @@ from nodeproxy import _l7
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import HttpConfig, RelayConfig
 from nodeproxy.proxy.http_route import Forward, LocalReply, RequestAttrs, decide_request
+from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import RoutingState
 
 log = structlog.get_logger("nodeproxy.http")
@@ -130,7 +131,9 @@ class HttpProxy:
     `routing` returns the current routing snapshot (StateUpdater.current), read once per request head,
     so a config reload applies to the next request even on a kept-alive connection. pool_max_conns
     bounds the upstream connections per (source, endpoint) of each engine thread (1024, Envoy's circuit
-    breaker default); requests beyond it wait for one to free up.
+    breaker default); requests beyond it wait for one to free up. With a `splice_relay` (the worker's L4
+    RelayPool), a connection upgraded by a 101 (WebSocket) moves to the splice relay once no byte is in
+    flight; without one the engine relays it itself.
     """
 
     def __init__(
@@ -142,11 +145,14 @@ class HttpProxy:
         access_log: bool = True,
         bind_source: bool = True,
         pool_max_conns: int = 1024,
+        splice_relay: RelayPool | None = None,
     ) -> None:
         self.routing = routing
         self.relay_config = relay
         self.access_log = access_log
         self.bind_source = bind_source  # connect upstream from the client's address (transparent)
+        self.splice_relay = splice_relay
+        self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.workers = [
             _l7.HttpWorker(
@@ -158,6 +164,7 @@ class HttpProxy:
                 pool_max_idle=http.upstream_pool_size,
                 pool_idle_timeout_ms=int(http.upstream_idle_timeout * 1000),
                 pool_max_conns=pool_max_conns,
+                hand_off_upgrades=splice_relay is not None,
             )
             for _ in range(threads)
         ]
@@ -271,6 +278,8 @@ class HttpProxy:
                     self._on_attempt_failed(record, forwards, replies)
                 elif kind == _l7.CONN_CLOSED:
                     self._on_conn_closed(record)
+                elif kind == _l7.UPGRADED:
+                    self._on_upgraded(record)
                 else:
                     raise AssertionError(f"unknown engine record kind {kind}")
             except Exception:
@@ -446,6 +455,19 @@ class HttpProxy:
             attempts=attempts,
             reused=bool(reused),
         )
+
+    def _on_upgraded(self, record: tuple[Any, ...]) -> None:
+        """A 101 turned the connection into a byte stream: the splice relay carries it from here."""
+        _, conn_id, _request_id, client_fd, upstream_fd = record
+        assert self.splice_relay is not None  # the engine hands off only when it was given one
+        try:
+            self.splice_relay.next_worker().adopt_established(
+                conn_id, client_fd, upstream_fd, self._relay_idle_ms
+            )
+        except BaseException:
+            os.close(client_fd)
+            os.close(upstream_fd)
+            raise
 
     def _on_conn_closed(self, record: tuple[Any, ...]) -> None:
         _, conn_id, requests, err = record
