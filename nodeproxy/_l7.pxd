@@ -174,6 +174,7 @@ cdef enum:
     LINGER_MS = 2000       # after a final response: how long unread client bytes are drained before close,
                            # so the close does not turn into an RST that destroys the response in flight
     POOL_BUCKETS = 1024    # hash buckets of the upstream pool table (chained)
+    POOL_SWEEP_SCANS = 100 # empty pools are freed every this many scans (10 s)
     FLAG_TEXT_MAX = 16
 
 
@@ -396,6 +397,8 @@ cdef class HttpWorker:
     cdef Down *down_graves
     cdef Up *up_graves
     cdef Pool *pools[POOL_BUCKETS]
+    cdef int64_t npools
+    cdef uint64_t scans
     cdef Down **slots
     cdef uint32_t *slot_seq
     cdef uint32_t *free_slots
@@ -459,6 +462,7 @@ cdef class HttpWorker:
     cdef void _unqueue(self, Down *d) noexcept nogil
     cdef void _run_ready(self) noexcept nogil
     cdef void _close_idle(self) noexcept nogil
+    cdef void _sweep_pools(self) noexcept nogil
     cdef void _scan(self) noexcept nogil
     cdef void _bury(self) noexcept nogil
     cdef void _close_all(self) noexcept nogil

@@ -440,6 +440,11 @@ cdef class HttpWorker:
         return self.live
 
     @property
+    def pools(self):
+        """Upstream pools (source address, endpoint) that hold or await a connection now."""
+        return self.npools
+
+    @property
     def upstream_connections(self):
         """Upstream connections open now (connecting, busy, idle in a pool, or tunnelling)."""
         return self.upstreams
@@ -689,6 +694,9 @@ cdef class HttpWorker:
             self._run_ready()
             if self.now_ns >= self.next_scan_ns:
                 self._scan()
+                self.scans += 1
+                if self.scans % POOL_SWEEP_SCANS == 0:
+                    self._sweep_pools()
                 self.next_scan_ns = self.now_ns + <int64_t>SCAN_MS * 1000000
             self._bury()
         self._close_all()
@@ -1109,6 +1117,7 @@ cdef class HttpWorker:
         p.dst_port = dst.sin_port
         p.hash_next = self.pools[bucket]
         self.pools[bucket] = p
+        self.npools += 1
         return p
 
     cdef void _pool_release(self, Up *u) noexcept nogil:
@@ -1801,6 +1810,23 @@ cdef class HttpWorker:
                 self._start_closing(d)
                 self._drive(d)
             d = dn
+
+    cdef void _sweep_pools(self) noexcept nogil:
+        # A pool with no connection and no waiter holds nothing: free it, so pods and endpoints that come
+        # and go do not leave a Pool each behind. Only Ups (conns > 0) and waiting Downs point at a pool.
+        cdef int i
+        cdef Pool **link
+        cdef Pool *p
+        for i in range(POOL_BUCKETS):
+            link = &self.pools[i]
+            while link[0] != NULL:
+                p = link[0]
+                if p.conns == 0 and p.wait_head == NULL:
+                    link[0] = p.hash_next
+                    free(p)
+                    self.npools -= 1
+                else:
+                    link = &p.hash_next
 
     cdef void _scan(self) noexcept nogil:
         # A linear walk every SCAN_MS: ~10 ns a connection, cheaper than timer bookkeeping per event.

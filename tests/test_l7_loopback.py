@@ -403,9 +403,11 @@ def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
 class BareWorker:
     """An HttpWorker whose decisions the test writes."""
 
-    def __init__(self, pool_max_conns: int = 1024) -> None:
+    def __init__(self, pool_max_conns: int = 1024, pool_idle_timeout_ms: int = 4000) -> None:
         self.notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.worker = _l7.HttpWorker(self.notify, pool_max_conns=pool_max_conns)
+        self.worker = _l7.HttpWorker(
+            self.notify, pool_max_conns=pool_max_conns, pool_idle_timeout_ms=pool_idle_timeout_ms
+        )
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -476,6 +478,27 @@ def test_a_request_waiting_for_a_pooled_connection_times_out_504(backend: int) -
             assert read_response(reader).status == 200  # the pool's one connection was busy all along
         slow.close()
         waiting.close()
+    finally:
+        bare.close()
+
+
+def test_idle_pools_and_their_connections_are_freed(backend: int) -> None:
+    bare = BareWorker(pool_idle_timeout_ms=200)
+    try:
+        for ip in ("127.0.0.1", "127.0.0.3"):  # one pool each (127.0.0.3 refuses: a pool with 0 conns)
+            sock = bare.client()
+            sock.sendall(b"GET /p HTTP/1.1\r\nHost: web\r\n\r\n")
+            bare.worker.answer([(bare.wait_record(_l7.HEAD)[1], ip, backend, (), (), (), (), 0)], [])
+            if ip == "127.0.0.1":
+                with sock.makefile("rb") as reader:
+                    assert read_response(reader).status == 200
+            else:
+                bare.wait_record(_l7.ATTEMPT_FAILED)
+            sock.close()
+        assert bare.worker.pools == 2
+        # The idle connection closes after 200 ms, the empty pools go at the next sweep (10 s).
+        assert wait_until(lambda: bare.worker.upstream_connections == 0, 2)
+        assert wait_until(lambda: bare.worker.pools == 0, 15)
     finally:
         bare.close()
 
