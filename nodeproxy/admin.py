@@ -58,6 +58,8 @@ class Request:
     headers: dict[str, str]  # lower-case names; a repeated header keeps the last value
     body: bytes
     peer: str  # "pid <pid> uid <uid>" of the client process
+    peer_pid: int = 0
+    peer_uid: int = -1
 
 
 @dataclass
@@ -65,6 +67,9 @@ class Response:
     status: int
     body: JsonObject | list[Any]
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Descriptors sent with the response (SCM_RIGHTS on its first byte), then closed here: they must be
+    # copies the response owns (an upgrade's listeners and lock).
+    fds: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return json.dumps(self.body, indent=None, separators=(",", ":")).encode() + b"\n"
@@ -149,13 +154,15 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
         self.sock = sock
-        self.peer = peer
+        self.peer_pid, self.peer_uid = pid, uid
+        self.peer = f"pid {pid} uid {uid}"
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request: h11.Request | None = None
         self.body = bytearray()
         self.outbox = bytearray()
+        self.outbox_fds: list[int] = []  # go out with the next byte sent
         self.awaiting_response = False  # a handler holds the request; no new one is read meanwhile
         self.closed = False
         self.last_active = time.monotonic()
@@ -182,38 +189,54 @@ class AdminServer:
         self.group = group
         self.connections: dict[int, _Connection] = {}
         self.sock: socket.socket | None = None
+        self.bound_path = path  # where the socket file is: `path`, or beside it until publish()
         self._inode: tuple[int, int] | None = None
 
-    def open(self) -> None:
-        """Bind the socket (mode 0600, or 0660 owned by the group) and start accepting."""
+    def open(self, staged: bool = False) -> None:
+        """Bind the socket (mode 0600, or 0660 owned by the group) and start accepting.
+
+        staged (an upgrade): bind next to the path, leaving the running daemon's socket where it is;
+        publish() then renames ours over it in one step, so clients always find one of the two."""
         gid = self._group_id()
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
-        _remove_stale_socket(self.path)
+        bound = f"{self.path}.{os.getpid()}.new" if staged else self.path
+        if len(os.fsencode(bound)) > _SUN_PATH_MAX:
+            raise AdminError(f"admin socket path is longer than {_SUN_PATH_MAX} bytes: {bound}")
+        _remove_stale_socket(bound)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)  # the file is born 0600: no window in which others could connect
         try:
-            sock.bind(self.path)
+            sock.bind(bound)
         except OSError as err:
             sock.close()
-            raise AdminError(f"cannot bind the admin socket {self.path}: {err}") from err
+            raise AdminError(f"cannot bind the admin socket {bound}: {err}") from err
         finally:
             os.umask(old_umask)
         if gid is not None:
             try:
-                os.chown(self.path, -1, gid)
-                os.chmod(self.path, 0o660)
+                os.chown(bound, -1, gid)
+                os.chmod(bound, 0o660)
             except OSError as err:
                 sock.close()
-                os.unlink(self.path)
+                os.unlink(bound)
                 raise AdminError(
-                    f"cannot give the admin socket {self.path} to group {self.group}: {err}"
+                    f"cannot give the admin socket {bound} to group {self.group}: {err}"
                 ) from err
         sock.listen(16)
-        info = os.stat(self.path)
+        info = os.stat(bound)
         self._inode = (info.st_dev, info.st_ino)
+        self.bound_path = bound
         self.sock = sock
         self.selector.register(sock, selectors.EVENT_READ, self._on_acceptable)
-        log.info("admin socket open", path=self.path, group=self.group)
+        log.info("admin socket open", path=bound, group=self.group)
+
+    def publish(self) -> None:
+        """After a staged open: take over the path (the predecessor's socket file goes; its connections
+        stay with it)."""
+        if self.bound_path != self.path:
+            os.rename(self.bound_path, self.path)
+            self.bound_path = self.path
+            log.info("admin socket published", path=self.path)
 
     def _group_id(self) -> int | None:
         if self.group is None:
@@ -234,9 +257,9 @@ class AdminServer:
             self.sock.close()
             self.sock = None
             with contextlib.suppress(FileNotFoundError):
-                info = os.stat(self.path)
+                info = os.stat(self.bound_path)
                 if (info.st_dev, info.st_ino) == self._inode:  # not a successor's socket
-                    os.unlink(self.path)
+                    os.unlink(self.bound_path)
 
     def close_in_child(self) -> None:
         """In a forked worker: drop the inherited descriptors, never the file (the supervisor's)."""
@@ -279,7 +302,7 @@ class AdminServer:
                 continue
             client.setblocking(False)
             pid, uid, _gid = peer_credentials(client)
-            conn = _Connection(client, f"pid {pid} uid {uid}")
+            conn = _Connection(client, pid, uid)
             self.connections[client.fileno()] = conn
             self.selector.register(client, selectors.EVENT_READ, lambda ev, c=conn: self._on_event(c, ev))
 
@@ -351,6 +374,8 @@ class AdminServer:
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in conn.request.headers},
             body=bytes(conn.body),
             peer=conn.peer,
+            peer_pid=conn.peer_pid,
+            peer_uid=conn.peer_uid,
         )
         conn.awaiting_response = True
         answered = False
@@ -360,7 +385,9 @@ class AdminServer:
             if answered:
                 raise RuntimeError(f"{request.method} {request.path} answered twice")
             answered = True
-            if not conn.closed:
+            if conn.closed:  # the client went away: descriptors meant for it are ours to close
+                _close_all(response.fds)
+            else:
                 self._reply(conn, response)
 
         try:
@@ -384,9 +411,13 @@ class AdminServer:
             data = conn.http.send(h11.Data(data=body))
             end = conn.http.send(h11.EndOfMessage())
         except h11.LocalProtocolError:  # the client already broke the exchange; nothing to say
+            _close_all(response.fds)
             self._close(conn)
             return
         assert head is not None and data is not None and end is not None
+        if response.fds:
+            assert not conn.outbox, "descriptors go with the first byte of their response"
+            conn.outbox_fds = list(response.fds)
         conn.outbox += head + data + end
         conn.awaiting_response = False
         conn.request, conn.body = None, bytearray()
@@ -407,7 +438,11 @@ class AdminServer:
     def _flush(self, conn: _Connection) -> None:
         while conn.outbox:
             try:
-                sent = conn.sock.send(conn.outbox)
+                if conn.outbox_fds:
+                    sent = socket.send_fds(conn.sock, [conn.outbox], conn.outbox_fds)
+                    _close_all(conn.outbox_fds)
+                else:
+                    sent = conn.sock.send(conn.outbox)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -444,6 +479,14 @@ class AdminServer:
             conn.events = 0
         self.connections.pop(conn.sock.fileno(), None)
         conn.sock.close()
+        _close_all(conn.outbox_fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def _content_length(request: h11.Request) -> int | None:
@@ -479,6 +522,13 @@ class AdminControl(Protocol):
     def set_log_level(self, level: str, peer: str) -> None: ...
     def begin_drain(self, peer: str) -> JsonObject: ...
     def quit(self, peer: str) -> None: ...
+    def start_upgrade(self, peer: str) -> JsonObject: ...
+    def hand_over(self, peer_pid: int, respond: Respond) -> None: ...
+    def commit_handover(self, peer_pid: int) -> JsonObject: ...
+
+
+class Refused(Exception):
+    """The daemon cannot do this now (draining, an upgrade under way, ...): 409 with the reason."""
 
 
 class VersionMismatch(Exception):
@@ -537,6 +587,9 @@ class AdminApi:
             ("GET", "/v1/healthz"): self.get_healthz,
             ("POST", "/v1/drain"): self.post_drain,
             ("POST", "/v1/quit"): self.post_quit,
+            ("POST", "/v1/upgrade"): self.post_upgrade,
+            ("POST", "/v1/handoff"): self.post_handoff,
+            ("POST", "/v1/handoff/commit"): self.post_handoff_commit,
         }
 
     def __call__(self, request: Request, respond: Respond) -> None:
@@ -623,6 +676,31 @@ class AdminApi:
         respond(Response(202, {"stopping": True}))
         self.control.quit(request.peer)
 
+    def post_upgrade(self, request: Request, respond: Respond) -> None:
+        try:
+            respond(Response(202, self.control.start_upgrade(request.peer)))
+        except Refused as err:
+            respond(error(409, str(err)))
+
+    def post_handoff(self, request: Request, respond: Respond) -> None:
+        """Only root may take the listeners: the socket's group (--admin-group) may not."""
+        if request.peer_uid != 0:
+            respond(error(403, "only root may take over the listeners"))
+            return
+        try:
+            self.control.hand_over(request.peer_pid, respond)
+        except Refused as err:
+            respond(error(409, str(err)))
+
+    def post_handoff_commit(self, request: Request, respond: Respond) -> None:
+        if request.peer_uid != 0:
+            respond(error(403, "only root may take over the listeners"))
+            return
+        try:
+            respond(Response(200, self.control.commit_handover(request.peer_pid)))
+        except Refused as err:
+            respond(error(409, str(err)))
+
 
 # -- documents built from worker snapshots -----------------------------------------------------------------
 
@@ -682,3 +760,75 @@ def stats_document(snapshots: JsonObject) -> JsonObject:
         "workers_answered": sorted(int(i) for i in snapshots["workers"]),
         "workers_missing": snapshots["missing"],
     }
+
+
+# -- upgrades: the successor's side of the listener handoff --------------------------------------------
+
+HANDOFF_TIMEOUT = 10.0  # seconds the successor waits for each answer of the running daemon
+
+
+class HandoffClient:
+    """The successor's connection to the running daemon: POST /v1/handoff receives the instance lock and
+    the listeners (SCM_RIGHTS), POST /v1/handoff/commit tells the old daemon to stop accepting.
+
+    Blocking: the successor uses it before its own loop runs. Closing it without a commit aborts the
+    upgrade; the old daemon never stopped serving."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(HANDOFF_TIMEOUT)
+        try:
+            self.sock.connect(path)
+        except OSError as err:
+            self.sock.close()
+            raise AdminError(f"cannot reach the running daemon at {path} to take over: {err}") from err
+        self.http = h11.Connection(h11.CLIENT)
+
+    def request(self, method: str, target: str) -> tuple[int, JsonObject, list[int]]:
+        """(status, JSON body, descriptors that came with the response)."""
+        self.sock.sendall(
+            b"".join(
+                part
+                for part in (
+                    self.http.send(
+                        h11.Request(
+                            method=method,
+                            target=target,
+                            headers=[("Host", "nodeproxy"), ("Content-Length", "0")],
+                        )
+                    ),
+                    self.http.send(h11.EndOfMessage()),
+                )
+                if part is not None
+            )
+        )
+        fds: list[int] = []
+        status, body = 0, bytearray()
+        try:
+            while True:
+                event = self.http.next_event()
+                if event is h11.NEED_DATA:
+                    data, received, _flags, _addr = socket.recv_fds(self.sock, 65536, 64)
+                    for fd in received:  # ours alone: not for the processes we start
+                        os.set_inheritable(fd, False)
+                    fds.extend(received)
+                    self.http.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise AdminError(f"{method} {target}: the running daemon closed the connection")
+        except (OSError, h11.ProtocolError) as err:
+            _close_all(fds)
+            raise AdminError(f"{method} {target} to {self.path} failed: {err}") from err
+        if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
+            self.http.start_next_cycle()
+        document: JsonObject = json.loads(body) if body else {}
+        return status, document, fds
+
+    def close(self) -> None:
+        self.sock.close()

@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         admin_socket=args.admin_socket,
         admin_group=args.admin_group,
         config_source=source,
+        takeover_from=args.takeover_from,
     )
 
 
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "another capture.chain_prefix, /run/nodeproxy/netns-<dev>-<inode>-<prefix>.admin.sock); '' for none",
     )
     run.add_argument("--admin-group", help="group allowed to use the admin socket (mode 0660; default 0600)")
+    run.add_argument(
+        "--takeover-from",
+        metavar="ADMIN_SOCKET",
+        help="take the listeners over from the daemon serving ADMIN_SOCKET (an upgrade; POST /v1/upgrade "
+        "and `nodeproxy ctl upgrade` start the successor with it)",
+    )
     run.set_defaults(func=cmd_run)
 
     from nodeproxy import ctl

@@ -274,6 +274,34 @@ def cmd_log_level(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(client: AdminClient, args: argparse.Namespace) -> int:
+    """Start a successor and wait until it serves on the admin socket's path."""
+    import time
+
+    status, _h, started = client.request("POST", "/v1/upgrade")
+    if status != 202:
+        raise CtlError(f"POST /v1/upgrade: {status} {describe_error(started)}")
+    old, new = started["pid"], started["successor_pid"]
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            status, _h, workers = client.request("GET", "/v1/workers")
+        except CtlError:
+            continue  # the path is being switched over
+        if status == 200 and workers.get("supervisor_pid") == new:
+            _status, _h, ready = client.request("GET", "/v1/ready")
+            if ready.get("ready"):
+                if args.json:
+                    _print_json({"pid": old, "successor_pid": new, "ready": True})
+                else:
+                    print(f"upgraded: pid {old} -> {new}; {old} drains its established connections")
+                return 0
+    raise CtlError(
+        f"the successor (pid {new}) did not serve within {args.wait:.0f} s; pid {old} still serves"
+    )
+
+
 def add_parser(sub: Any) -> None:
     """`nodeproxy ctl ...` under the main parser's subcommands."""
     ctl = sub.add_parser("ctl", help="talk to a running daemon through its admin socket")
@@ -305,6 +333,11 @@ def add_parser(sub: Any) -> None:
     commands.add_parser("drain", help="stop taking new connections; established ones finish").set_defaults(
         ctl_func=cmd_drain
     )
+    upgrade = commands.add_parser(
+        "upgrade", help="start the installed nodeproxy and hand it the listeners (no connection dropped)"
+    )
+    upgrade.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the successor")
+    upgrade.set_defaults(ctl_func=cmd_upgrade)
     level = commands.add_parser("log-level", help="print or set the log level")
     level.add_argument("level", nargs="?", choices=LOG_LEVELS)
     level.set_defaults(ctl_func=cmd_log_level)

@@ -48,6 +48,7 @@ import resource
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -93,6 +94,8 @@ CTL_CONFIG = b"C"  # "C <config json>": apply this validated config
 CTL_SNAPSHOT = b"S"  # "S <request id>": send a snapshot
 CTL_LOG_LEVEL = b"L"  # "L <level>"
 CTL_DRAIN = b"D"  # stop accepting; established connections go on
+CTL_HANDOFF = b"U"  # send the listener over the handoff socket (an upgrade)
+HANDOVER_TIMEOUT = START_TIMEOUT + 10.0  # seconds a successor has from taking the listeners to its commit
 MAX_QUEUED_CONTROL_LINES = 64  # per worker; beyond it the oldest non-config lines are dropped
 MAX_STATUS_BUFFER = 64 << 20  # bytes of an unfinished status line before the worker counts as broken
 
@@ -201,8 +204,10 @@ class Worker:
         access_log: bool,
         survivors: capture.SurvivorLock,
         supervisor_pid: int,
+        handoff_sock: socket.socket | None = None,
     ) -> None:
         self.index = index
+        self.handoff_sock = handoff_sock  # passes our listener to the supervisor for an upgrade
         self.config = config
         self.listen_sock = listen_sock
         self.control_fd = control_fd
@@ -305,6 +310,14 @@ class Worker:
         self.listener.stop_accepting()
         log.info("worker draining", worker=self.index, live_connections=self.pool.live_connections)
 
+    def _hand_over_listener(self) -> None:
+        """An upgrade: a copy of our listener goes to the supervisor, for the successor. We keep
+        accepting on it until the successor commits (then CTL_DRAIN)."""
+        if self.handoff_sock is None or self.draining or self.listen_sock.fileno() < 0:
+            log.error("cannot hand over the listener (draining)", worker=self.index)
+            return
+        socket.send_fds(self.handoff_sock, [b"L"], [self.listen_sock.fileno()])
+
     def snapshot(self) -> dict[str, Any]:
         """This worker's live state for the admin API: counters and every endpoint's connections."""
         stats = self.listener.stats
@@ -406,6 +419,8 @@ class Worker:
                 LOG_LEVEL.set(payload.decode())
             elif kind == CTL_DRAIN:
                 self.begin_drain()
+            elif kind == CTL_HANDOFF:
+                self._hand_over_listener()
             else:
                 raise ValueError(f"unknown control line from the supervisor: {line[:40]!r}")
 
@@ -449,6 +464,19 @@ class WorkerHandle:
     killed_for_silence: bool = False
     active_connections: int = 0  # as of the last heartbeat
     accepted: int = 0
+    handoff: socket.socket | None = None  # receives the worker's listener for an upgrade
+
+
+@dataclass
+class Handover:
+    """An upgrade in progress on the running daemon: a successor is taking the listeners."""
+
+    successor_pid: int
+    deadline: float
+    respond: Callable[[admin.Response], None]
+    waiting: set[int]
+    listeners: dict[int, int] = field(default_factory=dict)  # worker index -> received descriptor
+    sent: bool = False  # the successor has the listeners
 
 
 @dataclass
@@ -526,7 +554,7 @@ def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-class DaemonFailure(Exception):
+class DaemonFailure(RuntimeError):
     """The daemon cannot go on (crash loop, failed start); the message says why."""
 
 
@@ -540,8 +568,10 @@ class Supervisor:
         admin_socket: str | None = None,
         admin_group: str | None = None,
         config_source: str | None = None,
+        takeover_from: str | None = None,
     ) -> None:
-        """admin_socket: the admin API's path (admin.default_socket_path() if None, "" for none)."""
+        """admin_socket: the admin API's path (admin.default_socket_path() if None, "" for none).
+        takeover_from: a running daemon's admin socket: take its listeners over (an upgrade)."""
         self.config = config
         self.active = ActiveConfig(
             config, 1, config_source or ("file" if config_path else "default"), time.time()
@@ -575,6 +605,14 @@ class Supervisor:
             if admin_socket
             else None
         )
+        self.takeover_from = takeover_from
+        # An upgrade in progress (we are the old daemon), or done: the successor owns the capture.
+        self._handover: Handover | None = None
+        self.handed_over = False
+        self._successor: subprocess.Popen[bytes] | None = None
+        # We are the successor and have not committed: the capture and listeners are still the old
+        # daemon's, so a failure now must not touch them.
+        self._predecessor_owns_capture = takeover_from is not None
         self._watchdog_interval = _watchdog_interval()
         self._next_watchdog = 0.0
         self._next_status = 0.0
@@ -590,26 +628,36 @@ class Supervisor:
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         fd_limit = raise_fd_limit()
-        # Refuse before touching anything if another daemon owns the capture here (raises CaptureError).
-        self._instance = capture.InstanceLock(self.plan)
+        handoff: admin.HandoffClient | None = None
+        if self.takeover_from is not None:  # the old daemon's lock and listeners (raises RuntimeError)
+            handoff, lock_fd, self._unforked = self._take_over(self.takeover_from)
+            self._instance = capture.InstanceLock.adopt(lock_fd, self.plan)
+        else:
+            # Refuse before touching anything if another daemon owns the capture here (CaptureError).
+            self._instance = capture.InstanceLock(self.plan)
         self._survivors = capture.SurvivorLock(self.plan, fresh=True)
         clean = False
         installed = False
         try:
             if self.admin is not None:  # first: `nodeproxy ctl` can watch the start (ready: 503)
                 try:
-                    self.admin.open()
+                    self.admin.open(staged=handoff is not None)
                 except admin.AdminError as err:
                     raise DaemonFailure(str(err)) from err
             # Every listener first, then the forks: the SO_REUSEPORT group is complete before any worker
             # serves (and a group-wide balancer program could be attached to it here).
-            self._unforked = {i: self._open_listener(i) for i in range(self.config.relay.effective_threads)}
+            if handoff is None:
+                self._unforked = {
+                    i: self._open_listener(i) for i in range(self.config.relay.effective_threads)
+                }
             for index in sorted(self._unforked):
                 self._spawn(index)
             self._wait_until_ready()
+            if handoff is not None and self._stop_signal is None:
+                self._commit_takeover(handoff)
             if self._stop_signal is None:
                 installed = True
-                capture.install(self.plan)
+                capture.install(self.plan)  # an upgrade: the same rules again (idempotent, atomic)
                 listen = self.config.listeners.outbound
                 log.info(
                     "nodeproxy ready",
@@ -625,14 +673,21 @@ class Supervisor:
                 sd_notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
                 self._supervise()
             log.info("stopping", signal=self._stop_signal)
-            sd_notify("STOPPING=1\nSTATUS=stopping: draining connections")
-            self._drain(stop_capture=installed)
+            if not self.handed_over:  # else systemd follows the successor (MAINPID) already
+                sd_notify("STOPPING=1\nSTATUS=stopping: draining connections")
+            self._drain(stop_capture=installed and not self.handed_over)
             clean = True
         except DaemonFailure as failure:
             log.error(str(failure))
             sd_notify("STOPPING=1")
-            self._drain(stop_capture=installed and self.config.capture.on_failure == "open")
+            self._drain(
+                stop_capture=installed
+                and self.config.capture.on_failure == "open"
+                and not self._predecessor_owns_capture
+            )
         finally:
+            if handoff is not None:
+                handoff.close()  # before the commit: the old daemon goes on as if nothing happened
             for sock in self._unforked.values():  # a start that failed half way
                 sock.close()
             self._kill_workers()
@@ -642,7 +697,9 @@ class Supervisor:
                 self.admin.close()
             code = self._release_capture(clean, installed)
             if self.ready_file:
-                Path(self.ready_file).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if Path(self.ready_file).read_text().strip() == str(os.getpid()):  # not a successor's
+                        Path(self.ready_file).unlink()
             self._survivors.close()
             self._instance.close()
         log.info("nodeproxy stopped", exit_code=code)
@@ -650,6 +707,12 @@ class Supervisor:
 
     def _release_capture(self, clean: bool, installed: bool) -> int:
         """Remove the capture after a clean stop, or after a failure when on_failure is open."""
+        if self.handed_over:
+            log.info("capture left in place: the successor owns it")
+            return 0
+        if self._predecessor_owns_capture:
+            log.error("upgrade failed; the running daemon keeps serving")
+            return 1
         if not clean and self.config.capture.on_failure == "closed":
             if installed:
                 log.error(
@@ -691,6 +754,7 @@ class Supervisor:
         now = time.monotonic()
         self._feed_watchdog(now)
         self._expire_snapshots(now)
+        self._expire_handover(now)
         if self.admin is not None:
             self.admin.expire_idle(now)
         while self._signals:
@@ -741,6 +805,7 @@ class Supervisor:
         listen_sock = self._unforked.pop(index, None) or self._open_listener(index)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        handoff_ours, handoff_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         assert self._survivors is not None
         # The child starts with every signal we handle blocked, so none reaches it before its own
         # handlers exist (our Python handlers, copied by fork, would swallow a SIGTERM).
@@ -751,11 +816,16 @@ class Supervisor:
                 try:
                     os.close(control_w)
                     os.close(status_r)
+                    handoff_ours.close()
                     for fd in (self._wakeup_r, self._wakeup_w, self.selector.fileno()):
                         os.close(fd)
                     for other in self.workers.values():
                         os.close(other.control_w)
                         os.close(other.status_r)
+                        if other.handoff is not None:
+                            other.handoff.close()
+                    for received in self._handover.listeners.values() if self._handover else ():
+                        os.close(received)
                     for sibling in self._unforked.values():
                         sibling.close()
                     if self.admin is not None:
@@ -771,6 +841,7 @@ class Supervisor:
                         self.access_log,
                         survivors,
                         supervisor_pid=os.getppid(),
+                        handoff_sock=handoff_theirs,
                     )
                 except BaseException:
                     log.exception("worker setup failed", worker=index)
@@ -782,11 +853,16 @@ class Supervisor:
         listen_sock.close()
         os.close(control_r)
         os.close(status_w)
+        handoff_theirs.close()
         os.set_blocking(control_w, False)
         os.set_blocking(status_r, False)
-        handle = WorkerHandle(index, pid, control_w, status_r, last_heard=time.monotonic())
+        handoff_ours.setblocking(False)
+        handle = WorkerHandle(
+            index, pid, control_w, status_r, last_heard=time.monotonic(), handoff=handoff_ours
+        )
         self.workers[index] = handle
         self.selector.register(status_r, selectors.EVENT_READ, lambda _e: self._on_status(handle))
+        self.selector.register(handoff_ours, selectors.EVENT_READ, lambda _e: self._on_handoff(handle))
         log.debug("worker started", worker=index, pid=pid)
 
     def _on_status(self, handle: WorkerHandle) -> None:
@@ -887,6 +963,10 @@ class Supervisor:
 
     def _forget(self, handle: WorkerHandle) -> None:
         self._close_status(handle)
+        if handle.handoff is not None:
+            self.selector.unregister(handle.handoff)
+            handle.handoff.close()
+            handle.handoff = None
         with contextlib.suppress(KeyError):
             self.selector.unregister(handle.control_w)
         os.close(handle.control_w)
@@ -1017,6 +1097,10 @@ class Supervisor:
         }
 
     def push_config(self, text: str, expected_version: int | None, peer: str) -> dict[str, Any]:
+        if self._handover is not None or self.handed_over:
+            raise admin.ConfigRejected(
+                409, "an upgrade is under way; push to the new daemon once it serves", []
+            )
         if expected_version is not None and expected_version != self.active.version:
             raise admin.VersionMismatch(self.active.version)
         try:
@@ -1120,6 +1204,7 @@ class Supervisor:
             ],
             "expected": self.config.relay.effective_threads,
             "restarts": self.restarts,
+            "supervisor_pid": os.getpid(),
         }
 
     def readiness(self) -> tuple[bool, str]:
@@ -1173,6 +1258,167 @@ class Supervisor:
         log.warning("quit requested", peer=peer)
         self._stop_signal = self._stop_signal or "admin quit"
 
+    # -- upgrades: the running daemon's side ---------------------------------------------------------
+
+    def start_upgrade(self, peer: str) -> dict[str, Any]:
+        """POST /v1/upgrade: start a successor (the nodeproxy now installed, same arguments) that takes
+        the listeners over. A child of ours, so it stays in our service's cgroup; systemd follows it
+        through MAINPID= once it commits."""
+        self._check_can_hand_over()
+        if self._successor is not None and self._successor.poll() is None:
+            raise admin.Refused(f"a successor (pid {self._successor.pid}) is already starting")
+        assert self.admin is not None  # the request came through it
+        argv = successor_argv(sys.orig_argv, self.admin.path)
+        env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}  # it is not our watchdog's
+        self._successor = subprocess.Popen(argv, env=env, close_fds=True)
+        log.warning("upgrade: successor started", peer=peer, successor_pid=self._successor.pid)
+        return {"pid": os.getpid(), "successor_pid": self._successor.pid}
+
+    def _check_can_hand_over(self) -> None:
+        if not self.ready or self.draining or self._stop_signal is not None or self.handed_over:
+            raise admin.Refused(
+                "only a serving daemon can be upgraded (this one is starting, draining or stopping)"
+            )
+        if self._handover is not None:
+            raise admin.Refused(f"an upgrade to pid {self._handover.successor_pid} is under way")
+        if (
+            not all(h.ready for h in self.workers.values())
+            or len(self.workers) != self.config.relay.effective_threads
+        ):
+            raise admin.Refused("a worker is being replaced; try again in a moment")
+
+    def hand_over(self, peer_pid: int, respond: Callable[[admin.Response], None]) -> None:
+        """POST /v1/handoff: collect every worker's listener and send them with our instance lock."""
+        self._check_can_hand_over()
+        self._handover = Handover(
+            peer_pid, time.monotonic() + HANDOVER_TIMEOUT, respond, waiting=set(self.workers)
+        )
+        log.warning("upgrade: handing the listeners over", successor_pid=peer_pid)
+        for handle in self.workers.values():
+            self._send(handle, CTL_HANDOFF)
+
+    def _on_handoff(self, handle: WorkerHandle) -> None:
+        assert handle.handoff is not None
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(handle.handoff, 16, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            fds = []
+        if not fds:  # the worker is gone (EOF)
+            self.selector.unregister(handle.handoff)
+            handle.handoff.close()
+            handle.handoff = None
+            return
+        handover = self._handover
+        if handover is None or handover.sent or handle.index not in handover.waiting:
+            for fd in fds:
+                os.close(fd)
+            return
+        handover.waiting.discard(handle.index)
+        handover.listeners[handle.index] = fds[0]
+        if handover.waiting:
+            return
+        assert self._instance is not None
+        listen = self.config.listeners.outbound
+        handover.sent = True
+        handover.respond(
+            admin.Response(
+                200,
+                {
+                    "pid": os.getpid(),
+                    "listen": f"{listen.host}:{listen.port}",
+                    "listeners": len(handover.listeners),
+                    "config_version": self.active.version,
+                    "descriptors": ["instance lock", *(f"listener {i}" for i in sorted(handover.listeners))],
+                },
+                fds=[os.dup(self._instance.fd), *(handover.listeners[i] for i in sorted(handover.listeners))],
+            )
+        )
+        handover.listeners.clear()  # the response owns (and closes) them now
+
+    def commit_handover(self, peer_pid: int) -> dict[str, Any]:
+        """POST /v1/handoff/commit: the successor serves. Stop accepting, hand systemd over, drain, and
+        leave the capture in place."""
+        handover = self._handover
+        if handover is None or not handover.sent or handover.successor_pid != peer_pid:
+            raise admin.Refused("no handoff to this process is under way")
+        self.handed_over = True
+        self._handover = None
+        sd_notify(f"MAINPID={peer_pid}")
+        for handle in self.workers.values():
+            self._send(handle, CTL_DRAIN)
+        self._stop_signal = self._stop_signal or "upgrade"
+        log.warning("upgrade: the successor serves; draining", successor_pid=peer_pid)
+        return {"pid": os.getpid(), "draining": True}
+
+    def _expire_handover(self, now: float) -> None:
+        handover = self._handover
+        if handover is None:
+            return
+        successor_gone = (
+            self._successor is not None
+            and self._successor.pid == handover.successor_pid
+            and self._successor.poll() is not None
+        )
+        if now < handover.deadline and not successor_gone:
+            return
+        log.error(
+            "upgrade abandoned: the successor exited or did not commit in time; still serving",
+            successor_pid=handover.successor_pid,
+        )
+        for fd in handover.listeners.values():
+            os.close(fd)
+        if not handover.sent:
+            handover.respond(admin.error(503, "the workers did not hand their listeners over in time"))
+        self._handover = None
+
+    # -- upgrades: the successor's side ----------------------------------------------------------------
+
+    def _take_over(self, path: str) -> tuple[admin.HandoffClient, int, dict[int, socket.socket]]:
+        """Ask the running daemon for its instance lock and listeners; checks they fit our config."""
+        client = admin.HandoffClient(path)
+        status, document, fds = client.request("POST", "/v1/handoff")
+        try:
+            if status != 200:
+                raise DaemonFailure(
+                    f"the running daemon refused the upgrade: {status} {document.get('error')}"
+                )
+            listen = self.config.listeners.outbound
+            expected = self.config.relay.effective_threads
+            if len(fds) != 1 + document["listeners"]:
+                raise DaemonFailure(f"expected {1 + document['listeners']} descriptors, got {len(fds)}")
+            if document["listen"] != f"{listen.host}:{listen.port}" or document["listeners"] != expected:
+                raise DaemonFailure(
+                    f"the running daemon listens on {document['listen']} with {document['listeners']} "
+                    f"workers; this config wants {listen} with {expected}: change those with a restart"
+                )
+            sockets = {i: socket.socket(fileno=fd) for i, fd in enumerate(fds[1:])}
+            fds = fds[:1]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            client.close()
+            raise
+        for sock in sockets.values():  # what our workers' listeners must be
+            assert sock.getsockname() == (str(listen.host), listen.port), sock
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1, "not listening"
+        log.warning(
+            "upgrade: took over the listeners", predecessor_pid=document["pid"], listeners=len(sockets)
+        )
+        return client, fds[0], sockets
+
+    def _commit_takeover(self, handoff: admin.HandoffClient) -> None:
+        status, document, fds = handoff.request("POST", "/v1/handoff/commit")
+        for fd in fds:
+            os.close(fd)
+        if status != 200:
+            raise DaemonFailure(f"the running daemon refused the commit: {status} {document.get('error')}")
+        self._predecessor_owns_capture = False
+        if self.admin is not None:
+            self.admin.publish()
+        log.warning("upgrade: committed; the predecessor drains", predecessor_pid=document["pid"])
+
     # -- stopping --------------------------------------------------------------------------------------
 
     def _drain(self, stop_capture: bool) -> None:
@@ -1213,6 +1459,16 @@ def _watchdog_interval() -> float:
     return int(usec) / 1e6 / 3
 
 
+def successor_argv(argv: list[str], admin_socket: str) -> list[str]:
+    """The command line of a successor: ours (interpreter options included), taking over from us."""
+    own = list(argv[1:])
+    while "--takeover-from" in own:  # we were a successor ourselves
+        at = own.index("--takeover-from")
+        del own[at : at + 2]
+    own = [arg for arg in own if not arg.startswith("--takeover-from=")]
+    return [sys.executable, *own, "--takeover-from", admin_socket]
+
+
 def run(
     config: Config,
     config_path: str | None,
@@ -1221,7 +1477,8 @@ def run(
     admin_socket: str | None = None,
     admin_group: str | None = None,
     config_source: str | None = None,
+    takeover_from: str | None = None,
 ) -> int:
     return Supervisor(
-        config, config_path, ready_file, access_log, admin_socket, admin_group, config_source
+        config, config_path, ready_file, access_log, admin_socket, admin_group, config_source, takeover_from
     ).run()
