@@ -55,6 +55,18 @@ def test_table_aligns_columns_and_right_aligns_numbers() -> None:
     ]
 
 
+def test_the_parser_with_ctl_imports_nothing_slow() -> None:
+    """`nodeproxy run` blocks its signals only after parsing: the parser (ctl included) must not import
+    the heavy modules first (see cli.py)."""
+    probe = (
+        "import sys; import nodeproxy.cli as cli; cli.build_parser(); "
+        "slow = ('yaml', 'h11', 'structlog', 'pydantic', 'pyroute2', 'uvloop'); "
+        "print(sorted(m for m in slow if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_missing_socket_is_named_with_a_hint(tmp_path: Path) -> None:
     result = ctl("--socket", str(tmp_path / "none.sock"), "status")
     assert result.returncode == 1
