@@ -170,8 +170,11 @@ def sd_notify(message: str) -> None:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(message.encode(), path)
+        except OSError as err:  # like libsystemd's sd_notify: report, never fail the caller
+            log.warning("sd_notify failed", message=message.split("\n", 1)[0], error=str(err))
 
 
 def _get(config: Config, dotted: str) -> object:

@@ -21,7 +21,7 @@ from nodeproxy import netns
 from nodeproxy.ctl import AdminClient
 from nodeproxy.daemon import HEARTBEAT_TIMEOUT, WATCHDOG_HEARTBEAT_AGE
 from nodeproxy.lab import Lab, stop_process
-from tests.conftest import running_lab, spawn_proxy
+from tests.conftest import running_lab, spawn_proxy, wait_ready
 from tests.helpers import connect, wait_for
 from tests.test_supervisor import live_workers
 
@@ -146,3 +146,20 @@ def test_ready_status_watchdog_and_stopping(fresh_lab: Lab, tmp_path: Path) -> N
     finally:
         stop_process(proxy.proc)
         receiver.close()
+
+
+def test_an_unreachable_notify_socket_does_not_stop_the_daemon(fresh_lab: Lab, tmp_path: Path) -> None:
+    """systemd gone for a moment (or NOTIFY_SOCKET wrong): READY=1 and the pings fail, the daemon serves."""
+    lab = fresh_lab
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "nobody.sock"), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    proxy = spawn_proxy(lab, tmp_path, lab.config_yaml(), env=env)
+    try:
+        wait_ready(proxy)
+        time.sleep(1)  # a few watchdog pings
+        with connect(lab.client_pods[0].ns, "10.96.0.11", 9000) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        assert "sd_notify failed" in proxy.log()
+        assert stop_process(proxy.proc) == 0
+    finally:
+        stop_process(proxy.proc)
