@@ -24,7 +24,9 @@ import select
 import stat
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, cast
+
+import structlog
 
 # Records at most this long are written atomically to a pipe (POSIX guarantees PIPE_BUF >= 512; Linux 4096).
 MAX_LINE = select.PIPE_BUF
@@ -89,22 +91,65 @@ def _text(value: str) -> str:
     return json.dumps(value[:MAX_TEXT])
 
 
+# structlog's numeric levels (as logging's).
+INFO = 20
+WARNING = 30
+ERROR = 40
+
+
+class LevelSource(Protocol):
+    """Where the current log level comes from: events below `threshold` are dropped (e.g. the daemon's
+    LogLevel processor, whose level the admin API changes at run time)."""
+
+    @property
+    def threshold(self) -> int: ...
+
+
+class FixedLevel:
+    """A level that does not change."""
+
+    def __init__(self, threshold: int = INFO) -> None:
+        self.threshold = threshold
+
+
+def structlog_level() -> LevelSource:
+    """The level structlog is configured with: the first processor with an integer `threshold` (the
+    daemon's run-time LogLevel filter), else the fixed level of the configured bound logger."""
+    for processor in structlog.get_config()["processors"]:
+        if isinstance(getattr(processor, "threshold", None), int):
+            return cast(LevelSource, processor)
+    logger = structlog.get_logger("nodeproxy.access")
+    for threshold in (INFO, WARNING, ERROR):
+        if logger.is_enabled_for(threshold):
+            return FixedLevel(threshold)
+    return FixedLevel(ERROR + 10)
+
+
 class AccessLog:
     """One JSON line per connection outcome: closed, refused, or an upstream connect that failed.
 
-    `enabled` False (the `--no-access-log` flag) makes every method return at once. `warnings_only`
-    (log level warning or higher) keeps only the "upstream connect failed" records, which are warnings.
+    `enabled` False (the `--no-access-log` flag) makes every method return at once. `level` filters like
+    the rest of the log (read per record, so a run-time change applies at once): "closed" and "refused"
+    records are info, "upstream connect failed" ones warnings.
     """
 
-    def __init__(self, fd: int | None = None, enabled: bool = True, warnings_only: bool = False) -> None:
+    def __init__(self, fd: int | None = None, enabled: bool = True, level: LevelSource | None = None) -> None:
         self.fd = sys.stderr.fileno() if fd is None else fd
-        self.info_enabled = enabled and not warnings_only
-        self.warning_enabled = enabled
+        self.enabled = enabled
+        self.level: LevelSource = level if level is not None else FixedLevel(INFO)
         self.dropped = 0  # records a full pipe or a closed stderr cost us
         self._clock = _Clock()
         self._encoded: dict[str, str] = {}
         if enabled:
             prepare_fd(self.fd)
+
+    @property
+    def info_enabled(self) -> bool:
+        return self.enabled and self.level.threshold <= INFO
+
+    @property
+    def warning_enabled(self) -> bool:
+        return self.enabled and self.level.threshold <= WARNING
 
     def _name(self, value: str | None) -> str:
         """JSON for a service name or upstream address; they repeat, so each is encoded once."""

@@ -18,7 +18,17 @@ import pytest
 import structlog
 
 from nodeproxy import netns
-from nodeproxy.accesslog import MAX_LINE, AccessLog, AtomicLineLoggerFactory, prepare_fd
+from nodeproxy.accesslog import (
+    ERROR,
+    INFO,
+    MAX_LINE,
+    WARNING,
+    AccessLog,
+    AtomicLineLoggerFactory,
+    FixedLevel,
+    prepare_fd,
+    structlog_level,
+)
 from nodeproxy.lab import Lab, stop_process
 from tests.conftest import running_lab, start_proxy
 
@@ -160,16 +170,39 @@ def test_record_fields_and_bounded_length() -> None:
 
 def test_warnings_only_and_disabled() -> None:
     read_fd, write_fd = os.pipe()
-    quiet = AccessLog(write_fd, warnings_only=True)
+    level = FixedLevel(WARNING)
+    quiet = AccessLog(write_fd, level=level)
     fields = quiet.connection_fields(1, ("10.0.0.1", 1), ("10.0.0.2", 2), None, None)
     quiet.closed(fields, "closed", 0, 0, 0, 0.0, 1)
     quiet.connect_failed(fields, 110)
     AccessLog(write_fd, enabled=False).connect_failed(fields, 110)
+    level.threshold = INFO  # a run-time change (the admin API) applies to the next record
+    quiet.closed(fields, "closed", 0, 0, 0, 0.0, 1)
+    level.threshold = ERROR
+    quiet.connect_failed(fields, 110)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as reader:
         records = parse_lines(reader.read().decode())
-    assert [r["event"] for r in records] == ["upstream connect failed"]
+    assert [r["event"] for r in records] == ["upstream connect failed", "connection closed"]
     assert records[0]["service"] is None and records[0]["upstream"] is None
+
+
+def test_the_level_follows_the_daemons_run_time_filter() -> None:
+    """daemon.configure_logging filters with a processor whose level changes at run time (or, in older
+    versions, with a filtering bound logger): the access log follows either."""
+    from nodeproxy import daemon
+
+    try:
+        daemon.configure_logging("warning")
+        level = structlog_level()
+        assert level.threshold == WARNING
+        if hasattr(daemon, "LOG_LEVEL"):
+            daemon.LOG_LEVEL.set("info")
+            assert level.threshold == INFO
+    finally:
+        structlog.reset_defaults()
+        if hasattr(daemon, "LOG_LEVEL"):
+            daemon.LOG_LEVEL.set("info")
 
 
 def test_atomic_line_logger_for_structlog(tmp_path: Path) -> None:

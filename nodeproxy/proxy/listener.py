@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-import logging
 import os
 import resource
 import socket
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from nodeproxy import _fastpath
-from nodeproxy.accesslog import AccessLog
+from nodeproxy.accesslog import AccessLog, LevelSource, structlog_level
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import RelayConfig
 from nodeproxy.proxy.outbound import Passthrough, Refuse, ToEndpoint, decide
@@ -160,6 +159,7 @@ class OutboundListener:
         workers: int = 1,
         access_log_fd: int | None = None,
         on_load_change: Callable[[int], None] | None = None,
+        log_level: LevelSource | None = None,
     ) -> None:
         self.address = address
         self.updater = updater
@@ -167,9 +167,7 @@ class OutboundListener:
         self.worker = worker
         self.workers = workers
         self.access_log = AccessLog(
-            access_log_fd,
-            enabled=access_log,
-            warnings_only=not log.is_enabled_for(logging.INFO),
+            access_log_fd, enabled=access_log, level=log_level if log_level is not None else structlog_level()
         )
         self.connections: dict[int, Connection] = {}
         self.stats = ListenerStats()
