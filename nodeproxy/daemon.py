@@ -1065,7 +1065,8 @@ class Supervisor:
         its workers alive (or is wedged itself) gets restarted by systemd."""
         if not self._watchdog_interval or now < self._next_watchdog:
             return
-        if self.workers_answering(now):
+        # While stopping, workers exit on purpose; TimeoutStopSec bounds the stop, not the watchdog.
+        if self._stop_signal is not None or self.workers_answering(now):
             sd_notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog_interval
         else:
