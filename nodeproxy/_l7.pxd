@@ -105,6 +105,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SHUT_WR
         MSG_NOSIGNAL
+        MSG_PEEK
     ssize_t recv(int fd, void *buf, size_t len, int flags)
     ssize_t send(int fd, const void *buf, size_t len, int flags)
     int socket(int domain, int type, int protocol)
@@ -176,6 +177,7 @@ cdef enum:
     POOL_BUCKETS = 1024    # hash buckets of the upstream pool table (chained)
     POOL_SWEEP_SCANS = 100 # empty pools are freed every this many scans (10 s)
     FLAG_TEXT_MAX = 16
+    SNIFF_BYTES = 8192     # peeked to tell HTTP/1 from anything else; a longer request line counts as HTTP
 
 
 # Record kinds posted to Python (mirrored as module constants).
@@ -185,6 +187,8 @@ cdef enum RecordKind:
     REC_ATTEMPT_FAILED = 3   # the upstream attempt failed before a response: decide again (or reply)
     REC_CONN_CLOSED = 4      # a downstream connection is gone (exactly one per adopted connection)
     REC_UPGRADED = 5         # after a 101: both sockets handed to Python for the L4 relay (then CONN_CLOSED)
+    REC_NOT_HTTP = 6         # an `auto` connection is not HTTP/1 (or stayed silent): its socket, unread,
+                             # goes back to Python for the L4 relay (then CONN_CLOSED)
 
 
 # Response flags (Envoy's vocabulary) as bits in REC_DONE / REC_ATTEMPT_FAILED records.
@@ -267,6 +271,7 @@ cdef struct Down:
     bint close_after
     bint dechunk              # HTTP/1.0 client, chunked response: forward payload only, end by close
     bint head_idle            # D_HEAD between requests: the deadline is the keep-alive idle timeout
+    bint sniffing             # `auto` port, first bytes not seen yet: peek, never read
     bint stale_retried        # a reused pooled connection failed before answering; retried once fresh
     Up *up
     Pool *waiting_pool
@@ -337,6 +342,7 @@ cdef struct Adoption:
     uint64_t conn_id
     int fd
     uint32_t source_ip
+    int64_t sniff_ns          # > 0: an `auto` port; tell HTTP/1 from other bytes within this long
 
 
 cdef struct Answer:
@@ -434,6 +440,8 @@ cdef class HttpWorker:
     cdef int _response_head(self, Down *d, Up *u) noexcept nogil
     cdef int _step_tunnel(self, Down *d, int *budget) noexcept nogil
     cdef void _hand_off(self, Down *d) noexcept nogil
+    cdef int _sniff(self, Down *d) noexcept nogil
+    cdef void _not_http(self, Down *d) noexcept nogil
     cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in,
                                bint *src_eof, int src_fd, int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil

@@ -7,6 +7,7 @@ DONE: int
 ATTEMPT_FAILED: int
 CONN_CLOSED: int
 UPGRADED: int
+NOT_HTTP: int
 FLAGS: dict[str, int]
 HIGH_WATER_BYTES: int
 IO_CHUNK_BYTES: int
@@ -32,7 +33,9 @@ class HttpWorker:
     @property
     def upstream_connections(self) -> int: ...
     def debug_connections(self) -> list[tuple[int, int, bool, bool, bool, int, int, int, int]]: ...
-    def adopt(self, conn_id: int, client_fd: int, source_ip: str | None = None) -> None: ...
+    def adopt(
+        self, conn_id: int, client_fd: int, source_ip: str | None = None, sniff_timeout_ms: int = 0
+    ) -> None: ...
     def answer(
         self,
         forwards: list[

@@ -42,6 +42,7 @@ from nodeproxy._h1 cimport (
     h1_serialize_head,
     h1_serialize_opts,
     h1_should_keep_alive,
+    h1_sniff_request,
     h1_span,
 )
 
@@ -52,6 +53,7 @@ DONE = REC_DONE
 ATTEMPT_FAILED = REC_ATTEMPT_FAILED
 CONN_CLOSED = REC_CONN_CLOSED
 UPGRADED = REC_UPGRADED
+NOT_HTTP = REC_NOT_HTTP
 HIGH_WATER_BYTES = HIGH_WATER
 IO_CHUNK_BYTES = IO_CHUNK
 
@@ -419,9 +421,10 @@ cdef class HttpWorker:
         for i in range(self.records_len):
             free(self.records[i].head)
             free(self.records[i].parsed)
-            if self.records[i].kind == REC_UPGRADED:
+            if self.records[i].kind == REC_UPGRADED or self.records[i].kind == REC_NOT_HTTP:
                 close(self.records[i].client_fd)
-                close(self.records[i].upstream_fd)
+                if self.records[i].upstream_fd >= 0:
+                    close(self.records[i].upstream_fd)
         free(self.adopts)
         free(self.answers)
         free(self.records)
@@ -463,9 +466,13 @@ cdef class HttpWorker:
 
     # -- called from Python (any thread) ---------------------------------------------------------------
 
-    def adopt(self, uint64_t conn_id, int client_fd, str source_ip=None):
+    def adopt(self, uint64_t conn_id, int client_fd, str source_ip=None, int64_t sniff_timeout_ms=0):
         """Take over an accepted client socket. source_ip: bind upstream connections to this address
-        (IP_TRANSPARENT, the client pod's), None to connect from the node's own address."""
+        (IP_TRANSPARENT, the client pod's), None to connect from the node's own address.
+
+        sniff_timeout_ms > 0 (an `auto` port): the first bytes are peeked, not read; unless they start an
+        HTTP/1 request line within that time, the socket comes back untouched in a NOT_HTTP record.
+        """
         cdef Adoption a
         cdef sockaddr_in src
         cdef int flags
@@ -474,6 +481,7 @@ cdef class HttpWorker:
         a.conn_id = conn_id
         a.fd = client_fd
         a.source_ip = 0
+        a.sniff_ns = sniff_timeout_ms * 1000000 if sniff_timeout_ms > 0 else 0
         if source_ip is not None:
             _parse_ipv4(source_ip, &src, 0)
             a.source_ip = src.sin_addr.s_addr
@@ -543,6 +551,7 @@ cdef class HttpWorker:
         total_ns, attempts, reused);
         (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts);
         (UPGRADED, conn_id, request_id, client_fd, upstream_fd): the caller owns both sockets now;
+        (NOT_HTTP, conn_id, client_fd): an `auto` connection that is not HTTP/1; the caller owns it;
         (CONN_CLOSED, conn_id, requests, err).
         """
         cdef list out = []
@@ -574,6 +583,8 @@ cdef class HttpWorker:
                     out.append((REC_ATTEMPT_FAILED, r.request_id, r.conn_id, r.err, r.flags, r.attempts))
                 elif r.kind == REC_UPGRADED:
                     out.append((REC_UPGRADED, r.conn_id, r.request_id, r.client_fd, r.upstream_fd))
+                elif r.kind == REC_NOT_HTTP:
+                    out.append((REC_NOT_HTTP, r.conn_id, r.client_fd))
                 else:
                     out.append((REC_CONN_CLOSED, r.conn_id, r.bytes_in, r.err))
         finally:
@@ -651,9 +662,10 @@ cdef class HttpWorker:
                 pthread_mutex_unlock(&self.lock)
                 free(r.head)
                 free(r.parsed)
-                if r.kind == REC_UPGRADED:
+                if r.kind == REC_UPGRADED or r.kind == REC_NOT_HTTP:
                     close(r.client_fd)
-                    close(r.upstream_fd)
+                    if r.upstream_fd >= 0:
+                        close(r.upstream_fd)
                 return  # out of memory: the record is lost, nothing it owned leaks
             self.records = grown
             self.records_cap = self.records_cap * 2 + 64
@@ -765,6 +777,9 @@ cdef class HttpWorker:
         d.state = D_HEAD
         d.t_head_start_ns = self.now_ns
         d.deadline_ns = self.now_ns + self.header_timeout_ns
+        if a.sniff_ns > 0:
+            d.sniffing = True
+            d.deadline_ns = self.now_ns + a.sniff_ns
         h1_head_init(&d.req)
         d.next = self.downs
         if self.downs != NULL:
@@ -883,6 +898,8 @@ cdef class HttpWorker:
         cdef size_t avail
         cdef int rc
         cdef ssize_t n
+        if d.sniffing:
+            return self._sniff(d)
         if _held(&d.outb) > HIGH_WATER:
             return 0  # the client is not reading its answers: take no further pipelined request
         avail = _held(&d.inb)
@@ -925,6 +942,52 @@ cdef class HttpWorker:
             self._local_reply(d, 431, "DPE", FLAG_DPE, "request head too large", 22, True)
             return 1
         return 0
+
+    cdef int _sniff(self, Down *d) noexcept nogil:
+        """`auto` port: peek at the first bytes (they stay in the socket for whoever relays it)."""
+        cdef ssize_t n
+        cdef int rc
+        if not d.readable:
+            return 0
+        if _reserve(&d.inb, SNIFF_BYTES) < 0:
+            self._release_down(d, 0, ENOMEM)
+            return -1
+        n = recv(d.fd, d.inb.data + d.inb.len, SNIFF_BYTES, MSG_PEEK)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                d.readable = errno == EINTR
+                return 0
+            self._release_down(d, 0, errno)
+            return -1
+        if n == 0:
+            self._release_down(d, 0, 0)  # closed before saying anything
+            return -1
+        rc = h1_sniff_request(d.inb.data + d.inb.len, n)
+        if rc > 0 or (rc == 0 and n == SNIFF_BYTES):
+            d.sniffing = False  # HTTP/1: read it for real now
+            d.deadline_ns = self.now_ns + self.header_timeout_ns
+            return 1
+        if rc < 0:
+            self._not_http(d)
+            return -1
+        # Not enough to tell: the peeked bytes stay queued, and the next segment raises a new edge.
+        d.readable = d.rdhup
+        if d.rdhup:
+            self._not_http(d)  # a FIN after a partial line: no HTTP request will come
+            return -1
+        return 0
+
+    cdef void _not_http(self, Down *d) noexcept nogil:
+        cdef Record r
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, d.fd, NULL)
+        memset(&r, 0, sizeof(r))
+        r.kind = REC_NOT_HTTP
+        r.conn_id = d.conn_id
+        r.client_fd = d.fd
+        r.upstream_fd = -1
+        d.fd = -1  # no longer ours
+        self._post(&r)
+        self._release_down(d, 0, 0)
 
     cdef void _head_complete(self, Down *d) noexcept nogil:
         cdef Record r
@@ -1853,7 +1916,9 @@ cdef class HttpWorker:
             dn = d.next
             if d.deadline_ns != 0 and now >= d.deadline_ns:
                 if d.state == D_HEAD:
-                    if d.head_idle:
+                    if d.sniffing:
+                        self._not_http(d)  # silent: a server-first protocol, for the L4 relay
+                    elif d.head_idle:
                         self._release_down(d, 0, 0)  # keep-alive idle timeout: a quiet close
                     else:
                         self._local_reply(d, 408, "DPE", FLAG_DPE, "request head not received in time", 33, True)

@@ -19,7 +19,7 @@ import pytest
 from nodeproxy import _l7
 from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.proxy import http as http_module
-from nodeproxy.proxy.http import HttpProxy
+from nodeproxy.proxy.http import HttpProxy, NotHttpHandler
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
 from tests.test_l7 import blob, get, make_backend, read_response, wait_until
@@ -43,7 +43,9 @@ class LoopbackProxy:
         backend_port: int,
         connect_attempts: int = 2,
         splice_relay: RelayPool | None = None,
+        not_http: NotHttpHandler | None = None,
     ) -> None:
+        """not_http: serve the port as `auto` (sniff), handing what is not HTTP/1 to this handler."""
         listed = "".join(f"      - {{address: {ip}}}\n" for ip in endpoints)
         updater = StateUpdater()
         updater.apply(
@@ -66,7 +68,9 @@ class LoopbackProxy:
             access_log=False,
             bind_source=False,
             splice_relay=splice_relay,
+            not_http=not_http,
         )
+        self.sniff = not_http is not None
         self.proxy.start(self.loop)
         self.stopping = threading.Event()
         self.ids = itertools.count(1)
@@ -83,7 +87,10 @@ class LoopbackProxy:
                 conn, (ip, port) = self.listener.accept()
             except TimeoutError:
                 continue
-            self.loop.call_soon_threadsafe(self.proxy.adopt, next(self.ids), conn.detach(), ip, port, VIP, 80)
+            fd = conn.detach()
+            self.loop.call_soon_threadsafe(
+                self.proxy.adopt, next(self.ids), fd, ip, port, VIP, 80, self.sniff
+            )
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -374,6 +381,30 @@ def test_websocket_upgrade_becomes_a_tunnel(spliced: bool) -> None:
         server.shutdown()
 
 
+def test_auto_port_hands_what_is_not_http_to_the_l4_path(backend: int) -> None:
+    handed: list[tuple[int, socket.socket, str, int]] = []
+
+    def to_l4(conn_id: int, fd: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int) -> None:
+        handed.append((conn_id, socket.socket(fileno=fd), orig_ip, orig_port))
+
+    running = LoopbackProxy(["127.0.0.1"], backend, not_http=to_l4)
+    try:
+        http_client, other = running.connect(), running.connect()
+        with http_client.makefile("rb") as reader:
+            assert get(http_client, "/still-http", reader).status == 200
+        other.sendall(b"HELLO not http\r\n")
+        assert wait_until(lambda: len(handed) == 1)
+        conn_id, sock, orig_ip, orig_port = handed[0]
+        assert (orig_ip, orig_port) == (VIP, 80)
+        assert sock.recv(100) == b"HELLO not http\r\n"  # nothing of it was consumed
+        assert conn_id not in running.proxy.connections
+        sock.close()
+        other.close()
+        http_client.close()
+    finally:
+        running.close()
+
+
 def test_connect_failure_retried_on_another_endpoint(backend: int) -> None:
     # 127.0.0.2 is loopback too, but the backend listens on 127.0.0.1 only: connections there are refused.
     running = LoopbackProxy(["127.0.0.2", "127.0.0.1"], backend, connect_attempts=2)
@@ -501,6 +532,40 @@ def test_idle_pools_and_their_connections_are_freed(backend: int) -> None:
         assert wait_until(lambda: bare.worker.pools == 0, 15)
     finally:
         bare.close()
+
+
+def test_auto_port_sniffing(bare: BareWorker, backend: int) -> None:
+    """An `auto` port: an HTTP/1 request is proxied; other bytes, and silence for the peek timeout (a
+    server-first protocol), come back as NOT_HTTP with the socket and its bytes unread."""
+    client = socket.create_connection(bare.listener.getsockname(), timeout=10)
+    accepted, _ = bare.listener.accept()
+    bare.worker.adopt(1, accepted.detach(), None, 100)
+    client.sendall(b"GET /auto HTTP/1.1\r\nHost: web\r\n\r\n")
+    bare.worker.answer([(bare.wait_record(_l7.HEAD)[1], "127.0.0.1", backend, (), (), (), (), 0)], [])
+    with client.makefile("rb") as reader:
+        assert b"path=/auto" in read_response(reader).body
+    client.close()
+
+    tls = socket.create_connection(bare.listener.getsockname(), timeout=10)
+    accepted, _ = bare.listener.accept()
+    bare.worker.adopt(2, accepted.detach(), None, 1000)
+    tls.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a TLS ClientHello's start
+    record = bare.wait_record(_l7.NOT_HTTP)
+    assert record[1] == 2
+    with socket.socket(fileno=record[2]) as returned:
+        assert returned.recv(100) == b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+    tls.close()
+
+    silent = socket.create_connection(bare.listener.getsockname(), timeout=10)
+    accepted, _ = bare.listener.accept()
+    started = time.monotonic()
+    bare.worker.adopt(3, accepted.detach(), None, 100)
+    record = bare.wait_record(_l7.NOT_HTTP)
+    assert record[1] == 3 and time.monotonic() - started < 0.5
+    with socket.socket(fileno=record[2]) as returned:
+        returned.sendall(b"220 smtp ready\r\n")  # the server speaks first, through the returned socket
+        assert silent.recv(100) == b"220 smtp ready\r\n"
+    silent.close()
 
 
 def test_a_bad_endpoint_address_fails_only_its_request(bare: BareWorker, backend: int) -> None:

@@ -48,6 +48,8 @@ ForwardAnswer = tuple[
     int,
 ]
 ReplyAnswer = tuple[int, int, str, str]
+# (conn_id, client_fd, client_ip, client_port, orig_ip, orig_port) of a connection that is not HTTP/1.
+NotHttpHandler = Callable[[int, int, str, int, str, int], None]
 
 
 def flag_text(bits: int, local_flag: str | None = None) -> str:
@@ -133,7 +135,9 @@ class HttpProxy:
     bounds the upstream connections per (source, endpoint) of each engine thread (1024, Envoy's circuit
     breaker default); requests beyond it wait for one to free up. With a `splice_relay` (the worker's L4
     RelayPool), a connection upgraded by a 101 (WebSocket) moves to the splice relay once no byte is in
-    flight; without one the engine relays it itself.
+    flight; without one the engine relays it itself. `not_http` takes the connections of `auto` ports
+    that turn out not to be HTTP/1 (or stay silent for http.peek_timeout), with their first bytes still
+    unread: the listener's L4 path. It owns the fd from the call on.
     """
 
     def __init__(
@@ -146,12 +150,15 @@ class HttpProxy:
         bind_source: bool = True,
         pool_max_conns: int = 1024,
         splice_relay: RelayPool | None = None,
+        not_http: NotHttpHandler | None = None,
     ) -> None:
         self.routing = routing
         self.relay_config = relay
         self.access_log = access_log
         self.bind_source = bind_source  # connect upstream from the client's address (transparent)
         self.splice_relay = splice_relay
+        self.not_http = not_http
+        self._peek_timeout_ms = max(1, int(http.peek_timeout * 1000))
         self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.workers = [
@@ -223,16 +230,28 @@ class HttpProxy:
     # -- connections -----------------------------------------------------------------------------------
 
     def adopt(
-        self, conn_id: int, client_fd: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int
+        self,
+        conn_id: int,
+        client_fd: int,
+        client_ip: str,
+        client_port: int,
+        orig_ip: str,
+        orig_port: int,
+        sniff: bool = False,
     ) -> None:
-        """Hand an accepted connection of an HTTP port to an engine thread, which owns the fd from now on
-        (also when this raises after the fd was queued: it never does, adopt() raises before queueing)."""
+        """Hand an accepted connection of an HTTP port to an engine thread, which owns the fd from then
+        on; if this raises, the fd stays with the caller (nothing was queued). sniff: an `auto` port, see
+        `not_http`."""
         if self._stopped:
             raise RuntimeError("http proxy is closed")
+        if sniff and self.not_http is None:
+            raise ValueError("sniffing needs a not_http handler for what is not HTTP")
         worker = self.workers[self._next]
         self._next = (self._next + 1) % len(self.workers)
         conn = HttpConnection(conn_id, client_ip, client_port, orig_ip, orig_port, time.monotonic(), worker)
-        worker.adopt(conn_id, client_fd, client_ip if self.bind_source else None)
+        worker.adopt(
+            conn_id, client_fd, client_ip if self.bind_source else None, self._peek_timeout_ms if sniff else 0
+        )
         self.connections[conn_id] = conn
         self.stats.connections += 1
 
@@ -280,6 +299,8 @@ class HttpProxy:
                     self._on_conn_closed(record)
                 elif kind == _l7.UPGRADED:
                     self._on_upgraded(record)
+                elif kind == _l7.NOT_HTTP:
+                    self._on_not_http(record)
                 else:
                     raise AssertionError(f"unknown engine record kind {kind}")
             except Exception:
@@ -467,6 +488,16 @@ class HttpProxy:
         except BaseException:
             os.close(client_fd)
             os.close(upstream_fd)
+            raise
+
+    def _on_not_http(self, record: tuple[Any, ...]) -> None:
+        _, conn_id, client_fd = record
+        conn = self.connections.pop(conn_id)
+        assert self.not_http is not None  # adopt() sniffs only with a handler
+        try:
+            self.not_http(conn_id, client_fd, conn.client_ip, conn.client_port, conn.orig_ip, conn.orig_port)
+        except BaseException:
+            os.close(client_fd)
             raise
 
     def _on_conn_closed(self, record: tuple[Any, ...]) -> None:
