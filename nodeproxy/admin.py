@@ -222,7 +222,7 @@ class AdminServer:
                 raise AdminError(
                     f"cannot give the admin socket {bound} to group {self.group}: {err}"
                 ) from err
-        sock.listen(16)
+        sock.listen(64)
         info = os.stat(bound)
         self._inode = (info.st_dev, info.st_ino)
         self.bound_path = bound
@@ -348,6 +348,11 @@ class AdminServer:
                 break
             if isinstance(event, h11.Request):
                 conn.request, conn.body = event, bytearray()
+                # h11 bounds only a head that arrives in pieces; one that came whole is checked here.
+                head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if head_size > MAX_HEAD:
+                    self._reply(conn, error(431, f"request head over {MAX_HEAD} bytes"), close=True)
+                    return
                 length = _content_length(event)
                 if length is not None and length > MAX_BODY:
                     self._reply(conn, error(413, f"request body over {MAX_BODY} bytes"), close=True)
