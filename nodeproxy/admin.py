@@ -164,6 +164,7 @@ class _Connection:
         self.outbox = bytearray()
         self.outbox_fds: list[int] = []  # go out with the next byte sent
         self.awaiting_response = False  # a handler holds the request; no new one is read meanwhile
+        self.processing = False  # _process is on the stack: an answer given at once returns to it
         self.closed = False
         self.last_active = time.monotonic()
         self.events = selectors.EVENT_READ
@@ -307,10 +308,14 @@ class AdminServer:
             self.selector.register(client, selectors.EVENT_READ, lambda ev, c=conn: self._on_event(c, ev))
 
     def _on_event(self, conn: _Connection, events: int) -> None:
-        if events & selectors.EVENT_WRITE:
-            self._flush(conn)
-        if events & selectors.EVENT_READ and not conn.closed:
-            self._on_readable(conn)
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if events & selectors.EVENT_READ and not conn.closed:
+                self._on_readable(conn)
+        except Exception:  # one client's trouble must not end the supervisor's loop
+            log.exception("admin connection failed", peer=conn.peer)
+            self._close(conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -329,6 +334,15 @@ class AdminServer:
         self._process(conn)
 
     def _process(self, conn: _Connection) -> None:
+        if conn.processing:  # an answer given at once: the loop below goes on by itself (no recursion)
+            return
+        conn.processing = True
+        try:
+            self._process_events(conn)
+        finally:
+            conn.processing = False
+
+    def _process_events(self, conn: _Connection) -> None:
         while not conn.closed and not conn.awaiting_response:
             try:
                 event = conn.http.next_event()

@@ -129,6 +129,17 @@ def test_pipelined_requests_are_answered_in_order(served: tuple[str, Loop, dict[
     assert b'"path":"/one"' in answers[0][1] and b'"path":"/two"' in answers[1][1]
 
 
+def test_thousands_of_pipelined_requests_in_one_write(served: tuple[str, Loop, dict[str, Respond]]) -> None:
+    """Answered one after another, not one inside the other (which would overflow the stack)."""
+    path, _loop, _waiting = served
+    with unix(path) as sock:
+        sock.sendall(b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)
+        answers = read_responses(sock, 3000)
+        sock.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"/last" in read_responses(sock, 1)[0][1]
+    assert {status for status, _ in answers} == {200}
+
+
 def test_a_deferred_answer_holds_up_neither_other_clients_nor_its_own_order(
     served: tuple[str, Loop, dict[str, Respond]],
 ) -> None:
