@@ -37,6 +37,8 @@ HTTP_PORT = 8080
 ECHO_PORT = 9000
 SINK_PORT = 9001
 IPERF_PORT = 5201
+# The HTTP service of `config_yaml(l7=True)`.
+REVIEWS_VIP = "10.96.0.20"
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,9 @@ class Lab:
             for port in (HTTP_PORT, ECHO_PORT, SINK_PORT):
                 wait_listening(self.node_ns, pod.ip, port, timeout)
 
-    def config_yaml(self, outbound_port: int = 15001, extra: str = "") -> str:
-        """A daemon config for this lab: the services of nodeproxy/default-config.yaml on this lab's pods."""
+    def config_yaml(self, outbound_port: int = 15001, extra: str = "", l7: bool = False) -> str:
+        """A daemon config for this lab: the services of nodeproxy/default-config.yaml on this lab's pods,
+        and with `l7` the HTTP service `reviews` (REVIEWS_VIP) routed per request (see l7_service)."""
         bes = self.backend_pods
 
         def endpoints(pods: Sequence[Pod]) -> str:
@@ -194,6 +197,32 @@ class Lab:
             f"    balancer: round_robin\n    endpoints:\n{endpoints(bes)}"
             "  - name: iperf\n    vip: 10.96.0.13\n    ports: [{port: 5201}]\n"
             f"    balancer: round_robin\n    endpoints:\n{endpoints(bes[:1])}"
+            + (self.l7_service() if l7 else "")
+        )
+
+    def l7_service(self) -> str:
+        """`reviews`: an HTTP service whose requests are routed one by one. be0 is prod v1, be1 prod v2,
+        be2 staging; `x-env: staging` goes to staging, everything else is a 90/10 canary v1/v2."""
+        labels = ("{env: prod, version: v1}", "{env: prod, version: v2}", "{env: staging, version: v2}")
+        endpoints = "".join(
+            f"      - {{address: {pod.ip}, labels: {label}}}\n"
+            for pod, label in zip(self.backend_pods, labels, strict=False)
+        )
+        return (
+            f"  - name: reviews\n    vip: {REVIEWS_VIP}\n"
+            f"    ports: [{{port: 80, target_port: {HTTP_PORT}, protocol: http}}]\n"
+            f"    endpoints:\n{endpoints}"
+            "    subsets:\n"
+            "      - {name: v1, labels: {env: prod, version: v1}}\n"
+            "      - {name: v2, labels: {env: prod, version: v2}}\n"
+            "      - {name: staging, labels: {env: staging}}\n"
+            "    routes:\n"
+            "      - name: staging\n"
+            "        match: [{headers: [{name: x-env, exact: staging}]}]\n"
+            "        to: [{subset: staging}]\n"
+            "        response_headers: {set: {x-served-by: staging}}\n"
+            "      - name: canary\n"
+            "        to: [{subset: v1, weight: 90}, {subset: v2, weight: 10}]\n"
         )
 
 
