@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -60,7 +61,8 @@ from typing import Any, ClassVar
 import structlog
 import uvloop
 
-from nodeproxy import admin, capture
+from nodeproxy import _reuseport, admin, capture
+from nodeproxy.accesslog import AtomicLineLoggerFactory
 from nodeproxy.config import Config, ConfigError, load_config, parse_config
 from nodeproxy.proxy.listener import OutboundListener, open_listener
 from nodeproxy.proxy.relay import RelayPool
@@ -147,7 +149,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),  # LOG_LEVEL filters
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=AtomicLineLoggerFactory(sys.stderr),  # one write() per line, also unbuffered
         cache_logger_on_first_use=True,
     )
 
@@ -208,8 +210,10 @@ class Worker:
         survivors: capture.SurvivorLock,
         supervisor_pid: int,
         handoff_sock: socket.socket | None = None,
+        load_table: _reuseport.LoadTable | None = None,
     ) -> None:
         self.index = index
+        self.load_table = load_table
         self.handoff_sock = handoff_sock  # passes our listener to the supervisor for an upgrade
         self.config = config
         self.listen_sock = listen_sock
@@ -246,6 +250,10 @@ class Worker:
             self.access_log,
             worker=self.index,
             workers=self.config.relay.effective_threads,
+            on_load_change=(
+                functools.partial(self.load_table.set, self.index) if self.load_table is not None else None
+            ),
+            log_level=LOG_LEVEL,
         )
         pool.start()  # the relay thread inherits the blocked stop signals: they go to this thread
         self.listener.start(loop, self.listen_sock)
@@ -583,6 +591,7 @@ class Supervisor:
         self.ready_file = ready_file
         self.access_log = access_log
         self.plan = capture.CapturePlan.from_config(config)
+        self.load_table: _reuseport.LoadTable | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.selector = selectors.DefaultSelector()
         self._signals: collections.deque[int] = collections.deque()
@@ -647,8 +656,16 @@ class Supervisor:
                     self.admin.open(staged=handoff is not None)
                 except admin.AdminError as err:
                     raise DaemonFailure(str(err)) from err
+            try:
+                # Least-loaded balancing over the workers' listeners (nodeproxy._reuseport).
+                self.load_table = _reuseport.LoadTable(self.config.relay.effective_threads)
+            except OSError as err:  # no CAP_BPF/CAP_SYS_ADMIN, or a kernel without SK_REUSEPORT programs
+                log.warning(
+                    "least-loaded balancing unavailable; the kernel's hash spreads connections",
+                    error=str(err),
+                )
             # Every listener first, then the forks: the SO_REUSEPORT group is complete before any worker
-            # serves (and a group-wide balancer program could be attached to it here).
+            # serves.
             if handoff is None:
                 self._unforked = {
                     i: self._open_listener(i) for i in range(self.config.relay.effective_threads)
@@ -806,6 +823,11 @@ class Supervisor:
         # Each worker's listener is ours only until the fork: the worker holds the only copy. A
         # replacement gets a fresh one (the dead worker's went with it).
         listen_sock = self._unforked.pop(index, None) or self._open_listener(index)
+        if self.load_table is not None:  # a fresh, a handed-over or a replacement listener alike
+            try:
+                self.load_table.add_listener(index, listen_sock.fileno())
+            except OSError as err:
+                log.warning("listener not balanced by load", worker=index, error=str(err))
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         handoff_ours, handoff_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -845,6 +867,7 @@ class Supervisor:
                         survivors,
                         supervisor_pid=os.getppid(),
                         handoff_sock=handoff_theirs,
+                        load_table=self.load_table,
                     )
                 except BaseException:
                     log.exception("worker setup failed", worker=index)
