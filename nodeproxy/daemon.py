@@ -64,6 +64,7 @@ import uvloop
 from nodeproxy import _reuseport, admin, capture
 from nodeproxy.accesslog import AtomicLineLoggerFactory
 from nodeproxy.config import Config, ConfigError, load_config, parse_config
+from nodeproxy.proxy.http import HttpProxy
 from nodeproxy.proxy.listener import OutboundListener, open_listener
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
@@ -255,7 +256,20 @@ class Worker:
             ),
             log_level=LOG_LEVEL,
         )
+        # The HTTP engine serves the ports whose protocol is HTTP; upgraded (101) connections move to
+        # the splice relay, and `auto` connections that are not HTTP come back to the listener as TCP.
+        http = self.http = HttpProxy(
+            lambda: self.updater.current,
+            self.config.http,
+            self.config.relay,
+            access_log=self.access_log,
+            splice_relay=pool,
+            not_http=self.listener.adopt_tcp,
+        )
+        self.listener.http = http
+        self.drain_hooks.append(http.begin_drain)
         pool.start()  # the relay thread inherits the blocked stop signals: they go to this thread
+        http.start(loop)
         self.listener.start(loop, self.listen_sock)
         loop.add_reader(self.control_fd, self._on_control)
         # Handlers are in place: a stop signal that arrived since the fork is delivered now, not lost.
@@ -278,10 +292,11 @@ class Worker:
         deadline = time.monotonic() + self.config.relay.drain_timeout
         if pool.live_connections:
             log.info("draining", worker=self.index, live_connections=pool.live_connections)
-        while pool.live_connections and time.monotonic() < deadline:
+        while (pool.live_connections or http.live_connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        http.close()  # first: an upgraded connection may still move to the splice relay
         self.listener.close()
         stats = self.listener.stats
         log.info(

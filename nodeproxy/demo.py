@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import socket
 import sys
 import tempfile
@@ -11,9 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 from nodeproxy import netns
-from nodeproxy.lab import Lab, stop_process
+from nodeproxy.lab import REVIEWS_VIP, Lab, stop_process
 
 WEB = ("10.96.0.10", 80)
+REVIEWS = (REVIEWS_VIP, 80)
 SINK = ("10.96.0.12", 9001)
 
 
@@ -48,6 +50,28 @@ def _upload(ns: str, size: int) -> tuple[bool, float]:
     return answer == [digest.hexdigest(), str(size)], size * 8 / seconds / 1e9
 
 
+def _backends_answering(ns: str, count: int, headers: dict[str, str]) -> tuple[Counter[str], set[str]]:
+    """`count` requests over one keep-alive connection to the reviews service: who answered each, and
+    the x-served-by response headers seen."""
+    with netns.entered(ns):
+        conn = http.client.HTTPConnection(*REVIEWS, timeout=5)
+        conn.connect()
+    answered: Counter[str] = Counter()
+    served_by: set[str] = set()
+    try:
+        for _ in range(count):
+            conn.request("GET", "/reviews/1", headers=headers)
+            response = conn.getresponse()
+            body = response.read().decode()
+            answered[
+                body.split()[0].removeprefix("backend=") if response.status == 200 else str(response.status)
+            ] += 1
+            served_by.add(response.getheader("x-served-by") or "-")
+    finally:
+        conn.close()
+    return answered, served_by
+
+
 def run_demo(requests: int = 6) -> int:
     lab = Lab(prefix="npdemo", clients=2, backends=3)  # not "np": that is `nodeproxy lab up`'s
     work = Path(tempfile.mkdtemp(prefix="nodeproxy-demo-"))
@@ -59,7 +83,7 @@ def run_demo(requests: int = 6) -> int:
         )
         lab.up()
         lab.start_backends()
-        config.write_text(lab.config_yaml())
+        config.write_text(lab.config_yaml(l7=True))
         print(f"config: {config}")
         with log.open("wb") as out:
             proxy = lab.spawn(
@@ -110,6 +134,20 @@ def run_demo(requests: int = 6) -> int:
         )
         print(f"  {_get(lab.client_pods[1].ns, target.ip, 8080)}")
 
+        be = [pod.ns.rsplit("-", 1)[1] for pod in lab.backend_pods]
+        _say(
+            f"L7: service reviews {REVIEWS[0]}:{REVIEWS[1]} is HTTP; every request is routed on its own"
+            f" ({be[0]}: prod v1, {be[1]}: prod v2, {be[2]}: staging)"
+        )
+        staged, served_by = _backends_answering(lab.client_pods[0].ns, 20, {"x-env": "staging"})
+        print(
+            f"  20 requests with 'x-env: staging' on one connection: {dict(staged)}; x-served-by: {served_by}"
+        )
+        canary, _ = _backends_answering(lab.client_pods[0].ns, 1000, {})
+        share = {name: f"{100 * n / 1000:.1f}%" for name, n in sorted(canary.items())}
+        print(f"  1000 requests without it (the 90/10 canary v1/v2): {share}")
+        l7_ok = staged == Counter({be[2]: 20}) and abs(canary[be[0]] - 900) <= 45 and canary[be[1]] > 0
+
         _say("256 MiB upload to service sink; the backend returns the sha256 it received")
         ok, gbps = _upload(lab.client_pods[1].ns, 256 << 20)
         print(f"  sha256 matches: {ok}; {gbps:.1f} Gb/s through the proxy (Python client)")
@@ -122,7 +160,7 @@ def run_demo(requests: int = 6) -> int:
         code = stop_process(proxy)
         left = netns.run(lab.node_ns, ["iptables-save", "-t", "mangle"]).count("NODEPROXY")
         print(f"  exit code {code}; NODEPROXY rules left: {left}")
-        return 0 if ok and code == 0 and left == 0 else 1
+        return 0 if ok and l7_ok and code == 0 and left == 0 else 1
     finally:
         lab.down()
         print("\nlab removed")

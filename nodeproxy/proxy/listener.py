@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -23,6 +24,9 @@ from nodeproxy.config import RelayConfig
 from nodeproxy.proxy.outbound import Passthrough, Refuse, ToEndpoint, decide
 from nodeproxy.proxy.relay import Completion, Ending, RelayPool
 from nodeproxy.state.routing import StateUpdater
+
+if TYPE_CHECKING:  # http imports the relay pool, not the listener; the engine is handed in at run time
+    from nodeproxy.proxy.http import HttpProxy
 
 log = structlog.get_logger("nodeproxy.outbound")
 
@@ -39,6 +43,9 @@ FDS_PER_RELAY_THREAD_FALLBACK = 2 + 2 * 128
 # the control pipe, a connect in progress.
 FDS_SPARE = 32
 ACCEPT_BATCH = 128
+# Port protocols the HTTP engine serves (HTTP/1.1; `auto` sniffs and hands non-HTTP back as TCP).
+# http2 and grpc ports stay on the splice relay until the engine speaks HTTP/2.
+HTTP_ENGINE_PROTOCOLS = frozenset({"http", "auto"})
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
 LOAD_REFRESH_INTERVAL = 1.0  # seconds between publications of a worker's load besides batch ends
 LOCAL_ENDING_NAME = "local_resources"  # access-log `ending` of a connection this host could not carry
@@ -90,6 +97,7 @@ class Connection:
         "orig_ip",
         "orig_port",
         "service",
+        "sniffed",
         "started",
         "target",
         "tried",
@@ -119,6 +127,7 @@ class Connection:
         self.endpoint: Endpoint | None = None
         self.target: tuple[str, int] | None = None
         self.tried: set[str] | None = None
+        self.sniffed = False  # an `auto` port's connection the HTTP engine found not to be HTTP
 
     @property
     def attempts_failed(self) -> int:
@@ -186,6 +195,9 @@ class OutboundListener:
         self._relays_to_wake = False  # connections were submitted without waking their relay thread
         self._load_timer: asyncio.TimerHandle | None = None
         self.relay_config = relay
+        # The worker's HTTP engine: connections to ports whose protocol it serves go there instead of
+        # the splice relay (None: everything is relayed as TCP).
+        self.http: HttpProxy | None = None
 
     @property
     def relay_config(self) -> RelayConfig:
@@ -275,7 +287,7 @@ class OutboundListener:
         next_id = self._ids.__next__
         relay = self.pool.next_worker
         connections = self.connections
-        cap = self.connection_cap
+        cap = self.connection_cap - (self.http.live_connections if self.http is not None else 0)
         self.stats.accepted += len(batch)
         try:
             for fd, client_ip, client_port, orig_ip, orig_port in batch:
@@ -315,6 +327,21 @@ class OutboundListener:
         if self._closing:
             self._refuse(conn, "proxy is shutting down")
             return
+        if self.http is not None and not conn.sniffed:
+            route = self.updater.current.lookup(conn.orig_ip, conn.orig_port)
+            if route is not None and route.protocol in HTTP_ENGINE_PROTOCOLS:
+                # The engine owns the socket from here on and decides per request (if adopt raises,
+                # the fd is still ours and _dispatch resets it).
+                self.http.adopt(
+                    conn.id,
+                    conn.client_fd,
+                    conn.client_ip,
+                    conn.client_port,
+                    conn.orig_ip,
+                    conn.orig_port,
+                    route.protocol == "auto",
+                )
+                return
         decision = decide(self.updater.current, conn.orig_ip, conn.orig_port, self.address, conn.tried or ())
         if isinstance(decision, ToEndpoint):
             endpoint = decision.endpoint
@@ -350,6 +377,20 @@ class OutboundListener:
             if conn.endpoint is not None:
                 conn.endpoint.active -= 1
             self._connect_failed(conn, err.errno or 0)
+
+    def adopt_tcp(
+        self, conn_id: int, fd: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int
+    ) -> None:
+        """The HTTP engine's `not_http` handler: a connection of an `auto` port that is not HTTP (or
+        stayed silent for http.peek_timeout) is relayed as TCP, its first bytes still unread."""
+        conn = Connection(
+            conn_id, fd, client_ip, client_port, orig_ip, orig_port, time.monotonic(), self.pool.next_worker()
+        )
+        conn.sniffed = True
+        try:
+            self._dispatch(conn)
+        finally:
+            self._wake_relays()
 
     def _wake_relays(self) -> None:
         """One wake-up per relay thread for everything submitted since the last one."""
