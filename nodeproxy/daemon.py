@@ -83,9 +83,8 @@ START_TIMEOUT = 30.0  # seconds for every worker to report ready at start (syste
 CRASH_LOOP_LIMIT = 5  # more than this many worker deaths ...
 CRASH_LOOP_WINDOW = 60.0  # ... within this many seconds end the daemon (exit status 1)
 SNAPSHOT_TIMEOUT = 2.0  # seconds an admin request waits for the workers' snapshots before answering without
-WATCHDOG_HEARTBEAT_AGE = (
-    3 * HEARTBEAT_INTERVAL
-)  # the watchdog is fed only while every worker was heard this recently
+# The watchdog is fed only while every worker was heard this recently (seconds).
+WATCHDOG_HEARTBEAT_AGE = 3 * HEARTBEAT_INTERVAL
 STATUS_INTERVAL = 2.0  # seconds between checks for a changed sd_notify STATUS= line (connection counts)
 PUSHED_SUFFIX = ".pushed"  # a config pushed through the admin API is kept next to the file: <file>.pushed
 # Status pipe lines, worker -> supervisor (each ends in a newline):
