@@ -69,7 +69,11 @@ def test_security_exposure_is_at_most_three(tmp_path: Path) -> None:
 def test_the_unit_keeps_what_capture_and_the_admin_api_need() -> None:
     assert unit_setting("Type") == ["notify"] and unit_setting("NotifyAccess") == ["main"]
     assert unit_setting("WatchdogSec") and unit_setting("RuntimeDirectory") == ["nodeproxy"]
-    assert set(unit_setting("CapabilityBoundingSet")[0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(unit_setting("CapabilityBoundingSet")[0].split()) == {
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_BPF",
+    }
     assert set(unit_setting("RestrictAddressFamilies")[0].split()) >= {"AF_INET", "AF_NETLINK", "AF_UNIX"}
     assert unit_setting("PrivateNetwork") == [] and unit_setting("PrivateUsers") == []
     assert "/etc/nodeproxy" in unit_setting("ReadWritePaths")[0].split()  # config.yaml.pushed
@@ -113,13 +117,15 @@ def test_capture_works_with_only_the_units_capabilities(fresh_lab: Lab, tmp_path
     try:
         status = Path(f"/proc/{_daemon_pid(proxy)}/status").read_text()
         effective = int(re.search(r"CapEff:\s*([0-9a-f]+)", status)[1], 16)  # type: ignore[index]
-        assert effective == (1 << 12) | (1 << 13), f"{effective:#x}"  # CAP_NET_ADMIN | CAP_NET_RAW
+        assert effective == (1 << 12) | (1 << 13) | (1 << 39), f"{effective:#x}"  # NET_ADMIN, NET_RAW, BPF
         with connect(lab.client_pods[0].ns, "10.96.0.11", 9000) as sock:
             sock.sendall(b"captured")
             assert sock.recv(16) == b"captured"
         assert AdminClient(admin_socket).get("/v1/stats")["accepted"] == 1
         assert stop_process(proxy.proc) == 0
         assert "Traceback" not in proxy.log()
+        if _reuseport_loads_here():  # the unit's capabilities are enough for the balancer too
+            assert "least-loaded balancing unavailable" not in proxy.log()
     finally:
         stop_process(proxy.proc)
 
@@ -127,3 +133,14 @@ def test_capture_works_with_only_the_units_capabilities(fresh_lab: Lab, tmp_path
 def _daemon_pid(proxy: RunningProxy) -> int:
     """`ip netns exec` and setpriv exec in place: the Popen pid is the supervisor's."""
     return proxy.proc.pid
+
+
+def _reuseport_loads_here() -> bool:
+    """Whether this kernel (and our full privileges) can load the reuseport balancer at all."""
+    from nodeproxy import _reuseport
+
+    try:
+        _reuseport.LoadTable(2)
+    except OSError:
+        return False
+    return True
