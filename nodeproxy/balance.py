@@ -14,15 +14,22 @@ connections of one with weight 1. Round robin hands out picks in proportion to w
 p2c compare load as active connections per unit of weight, and where loads tie (as they do when
 connections are short and every endpoint is idle) choose in proportion to weight, so the split
 follows the weights whether connections are long-lived or not.
+
+:meth:`Balancer.prepare` specialises a balancer's pick for one fixed tuple of endpoints (a route's
+destination in a routing snapshot): the HTTP engine asks for one decision per request, and p2c's
+prepared picker reads the weights once instead of on every pick.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Protocol
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "Endpoint",
     "LeastConnections",
     "PeakEwma",
+    "Picker",
     "PowerOfTwoChoices",
     "PreferLocal",
     "RoundRobin",
@@ -82,8 +90,17 @@ class Endpoint:
         return self.active / self.weight
 
 
+Picker = Callable[[Collection[str]], Endpoint | None]
+"""A balancer's pick over endpoints fixed in advance: picker(tried) is pick(endpoints, tried)."""
+
+
 class Balancer(Protocol):
     def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None: ...
+
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        """A picker over `endpoints` (copied now) that picks as pick(endpoints, tried) does, except
+        that a balancer may read the endpoints' weights now rather than at each pick."""
+        ...
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         """Record how long `endpoint` took to answer (seconds); only latency-aware balancers use it."""
@@ -92,6 +109,21 @@ class Balancer(Protocol):
 
 def _candidates(endpoints: Sequence[Endpoint], tried: Collection[str]) -> list[Endpoint]:
     return [e for e in endpoints if e.address not in tried] if tried else list(endpoints)
+
+
+def _below(rng: random.Random, n: int) -> int:
+    """A uniform integer in [0, n), n >= 1: random.Random's own rejection method (exact, unbiased)
+    without randrange's argument handling, which costs more than the draw."""
+    bits = (n - 1).bit_length()
+    r = rng.getrandbits(bits)
+    while r >= n:
+        r = rng.getrandbits(bits)
+    return r
+
+
+def _prepared_pick(balancer: Balancer, endpoints: Sequence[Endpoint]) -> Picker:
+    """prepare() for balancers that read everything at pick time: pick over a copy of `endpoints`."""
+    return functools.partial(balancer.pick, tuple(endpoints))
 
 
 def _weighted_choice(rng: random.Random, endpoints: Sequence[Endpoint], total_weight: int) -> int:
@@ -121,6 +153,9 @@ class RoundRobin:
         best.current_weight -= total
         return best
 
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        return _prepared_pick(self, endpoints)
+
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         """Round robin ignores latency."""
 
@@ -143,6 +178,9 @@ class LeastConnections:
             return tied[0]
         return tied[_weighted_choice(self.rng, tied, sum(e.weight for e in tied))]
 
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        return _prepared_pick(self, endpoints)
+
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         """Least connections ignores latency."""
 
@@ -154,37 +192,126 @@ class PowerOfTwoChoices:
     Near least-connections quality at O(1) decisions, without every proxy herding onto the same
     least-loaded endpoint (Envoy's least_request, Linkerd's p2c). Drawing by weight makes the split
     follow the weights when loads tie, as they do for short connections; comparing load per unit of
-    weight makes it follow them under sustained load.
+    weight makes it follow them under sustained load. Loads are compared exactly, as
+    active_a * weight_b against active_b * weight_a.
     """
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
     def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
-        candidates = _candidates(endpoints, tried)
+        candidates = _candidates(endpoints, tried) if tried else endpoints
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
-        first, second = self._draw_two(candidates)
-        return second if second.load < first.load else first
+        first, second = _draw_two(self.rng, candidates)
+        return second if second.active * first.weight < first.active * second.weight else first
+
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        """pick() specialised for `endpoints` and their weights as of now (the HTTP routing compiles
+        one per destination and routing snapshot; a reload builds new ones with the new weights).
+
+        Picks exactly as pick() does when nothing was tried, with the same distribution: two
+        endpoints, or one endpoint and a coin for a tie, instead of a draw and a check of the
+        weights on every request. A request that already tried endpoints goes through pick()."""
+        members = tuple(endpoints)
+        if len(members) <= 1:
+            return _prepared_pick(self, members)
+        weights = tuple(e.weight for e in members)
+        if len(members) == 2:
+            return self._prepare_pair(members[0], members[1])
+        if len(set(weights)) == 1:
+            return self._prepare_uniform(members)
+        return self._prepare_weighted(members, weights)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         """Least-request P2C compares in-flight load only."""
 
-    def _draw_two(self, candidates: list[Endpoint]) -> tuple[Endpoint, Endpoint]:
+    def _draw_two(self, candidates: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
         return _draw_two(self.rng, candidates)
 
+    def _prepare_pair(self, a: Endpoint, b: Endpoint) -> Picker:
+        # Both endpoints are always drawn: the lower load wins; on a tie the first drawn, which is
+        # `a` with probability weight_a / (weight_a + weight_b).
+        pick, rng = self.pick, self.rng
+        members = (a, b)
+        weight_a, weight_b = a.weight, b.weight
+        if weight_a == weight_b:
 
-def _draw_two(rng: random.Random, candidates: list[Endpoint]) -> tuple[Endpoint, Endpoint]:
+            def pick_of_equal_pair(tried: Collection[str]) -> Endpoint | None:
+                if tried:
+                    return pick(members, tried)
+                if a.active != b.active:
+                    return a if a.active < b.active else b
+                return b if rng.getrandbits(1) else a
+
+            return pick_of_equal_pair
+        total = weight_a + weight_b
+
+        def pick_of_pair(tried: Collection[str]) -> Endpoint | None:
+            if tried:
+                return pick(members, tried)
+            load_a, load_b = a.active * weight_b, b.active * weight_a
+            if load_a != load_b:
+                return a if load_a < load_b else b
+            return a if _below(rng, total) < weight_a else b
+
+        return pick_of_pair
+
+    def _prepare_uniform(self, members: tuple[Endpoint, ...]) -> Picker:
+        # One draw from the n * (n - 1) ordered pairs of distinct endpoints.
+        pick, rng = self.pick, self.rng
+        others = len(members) - 1
+        pairs = len(members) * others
+        bits = (pairs - 1).bit_length()
+
+        def pick_of_equals(tried: Collection[str]) -> Endpoint | None:
+            if tried:
+                return pick(members, tried)
+            r = rng.getrandbits(bits)
+            while r >= pairs:
+                r = rng.getrandbits(bits)
+            i, j = r // others, r % others
+            first, second = members[i], members[j + 1 if j >= i else j]
+            return second if second.active < first.active else first
+
+        return pick_of_equals
+
+    def _prepare_weighted(self, members: tuple[Endpoint, ...], weights: tuple[int, ...]) -> Picker:
+        pick, rng = self.pick, self.rng
+        cumulative = tuple(accumulate(weights))
+
+        def pick_by_weight(tried: Collection[str]) -> Endpoint | None:
+            if tried:
+                return pick(members, tried)
+            i, j = _draw_two_indexes(rng, cumulative)
+            first, second = members[i], members[j]
+            return second if second.active * weights[i] < first.active * weights[j] else first
+
+        return pick_by_weight
+
+
+def _draw_two_indexes(rng: random.Random, cumulative: Sequence[int]) -> tuple[int, int]:
+    """Two distinct indexes, each drawn with probability in proportion to its weight; `cumulative`
+    holds the running sums of the weights (all >= 1, at least two of them)."""
+    total = cumulative[-1]
+    i = bisect_right(cumulative, _below(rng, total))
+    weight = cumulative[i] - (cumulative[i - 1] if i else 0)
+    # A uniform point outside the first one's interval [cumulative[i] - weight, cumulative[i]).
+    point = _below(rng, total - weight)
+    if point >= cumulative[i] - weight:
+        point += weight
+    return i, bisect_right(cumulative, point)
+
+
+def _draw_two(rng: random.Random, candidates: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
     """Two distinct endpoints, each drawn with probability in proportion to weight (len >= 2)."""
     weight = candidates[0].weight
     if all(e.weight == weight for e in candidates):  # the common case: a uniform draw
-        a, b = rng.sample(candidates, 2)
-        return a, b
-    total = sum(e.weight for e in candidates)
-    i = _weighted_choice(rng, candidates, total)
-    first = candidates[i]
-    rest = candidates[:i] + candidates[i + 1 :]
-    return first, rest[_weighted_choice(rng, rest, total - first.weight)]
+        i = _below(rng, len(candidates))
+        j = _below(rng, len(candidates) - 1)
+        return candidates[i], candidates[j + 1 if j >= i else j]
+    i, j = _draw_two_indexes(rng, tuple(accumulate(e.weight for e in candidates)))
+    return candidates[i], candidates[j]
 
 
 class PeakEwma:
@@ -273,6 +400,9 @@ class PeakEwma:
             return second if second.load < first.load else first
         return second if self.cost(second, now) < self.cost(first, now) else first
 
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        return _prepared_pick(self, endpoints)
+
 
 class SkipUnhealthy:
     """Picks among the endpoints `healthy` accepts (outlier detection's ``is_available``); when none
@@ -288,6 +418,10 @@ class SkipUnhealthy:
         if usable:
             return self.inner.pick(usable, ())
         return self.inner.pick(endpoints, tried)
+
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        # Health changes between picks: every pick asks again.
+        return _prepared_pick(self, endpoints)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         self.inner.observe(endpoint, rtt)
@@ -317,6 +451,10 @@ class PreferLocal:
         if local:
             return self.inner.pick(local, ())
         return self.inner.pick(endpoints, tried)
+
+    def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
+        # Health changes between picks: every pick asks again.
+        return _prepared_pick(self, endpoints)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         self.inner.observe(endpoint, rtt)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
@@ -24,18 +24,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 import re2
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from nodeproxy.balance import Balancer, Endpoint
+from nodeproxy.balance import Balancer, Endpoint, Picker
 from nodeproxy.resilience.config import RouteResilience
 
 if TYPE_CHECKING:
     from nodeproxy.config import Service
-    from nodeproxy.proxy.http_route import Forward
+    from nodeproxy.proxy.http_route import Forward, RequestAttrs
 
 __all__ = [
     "DEFAULT_ROUTE_NAME",
     "GRPC_DETECTION_HEADER",
     "L7_PROTOCOLS",
     "MAX_REGEX_PROGRAM_SIZE",
+    "CompiledDestination",
     "CompiledRoute",
     "Destination",
     "HeaderEdits",
@@ -442,78 +443,238 @@ def service_route_problems(
 
 # --------------------------------------------------------------------------------------------
 # Compiled forms (built once per config snapshot)
+#
+# Every match condition becomes one small function of (request attributes, query parameters), each
+# specialised for its field and kind (`a.path == text`, `a.headers.get(name) == text`, ...), and the
+# conditions of a match and the alternatives of a route are combined into one function: the decision
+# makes one call per route, no dispatch on kinds, no loop over empty condition lists.
 
-# StringMatch kinds
-_EXACT, _PREFIX, _REGEX = 0, 1, 2
-# HeaderMatch kinds beyond those
-_PRESENT, _ABSENT = 3, 4
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledStringMatch:
-    kind: int
-    text: str
-    regex: RouteRegex | None
-
-    def test(self, value: str) -> bool:
-        if self.kind == _EXACT:
-            return value == self.text
-        if self.kind == _PREFIX:
-            return value.startswith(self.text)
-        assert self.regex is not None
-        return self.regex.fullmatch(value)
+# (request attributes, the form-decoded query parameters) -> whether the condition holds. The
+# parameters are parsed only for a route that has a query condition (CompiledRoute.uses_query);
+# other routes get an empty mapping.
+Matcher = Callable[["RequestAttrs", Mapping[str, str]], bool]
+ValueTest = Callable[[str], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class CompiledFieldMatch:
-    """A header or query parameter condition."""
+def _value_test(match: StringMatch) -> ValueTest:
+    """exact / prefix / regex on one value."""
+    if match.exact is not None:
+        return match.exact.__eq__  # a bound method: no Python frame of its own
+    if match.prefix is not None:
+        prefix = match.prefix
 
-    name: str
-    kind: int
-    value: CompiledStringMatch | None  # None for present / absent
+        def starts_with(value: str) -> bool:
+            return value.startswith(prefix)
 
-    def test(self, fields: Mapping[str, str]) -> bool:
-        value = fields.get(self.name)
-        if self.kind == _PRESENT:
-            return value is not None
-        if self.kind == _ABSENT:
-            return value is None
-        assert self.value is not None
-        return value is not None and self.value.test(value)
+        return starts_with
+    assert match.regex is not None
+    return RouteRegex(match.regex).fullmatch
 
 
-@dataclass(frozen=True, slots=True)
-class CompiledMatch:
-    path: CompiledStringMatch | None
-    methods: frozenset[str] | None
-    authority: CompiledStringMatch | None
-    headers: tuple[CompiledFieldMatch, ...]
-    query: tuple[CompiledFieldMatch, ...]
+def _path_matcher(match: StringMatch) -> Matcher:
+    if match.exact is not None:
+        exact = match.exact
+
+        def path_is(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return a.path == exact
+
+        return path_is
+    if match.prefix is not None:
+        prefix = match.prefix
+
+        def path_starts_with(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return a.path.startswith(prefix)
+
+        return path_starts_with
+    test = _value_test(match)
+
+    def path_matches(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        return test(a.path)
+
+    return path_matches
 
 
-@dataclass(frozen=True, slots=True)
+def _authority_matcher(match: StringMatch) -> Matcher:
+    # Host names are case-insensitive: the request's authority is compared in lower case, against
+    # exact and prefix values lowered here (a regex is the config's, applied to the lowered value).
+    test = _value_test(
+        StringMatch(
+            exact=None if match.exact is None else match.exact.lower(),
+            prefix=None if match.prefix is None else match.prefix.lower(),
+            regex=match.regex,
+        )
+    )
+
+    def authority_matches(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        return bool(test(a.authority.lower()))
+
+    return authority_matches
+
+
+def _methods_matcher(methods: Iterable[str]) -> Matcher:
+    allowed = frozenset(methods)
+
+    def method_is_one_of(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        return a.method in allowed
+
+    return method_is_one_of
+
+
+def _field_test(
+    name: str, exact: str | None, prefix: str | None, regex: str | None, present: bool | None
+) -> Callable[[Mapping[str, str]], bool]:
+    """A condition on one field of a mapping (request headers or query parameters)."""
+    if present:
+
+        def field_present(fields: Mapping[str, str]) -> bool:
+            return name in fields
+
+        return field_present
+    if exact is not None:
+
+        def field_is(fields: Mapping[str, str]) -> bool:
+            return fields.get(name) == exact
+
+        return field_is
+    test = _value_test(StringMatch(exact=exact, prefix=prefix, regex=regex))
+
+    def field_matches(fields: Mapping[str, str]) -> bool:
+        value = fields.get(name)
+        return value is not None and bool(test(value))
+
+    return field_matches
+
+
+def _header_matcher(header: HeaderMatch) -> Matcher:
+    name = header.name
+    if header.exact is not None:
+        exact = header.exact
+
+        def header_is(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return a.headers.get(name) == exact
+
+        return header_is
+    if header.present:
+
+        def header_present(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return name in a.headers
+
+        return header_present
+    if header.absent:
+
+        def header_absent(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return name not in a.headers
+
+        return header_absent
+    test = _field_test(name, None, header.prefix, header.regex, None)
+
+    def header_matches(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        return test(a.headers)
+
+    return header_matches
+
+
+def _query_matcher(param: QueryMatch) -> Matcher:
+    test = _field_test(param.name, param.exact, None, param.regex, param.present)
+
+    def query_matches(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        return test(q)
+
+    return query_matches
+
+
+def _all_of(matchers: Sequence[Matcher]) -> Matcher:
+    if len(matchers) == 1:
+        return matchers[0]
+    if len(matchers) == 2:
+        first, second = matchers
+
+        def both_hold(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+            return first(a, q) and second(a, q)
+
+        return both_hold
+    conditions = tuple(matchers)
+
+    def all_hold(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        # A plain loop: all() over a generator costs a generator frame per call.
+        for condition in conditions:  # noqa: SIM110
+            if not condition(a, q):
+                return False
+        return True
+
+    return all_hold
+
+
+def _any_of(matchers: Sequence[Matcher]) -> Matcher:
+    if len(matchers) == 1:
+        return matchers[0]
+    alternatives = tuple(matchers)
+
+    def any_holds(a: RequestAttrs, q: Mapping[str, str]) -> bool:
+        for alternative in alternatives:  # noqa: SIM110 (as in all_hold)
+            if alternative(a, q):
+                return True
+        return False
+
+    return any_holds
+
+
+def _compile_match(match: RouteMatch) -> Matcher | None:
+    """One function for all of a match's conditions; None when it has none (it always holds).
+
+    The conditions are pure, so their order does not change the answer, only the cost: cheap
+    comparisons first, regexes (which encode the value and run RE2) last."""
+    cheap: list[Matcher] = []
+    costly: list[Matcher] = []
+    if match.methods is not None:
+        cheap.append(_methods_matcher(match.methods))
+    if match.path is not None:
+        (costly if match.path.regex is not None else cheap).append(_path_matcher(match.path))
+    cheap.extend(_header_matcher(h) for h in match.headers if h.regex is None)
+    if match.authority is not None:
+        (costly if match.authority.regex is not None else cheap).append(_authority_matcher(match.authority))
+    cheap.extend(_query_matcher(q) for q in match.query if q.regex is None)
+    costly.extend(_header_matcher(h) for h in match.headers if h.regex is not None)
+    costly.extend(_query_matcher(q) for q in match.query if q.regex is not None)
+    conditions = cheap + costly
+    return _all_of(conditions) if conditions else None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledDestination:
+    """One weighted destination of a route: a subset (or the whole service) and its picker."""
+
+    subset: str | None  # None: every endpoint of the service
+    endpoints: tuple[Endpoint, ...]
+    # The balancer prepared for these endpoints (Balancer.prepare): pick(tried).
+    pick: Picker
+    # How a local reply names it: "subset v2 of service reviews" or "service reviews".
+    description: str
+    # Decisions are immutable values: the Forward to each endpoint is built once per snapshot and
+    # reused (keys are this destination's endpoints, so each holds at most len(endpoints)).
+    http1_forwards: dict[Endpoint, Forward] = field(default_factory=dict, repr=False)
+    http2_forwards: dict[Endpoint, Forward] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class CompiledRoute:
-    """A route ready for matching; `subsets[i]` gets a share `cumulative[i] - cumulative[i-1]`."""
+    """A route ready for matching; `destinations[i]` gets a share `cumulative[i] - cumulative[i-1]`
+    of the requests it matches."""
 
     name: str
-    matches: tuple[CompiledMatch, ...]  # empty: every request
-    subsets: tuple[str | None, ...]  # None: every endpoint of the service
-    endpoints: tuple[tuple[Endpoint, ...], ...]  # per entry of `subsets`
+    matcher: Matcher | None  # None: every request
+    uses_query: bool  # some condition looks at the query parameters: parse them for `matcher`
+    destinations: tuple[CompiledDestination, ...]  # never empty
     cumulative: tuple[int, ...]  # running sums of the weights, for a bisect
+    draw_bits: int  # bits of a draw below cumulative[-1] (rejection sampling, as random.randrange)
     request_headers_add: tuple[tuple[str, str], ...]
     request_headers_remove: tuple[str, ...]
     response_headers_add: tuple[tuple[str, str], ...]
     response_headers_remove: tuple[str, ...]
-    uses_query: bool
-    # Decisions are immutable values: the one for (destination, endpoint, upstream is HTTP/2) is
-    # built once and reused, which saves most of the cost of a frozen dataclass per request.
-    forwards: dict[tuple[int, Endpoint, bool], Forward] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
-
-# Most cached Forward values per route (bounds memory for routes over very many endpoints).
-MAX_CACHED_FORWARDS = 4096
+    @property
+    def subsets(self) -> tuple[str | None, ...]:
+        return tuple(d.subset for d in self.destinations)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -530,54 +691,9 @@ class HttpServiceRoutes:
     matched_headers: frozenset[str]
     # False when the service has no routes: then everything goes to all endpoints (route 'default').
     has_routes: bool
-    rng: random.Random
-
-
-def _compile_string(match: StringMatch) -> CompiledStringMatch:
-    if match.exact is not None:
-        return CompiledStringMatch(_EXACT, match.exact, None)
-    if match.prefix is not None:
-        return CompiledStringMatch(_PREFIX, match.prefix, None)
-    assert match.regex is not None
-    return CompiledStringMatch(_REGEX, match.regex, RouteRegex(match.regex))
-
-
-def _compile_field(
-    name: str,
-    exact: str | None,
-    prefix: str | None,
-    regex: str | None,
-    present: bool | None,
-    absent: bool | None,
-) -> CompiledFieldMatch:
-    if present:
-        return CompiledFieldMatch(name, _PRESENT, None)
-    if absent:
-        return CompiledFieldMatch(name, _ABSENT, None)
-    string = _compile_string(StringMatch(exact=exact, prefix=prefix, regex=regex))
-    return CompiledFieldMatch(name, string.kind, string)
-
-
-def _compile_match(match: RouteMatch) -> CompiledMatch:
-    authority = None
-    if match.authority is not None:
-        a = match.authority
-        authority = _compile_string(
-            StringMatch(
-                exact=None if a.exact is None else a.exact.lower(),
-                prefix=None if a.prefix is None else a.prefix.lower(),
-                regex=a.regex,
-            )
-        )
-    return CompiledMatch(
-        path=None if match.path is None else _compile_string(match.path),
-        methods=None if match.methods is None else frozenset(match.methods),
-        authority=authority,
-        headers=tuple(
-            _compile_field(h.name, h.exact, h.prefix, h.regex, h.present, h.absent) for h in match.headers
-        ),
-        query=tuple(_compile_field(q.name, q.exact, None, q.regex, q.present, None) for q in match.query),
-    )
+    rng: random.Random  # draws a route's weighted destination
+    # Every request goes upstream over HTTP/2 (http2 and grpc ports); otherwise only gRPC requests.
+    http2_upstream: bool = False
 
 
 def _edits(edits: HeaderEdits) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
@@ -592,7 +708,12 @@ def _select(endpoints: Iterable[Endpoint], labels: Mapping[str, str]) -> tuple[E
 
 
 def _compile_route(
-    name: str, route: Route, subsets: Mapping[str, tuple[Endpoint, ...]], endpoints: tuple[Endpoint, ...]
+    service: str,
+    name: str,
+    route: Route,
+    subsets: Mapping[str, tuple[Endpoint, ...]],
+    endpoints: tuple[Endpoint, ...],
+    balancer: Balancer,
 ) -> CompiledRoute:
     # Zero-weight destinations stay in the config (a drained canary) but never receive a request.
     dests = [d for d in route.to if d.weight > 0] if route.to else [Destination()]
@@ -600,18 +721,36 @@ def _compile_route(
         raise ValueError(f"route {name}: the weights sum to 0")  # the config check rejects this first
     req_add, req_remove = _edits(route.request_headers)
     resp_add, resp_remove = _edits(route.response_headers)
-    matches = tuple(_compile_match(m) for m in route.match)
+    alternatives = [_compile_match(m) for m in route.match]
+    # No alternatives, or one without conditions: the route takes every request.
+    matcher = (
+        None
+        if not alternatives or any(m is None for m in alternatives)
+        else _any_of([m for m in alternatives if m is not None])
+    )
+    destinations = []
+    for d in dests:
+        members = endpoints if d.subset is None else subsets[d.subset]
+        destinations.append(
+            CompiledDestination(
+                subset=d.subset,
+                endpoints=members,
+                pick=balancer.prepare(members),
+                description=f"subset {d.subset} of service {service}" if d.subset else f"service {service}",
+            )
+        )
+    cumulative = tuple(accumulate(d.weight for d in dests))
     return CompiledRoute(
         name=name,
-        matches=matches,
-        subsets=tuple(d.subset for d in dests),
-        endpoints=tuple(endpoints if d.subset is None else subsets[d.subset] for d in dests),
-        cumulative=tuple(accumulate(d.weight for d in dests)),
+        matcher=matcher,
+        uses_query=matcher is not None and any(m.query for m in route.match),
+        destinations=tuple(destinations),
+        cumulative=cumulative,
+        draw_bits=(cumulative[-1] - 1).bit_length(),
         request_headers_add=req_add,
         request_headers_remove=req_remove,
         response_headers_add=resp_add,
         response_headers_remove=resp_remove,
-        uses_query=any(m.query for m in matches),
     )
 
 
@@ -637,11 +776,11 @@ def compile_service_routes(
     subsets = {s.name: _select(endpoints, s.labels) for s in service.subsets}
     if service.routes:
         routes = tuple(
-            _compile_route(r.name or f"routes[{i}]", r, subsets, endpoints)
+            _compile_route(service.name, r.name or f"routes[{i}]", r, subsets, endpoints, balancer)
             for i, r in enumerate(service.routes)
         )
     else:
-        routes = (_compile_route(DEFAULT_ROUTE_NAME, Route(), subsets, endpoints),)
+        routes = (_compile_route(service.name, DEFAULT_ROUTE_NAME, Route(), subsets, endpoints, balancer),)
     matched = {h.name for r in service.routes for m in r.match for h in m.headers}
     if protocol != "grpc":
         matched.add(GRPC_DETECTION_HEADER)
@@ -655,4 +794,5 @@ def compile_service_routes(
         matched_headers=frozenset(matched),
         has_routes=bool(service.routes),
         rng=rng,
+        http2_upstream=protocol in ("http2", "grpc"),
     )

@@ -507,17 +507,21 @@ def test_split_weights_are_honoured(weights: list[int], seed: int) -> None:
 
 
 class _EveryDraw(random.Random):
-    """randrange(n) returns 0, 1, ..., n-1 in turn: one cycle covers every draw exactly once."""
+    """getrandbits(k) returns 0, 1, 2, ... (mod 2**k) in turn. decide_request draws a point below the
+    total weight from getrandbits, rejecting points at or above the total, so `total` decisions see
+    every point exactly once."""
 
     def __init__(self) -> None:
         super().__init__(0)
         self.next = 0
 
-    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
-        assert stop is None and step == 1, "decide_request draws with randrange(total)"
-        value = self.next % start
+    def getrandbits(self, k: int) -> int:
+        value = self.next % (1 << k)
         self.next += 1
         return value
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+        raise AssertionError("decide_request draws with getrandbits")
 
 
 @pytest.mark.parametrize("weights", [[90, 10], [1, 1], [1, 2, 3], [0, 5, 0, 7], [1000, 1]])
