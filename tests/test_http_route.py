@@ -28,7 +28,7 @@ from nodeproxy.proxy.http_route import (
     grpc_status_for,
     parse_query,
 )
-from nodeproxy.routes import HttpServiceRoutes, Route, RouteRegex, Subset
+from nodeproxy.routes import HttpServiceRoutes, Route, RouteMatch, RouteRegex, StringMatch, Subset
 from nodeproxy.state.routing import StateUpdater
 
 VIP = "10.96.0.20"
@@ -624,3 +624,146 @@ def test_parse_query_agrees_with_parse_qsl_first_values(query: str) -> None:
     for name, value in parse_qsl(query, keep_blank_values=True, errors="replace"):
         expected.setdefault(name, value)
     assert parse_query(query) == expected
+
+
+# -- compiled matchers against a reference reading of the config --------------------------------
+
+EQUIVALENCE_ROUTES: list[dict[str, Any]] = [
+    {
+        "name": "three-conditions",
+        "match": [
+            {
+                "path": {"prefix": "/api"},
+                "methods": ["GET", "POST"],
+                "headers": [{"name": "x-a", "prefix": "v"}],
+            }
+        ],
+    },
+    {"name": "authority-regex", "match": [{"authority": {"regex": "rev[a-z]*(:80)?"}}]},
+    {
+        "name": "authority-either",
+        "match": [{"authority": {"exact": "Ratings"}}, {"authority": {"prefix": "DET"}}],
+    },
+    {
+        "name": "query",
+        "match": [
+            {"query": [{"name": "k", "exact": "v w"}, {"name": "n", "present": True}]},
+            {"query": [{"name": "id", "regex": "[0-9]+"}]},
+        ],
+    },
+    {
+        "name": "headers",
+        "match": [
+            {
+                "headers": [
+                    {"name": "x-b", "absent": True},
+                    {"name": "x-c", "present": True},
+                    {"name": "x-d", "regex": "a.b"},
+                ]
+            }
+        ],
+    },
+    {
+        "name": "path-regex",
+        "match": [{"path": {"regex": "/(a|é)+"}, "headers": [{"name": "x-a", "exact": "v1"}]}],
+    },
+    {"name": "path-exact-or-method", "match": [{"path": {"exact": "/x"}}, {"methods": ["PUT"]}]},
+    {"name": "empty-alternative", "match": [{"path": {"exact": "/never"}}, {}], "to": [{"subset": "v2"}]},
+]
+EQUIVALENCE_COMPILED = compiled(EQUIVALENCE_ROUTES)
+EQUIVALENCE_MODELS = [Route.model_validate(r) for r in EQUIVALENCE_ROUTES]
+
+
+def _string_holds(match: StringMatch, value: str) -> bool:
+    import re2
+
+    if match.exact is not None:
+        return value == match.exact
+    if match.prefix is not None:
+        return value.startswith(match.prefix)
+    assert match.regex is not None
+    return re2.fullmatch(match.regex, value) is not None
+
+
+def _field_holds(
+    fields: Mapping[str, str],
+    name: str,
+    string: StringMatch | None,
+    present: bool | None,
+    absent: bool | None,
+) -> bool:
+    value = fields.get(name)
+    if present:
+        return value is not None
+    if absent:
+        return value is None
+    assert string is not None
+    return value is not None and _string_holds(string, value)
+
+
+def _reference_holds(match: RouteMatch, request: RequestAttrs) -> bool:
+    """The documented meaning of a match, read straight from the config model."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(request.query, keep_blank_values=True, errors="replace"):
+        query.setdefault(name, value)
+    if match.path is not None and not _string_holds(match.path, request.path):
+        return False
+    if match.methods is not None and request.method not in match.methods:
+        return False
+    if match.authority is not None:
+        a = match.authority
+        lowered = StringMatch(
+            exact=None if a.exact is None else a.exact.lower(),
+            prefix=None if a.prefix is None else a.prefix.lower(),
+            regex=a.regex,
+        )
+        if not _string_holds(lowered, request.authority.lower()):
+            return False
+    for h in match.headers:
+        string = None if h.present or h.absent else StringMatch(exact=h.exact, prefix=h.prefix, regex=h.regex)
+        if not _field_holds(request.headers, h.name, string, h.present, h.absent):
+            return False
+    for q in match.query:
+        string = None if q.present else StringMatch(exact=q.exact, regex=q.regex)
+        if not _field_holds(query, q.name, string, q.present, None):
+            return False
+    return True
+
+
+def _reference_route(request: RequestAttrs) -> str | None:
+    for i, route in enumerate(EQUIVALENCE_MODELS):
+        if not route.match or any(_reference_holds(m, request) for m in route.match):
+            return route.name or f"routes[{i}]"
+    return None
+
+
+_TEXT = st.characters(exclude_categories=["Cs"])  # RE2 takes UTF-8: no lone surrogates
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "get"]),
+    authority=st.sampled_from(["reviews", "REVIEWS:80", "revx:81", "ratings", "details:9", "Det"])
+    | st.text(_TEXT, max_size=8),
+    path=st.sampled_from(["/api", "/api/v1", "/ap", "/aéa", "/x", "/never", "/"])
+    | st.text(_TEXT, max_size=8),
+    query=st.sampled_from(["", "k=v+w&n", "k=v%20w&n=", "n&k=v", "id=42", "id=4a", "id=1&id=x", "k=v+w"])
+    | st.text(alphabet="kni=&v+w%201", max_size=12),
+    headers=st.dictionaries(
+        st.sampled_from(["x-a", "x-b", "x-c", "x-d", "content-type"]),
+        st.sampled_from(["v", "v1", "w", "a-b", "axb", "ab", ""]) | st.text(_TEXT, max_size=4),
+        max_size=4,
+    ),
+)
+def test_compiled_matchers_agree_with_the_config_read_directly(
+    method: str, authority: str, path: str, query: str, headers: dict[str, str]
+) -> None:
+    request = RequestAttrs(method=method, authority=authority, path=path, query=query, headers=headers)
+    assert route_name(EQUIVALENCE_COMPILED, request) == _reference_route(request)
+
+
+def test_request_attrs_are_immutable_and_built_by_keyword() -> None:
+    request = RequestAttrs(method="GET", authority="a", path="/", query="", headers={})
+    with pytest.raises(AttributeError):
+        request.path = "/other"  # type: ignore[misc]
+    assert request == attrs(authority="a")
