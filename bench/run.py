@@ -171,6 +171,9 @@ def proxy_cpu_report(seconds: float, processes: int, measurement: Measurement) -
     return {
         "seconds": round(seconds, 3),
         "processes": processes,
+        # The kernel truncates each process's time to a clock tick, so the difference of two samples is
+        # off by less than one tick per process.
+        "resolution_s": processes / cpu.CLOCK_TICKS,
         # CPU seconds per GB / per connection / per request: whatever work the workload counted.
         "seconds_per_unit": {
             unit: float(f"{value:.4g}")
