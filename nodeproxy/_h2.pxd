@@ -304,3 +304,7 @@ cdef int h2_goaway(h2_core *core, uint32_t error_code) noexcept nogil
 # stored as [u32 name length][u32 value length][name][value].
 cdef void h2_field_next(const h2_core *core, size_t *cursor, const uint8_t **name, size_t *namelen,
                         const uint8_t **value, size_t *valuelen) noexcept nogil
+# Does the session still want to read (bit 1) or write (bit 2)? 0: it is over (both sides done with it).
+cdef int h2_wants(h2_core *core) noexcept nogil
+# Can a new request stream be opened (client side)? False after GOAWAY or when stream ids ran out.
+cdef bint h2_can_open_stream(h2_core *core) noexcept nogil

@@ -213,6 +213,12 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     elif frame.hd.type == NGHTTP2_RST_STREAM:
         if not _take_reset_token(core):
             _calm_down(core)
+        if frame.rst_stream.error_code == NGHTTP2_NO_ERROR:
+            # The stream closes with NO_ERROR, which on_stream_close does not report, yet the peer
+            # abandoned it (a client cancelling a request may use code 0): the application must know.
+            e = _push_event(core, H2_EV_RESET, sid)
+            if e == NULL:
+                return NGHTTP2_ERR_CALLBACK_FAILURE
     elif frame.hd.type == NGHTTP2_GOAWAY:
         e = _push_event(core, H2_EV_GOAWAY, 0)
         if e == NULL:
@@ -540,6 +546,17 @@ cdef int h2_goaway(h2_core *core, uint32_t error_code) noexcept nogil:
                                      nghttp2_session_get_last_proc_stream_id(core.session),
                                      error_code, NULL, 0)
     return nghttp2_session_terminate_session(core.session, error_code)
+
+
+cdef int h2_wants(h2_core *core) noexcept nogil:
+    if core.session == NULL:
+        return 0
+    return ((1 if nghttp2_session_want_read(core.session) else 0)
+            | (2 if nghttp2_session_want_write(core.session) else 0))
+
+
+cdef bint h2_can_open_stream(h2_core *core) noexcept nogil:
+    return core.fatal == 0 and nghttp2_session_check_request_allowed(core.session) != 0
 
 
 # -- Python API -------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 # Declarations for nodeproxy/_l7.pyx: the HTTP engine thread (HTTP/1.1), its C API and handle layouts.
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from nodeproxy._h1 cimport h1_body, h1_field_ref, h1_head, h1_limits
+from nodeproxy._h2 cimport h2_core, nghttp2_nv
 
 
 cdef extern from "<errno.h>" nogil:
@@ -178,6 +179,12 @@ cdef enum:
     POOL_SWEEP_SCANS = 100 # empty pools are freed every this many scans (10 s)
     FLAG_TEXT_MAX = 16
     SNIFF_BYTES = 8192     # peeked to tell HTTP/1 from anything else; a longer request line counts as HTTP
+    # HTTP/2 streams: response bytes held per stream, both before framing (Down.outb) and framed but not
+    # yet within the client's window (the h2 core's stream buffer), stop reading the upstream above this.
+    # With 100 streams a connection that never opens its window holds about 100 x (2 x 64 KiB + IO_CHUNK).
+    H2_STREAM_HIGH_WATER = 65536
+    H2_PREFACE_LEN = 24
+    H2_NV_MAX = 132        # pseudo-headers + H1_FIELDS_CAP fields of one translated head or trailer block
 
 
 # Record kinds posted to Python (mirrored as module constants).
@@ -210,6 +217,7 @@ cdef enum DownState:
     D_EXCHANGE = 3     # bound to an upstream: request body and response stream
     D_TUNNEL = 4       # after a 101: raw bytes both ways
     D_CLOSING = 5      # final bytes flushing, then FIN, then unread client bytes drained until EOF/linger
+    D_H2 = 6           # an HTTP/2 connection: frames both ways; each stream is a child Down of its own
 
 
 cdef enum UpState:
@@ -240,6 +248,19 @@ cdef struct Edits:
 
 cdef struct Pool
 cdef struct Up
+cdef struct Down
+
+
+cdef struct H2Conn:
+    # The HTTP/2 session of a downstream connection (Down.h2, state D_H2). Its streams are child Downs
+    # (Down.parent): each runs the HTTP/1.1 exchange machine on a translated head and body, so routing,
+    # pooling, retries and local replies are the same code for both protocols.
+    h2_core core
+    Down *streams             # child Downs (linked by sib_next / sib_prev)
+    uint32_t nstreams
+    bint goaway_sent
+    bint peer_goaway
+    bint finished             # the session is over: flush what is queued, then close
 
 
 cdef struct Down:
@@ -273,6 +294,23 @@ cdef struct Down:
     bint head_idle            # D_HEAD between requests: the deadline is the keep-alive idle timeout
     bint sniffing             # `auto` port, first bytes not seen yet: peek, never read
     bint stale_retried        # a reused pooled connection failed before answering; retried once fresh
+    # HTTP/2 (see H2Conn): h2 set on the connection's Down; parent, stream_id and the rest on a stream's.
+    H2Conn *h2
+    Down *parent
+    Down *sib_next
+    Down *sib_prev
+    int32_t stream_id
+    bint h2_chunked           # the request body is re-framed as chunked (no content-length was given)
+    bint h2_req_ended         # the client ended its side (END_STREAM); the body's end went into inb
+    bint h2_reset_by_peer     # the stream is closed on the client's side: nothing more to send on it
+    bint h2_resp_head_done    # the response head went out as HEADERS
+    bint h2_resp_done         # the whole response went to the h2 core (END_STREAM queued)
+    bint h2_blocked           # emission waits for the stream's framed bytes to drain
+    bint grpc                 # content-type application/grpc: local replies are gRPC trailers-only
+    int grpc_status           # for a local reply decided in Python: the grpc-status it asked for (-1)
+    uint64_t h2_owed          # DATA payload bytes received and not yet credited back (h2_consume)
+    h1_head h2_resp           # the response head (then trailers) parsed back out of outb
+    h1_body h2_resp_body
     Up *up
     Pool *waiting_pool
     Down *wait_next
@@ -355,6 +393,7 @@ cdef struct Answer:
     char flag[FLAG_TEXT_MAX]
     char *detail
     size_t detail_len
+    int grpc_status           # local reply to a gRPC request over HTTP/2: HTTP 200 + this (-1: none)
 
 
 cdef struct Record:
@@ -442,6 +481,19 @@ cdef class HttpWorker:
     cdef void _hand_off(self, Down *d) noexcept nogil
     cdef int _sniff(self, Down *d) noexcept nogil
     cdef void _not_http(self, Down *d) noexcept nogil
+    cdef Down *_new_down(self) noexcept nogil
+    cdef void _start_h2(self, Down *d) noexcept nogil
+    cdef int _step_h2(self, Down *d, int *budget) noexcept nogil
+    cdef int _h2_events(self, Down *d) noexcept nogil
+    cdef Down *_h2_stream(self, Down *d, int32_t stream_id) noexcept nogil
+    cdef void _h2_request(self, Down *d, int32_t stream_id, size_t off, uint32_t nfields,
+                          bint end_stream) noexcept nogil
+    cdef void _h2_request_trailers(self, Down *s, size_t off, uint32_t nfields) noexcept nogil
+    cdef void _h2_request_end(self, Down *s) noexcept nogil
+    cdef int _h2_emit(self, Down *s) noexcept nogil
+    cdef void _h2_credit(self, Down *s) noexcept nogil
+    cdef void _h2_stream_gone(self, Down *s) noexcept nogil
+    cdef void _h2_reply_direct(self, Down *d, int32_t stream_id, const char *status) noexcept nogil
     cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in,
                                bint *src_eof, int src_fd, int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil

@@ -12,6 +12,8 @@ FLAGS: dict[str, int]
 HIGH_WATER_BYTES: int
 IO_CHUNK_BYTES: int
 
+def grpc_status_for(status: int, flag: str) -> int: ...
+
 class HttpWorker:
     def __init__(
         self,
@@ -50,7 +52,7 @@ class HttpWorker:
                 int,
             ]
         ],
-        replies: list[tuple[int, int, str, str]],
+        replies: list[tuple[int, int, str, str] | tuple[int, int, str, str, int | None]],
     ) -> None: ...
     # Records of several shapes, told apart by their first item (HEAD, DONE, ATTEMPT_FAILED, CONN_CLOSED).
     def drain(self, with_headers: bool = True) -> list[tuple[Any, ...]]: ...

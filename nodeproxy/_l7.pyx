@@ -20,10 +20,11 @@ Python answers like a head). Only the worker thread touches Down/Up/Pool structs
 
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memmove, memset, strlen
+from libc.string cimport memcmp, memcpy, memmove, memset, strcmp, strlen
 
 from nodeproxy._h1 cimport (
     H1_BODY_CHUNKED,
+    H1_BODY_LENGTH,
     H1_BODY_NONE,
     H1_BODY_UNTIL_CLOSE,
     H1_FRAMING_AS_PARSED,
@@ -35,6 +36,10 @@ from nodeproxy._h1 cimport (
     h1_body_for_request,
     h1_body_for_response,
     h1_chunk,
+    h1_chunk_header,
+    h1_field_is_valid,
+    h1_parse_trailers,
+    H1_CHUNK_HEADER_MAX,
     h1_head_init,
     h1_limits_default,
     h1_parse_request,
@@ -44,6 +49,38 @@ from nodeproxy._h1 cimport (
     h1_should_keep_alive,
     h1_sniff_request,
     h1_span,
+)
+from nodeproxy._h2 cimport (
+    H2_BLOCK_END_STREAM,
+    H2_BLOCK_REQUEST,
+    H2_EV_DATA,
+    H2_EV_END_STREAM,
+    H2_EV_GOAWAY,
+    H2_EV_HEADERS,
+    H2_EV_HEADERS_TOO_LARGE,
+    H2_EV_RESET,
+    NGHTTP2_INTERNAL_ERROR,
+    NGHTTP2_NO_ERROR,
+    NGHTTP2_NV_FLAG_NONE,
+    NGHTTP2_REFUSED_STREAM,
+    h2_can_open_stream,
+    h2_clear_events,
+    h2_consume,
+    h2_core_free,
+    h2_core_init,
+    h2_default_limits,
+    h2_event,
+    h2_field_next,
+    h2_goaway,
+    h2_limits,
+    h2_pending,
+    h2_pull,
+    h2_recv,
+    h2_reset,
+    h2_send_data,
+    h2_send_headers,
+    h2_send_trailers,
+    h2_wants,
 )
 
 import os as _os
@@ -214,6 +251,8 @@ cdef int _send(int fd, Buf *out, bint *writable, const unsigned char *p, size_t 
 
 cdef void _set_reset_on_close(int fd) noexcept nogil:
     cdef linger lg
+    if fd < 0:
+        return  # an HTTP/2 stream has no socket of its own (its Down.fd is -1)
     lg.l_onoff = 1
     lg.l_linger = 0
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
@@ -346,6 +385,93 @@ cdef Edits *_build_edits(tuple req_add, tuple req_remove, tuple resp_add, tuple 
     cursor = _fill_refs(e.req_remove, req_remove, cursor, False)
     cursor = _fill_refs(e.resp_remove, resp_remove, cursor, False)
     return e
+
+
+cdef const unsigned char *_H2_PREFACE = <const unsigned char*>"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+cdef int _preface_match(const unsigned char *p, size_t n) noexcept nogil:
+    """1: p starts with the HTTP/2 client preface; 0: p is a proper prefix of it; -1: it is something else."""
+    cdef size_t k = n if n < H2_PREFACE_LEN else H2_PREFACE_LEN
+    if memcmp(p, _H2_PREFACE, k) != 0:
+        return -1
+    return 1 if n >= H2_PREFACE_LEN else 0
+
+
+cdef int _grpc_status_for(uint16_t status, const char *flag) noexcept nogil:
+    # Mirrors nodeproxy.proxy.http_route.grpc_status_for (tests compare both over every status) for the
+    # replies the engine makes itself (502, 504, 400, ...).
+    if status == 404:
+        return 12  # UNIMPLEMENTED
+    if status == 503 or status == 429 or strcmp(flag, "UF") == 0:
+        return 14  # UNAVAILABLE
+    if status == 408 or status == 504:
+        return 4   # DEADLINE_EXCEEDED
+    if status == 400 or status == 431 or status == 502:
+        return 13  # INTERNAL
+    return 2       # UNKNOWN
+
+
+def grpc_status_for(int status, str flag):
+    """The engine's own grpc-status for a local reply (for tests: it must agree with http_route's)."""
+    cdef bytes raw = flag.encode("ascii")
+    return _grpc_status_for(<uint16_t>status, raw)
+
+
+cdef size_t _percent_encode(const char *src, size_t n, char *dst, size_t cap) noexcept nogil:
+    # grpc-message: bytes outside 0x20..0x7E and '%' are percent-encoded (gRPC over HTTP/2 spec).
+    cdef size_t i, at = 0
+    cdef unsigned char c
+    cdef const char *hexd = "0123456789ABCDEF"
+    for i in range(n):
+        c = <unsigned char>src[i]
+        if 0x20 <= c <= 0x7E and c != b'%':
+            if at + 1 >= cap:
+                break
+            dst[at] = <char>c
+            at += 1
+        else:
+            if at + 3 >= cap:
+                break
+            dst[at] = b'%'
+            dst[at + 1] = hexd[c >> 4]
+            dst[at + 2] = hexd[c & 15]
+            at += 3
+    dst[at] = 0
+    return at
+
+
+cdef inline void _lower(unsigned char *p, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if b'A' <= p[i] <= b'Z':
+            p[i] += 32
+
+
+cdef bint _is_name(const unsigned char *p, size_t n, const char *lower) noexcept nogil:
+    # Case-insensitive comparison with a lower-case literal.
+    cdef size_t i
+    if n != strlen(lower):
+        return False
+    for i in range(n):
+        if (p[i] | 0x20 if b'A' <= p[i] <= b'Z' else p[i]) != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef bint _hop_by_hop(const unsigned char *p, size_t n) noexcept nogil:
+    # Connection-specific fields that HTTP/2 forbids (RFC 9113 §8.2.2).
+    return (_is_name(p, n, "connection") or _is_name(p, n, "keep-alive") or _is_name(p, n, "proxy-connection")
+            or _is_name(p, n, "transfer-encoding") or _is_name(p, n, "upgrade") or _is_name(p, n, "te"))
+
+
+cdef inline void _nv(nghttp2_nv *nv, const void *name, size_t namelen, const void *value,
+                     size_t valuelen) noexcept nogil:
+    nv.name = <uint8_t*>name
+    nv.namelen = namelen
+    nv.value = <uint8_t*>value
+    nv.valuelen = valuelen
+    nv.flags = NGHTTP2_NV_FLAG_NONE
 
 
 cdef class HttpWorker:
@@ -499,8 +625,9 @@ cdef class HttpWorker:
 
         forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
         try_timeout_ms): add = ((name, value), ...) bytes pairs, remove = (name, ...) bytes; try_timeout_ms
-        0 for none. replies: (request_id, status, flag, detail): a local reply with `x-nodeproxy-flags:
-        flag`. Answers for requests that ended meanwhile (the client left) are dropped by the engine.
+        0 for none. replies: (request_id, status, flag, detail[, grpc_status]): a local reply with
+        `x-nodeproxy-flags: flag`; grpc_status (0..16 or None) answers a gRPC request over HTTP/2 with HTTP
+        200 and this grpc-status, trailers-only (without it the engine derives one from status and flag). Answers for requests that ended meanwhile (the client left) are dropped by the engine.
         """
         cdef Answer a
         cdef bytes flag, detail
@@ -536,6 +663,12 @@ cdef class HttpWorker:
                 raise MemoryError()
             memcpy(a.detail, <const char*>detail, len(detail))
             a.detail_len = len(detail)
+            a.grpc_status = -1
+            if len(item) > 4 and item[4] is not None:
+                if not 0 <= item[4] <= 16:
+                    free(a.detail)
+                    raise ValueError(f"grpc-status {item[4]} out of range")
+                a.grpc_status = item[4]
             rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
             if rc < 0:
                 free(a.detail)
@@ -733,10 +866,9 @@ cdef class HttpWorker:
             self._apply_answer(&answers[i])
         free(answers)
 
-    cdef void _adopt(self, Adoption *a) noexcept nogil:
+    cdef Down *_new_down(self) noexcept nogil:
+        """A zeroed Down with a request slot, linked into self.downs; NULL when out of memory."""
         cdef Down *d = <Down*>calloc(1, sizeof(Down))
-        cdef epoll_event ev
-        cdef Record r
         cdef int64_t k
         cdef void *grown
         if d != NULL and self.nfree == 0:
@@ -759,6 +891,24 @@ cdef class HttpWorker:
                 self.nslots = self.nslots * 2 + 64
         if d == NULL or self.nfree == 0:
             free(d)
+            return NULL
+        self.nfree -= 1
+        d.slot = self.free_slots[self.nfree]
+        self.slots[d.slot] = d
+        d.kind = KIND_DOWN
+        d.fd = -1
+        d.grpc_status = -1
+        d.next = self.downs
+        if self.downs != NULL:
+            self.downs.prev = d
+        self.downs = d
+        return d
+
+    cdef void _adopt(self, Adoption *a) noexcept nogil:
+        cdef Down *d = self._new_down()
+        cdef epoll_event ev
+        cdef Record r
+        if d == NULL:
             _set_reset_on_close(a.fd)
             close(a.fd)
             memset(&r, 0, sizeof(r))
@@ -767,10 +917,6 @@ cdef class HttpWorker:
             r.err = ENOMEM
             self._post(&r)
             return
-        self.nfree -= 1
-        d.slot = self.free_slots[self.nfree]
-        self.slots[d.slot] = d
-        d.kind = KIND_DOWN
         d.fd = a.fd
         d.conn_id = a.conn_id
         d.source_ip = a.source_ip
@@ -781,10 +927,6 @@ cdef class HttpWorker:
             d.sniffing = True
             d.deadline_ns = self.now_ns + a.sniff_ns
         h1_head_init(&d.req)
-        d.next = self.downs
-        if self.downs != NULL:
-            self.downs.prev = d
-        self.downs = d
         self.live += 1
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.ptr = d
@@ -800,6 +942,7 @@ cdef class HttpWorker:
             return
         d.t_forward_ns = self.now_ns
         if not a.forward:
+            d.grpc_status = a.grpc_status
             self._local_reply(d, a.status, a.flag, FLAG_LR, a.detail, a.detail_len, False)
             free(a.detail)
             self._drive(d)
@@ -861,6 +1004,10 @@ cdef class HttpWorker:
         cdef int budget = READS_PER_TURN
         while not d.dead and self._step(d, &budget) > 0:
             pass
+        if d.parent != NULL and not d.dead:
+            # A stream moved: credit what went upstream, and let its connection send the frames.
+            self._h2_credit(d)
+            self._queue_ready(d.parent)
 
     cdef int _step(self, Down *d, int *budget) noexcept nogil:
         """One round of work on a connection; >0 when something moved, 0 when it must wait, -1 gone."""
@@ -873,6 +1020,11 @@ cdef class HttpWorker:
                 self._release_down(d, FLAG_DC, errno)
                 return -1
             progressed = n > 0
+        if d.parent != NULL and _held(&d.outb):
+            rc = self._h2_emit(d)
+            if rc < 0:
+                return -1
+            progressed = progressed or rc > 0
         if u != NULL and u.state == U_BUSY and _held(&u.outb) and u.writable:
             n = _flush(u.fd, &u.outb, &u.writable)
             if n < 0:
@@ -886,6 +1038,8 @@ cdef class HttpWorker:
             rc = self._step_tunnel(d, budget)
         elif d.state == D_CLOSING:
             rc = self._step_closing(d)
+        elif d.state == D_H2:
+            rc = self._step_h2(d, budget)
         else:
             rc = 0
         if rc < 0:
@@ -896,14 +1050,20 @@ cdef class HttpWorker:
 
     cdef int _step_head(self, Down *d, int *budget) noexcept nogil:
         cdef size_t avail
-        cdef int rc
+        cdef int rc, preface = -1
         cdef ssize_t n
         if d.sniffing:
             return self._sniff(d)
         if _held(&d.outb) > HIGH_WATER:
             return 0  # the client is not reading its answers: take no further pipelined request
         avail = _held(&d.inb)
-        if avail > 0:
+        if avail > 0 and d.requests == 0 and d.parent == NULL:
+            # HTTP/2 with prior knowledge (h2c): the client preface instead of a request line.
+            preface = _preface_match(d.inb.data + d.inb.off, avail)
+            if preface > 0:
+                self._start_h2(d)
+                return 1
+        if avail > 0 and preface < 0:
             if d.head_idle:
                 d.head_idle = False
                 d.t_head_start_ns = self.now_ns
@@ -962,7 +1122,9 @@ cdef class HttpWorker:
         if n == 0:
             self._release_down(d, 0, 0)  # closed before saying anything
             return -1
-        rc = h1_sniff_request(d.inb.data + d.inb.len, n)
+        rc = _preface_match(d.inb.data + d.inb.len, n)
+        if rc < 0:
+            rc = h1_sniff_request(d.inb.data + d.inb.len, n)
         if rc > 0 or (rc == 0 and n == SNIFF_BYTES):
             d.sniffing = False  # HTTP/1: read it for real now
             d.deadline_ns = self.now_ns + self.header_timeout_ns
@@ -1000,7 +1162,8 @@ cdef class HttpWorker:
         d.t_head_ns = self.now_ns
         d.deadline_ns = 0
         d.method_head = d.req.method_id == H1_METHOD_HEAD
-        d.client_keep_alive = h1_should_keep_alive(&d.req)
+        d.client_keep_alive = h1_should_keep_alive(&d.req) and d.parent == NULL  # a stream: one request
+        d.grpc_status = -1
         d.req_done = d.resp_head_sent = d.resp_done = d.close_after = d.dechunk = d.req_abandoned = False
         d.stale_retried = d.reused = False
         d.req_body_bytes = d.resp_bytes = 0
@@ -1047,6 +1210,8 @@ cdef class HttpWorker:
                 cap += d.edits.req_add[n].name_len + d.edits.req_add[n].value_len + 4
         opts.framing = H1_FRAMING_AS_PARSED
         opts.upgrading = d.req.conn_upgrade and d.req.upgrade.len > 0
+        # gRPC needs "te: trailers" at the server; an HTTP/2 client's te can only be that (RFC 9113 §8.2.2).
+        opts.keep_te_trailers = d.parent != NULL
         d.fwd.off = d.fwd.len = 0
         if _reserve(&d.fwd, cap) < 0:
             self._release_down(d, 0, ENOMEM)
@@ -1402,7 +1567,7 @@ cdef class HttpWorker:
                         progressed = 1
                         continue
             else:
-                if _held(&d.outb) > HIGH_WATER:
+                if _held(&d.outb) > (H2_STREAM_HIGH_WATER if d.parent != NULL else HIGH_WATER):
                     return progressed  # the client is slow: resumes when it drains
                 if avail > 0:
                     n = h1_body_feed(&u.resp_body, u.inb.data + u.inb.off, avail, &chunk)
@@ -1599,8 +1764,10 @@ cdef class HttpWorker:
     cdef void _local_reply(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
                            const char *detail, size_t detail_len, bint close_after) noexcept nogil:
         """Answer the client ourselves: `status` with x-nodeproxy-flags: flag and `detail` as the body."""
-        cdef char head[256]
+        cdef char head[512]
+        cdef char message[200]
         cdef int n
+        cdef int grpc_status
         cdef Up *u = d.up
         if u != NULL:
             d.up = NULL
@@ -1626,6 +1793,24 @@ cdef class HttpWorker:
         elif d.req_body.kind != H1_BODY_NONE and not d.req_done:
             close_after = True  # the unread request body cannot be skipped reliably
         close_after = close_after or d.close_after or not d.client_keep_alive or self.draining
+        if d.parent != NULL and d.grpc:
+            # gRPC over HTTP/2: HTTP 200 and the status in a trailers-only response (one HEADERS frame).
+            grpc_status = d.grpc_status if d.grpc_status >= 0 else _grpc_status_for(status, flag)
+            _percent_encode(detail, detail_len, message, sizeof(message))
+            n = snprintf(head, sizeof(head),
+                         "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: %d\r\n"
+                         "grpc-message: %s\r\nx-nodeproxy-flags: %s\r\ncontent-length: 0\r\n\r\n",
+                         grpc_status, message, flag)
+            if n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0:
+                self._release_down(d, 0, ENOMEM)
+                return
+            d.resp_bytes += n
+            d.status = 200
+            d.flags |= flag_bit
+            d.close_after = True
+            self._post_done(d, 0)
+            self._next_request(d)
+            return
         n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %u %s\r\ncontent-type: text/plain\r\ncontent-length: %u\r\n"
                      "x-nodeproxy-flags: %s\r\n%s\r\n",
@@ -1648,7 +1833,8 @@ cdef class HttpWorker:
 
     cdef void _start_closing(self, Down *d) noexcept nogil:
         d.state = D_CLOSING
-        d.deadline_ns = self.now_ns + <int64_t>LINGER_MS * 1000000
+        # A stream's last bytes wait for the client's window, which a slow reader may open late.
+        d.deadline_ns = self.now_ns + (self.idle_timeout_ns if d.parent != NULL else <int64_t>LINGER_MS * 1000000)
         if d.up != NULL:
             d.up.down = NULL
             self._close_up(d.up, False)
@@ -1658,6 +1844,9 @@ cdef class HttpWorker:
         cdef ssize_t n
         if _held(&d.outb):
             return 0  # still flushing the last answer
+        if d.parent != NULL:
+            self._release_down(d, 0, 0)  # a stream: its answer is with the h2 core, which sends it
+            return -1
         if not d.shut_wr:
             shutdown(d.fd, SHUT_WR)
             d.shut_wr = True
@@ -1757,8 +1946,13 @@ cdef class HttpWorker:
     cdef void _release_down(self, Down *d, uint32_t flag, int err) noexcept nogil:
         """Close a client connection and everything it holds; post its last records."""
         cdef Record r
+        cdef bint stream = d.parent != NULL
         if d.dead:
             return
+        if d.h2 != NULL:
+            d.h2.finished = True  # its streams go first, and need not be reset one by one
+            while d.h2.streams != NULL:
+                self._release_down(d.h2.streams, FLAG_DC, err)
         if d.up != NULL:
             d.up.down = NULL
             self._close_up(d.up, True)
@@ -1767,12 +1961,15 @@ cdef class HttpWorker:
         if d.request_open:
             d.flags |= flag
             self._post_done(d, err)
-        memset(&r, 0, sizeof(r))
-        r.kind = REC_CONN_CLOSED
-        r.conn_id = d.conn_id
-        r.bytes_in = d.requests
-        r.err = err
-        self._post(&r)
+        if stream:
+            self._h2_stream_gone(d)
+        else:
+            memset(&r, 0, sizeof(r))
+            r.kind = REC_CONN_CLOSED
+            r.conn_id = d.conn_id
+            r.bytes_in = d.requests
+            r.err = err
+            self._post(&r)
         if d.fd >= 0:
             close(d.fd)
             d.fd = -1
@@ -1793,7 +1990,12 @@ cdef class HttpWorker:
             self.downs = d.next
         if d.next != NULL:
             d.next.prev = d.prev
-        self.live -= 1
+        if d.h2 != NULL:
+            h2_core_free(&d.h2.core)
+            free(d.h2)
+            d.h2 = NULL
+        if not stream:
+            self.live -= 1
         d.dead = True
         d.grave_next = self.down_graves
         self.down_graves = d
@@ -1869,9 +2071,11 @@ cdef class HttpWorker:
         self.drained_idle = True
         while d != NULL:
             dn = d.next
-            if d.state == D_HEAD and _held(&d.inb) == 0 and (d.head_idle or d.requests == 0):
+            if d.state == D_HEAD and d.parent == NULL and _held(&d.inb) == 0 and (d.head_idle or d.requests == 0):
                 self._start_closing(d)
                 self._drive(d)
+            elif d.state == D_H2:
+                self._queue_ready(d)  # sends GOAWAY, closes once its streams are done
             d = dn
 
     cdef void _sweep_pools(self) noexcept nogil:
@@ -1914,7 +2118,7 @@ cdef class HttpWorker:
         d = self.downs
         while d != NULL:
             dn = d.next
-            if d.deadline_ns != 0 and now >= d.deadline_ns:
+            if not d.dead and d.deadline_ns != 0 and now >= d.deadline_ns:
                 if d.state == D_HEAD:
                     if d.sniffing:
                         self._not_http(d)  # silent: a server-first protocol, for the L4 relay
@@ -1929,6 +2133,13 @@ cdef class HttpWorker:
                     self._drive(d)
                 elif d.state == D_CLOSING:
                     self._release_down(d, 0, 0)
+                elif d.state == D_H2:
+                    # Idle (no stream) for the keep-alive timeout: a graceful GOAWAY, then close.
+                    d.deadline_ns = 0
+                    if not d.h2.goaway_sent:
+                        h2_goaway(&d.h2.core, NGHTTP2_NO_ERROR)
+                        d.h2.goaway_sent = True
+                    self._drive(d)
                 else:
                     d.deadline_ns = 0
             d = dn
@@ -1961,3 +2172,447 @@ cdef class HttpWorker:
                 p = self.pools[i]
                 self.pools[i] = p.hash_next
                 free(p)
+
+    # -- HTTP/2 downstream -------------------------------------------------------------------------------
+    #
+    # An HTTP/2 connection is a Down in state D_H2 holding an h2 core (H2Conn). Each request stream is a
+    # child Down with no socket (fd -1): its request head and body are written into its inb as HTTP/1.1
+    # (a request line and Host from the pseudo-headers, chunked framing unless content-length was given,
+    # trailers as a chunked trailer section), and the HTTP/1.1 exchange machine runs on it unchanged:
+    # the same head parser (so the same strict checks), one REC_HEAD each, the same pools, retries and
+    # local replies. What it answers lands in its outb as HTTP/1.1 and is framed back as HEADERS, DATA
+    # and trailers (_h2_emit). Flow control: DATA is credited (h2_consume) only once the bytes left the
+    # stream's inb for the upstream, and a stream stops reading its upstream while its framed bytes wait
+    # for the client's window, so memory per stream and per connection stays bounded.
+
+    cdef void _start_h2(self, Down *d) noexcept nogil:
+        cdef h2_limits lim
+        cdef H2Conn *h = <H2Conn*>calloc(1, sizeof(H2Conn))
+        if h == NULL:
+            self._release_down(d, 0, ENOMEM)
+            return
+        h2_default_limits(&lim)
+        # The translated head must fit the HTTP/1 limits it is parsed with.
+        lim.max_header_fields = self.limits.max_fields
+        if lim.max_header_list_size > self.limits.max_head_bytes:
+            lim.max_header_list_size = self.limits.max_head_bytes
+        if h2_core_init(&h.core, True, &lim) != 0:
+            h2_core_free(&h.core)
+            free(h)
+            self._release_down(d, 0, ENOMEM)
+            return
+        d.h2 = h
+        d.state = D_H2
+        d.deadline_ns = self.now_ns + self.idle_timeout_ns
+
+    cdef int _step_h2(self, Down *d, int *budget) noexcept nogil:
+        cdef H2Conn *h = d.h2
+        cdef const uint8_t *frames
+        cdef ssize_t n
+        cdef int progressed = 0
+        cdef Down *s
+        while True:
+            if self.draining and not h.goaway_sent and not h.finished:
+                h2_goaway(&h.core, NGHTTP2_NO_ERROR)
+                h.goaway_sent = True
+            if _held(&d.inb) and not h.finished:
+                n = h2_recv(&h.core, d.inb.data + d.inb.off, _held(&d.inb))
+                if n < 0:
+                    h.finished = True  # a connection error: the GOAWAY nghttp2 queued goes out, then close
+                    d.inb.off = d.inb.len = 0
+                else:
+                    _consume(&d.inb, n)
+                if self._h2_events(d) < 0:
+                    return -1
+                progressed = 1
+            # Frames to send, while the client keeps reading them.
+            while _held(&d.outb) < HIGH_WATER:
+                n = h2_pull(&h.core, &frames)
+                if n <= 0:
+                    break
+                if _send(d.fd, &d.outb, &d.writable, frames, n, True) < 0:
+                    self._release_down(d, FLAG_DC, errno)
+                    return -1
+                progressed = 1
+            s = h.streams
+            while s != NULL:
+                if s.h2_blocked and h2_pending(&h.core, s.stream_id) < H2_STREAM_HIGH_WATER:
+                    s.h2_blocked = False
+                    self._queue_ready(s)
+                s = s.sib_next
+            if h.finished or h2_wants(&h.core) == 0 or ((h.goaway_sent or h.peer_goaway) and h.nstreams == 0):
+                h.finished = True
+                while h.streams != NULL:
+                    self._release_down(h.streams, FLAG_DC, 0)
+                self._start_closing(d)  # flushes the last frames (GOAWAY), then FIN, then drains
+                return 1
+            d.deadline_ns = self.now_ns + self.idle_timeout_ns if h.nstreams == 0 else 0
+            if d.peer_eof:
+                self._release_down(d, FLAG_DC if h.nstreams else 0, 0)
+                return -1
+            if not d.readable or _held(&d.outb) >= HIGH_WATER:
+                # A client that does not read its frames (PING/SETTINGS acks included) is not read either.
+                return progressed
+            if budget[0] <= 0:
+                self._queue_ready(d)
+                return progressed
+            budget[0] -= 1
+            n = _recv_into(d.fd, &d.inb, IO_CHUNK, &d.readable, d.rdhup)
+            if n == 0:
+                d.peer_eof = True
+            elif n == -1:
+                self._release_down(d, FLAG_DC, errno)
+                return -1
+            elif n < 0:
+                return progressed
+
+    cdef Down *_h2_stream(self, Down *d, int32_t stream_id) noexcept nogil:
+        # At most max_concurrent_streams (100) streams: a list walk is cheaper than a table to keep.
+        cdef Down *s = d.h2.streams
+        while s != NULL and s.stream_id != stream_id:
+            s = s.sib_next
+        return s
+
+    cdef int _h2_events(self, Down *d) noexcept nogil:
+        """Act on what h2_recv found. Streams with news are queued, not driven here, so a stream's
+        failure cannot free what this walk still uses. -1 if d is gone."""
+        cdef H2Conn *h = d.h2
+        cdef h2_event *e
+        cdef Down *s
+        cdef size_t i
+        cdef unsigned char line[H1_CHUNK_HEADER_MAX]
+        cdef size_t k
+        for i in range(h.core.nevents):
+            e = &h.core.events[i]
+            if e.kind == H2_EV_HEADERS:
+                if e.code & H2_BLOCK_REQUEST:
+                    self._h2_request(d, e.stream_id, e.off, e.nfields, (e.code & H2_BLOCK_END_STREAM) != 0)
+                else:
+                    s = self._h2_stream(d, e.stream_id)
+                    if s != NULL:
+                        self._h2_request_trailers(s, e.off, e.nfields)
+            elif e.kind == H2_EV_DATA:
+                s = self._h2_stream(d, e.stream_id)
+                if s == NULL or s.h2_req_ended or s.state == D_CLOSING or s.req_abandoned:
+                    h2_consume(&h.core, e.stream_id, e.len)  # nobody takes these bytes: credit them now
+                    continue
+                if s.h2_chunked:
+                    k = h1_chunk_header(e.len, line)
+                    if (_append(&s.inb, line, k) < 0 or _append(&s.inb, h.core.arena + e.off, e.len) < 0
+                            or _append(&s.inb, "\r\n", 2) < 0):
+                        self._release_down(s, 0, ENOMEM)
+                        continue
+                elif _append(&s.inb, h.core.arena + e.off, e.len) < 0:
+                    self._release_down(s, 0, ENOMEM)
+                    continue
+                s.h2_owed += e.len
+                self._queue_ready(s)
+            elif e.kind == H2_EV_END_STREAM:
+                s = self._h2_stream(d, e.stream_id)
+                if s != NULL:
+                    self._h2_request_end(s)
+            elif e.kind == H2_EV_RESET:
+                s = self._h2_stream(d, e.stream_id)
+                if s != NULL:
+                    # The client cancelled (or the stream broke the protocol): the upstream request ends too.
+                    s.h2_reset_by_peer = True
+                    self._release_down(s, FLAG_DC, 0)
+            elif e.kind == H2_EV_GOAWAY:
+                h.peer_goaway = True
+            elif e.kind == H2_EV_HEADERS_TOO_LARGE:
+                self._h2_reply_direct(d, e.stream_id, "431")
+        h2_clear_events(&h.core)
+        return 0
+
+    cdef void _h2_request(self, Down *d, int32_t stream_id, size_t off, uint32_t nfields,
+                          bint end_stream) noexcept nogil:
+        """A request stream opened: a child Down with the head translated to HTTP/1.1 in its inb."""
+        cdef H2Conn *h = d.h2
+        cdef Down *s = self._new_down()
+        cdef size_t cursor = off, namelen, valuelen, need = 64
+        cdef const uint8_t *name
+        cdef const uint8_t *value
+        cdef const uint8_t *method = NULL
+        cdef const uint8_t *path = NULL
+        cdef const uint8_t *authority = NULL
+        cdef size_t method_len = 0, path_len = 0, authority_len = 0
+        cdef uint32_t i
+        cdef size_t k
+        cdef bint has_length = False, bad = False, cookies = False
+        cdef Buf *b
+        if s == NULL:
+            h2_reset(&h.core, stream_id, NGHTTP2_REFUSED_STREAM)
+            return
+        s.conn_id = d.conn_id
+        s.source_ip = d.source_ip
+        s.parent = d
+        s.stream_id = stream_id
+        s.state = D_HEAD
+        s.t_head_start_ns = self.now_ns
+        s.deadline_ns = self.now_ns + self.header_timeout_ns
+        h1_head_init(&s.req)
+        h1_head_init(&s.h2_resp)
+        s.sib_next = h.streams
+        if h.streams != NULL:
+            h.streams.sib_prev = s
+        h.streams = s
+        h.nstreams += 1
+        d.requests += 1
+        for i in range(nfields):
+            h2_field_next(&h.core, &cursor, &name, &namelen, &value, &valuelen)
+            need += namelen + valuelen + 4
+            if namelen and name[0] == b':':
+                if _is_name(name, namelen, ":method"):
+                    method, method_len = value, valuelen
+                elif _is_name(name, namelen, ":path"):
+                    path, path_len = value, valuelen
+                elif _is_name(name, namelen, ":authority"):
+                    authority, authority_len = value, valuelen
+            elif _is_name(name, namelen, "content-length"):
+                has_length = True
+            elif _is_name(name, namelen, "content-type"):
+                s.grpc = (valuelen >= 16 and memcmp(value, "application/grpc", 16) == 0
+                          and (valuelen == 16 or value[16] == b'+' or value[16] == b';'))
+        if path == NULL:
+            path, path_len = authority, authority_len  # CONNECT: authority-form (answered 405 later)
+        b = &s.inb
+        if _reserve(b, need + 64) < 0:
+            self._release_down(s, 0, ENOMEM)
+            return
+        if method == NULL or path == NULL or not h1_field_is_valid(<const unsigned char*>"x", 1, path, path_len):
+            bad = True
+        else:
+            _append(b, method, method_len)
+            _append(b, " ", 1)
+            _append(b, path, path_len)
+            _append(b, " HTTP/1.1\r\n", 11)
+            if authority != NULL:
+                if not h1_field_is_valid(<const unsigned char*>"host", 4, authority, authority_len):
+                    bad = True
+                _append(b, "host: ", 6)
+                _append(b, authority, authority_len)
+                _append(b, "\r\n", 2)
+        cursor = off
+        for i in range(nfields):
+            h2_field_next(&h.core, &cursor, &name, &namelen, &value, &valuelen)
+            if bad:
+                break
+            if namelen and name[0] == b':':
+                continue
+            if authority != NULL and _is_name(name, namelen, "host"):
+                continue  # :authority wins (RFC 9113 §8.3.1); two Host lines would be rejected
+            if _is_name(name, namelen, "cookie"):
+                cookies = True
+                continue  # joined into one field below (RFC 9113 §8.2.3)
+            if not h1_field_is_valid(name, namelen, value, valuelen):
+                bad = True  # a value HTTP/2 allowed but HTTP/1.1 cannot carry safely: never forwarded
+                break
+            _append(b, name, namelen)
+            _append(b, ": ", 2)
+            _append(b, value, valuelen)
+            _append(b, "\r\n", 2)
+        if cookies and not bad:
+            _append(b, "cookie: ", 8)
+            cursor = off
+            k = 0
+            for i in range(nfields):
+                h2_field_next(&h.core, &cursor, &name, &namelen, &value, &valuelen)
+                if _is_name(name, namelen, "cookie"):
+                    if not h1_field_is_valid(name, namelen, value, valuelen):
+                        bad = True
+                        break
+                    if k:
+                        _append(b, "; ", 2)
+                    _append(b, value, valuelen)
+                    k += 1
+            _append(b, "\r\n", 2)
+        if bad:
+            b.off = b.len = 0
+            self._local_reply(s, 400, "DPE", FLAG_DPE, "a request field HTTP/1.1 cannot carry", 37, True)
+            self._queue_ready(s)
+            return
+        if not end_stream and not has_length:
+            _append(b, "transfer-encoding: chunked\r\n", 28)
+            s.h2_chunked = True
+        s.h2_req_ended = end_stream
+        _append(b, "\r\n", 2)
+        self._queue_ready(s)
+
+    cdef void _h2_request_trailers(self, Down *s, size_t off, uint32_t nfields) noexcept nogil:
+        # Trailers ride on a chunked body's trailer section; a content-length body cannot carry them.
+        cdef H2Conn *h = s.parent.h2
+        cdef size_t cursor = off, namelen, valuelen
+        cdef const uint8_t *name
+        cdef const uint8_t *value
+        cdef uint32_t i
+        if s.h2_req_ended:
+            return
+        s.h2_req_ended = True
+        if not s.h2_chunked or s.state == D_CLOSING or s.req_abandoned:
+            return
+        _append(&s.inb, "0\r\n", 3)
+        for i in range(nfields):
+            h2_field_next(&h.core, &cursor, &name, &namelen, &value, &valuelen)
+            if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
+                continue  # never forwarded to an HTTP/1.1 upstream
+            _append(&s.inb, name, namelen)
+            _append(&s.inb, ": ", 2)
+            _append(&s.inb, value, valuelen)
+            _append(&s.inb, "\r\n", 2)
+        if _append(&s.inb, "\r\n", 2) < 0:
+            self._release_down(s, 0, ENOMEM)
+            return
+        self._queue_ready(s)
+
+    cdef void _h2_request_end(self, Down *s) noexcept nogil:
+        if s.h2_req_ended:
+            return
+        s.h2_req_ended = True
+        if s.h2_chunked and s.state != D_CLOSING and not s.req_abandoned:
+            if _append(&s.inb, "0\r\n\r\n", 5) < 0:
+                self._release_down(s, 0, ENOMEM)
+                return
+        self._queue_ready(s)
+
+    cdef void _h2_credit(self, Down *s) noexcept nogil:
+        """Give the client back window for the DATA bytes that left this stream's inb (went upstream)."""
+        cdef size_t held
+        cdef uint64_t release
+        if s.h2_owed == 0:
+            return
+        if s.state == D_CLOSING or s.req_abandoned:
+            s.inb.off = s.inb.len = 0  # nobody will read the rest of this request body
+        held = _held(&s.inb)
+        # Held bytes include chunk framing, so owed - held never credits a byte still waiting here.
+        release = s.h2_owed if held == 0 else (s.h2_owed - held if s.h2_owed > held else 0)
+        if release:
+            h2_consume(&s.parent.h2.core, s.stream_id, release)
+            s.h2_owed -= release
+
+    cdef int _h2_emit(self, Down *s) noexcept nogil:
+        """Frame the HTTP/1.1 response bytes in s.outb as HEADERS / DATA / trailers on the stream.
+        1 when something moved, 0 when it waits (more bytes, or the client's window), -1 if s is gone."""
+        cdef h2_core *core = &s.parent.h2.core
+        cdef nghttp2_nv nva[H2_NV_MAX]
+        cdef char status_text[4]
+        cdef unsigned char *base
+        cdef size_t avail, nnv
+        cdef ssize_t n
+        cdef int rc, progressed = 0
+        cdef uint32_t i
+        cdef h1_chunk chunk
+        cdef bint informational, ended
+        cdef unsigned char *name_p
+        while _held(&s.outb):
+            base = s.outb.data + s.outb.off
+            avail = _held(&s.outb)
+            if s.h2_resp_done:
+                s.outb.off = s.outb.len = 0  # cannot happen: the engine writes one response per stream
+                return progressed
+            if not s.h2_resp_head_done:
+                rc = h1_parse_response(base, avail, &self.limits, &s.h2_resp)
+                if rc == 0:
+                    return progressed
+                if rc < 0:
+                    s.flags |= FLAG_UPE
+                    self._release_down(s, 0, 0)
+                    return -1
+                snprintf(status_text, sizeof(status_text), "%u", <unsigned>s.h2_resp.status)
+                _nv(&nva[0], ":status", 7, status_text, 3)
+                nnv = 1
+                for i in range(s.h2_resp.nfields):
+                    if nnv >= H2_NV_MAX:
+                        break
+                    if _hop_by_hop(base + s.h2_resp.fields[i].name.off, s.h2_resp.fields[i].name.len):
+                        continue
+                    _lower(base + s.h2_resp.fields[i].name.off, s.h2_resp.fields[i].name.len)
+                    _nv(&nva[nnv], base + s.h2_resp.fields[i].name.off, s.h2_resp.fields[i].name.len,
+                        base + s.h2_resp.fields[i].value.off, s.h2_resp.fields[i].value.len)
+                    nnv += 1
+                informational = s.h2_resp.status < 200
+                ended = False
+                if not informational:
+                    h1_body_for_response(&s.h2_resp_body, &s.h2_resp, s.method_head, 0)
+                    # An empty Content-Length body ends with the head: no feed call would ever end it.
+                    ended = s.h2_resp_body.kind == H1_BODY_NONE or (
+                        s.h2_resp_body.kind == H1_BODY_LENGTH and s.h2_resp.content_length == 0)
+                rc = h2_send_headers(core, s.stream_id, nva, nnv, ended)
+                _consume(&s.outb, s.h2_resp.head_len)
+                if rc < 0:
+                    self._release_down(s, 0, 0)
+                    return -1
+                progressed = 1
+                h1_head_init(&s.h2_resp)
+                if not informational:
+                    s.h2_resp_head_done = True
+                    s.h2_resp_done = ended
+                continue
+            if h2_pending(core, s.stream_id) >= H2_STREAM_HIGH_WATER:
+                s.h2_blocked = True  # the client's window is shut: its connection wakes us when it opens
+                return progressed
+            n = h1_body_feed(&s.h2_resp_body, base, avail, &chunk)
+            if n < 0:
+                self._release_down(s, 0, 0)
+                return -1
+            if n == 0:
+                return progressed
+            rc = 0
+            if chunk.data.len:
+                rc = h2_send_data(core, s.stream_id, base + chunk.data.off, chunk.data.len, False)
+            if rc == 0 and chunk.ended:
+                nnv = 0
+                if chunk.trailers.len and h1_parse_trailers(base + chunk.trailers.off, chunk.trailers.len,
+                                                            &self.limits, &s.h2_resp) > 0:
+                    for i in range(s.h2_resp.nfields):
+                        if nnv >= H2_NV_MAX:
+                            break
+                        name_p = base + chunk.trailers.off + s.h2_resp.fields[i].name.off
+                        if _hop_by_hop(name_p, s.h2_resp.fields[i].name.len):
+                            continue
+                        _lower(name_p, s.h2_resp.fields[i].name.len)
+                        _nv(&nva[nnv], name_p, s.h2_resp.fields[i].name.len,
+                            base + chunk.trailers.off + s.h2_resp.fields[i].value.off,
+                            s.h2_resp.fields[i].value.len)
+                        nnv += 1
+                if nnv:
+                    rc = h2_send_trailers(core, s.stream_id, nva, nnv)
+                else:
+                    rc = h2_send_data(core, s.stream_id, NULL, 0, True)
+                s.h2_resp_done = True
+            _consume(&s.outb, n)
+            if rc < 0:
+                self._release_down(s, 0, 0)
+                return -1
+            progressed = 1
+        return progressed
+
+    cdef void _h2_stream_gone(self, Down *s) noexcept nogil:
+        """Unlink a released stream from its connection; reset it unless it ended properly."""
+        cdef Down *p = s.parent
+        cdef H2Conn *h = p.h2
+        if s.sib_prev != NULL:
+            s.sib_prev.sib_next = s.sib_next
+        else:
+            h.streams = s.sib_next
+        if s.sib_next != NULL:
+            s.sib_next.sib_prev = s.sib_prev
+        s.sib_next = s.sib_prev = NULL
+        h.nstreams -= 1
+        if not h.finished and not s.h2_reset_by_peer:
+            if not s.h2_resp_done:
+                h2_reset(&h.core, s.stream_id, NGHTTP2_INTERNAL_ERROR)
+            elif not s.h2_req_ended:
+                # Answered before the request ended: the rest of it is not needed (RFC 9113 §8.1).
+                h2_reset(&h.core, s.stream_id, NGHTTP2_NO_ERROR)
+        if s.h2_owed and not h.finished:
+            h2_consume(&h.core, s.stream_id, s.h2_owed)  # the connection window gets them back
+        s.h2_owed = 0
+        self._queue_ready(p)
+
+    cdef void _h2_reply_direct(self, Down *d, int32_t stream_id, const char *status) noexcept nogil:
+        # A request no stream Down exists for (its header block broke the limits): answered by the core.
+        cdef nghttp2_nv nva[2]
+        _nv(&nva[0], ":status", 7, status, strlen(status))
+        _nv(&nva[1], "x-nodeproxy-flags", 17, "DPE", 3)
+        if h2_send_headers(&d.h2.core, stream_id, nva, 2, True) < 0:
+            h2_reset(&d.h2.core, stream_id, NGHTTP2_REFUSED_STREAM)

@@ -44,8 +44,11 @@ class LoopbackProxy:
         connect_attempts: int = 2,
         splice_relay: RelayPool | None = None,
         not_http: NotHttpHandler | None = None,
+        protocol: str = "http",
+        http_config: HttpConfig | None = None,
     ) -> None:
-        """not_http: serve the port as `auto` (sniff), handing what is not HTTP/1 to this handler."""
+        """not_http: serve the port as `auto` (sniff), handing what is not HTTP/1 to this handler.
+        protocol: the service port's protocol (http, http2, grpc)."""
         listed = "".join(f"      - {{address: {ip}}}\n" for ip in endpoints)
         updater = StateUpdater()
         updater.apply(
@@ -53,8 +56,8 @@ class LoopbackProxy:
                 "node:\n  name: node-a\ncapture:\n  pod_cidrs: [10.244.1.0/24]\n"
                 "services:\n"
                 f"  - name: web\n    vip: {VIP}\n"
-                f"    ports: [{{port: 80, target_port: {backend_port}, protocol: http}}]\n"
-                f"    balancer: round_robin\n    endpoints:\n{listed}"
+                f"    ports: [{{port: 80, target_port: {backend_port}, protocol: {protocol}}}]\n"
+                f"    balancer: round_robin\n    endpoints:{' []' if not endpoints else ''}\n{listed}"
             )
         )
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -63,7 +66,7 @@ class LoopbackProxy:
         self.loop = asyncio.new_event_loop()
         self.proxy = HttpProxy(
             lambda: updater.current,
-            HttpConfig(),
+            http_config or HttpConfig(),
             RelayConfig(connect_attempts=connect_attempts),
             access_log=False,
             bind_source=False,

@@ -47,7 +47,8 @@ ForwardAnswer = tuple[
     tuple[bytes, ...],
     int,
 ]
-ReplyAnswer = tuple[int, int, str, str]
+# (request_id, status, flag, detail, grpc_status): grpc_status answers a gRPC request over HTTP/2.
+ReplyAnswer = tuple[int, int, str, str] | tuple[int, int, str, str, int | None]
 # (conn_id, client_fd, client_ip, client_port, orig_ip, orig_port) of a connection that is not HTTP/1.
 NotHttpHandler = Callable[[int, int, str, int, str, int], None]
 
@@ -400,10 +401,11 @@ class HttpProxy:
     def _reply(
         self, request_id: int, request: PendingRequest, reply: LocalReply, replies: list[ReplyAnswer]
     ) -> None:
-        # grpc_status applies to HTTP/2 clients; an HTTP/1.1 client gets the HTTP status itself.
+        # grpc_status applies to gRPC requests over HTTP/2 (the engine knows which); an HTTP/1.1 client
+        # gets the HTTP status itself.
         request.local_flag = reply.flag
         self.stats.local_replies += 1
-        replies.append((request_id, reply.status, reply.flag, reply.detail))
+        replies.append((request_id, reply.status, reply.flag, reply.detail, reply.grpc_status))
 
     def _on_attempt_failed(
         self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
