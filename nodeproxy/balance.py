@@ -122,7 +122,24 @@ def _below(rng: random.Random, n: int) -> int:
 
 
 def _prepared_pick(balancer: Balancer, endpoints: Sequence[Endpoint]) -> Picker:
-    """prepare() for balancers that read everything at pick time: pick over a copy of `endpoints`."""
+    """prepare() for balancers that read everything at pick time: pick over a copy of `endpoints`.
+
+    Over a single endpoint every balancer here picks it unless it was tried, and changes no state
+    doing so (round robin's current_weight gains and loses the same weight), so that picker does
+    only that. The wrappers that consult health do not use this (see _pick_every_time)."""
+    members = tuple(endpoints)
+    if len(members) == 1:
+        only = members[0]
+
+        def pick_the_only_one(tried: Collection[str]) -> Endpoint | None:
+            return None if tried and only.address in tried else only
+
+        return pick_the_only_one
+    return functools.partial(balancer.pick, members)
+
+
+def _pick_every_time(balancer: Balancer, endpoints: Sequence[Endpoint]) -> Picker:
+    """prepare() that calls pick() for every request, whatever the endpoints."""
     return functools.partial(balancer.pick, tuple(endpoints))
 
 
@@ -420,8 +437,8 @@ class SkipUnhealthy:
         return self.inner.pick(endpoints, tried)
 
     def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
-        # Health changes between picks: every pick asks again.
-        return _prepared_pick(self, endpoints)
+        # Health changes between picks, and asking may change the detector's state: ask every time.
+        return _pick_every_time(self, endpoints)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         self.inner.observe(endpoint, rtt)
@@ -453,8 +470,8 @@ class PreferLocal:
         return self.inner.pick(endpoints, tried)
 
     def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
-        # Health changes between picks: every pick asks again.
-        return _prepared_pick(self, endpoints)
+        # Health changes between picks, and asking may change the detector's state: ask every time.
+        return _pick_every_time(self, endpoints)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         self.inner.observe(endpoint, rtt)

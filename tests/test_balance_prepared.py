@@ -212,3 +212,15 @@ def test_routing_follows_endpoint_weights_across_a_reload() -> None:
             p2c_probabilities(eps),
             DRAWS,
         )
+
+
+@pytest.mark.parametrize("weights", [[1], [3], [5, 1, 1], [2, 2], [1, 2, 3, 4]])
+def test_prepared_round_robin_picks_the_same_sequence_as_pick(weights: list[int]) -> None:
+    prepared_eps, plain_eps = endpoints(weights), endpoints(weights)
+    picker, plain = RoundRobin().prepare(prepared_eps), RoundRobin()
+    for _ in range(3 * sum(weights)):
+        a, b = picker(()), plain.pick(plain_eps, ())
+        assert a is not None and b is not None
+        assert prepared_eps.index(a) == plain_eps.index(b)
+    assert [e.current_weight for e in prepared_eps] == [e.current_weight for e in plain_eps]
+    assert picker({e.address for e in prepared_eps}) is None
