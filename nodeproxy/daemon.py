@@ -956,7 +956,10 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for handle in self.workers.values():
-            if not handle.killed_for_silence and now - handle.last_heard > HEARTBEAT_TIMEOUT:
+            # A worker heartbeats once it serves; until then it has START_TIMEOUT (from its fork) to get
+            # there, like the daemon as a whole (building the relay and the HTTP engine can be slow).
+            allowed = HEARTBEAT_TIMEOUT if handle.ready else START_TIMEOUT
+            if not handle.killed_for_silence and now - handle.last_heard > allowed:
                 log.error(
                     "worker stopped answering; killing it",
                     worker=handle.index,
