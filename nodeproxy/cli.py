@@ -128,7 +128,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         lab.down()
         print(f"lab {args.prefix} down")
     else:
-        print(lab.config_yaml(), end="")
+        print(lab.config_yaml(l7=args.l7), end="")
     return 0
 
 
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--prefix", default="np")
     lab.add_argument("--clients", type=int, default=2)
     lab.add_argument("--backends", type=int, default=3)
+    lab.add_argument(
+        "--l7", action="store_true", help="config: also the HTTP service reviews (header routing, a canary)"
+    )
     lab.set_defaults(func=cmd_lab)
 
     demo = sub.add_parser("demo", help="build a lab, run the proxy on it, show captured traffic, tear down")
