@@ -28,10 +28,16 @@ from bisect import bisect_right
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
-from urllib.parse import unquote_plus
 
 from nodeproxy.balance import Endpoint
-from nodeproxy.routes import GRPC_DETECTION_HEADER, CompiledDestination, CompiledRoute, HttpServiceRoutes
+from nodeproxy.routes import (
+    GRPC_DETECTION_HEADER,
+    CompiledDestination,
+    CompiledRoute,
+    HttpServiceRoutes,
+    form_decoded,
+    query_parameters,
+)
 
 __all__ = [
     "GRPC_DEADLINE_EXCEEDED",
@@ -148,20 +154,9 @@ def parse_query(query: str) -> dict[str, str]:
     """Form-decoded query parameters, the first occurrence of each name winning (as in Envoy).
 
     Same result as urllib.parse.parse_qsl(keep_blank_values=True) keeping first values, at about a
-    third of its cost: names and values without '%' or '+' are taken as they are."""
-    params: dict[str, str] = {}
-    for part in query.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        if "%" in name or "+" in name:
-            name = unquote_plus(name, errors="replace")
-        if name in params:
-            continue
-        if "%" in value or "+" in value:
-            value = unquote_plus(value, errors="replace")
-        params[name] = value
-    return params
+    third of its cost: names and values without '%' or '+' are taken as they are. (The decision
+    itself decodes only the values its conditions read: routes.query_parameters.)"""
+    return {name: form_decoded(value) for name, value in query_parameters(query).items()}
 
 
 _NO_PARAMS: Mapping[str, str] = {}  # shared, never mutated: the query of routes without query matches
@@ -180,7 +175,7 @@ def decide_request(
         if matcher is None:
             break
         if route.uses_query and not parsed:
-            query, parsed = (parse_query(attrs.query) if attrs.query else _NO_PARAMS), True
+            query, parsed = (query_parameters(attrs.query) if attrs.query else _NO_PARAMS), True
         if matcher(attrs, query):
             break
     else:
