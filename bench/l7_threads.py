@@ -12,9 +12,10 @@ and around each one the CPU time of every thread of every nodeproxy process (/pr
 utime + stime), grouped by role: `python` (a worker's main thread: the asyncio loop where
 HttpProxy.process_records decides), `threads` (the workers' other threads: the HTTP engine thread,
 and the splice relay threads, idle under this load), `supervisor` (the supervisor process). Python
-3.11 does not give threads OS names, so the engine thread is told apart only as "not the main one". Prints req/s and microseconds of CPU per request per
-group, each round and the median. Tick resolution is 10 ms per thread: at 5 s and 70k req/s that is
-under 0.03 us per request.
+3.11 does not give threads OS names, so the engine thread is told apart only as "not the main one".
+Prints req/s and microseconds of CPU per request per group, each round and the median. Tick
+resolution is 10 ms per thread: at 5 s and 70k req/s that is under 0.03 us per request. Shared
+machines make single runs swing by 20% or more: compare medians of several rounds.
 """
 
 from __future__ import annotations
