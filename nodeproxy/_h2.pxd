@@ -179,6 +179,7 @@ cdef extern from "nghttp2/nghttp2.h" nogil:
     int nghttp2_session_get_remote_window_size(nghttp2_session *session)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session)
     int nghttp2_session_check_request_allowed(nghttp2_session *session)
+    uint32_t nghttp2_session_get_remote_settings(nghttp2_session *session, int settings_id)
     int nghttp2_submit_settings(nghttp2_session *session, uint8_t flags, const nghttp2_settings_entry *iv,
                                 size_t niv)
     int32_t nghttp2_submit_request(nghttp2_session *session, const void *pri_spec, const nghttp2_nv *nva,
@@ -231,6 +232,7 @@ cdef struct h2_stream_out:
     # h2_core.outs, since nghttp2_session_del calls no callback); freed when the stream closes.
     h2_stream_out *next
     h2_stream_out *prev
+    int32_t stream_id      # set once known (a request's id comes back from h2_send_headers)
     uint8_t *buf
     size_t off
     size_t len
@@ -308,3 +310,5 @@ cdef void h2_field_next(const h2_core *core, size_t *cursor, const uint8_t **nam
 cdef int h2_wants(h2_core *core) noexcept nogil
 # Can a new request stream be opened (client side)? False after GOAWAY or when stream ids ran out.
 cdef bint h2_can_open_stream(h2_core *core) noexcept nogil
+# The peer's SETTINGS_MAX_CONCURRENT_STREAMS (unlimited until its SETTINGS arrive: 0xffffffff).
+cdef uint32_t h2_peer_max_streams(h2_core *core) noexcept nogil

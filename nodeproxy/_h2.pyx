@@ -464,7 +464,11 @@ cdef int32_t h2_send_headers(h2_core *core, int32_t stream_id, const nghttp2_nv 
         provider.read_callback = _read_body
     if stream_id < 0:
         rc = nghttp2_submit_request(core.session, NULL, nva, nvlen, &provider if out else NULL, out)
+        if rc > 0 and out != NULL:
+            out.stream_id = rc
     else:
+        if out != NULL:
+            out.stream_id = stream_id
         rc = nghttp2_submit_response(core.session, stream_id, nva, nvlen, &provider if out else NULL)
         if rc == 0 and out != NULL:
             nghttp2_session_set_stream_user_data(core.session, stream_id, out)
@@ -473,9 +477,21 @@ cdef int32_t h2_send_headers(h2_core *core, int32_t stream_id, const nghttp2_nv 
     return rc
 
 
+cdef h2_stream_out *_out_for(h2_core *core, int32_t stream_id) noexcept nogil:
+    """The send buffer of a stream. A request's stream exists in nghttp2 only once its HEADERS went out,
+    so until then (a connection still connecting) its buffer is found in the core's own list."""
+    cdef h2_stream_out *out = <h2_stream_out*>nghttp2_session_get_stream_user_data(core.session, stream_id)
+    if out != NULL:
+        return out
+    out = core.outs
+    while out != NULL and out.stream_id != stream_id:
+        out = out.next
+    return out
+
+
 cdef int h2_send_data(h2_core *core, int32_t stream_id, const uint8_t *data, size_t length,
                       bint end_stream) noexcept nogil:
-    cdef h2_stream_out *out = <h2_stream_out*>nghttp2_session_get_stream_user_data(core.session, stream_id)
+    cdef h2_stream_out *out = _out_for(core, stream_id)
     cdef size_t cap
     cdef uint8_t *grown
     if out == NULL or not out.provider_attached or out.end_requested:
@@ -503,7 +519,7 @@ cdef int h2_send_data(h2_core *core, int32_t stream_id, const uint8_t *data, siz
 
 
 cdef int h2_send_trailers(h2_core *core, int32_t stream_id, const nghttp2_nv *nva, size_t nvlen) noexcept nogil:
-    cdef h2_stream_out *out = <h2_stream_out*>nghttp2_session_get_stream_user_data(core.session, stream_id)
+    cdef h2_stream_out *out = _out_for(core, stream_id)
     cdef size_t total = 0, i, at = 0
     if out == NULL or not out.provider_attached or out.end_requested:
         return NGHTTP2_ERR_STREAM_CLOSED
@@ -523,7 +539,7 @@ cdef int h2_send_trailers(h2_core *core, int32_t stream_id, const nghttp2_nv *nv
 
 
 cdef size_t h2_pending(h2_core *core, int32_t stream_id) noexcept nogil:
-    cdef h2_stream_out *out = <h2_stream_out*>nghttp2_session_get_stream_user_data(core.session, stream_id)
+    cdef h2_stream_out *out = _out_for(core, stream_id)
     return 0 if out == NULL else out.len - out.off
 
 
@@ -557,6 +573,10 @@ cdef int h2_wants(h2_core *core) noexcept nogil:
 
 cdef bint h2_can_open_stream(h2_core *core) noexcept nogil:
     return core.fatal == 0 and nghttp2_session_check_request_allowed(core.session) != 0
+
+
+cdef uint32_t h2_peer_max_streams(h2_core *core) noexcept nogil:
+    return nghttp2_session_get_remote_settings(core.session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
 
 
 # -- Python API -------------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ cdef enum:
     # With 100 streams a connection that never opens its window holds about 100 x (2 x 64 KiB + IO_CHUNK).
     H2_STREAM_HIGH_WATER = 65536
     H2_PREFACE_LEN = 24
+    H2_UP_MAX_STREAMS = 100  # streams per upstream HTTP/2 connection before another one opens (Envoy: 100)
     H2_NV_MAX = 132        # pseudo-headers + H1_FIELDS_CAP fields of one translated head or trailer block
 
 
@@ -251,6 +252,17 @@ cdef struct Up
 cdef struct Down
 
 
+cdef struct H2Up:
+    # The HTTP/2 session of an upstream connection (Up.h2). Its streams are stream Ups (Up.h2_stream,
+    # no socket): the exchange machine writes the request into one as HTTP/1.1 and reads the response
+    # from it as HTTP/1.1, translated here, so an HTTP/1.1 or HTTP/2 client needs no other code.
+    h2_core core
+    Up *streams               # stream Ups (linked by sib_next / sib_prev)
+    uint32_t nstreams
+    bint goaway               # the server sent GOAWAY: no new stream here
+    bint finished             # the session is over (error, EOF, GOAWAY with nothing left)
+
+
 cdef struct H2Conn:
     # The HTTP/2 session of a downstream connection (Down.h2, state D_H2). Its streams are child Downs
     # (Down.parent): each runs the HTTP/1.1 exchange machine on a translated head and body, so routing,
@@ -311,6 +323,8 @@ cdef struct Down:
     uint64_t h2_owed          # DATA payload bytes received and not yet credited back (h2_consume)
     h1_head h2_resp           # the response head (then trailers) parsed back out of outb
     h1_body h2_resp_body
+    uint32_t h2_reset_code    # the error code to reset the stream with when it fails (0: INTERNAL_ERROR)
+    bint up_http2             # the current decision speaks HTTP/2 to the upstream
     Up *up
     Pool *waiting_pool
     Down *wait_next
@@ -360,6 +374,26 @@ cdef struct Up:
     Up *grave_next
     Up *prev
     Up *next
+    # HTTP/2 (see H2Up): h2 on a connection Up (listed in Pool.h2_head by pool_next / pool_prev); the
+    # rest on a stream Up, whose conn is NULL once its connection is gone.
+    H2Up *h2
+    Up *pool_next
+    Up *pool_prev
+    bint h2_stream
+    Up *conn
+    Up *sib_next
+    Up *sib_prev
+    int32_t stream_id         # 0 until the request HEADERS are submitted
+    bint h2_req_head_done
+    bint h2_req_done          # the request's END_STREAM is queued
+    bint h2_resp_chunked      # the response body is re-framed as chunked (no content-length)
+    bint h2_resp_ended        # the server ended its side
+    bint h2_reset             # the stream failed (reset by the server, refused, or its connection died)
+    bint h2_blocked           # the request body waits for the server's window
+    uint32_t h2_reset_code
+    uint64_t h2_owed          # response DATA bytes received and not yet credited back
+    h1_head h2_req            # the request head parsed back out of outb
+    h1_body h2_req_body
 
 
 cdef struct Pool:
@@ -373,6 +407,7 @@ cdef struct Pool:
     Up *idle_tail
     Down *wait_head           # requests waiting for a connection (pool at max_conns), FIFO
     Down *wait_tail
+    Up *h2_head               # HTTP/2 connections (any state); they count in conns, never idle-listed
     Pool *hash_next
 
 
@@ -394,6 +429,7 @@ cdef struct Answer:
     char *detail
     size_t detail_len
     int grpc_status           # local reply to a gRPC request over HTTP/2: HTTP 200 + this (-1: none)
+    bint http2                # forward: speak HTTP/2 to the upstream
 
 
 cdef struct Record:
@@ -494,6 +530,16 @@ cdef class HttpWorker:
     cdef void _h2_credit(self, Down *s) noexcept nogil
     cdef void _h2_stream_gone(self, Down *s) noexcept nogil
     cdef void _h2_reply_direct(self, Down *d, int32_t stream_id, const char *status) noexcept nogil
+    cdef void _h2u_acquire(self, Down *d, Pool *p, bint fresh) noexcept nogil
+    cdef int _h2u_init(self, Up *c) noexcept nogil
+    cdef int _h2u_send(self, Up *s) noexcept nogil
+    cdef void _h2u_flush(self, Up *c) noexcept nogil
+    cdef void _drive_h2u(self, Up *c) noexcept nogil
+    cdef void _h2u_events(self, Up *c) noexcept nogil
+    cdef void _h2u_response_head(self, Up *s, size_t off, uint32_t nfields, bint end_stream) noexcept nogil
+    cdef void _h2u_credit(self, Up *s) noexcept nogil
+    cdef void _h2u_fail(self, Up *c, int err) noexcept nogil
+    cdef void _h2u_stream_closed(self, Up *s) noexcept nogil
     cdef int _tunnel_direction(self, Down *d, bint *src_readable, bint *src_rdhup, Buf *src_in,
                                bint *src_eof, int src_fd, int dst_fd, Buf *dst_out, bint *dst_writable, bint *dst_shut,
                                int *budget) noexcept nogil

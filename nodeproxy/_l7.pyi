@@ -1,5 +1,6 @@
 """Type stub for the Cython module nodeproxy._l7 (see _l7.pyx for the semantics)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 HEAD: int
@@ -40,7 +41,7 @@ class HttpWorker:
     ) -> None: ...
     def answer(
         self,
-        forwards: list[
+        forwards: Sequence[
             tuple[
                 int,
                 str,
@@ -50,6 +51,17 @@ class HttpWorker:
                 tuple[tuple[bytes, bytes], ...],
                 tuple[bytes, ...],
                 int,
+            ]
+            | tuple[
+                int,
+                str,
+                int,
+                tuple[tuple[bytes, bytes], ...],
+                tuple[bytes, ...],
+                tuple[tuple[bytes, bytes], ...],
+                tuple[bytes, ...],
+                int,
+                bool,
             ]
         ],
         replies: list[tuple[int, int, str, str] | tuple[int, int, str, str, int | None]],

@@ -31,6 +31,7 @@ from nodeproxy._h1 cimport (
     H1_FRAMING_NONE,
     H1_METHOD_CONNECT,
     H1_METHOD_HEAD,
+    H1_TARGET_ABSOLUTE,
     h1_body_eof,
     h1_body_feed,
     h1_body_for_request,
@@ -52,6 +53,7 @@ from nodeproxy._h1 cimport (
 )
 from nodeproxy._h2 cimport (
     H2_BLOCK_END_STREAM,
+    H2_BLOCK_HAS_STATUS,
     H2_BLOCK_REQUEST,
     H2_EV_DATA,
     H2_EV_END_STREAM,
@@ -59,6 +61,7 @@ from nodeproxy._h2 cimport (
     H2_EV_HEADERS,
     H2_EV_HEADERS_TOO_LARGE,
     H2_EV_RESET,
+    NGHTTP2_CANCEL,
     NGHTTP2_INTERNAL_ERROR,
     NGHTTP2_NO_ERROR,
     NGHTTP2_NV_FLAG_NONE,
@@ -73,6 +76,7 @@ from nodeproxy._h2 cimport (
     h2_field_next,
     h2_goaway,
     h2_limits,
+    h2_peer_max_streams,
     h2_pending,
     h2_pull,
     h2_recv,
@@ -620,11 +624,11 @@ cdef class HttpWorker:
         if self._push(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, sizeof(Adoption), &a) < 0:
             raise MemoryError()
 
-    def answer(self, list forwards, list replies):
+    def answer(self, forwards, list replies):
         """Answer request heads (and failed attempts) in one batch.
 
         forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
-        try_timeout_ms): add = ((name, value), ...) bytes pairs, remove = (name, ...) bytes; try_timeout_ms
+        try_timeout_ms[, http2]): http2 true speaks HTTP/2 (h2c) to the upstream; add = ((name, value), ...) bytes pairs, remove = (name, ...) bytes; try_timeout_ms
         0 for none. replies: (request_id, status, flag, detail[, grpc_status]): a local reply with
         `x-nodeproxy-flags: flag`; grpc_status (0..16 or None) answers a gRPC request over HTTP/2 with HTTP
         200 and this grpc-status, trailers-only (without it the engine derives one from status and flag). Answers for requests that ended meanwhile (the client left) are dropped by the engine.
@@ -642,6 +646,7 @@ cdef class HttpWorker:
                 replies = replies + [(item[0], 502, "UF", bad)]
                 continue
             a.try_timeout_ns = <int64_t>item[7] * 1000000
+            a.http2 = len(item) > 8 and bool(item[8])
             a.edits = _build_edits(item[3], item[4], item[5], item[6])
             rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
             if rc < 0:
@@ -952,6 +957,7 @@ cdef class HttpWorker:
         d.edits = a.edits
         d.dst = a.dst
         d.try_timeout_ns = a.try_timeout_ns
+        d.up_http2 = a.http2
         self._forward(d)
         self._drive(d)
 
@@ -981,6 +987,18 @@ cdef class HttpWorker:
             u.rdhup = True
         if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
             u.writable = True
+        if u.h2 != NULL:
+            if u.state == U_CONNECTING:
+                err = _sock_error(u.fd)
+                if err == 0 and not events & EPOLLOUT:
+                    return
+                if err != 0 or events & (EPOLLHUP | EPOLLERR):
+                    self._h2u_fail(u, err if err else ECONNRESET)
+                    self._close_up(u, False)
+                    return
+                u.state = U_BUSY
+            self._drive_h2u(u)
+            return
         if u.state == U_IDLE:
             # A pooled connection has nothing to say: any byte or EOF means it is no longer usable. (A late
             # EPOLLOUT edge, from the ACK of the last request, is harmless.)
@@ -1004,7 +1022,11 @@ cdef class HttpWorker:
         cdef int budget = READS_PER_TURN
         while not d.dead and self._step(d, &budget) > 0:
             pass
-        if d.parent != NULL and not d.dead:
+        if d.dead:
+            return
+        if d.up != NULL and d.up.h2_stream:
+            self._h2u_credit(d.up)  # the upstream's window, for response bytes that went on
+        if d.parent != NULL:
             # A stream moved: credit what went upstream, and let its connection send the frames.
             self._h2_credit(d)
             self._queue_ready(d.parent)
@@ -1024,6 +1046,9 @@ cdef class HttpWorker:
             rc = self._h2_emit(d)
             if rc < 0:
                 return -1
+            progressed = progressed or rc > 0
+        if u != NULL and u.h2_stream and _held(&u.outb):
+            rc = self._h2u_send(u)
             progressed = progressed or rc > 0
         if u != NULL and u.state == U_BUSY and _held(&u.outb) and u.writable:
             n = _flush(u.fd, &u.outb, &u.writable)
@@ -1210,8 +1235,8 @@ cdef class HttpWorker:
                 cap += d.edits.req_add[n].name_len + d.edits.req_add[n].value_len + 4
         opts.framing = H1_FRAMING_AS_PARSED
         opts.upgrading = d.req.conn_upgrade and d.req.upgrade.len > 0
-        # gRPC needs "te: trailers" at the server; an HTTP/2 client's te can only be that (RFC 9113 §8.2.2).
-        opts.keep_te_trailers = d.parent != NULL
+        # gRPC needs "te: trailers" at the server (an HTTP/2 client's te can only be that, RFC 9113 §8.2.2).
+        opts.keep_te_trailers = d.parent != NULL or d.up_http2
         d.fwd.off = d.fwd.len = 0
         if _reserve(&d.fwd, cap) < 0:
             self._release_down(d, 0, ENOMEM)
@@ -1230,6 +1255,9 @@ cdef class HttpWorker:
         cdef int err = 0
         if p == NULL:
             self._attempt_failed(d, ENOMEM, FLAG_UF)
+            return
+        if d.up_http2:
+            self._h2u_acquire(d, p, fresh)
             return
         if not fresh and p.idle_head != NULL:
             u = p.idle_head
@@ -1439,6 +1467,8 @@ cdef class HttpWorker:
         connection goes on (retried or answered locally), -1 if the client connection is gone."""
         cdef Up *u = d.up
         cdef bint untouched = not d.resp_head_sent and _held(&u.inb) == 0 and d.req_body_bytes == 0
+        if u.h2_stream and u.h2_reset:
+            d.h2_reset_code = u.h2_reset_code  # an HTTP/2 client's stream is reset with the same code
         if untouched and d.reused and not d.stale_retried:
             # A pooled connection the backend closed while idle (the race every keep-alive pool has):
             # nothing of the request body or the response moved, so send the head again on a fresh one.
@@ -1452,7 +1482,7 @@ cdef class HttpWorker:
         u.down = NULL
         self._close_up(u, True)
         if not d.resp_head_sent:
-            self._local_reply(d, 502, "UC", FLAG_UC, "upstream connection closed before the response", 47,
+            self._local_reply(d, 502, "UC", FLAG_UC, "upstream connection closed before the response", 46,
                               not d.req_done)
             return 1
         # Part of the response went out already: the client can only learn of the failure by a reset.
@@ -1496,8 +1526,8 @@ cdef class HttpWorker:
             if d.req_body.kind == H1_BODY_NONE or d.req_body.ended:
                 d.req_done = True
                 return 1
-            if _held(&u.outb) > HIGH_WATER:
-                return progressed  # the upstream is slow: resumes when it drains (EPOLLOUT)
+            if _held(&u.outb) > (H2_STREAM_HIGH_WATER if u.h2_stream else HIGH_WATER):
+                return progressed  # the upstream is slow: resumes when it drains (EPOLLOUT, or its window)
             avail = _held(&d.inb)
             if avail > 0:
                 n = h1_body_feed(&d.req_body, d.inb.data + d.inb.off, avail, &chunk)
@@ -1721,7 +1751,7 @@ cdef class HttpWorker:
         if not d.req_done:
             d.close_after = True  # the rest of the request body cannot be framed any more: end here
         self._post_done(d, 0)
-        if reusable:
+        if reusable and not u.h2_stream:
             self._pool_release(u)
         else:
             self._close_up(u, False)
@@ -2004,6 +2034,21 @@ cdef class HttpWorker:
         cdef Pool *p = u.pool
         if u.dead:
             return
+        if u.h2_stream:
+            self._h2u_stream_closed(u)  # resets the stream unless it completed; the connection stays
+            return
+        if u.h2 != NULL:
+            if not u.h2.finished:
+                self._h2u_fail(u, ECONNRESET)
+            if u.pool_prev != NULL:
+                u.pool_prev.pool_next = u.pool_next
+            elif p != NULL:
+                p.h2_head = u.pool_next
+            if u.pool_next != NULL:
+                u.pool_next.pool_prev = u.pool_prev
+            h2_core_free(&u.h2.core)
+            free(u.h2)
+            u.h2 = NULL
         if u.fd >= 0:
             if reset:
                 _set_reset_on_close(u.fd)
@@ -2104,7 +2149,14 @@ cdef class HttpWorker:
         cdef int64_t now = self.now_ns
         while u != NULL:
             un = u.next
-            if u.state == U_CONNECTING and now - u.since_ns >= self.connect_timeout_ns:
+            if u.h2 != NULL:
+                if u.state == U_CONNECTING and now - u.since_ns >= self.connect_timeout_ns:
+                    self._h2u_fail(u, ETIMEDOUT)
+                    self._close_up(u, False)
+                elif (u.h2.nstreams == 0 and self.pool_idle_timeout_ns > 0
+                      and now - u.since_ns >= self.pool_idle_timeout_ns):
+                    self._close_up(u, False)  # idle: nothing in flight to lose
+            elif u.state == U_CONNECTING and now - u.since_ns >= self.connect_timeout_ns:
                 d = u.down
                 u.down = NULL
                 self._close_up(u, False)
@@ -2600,10 +2652,10 @@ cdef class HttpWorker:
         h.nstreams -= 1
         if not h.finished and not s.h2_reset_by_peer:
             if not s.h2_resp_done:
-                h2_reset(&h.core, s.stream_id, NGHTTP2_INTERNAL_ERROR)
-            elif not s.h2_req_ended:
-                # Answered before the request ended: the rest of it is not needed (RFC 9113 §8.1).
-                h2_reset(&h.core, s.stream_id, NGHTTP2_NO_ERROR)
+                h2_reset(&h.core, s.stream_id, s.h2_reset_code if s.h2_reset_code else NGHTTP2_INTERNAL_ERROR)
+            # Answered before the request ended: no RST_STREAM(NO_ERROR) (RFC 9113 §8.1 allows one), as
+            # nghttp2 would drop the answer's frames still queued; the rest of the body is credited and
+            # dropped as it comes (the stream has no Down any more).
         if s.h2_owed and not h.finished:
             h2_consume(&h.core, s.stream_id, s.h2_owed)  # the connection window gets them back
         s.h2_owed = 0
@@ -2616,3 +2668,431 @@ cdef class HttpWorker:
         _nv(&nva[1], "x-nodeproxy-flags", 17, "DPE", 3)
         if h2_send_headers(&d.h2.core, stream_id, nva, 2, True) < 0:
             h2_reset(&d.h2.core, stream_id, NGHTTP2_REFUSED_STREAM)
+
+    # -- HTTP/2 upstream ---------------------------------------------------------------------------------
+    #
+    # A connection Up with an h2 core (client side) per (source, endpoint) pool, several when streams run
+    # out or a GOAWAY came; each request is a stream Up attached to its Down like a pooled HTTP/1.1
+    # connection: the exchange machine writes the request into the stream Up's outb as HTTP/1.1 and
+    # reads the response from its inb as HTTP/1.1; _h2u_send and _h2u_events translate. Response DATA is
+    # credited to the server only once the bytes left the stream Up's inb for the client.
+
+    cdef void _h2u_acquire(self, Down *d, Pool *p, bint fresh) noexcept nogil:
+        cdef Up *c = NULL
+        cdef Up *best = NULL
+        cdef Up *s
+        cdef uint32_t limit
+        cdef int err = 0
+        if not fresh:
+            c = p.h2_head
+            while c != NULL:
+                if not c.h2.goaway and not c.h2.finished and h2_can_open_stream(&c.h2.core):
+                    limit = h2_peer_max_streams(&c.h2.core)
+                    if limit > H2_UP_MAX_STREAMS:
+                        limit = H2_UP_MAX_STREAMS
+                    if c.h2.nstreams < limit:
+                        break
+                    if best == NULL or c.h2.nstreams < best.h2.nstreams:
+                        best = c
+                c = c.pool_next
+        if c == NULL and p.conns >= self.pool_max_conns and best != NULL:
+            c = best  # every connection is full and no new one may open: nghttp2 queues the stream
+        if c == NULL:
+            c = self._connect(p, &err)
+            if c == NULL:
+                self._attempt_failed(d, err, FLAG_UF)
+                return
+            c.h2 = <H2Up*>calloc(1, sizeof(H2Up))
+            if c.h2 == NULL or self._h2u_init(c) != 0:
+                self._close_up(c, True)
+                self._attempt_failed(d, ENOMEM, FLAG_UF)
+                return
+            c.pool_next = p.h2_head
+            if p.h2_head != NULL:
+                p.h2_head.pool_prev = c
+            p.h2_head = c
+        s = <Up*>calloc(1, sizeof(Up))
+        if s == NULL:
+            self._attempt_failed(d, ENOMEM, FLAG_UF)
+            return
+        s.kind = KIND_UP
+        s.fd = -1
+        s.state = U_BUSY
+        s.h2_stream = True
+        s.conn = c
+        h1_head_init(&s.h2_req)
+        s.sib_next = c.h2.streams
+        if c.h2.streams != NULL:
+            c.h2.streams.sib_prev = s
+        c.h2.streams = s
+        c.h2.nstreams += 1
+        self._attach(d, s, c.state != U_CONNECTING)
+
+    cdef int _h2u_init(self, Up *c) noexcept nogil:
+        cdef h2_limits lim
+        h2_default_limits(&lim)
+        lim.max_header_fields = self.limits.max_fields
+        if lim.max_header_list_size > self.limits.max_head_bytes:
+            lim.max_header_list_size = self.limits.max_head_bytes
+        if h2_core_init(&c.h2.core, False, &lim) != 0:
+            return -1
+        return 0
+
+    cdef int _h2u_send(self, Up *s) noexcept nogil:
+        """Translate the HTTP/1.1 request bytes in s.outb into HEADERS / DATA / trailers on the stream.
+        1 when something moved, 0 when it waits."""
+        cdef Up *c = s.conn
+        cdef h2_core *core
+        cdef nghttp2_nv nva[H2_NV_MAX]
+        cdef unsigned char *base
+        cdef size_t avail, nnv
+        cdef ssize_t n
+        cdef int32_t sid
+        cdef int rc, progressed = 0
+        cdef uint32_t i, path_end
+        cdef h1_chunk chunk
+        cdef bint ended
+        cdef unsigned char *name_p
+        cdef h1_head *h = &s.h2_req
+        if c == NULL or c.h2 == NULL or c.h2.finished or s.h2_reset or s.h2_req_done:
+            s.outb.off = s.outb.len = 0  # nobody will take these bytes (the failure reaches the Down as EOF)
+            return 0
+        core = &c.h2.core
+        while _held(&s.outb):
+            base = s.outb.data + s.outb.off
+            avail = _held(&s.outb)
+            if not s.h2_req_head_done:
+                rc = h1_parse_request(base, avail, &self.limits, h)
+                if rc == 0:
+                    break
+                if rc < 0:
+                    s.h2_reset = True  # cannot happen: the engine serialized this head itself
+                    s.peer_eof = True
+                    s.outb.off = s.outb.len = 0
+                    break
+                _nv(&nva[0], ":method", 7, base + h.method.off, h.method.len)
+                _nv(&nva[1], ":scheme", 7, "http", 4)
+                _nv(&nva[2], ":authority", 10, base + h.authority.off, h.authority.len)
+                if h.target_form == H1_TARGET_ABSOLUTE:
+                    path_end = h.query.off + h.query.len if h.query.len else h.path.off + h.path.len
+                    if h.path.len:
+                        _nv(&nva[3], ":path", 5, base + h.path.off, path_end - h.path.off)
+                    else:
+                        _nv(&nva[3], ":path", 5, "/", 1)
+                else:
+                    _nv(&nva[3], ":path", 5, base + h.target.off, h.target.len)
+                nnv = 4
+                for i in range(h.nfields):
+                    if nnv >= H2_NV_MAX:
+                        break
+                    name_p = base + h.fields[i].name.off
+                    if _is_name(name_p, h.fields[i].name.len, "host"):
+                        continue
+                    if _is_name(name_p, h.fields[i].name.len, "te"):
+                        if h.te_trailers:
+                            _nv(&nva[nnv], "te", 2, "trailers", 8)  # the only te HTTP/2 allows
+                            nnv += 1
+                        continue
+                    if _hop_by_hop(name_p, h.fields[i].name.len):
+                        continue
+                    _lower(name_p, h.fields[i].name.len)
+                    _nv(&nva[nnv], name_p, h.fields[i].name.len, base + h.fields[i].value.off,
+                        h.fields[i].value.len)
+                    nnv += 1
+                h1_body_for_request(&s.h2_req_body, h)
+                ended = s.h2_req_body.kind == H1_BODY_NONE or (
+                    s.h2_req_body.kind == H1_BODY_LENGTH and h.content_length == 0)
+                sid = h2_send_headers(core, -1, nva, nnv, ended)
+                _consume(&s.outb, h.head_len)
+                if sid < 0:
+                    s.h2_reset = True
+                    s.peer_eof = True
+                    s.outb.off = s.outb.len = 0
+                    break
+                s.stream_id = sid
+                s.h2_req_head_done = True
+                s.h2_req_done = ended
+                progressed = 1
+                if ended:
+                    s.outb.off = s.outb.len = 0
+                    break
+                continue
+            if h2_pending(core, s.stream_id) >= H2_STREAM_HIGH_WATER:
+                s.h2_blocked = True  # the server's window is shut: its connection wakes us
+                break
+            n = h1_body_feed(&s.h2_req_body, base, avail, &chunk)
+            if n <= 0:
+                break  # n < 0 cannot happen: the exchange machine validated this framing already
+            rc = 0
+            if chunk.data.len:
+                rc = h2_send_data(core, s.stream_id, base + chunk.data.off, chunk.data.len, False)
+            if rc == 0 and chunk.ended:
+                nnv = 0
+                if chunk.trailers.len and h1_parse_trailers(base + chunk.trailers.off, chunk.trailers.len,
+                                                            &self.limits, h) > 0:
+                    for i in range(h.nfields):
+                        if nnv >= H2_NV_MAX:
+                            break
+                        name_p = base + chunk.trailers.off + h.fields[i].name.off
+                        if _hop_by_hop(name_p, h.fields[i].name.len):
+                            continue
+                        _lower(name_p, h.fields[i].name.len)
+                        _nv(&nva[nnv], name_p, h.fields[i].name.len, base + chunk.trailers.off + h.fields[i].value.off,
+                            h.fields[i].value.len)
+                        nnv += 1
+                if nnv:
+                    rc = h2_send_trailers(core, s.stream_id, nva, nnv)
+                else:
+                    rc = h2_send_data(core, s.stream_id, NULL, 0, True)
+                s.h2_req_done = True
+            _consume(&s.outb, n)
+            progressed = 1
+            if rc < 0:
+                s.h2_reset = True
+                s.peer_eof = True
+                s.outb.off = s.outb.len = 0
+                break
+        if progressed:
+            self._h2u_flush(c)
+        return progressed
+
+    cdef void _h2u_flush(self, Up *c) noexcept nogil:
+        """Pull what the session has to send and write it, while the server takes it."""
+        cdef const uint8_t *frames
+        cdef ssize_t n
+        if c.dead or c.h2 == NULL or c.state == U_CONNECTING:
+            return  # frames wait in the core until the connection is up
+        if _held(&c.outb) and c.writable:
+            if _flush(c.fd, &c.outb, &c.writable) < 0:
+                self._h2u_fail(c, errno)
+                self._close_up(c, True)
+                return
+        while _held(&c.outb) < HIGH_WATER:
+            n = h2_pull(&c.h2.core, &frames)
+            if n <= 0:
+                break
+            if _send(c.fd, &c.outb, &c.writable, frames, n, True) < 0:
+                self._h2u_fail(c, errno)
+                self._close_up(c, True)
+                return
+
+    cdef void _drive_h2u(self, Up *c) noexcept nogil:
+        cdef ssize_t n
+        cdef Up *s
+        cdef int err = 0
+        while not c.dead:
+            self._h2u_flush(c)
+            if c.dead:
+                return
+            if not c.readable or c.peer_eof:
+                break
+            n = _recv_into(c.fd, &c.inb, IO_CHUNK, &c.readable, c.rdhup)
+            if n == 0:
+                c.peer_eof = True
+                break
+            if n == -1:
+                err = errno
+                break
+            if n < 0:
+                break
+            n = h2_recv(&c.h2.core, c.inb.data + c.inb.off, _held(&c.inb))
+            c.inb.off = c.inb.len = 0  # h2_recv takes everything or fails the session
+            self._h2u_events(c)
+            if n < 0:
+                c.h2.finished = True
+        if c.dead:
+            return
+        s = c.h2.streams
+        while s != NULL:
+            if s.h2_blocked and h2_pending(&c.h2.core, s.stream_id) < H2_STREAM_HIGH_WATER:
+                s.h2_blocked = False
+                if s.down != NULL:
+                    self._queue_ready(s.down)
+            s = s.sib_next
+        if c.peer_eof or err != 0 or c.h2.finished or h2_wants(&c.h2.core) == 0:
+            self._h2u_flush(c)  # a GOAWAY the session queued goes out if it can
+            if not c.dead:
+                self._h2u_fail(c, err if err else ECONNRESET)
+                self._close_up(c, err != 0)
+        elif c.h2.goaway and c.h2.nstreams == 0:
+            self._close_up(c, False)
+
+    cdef void _h2u_events(self, Up *c) noexcept nogil:
+        """Response events: written into each stream Up's inb as HTTP/1.1; their Downs are queued."""
+        cdef h2_core *core = &c.h2.core
+        cdef h2_event *e
+        cdef Up *s
+        cdef size_t i, k
+        cdef size_t cursor, namelen, valuelen
+        cdef const uint8_t *name
+        cdef const uint8_t *value
+        cdef uint32_t j
+        cdef unsigned char line[H1_CHUNK_HEADER_MAX]
+        for i in range(core.nevents):
+            e = &core.events[i]
+            if e.kind == H2_EV_GOAWAY:
+                c.h2.goaway = True  # streams above its last id come back as REFUSED_STREAM resets
+                continue
+            s = c.h2.streams
+            while s != NULL and s.stream_id != e.stream_id:
+                s = s.sib_next
+            if s == NULL:
+                if e.kind == H2_EV_DATA:
+                    h2_consume(core, e.stream_id, e.len)
+                continue
+            if e.kind == H2_EV_HEADERS:
+                if e.code & H2_BLOCK_HAS_STATUS:
+                    self._h2u_response_head(s, e.off, e.nfields, (e.code & H2_BLOCK_END_STREAM) != 0)
+                elif s.h2_resp_chunked and not s.h2_resp_ended:
+                    # Trailers (grpc-status...) as the chunked body's trailer section.
+                    _append(&s.inb, "0\r\n", 3)
+                    cursor = e.off
+                    for j in range(e.nfields):
+                        h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
+                        if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
+                            continue
+                        _append(&s.inb, name, namelen)
+                        _append(&s.inb, ": ", 2)
+                        _append(&s.inb, value, valuelen)
+                        _append(&s.inb, "\r\n", 2)
+                    _append(&s.inb, "\r\n", 2)
+                    s.h2_resp_ended = True
+            elif e.kind == H2_EV_DATA:
+                if s.h2_resp_ended:
+                    h2_consume(core, e.stream_id, e.len)
+                    continue
+                if s.h2_resp_chunked:
+                    k = h1_chunk_header(e.len, line)
+                    _append(&s.inb, line, k)
+                    _append(&s.inb, core.arena + e.off, e.len)
+                    _append(&s.inb, "\r\n", 2)
+                else:
+                    _append(&s.inb, core.arena + e.off, e.len)
+                s.h2_owed += e.len
+            elif e.kind == H2_EV_END_STREAM:
+                if s.h2_resp_chunked and not s.h2_resp_ended:
+                    _append(&s.inb, "0\r\n\r\n", 5)
+                s.h2_resp_ended = True
+            elif e.kind == H2_EV_RESET or e.kind == H2_EV_HEADERS_TOO_LARGE:
+                s.h2_reset = True
+                s.h2_reset_code = e.code if e.kind == H2_EV_RESET else NGHTTP2_INTERNAL_ERROR
+                s.h2_req_done = True
+                if not s.h2_resp_ended:
+                    s.peer_eof = True  # the exchange machine sees a connection that broke
+            if s.down != NULL:
+                self._queue_ready(s.down)
+        h2_clear_events(core)
+
+    cdef void _h2u_response_head(self, Up *s, size_t off, uint32_t nfields, bint end_stream) noexcept nogil:
+        cdef h2_core *core = &s.conn.h2.core
+        cdef size_t cursor = off, namelen, valuelen
+        cdef const uint8_t *name
+        cdef const uint8_t *value
+        cdef const uint8_t *status_p = NULL
+        cdef uint32_t i
+        cdef unsigned status = 0
+        cdef bint has_length = False
+        cdef char line[64]
+        cdef int n
+        for i in range(nfields):
+            h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
+            if _is_name(name, namelen, ":status") and valuelen == 3:
+                status = (value[0] - 48) * 100 + (value[1] - 48) * 10 + (value[2] - 48)
+            elif _is_name(name, namelen, "content-length"):
+                has_length = True
+        if not 100 <= status <= 599:
+            s.h2_reset = True
+            s.peer_eof = True
+            return
+        n = snprintf(line, sizeof(line), "HTTP/1.1 %u %s\r\n", status, _reason(<uint16_t>status))
+        _append(&s.inb, line, n)
+        cursor = off
+        for i in range(nfields):
+            h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
+            if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
+                continue  # never passed on to an HTTP/1.1 peer
+            _append(&s.inb, name, namelen)
+            _append(&s.inb, ": ", 2)
+            _append(&s.inb, value, valuelen)
+            _append(&s.inb, "\r\n", 2)
+        if status >= 200:
+            if end_stream:
+                if not has_length and status != 204 and status != 304:
+                    _append(&s.inb, "content-length: 0\r\n", 19)
+                s.h2_resp_ended = True
+            elif not has_length:
+                _append(&s.inb, "transfer-encoding: chunked\r\n", 28)
+                s.h2_resp_chunked = True
+        if _append(&s.inb, "\r\n", 2) < 0:
+            s.h2_reset = True
+            s.peer_eof = True
+
+    cdef void _h2u_credit(self, Up *s) noexcept nogil:
+        cdef size_t held = _held(&s.inb)
+        cdef uint64_t release
+        if s.h2_owed == 0 or s.conn == NULL:
+            return
+        release = s.h2_owed if held == 0 else (s.h2_owed - held if s.h2_owed > held else 0)
+        if release:
+            h2_consume(&s.conn.h2.core, s.stream_id, release)
+            s.h2_owed -= release
+            self._h2u_flush(s.conn)
+
+    cdef void _h2u_fail(self, Up *c, int err) noexcept nogil:
+        """The connection is gone (or never came up): every stream on it fails."""
+        cdef Up *s
+        cdef Down *d
+        cdef bint connecting = c.state == U_CONNECTING
+        c.h2.finished = True
+        while c.h2.streams != NULL:
+            s = c.h2.streams
+            c.h2.streams = s.sib_next
+            s.sib_next = s.sib_prev = NULL
+            s.conn = NULL
+            s.h2_reset = True
+            d = s.down
+            if connecting and d != NULL:
+                # Never connected: a connect failure Python may retry elsewhere, as for HTTP/1.1.
+                s.down = NULL
+                d.up = NULL
+                self._h2u_stream_closed(s)
+                self._attempt_failed(d, err, FLAG_UF)
+            else:
+                if not s.h2_resp_ended:
+                    s.peer_eof = True
+                if d != NULL:
+                    self._queue_ready(d)
+        c.h2.nstreams = 0
+
+    cdef void _h2u_stream_closed(self, Up *s) noexcept nogil:
+        """A stream Up is done with: reset the stream unless both sides ended; credit what it held."""
+        cdef Up *c = s.conn
+        if s.dead:
+            return
+        if c != NULL and not c.dead and c.h2 != NULL:
+            if s.sib_prev != NULL:
+                s.sib_prev.sib_next = s.sib_next
+            else:
+                c.h2.streams = s.sib_next
+            if s.sib_next != NULL:
+                s.sib_next.sib_prev = s.sib_prev
+            c.h2.nstreams -= 1
+            if s.stream_id > 0 and not c.h2.finished:
+                if not s.h2_reset and not (s.h2_resp_ended and s.h2_req_done):
+                    # The client went away or the exchange was cut short: the server stops working on it.
+                    h2_reset(&c.h2.core, s.stream_id, NGHTTP2_CANCEL)
+                if s.h2_owed:
+                    h2_consume(&c.h2.core, s.stream_id, s.h2_owed)
+            if c.h2.nstreams == 0:
+                c.since_ns = self.now_ns  # idle from now on
+            self._h2u_flush(c)
+        s.conn = NULL
+        s.h2_owed = 0
+        if s.down != NULL:
+            s.down.up = NULL
+            s.down = NULL
+        _free_buf(&s.inb)
+        _free_buf(&s.outb)
+        s.dead = True
+        s.grave_next = self.up_graves
+        self.up_graves = s

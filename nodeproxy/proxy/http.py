@@ -37,6 +37,8 @@ UPSTREAM_CONNECT_FAILED = 502
 
 FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit in _l7.FLAGS.items()))
 
+# (request_id, ip, port, request_add, request_remove, response_add, response_remove, try_timeout_ms,
+# http2): http2 speaks HTTP/2 (h2c) to the upstream.
 ForwardAnswer = tuple[
     int,
     str,
@@ -46,6 +48,7 @@ ForwardAnswer = tuple[
     tuple[tuple[bytes, bytes], ...],
     tuple[bytes, ...],
     int,
+    bool,
 ]
 # (request_id, status, flag, detail, grpc_status): grpc_status answers a gRPC request over HTTP/2.
 ReplyAnswer = tuple[int, int, str, str] | tuple[int, int, str, str, int | None]
@@ -371,6 +374,7 @@ class HttpProxy:
                 edits.response_add,
                 edits.response_remove,
                 0,
+                decision.upstream_protocol == "http2",
             )
         )
 
