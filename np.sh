@@ -30,9 +30,10 @@ declare -A PROVIDER=(
 # C headers the native modules build against, and the Debian package that provides each.
 declare -A HEADER_PROVIDER=(
     [/usr/include/nghttp2/nghttp2.h]=libnghttp2-dev
+    [/usr/include/linux/bpf.h]=linux-libc-dev
 )
 APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client nghttp2-server haproxy nginx-light curl socat procps
-              psmisc build-essential libcap2-bin util-linux libnghttp2-dev vagrant systemd)
+              psmisc build-essential libcap2-bin util-linux libnghttp2-dev linux-libc-dev vagrant systemd)
 # Services the packages above would otherwise start (and enable) in the root namespace.
 ROOT_NS_SERVICES=(nginx haproxy)
 STAMP="$ROOT/build/.np-install-stamp"
