@@ -41,6 +41,11 @@ PLAIN_SERVICES = """
     vip: 10.96.0.23
     ports: [{port: 80, protocol: http}]
     endpoints: [{address: 10.244.1.52}, {address: 10.244.1.53}, {address: 10.244.1.54}]
+  - name: single
+    vip: 10.96.0.24
+    ports: [{port: 80, protocol: http}]
+    balancer: round_robin
+    endpoints: [{address: 10.244.1.55}]
 """
 WEB = ("10.96.0.23", 80)
 BATCH = 32  # records of each kind per batch: wrk -c32 keeps 32 requests in flight
@@ -62,10 +67,12 @@ def decision_costs(state: RoutingState, number: int, repeat: int) -> None:
     ratings = http_routes(state, "10.96.0.21", 50051)
     plain = http_routes(state, "10.96.0.22", 80)
     web = http_routes(state, *WEB)
+    single = http_routes(state, "10.96.0.24", 80)
     grpc = {"content-type": "application/grpc"}
     cases = {
         "service without routes (p2c over 2)": (plain, RequestAttrs("GET", "plain", "/", "", {})),
         "service without routes (p2c over 3)": (web, RequestAttrs("GET", "web", "/", "", {})),
+        "one endpoint, round_robin (bench.run's web-h1)": (single, RequestAttrs("GET", "s", "/", "", {})),
         "header exact, first route": (reviews, RequestAttrs("GET", "reviews", "/", "", {"x-env": "staging"})),
         "90/10 canary after 3 header routes": (reviews, RequestAttrs("GET", "reviews", "/", "", {})),
         "same, with a query to parse": (reviews, RequestAttrs("GET", "reviews", "/", "a=1&b=x%20y", {})),
@@ -77,7 +84,7 @@ def decision_costs(state: RoutingState, number: int, repeat: int) -> None:
     print("per decision (decide_request):")
     for name, (routes, attrs) in cases.items():
         cost = best_of(functools.partial(decide_request, routes, attrs), number, repeat)
-        print(f"  {name:44s} {cost * 1e6:6.2f} us")
+        print(f"  {name:46s} {cost * 1e6:6.2f} us")
 
 
 def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
@@ -124,7 +131,7 @@ def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
 
         per_request = (best_of(handle, 1, repeat) - best_of(build_only, 1, repeat)) / (batches * BATCH)
         print("per request (HEAD + DONE records through HttpProxy._handle, access log off):")
-        print(f"  {'service without routes (p2c over 3)':44s} {per_request * 1e6:6.2f} us")
+        print(f"  {'service without routes (p2c over 3)':46s} {per_request * 1e6:6.2f} us")
     finally:
         proxy.close()
 
