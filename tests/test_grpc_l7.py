@@ -159,9 +159,9 @@ def test_cancelled_call_cancels_the_server_call(server: EchoServer, channel: Any
 
 
 def test_local_replies_are_grpc_statuses() -> None:
-    for endpoints, port, expected in (
-        ([], free_port(), grpc.StatusCode.UNAVAILABLE),  # no endpoint: 503 UH
-        (["127.0.0.1"], free_port(), grpc.StatusCode.UNAVAILABLE),  # connect refused: 502 UF
+    for endpoints, port, expected, detail, flag in (
+        ([], free_port(), grpc.StatusCode.UNAVAILABLE, "has no endpoints", "UH"),
+        (["127.0.0.1"], free_port(), grpc.StatusCode.UNAVAILABLE, "upstream connect failed", "UF"),
     ):
         proxy = LoopbackProxy(endpoints, port, protocol="grpc")
         chan = grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=CHANNEL_OPTIONS)
@@ -169,6 +169,9 @@ def test_local_replies_are_grpc_statuses() -> None:
             with pytest.raises(grpc.RpcError) as raised:
                 method(chan, "unary_unary", "Unary")(b"x", timeout=10)
             assert raised.value.code() == expected
+            # The proxy's own answer (grpc-message, the flags header), not a client-side failure.
+            assert detail in raised.value.details()
+            assert dict(raised.value.trailing_metadata())["x-nodeproxy-flags"] == flag
         finally:
             chan.close()
             proxy.close()
