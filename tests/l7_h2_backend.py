@@ -33,9 +33,13 @@ class _Stream:
 
 
 class H2Backend:
-    def __init__(self, goaway_after: int = 0) -> None:
-        """goaway_after > 0: each connection sends a graceful GOAWAY after that many requests."""
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(
+        self, goaway_after: int = 0, address: tuple[str, int] = ("127.0.0.1", 0), name: str = ""
+    ) -> None:
+        """goaway_after > 0: each connection sends a graceful GOAWAY after that many requests. name: shown
+        in default answers (with the connection's peer address), to tell backends apart."""
+        self.name = name
+        self.listener = socket.create_server(address)
         self.port: int = self.listener.getsockname()[1]
         self.goaway_after = goaway_after
         self.connections = 0
@@ -218,6 +222,8 @@ class _Connection:
                 body = json.dumps(sorted(stream.headers.items())).encode()
             else:
                 body = f"h2backend path={full_path}".encode()
+                if self.server.name:
+                    body += " name={} peer={}:{}".format(self.server.name, *self.sock.getpeername()).encode()
             with self.cond:
                 self.conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
                 self.flush()
@@ -231,3 +237,10 @@ class _Connection:
                     # Graceful, once this answer is out (the h2 package sends nothing after a GOAWAY).
                     self.conn.close_connection(last_stream_id=sid)
                     self.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover - run inside a lab's backend pod
+    import sys
+
+    server = H2Backend(address=("0.0.0.0", int(sys.argv[1])), name=sys.argv[2])
+    server.stopping.wait()

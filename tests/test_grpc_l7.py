@@ -22,7 +22,8 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_len
 
 
 class EchoServer:
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1:0", name: str = "") -> None:
+        self.name = name
         self.cancelled = threading.Event()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -36,11 +37,18 @@ class EchoServer:
             "Hang": grpc.unary_unary_rpc_method_handler(self.hang),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.port: int = self.server.add_insecure_port("127.0.0.1:0")
+        self.port: int = self.server.add_insecure_port(address)
         self.server.start()
 
     def unary(self, request: bytes, context: Any) -> bytes:
-        context.set_trailing_metadata((("x-trailer", "t1"), ("x-size", str(len(request)))))
+        context.set_trailing_metadata(
+            (
+                ("x-trailer", "t1"),
+                ("x-size", str(len(request))),
+                ("x-server", self.name),
+                ("x-peer", context.peer()),
+            )
+        )
         return request[::-1]
 
     def collect(self, requests: Iterator[bytes], context: Any) -> bytes:
@@ -175,3 +183,9 @@ def test_local_replies_are_grpc_statuses() -> None:
         finally:
             chan.close()
             proxy.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - run inside a lab's backend pod
+    import sys
+
+    EchoServer(f"0.0.0.0:{sys.argv[1]}", sys.argv[2]).server.wait_for_termination()

@@ -99,16 +99,23 @@ class Engine:
     """HttpProxy in this process, its engine threads and listeners in the lab's node namespace."""
 
     def __init__(
-        self, lab: Lab, http: HttpConfig, pool_max_conns: int = 1024, offset: int = 0, capture: bool = False
+        self,
+        lab: Lab,
+        http: HttpConfig,
+        pool_max_conns: int = 1024,
+        offset: int = 0,
+        capture: bool = False,
+        config_text: str | None = None,
     ) -> None:
         """offset: listener ports are SERVICES' plus this, so a second engine can run beside the first.
         capture: also install the daemon's TPROXY capture in the node namespace and serve its
         transparent listener, connecting upstream from the client pod's own address, as the daemon does.
+        config_text: the configuration to serve instead of lab_config(lab).
         """
         self.lab = lab
         self.offset = offset
         updater = StateUpdater()
-        config = parse_config(lab_config(lab))
+        config = parse_config(config_text if config_text is not None else lab_config(lab))
         updater.apply(config)
         self.capture = CapturePlan.from_config(config) if capture else None
         self.loop = asyncio.new_event_loop()
