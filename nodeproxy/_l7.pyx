@@ -12,6 +12,19 @@ forwards the response and posts a REC_DONE record with status, bytes, timings an
 requests are handled one after the other, so their answers keep their order. After a 101 the two sockets
 become a raw tunnel. Body bytes never reach Python.
 
+HTTP/2 (h2c) through the same machine: a connection whose first bytes are the client preface (on any HTTP
+port, `auto` included, so prior knowledge works on `http2`/`grpc` ports) gets an nghttp2 session (_h2);
+each request stream becomes a child Down whose head and body are written into its input as HTTP/1.1 and
+whose answer is framed back as HEADERS, DATA and trailers, so every stream is one REC_HEAD of the same
+shape, decided and balanced on its own (at most 100 at once per connection). A forward with http2 set
+goes to the upstream over a pool of h2c connections per (source, endpoint), each request one stream Up
+translated the other way. Flow control holds both ways: a client's DATA is credited only once it left
+for the upstream, a server's only once it left for the client, and a stream stops reading its source while
+its framed bytes wait for the peer's window (H2_STREAM_HIGH_WATER), so a peer that never opens its window
+holds a bounded amount per stream and stalls nobody else. RST_STREAM goes both ways (a client's cancels the
+upstream request); GOAWAY is sent on draining and on idle, and a server's moves new requests to a new
+connection. gRPC requests get local replies as HTTP 200 with grpc-status, trailers-only.
+
 Ownership: a descriptor passed to adopt() belongs to the engine from then on; it is closed by the engine.
 Every adopted connection ends with exactly one REC_CONN_CLOSED record; every REC_HEAD is followed by
 exactly one REC_DONE for the same request id (possibly after REC_ATTEMPT_FAILED records, each of which

@@ -6,7 +6,9 @@ native engine (nodeproxy._l7) owns the socket. Whenever it has records, it write
 :class:`RequestAttrs`, calls :func:`decide_request` with the routing snapshot current at that moment and
 answers the whole batch at once; a failed upstream attempt is decided again (another endpoint) until
 `connect_attempts` are used up; a finished request updates the endpoint's counters and the access log.
-Python never sees a body byte.
+Python never sees a body byte. HTTP/2 needs nothing else here: every stream of an HTTP/2 client comes
+as a head record like an HTTP/1.1 request (same connection id), a forward says which protocol the
+upstream speaks (Forward.upstream_protocol), and a local reply carries its grpc-status for gRPC requests.
 """
 
 from __future__ import annotations
