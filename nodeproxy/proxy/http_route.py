@@ -71,8 +71,8 @@ GRPC_UNAVAILABLE: Final = 14
 class RequestAttrs(NamedTuple):
     """What routing may look at in one request head.
 
-    Immutable like the frozen dataclass it replaces, and built once per request head: as a named
-    tuple it costs a fifth of that (about 0.2 us against 0.5 to 0.7 us)."""
+    Immutable like the frozen dataclass it replaces, and built once per request head, where a named
+    tuple costs about 0.2 us against the dataclass's 0.5 us (positional) to 0.7 us (keywords)."""
 
     method: str
     authority: str
