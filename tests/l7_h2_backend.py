@@ -58,6 +58,9 @@ class H2Backend:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+            )  # headers and data go in separate writes
             with self.lock:
                 self.connections += 1
                 self.sockets.append(sock)

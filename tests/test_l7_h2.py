@@ -583,3 +583,15 @@ def test_one_gib_each_way_over_http2(proxy: LoopbackProxy) -> None:
         total += len(data)
     assert download.wait(125) == 0
     assert total == GIB and digest.hexdigest() == expected
+
+
+def test_sequential_requests_do_not_wait_for_delayed_acks(proxy: LoopbackProxy) -> None:
+    # One request at a time on one connection: frames written one small write each used to meet Nagle
+    # and the peer's delayed ACK, 40 ms a request.
+    client = H2Client(proxy.port)
+    client.get("/warm")
+    started = time.monotonic()
+    for i in range(100):
+        assert client.get(f"/q{i}").status == 200
+    assert time.monotonic() - started < 2.0  # 100 x 40 ms would be 4 s
+    client.close()

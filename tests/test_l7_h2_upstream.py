@@ -275,3 +275,13 @@ def test_one_gib_each_way_http2_to_http2(nghttpd: int) -> None:
         assert total == GIB and digest.hexdigest() == expected
     finally:
         running.close()
+
+
+def test_sequential_requests_do_not_wait_for_delayed_acks(proxy: LoopbackProxy) -> None:
+    client = H2Client(proxy.port)
+    client.get("/warm")
+    started = time.monotonic()
+    for i in range(100):
+        assert client.get(f"/q{i}").status == 200
+    assert time.monotonic() - started < 2.0  # 100 x 40 ms would be 4 s
+    client.close()
