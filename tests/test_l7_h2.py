@@ -595,3 +595,59 @@ def test_sequential_requests_do_not_wait_for_delayed_acks(proxy: LoopbackProxy) 
         assert client.get(f"/q{i}").status == 200
     assert time.monotonic() - started < 2.0  # 100 x 40 ms would be 4 s
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "body"),
+    [
+        ((("X-Upper", "1"),), None),  # uppercase field name (RFC 9113 §8.2.1)
+        ((("connection", "keep-alive"),), None),  # connection-specific (§8.2.2)
+        ((("transfer-encoding", "chunked"),), None),
+        ((("te", "gzip"),), None),  # te other than "trailers"
+        ((("content-length", "10"),), b"abc"),  # content-length against DATA (§8.1.1)
+    ],
+)
+def test_malformed_requests_are_reset_and_never_decided(
+    proxy: LoopbackProxy, fields: tuple[tuple[str, str], ...], body: bytes | None
+) -> None:
+    client = H2Client(proxy.port)
+    response = client.get("/bad", method="POST" if body else "GET", headers=fields, body=body)
+    assert response.reset == 1  # PROTOCOL_ERROR
+    assert client.get("/good").status == 200  # a stream error, not a connection error
+    assert proxy.proxy.stats.requests == (2 if body else 1)  # a bad head is never decided
+    client.close()
+
+
+def test_pseudo_header_mistakes_are_reset(proxy: LoopbackProxy) -> None:
+    sock = raw_h2(proxy.port)
+    import hpack
+
+    encoder = hpack.Encoder()
+    blocks = [
+        [(":method", "GET"), (":scheme", "http"), (":authority", "web")],  # no :path
+        [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "web"), (":path", "/x")],
+        [(":method", "GET"), ("x-a", "1"), (":path", "/"), (":scheme", "http")],  # pseudo after regular
+        [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":status", "200")],  # response pseudo
+    ]
+    for i, block in enumerate(blocks):
+        sock.sendall(frame(1, 0x5, 1 + 2 * i, bytes(encoder.encode(block))))
+    sock.sendall(
+        frame(
+            1,
+            0x5,
+            99,
+            bytes(
+                encoder.encode(
+                    [(":method", "GET"), (":path", "/ok"), (":scheme", "http"), (":authority", "web")]
+                )
+            ),
+        )
+    )
+    got = bytearray()
+    sock.settimeout(5)
+    while not any(f[0] == 0 and f[2] == 99 and f[1] & 1 for f in parse_frames(bytes(got))):
+        got += sock.recv(65536)
+    resets = {sid: int.from_bytes(p, "big") for kind, _, sid, p in parse_frames(bytes(got)) if kind == 3}
+    assert resets == {1: 1, 3: 1, 5: 1, 7: 1}
+    assert proxy.proxy.stats.requests == 1
+    sock.close()
