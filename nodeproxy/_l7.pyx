@@ -2051,8 +2051,8 @@ cdef class HttpWorker:
             self._h2u_stream_closed(u)  # resets the stream unless it completed; the connection stays
             return
         if u.h2 != NULL:
-            if not u.h2.finished:
-                self._h2u_fail(u, ECONNRESET)
+            if not u.h2.finished or u.h2.streams != NULL:
+                self._h2u_fail(u, ECONNRESET)  # no stream Up may keep a pointer to this connection
             if u.pool_prev != NULL:
                 u.pool_prev.pool_next = u.pool_next
             elif p != NULL:
