@@ -651,3 +651,13 @@ def test_pseudo_header_mistakes_are_reset(proxy: LoopbackProxy) -> None:
     assert resets == {1: 1, 3: 1, 5: 1, 7: 1}
     assert proxy.proxy.stats.requests == 1
     sock.close()
+
+
+def test_client_goaway_lets_its_streams_finish_then_closes(proxy: LoopbackProxy) -> None:
+    sock = raw_h2(proxy.port)
+    sock.sendall(frame(1, 0x5, 1, hpack_get("/slow/300")) + frame(7, 0, 0, struct.pack(">II", 0, 0)))
+    frames = parse_frames(read_until_closed(sock))
+    assert (1, 1) in [(kind, sid) for kind, _, sid, _ in frames]  # the answer's HEADERS
+    assert b"path=/slow/300" in b"".join(p for kind, _, sid, p in frames if kind == 0 and sid == 1)
+    sock.close()
+    assert wait_until(lambda: proxy.proxy.live_connections == 0 and not proxy.proxy.requests, 2)
