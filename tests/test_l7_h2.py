@@ -661,3 +661,24 @@ def test_client_goaway_lets_its_streams_finish_then_closes(proxy: LoopbackProxy)
     assert b"path=/slow/300" in b"".join(p for kind, _, sid, p in frames if kind == 0 and sid == 1)
     sock.close()
     assert wait_until(lambda: proxy.proxy.live_connections == 0 and not proxy.proxy.requests, 2)
+
+
+def test_oversized_header_block_is_431_and_the_connection_goes_on(proxy: LoopbackProxy) -> None:
+    client = H2Client(proxy.port)
+    many = tuple((f"x-f{i}", "v") for i in range(150))  # more fields than the 100 allowed
+    response = client.get("/many", headers=many)
+    assert response.status == 431 and response.headers["x-nodeproxy-flags"] == "DPE"
+    huge = (("x-big", "v" * 70_000),)  # more than the 60 KiB a head may have
+    response = client.get("/huge", headers=huge)
+    assert response.status == 431 or response.reset is not None
+    assert client.get("/fine").status == 200
+    assert proxy.proxy.stats.requests == 1
+    client.close()
+
+
+def test_100_continue_reaches_an_http2_client_as_informational_headers(proxy: LoopbackProxy) -> None:
+    client = H2Client(proxy.port)
+    response = client.get("/sink", method="POST", headers=(("expect", "100-continue"),), body=b"abc")
+    assert [info[":status"] for info in response.informational] == ["100"]
+    assert response.status == 200 and response.data.decode().split(" ")[1] == "3"
+    client.close()
