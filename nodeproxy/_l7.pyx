@@ -477,7 +477,10 @@ cdef bint _is_name(const unsigned char *p, size_t n, const char *lower) noexcept
 
 
 cdef bint _hop_by_hop(const unsigned char *p, size_t n) noexcept nogil:
-    # Connection-specific fields that HTTP/2 forbids (RFC 9113 §8.2.2).
+    # Connection-specific fields that HTTP/2 forbids (RFC 9113 §8.2.2). Most fields are none of them:
+    # the length alone tells (this runs for every field of every translated head).
+    if n != 2 and n != 7 and n != 10 and n != 16 and n != 17:
+        return False
     return (_is_name(p, n, "connection") or _is_name(p, n, "keep-alive") or _is_name(p, n, "proxy-connection")
             or _is_name(p, n, "transfer-encoding") or _is_name(p, n, "upgrade") or _is_name(p, n, "te"))
 
@@ -2945,6 +2948,7 @@ cdef class HttpWorker:
         cdef h2_core *core = &c.h2.core
         cdef h2_event *e
         cdef Up *s
+        cdef Up *last = NULL  # stream Ups are only freed after this walk (events only queue Downs)
         cdef size_t i, k
         cdef size_t cursor, namelen, valuelen
         cdef const uint8_t *name
@@ -2956,9 +2960,12 @@ cdef class HttpWorker:
             if e.kind == H2_EV_GOAWAY:
                 c.h2.goaway = True  # streams above its last id come back as REFUSED_STREAM resets
                 continue
-            s = c.h2.streams
-            while s != NULL and s.stream_id != e.stream_id:
-                s = s.sib_next
+            if last == NULL or last.stream_id != e.stream_id:
+                # A stream's HEADERS, DATA and END_STREAM mostly come together: ask the list only once.
+                last = c.h2.streams
+                while last != NULL and last.stream_id != e.stream_id:
+                    last = last.sib_next
+            s = last
             if s == NULL:
                 if e.kind == H2_EV_DATA:
                     h2_consume(core, e.stream_id, e.len)
