@@ -448,8 +448,8 @@ cdef struct Record:
     bint reused
     int client_fd             # REC_UPGRADED: the sockets now owned by whoever drains the record
     int upstream_fd
-    unsigned char *head       # REC_HEAD: copy of the head bytes (freed by drain)
-    h1_head *parsed           # REC_HEAD: spans into `head` (freed by drain)
+    unsigned char *head       # REC_HEAD: copy of the head bytes, in the block of `parsed` (never freed alone)
+    h1_head *parsed           # REC_HEAD: spans into `head`; one allocation with it (freed by drain)
 
 
 cdef class HttpWorker:
