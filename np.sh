@@ -160,7 +160,7 @@ python_install_current() {
 import pathlib, sys
 import nodeproxy
 import uvloop, pyroute2, structlog, pydantic, yaml, re2, h11  # runtime
-import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools, websockets, h2  # test extra
+import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools, websockets, h2, grpc  # test extra
 sys.exit(0 if pathlib.Path(nodeproxy.__file__).resolve().parent == pathlib.Path(sys.argv[1]) else 1)
 EOF
     ) >/dev/null 2>&1

@@ -144,3 +144,21 @@ def test_client_first_non_http_on_an_auto_port_is_relayed_as_tcp(l7_lab: Lab, l7
             received += chunk
         sock.shutdown(socket.SHUT_WR)
     assert received == payload
+
+
+def test_http2_prior_knowledge_is_routed_per_request_through_the_daemon(
+    l7_lab: Lab, l7_proxy: RunningProxy
+) -> None:
+    """An h2c client (curl, prior knowledge) on the HTTP port: every stream is decided on its own, by the
+    same routes, and answered over HTTP/2 while the backend speaks HTTP/1.1."""
+    staging = l7_lab.backend_pods[2].ns.rsplit("-", 1)[1]
+    url = f"http://{REVIEWS_VIP}/reviews/7"
+    argv = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10", "-o", "/dev/null"]
+    argv += ["-w", "%{http_version} %{http_code}\\n", "-H", "x-env: staging", url]
+    out = netns.run(l7_lab.client_pods[0].ns, argv)
+    assert out.split() == ["2", "200"]
+    body = netns.run(
+        l7_lab.client_pods[0].ns,
+        ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "10", "-H", "x-env: staging", url],
+    )
+    assert body.startswith(f"backend={staging} "), body

@@ -43,9 +43,9 @@ FDS_PER_RELAY_THREAD_FALLBACK = 2 + 2 * 128
 # the control pipe, a connect in progress.
 FDS_SPARE = 32
 ACCEPT_BATCH = 128
-# Port protocols the HTTP engine serves (HTTP/1.1; `auto` sniffs and hands non-HTTP back as TCP).
-# http2 and grpc ports stay on the splice relay until the engine speaks HTTP/2.
-HTTP_ENGINE_PROTOCOLS = frozenset({"http", "auto"})
+# Port protocols the HTTP engine serves: HTTP/1.1 and HTTP/2 (by the client's preface) on all of them;
+# `auto` also hands what is not HTTP back as TCP.
+HTTP_ENGINE_PROTOCOLS = frozenset({"http", "auto", "http2", "grpc"})
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
 LOAD_REFRESH_INTERVAL = 1.0  # seconds between publications of a worker's load besides batch ends
 LOCAL_ENDING_NAME = "local_resources"  # access-log `ending` of a connection this host could not carry
