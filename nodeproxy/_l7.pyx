@@ -2566,7 +2566,7 @@ cdef class HttpWorker:
         1 when something moved, 0 when it waits (more bytes, or the client's window), -1 if s is gone."""
         cdef h2_core *core = &s.parent.h2.core
         cdef nghttp2_nv nva[H2_NV_MAX]
-        cdef char status_text[4]
+        cdef char status_text[8]
         cdef unsigned char *base
         cdef size_t avail, nnv
         cdef ssize_t n
@@ -2589,7 +2589,11 @@ cdef class HttpWorker:
                     s.flags |= FLAG_UPE
                     self._release_down(s, 0, 0)
                     return -1
-                snprintf(status_text, sizeof(status_text), "%u", <unsigned>s.h2_resp.status)
+                # The HTTP/1.1 parser accepts exactly three status digits; :status relies on it.
+                if snprintf(status_text, sizeof(status_text), "%u", <unsigned>s.h2_resp.status) != 3:
+                    s.flags |= FLAG_UPE
+                    self._release_down(s, 0, 0)
+                    return -1
                 _nv(&nva[0], ":status", 7, status_text, 3)
                 nnv = 1
                 for i in range(s.h2_resp.nfields):
