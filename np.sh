@@ -25,7 +25,7 @@ declare -A PROVIDER=(
     [nginx]=nginx-light [curl]=curl [socat]=socat [ps]=procps [sysctl]=procps
     [killall]=psmisc [fuser]=psmisc [gcc]=build-essential [make]=build-essential
     [capsh]=libcap2-bin [setpriv]=util-linux [nghttpd]=nghttp2-server
-    [vagrant]=vagrant [systemd-analyze]=systemd
+    [vagrant]=vagrant [systemd-analyze]=systemd [strace]=strace [prlimit]=util-linux
 )
 # C headers the native modules build against, and the Debian package that provides each.
 declare -A HEADER_PROVIDER=(
@@ -33,7 +33,7 @@ declare -A HEADER_PROVIDER=(
     [/usr/include/linux/bpf.h]=linux-libc-dev
 )
 APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client nghttp2-server haproxy nginx-light curl socat procps
-              psmisc build-essential libcap2-bin util-linux libnghttp2-dev linux-libc-dev vagrant systemd)
+              psmisc build-essential libcap2-bin util-linux libnghttp2-dev linux-libc-dev vagrant systemd strace)
 # Services the packages above would otherwise start (and enable) in the root namespace.
 ROOT_NS_SERVICES=(nginx haproxy)
 STAMP="$ROOT/build/.np-install-stamp"
@@ -160,7 +160,7 @@ python_install_current() {
 import pathlib, sys
 import nodeproxy
 import uvloop, pyroute2, structlog, pydantic, yaml, re2, h11  # runtime
-import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools, websockets, h2, grpc  # test extra
+import pytest, pytest_timeout, hypothesis, ruff, mypy, Cython, setuptools, websockets, h2, hpack, hyperframe, grpc  # test extra
 sys.exit(0 if pathlib.Path(nodeproxy.__file__).resolve().parent == pathlib.Path(sys.argv[1]) else 1)
 EOF
     ) >/dev/null 2>&1
