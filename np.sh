@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # np.sh: one entry point for working on nodeproxy on a Debian 12 machine.
 #
-#   sudo ./np.sh install        install the system tools and the Python package (editable) + native relay
-#   sudo ./np.sh demo           install, then run the demo on a throwaway namespace lab
-#   sudo ./np.sh test [ARGS]    install, then python3 -m pytest -q ARGS
-#   sudo ./np.sh bench [ARGS]   install, then python3 -m bench.run ARGS
-#        ./np.sh lint           ruff check . and mypy (needs a prior install; does not need root)
-#   sudo ./np.sh clean-labs [P] delete leftover lab namespaces whose names start with P (default: npt)
+#   ./np.sh install        install the system tools and the Python package (editable) + native relay
+#   ./np.sh demo           install, then run the demo on a throwaway namespace lab
+#   ./np.sh test [ARGS]    install, then python3 -m pytest -q ARGS
+#   ./np.sh bench [ARGS]   install, then python3 -m bench.run ARGS
+#   ./np.sh lint           ruff check . and mypy (needs a prior install; does not need root)
+#   ./np.sh clean-labs [P] delete leftover lab namespaces whose names start with P (default: npt)
 #
 # Environment: PYTHON (default python3) picks the interpreter; NP_FORCE_INSTALL=1 redoes the pip step
 # even when nothing changed.
