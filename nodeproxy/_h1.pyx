@@ -1044,6 +1044,13 @@ cdef inline bint _put_str(unsigned char *dst, size_t cap, size_t *pos, const cha
     return _put(dst, cap, pos, <const unsigned char *>s, n)
 
 
+cdef inline bint _put_field(unsigned char *dst, size_t cap, size_t *pos, const unsigned char *name,
+                            size_t name_len, const unsigned char *value, size_t value_len) noexcept nogil:
+    """Append one `name: value` CRLF line; False when it does not fit."""
+    return (_put(dst, cap, pos, name, name_len) and _put_str(dst, cap, pos, b": ", 2)
+            and _put(dst, cap, pos, value, value_len) and _put_str(dst, cap, pos, b"\r\n", 2))
+
+
 cdef bint _put_decimal(unsigned char *dst, size_t cap, size_t *pos, uint64_t value) noexcept nogil:
     cdef unsigned char digits[20]
     cdef int n = 0
@@ -1171,9 +1178,7 @@ cdef ssize_t h1_serialize_head(const unsigned char *src, const h1_head *head, bi
         f = &head.fields[k]
         if not _forwarded(src, head, f, opts):
             continue
-        if not (_put(dst, cap, &pos, src + f.name.off, f.name.len) and _put_str(dst, cap, &pos, b": ", 2)
-                and _put(dst, cap, &pos, src + f.value.off, f.value.len)
-                and _put_str(dst, cap, &pos, b"\r\n", 2)):
+        if not _put_field(dst, cap, &pos, src + f.name.off, f.name.len, src + f.value.off, f.value.len):
             return -1
     if opts.framing == H1_FRAMING_CHUNKED or (opts.framing == H1_FRAMING_AS_PARSED and head.chunked):
         if not _put_str(dst, cap, &pos, b"Transfer-Encoding: chunked\r\n", 28):
@@ -1200,9 +1205,7 @@ cdef ssize_t h1_serialize_head(const unsigned char *src, const h1_head *head, bi
             return -1
     for k in range(opts.nadd):
         ref = &opts.add[k]
-        if not (_put(dst, cap, &pos, ref.name, ref.name_len) and _put_str(dst, cap, &pos, b": ", 2)
-                and _put(dst, cap, &pos, ref.value, ref.value_len)
-                and _put_str(dst, cap, &pos, b"\r\n", 2)):
+        if not _put_field(dst, cap, &pos, ref.name, ref.name_len, ref.value, ref.value_len):
             return -1
     if not _put_str(dst, cap, &pos, b"\r\n", 2):
         return -1
@@ -1243,15 +1246,11 @@ cdef ssize_t h1_serialize_trailers(const unsigned char *src, const h1_head *trai
             f = &trailers.fields[k]
             if not _forwarded(src, trailers, f, &filter_opts):
                 continue
-            if not (_put(dst, cap, &pos, src + f.name.off, f.name.len) and _put_str(dst, cap, &pos, b": ", 2)
-                    and _put(dst, cap, &pos, src + f.value.off, f.value.len)
-                    and _put_str(dst, cap, &pos, b"\r\n", 2)):
+            if not _put_field(dst, cap, &pos, src + f.name.off, f.name.len, src + f.value.off, f.value.len):
                 return -1
     for k in range(opts.nadd):
         ref = &opts.add[k]
-        if not (_put(dst, cap, &pos, ref.name, ref.name_len) and _put_str(dst, cap, &pos, b": ", 2)
-                and _put(dst, cap, &pos, ref.value, ref.value_len)
-                and _put_str(dst, cap, &pos, b"\r\n", 2)):
+        if not _put_field(dst, cap, &pos, ref.name, ref.name_len, ref.value, ref.value_len):
             return -1
     if not _put_str(dst, cap, &pos, b"\r\n", 2):
         return -1
