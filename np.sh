@@ -5,7 +5,7 @@
 #   ./np.sh demo           install, then run the demo on a throwaway namespace lab
 #   ./np.sh test [ARGS]    install, then python3 -m pytest -q ARGS
 #   ./np.sh bench [ARGS]   install, then python3 -m bench.run ARGS
-#   ./np.sh lint           ruff check . and mypy (needs a prior install; does not need root)
+#   ./np.sh lint           ruff check ., ruff format --check . and mypy (after an install; no root needed)
 #   ./np.sh clean-labs [P] delete leftover lab namespaces whose names start with P (default: npt)
 #
 # Environment: PYTHON (default python3) picks the interpreter; NP_FORCE_INSTALL=1 redoes the pip step
