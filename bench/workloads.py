@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from bench.latency import percentile
 from bench.paths import REPO_ROOT, BenchError, TargetKind, Targets, python_env
@@ -506,6 +506,30 @@ CPU_PER_GB = "CPU-s/GB"
 CPU_PER_10K_CONNECTIONS = "CPU-s/10k conn"
 CPU_PER_100K_REQUESTS = "CPU-s/100k req"
 
+
+def _request_cost_workload(protocol: str, target: Literal["h1", "h2"], label: str) -> Workload:
+    """Requests at a fixed rate over `protocol` to `target`: no rate metric, only the proxy's CPU per
+    100k requests at the same offered load on every proxy."""
+    http1 = target == "h1"
+    return Workload(
+        f"{protocol} fixed rate",
+        (),
+        lambda ns, t, d: fixed_rate_requests(ns, _url(t, target), d, http1=http1, rate=REQUEST_RATE),
+        target=target,
+        group="l7",
+        cost=Cost(
+            Metric(
+                f"cpu_{target}_requests",
+                f"  proxy CPU-s per 100k {label} req @{REQUEST_RATE:g}/s",
+                CPU_PER_100K_REQUESTS,
+                Better.LOWER,
+            ),
+            "requests",
+            100_000,
+        ),
+    )
+
+
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "iperf3 1 stream",
@@ -548,23 +572,7 @@ WORKLOADS: tuple[Workload, ...] = (
         target="h1",
         group="l7",
     ),
-    Workload(
-        "http/1.1 fixed rate",
-        (),
-        lambda ns, t, d: fixed_rate_requests(ns, _url(t, "h1"), d, http1=True, rate=REQUEST_RATE),
-        target="h1",
-        group="l7",
-        cost=Cost(
-            Metric(
-                "cpu_h1_requests",
-                f"  proxy CPU-s per 100k HTTP/1.1 req @{REQUEST_RATE:g}/s",
-                CPU_PER_100K_REQUESTS,
-                Better.LOWER,
-            ),
-            "requests",
-            100_000,
-        ),
-    ),
+    _request_cost_workload("http/1.1", "h1", "HTTP/1.1"),
     Workload(
         "http/2 h2load",
         (
@@ -586,23 +594,7 @@ WORKLOADS: tuple[Workload, ...] = (
         target="h2",
         group="l7",
     ),
-    Workload(
-        "http/2 fixed rate",
-        (),
-        lambda ns, t, d: fixed_rate_requests(ns, _url(t, "h2"), d, http1=False, rate=REQUEST_RATE),
-        target="h2",
-        group="l7",
-        cost=Cost(
-            Metric(
-                "cpu_h2_requests",
-                f"  proxy CPU-s per 100k HTTP/2 req @{REQUEST_RATE:g}/s",
-                CPU_PER_100K_REQUESTS,
-                Better.LOWER,
-            ),
-            "requests",
-            100_000,
-        ),
-    ),
+    _request_cost_workload("http/2", "h2", "HTTP/2"),
     # New connections at a fixed rate (issue 6): the proxy's CPU per connection at the same offered load
     # on both proxies. Before wrk Connection: close, which leaves far more TIME_WAIT sockets behind.
     Workload(
