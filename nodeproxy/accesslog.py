@@ -237,6 +237,61 @@ class AccessLog:
                 f', "errno": {err}, "error": {_text(error)}',
             )
 
+    def request(
+        self,
+        request_id: int,
+        conn_fields: str,
+        method: str | None,
+        authority: str | None,
+        path: str | None,
+        route: str | None,
+        status: int,
+        flags: str,
+        err: int,
+        bytes_in: int,
+        bytes_out: int,
+        decide_ms: float,
+        upstream_ms: float,
+        duration_ms: float,
+        attempts: int,
+        reused: bool,
+    ) -> None:
+        """One finished HTTP request. `conn_fields` is http_request_fields(); method, authority and path
+        come from the client, so they are escaped and cut like free text."""
+        if self.info_enabled:
+            self._emit(
+                "request",
+                "info",
+                f'"request": {request_id}, {conn_fields}',
+                f', "method": {_optional_text(method)}, "authority": {_optional_text(authority)}, '
+                f'"path": {_optional_text(path)}, "route": {self._name(route)}, "status": {status}, '
+                f'"flags": {self._name(flags)}, "errno": {err}, "bytes_in": {bytes_in}, '
+                f'"bytes_out": {bytes_out}, "decide_ms": {decide_ms:.3f}, "upstream_ms": {upstream_ms:.3f}, '
+                f'"duration_ms": {duration_ms:.3f}, "attempts": {attempts}, '
+                f'"reused": {"true" if reused else "false"}',
+            )
+
+    def http_request_fields(
+        self,
+        conn_id: int,
+        client: tuple[str, int] | None,
+        original: tuple[str, int] | None,
+        service: str | None,
+        upstream: tuple[str, int] | None,
+    ) -> str:
+        """The connection fields of an HTTP request record; the connection may be gone (None)."""
+        src = f'"{client[0]}:{client[1]}"' if client is not None else "null"
+        dst = f'"{original[0]}:{original[1]}"' if original is not None else "null"
+        upstream_text = self._name(f"{upstream[0]}:{upstream[1]}") if upstream is not None else "null"
+        return (
+            f'"conn": {conn_id}, "src": {src}, "dst": {dst}, "service": {self._name(service)}, '
+            f'"upstream": {upstream_text}'
+        )
+
+
+def _optional_text(value: str | None) -> str:
+    return "null" if value is None else _text(value)
+
 
 class AtomicLineLogger:
     """A structlog logger writing each rendered message as one line with one write() (unlike

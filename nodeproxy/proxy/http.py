@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from nodeproxy import _l7
+from nodeproxy.accesslog import AccessLog, structlog_level
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import HttpConfig, RelayConfig
 from nodeproxy.proxy.http_route import Forward, LocalReply, RequestAttrs, decide_request
@@ -161,6 +162,9 @@ class HttpProxy:
         self.routing = routing
         self.relay_config = relay
         self.access_log = access_log
+        # Per-request records are rendered by hand and written with one write() below PIPE_BUF, as the
+        # listener's connection records are (accesslog); structlog keeps the rarer events.
+        self._access_log = AccessLog(enabled=access_log, level=structlog_level())
         self.bind_source = bind_source  # connect upstream from the client's address (transparent)
         self.splice_relay = splice_relay
         self.not_http = not_http
@@ -457,30 +461,31 @@ class HttpProxy:
         if endpoint is not None:
             endpoint.active -= 1
         self.stats.status_classes[status // 100] += 1  # 0: no response
-        if not self.access_log:
+        if not self._access_log.info_enabled:
             return
         conn = self.connections.get(conn_id)
         attrs = request.attrs if request is not None else None
-        log.info(
-            "request",
-            request=request_id,
-            conn=conn_id,
-            src=f"{conn.client_ip}:{conn.client_port}" if conn else None,
-            dst=f"{conn.orig_ip}:{conn.orig_port}" if conn else None,
+        self._access_log.request(
+            request_id,
+            self._access_log.http_request_fields(
+                conn_id,
+                (conn.client_ip, conn.client_port) if conn else None,
+                (conn.orig_ip, conn.orig_port) if conn else None,
+                request.service if request else None,
+                (endpoint.address, endpoint.port) if endpoint else None,
+            ),
             method=attrs.method if attrs else None,
             authority=attrs.authority if attrs else None,
             path=attrs.path if attrs else None,
-            service=request.service if request else None,
             route=request.route if request else None,
-            upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
             status=status,
             flags=flag_text(flags, request.local_flag if request else None),
-            errno=err,
+            err=err,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
-            decide_ms=round(decide_ns / 1e6, 3),
-            upstream_ms=round(upstream_ns / 1e6, 3),
-            duration_ms=round(total_ns / 1e6, 3),
+            decide_ms=decide_ns / 1e6,
+            upstream_ms=upstream_ns / 1e6,
+            duration_ms=total_ns / 1e6,
             attempts=attempts,
             reused=bool(reused),
         )
