@@ -429,6 +429,7 @@ class HttpProxy:
             endpoint.connect_failures += 1
             request.tried += (endpoint.address,)
             request.endpoint = None
+        error = os.strerror(err) if err else "unknown error"
         if self.access_log:
             log.warning(
                 "upstream attempt failed",
@@ -436,12 +437,12 @@ class HttpProxy:
                 conn=request.conn.id,
                 upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
                 errno=err,
-                error=os.strerror(err) if err else "unknown error",
+                error=error,
                 flags=flag_text(flags),
                 attempt=attempts,
             )
         route = self.routing().lookup(request.conn.orig_ip, request.conn.orig_port)
-        reason = f"upstream connect failed ({os.strerror(err) if err else 'unknown error'})"
+        reason = f"upstream connect failed ({error})"
         if attempts >= self.relay_config.connect_attempts or route is None or route.http is None:
             self._reply(
                 request_id, request, LocalReply(502, "UF", f"{reason} after {attempts} attempts"), replies
