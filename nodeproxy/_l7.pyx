@@ -166,6 +166,23 @@ cdef int _append(Buf *b, const void *p, size_t n) noexcept nogil:
     return 0
 
 
+cdef int _append_h1_fields(Buf *b, const h2_core *core, size_t cursor, uint32_t nfields) noexcept nogil:
+    """Append an HTTP/2 field block from cursor as HTTP/1.1 `name: value` lines, leaving out pseudo-headers
+    and fields HTTP/1.1 cannot carry; -1 when the buffer could not grow (the lines are then incomplete)."""
+    cdef size_t namelen, valuelen
+    cdef const uint8_t *name
+    cdef const uint8_t *value
+    cdef uint32_t i
+    for i in range(nfields):
+        h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
+        if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
+            continue
+        if (_append(b, name, namelen) < 0 or _append(b, ": ", 2) < 0 or _append(b, value, valuelen) < 0
+                or _append(b, "\r\n", 2) < 0):
+            return -1
+    return 0
+
+
 cdef inline void _consume(Buf *b, size_t n) noexcept nogil:
     b.off += n
     if b.off >= b.len:
@@ -1539,7 +1556,7 @@ cdef class HttpWorker:
             if d.req_body.kind == H1_BODY_NONE or d.req_body.ended:
                 d.req_done = True
                 return 1
-            if _held(&u.outb) > (H2_STREAM_HIGH_WATER if u.h2_stream else HIGH_WATER):
+            if _held(&u.outb) > <size_t>(H2_STREAM_HIGH_WATER if u.h2_stream else HIGH_WATER):
                 return progressed  # the upstream is slow: resumes when it drains (EPOLLOUT, or its window)
             avail = _held(&d.inb)
             if avail > 0:
@@ -1610,7 +1627,7 @@ cdef class HttpWorker:
                         progressed = 1
                         continue
             else:
-                if _held(&d.outb) > (H2_STREAM_HIGH_WATER if d.parent != NULL else HIGH_WATER):
+                if _held(&d.outb) > <size_t>(H2_STREAM_HIGH_WATER if d.parent != NULL else HIGH_WATER):
                     return progressed  # the client is slow: resumes when it drains
                 if avail > 0:
                     n = h1_body_feed(&u.resp_body, u.inb.data + u.inb.off, avail, &chunk)
@@ -2513,25 +2530,13 @@ cdef class HttpWorker:
     cdef void _h2_request_trailers(self, Down *s, size_t off, uint32_t nfields) noexcept nogil:
         # Trailers ride on a chunked body's trailer section; a content-length body cannot carry them.
         cdef H2Conn *h = s.parent.h2
-        cdef size_t cursor = off, namelen, valuelen
-        cdef const uint8_t *name
-        cdef const uint8_t *value
-        cdef uint32_t i
         if s.h2_req_ended:
             return
         s.h2_req_ended = True
         if not s.h2_chunked or s.state == D_CLOSING or s.req_abandoned:
             return
-        _append(&s.inb, "0\r\n", 3)
-        for i in range(nfields):
-            h2_field_next(&h.core, &cursor, &name, &namelen, &value, &valuelen)
-            if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
-                continue  # never forwarded to an HTTP/1.1 upstream
-            _append(&s.inb, name, namelen)
-            _append(&s.inb, ": ", 2)
-            _append(&s.inb, value, valuelen)
-            _append(&s.inb, "\r\n", 2)
-        if _append(&s.inb, "\r\n", 2) < 0:
+        if (_append(&s.inb, "0\r\n", 3) < 0 or _append_h1_fields(&s.inb, &h.core, off, nfields) < 0
+                or _append(&s.inb, "\r\n", 2) < 0):
             self._release_down(s, 0, ENOMEM)
             return
         self._queue_ready(s)
@@ -2951,10 +2956,6 @@ cdef class HttpWorker:
         cdef Up *s
         cdef Up *last = NULL  # stream Ups are only freed after this walk (events only queue Downs)
         cdef size_t i, k
-        cdef size_t cursor, namelen, valuelen
-        cdef const uint8_t *name
-        cdef const uint8_t *value
-        cdef uint32_t j
         cdef unsigned char line[H1_CHUNK_HEADER_MAX]
         for i in range(core.nevents):
             e = &core.events[i]
@@ -2976,17 +2977,10 @@ cdef class HttpWorker:
                     self._h2u_response_head(s, e.off, e.nfields, (e.code & H2_BLOCK_END_STREAM) != 0)
                 elif s.h2_resp_chunked and not s.h2_resp_ended:
                     # Trailers (grpc-status...) as the chunked body's trailer section.
-                    _append(&s.inb, "0\r\n", 3)
-                    cursor = e.off
-                    for j in range(e.nfields):
-                        h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
-                        if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
-                            continue
-                        _append(&s.inb, name, namelen)
-                        _append(&s.inb, ": ", 2)
-                        _append(&s.inb, value, valuelen)
-                        _append(&s.inb, "\r\n", 2)
-                    _append(&s.inb, "\r\n", 2)
+                    if (_append(&s.inb, "0\r\n", 3) < 0 or _append_h1_fields(&s.inb, core, e.off, e.nfields) < 0
+                            or _append(&s.inb, "\r\n", 2) < 0):
+                        s.h2_reset = True  # out of memory: the trailer section is incomplete
+                        s.peer_eof = True
                     s.h2_resp_ended = True
             elif e.kind == H2_EV_DATA:
                 if s.h2_resp_ended:
@@ -3025,6 +3019,7 @@ cdef class HttpWorker:
         cdef bint has_length = False
         cdef char line[64]
         cdef int n
+        cdef bint failed
         for i in range(nfields):
             h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
             if _is_name(name, namelen, ":status") and valuelen == 3:
@@ -3036,25 +3031,16 @@ cdef class HttpWorker:
             s.peer_eof = True
             return
         n = snprintf(line, sizeof(line), "HTTP/1.1 %u %s\r\n", status, _reason(<uint16_t>status))
-        _append(&s.inb, line, n)
-        cursor = off
-        for i in range(nfields):
-            h2_field_next(core, &cursor, &name, &namelen, &value, &valuelen)
-            if (namelen and name[0] == b':') or not h1_field_is_valid(name, namelen, value, valuelen):
-                continue  # never passed on to an HTTP/1.1 peer
-            _append(&s.inb, name, namelen)
-            _append(&s.inb, ": ", 2)
-            _append(&s.inb, value, valuelen)
-            _append(&s.inb, "\r\n", 2)
+        failed = _append(&s.inb, line, n) < 0 or _append_h1_fields(&s.inb, core, off, nfields) < 0
         if status >= 200:
             if end_stream:
                 if not has_length and status != 204 and status != 304:
-                    _append(&s.inb, "content-length: 0\r\n", 19)
+                    failed = failed or _append(&s.inb, "content-length: 0\r\n", 19) < 0
                 s.h2_resp_ended = True
             elif not has_length:
-                _append(&s.inb, "transfer-encoding: chunked\r\n", 28)
+                failed = failed or _append(&s.inb, "transfer-encoding: chunked\r\n", 28) < 0
                 s.h2_resp_chunked = True
-        if _append(&s.inb, "\r\n", 2) < 0:
+        if failed or _append(&s.inb, "\r\n", 2) < 0:
             s.h2_reset = True
             s.peer_eof = True
 
