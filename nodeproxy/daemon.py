@@ -264,6 +264,7 @@ class Worker:
             access_log=self.access_log,
             splice_relay=pool,
             not_http=self.listener.adopt_tcp,
+            access_log_writer=self.listener.access_log,
         )
         self.listener.http = http
         self.drain_hooks.append(http.begin_drain)

@@ -144,7 +144,8 @@ class HttpProxy:
     RelayPool), a connection upgraded by a 101 (WebSocket) moves to the splice relay once no byte is in
     flight; without one the engine relays it itself. `not_http` takes the connections of `auto` ports
     that turn out not to be HTTP/1 (or stay silent for http.peek_timeout), with their first bytes still
-    unread: the listener's L4 path. It owns the fd from the call on.
+    unread: the listener's L4 path. It owns the fd from the call on. `access_log_writer` writes the
+    per-request records (default: a new AccessLog on stderr, enabled as `access_log` says).
     """
 
     def __init__(
@@ -158,13 +159,19 @@ class HttpProxy:
         pool_max_conns: int = 1024,
         splice_relay: RelayPool | None = None,
         not_http: NotHttpHandler | None = None,
+        access_log_writer: AccessLog | None = None,
     ) -> None:
         self.routing = routing
         self.relay_config = relay
         self.access_log = access_log
         # Per-request records are rendered by hand and written with one write() below PIPE_BUF, as the
-        # listener's connection records are (accesslog); structlog keeps the rarer events.
-        self._access_log = AccessLog(enabled=access_log, level=structlog_level())
+        # listener's connection records are (accesslog); structlog keeps the rarer events. The daemon
+        # passes the listener's writer, so a worker has one.
+        self._access_log = (
+            access_log_writer
+            if access_log_writer is not None
+            else AccessLog(enabled=access_log, level=structlog_level())
+        )
         self.bind_source = bind_source  # connect upstream from the client's address (transparent)
         self.splice_relay = splice_relay
         self.not_http = not_http
