@@ -3013,7 +3013,6 @@ cdef class HttpWorker:
         cdef size_t cursor = off, namelen, valuelen
         cdef const uint8_t *name
         cdef const uint8_t *value
-        cdef const uint8_t *status_p = NULL
         cdef uint32_t i
         cdef unsigned status = 0
         cdef bint has_length = False
