@@ -20,7 +20,7 @@ missing from the array) it returns SK_PASS without a selection and the kernel fa
 """
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.string cimport memset
+from libc.string cimport memset, strlen
 from libc.stdint cimport uint64_t
 
 import os as _os
@@ -209,7 +209,9 @@ cdef int _load_program(list insns) except -1:
             if fd >= 0:
                 return fd
             err = errno
-        detail = log[:VERIFIER_LOG_SIZE - 1].decode("ascii", "replace").strip()
+        # The verifier writes a NUL-terminated text; the buffer's bytes after it were never initialized.
+        log[VERIFIER_LOG_SIZE - 1] = 0
+        detail = log[:strlen(log)].decode("ascii", "replace").strip()
         raise OSError(err, f"bpf(BPF_PROG_LOAD): {_os.strerror(err)}; verifier: "
                            f"{detail[max(0, len(detail) - 2000):]}")
     finally:
