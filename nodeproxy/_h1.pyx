@@ -1605,6 +1605,30 @@ def chunk_header(size: int) -> bytes:
     return out[:h1_chunk_header(size, out)]
 
 
+cdef h1_field_ref *_field_refs(list add_list, list remove_list) except NULL:
+    """A PyMem block of refs: the added (name, value) pairs, then the removed names. The refs borrow the
+    bytes objects' buffers: the lists must outlive them."""
+    cdef Py_ssize_t nadd = len(add_list)
+    cdef Py_ssize_t k
+    cdef bytes name, value
+    cdef h1_field_ref *refs = <h1_field_ref *>PyMem_Malloc(sizeof(h1_field_ref) * (nadd + len(remove_list) + 1))
+    if refs == NULL:
+        raise MemoryError()
+    for k in range(nadd):
+        name, value = add_list[k]
+        refs[k].name = name
+        refs[k].name_len = len(name)
+        refs[k].value = value
+        refs[k].value_len = len(value)
+    for k in range(len(remove_list)):
+        name = remove_list[k]
+        refs[nadd + k].name = name
+        refs[nadd + k].name_len = len(name)
+        refs[nadd + k].value = NULL
+        refs[nadd + k].value_len = 0
+    return refs
+
+
 def serialize_trailers(raw_fields: bytes, *, add: object = (), remove: object = ()) -> bytes:
     """Parse trailer field lines (each ending in CRLF) and serialize the end of a chunked body
     (h1_serialize_trailers); ValueError if they do not parse or an added field is invalid."""
@@ -1614,9 +1638,7 @@ def serialize_trailers(raw_fields: bytes, *, add: object = (), remove: object = 
     cdef h1_field_ref *refs = NULL
     cdef list add_list = [(bytes(n), bytes(v)) for n, v in add]
     cdef list remove_list = [bytes(n) for n in remove]
-    cdef Py_ssize_t k
     cdef Py_ssize_t nadd = len(add_list)
-    cdef bytes name, value
     cdef bytearray out
     cdef ssize_t written
     cdef size_t cap
@@ -1627,21 +1649,7 @@ def serialize_trailers(raw_fields: bytes, *, add: object = (), remove: object = 
         h1_limits_default(&lim)
         if h1_parse_trailers(src, len(raw_fields), &lim, fields) < 0:
             raise ValueError(fields.error.decode())
-        refs = <h1_field_ref *>PyMem_Malloc(sizeof(h1_field_ref) * (nadd + len(remove_list) + 1))
-        if refs == NULL:
-            raise MemoryError()
-        for k in range(nadd):
-            name, value = add_list[k]
-            refs[k].name = name
-            refs[k].name_len = len(name)
-            refs[k].value = value
-            refs[k].value_len = len(value)
-        for k in range(len(remove_list)):
-            name = remove_list[k]
-            refs[nadd + k].name = name
-            refs[nadd + k].name_len = len(name)
-            refs[nadd + k].value = NULL
-            refs[nadd + k].value_len = 0
+        refs = _field_refs(add_list, remove_list)
         memset(&opts, 0, sizeof(opts))
         opts.add = refs
         opts.nadd = nadd
@@ -1686,9 +1694,6 @@ def serialize_head(
     cdef h1_field_ref *refs = NULL
     cdef list add_list = [(bytes(n), bytes(v)) for n, v in add]
     cdef list remove_list = [bytes(n) for n in remove]
-    cdef Py_ssize_t nrefs = len(add_list) + len(remove_list)
-    cdef Py_ssize_t k
-    cdef bytes name, value
     cdef bytearray out
     cdef ssize_t written
     cdef int r
@@ -1705,21 +1710,7 @@ def serialize_head(
             r = h1_parse_response(src, len(raw_head), &lim, head)
         if r != 1:
             raise ValueError(head.error.decode() if r < 0 else "incomplete head")
-        refs = <h1_field_ref *>PyMem_Malloc(sizeof(h1_field_ref) * (nrefs + 1))
-        if refs == NULL:
-            raise MemoryError()
-        for k in range(len(add_list)):
-            name, value = add_list[k]
-            refs[k].name = name
-            refs[k].name_len = len(name)
-            refs[k].value = value
-            refs[k].value_len = len(value)
-        for k in range(len(remove_list)):
-            name = remove_list[k]
-            refs[len(add_list) + k].name = name
-            refs[len(add_list) + k].name_len = len(name)
-            refs[len(add_list) + k].value = NULL
-            refs[len(add_list) + k].value_len = 0
+        refs = _field_refs(add_list, remove_list)
         opts.add = refs
         opts.nadd = len(add_list)
         opts.remove = refs + len(add_list)
