@@ -2464,6 +2464,9 @@ cdef class HttpWorker:
                           and (valuelen == 16 or value[16] == b'+' or value[16] == b';'))
         if path == NULL:
             path, path_len = authority, authority_len  # CONNECT: authority-form (answered 405 later)
+            need += authority_len  # written twice then: as the target and as host
+        # need covers every line written below (each field's name, value and 4 bytes, 128 for the fixed
+        # parts), so after this reserve the unchecked _append calls cannot fail.
         b = &s.inb
         if _reserve(b, need + 64) < 0:
             self._release_down(s, 0, ENOMEM)
