@@ -208,6 +208,7 @@ cdef class RelayWorker:
 
     @property
     def connecting(self):
+        """Connections still waiting for their upstream connect to finish."""
         return self.connecting
 
     @property
