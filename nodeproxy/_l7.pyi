@@ -10,6 +10,35 @@ CONN_CLOSED: int
 UPGRADED: int
 NOT_HTTP: int
 FLAGS: dict[str, int]
+
+# Answers to HEAD / ATTEMPT_FAILED records (type aliases for the checker; nothing at run time).
+# (request_id, ip, port, request_add, request_remove, response_add, response_remove, try_timeout_ms[,
+# http2]): http2 speaks HTTP/2 (h2c) to the upstream.
+ForwardAnswer = (
+    tuple[
+        int,
+        str,
+        int,
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        int,
+    ]
+    | tuple[
+        int,
+        str,
+        int,
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        int,
+        bool,
+    ]
+)
+# (request_id, status, flag, detail[, grpc_status]): grpc_status answers a gRPC request over HTTP/2.
+ReplyAnswer = tuple[int, int, str, str] | tuple[int, int, str, str, int | None]
 HIGH_WATER_BYTES: int
 IO_CHUNK_BYTES: int
 
@@ -41,30 +70,8 @@ class HttpWorker:
     ) -> None: ...
     def answer(
         self,
-        forwards: Sequence[
-            tuple[
-                int,
-                str,
-                int,
-                tuple[tuple[bytes, bytes], ...],
-                tuple[bytes, ...],
-                tuple[tuple[bytes, bytes], ...],
-                tuple[bytes, ...],
-                int,
-            ]
-            | tuple[
-                int,
-                str,
-                int,
-                tuple[tuple[bytes, bytes], ...],
-                tuple[bytes, ...],
-                tuple[tuple[bytes, bytes], ...],
-                tuple[bytes, ...],
-                int,
-                bool,
-            ]
-        ],
-        replies: list[tuple[int, int, str, str] | tuple[int, int, str, str, int | None]],
+        forwards: Sequence[ForwardAnswer],
+        replies: Sequence[ReplyAnswer],
     ) -> None: ...
     # Records of several shapes, told apart by their first item (HEAD, DONE, ATTEMPT_FAILED, CONN_CLOSED).
     def drain(self, with_headers: bool = True) -> list[tuple[Any, ...]]: ...

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,6 +33,9 @@ from nodeproxy.proxy.http_route import Forward, LocalReply, RequestAttrs, decide
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import RoutingState
 
+if TYPE_CHECKING:  # type aliases of the engine's answers, declared once in its stub
+    from nodeproxy._l7 import ForwardAnswer, ReplyAnswer
+
 log = structlog.get_logger("nodeproxy.http")
 
 # Local-reply details for failures the engine reports and Python answers.
@@ -40,21 +43,6 @@ UPSTREAM_CONNECT_FAILED = 502
 
 FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit in _l7.FLAGS.items()))
 
-# (request_id, ip, port, request_add, request_remove, response_add, response_remove, try_timeout_ms,
-# http2): http2 speaks HTTP/2 (h2c) to the upstream.
-ForwardAnswer = tuple[
-    int,
-    str,
-    int,
-    tuple[tuple[bytes, bytes], ...],
-    tuple[bytes, ...],
-    tuple[tuple[bytes, bytes], ...],
-    tuple[bytes, ...],
-    int,
-    bool,
-]
-# (request_id, status, flag, detail, grpc_status): grpc_status answers a gRPC request over HTTP/2.
-ReplyAnswer = tuple[int, int, str, str] | tuple[int, int, str, str, int | None]
 # (conn_id, client_fd, client_ip, client_port, orig_ip, orig_port) of a connection that is not HTTP/1.
 NotHttpHandler = Callable[[int, int, str, int, str, int], None]
 
