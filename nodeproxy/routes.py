@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from nodeproxy.balance import Balancer, Endpoint, Picker
 from nodeproxy.resilience.config import RouteResilience
+from nodeproxy.resilience.guard import RouteGuards, ServiceGuards
 
 if TYPE_CHECKING:
     from nodeproxy.config import Service
@@ -690,6 +691,8 @@ class CompiledRoute:
     request_headers_remove: tuple[str, ...]
     response_headers_add: tuple[tuple[str, str], ...]
     response_headers_remove: tuple[str, ...]
+    # Timeout, retries, rate limit and fault injection of the route, compiled (resilience/guard.py).
+    guards: RouteGuards
 
     @property
     def subsets(self) -> tuple[str | None, ...]:
@@ -706,11 +709,17 @@ class HttpServiceRoutes:
     subsets: Mapping[str, tuple[Endpoint, ...]]
     endpoints: tuple[Endpoint, ...]
     balancer: Balancer
-    # Request header names some route matches on: the engine copies only these into RequestAttrs.
+    # Request header names some route matches on.
     matched_headers: frozenset[str]
+    # What the engine copies into RequestAttrs.headers: matched_headers and the names the routes'
+    # guards read (grpc-timeout, x-nodeproxy-timeout-ms, fault-injection conditions).
+    copied_headers: frozenset[str]
     # False when the service has no routes: then everything goes to all endpoints (route 'default').
     has_routes: bool
     rng: random.Random  # draws a route's weighted destination
+    # The service's live resilience state (breakers, budget, ejections, rate limits), kept across
+    # snapshots by the StateUpdater like the endpoints.
+    guards: ServiceGuards
     # Every request goes upstream over HTTP/2 (http2 and grpc ports); otherwise only gRPC requests.
     http2_upstream: bool = False
 
@@ -770,6 +779,7 @@ def _compile_route(
         request_headers_remove=req_remove,
         response_headers_add=resp_add,
         response_headers_remove=resp_remove,
+        guards=RouteGuards.from_config(name, route.resilience),
     )
 
 
@@ -786,10 +796,13 @@ def compile_service_routes(
     endpoints: tuple[Endpoint, ...],
     balancer: Balancer,
     rng: random.Random,
+    guards: ServiceGuards,
 ) -> HttpServiceRoutes:
     """The compiled routing of one HTTP port of `service` over its live `endpoints`.
 
-    Subsets are resolved against the endpoints' labels now, so call this again for every snapshot."""
+    Subsets are resolved against the endpoints' labels now, so call this again for every snapshot.
+    `guards` is the service's live resilience state; `balancer` should be one of its balancers
+    (ServiceGuards.balancer), so that picks skip ejected endpoints."""
     if protocol not in L7_PROTOCOLS:
         raise ValueError(f"service {service.name}: protocol {protocol} has no HTTP routing")
     subsets = {s.name: _select(endpoints, s.labels) for s in service.subsets}
@@ -803,6 +816,9 @@ def compile_service_routes(
     matched = {h.name for r in service.routes for m in r.match for h in m.headers}
     if protocol != "grpc":
         matched.add(GRPC_DETECTION_HEADER)
+    copied = set(matched)
+    for route in routes:  # the deadline's and the fault's headers
+        copied |= route.guards.header_names
     return HttpServiceRoutes(
         service=service.name,
         protocol=protocol,
@@ -811,7 +827,9 @@ def compile_service_routes(
         endpoints=endpoints,
         balancer=balancer,
         matched_headers=frozenset(matched),
+        copied_headers=frozenset(copied),
         has_routes=bool(service.routes),
         rng=rng,
+        guards=guards,
         http2_upstream=protocol in ("http2", "grpc"),
     )

@@ -549,6 +549,7 @@ def test_canary_90_10_within_3_percent_over_2000_requests() -> None:
 def test_decision_can_be_built_without_config_for_the_engine() -> None:
     # HttpServiceRoutes is a plain value: the engine's tests may compile one from models directly.
     from nodeproxy.config import Service
+    from nodeproxy.resilience.guard import ServiceGuards
     from nodeproxy.routes import compile_service_routes
 
     service = Service.model_validate(
@@ -561,7 +562,8 @@ def test_decision_can_be_built_without_config_for_the_engine() -> None:
         }
     )
     endpoint = Endpoint("10.0.0.1", 8080, labels={"app": "svc"})
-    routes = compile_service_routes(service, "http", (endpoint,), RoundRobin(), random.Random(0))
+    guards = ServiceGuards("svc", service.resilience, (endpoint,))
+    routes = compile_service_routes(service, "http", (endpoint,), RoundRobin(), random.Random(0), guards)
     decision = decide_request(routes, attrs())
     assert isinstance(decision, Forward) and decision.endpoint is endpoint and decision.route == "routes[0]"
 

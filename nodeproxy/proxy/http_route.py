@@ -168,21 +168,46 @@ def decide_request(
     """Where one request goes: the first matching route, a weighted destination, then the balancer.
 
     `tried` holds the addresses of endpoints this request already failed on (for retries)."""
+    route = match_route(routes, attrs)
+    if route is None:
+        return no_route(routes, attrs)
+    return forward_to(routes, route, draw_destination(routes, route), attrs, tried)
+
+
+def match_route(routes: HttpServiceRoutes, attrs: RequestAttrs) -> CompiledRoute | None:
+    """The first route whose match holds for the request; None if none does."""
     query = _NO_PARAMS
     parsed = False
     for route in routes.routes:
         matcher = route.matcher
         if matcher is None:
-            break
+            return route
         if route.uses_query and not parsed:
             query, parsed = (query_parameters(attrs.query) if attrs.query else _NO_PARAMS), True
         if matcher(attrs, query):
-            break
-    else:
-        grpc = is_grpc_request(routes, attrs)
-        return local_reply(404, "NR", f"no route of service {routes.service} matches the request", grpc)
+            return route
+    return None
+
+
+def no_route(routes: HttpServiceRoutes, attrs: RequestAttrs) -> LocalReply:
+    grpc = is_grpc_request(routes, attrs)
+    return local_reply(404, "NR", f"no route of service {routes.service} matches the request", grpc)
+
+
+def draw_destination(routes: HttpServiceRoutes, route: CompiledRoute) -> CompiledDestination:
+    """One of the route's destinations, drawn by weight (a retry keeps the request's draw)."""
     destinations = route.destinations
-    destination = destinations[0] if len(destinations) == 1 else destinations[_draw(routes, route)]
+    return destinations[0] if len(destinations) == 1 else destinations[_draw(routes, route)]
+
+
+def forward_to(
+    routes: HttpServiceRoutes,
+    route: CompiledRoute,
+    destination: CompiledDestination,
+    attrs: RequestAttrs,
+    tried: Collection[str] = (),
+) -> RouteDecision:
+    """The Forward to the endpoint the destination's balancer picks, avoiding `tried`."""
     endpoint = destination.pick(tried)
     if endpoint is None:
         return _no_endpoint(routes, destination, attrs)

@@ -7,6 +7,11 @@ so connections opened before a reload keep decrementing the same counters they i
 For HTTP ports (protocol http, http2, grpc or auto) the updater also compiles the service's routes and
 subsets into an HttpServiceRoutes here, once per snapshot, so no request ever compiles a regex or
 filters endpoints by label.
+
+Each service also has one ServiceGuards (nodeproxy/resilience/guard.py): its circuit breakers,
+retry budget, outlier detector and rate-limit buckets. Like the endpoints, it is live state carried
+across swaps (reconfigured, not rebuilt, by a reload), and the service's balancers come from it so
+that every pick skips ejected endpoints.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nodeproxy.balance import Balancer, Endpoint, make_balancer
-from nodeproxy.config import Config
+from nodeproxy.balance import Balancer, Endpoint
+from nodeproxy.config import Config, Service
+from nodeproxy.resilience.guard import ServiceGuards
 from nodeproxy.routes import L7_PROTOCOLS, HttpServiceRoutes, Protocol, compile_service_routes
 
 
@@ -32,6 +38,8 @@ class ServiceRoute:
     protocol: Protocol = "tcp"
     # Compiled routes for an HTTP port (protocol other than tcp); None for tcp ports.
     http: HttpServiceRoutes | None = None
+    # The service's live resilience state (shared by all its ports); None only in hand-built states.
+    guards: ServiceGuards | None = None
 
 
 @dataclass(frozen=True)
@@ -54,13 +62,15 @@ class StateUpdater:
         self.rng = rng or random.Random()
         self.current: RoutingState = EMPTY
         self._endpoints: dict[tuple[str, int, str, int], Endpoint] = {}
-        self._balancers: dict[tuple[str, int], tuple[str, Balancer]] = {}
+        # (service, port) -> (what the balancer was made from, the balancer)
+        self._balancers: dict[tuple[str, int], tuple[object, Balancer]] = {}
+        self._guards: dict[str, ServiceGuards] = {}
 
     def apply(self, config: Config) -> RoutingState:
         """Build the state for `config` and make it current; returns it."""
-        routes: dict[tuple[str, int], ServiceRoute] = {}
         endpoints: dict[tuple[str, int, str, int], Endpoint] = {}
-        balancers: dict[tuple[str, int], tuple[str, Balancer]] = {}
+        port_members: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
+        service_members: dict[str, list[Endpoint]] = {}
         for (vip, port), (service, service_port) in config.service_ports().items():
             members = []
             for ep in service.endpoints:
@@ -72,18 +82,55 @@ class StateUpdater:
                 live.weight, live.node, live.labels = ep.weight, ep.node, dict(ep.labels)
                 endpoints[key] = live
                 members.append(live)
+            port_members[(vip, port)] = tuple(members)
+            service_members.setdefault(service.name, []).extend(members)
+        guards = {
+            service.name: self._service_guards(
+                config.node.name, service, service_members.get(service.name, [])
+            )
+            for service in config.services
+        }
+        routes: dict[tuple[str, int], ServiceRoute] = {}
+        balancers: dict[tuple[str, int], tuple[object, Balancer]] = {}
+        for (vip, port), (service, service_port) in config.service_ports().items():
+            members_here = port_members[(vip, port)]
+            service_guards = guards[service.name]
+            made_from = (service.balancer, service.resilience.load_balancing, config.node.name)
             kept = self._balancers.get((service.name, port))
-            balancer = kept[1] if kept and kept[0] == service.balancer else make_balancer(service.balancer)
-            balancers[(service.name, port)] = (service.balancer, balancer)
+            # A kept balancer keeps its latency estimates; it was made by these same guards.
+            balancer = (
+                kept[1]
+                if kept and kept[0] == made_from and service.name in self._guards
+                else service_guards.balancer(service.balancer)
+            )
+            balancers[(service.name, port)] = (made_from, balancer)
             protocol = service_port.resolved_protocol
             http = (
-                compile_service_routes(service, protocol, tuple(members), balancer, self.rng)
+                compile_service_routes(service, protocol, members_here, balancer, self.rng, service_guards)
                 if protocol in L7_PROTOCOLS
                 else None
             )
             routes[(vip, port)] = ServiceRoute(
-                service.name, vip, port, tuple(members), balancer, protocol=protocol, http=http
+                service.name,
+                vip,
+                port,
+                members_here,
+                balancer,
+                protocol=protocol,
+                http=http,
+                guards=service_guards,
             )
-        self._endpoints, self._balancers = endpoints, balancers
+        self._endpoints, self._balancers, self._guards = endpoints, balancers, guards
         self.current = RoutingState(generation=self.current.generation + 1, routes=routes)
         return self.current
+
+    def _service_guards(self, node: str, service: Service, members: list[Endpoint]) -> ServiceGuards:
+        """The service's guards: the live ones reconfigured (ejections, budget and in-flight counts
+        kept), or new ones."""
+        routes = {r.name or f"routes[{i}]": r.resilience for i, r in enumerate(service.routes)}
+        kept = self._guards.get(service.name)
+        if kept is None:
+            return ServiceGuards(service.name, service.resilience, members, routes, local_node=node)
+        kept.reconfigure(service.resilience, members, routes)
+        kept.local_node = node
+        return kept
