@@ -24,9 +24,10 @@ import select
 import stat
 import sys
 import time
-from typing import Any, Protocol, TextIO, cast
+from typing import Annotated, Any, Final, Literal, Protocol, TextIO, cast
 
 import structlog
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # Records at most this long are written atomically to a pipe (POSIX guarantees PIPE_BUF >= 512; Linux 4096).
 MAX_LINE = select.PIPE_BUF
@@ -110,6 +111,73 @@ class FixedLevel:
 
     def __init__(self, threshold: int = INFO) -> None:
         self.threshold = threshold
+
+
+# Access-log levels by name; "off" is above every record's level.
+LEVELS: Final[dict[str, int]] = {"debug": 10, "info": INFO, "warning": WARNING, "error": ERROR, "off": 100}
+
+
+class SettableLevel:
+    """A level changed at run time by name (:func:`set_level`)."""
+
+    def __init__(self, name: str = "info") -> None:
+        self.name = name
+        self.threshold = LEVELS[name]
+
+    def set(self, name: str) -> None:
+        threshold = LEVELS.get(name)
+        if threshold is None:
+            raise ValueError(f"unknown access-log level {name!r} (one of {', '.join(LEVELS)})")
+        self.name, self.threshold = name, threshold
+
+
+# The access-log level of this process: the level of every AccessLog made without its own level source.
+# "info" writes every record, "warning" only failures (see AccessLog), "off" none.
+ACCESS_LEVEL: Final = SettableLevel("info")
+
+
+def set_level(name: str) -> None:
+    """Change the access-log level of this process at once (the admin API calls it in every worker):
+    one of LEVELS. Raises ValueError for another name."""
+    ACCESS_LEVEL.set(name)
+
+
+def get_level() -> str:
+    return ACCESS_LEVEL.name
+
+
+def _output(value: str) -> str:
+    if value in ("stdout", "stderr"):
+        return value
+    if not value.startswith("/") or "\0" in value or len(value) > 4095:
+        raise ValueError("must be 'stdout', 'stderr' or an absolute file path")
+    return value
+
+
+class AccessLogConfig(BaseModel):
+    """Where access-log records go and how many of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="False: no access-log records (as --no-access-log).")
+    # Under systemd, stdout and stderr go to journald; a file is opened for appending (O_APPEND, so
+    # every worker process's records land whole).
+    output: Annotated[str, AfterValidator(_output)] = Field(
+        default="stderr", description="'stdout', 'stderr' or an absolute file path."
+    )
+    # Failures (5xx, no response, any response flag, refused or failed connections) are always
+    # written: sampling thins the successes only, which are the bulk and the least interesting.
+    sampling: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="Percent of successful requests and connections that get a record.",
+    )
+    level: Literal["debug", "info", "warning", "error", "off"] = Field(
+        default="info",
+        description="Initial access-log level (changeable at run time); warning: failures only.",
+    )
 
 
 def structlog_level() -> LevelSource:
