@@ -12,7 +12,7 @@ import pytest
 
 from nodeproxy.balance import Balancer, Endpoint
 from nodeproxy.resilience.config import RouteResilience, ServiceResilience
-from nodeproxy.resilience.guard import Admission, RouteGuards, ServiceGuards, failure_answer
+from nodeproxy.resilience.guard import HOLD_GRPC_ONLY, Admission, RouteGuards, ServiceGuards, failure_answer
 from nodeproxy.resilience.outcome import AttemptResult, Failure, LocalAnswer
 from nodeproxy.resilience.retry import Retry, exclude_for_retry
 
@@ -260,3 +260,26 @@ def test_failure_answers() -> None:
     assert reset is not None and (reset.status, reset.flag) == (502, "UC")
     timeout = failure_answer(AttemptResult(failure=Failure.TIMEOUT), GiveUp("not retriable"))
     assert timeout is not None and (timeout.status, timeout.flag, timeout.grpc_status) == (504, "UT", 4)
+
+
+@pytest.mark.parametrize(
+    ("retries", "hold", "replay"),
+    [
+        ({}, 503, 65536),  # defaults: retriable-status-codes [503] and gRPC codes
+        ({"max_retries": 0}, 0, 0),  # no retries: nothing held, nothing buffered
+        ({"retry_on": ["connect-failure", "reset"]}, 0, 65536),  # no response is ever retried
+        ({"retry_on": ["5xx"], "max_replay_body": 1024}, 500, 1024),
+        ({"retry_on": ["gateway-error"]}, 502, 65536),
+        ({"retry_on": ["unavailable"]}, HOLD_GRPC_ONLY, 65536),
+        (
+            {"retry_on": ["gateway-error", "retriable-status-codes"], "retriable_status_codes": [409]},
+            409,
+            65536,
+        ),
+    ],
+)
+def test_route_guards_tell_the_engine_what_to_hold_and_buffer(
+    retries: dict[str, Any], hold: int, replay: int
+) -> None:
+    guards = RouteGuards.from_config("r", RouteResilience.model_validate({"retries": retries}))
+    assert (guards.hold_min_status, guards.replay_limit) == (hold, replay)

@@ -33,12 +33,25 @@ from nodeproxy.resilience.circuit import CircuitBreaker, Resource, overflow_answ
 from nodeproxy.resilience.config import RateLimitConfig, RouteResilience, ServiceResilience
 from nodeproxy.resilience.deadline import Deadline, deadline_exceeded
 from nodeproxy.resilience.fault import FaultPolicy
-from nodeproxy.resilience.outcome import AttemptResult, Failure, GrpcStatus, LocalAnswer
+from nodeproxy.resilience.outcome import (
+    GATEWAY_ERROR_STATUSES,
+    AttemptResult,
+    Failure,
+    GrpcStatus,
+    LocalAnswer,
+)
 from nodeproxy.resilience.outlier import Ejection, OutlierDetector
 from nodeproxy.resilience.ratelimit import RateLimiter
-from nodeproxy.resilience.retry import GiveUp, Retry, RetryPolicy, RetryState
+from nodeproxy.resilience.retry import GiveUp, Retry, RetryOn, RetryPolicy, RetryState
 
-__all__ = ["Admission", "RouteGuards", "ServiceGuards", "failure_answer"]
+__all__ = [
+    "HOLD_GRPC_ONLY",
+    "Admission",
+    "RouteGuards",
+    "ServiceGuards",
+    "failure_answer",
+    "hold_min_status_for",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +63,22 @@ class RouteGuards:
     honor_caller_timeout: bool
     retry_policy: RetryPolicy
     fault: FaultPolicy | None
+    # What the engine is asked to do for this route's attempts (see hold_min_status_for).
+    hold_min_status: int = 0
+    replay_limit: int = 0
 
     @classmethod
     def from_config(cls, name: str, config: RouteResilience) -> RouteGuards:
+        policy = config.retries.policy()
+        retrying = policy.max_retries > 0
         return cls(
             name,
             config.timeout,
             config.honor_caller_timeout,
-            config.retries.policy(),
+            policy,
             config.fault.policy() if config.fault is not None else None,
+            hold_min_status_for(policy) if retrying else 0,
+            policy.max_replay_body if retrying else 0,
         )
 
     @property
@@ -88,6 +108,37 @@ class Admission:
     def headers_at(self, now: float) -> tuple[tuple[str, str], ...]:
         """Headers to set (replacing the caller's) on an attempt sent at `now`: the time left."""
         return self.deadline.upstream_headers(now, grpc=self.grpc)
+
+
+# The engine holds a response head for a decision when its status is at least this, or when it is a
+# gRPC trailers-only response with a non-zero grpc-status (nodeproxy/_l7.pyx). HOLD_GRPC_ONLY is above
+# every status, for policies that retry gRPC codes but no HTTP status; 0 holds nothing.
+HOLD_GRPC_ONLY = 1000
+_GRPC_CONDITIONS = frozenset(
+    {
+        RetryOn.CANCELLED,
+        RetryOn.DEADLINE_EXCEEDED,
+        RetryOn.INTERNAL,
+        RetryOn.RESOURCE_EXHAUSTED,
+        RetryOn.UNAVAILABLE,
+    }
+)
+
+
+def hold_min_status_for(policy: RetryPolicy) -> int:
+    """The lowest response status `policy` may retry (HOLD_GRPC_ONLY when it retries only gRPC
+    codes, 0 when it retries no response at all): every response below it streams to the client at
+    once, with no round trip to Python; only the rarer ones at or above it wait for a decision."""
+    on = policy.retry_on
+    lowest = HOLD_GRPC_ONLY if on & _GRPC_CONDITIONS else 0
+    if RetryOn.HTTP_5XX in on:
+        lowest = 500
+    elif RetryOn.GATEWAY_ERROR in on:
+        lowest = min(GATEWAY_ERROR_STATUSES)
+    if RetryOn.RETRIABLE_STATUS_CODES in on and policy.retriable_status_codes:
+        codes = min(policy.retriable_status_codes)
+        lowest = codes if lowest == 0 else min(lowest, codes)
+    return lowest
 
 
 def failure_answer(result: AttemptResult, give_up: GiveUp) -> LocalAnswer | None:
