@@ -413,7 +413,7 @@ class TraceStart:
     ) -> None:
         self.set_headers = set_headers
         self.remove_headers = remove_headers
-        self.trace_id: str | None = trace_id
+        self.trace_id = trace_id
         self.span_id = span_id
         self.parent_span_id = parent_span_id
         self.sampled = sampled
