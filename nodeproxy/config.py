@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from nodeproxy.accesslog import AccessLogConfig
 from nodeproxy.resilience.config import ServiceResilience
 from nodeproxy.routes import (
     Protocol,
@@ -39,6 +40,7 @@ from nodeproxy.routes import (
     protocol_from_port_name,
     service_route_problems,
 )
+from nodeproxy.tracing import TracingConfig
 
 __all__ = [
     "CaptureConfig",
@@ -47,6 +49,7 @@ __all__ = [
     "Endpoint",
     "HttpConfig",
     "ListenersConfig",
+    "MetricsConfig",
     "NodeConfig",
     "RelayConfig",
     "Service",
@@ -600,6 +603,35 @@ class HttpConfig(_Frozen):
     ] = Field(default=4.0, description="Idle upstream connections are closed after this.")
 
 
+class MetricsConfig(_Frozen):
+    """The Prometheus endpoint (docs/observability.md). Changing address or port needs a restart."""
+
+    # Loopback by default: a node daemon's listener on the node's own address would be reachable from
+    # every pod and the network. Istio's sidecars listen on 15020 on the pod address; a cluster-wide
+    # Prometheus scraping this node needs `address: 0.0.0.0` (or the node's address) and a firewall.
+    address: IPv4 = Field(
+        default=IPv4Address("127.0.0.1"), description="Address the metrics listener binds (IPv4)."
+    )
+    # 15020 is Istio's merged-metrics port (ztunnel's and the sidecar agent's).
+    port: int = Field(
+        default=15020,
+        strict=True,
+        ge=0,
+        le=65535,
+        description="TCP port serving /metrics and /stats/prometheus; 0: no listener (the admin "
+        "socket's GET /v1/metrics still works).",
+    )
+    # Per worker and family (request metrics, TCP metrics); label values come from the config, so
+    # only a config naming thousands of services and workloads gets near it.
+    max_series: int = Field(
+        default=20000,
+        strict=True,
+        ge=100,
+        le=1_000_000,
+        description="Label sets kept per metric family and worker; beyond, new ones are dropped and counted.",
+    )
+
+
 class ServicePort(_Frozen):
     """One port of a service VIP and the endpoint port it forwards to."""
 
@@ -715,6 +747,9 @@ class Config(_Frozen):
     relay: RelayConfig = RelayConfig()
     services: list[Service] = Field(default=[], description="Services whose VIPs are captured and balanced.")
     http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Self:
