@@ -426,19 +426,40 @@ class SkipUnhealthy:
     of the untried ones is healthy it picks among all of them rather than fail the request (Envoy's
     panic mode: a guess at a possibly recovered endpoint beats a certain 503)."""
 
-    def __init__(self, inner: Balancer, healthy: Callable[[Endpoint], bool]) -> None:
+    def __init__(
+        self,
+        inner: Balancer,
+        healthy: Callable[[Endpoint], bool],
+        all_healthy: Callable[[], bool] | None = None,
+    ) -> None:
         self.inner = inner
         self.healthy = healthy
+        # Optional cheap "nobody is unhealthy now" (no ejection in force): then a pick skips the
+        # per-endpoint questions and goes straight to the inner balancer.
+        self.all_healthy = all_healthy
 
     def pick(self, endpoints: Sequence[Endpoint], tried: Collection[str]) -> Endpoint | None:
+        if self.all_healthy is not None and self.all_healthy():
+            return self.inner.pick(endpoints, tried)
         usable = [e for e in endpoints if e.address not in tried and self.healthy(e)]
         if usable:
             return self.inner.pick(usable, ())
         return self.inner.pick(endpoints, tried)
 
     def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
-        # Health changes between picks, and asking may change the detector's state: ask every time.
-        return _pick_every_time(self, endpoints)
+        # Health changes between picks, and asking may change the detector's state: ask every time,
+        # unless nobody is unhealthy, when the inner balancer's prepared picker does.
+        all_healthy = self.all_healthy
+        if all_healthy is None:
+            return _pick_every_time(self, endpoints)
+        prepared = self.inner.prepare(endpoints)
+        members = tuple(endpoints)
+        pick = self.pick
+
+        def pick_skipping_unhealthy(tried: Collection[str]) -> Endpoint | None:
+            return prepared(tried) if all_healthy() else pick(members, tried)
+
+        return pick_skipping_unhealthy
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
         self.inner.observe(endpoint, rtt)
@@ -494,9 +515,11 @@ def make_balancer(
     decay: float = DEFAULT_EWMA_DECAY,
     local_node: str | None = None,
     healthy: Callable[[Endpoint], bool] | None = None,
+    all_healthy: Callable[[], bool] | None = None,
 ) -> Balancer:
     """The balancer called `name` (a key of BALANCERS); wrapped in SkipUnhealthy when `healthy` is
-    given, then in PreferLocal when `local_node` is. `default_rtt` and `decay` apply to peak_ewma."""
+    given (`all_healthy`: see SkipUnhealthy), then in PreferLocal when `local_node` is.
+    `default_rtt` and `decay` apply to peak_ewma."""
     balancer: Balancer
     if name == "peak_ewma":
         balancer = PeakEwma(clock, rng, default_rtt, decay)
@@ -509,5 +532,5 @@ def make_balancer(
     else:
         raise ValueError(f"unknown balancer {name!r}; known: {', '.join(sorted(BALANCERS))}")
     if healthy is not None:
-        balancer = SkipUnhealthy(balancer, healthy)
+        balancer = SkipUnhealthy(balancer, healthy, all_healthy)
     return PreferLocal(balancer, local_node, healthy) if local_node is not None else balancer

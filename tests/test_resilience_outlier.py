@@ -255,6 +255,11 @@ class EjectionMachine(RuleBasedStateMachine):
         assert len(self.detector.ejected()) <= self.settings.max_ejected(len(self.eps)) == 2
 
     @invariant()
+    def none_ejected_says_whether_any_ejection_is_in_force(self) -> None:
+        in_force = any(self.clock.now < until for until in self.until.values())
+        assert self.detector.none_ejected() is not in_force
+
+    @invariant()
     def ejected_exactly_until_the_ejection_time(self) -> None:
         for i, e in enumerate(self.eps):
             expected = self.clock.now < self.until.get(i, -1.0)
@@ -275,3 +280,21 @@ def test_peak_ewma_stack_skips_ejected_endpoints_but_panics_rather_than_fail() -
     assert all(picker.pick(eps, ()) is eps[1] for _ in range(20))
     assert picker.pick(eps, {eps[1].address}) is eps[0]  # only the ejected one is left: use it
     assert isinstance(PeakEwma(clock), PeakEwma)
+
+
+@pytest.mark.parametrize("name", ["p2c", "peak_ewma", "round_robin", "least_conn"])
+def test_prepared_pickers_skip_ejected_endpoints_once_one_is_ejected(name: str) -> None:
+    # The fast path (nobody ejected: the inner balancer's own prepared picker) must not outlive an
+    # ejection, nor the slow path the re-admission.
+    clock = FakeClock()
+    eps = endpoints(3)
+    d = OutlierDetector(OutlierSettings(base_ejection_time=10.0), eps, clock)
+    pick = make_balancer(name, clock=clock, healthy=d.is_available, all_healthy=d.none_ejected).prepare(eps)
+    assert {pick(()) for _ in range(60)} == set(eps)
+    for _ in range(5):
+        d.record(eps[0], E503)
+    assert not d.none_ejected()
+    assert eps[0] not in {pick(()) for _ in range(60)}
+    clock.now += 10.0
+    assert d.none_ejected()
+    assert {pick(()) for _ in range(60)} == set(eps)

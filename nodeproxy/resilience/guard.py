@@ -220,6 +220,7 @@ class ServiceGuards:
             decay=lb.decay,
             local_node=self.local_node if lb.prefer_same_node else None,
             healthy=self.outlier.is_available,
+            all_healthy=self.outlier.none_ejected,
         )
 
     def admit(self, route: RouteGuards, headers: Mapping[str, str], *, grpc: bool) -> Admission | LocalAnswer:

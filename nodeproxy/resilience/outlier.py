@@ -122,6 +122,7 @@ class OutlierDetector:
         self._health: dict[Endpoint, _Health] = {}
         self.ejections = 0  # ejections so far, for metrics
         self.ejections_refused = 0  # ejections the max_ejection_percent cap refused
+        self._ejected_now = 0  # endpoints whose ejection is in force (until _readmit_due sees it end)
         self.update_endpoints(endpoints)
 
     def update_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
@@ -129,6 +130,7 @@ class OutlierDetector:
         state, removed ones are forgotten."""
         now = self.clock()
         self._health = {e: self._health.get(e) or _Health(admitted_at=now) for e in endpoints}
+        self._ejected_now = sum(1 for h in self._health.values() if h.ejected_until is not None)
 
     def update_settings(self, settings: OutlierSettings) -> None:
         self.settings = settings  # current ejections keep their end time
@@ -140,6 +142,14 @@ class OutlierDetector:
                 health.admitted_at = now
                 health.probation = True
                 health.consecutive_5xx = health.consecutive_gateway = 0
+                self._ejected_now -= 1
+
+    def none_ejected(self) -> bool:
+        """True when no endpoint is ejected now: a cheap check for the balancer's every pick."""
+        if self._ejected_now == 0:
+            return True
+        self._readmit_due(self.clock())
+        return self._ejected_now == 0
 
     def is_available(self, endpoint: Endpoint) -> bool:
         """False while `endpoint` is ejected (unknown endpoints are available)."""
@@ -170,6 +180,11 @@ class OutlierDetector:
         """Count one attempt's result; returns the ejection it caused, if any."""
         health = self._health.get(endpoint)
         if health is None:
+            return None
+        if not result.is_5xx and health.ejected_until is None:
+            # The common case, every successful request: no clock, no scan of the other endpoints.
+            health.consecutive_5xx = health.consecutive_gateway = 0
+            health.probation = False
             return None
         now = self.clock()
         self._readmit_due(now)
@@ -208,6 +223,7 @@ class OutlierDetector:
         duration = min(settings.base_ejection_time * health.times_ejected, settings.max_ejection_time)
         health.ejected_at = now
         health.ejected_until = now + duration
+        self._ejected_now += 1
         health.probation = False
         health.consecutive_5xx = health.consecutive_gateway = 0
         self.ejections += 1
