@@ -53,6 +53,7 @@ __all__ = [
     "load_certificates",
     "load_private_key",
     "make_csr",
+    "private_key_pem",
     "write_credential",
 ]
 
@@ -453,6 +454,18 @@ class CertificateAuthority:
         except SvidError as err:
             raise CaError(str(err)) from None
         return cls(signing_cert, signing_key, issuers, roots)
+
+    def issue_credential(
+        self,
+        spiffe_id: SpiffeId,
+        *,
+        ttl: timedelta,
+        key_type: KeyType = "ecdsa-p256",
+        now: datetime | None = None,
+    ) -> tuple[IssuedCertificate, PrivateKey]:
+        """A new key and its SVID, made here (``nodeproxy ca issue-node`` for a node credential)."""
+        key = generate_private_key(key_type)
+        return self.issue(spiffe_id, key.public_key(), ttl=ttl, now=now), key
 
     def trust_bundle_pem(self) -> bytes:
         return b"".join(root.public_bytes(serialization.Encoding.PEM) for root in self.roots)
