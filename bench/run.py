@@ -31,7 +31,7 @@ from types import FrameType
 if not __package__:  # `python bench/run.py`: import this checkout's packages like `python -m bench.run`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench import cpu, haproxy
+from bench import cpu, haproxy, resilience_overhead
 from bench.paths import (
     L7_MODES,
     LAB_PREFIX,
@@ -257,6 +257,12 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
         lab.up()
         result.info["servers"] = start_servers(lab, workdir)
         path = make_path(name, lab, workdir, args)
+        # Issue 8: nodeproxy's L7 HTTP/1.1 bench with its resilience features on and off, same daemon.
+        resilience_problem = (
+            resilience_overhead.add_services(path)
+            if isinstance(path, NodeProxyPath)
+            else resilience_overhead.NODEPROXY_ONLY
+        )
         try:
             path.setup()
             targets = path.targets()
@@ -266,8 +272,13 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
             result.info["backend_saw_client"] = seen
             if seen != pod.ip:
                 result.warnings.append(f"not transparent: nginx saw {seen}, the client pod is {pod.ip}")
-            for workload in WORKLOADS:
+            for workload in workloads_with_resilience():
                 if workload.group not in args.groups:
+                    continue
+                if workload is resilience_overhead.WORKLOAD and resilience_problem is not None:
+                    result.not_available.update(
+                        dict.fromkeys((m.key for m in workload.metrics), resilience_problem)
+                    )
                     continue
                 run_workload(label, workload, pod.ns, targets, args.duration, result, path.cpu_roots())
                 path.check()
@@ -287,6 +298,23 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
         result.seconds = round(time.monotonic() - started, 1)
     result.status = path_status(result)
     return result
+
+
+def workloads_with_resilience() -> tuple[Workload, ...]:
+    """WORKLOADS with the resilience on/off pair right after the L7 HTTP/1.1 wrk workload it compares
+    with (so both run close together in time)."""
+    names = [w.name for w in WORKLOADS]
+    at = names.index("http/1.1 keep-alive") + 1 if "http/1.1 keep-alive" in names else len(names)
+    return (*WORKLOADS[:at], resilience_overhead.WORKLOAD, *WORKLOADS[at:])
+
+
+def metrics_with_resilience(metrics: Sequence[Metric]) -> tuple[Metric, ...]:
+    """`metrics` with the resilience pair's after the L7 HTTP/1.1 wrk row, when that row is there."""
+    keys = [m.key for m in metrics]
+    if "h1_rps" not in keys:
+        return tuple(metrics)
+    at = keys.index("h1_rps") + 1
+    return (*metrics[:at], *resilience_overhead.METRICS, *metrics[at:])
 
 
 def path_status(result: PathResult) -> str:
@@ -317,12 +345,12 @@ def format_value(metric: Metric, value: float | None, missing: str = "-") -> str
     return f"{value:,.0f}"
 
 
-def summarize(runs: dict[str, list[PathResult]]) -> Values:
+def summarize(runs: dict[str, list[PathResult]], metrics: Sequence[Metric] = METRICS) -> Values:
     """Per path, the median of each metric over the rounds that produced it."""
     return {
         name: {
             m.key: statistics.median(samples)
-            for m in METRICS
+            for m in metrics
             if (samples := [r.values[m.key] for r in results if m.key in r.values])
         }
         for name, results in runs.items()
@@ -612,9 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings = [f"{r.name} #{r.round}: {w}" for r in results for w in r.warnings]
     if left:
         warnings.append(f"namespaces left behind: {left}")
-    values = summarize(runs)
+    values = summarize(runs, metrics_with_resilience(METRICS))
     missing = unavailable(runs)
-    shown_metrics = selected_metrics(args.groups)
+    shown_metrics = metrics_with_resilience(selected_metrics(args.groups))
     goals = goals_report(values, shown_metrics)
     report: dict[str, object] = {
         "schema": 2,
@@ -642,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},
         "metrics": metrics_table(runs, values, missing, shown_metrics),
         "goals": goals,
+        "resilience_overhead": resilience_overhead.report(values.get("nodeproxy", {})),
         "paths": {name: [asdict(r) for r in results] for name, results in runs.items()},
         "warnings": warnings,
         "ok": all(r.status == "ok" for r in results) and not left,
@@ -654,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n" + notes)
     print()
     print(render_goals(goals))
+    if "l7" in args.groups and "nodeproxy" in runs:
+        print(resilience_overhead.render(values.get("nodeproxy", {})))
     for r in results:
         if r.status != "ok":
             print(f"\n{r.name} #{r.round}: {r.status}" + (f": {r.error}" if r.error else ""))
