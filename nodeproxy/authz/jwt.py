@@ -1,0 +1,776 @@
+"""JWT authentication with joserfc: key sets, background JWKS refresh, and the per-request check.
+
+Three parts:
+
+* :func:`parse_jwks` turns a JWKS document into a :class:`KeySnapshot` in which every key is bound
+  to the algorithms it may verify (RSA >= 2048 bits: RS256; EC P-256: ES256; OKP Ed25519: EdDSA and
+  Ed25519). A key whose `alg` says otherwise, symmetric keys, encryption keys and private keys are
+  left out (with the reason kept for the logs). So `alg: none`, HS256 made with an RSA public key
+  as the secret (CVE-2022-29217's confusion) and an `alg` other than the key's are all refused.
+* :class:`JwksSource` holds one JWKS (an HTTPS URL, a file, or inline text) and
+  :class:`JwksRefresher` keeps the sources fresh from an asyncio task: every refresh interval, with
+  backoff after failures (the last good keys stay), and at once when a request met an unknown `kid`,
+  at most once per min_refetch_interval per source. Fetching runs in a worker thread.
+* :class:`JwtAuthenticator` checks one request's token against the in-memory snapshots: no I/O, no
+  waiting. An unknown kid asks the source for a re-fetch (a flag and a wake-up, never a fetch) and
+  the request fails with 401 until the key is there.
+
+Claims: `iss` must be the rule's issuer; `aud` must name one of the rule's audiences (if it lists
+any); `exp` (required unless the rule says otherwise), `nbf` and `iat` are checked with the
+configured clock skew (<= 60 s). A `crit` header is refused (no extension is understood), and
+`jku`, `x5u`, `jwk` and `x5c` in a token are never used to find a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import math
+import random
+import ssl
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc import jwk, jws
+from joserfc.errors import JoseError, SecurityWarning
+from joserfc.jws import JWSRegistry
+
+from nodeproxy.authz.config import JwtRule, JwtSettings
+from nodeproxy.routes import form_decoded, query_parameters
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "BoundKey",
+    "JwksError",
+    "JwksRefresher",
+    "JwksSource",
+    "JwtAuthenticator",
+    "JwtFailure",
+    "JwtIdentity",
+    "JwtSuccess",
+    "KeySnapshot",
+    "fetch_https",
+    "parse_jwks",
+]
+
+log = structlog.get_logger(__name__)
+
+# Token algorithms accepted at all. "EdDSA" (RFC 8037) and "Ed25519" (RFC 9864) are the same
+# signature with an Ed25519 key.
+ALLOWED_ALGORITHMS: Final = frozenset({"RS256", "ES256", "EdDSA", "Ed25519"})
+_MIN_RSA_BITS = 2048
+# A token longer than this is refused before any parsing (real ones are 0.5-4 KiB).
+MAX_TOKEN_LENGTH = 16384
+# joserfc's default header limit (512 bytes) refuses some real tokens with long kids or x5t#S256.
+_MAX_HEADER_BYTES = 4096
+# Backoff after a failed fetch: 1 s doubling, at most this (or the refresh interval if shorter).
+_MAX_BACKOFF = 300.0
+
+# joserfc warns on every use of "EdDSA" (deprecated by RFC 9864 in favour of "Ed25519"); tokens
+# still use it, and the key binding makes it as safe as Ed25519.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
+
+
+class JwksError(ValueError):
+    """A JWKS document that cannot be used (not JSON, not a key set, no usable key)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+
+
+@dataclass(frozen=True, slots=True)
+class BoundKey:
+    """A public key and the token algorithms it may verify."""
+
+    kid: str | None
+    algorithms: frozenset[str]
+    key: jwk.Key
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """The usable keys of one JWKS document, as fetched at `fetched_at` (monotonic seconds)."""
+
+    keys: tuple[BoundKey, ...]
+    by_kid: Mapping[str, BoundKey]
+    fetched_at: float
+    skipped: tuple[str, ...] = ()  # why each left-out key was left out
+
+
+def _bind(entry: Mapping[str, Any]) -> frozenset[str]:
+    """The algorithms a JWK may verify; raises JwksError with the reason it may verify none."""
+    kty = entry.get("kty")
+    alg = entry.get("alg")
+    if "d" in entry or "p" in entry or "k" in entry:
+        raise JwksError(
+            "holds private or symmetric key material; a JWKS for verification has public keys only"
+        )
+    use = entry.get("use")
+    if use is not None and use != "sig":
+        raise JwksError(f"use is {use!r}, not 'sig'")
+    ops = entry.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        raise JwksError("key_ops does not include 'verify'")
+    if kty == "RSA":
+        allowed = frozenset({"RS256"})
+    elif kty == "EC":
+        if entry.get("crv") != "P-256":
+            raise JwksError(f"EC curve {entry.get('crv')!r} is not P-256 (only ES256 is accepted)")
+        allowed = frozenset({"ES256"})
+    elif kty == "OKP":
+        if entry.get("crv") != "Ed25519":
+            raise JwksError(f"OKP curve {entry.get('crv')!r} is not Ed25519")
+        allowed = frozenset({"EdDSA", "Ed25519"})
+    else:
+        raise JwksError(f"key type {kty!r} is not accepted (RSA, EC P-256 and OKP Ed25519 are)")
+    if alg is None:
+        return allowed
+    if alg not in allowed:
+        raise JwksError(f"alg {alg!r} does not fit a {kty} key or is not accepted")
+    return frozenset({alg})
+
+
+def parse_jwks(data: bytes | str, fetched_at: float = 0.0) -> KeySnapshot:
+    """The usable keys of a JWKS document. Raises JwksError if it is malformed or has none."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise JwksError(f"not JSON: {err}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise JwksError('not a JWKS: expected a JSON object with a "keys" list')
+    keys: list[BoundKey] = []
+    by_kid: dict[str, BoundKey] = {}
+    skipped: list[str] = []
+    for i, entry in enumerate(document["keys"]):
+        if not isinstance(entry, dict):
+            skipped.append(f"keys[{i}]: not an object")
+            continue
+        kid = entry.get("kid")
+        name = f"keys[{i}]" + (f" (kid {kid!r})" if isinstance(kid, str) else "")
+        if kid is not None and not isinstance(kid, str):
+            skipped.append(f"{name}: kid is not a string")
+            continue
+        try:
+            algorithms = _bind(entry)
+            key = jwk.import_key(dict(entry))
+            if key.is_private:
+                raise JwksError("is a private key")
+            raw = key.raw_value
+            if isinstance(raw, rsa.RSAPublicKey) and raw.key_size < _MIN_RSA_BITS:
+                raise JwksError(f"RSA key of {raw.key_size} bits; at least {_MIN_RSA_BITS} are required")
+        except (JwksError, JoseError, ValueError, TypeError, KeyError) as err:
+            skipped.append(f"{name}: {err}")
+            continue
+        if kid is not None and kid in by_kid:
+            skipped.append(f"{name}: a second key with this kid (the first one is used)")
+            continue
+        bound = BoundKey(kid, algorithms, key)
+        keys.append(bound)
+        if kid is not None:
+            by_kid[kid] = bound
+    if not keys:
+        detail = "; ".join(skipped) if skipped else "the key list is empty"
+        raise JwksError(f"no usable key ({detail})")
+    return KeySnapshot(tuple(keys), by_kid, fetched_at, tuple(skipped))
+
+
+# --------------------------------------------------------------------------------------------
+# Sources and the refresher
+
+Clock = Callable[[], float]
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = 3
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not newurl.lower().startswith("https://"):
+            raise urllib.error.HTTPError(newurl, code, "refusing a redirect away from https", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_https(url: str, ca_file: str | None, timeout: float, max_bytes: int) -> bytes:
+    """GET a JWKS over HTTPS (blocking: call it from a worker thread).
+
+    The server certificate and host name are verified (against `ca_file`, else the system's CAs);
+    proxies from the environment are not used; redirects must stay on https; at most `max_bytes`
+    are read."""
+    context = ssl.create_default_context(cafile=ca_file)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=context),
+        _HttpsOnlyRedirects(),
+    )
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/jwk-set+json, application/json", "User-Agent": "nodeproxy"}
+    )
+    with opener.open(request, timeout=timeout) as response:
+        status = response.status
+        if status != 200:
+            raise JwksError(f"HTTP status {status}")
+        data: bytes = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise JwksError(f"larger than {max_bytes} bytes")
+    return data
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    with Path(path).open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise JwksError(f"larger than {max_bytes} bytes")
+    return data
+
+
+class JwksSource:
+    """One JWKS and its current keys. The request path only reads `snapshot` and may call
+    :meth:`request_refetch`; everything else runs in :class:`JwksRefresher`'s task."""
+
+    def __init__(
+        self,
+        description: str,
+        load: Callable[[], bytes],
+        settings: JwtSettings,
+        clock: Clock = time.monotonic,
+        remote: bool = True,
+    ) -> None:
+        self.description = description
+        self.load = load  # blocking; runs in a worker thread
+        self.settings = settings
+        self.clock = clock
+        self.remote = remote
+        self.snapshot: KeySnapshot | None = None
+        self.last_error: str | None = None
+        self.failures = 0
+        self.fetches = 0  # attempts, for tests and stats
+        self.refetch_requests = 0  # on-demand re-fetches granted
+        self.next_fetch = -math.inf  # due at once
+        self.last_attempt = -math.inf
+        self.wanted = False
+        self.waker: Callable[[], None] | None = None
+
+    def request_refetch(self) -> bool:
+        """Ask for a re-fetch soon (an unknown kid). Granted at most once per min_refetch_interval
+        since the last fetch attempt of any kind; returns whether it was. Never blocks."""
+        now = self.clock()
+        if self.wanted or now - self.last_attempt < self.settings.jwks_min_refetch_interval:
+            return False
+        self.wanted = True
+        self.refetch_requests += 1
+        if self.waker is not None:
+            self.waker()
+        return True
+
+    def install(self, data: bytes) -> None:
+        """Parse `data` and make it the current snapshot; on error the previous one stays."""
+        snapshot = parse_jwks(data, self.clock())
+        for reason in snapshot.skipped:
+            log.warning("jwks key skipped", source=self.description, reason=reason)
+        self.snapshot = snapshot
+
+    def load_now(self) -> None:
+        """Load synchronously (config load time for files and inline text, tests); raises on error."""
+        self.last_attempt = self.clock()
+        self.fetches += 1
+        self.install(self.load())
+        self._succeeded()
+
+    def _succeeded(self) -> None:
+        self.failures = 0
+        self.last_error = None
+        interval = self.settings.jwks_refresh_interval
+        # +-10% jitter so that workers and nodes do not fetch in lockstep.
+        self.next_fetch = self.clock() + interval * random.uniform(0.9, 1.1)
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        cap = min(_MAX_BACKOFF, self.settings.jwks_refresh_interval)
+        delay = min(cap, 2.0 ** (self.failures - 1))
+        self.next_fetch = self.clock() + delay * random.uniform(0.8, 1.0)
+
+    async def refresh(self) -> None:
+        """One fetch (in a worker thread) and install; failures are recorded, never raised."""
+        self.wanted = False
+        self.last_attempt = self.clock()
+        self.fetches += 1
+        loop = asyncio.get_running_loop()
+        try:
+            data = await asyncio.wait_for(
+                loop.run_in_executor(None, self.load), timeout=self.settings.jwks_fetch_timeout + 1.0
+            )
+            self.install(data)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            self._failed(reason)
+            log.warning(
+                "jwks fetch failed",
+                source=self.description,
+                reason=reason,
+                keeping_old=self.snapshot is not None,
+            )
+            return
+        self._succeeded()
+        log.info("jwks loaded", source=self.description, keys=len(self.snapshot.keys) if self.snapshot else 0)
+
+
+def _source_key(rule: JwtRule) -> tuple[str, ...]:
+    if rule.jwks_uri is not None:
+        return ("uri", rule.jwks_uri, rule.jwks_ca_file or "")
+    if rule.jwks_file is not None:
+        return ("file", rule.jwks_file)
+    assert rule.jwks is not None
+    return ("inline", hashlib.sha256(rule.jwks.encode()).hexdigest())
+
+
+def make_source(rule: JwtRule, settings: JwtSettings, clock: Clock = time.monotonic) -> JwksSource:
+    """The JwksSource a rule's keys come from (not loaded yet)."""
+    max_bytes = settings.max_jwks_bytes
+    if rule.jwks_uri is not None:
+        uri, ca_file, timeout = rule.jwks_uri, rule.jwks_ca_file, settings.jwks_fetch_timeout
+        return JwksSource(uri, lambda: fetch_https(uri, ca_file, timeout, max_bytes), settings, clock)
+    if rule.jwks_file is not None:
+        path = rule.jwks_file
+        return JwksSource(f"file {path}", lambda: _read_file(path, max_bytes), settings, clock, remote=False)
+    text = (rule.jwks or "").encode()
+    return JwksSource(f"inline JWKS of issuer {rule.issuer}", lambda: text, settings, clock, remote=False)
+
+
+class JwksRefresher:
+    """Keeps a set of JwksSources fresh from one asyncio task (:meth:`run`).
+
+    Sources are looked up by what they load (URL and CA file, file path, inline text hash) so that a
+    config reload keeps the keys and schedule of unchanged sources (:meth:`sources_for`)."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self._sources: dict[tuple[str, ...], JwksSource] = {}
+        self._wake = asyncio.Event()
+        self._settings: JwtSettings | None = None
+
+    def sources_for(
+        self, rules: Iterable[JwtRule], settings: JwtSettings
+    ) -> dict[tuple[str, ...], JwksSource]:
+        """The sources of `rules`, reusing known ones; sources no rule uses any more are dropped.
+        Files and inline JWKS are loaded now (config time); URLs are fetched by the task."""
+        if settings != self._settings:
+            self._sources.clear()  # other intervals or limits: start over
+            self._settings = settings
+        wanted: dict[tuple[str, ...], JwksSource] = {}
+        for rule in rules:
+            key = _source_key(rule)
+            if key in wanted:
+                continue
+            source = self._sources.get(key)
+            if source is None:
+                source = make_source(rule, settings, self.clock)
+                if not source.remote:
+                    try:
+                        source.load_now()
+                    except (OSError, JwksError) as err:
+                        source._failed(f"{type(err).__name__}: {err}")
+                        log.warning("jwks load failed", source=source.description, reason=source.last_error)
+            source.waker = self._wake.set
+            wanted[key] = source
+        self._sources = wanted
+        self._wake.set()
+        return wanted
+
+    @property
+    def sources(self) -> tuple[JwksSource, ...]:
+        return tuple(self._sources.values())
+
+    async def run(self) -> None:
+        """Refresh due sources until cancelled."""
+        while True:
+            now = self.clock()
+            due = [s for s in self._sources.values() if s.wanted or s.next_fetch <= now]
+            if due:
+                await asyncio.gather(*(s.refresh() for s in due))
+                continue
+            self._wake.clear()
+            upcoming = min((s.next_fetch for s in self._sources.values()), default=now + 3600.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(upcoming - now, 3600.0)))
+
+    async def wait_loaded(self, timeout: float) -> bool:
+        """Wait until every source has keys or has failed at least once; True if all have keys."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            if all(s.snapshot is not None or s.failures for s in self._sources.values()):
+                break
+            await asyncio.sleep(0.02)
+        return all(s.snapshot is not None for s in self._sources.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The per-request check
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIdentity:
+    """What a valid token says, for authorization and forwarding."""
+
+    issuer: str
+    subject: str | None
+    audiences: tuple[str, ...]
+    presenter: str | None  # azp
+    claims: Mapping[str, Any]
+    payload: bytes  # the verified payload as sent (JSON)
+
+    @property
+    def principal(self) -> str:
+        """Istio's request principal: '<iss>/<sub>'."""
+        return f"{self.issuer}/{self.subject or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSuccess:
+    """Authentication passed: with a token (identity) or without one where that is allowed.
+    Apply the header edits to the request sent upstream (removals first)."""
+
+    identity: JwtIdentity | None
+    headers_add: tuple[tuple[str, str], ...] = ()
+    headers_remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JwtFailure:
+    """Answer 401 with `www_authenticate`; `reason` is for the logs (it may quote the token's claims)."""
+
+    reason: str
+    www_authenticate: str
+    refetch_requested: bool = False
+
+
+JwtOutcome = JwtSuccess | JwtFailure
+
+# RFC 6750 §3: no error code when the request had no token at all.
+_CHALLENGE_MISSING: Final = "Bearer"
+
+
+def _challenge(description: str) -> str:
+    # error_description is limited to %x20-21 / %x23-5B / %x5D-7E: only fixed texts go here.
+    return f'Bearer error="invalid_token", error_description="{description}"'
+
+
+def _fail(reason: str, description: str, refetch: bool = False) -> JwtFailure:
+    return JwtFailure(reason, _challenge(description), refetch)
+
+
+def _b64url_json(part: str) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        return json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_REGISTRIES: Final = {
+    alg: JWSRegistry(algorithms=[alg], strict_check_header=False) for alg in sorted(ALLOWED_ALGORITHMS)
+}
+for _registry in _REGISTRIES.values():
+    _registry.max_header_length = _MAX_HEADER_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    config: JwtRule
+    source: JwksSource
+    audiences: frozenset[str]
+    header_locations: frozenset[str]  # header names this issuer's token may come in
+    param_locations: frozenset[str]
+
+
+@dataclass(frozen=True, eq=False)
+class JwtAuthenticator:
+    """The JWT check for one workload: the merged rules of every RequestAuthentication covering it."""
+
+    rules: Mapping[str, _Rule]  # by issuer
+    require_token: bool
+    clock_skew: float
+    header_locations: tuple[tuple[str, str], ...]  # (header name, lower-cased prefix)
+    param_locations: tuple[str, ...]
+    # Headers the engine must copy into the request attributes for authenticate().
+    header_names: frozenset[str]
+    # Removed from every request (client-sent copies of headers we output): anti-spoofing.
+    always_remove: tuple[str, ...]
+    wall_clock: Clock = field(default=time.time)
+
+    @classmethod
+    def build(
+        cls,
+        rules: Sequence[JwtRule],
+        sources: Mapping[tuple[str, ...], JwksSource],
+        settings: JwtSettings,
+        require_token: bool,
+        wall_clock: Clock = time.time,
+    ) -> JwtAuthenticator:
+        """`rules` in precedence order (the first rule of an issuer wins)."""
+        by_issuer: dict[str, _Rule] = {}
+        headers: dict[tuple[str, str], None] = {}
+        params: dict[str, None] = {}
+        outputs: dict[str, None] = {}
+        for rule in rules:
+            if rule.issuer in by_issuer:
+                continue
+            for location in rule.from_headers:
+                headers[(location.name, location.prefix.lower())] = None
+            for param in rule.from_params:
+                params[param] = None
+            for claim in rule.output_claim_to_headers:
+                outputs[claim.header] = None
+            if rule.output_payload_to_header is not None:
+                outputs[rule.output_payload_to_header] = None
+            by_issuer[rule.issuer] = _Rule(
+                rule,
+                sources[_source_key(rule)],
+                frozenset(rule.audiences),
+                frozenset(loc.name for loc in rule.from_headers),
+                frozenset(rule.from_params),
+            )
+        return cls(
+            rules=by_issuer,
+            require_token=require_token,
+            clock_skew=settings.clock_skew,
+            header_locations=tuple(headers),
+            param_locations=tuple(params),
+            header_names=frozenset(name for name, _ in headers),
+            always_remove=tuple(outputs),
+            wall_clock=wall_clock,
+        )
+
+    def _find_token(self, headers: Mapping[str, str], query: str) -> tuple[str | None, list[str], str | None]:
+        """(token, where it was found, problem)."""
+        found: dict[str, list[str]] = {}
+        for name, prefix in self.header_locations:
+            value = headers.get(name)
+            if value is None:
+                continue
+            if prefix:
+                if value[: len(prefix)].lower() != prefix:
+                    continue  # another scheme (e.g. Basic) in this header: not our token
+                value = value[len(prefix) :]
+            value = value.strip()
+            if value:
+                found.setdefault(value, []).append(f"header:{name}")
+        if self.param_locations and query:
+            params = query_parameters(query)
+            for name in self.param_locations:
+                raw = params.get(name)
+                if raw:
+                    found.setdefault(form_decoded(raw), []).append(f"param:{name}")
+        if not found:
+            return None, [], None
+        if len(found) > 1:
+            return None, [], "the request carries more than one token"
+        token, where = next(iter(found.items()))
+        return token, where, None
+
+    def authenticate(self, headers: Mapping[str, str], query: str = "") -> JwtOutcome:
+        """Check the request's token. `headers`: lower-case names -> values, at least
+        :attr:`header_names`; `query`: the raw query string (for from_params)."""
+        token, where, problem = self._find_token(headers, query)
+        if problem is not None:
+            return _fail(problem, "multiple tokens")
+        if token is None:
+            if self.require_token:
+                return JwtFailure("the request carries no token and one is required", _CHALLENGE_MISSING)
+            return JwtSuccess(None, (), self.always_remove)
+        return self._verify(token, where)
+
+    def _verify(self, token: str, where: list[str]) -> JwtOutcome:
+        if len(token) > MAX_TOKEN_LENGTH:
+            return _fail(f"token of {len(token)} characters", "token too large")
+        parts = token.split(".")
+        if len(parts) != 3:
+            return _fail(f"not a signed JWT: {len(parts)} parts instead of 3", "malformed token")
+        header = _b64url_json(parts[0])
+        unverified = _b64url_json(parts[1])
+        if not isinstance(header, dict) or not isinstance(unverified, dict):
+            return _fail("header or payload is not a base64url JSON object", "malformed token")
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            return _fail(
+                f"algorithm {alg!r} is not accepted (RS256, ES256, EdDSA are)", "algorithm not accepted"
+            )
+        if "crit" in header:
+            return _fail("a crit header names extensions that are not understood", "unsupported header")
+        issuer = unverified.get("iss")
+        rule = self.rules.get(issuer) if isinstance(issuer, str) else None
+        if rule is None:
+            return _fail(f"issuer {issuer!r} is not accepted here", "issuer not accepted")
+        if not any(
+            (w.startswith("header:") and w[7:] in rule.header_locations)
+            or (w.startswith("param:") and w[6:] in rule.param_locations)
+            for w in where
+        ):
+            return _fail(
+                f"a token of issuer {issuer!r} is not accepted in {', '.join(where)}", "token location"
+            )
+        snapshot = rule.source.snapshot
+        kid = header.get("kid")
+        if snapshot is None:
+            refetch = rule.source.request_refetch()
+            why = rule.source.last_error or "first fetch pending"
+            return _fail(
+                f"no keys of issuer {issuer!r} loaded yet ({why})",
+                "keys unavailable",
+                refetch,
+            )
+        candidates: Sequence[BoundKey]
+        if kid is not None:
+            key = snapshot.by_kid.get(kid) if isinstance(kid, str) else None
+            if key is None:
+                refetch = rule.source.request_refetch()
+                return _fail(f"unknown kid {kid!r} for issuer {issuer!r}", "unknown key id", refetch)
+            if alg not in key.algorithms:
+                return _fail(
+                    f"alg {alg} does not match key {kid!r} (bound to {', '.join(sorted(key.algorithms))})",
+                    "algorithm does not match the key",
+                )
+            candidates = (key,)
+        else:
+            candidates = [k for k in snapshot.keys if alg in k.algorithms]
+            if not candidates:
+                return _fail(
+                    f"no key of issuer {issuer!r} is bound to {alg}", "algorithm does not match the key"
+                )
+        payload = self._signature_valid(token, alg, candidates)
+        if payload is None:
+            return _fail("the signature does not verify", "invalid signature")
+        return self._check_claims(rule, payload, where)
+
+    @staticmethod
+    def _signature_valid(token: str, alg: str, candidates: Sequence[BoundKey]) -> bytes | None:
+        registry = _REGISTRIES[alg]
+        for candidate in candidates:
+            try:
+                obj = jws.deserialize_compact(token, candidate.key, registry=registry)
+            except (JoseError, ValueError, TypeError):
+                continue
+            if obj.payload is not None:
+                return obj.payload
+        return None
+
+    def _check_claims(self, rule: _Rule, payload: bytes, where: list[str]) -> JwtOutcome:
+        try:
+            claims = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return _fail("payload is not JSON", "malformed token")
+        if not isinstance(claims, dict) or claims.get("iss") != rule.config.issuer:
+            return _fail("payload is not a JSON object with the expected iss", "malformed token")
+        now = self.wall_clock()
+        skew = self.clock_skew
+        exp = claims.get("exp")
+        if exp is None:
+            if rule.config.require_expiration:
+                return _fail("the token has no exp claim", "no expiration")
+        elif not _number(exp):
+            return _fail("exp is not a number", "malformed token")
+        elif now > exp + skew:
+            return _fail(f"the token expired at {exp} (now {now:.0f}, skew {skew:g} s)", "token expired")
+        nbf = claims.get("nbf")
+        if nbf is not None:
+            if not _number(nbf):
+                return _fail("nbf is not a number", "malformed token")
+            if now + skew < nbf:
+                return _fail(f"the token is not valid before {nbf} (now {now:.0f})", "token not yet valid")
+        iat = claims.get("iat")
+        if iat is not None:
+            if not _number(iat):
+                return _fail("iat is not a number", "malformed token")
+            if now + skew < iat:
+                return _fail(
+                    f"the token was issued in the future ({iat}, now {now:.0f})", "token issued in the future"
+                )
+        aud = claims.get("aud")
+        audiences: tuple[str, ...]
+        if aud is None:
+            audiences = ()
+        elif isinstance(aud, str):
+            audiences = (aud,)
+        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+            audiences = tuple(aud)
+        else:
+            return _fail("aud is neither a string nor a list of strings", "malformed token")
+        if rule.audiences and not rule.audiences.intersection(audiences):
+            return _fail(
+                f"audiences {list(audiences)} include none of {sorted(rule.audiences)}",
+                "audience not accepted",
+            )
+        subject = claims.get("sub")
+        presenter = claims.get("azp")
+        identity = JwtIdentity(
+            issuer=rule.config.issuer,
+            subject=subject if isinstance(subject, str) else None,
+            audiences=audiences,
+            presenter=presenter if isinstance(presenter, str) else None,
+            claims=claims,
+            payload=payload,
+        )
+        return JwtSuccess(identity, self._outputs(rule.config, identity), self._removals(rule.config, where))
+
+    def _removals(self, rule: JwtRule, where: list[str]) -> tuple[str, ...]:
+        if rule.forward_original_token:
+            return self.always_remove
+        token_headers = [w[7:] for w in where if w.startswith("header:")]
+        return tuple(dict.fromkeys([*self.always_remove, *token_headers]))
+
+    @staticmethod
+    def _outputs(rule: JwtRule, identity: JwtIdentity) -> tuple[tuple[str, str], ...]:
+        out: list[tuple[str, str]] = []
+        for mapping in rule.output_claim_to_headers:
+            value = _header_value(identity.claims.get(mapping.claim))
+            if value is not None:
+                out.append((mapping.header, value))
+        if rule.output_payload_to_header is not None:
+            encoded = base64.urlsafe_b64encode(identity.payload).rstrip(b"=").decode()
+            out.append((rule.output_payload_to_header, encoded))
+        return tuple(out)
+
+
+_MAX_OUTPUT_VALUE = 8192
+
+
+def _header_value(claim: Any) -> str | None:
+    """A claim as a header value, or None when it has no safe header form."""
+    if claim is None:
+        return None
+    if isinstance(claim, str):
+        text = claim
+    elif isinstance(claim, bool | int | float):
+        text = json.dumps(claim)
+    elif isinstance(claim, list) and all(isinstance(c, str) for c in claim):
+        text = ",".join(claim)
+    else:
+        return None
+    if len(text) > _MAX_OUTPUT_VALUE or any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
+        return None
+    text = text.strip(" \t")
+    return text or None
