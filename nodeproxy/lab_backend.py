@@ -191,6 +191,7 @@ class HttpResponder(asyncio.Protocol):
         self.busy = False  # a response is waiting for its delay
         self.closed = False
         self.hanging = False
+        self.peer_done = False  # the client half-closed: answer what it sent, then close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -206,7 +207,17 @@ class HttpResponder(asyncio.Protocol):
         self.buffer += data
         self._process()
 
+    def eof_received(self) -> bool:
+        self.peer_done = True
+        self._process()
+        return True  # keep the transport: requests read before the EOF may still be answered
+
     def _process(self) -> None:
+        self._serve_buffered()
+        if self.peer_done and not self.busy and not self.closed and not self.hanging:
+            self._close()  # everything the client sent before its EOF is answered
+
+    def _serve_buffered(self) -> None:
         while not self.busy and not self.closed and not self.hanging:
             if self.request is None:
                 end = self.buffer.find(b"\r\n\r\n")
@@ -397,18 +408,19 @@ async def serve(
     log: RequestLog | None = None,
     http_port: int = HTTP_PORT,
     http_only: bool = False,
+    host: str = "0.0.0.0",
 ) -> None:
     loop = asyncio.get_running_loop()
     behaviour = source or BehaviourSource(Behaviour())
     request_log = log or RequestLog(name, None)
     servers = [
         await loop.create_server(
-            lambda: HttpResponder(name, behaviour, request_log), "0.0.0.0", http_port, backlog=8192
+            lambda: HttpResponder(name, behaviour, request_log), host, http_port, backlog=8192
         )
     ]
     if not http_only:
-        servers.append(await loop.create_server(Echo, "0.0.0.0", ECHO_PORT, backlog=8192))
-        servers.append(await loop.create_server(Sink, "0.0.0.0", SINK_PORT, backlog=8192))
+        servers.append(await loop.create_server(Echo, host, ECHO_PORT, backlog=8192))
+        servers.append(await loop.create_server(Sink, host, SINK_PORT, backlog=8192))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -424,6 +436,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--http-port", type=int, default=HTTP_PORT, help=f"default {HTTP_PORT}")
     parser.add_argument("--http-only", action="store_true", help="serve HTTP only (no echo, no sink)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: the pod's)")
     parser.add_argument(
         "--behaviour",
         default=None,
@@ -453,6 +466,7 @@ def main() -> None:
                 RequestLog(args.name, log_file),
                 args.http_port,
                 args.http_only,
+                args.host,
             )
         )
     finally:

@@ -18,6 +18,7 @@ limit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -201,13 +202,14 @@ class Response:
 
 
 class HttpClient:
-    """HTTP/1.1 over one keep-alive connection from inside `ns`, reconnecting when the server closes.
+    """HTTP/1.1 over one keep-alive connection from inside `ns` (None: the caller's own namespace),
+    reconnecting when the server closes.
 
     Deliberately small (no pipelining): a request is written whole, then its response read whole
     (Content-Length, chunked, or to EOF), so the time measured is one request's.
     """
 
-    def __init__(self, ns: str, host: str, port: int = 80, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, ns: str | None, host: str, port: int = 80, timeout: float = REQUEST_TIMEOUT) -> None:
         self.ns = ns
         self.host = host
         self.port = port
@@ -217,7 +219,7 @@ class HttpClient:
 
     def connect(self) -> None:
         if self.sock is None:
-            with netns.entered(self.ns):
+            with netns.entered(self.ns) if self.ns is not None else contextlib.nullcontext():
                 sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock, self.buffer = sock, b""
