@@ -1,4 +1,4 @@
-"""Command line: `nodeproxy run|ctl|cleanup|check-config|capture|lab|demo`.
+"""Command line: `nodeproxy run|ctl|cleanup|check-config|capture|lab|demo|ca`.
 
 Only the standard library is imported at module level: `nodeproxy run` blocks the daemon's signals before
 the slow imports (pydantic, pyroute2, uvloop), so a SIGHUP or SIGINT that arrives while it starts waits for
@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nodeproxy import ctl
 
     ctl.add_parser(sub)
+
+    from nodeproxy.identity import cli as identity_cli
+
+    identity_cli.add_parser(sub)
 
     cleanup = sub.add_parser("cleanup", help="remove capture rules and routes left by a crashed daemon")
     cleanup.add_argument("--config", help="the config the daemon ran with (chain names, mark, table)")

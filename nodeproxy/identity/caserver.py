@@ -181,8 +181,10 @@ class CaServer:
         self.clock = clock
         self.dns_names = dns_names
         self.server_id = SpiffeId.for_ca_service(ca.trust_domain)
-        self.issued = 0  # SVIDs signed, for logs and tests
-        self.refused = 0
+        self.issued = 0  # SVIDs signed
+        self.refused = 0  # requests answered with an error
+        self.handshake_failures = 0  # callers refused during the TLS handshake
+        self.last_handshake_error = ""
         self._server: asyncio.Server | None = None
         self._context: ssl.SSLContext | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -199,14 +201,9 @@ class CaServer:
         os.chmod(self._workdir.name, 0o700)
         chain, key = self._server_credential()
         self._context = server_tls_context(chain, key, self.ca.trust_bundle_pem(), Path(self._workdir.name))
-        self._server = await asyncio.start_server(
-            self._accept,
-            host,
-            port,
-            ssl=self._context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            reuse_address=True,
-        )
+        # TLS is started per connection (not with start_server's ssl=) so that a refused handshake (no
+        # client certificate, unknown CA, expired) reaches this code, which logs and counts it.
+        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         log.info("ca serving", address=f"{bound[0]}:{bound[1]}", trust_domain=self.ca.trust_domain)
         return str(bound[0]), int(bound[1])
@@ -275,16 +272,35 @@ class CaServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
         try:
             async with self._slots:
-                await self._serve(reader, writer)
+                if await self._handshake(writer, peer):
+                    await self._serve(reader, writer)
         except (ConnectionError, TimeoutError, ssl.SSLError, h11.ProtocolError) as err:
-            log.debug("ca connection ended", error=f"{type(err).__name__}: {err}")
+            log.debug("ca connection ended", peer=peer, error=f"{type(err).__name__}: {err}")
+        except asyncio.CancelledError:
+            # close() cancels open connections; this task is the top of its connection, so it ends
+            # normally (asyncio's stream callback logs the exception of a cancelled task as an error).
+            pass
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: object) -> bool:
+        assert self._context is not None, "connections are accepted only after start()"
+        try:
+            await writer.start_tls(self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as err:
+            self.handshake_failures += 1
+            self.last_handshake_error = f"{type(err).__name__}: {err}"
+            log.warning(
+                "ca refused a caller during the TLS handshake", peer=peer, error=self.last_handshake_error
+            )
+            return False
+        return True
 
     def _caller_node(self, writer: asyncio.StreamWriter) -> tuple[str | None, str]:
         """The calling node's name (None if the peer is not a node), and how to describe the peer."""
