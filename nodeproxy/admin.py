@@ -7,7 +7,8 @@ a callback, at once or later: GET clusters waits for the workers' snapshots whil
 
 Access control is the socket file's: mode 0600 (root only) by default, 0660 with a group. Every request
 that changes something is logged with the peer's pid and uid (SO_PEERCRED). docs/openapi.yaml describes
-the endpoints; tests/test_admin_api.py checks the live server against it.
+the endpoints; tests/test_admin_api.py checks the live server against it. The same HTTP serving runs the
+read-only metrics port on TCP (`TcpHttpServer`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from urllib.parse import urlsplit
 import h11
 import structlog
 
+from nodeproxy import accesslog
+
 log = structlog.get_logger("nodeproxy.admin")
 
 DEFAULT_SOCKET = "/run/nodeproxy/admin.sock"
@@ -42,6 +45,8 @@ IDLE_TIMEOUT = 30.0  # seconds a connection may sit without a complete request b
 MAX_OUTBOX = 64 << 20  # bytes queued for a client that does not read; beyond it the connection is dropped
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# "warning" keeps failures only, "off" writes none.
+ACCESS_LOG_LEVELS = tuple(accesslog.LEVELS)
 
 JsonObject = dict[str, Any]
 
@@ -70,9 +75,18 @@ class Response:
     # Descriptors sent with the response (SCM_RIGHTS on its first byte), then closed here: they must be
     # copies the response owns (an upgrade's listeners and lock).
     fds: list[int] = field(default_factory=list)
+    # A body that is not JSON (the Prometheus text of GET /v1/metrics): sent as is, with content_type.
+    raw: bytes | None = None
+    content_type: str = "application/json"
 
     def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
         return json.dumps(self.body, indent=None, separators=(",", ":")).encode() + b"\n"
+
+
+def text_response(status: int, body: bytes, content_type: str) -> Response:
+    return Response(status, {}, raw=body, content_type=content_type)
 
 
 Respond = Callable[[Response], None]
@@ -154,10 +168,10 @@ def _remove_stale_socket(path: str) -> None:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
+    def __init__(self, sock: socket.socket, pid: int, uid: int, peer: str) -> None:
         self.sock = sock
         self.peer_pid, self.peer_uid = pid, uid
-        self.peer = f"pid {pid} uid {uid}"
+        self.peer = peer
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request: h11.Request | None = None
         self.body = bytearray()
@@ -170,100 +184,36 @@ class _Connection:
         self.events = selectors.EVENT_READ
 
 
-class AdminServer:
-    """Accepts admin connections on a Unix socket and runs them on the given selector.
+class HttpServer:
+    """HTTP/1.1 connections accepted on a listening socket and run on the given selector; subclasses
+    open the socket (`AdminServer`: a Unix socket, `TcpHttpServer`: TCP) and name the peer.
 
     The selector's keys carry a callback taking the ready events (the supervisor's convention)."""
 
-    def __init__(
-        self,
-        path: str,
-        selector: selectors.BaseSelector,
-        handler: Handler,
-        group: str | None = None,
-    ) -> None:
-        if len(os.fsencode(path)) > _SUN_PATH_MAX:
-            raise AdminError(f"admin socket path is longer than {_SUN_PATH_MAX} bytes: {path}")
-        self.path = path
+    def __init__(self, selector: selectors.BaseSelector, handler: Handler) -> None:
         self.selector = selector
         self.handler = handler
-        self.group = group
         self.connections: dict[int, _Connection] = {}
         self.sock: socket.socket | None = None
-        self.bound_path = path  # where the socket file is: `path`, or beside it until publish()
-        self._inode: tuple[int, int] | None = None
 
-    def open(self, staged: bool = False) -> None:
-        """Bind the socket (mode 0600, or 0660 owned by the group) and start accepting.
+    def _peer(self, client: socket.socket) -> tuple[int, int, str]:
+        """(pid, uid, description) of a client; pid 0 and uid -1 when the transport cannot tell."""
+        raise NotImplementedError
 
-        staged (an upgrade): bind next to the path, leaving the running daemon's socket where it is;
-        publish() then renames ours over it in one step, so clients always find one of the two."""
-        gid = self._group_id()
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
-        bound = f"{self.path}.{os.getpid()}.new" if staged else self.path
-        if len(os.fsencode(bound)) > _SUN_PATH_MAX:
-            raise AdminError(f"admin socket path is longer than {_SUN_PATH_MAX} bytes: {bound}")
-        _remove_stale_socket(bound)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)  # the file is born 0600: no window in which others could connect
-        try:
-            sock.bind(bound)
-        except OSError as err:
-            sock.close()
-            raise AdminError(f"cannot bind the admin socket {bound}: {err}") from err
-        finally:
-            os.umask(old_umask)
-        if gid is not None:
-            try:
-                os.chown(bound, -1, gid)
-                os.chmod(bound, 0o660)
-            except OSError as err:
-                sock.close()
-                os.unlink(bound)
-                raise AdminError(
-                    f"cannot give the admin socket {bound} to group {self.group}: {err}"
-                ) from err
-        sock.listen(64)
-        info = os.stat(bound)
-        self._inode = (info.st_dev, info.st_ino)
-        self.bound_path = bound
+    def _start_accepting(self, sock: socket.socket) -> None:
         self.sock = sock
         self.selector.register(sock, selectors.EVENT_READ, self._on_acceptable)
-        log.info("admin socket open", path=bound, group=self.group)
 
-    def publish(self) -> None:
-        """After a staged open: take over the path (the predecessor's socket file goes; its connections
-        stay with it)."""
-        if self.bound_path != self.path:
-            os.rename(self.bound_path, self.path)
-            self.bound_path = self.path
-            log.info("admin socket published", path=self.path)
-
-    def _group_id(self) -> int | None:
-        if self.group is None:
-            return None
-        if self.group.isdigit():
-            return int(self.group)
-        try:
-            return grp.getgrnam(self.group).gr_gid
-        except KeyError:
-            raise AdminError(f"admin socket group {self.group!r} does not exist") from None
-
-    def close(self) -> None:
-        """Stop serving: close every connection, then the socket, and unlink the file if it is ours."""
+    def _stop_accepting(self) -> None:
         for conn in list(self.connections.values()):
             self._close(conn)
         if self.sock is not None:
             self.selector.unregister(self.sock)
             self.sock.close()
             self.sock = None
-            with contextlib.suppress(FileNotFoundError):
-                info = os.stat(self.bound_path)
-                if (info.st_dev, info.st_ino) == self._inode:  # not a successor's socket
-                    os.unlink(self.bound_path)
 
     def close_in_child(self) -> None:
-        """In a forked worker: drop the inherited descriptors, never the file (the supervisor's)."""
+        """In a forked worker: drop the inherited descriptors (the supervisor keeps serving them)."""
         for conn in self.connections.values():
             conn.sock.close()
         if self.sock is not None:
@@ -297,13 +247,15 @@ class AdminServer:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("admin socket cannot accept", error=str(err))
                     return
+                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):  # that client only (TCP)
+                    continue
                 raise
             if len(self.connections) >= MAX_CONNECTIONS:
                 client.close()
                 continue
             client.setblocking(False)
-            pid, uid, _gid = peer_credentials(client)
-            conn = _Connection(client, pid, uid)
+            pid, uid, peer = self._peer(client)
+            conn = _Connection(client, pid, uid, peer)
             self.connections[client.fileno()] = conn
             self.selector.register(client, selectors.EVENT_READ, lambda ev, c=conn: self._on_event(c, ev))
 
@@ -419,7 +371,7 @@ class AdminServer:
     def _reply(self, conn: _Connection, response: Response, close: bool = False) -> None:
         body = response.encode()
         headers = [
-            ("Content-Type", "application/json"),
+            ("Content-Type", response.content_type),
             ("Content-Length", str(len(body))),
             *response.headers,
         ]
@@ -501,6 +453,127 @@ class AdminServer:
         _close_all(conn.outbox_fds)
 
 
+class AdminServer(HttpServer):
+    """The admin API's Unix socket: access control by the file's mode, peers named by SO_PEERCRED."""
+
+    def __init__(
+        self,
+        path: str,
+        selector: selectors.BaseSelector,
+        handler: Handler,
+        group: str | None = None,
+    ) -> None:
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise AdminError(f"admin socket path is longer than {_SUN_PATH_MAX} bytes: {path}")
+        super().__init__(selector, handler)
+        self.path = path
+        self.group = group
+        self.bound_path = path  # where the socket file is: `path`, or beside it until publish()
+        self._inode: tuple[int, int] | None = None
+
+    def _peer(self, client: socket.socket) -> tuple[int, int, str]:
+        pid, uid, _gid = peer_credentials(client)
+        return pid, uid, f"pid {pid} uid {uid}"
+
+    def open(self, staged: bool = False) -> None:
+        """Bind the socket (mode 0600, or 0660 owned by the group) and start accepting.
+
+        staged (an upgrade): bind next to the path, leaving the running daemon's socket where it is;
+        publish() then renames ours over it in one step, so clients always find one of the two."""
+        gid = self._group_id()
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+        bound = f"{self.path}.{os.getpid()}.new" if staged else self.path
+        if len(os.fsencode(bound)) > _SUN_PATH_MAX:
+            raise AdminError(f"admin socket path is longer than {_SUN_PATH_MAX} bytes: {bound}")
+        _remove_stale_socket(bound)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the file is born 0600: no window in which others could connect
+        try:
+            sock.bind(bound)
+        except OSError as err:
+            sock.close()
+            raise AdminError(f"cannot bind the admin socket {bound}: {err}") from err
+        finally:
+            os.umask(old_umask)
+        if gid is not None:
+            try:
+                os.chown(bound, -1, gid)
+                os.chmod(bound, 0o660)
+            except OSError as err:
+                sock.close()
+                os.unlink(bound)
+                raise AdminError(
+                    f"cannot give the admin socket {bound} to group {self.group}: {err}"
+                ) from err
+        sock.listen(64)
+        info = os.stat(bound)
+        self._inode = (info.st_dev, info.st_ino)
+        self.bound_path = bound
+        self._start_accepting(sock)
+        log.info("admin socket open", path=bound, group=self.group)
+
+    def publish(self) -> None:
+        """After a staged open: take over the path (the predecessor's socket file goes; its connections
+        stay with it)."""
+        if self.bound_path != self.path:
+            os.rename(self.bound_path, self.path)
+            self.bound_path = self.path
+            log.info("admin socket published", path=self.path)
+
+    def _group_id(self) -> int | None:
+        if self.group is None:
+            return None
+        if self.group.isdigit():
+            return int(self.group)
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise AdminError(f"admin socket group {self.group!r} does not exist") from None
+
+    def close(self) -> None:
+        """Stop serving: close every connection, then the socket, and unlink the file if it is ours."""
+        was_open = self.sock is not None
+        self._stop_accepting()
+        if was_open:
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(self.bound_path)
+                if (info.st_dev, info.st_ino) == self._inode:  # not a successor's socket
+                    os.unlink(self.bound_path)
+
+
+class TcpHttpServer(HttpServer):
+    """The same HTTP/1.1 serving on a TCP address (the metrics endpoint). SO_REUSEPORT lets an
+    upgrade's successor bind the address while its predecessor still serves it."""
+
+    def __init__(self, address: tuple[str, int], selector: selectors.BaseSelector, handler: Handler) -> None:
+        super().__init__(selector, handler)
+        self.address = address
+
+    def _peer(self, client: socket.socket) -> tuple[int, int, str]:
+        try:
+            host, port = client.getpeername()[:2]
+        except OSError:
+            return 0, -1, "tcp peer gone"
+        return 0, -1, f"{host}:{port}"
+
+    def open(self) -> None:
+        """Bind and listen; AdminError if the address cannot be bound (in use, not local)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(self.address)
+            sock.listen(64)
+        except OSError as err:
+            sock.close()
+            raise AdminError(f"cannot listen on {self.address[0]}:{self.address[1]}: {err}") from err
+        self.address = sock.getsockname()[:2]  # the port the kernel chose when asked for 0
+        self._start_accepting(sock)
+
+    def close(self) -> None:
+        self._stop_accepting()
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -539,6 +612,9 @@ class AdminControl(Protocol):
     def health(self) -> tuple[bool, JsonObject]: ...
     def get_log_level(self) -> str: ...
     def set_log_level(self, level: str, peer: str) -> None: ...
+    def get_access_log_level(self) -> str: ...
+    def set_access_log_level(self, level: str, peer: str) -> None: ...
+    def collect_metrics(self, done: Callable[[bytes, str], None]) -> None: ...
     def begin_drain(self, peer: str) -> JsonObject: ...
     def quit(self, peer: str) -> None: ...
     def start_upgrade(self, peer: str) -> JsonObject: ...
@@ -602,6 +678,9 @@ class AdminApi:
             ("GET", "/v1/workers"): self.get_workers,
             ("GET", "/v1/log-level"): self.get_log_level,
             ("PUT", "/v1/log-level"): self.put_log_level,
+            ("GET", "/v1/access-log-level"): self.get_access_log_level,
+            ("PUT", "/v1/access-log-level"): self.put_access_log_level,
+            ("GET", "/v1/metrics"): self.get_metrics,
             ("GET", "/v1/ready"): self.get_ready,
             ("GET", "/v1/healthz"): self.get_healthz,
             ("POST", "/v1/drain"): self.post_drain,
@@ -679,6 +758,29 @@ class AdminApi:
             return
         self.control.set_log_level(level, request.peer)
         respond(Response(200, {"level": level}))
+
+    def get_access_log_level(self, _request: Request, respond: Respond) -> None:
+        respond(Response(200, {"level": self.control.get_access_log_level()}))
+
+    def put_access_log_level(self, request: Request, respond: Respond) -> None:
+        try:
+            level = json.loads(request.body)["level"]
+        except (ValueError, KeyError, TypeError):
+            respond(error(400, 'body must be JSON like {"level": "warning"}'))
+            return
+        if level not in ACCESS_LOG_LEVELS:
+            respond(error(400, f"level must be one of {', '.join(ACCESS_LOG_LEVELS)}", level=str(level)))
+            return
+        self.control.set_access_log_level(level, request.peer)
+        respond(Response(200, {"level": level}))
+
+    def get_metrics(self, _request: Request, respond: Respond) -> None:
+        """The Prometheus text of the metrics port, also here (no TCP listener needed)."""
+
+        def done(text: bytes, content_type: str) -> None:
+            respond(text_response(200, text, content_type))
+
+        self.control.collect_metrics(done)
 
     def get_ready(self, _request: Request, respond: Respond) -> None:
         ready, reason = self.control.readiness()

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import structlog
 import uvloop
 
-from nodeproxy import _reuseport, admin, capture
+from nodeproxy import _reuseport, accesslog, admin, capture, metrics
 from nodeproxy.accesslog import AtomicLineLoggerFactory
 from nodeproxy.config import Config, ConfigError, load_config, parse_config
 from nodeproxy.proxy.http import HttpProxy
@@ -72,7 +72,15 @@ from nodeproxy.state.routing import StateUpdater
 log = structlog.get_logger("nodeproxy")
 
 # Settings bound at start-up; a reload that changes them is refused with this explanation.
-RESTART_ONLY = ("listeners", "relay.threads", "relay.pipe_size", "capture")
+RESTART_ONLY = (
+    "listeners",
+    "relay.threads",
+    "relay.pipe_size",
+    "capture",
+    "metrics.address",
+    "metrics.port",
+    "access_log.output",
+)
 SUPERVISOR_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
 WORKER_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 RESPAWN_BACKOFF = 1.0  # seconds between replacing crashed workers, so a crash loop cannot spin
@@ -93,8 +101,10 @@ MSG_HEARTBEAT = b"H"  # "H <active connections> <accepted>": alive, with the cou
 MSG_SNAPSHOT = b"S"  # "S <request id> <json>": the worker's live state, asked for by a control line
 # Control pipe lines, supervisor -> worker (each ends in a newline):
 CTL_CONFIG = b"C"  # "C <config json>": apply this validated config
-CTL_SNAPSHOT = b"S"  # "S <request id>": send a snapshot
+CTL_SNAPSHOT = b"S"  # "S <request id>[ m]": send a snapshot (with " m": the metrics only)
+SNAPSHOT_METRICS_ONLY = b"m"
 CTL_LOG_LEVEL = b"L"  # "L <level>"
+CTL_ACCESS_LOG_LEVEL = b"A"  # "A <access-log level>"
 CTL_DRAIN = b"D"  # stop accepting; established connections go on
 CTL_HANDOFF = b"U"  # send the listener over the handoff socket (an upgrade)
 HANDOVER_TIMEOUT = START_TIMEOUT + 10.0  # seconds a successor has from taking the listeners to its commit
@@ -137,10 +147,29 @@ class LogLevel:
 
 
 LOG_LEVEL = LogLevel()
+# The level access-log records are filtered at: the higher of the log level and the access-log level
+# (accesslog.set_level), so both PUT /v1/log-level and PUT /v1/access-log-level can quiet them. A plain
+# attribute, recomputed when either changes, because it is read once per record.
+ACCESS_LOG_THRESHOLD = accesslog.FixedLevel()
+
+
+def update_access_log_threshold() -> None:
+    ACCESS_LOG_THRESHOLD.threshold = max(LOG_LEVEL.threshold, accesslog.ACCESS_LEVEL.threshold)
+
+
+def open_access_log_output(output: str) -> int:
+    """The descriptor access-log records go to (config access_log.output): stdout, stderr, or a file
+    opened for appending (every worker appends whole records: O_APPEND)."""
+    if output == "stdout":
+        return sys.stdout.fileno()
+    if output == "stderr":
+        return sys.stderr.fileno()
+    return os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
 def configure_logging(level: str = "info") -> None:
     LOG_LEVEL.set(level)
+    update_access_log_threshold()
     structlog.configure(
         processors=[
             LOG_LEVEL,
@@ -240,20 +269,24 @@ class Worker:
         for sig in WORKER_STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stopping.set)
         self.updater.apply(self.config)
+        self.metrics = metrics.WorkerMetrics(self.config, self.config.metrics.max_series)
         pool = self.pool = RelayPool(1, self.config.relay.pipe_size)
         listen = self.config.listeners.outbound
+        update_access_log_threshold()
         self.listener = OutboundListener(
             (str(listen.host), listen.port),
             self.config.relay,
             self.updater,
             pool,
-            self.access_log,
+            self.access_log and self.config.access_log.enabled,
             worker=self.index,
             workers=self.config.relay.effective_threads,
+            access_log_fd=open_access_log_output(self.config.access_log.output),
             on_load_change=(
                 functools.partial(self.load_table.set, self.index) if self.load_table is not None else None
             ),
-            log_level=LOG_LEVEL,
+            log_level=ACCESS_LOG_THRESHOLD,
+            metrics=self.metrics,
         )
         # The HTTP engine serves the ports whose protocol is HTTP; upgraded (101) connections move to
         # the splice relay, and `auto` connections that are not HTTP come back to the listener as TCP.
@@ -261,7 +294,7 @@ class Worker:
             lambda: self.updater.current,
             self.config.http,
             self.config.relay,
-            access_log=self.access_log,
+            access_log=self.access_log and self.config.access_log.enabled,
             splice_relay=pool,
             not_http=self.listener.adopt_tcp,
             access_log_writer=self.listener.access_log,
@@ -384,6 +417,40 @@ class Worker:
             "routes": routes,
         }
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This worker's metrics (nodeproxy.metrics.WorkerMetrics.snapshot) with the listener's and the
+        relay's counters and gauges."""
+        stats = self.listener.stats
+        relays = self.pool.workers
+        http = self.http
+        counters: dict[str, list[tuple[tuple[str, ...], float]]] = {
+            "nodeproxy_connections_accepted_total": [((), stats.accepted)],
+            "nodeproxy_connections_refused_total": [((), stats.refused)],
+            "nodeproxy_upstream_connect_failures_total": [((), stats.connect_failures)],
+            "nodeproxy_dispatch_errors_total": [((), stats.dispatch_errors)],
+            "nodeproxy_relay_connections_closed_total": [((name,), n) for name, n in stats.closed.items()],
+            "nodeproxy_relay_bytes_total": [
+                (("upstream",), stats.relay_bytes_up),
+                (("downstream",), stats.relay_bytes_down),
+            ],
+            "nodeproxy_access_log_dropped_total": [((), self.listener.access_log.dropped)],
+        }
+        gauges: dict[str, list[tuple[tuple[str, ...], float]]] = {
+            "nodeproxy_active_connections": [
+                (("tcp",), self.pool.live_connections),
+                (("http",), http.live_connections),
+            ],
+            "nodeproxy_relay_connecting": [((), sum(r.connecting for r in relays))],
+            "nodeproxy_relay_pipes_pooled": [((), sum(r.pipes_pooled for r in relays))],
+            "nodeproxy_http_upstream_connections": [((), http.upstream_connections)],
+            "nodeproxy_worker_config_generation": [((str(self.index),), self.updater.current.generation)],
+        }
+        return {
+            "pid": os.getpid(),
+            "generation": self.updater.current.generation,
+            "metrics": self.metrics.snapshot(counters, gauges),
+        }
+
     def _tell_supervisor(self, message: bytes) -> None:
         """Queue one status line; a line is never split by another, so a snapshot that does not fit the
         pipe makes later lines wait behind it (heartbeats are skipped instead: see _heartbeat)."""
@@ -434,15 +501,20 @@ class Worker:
                 config = Config.model_validate_json(payload)
                 state = self.updater.apply(config)
                 self.listener.relay_config = config.relay
+                self.metrics.update_config(config)
                 self.config = config
                 log.debug("worker applied config", worker=self.index, generation=state.generation)
             elif kind == CTL_SNAPSHOT:
-                request_id = int(payload)
-                self._tell_supervisor(
-                    b"%s %d %s" % (MSG_SNAPSHOT, request_id, json.dumps(self.snapshot()).encode())
-                )
+                request_text, _, what = payload.partition(b" ")
+                request_id = int(request_text)
+                document = self.metrics_snapshot() if what == SNAPSHOT_METRICS_ONLY else self.snapshot()
+                self._tell_supervisor(b"%s %d %s" % (MSG_SNAPSHOT, request_id, json.dumps(document).encode()))
             elif kind == CTL_LOG_LEVEL:
                 LOG_LEVEL.set(payload.decode())
+                update_access_log_threshold()
+            elif kind == CTL_ACCESS_LOG_LEVEL:
+                accesslog.set_level(payload.decode())
+                update_access_log_threshold()
             elif kind == CTL_DRAIN:
                 self.begin_drain()
             elif kind == CTL_HANDOFF:
@@ -632,6 +704,11 @@ class Supervisor:
             if admin_socket
             else None
         )
+        # The Prometheus endpoint (config metrics.port; 0: none), served from the workers' snapshots.
+        self.metrics_state = metrics.SupervisorMetrics()
+        self.metrics_server: admin.TcpHttpServer | None = None
+        accesslog.set_level(config.access_log.level)  # forked workers start with it
+        update_access_log_threshold()
         self.takeover_from = takeover_from
         # An upgrade in progress (we are the old daemon), or done: the successor owns the capture.
         self._handover: Handover | None = None
@@ -671,6 +748,7 @@ class Supervisor:
                     self.admin.open(staged=handoff is not None)
                 except admin.AdminError as err:
                     raise DaemonFailure(str(err)) from err
+            self._open_metrics_server()
             try:
                 # Least-loaded balancing over the workers' listeners (nodeproxy._reuseport).
                 self.load_table = _reuseport.LoadTable(self.config.relay.effective_threads)
@@ -730,6 +808,8 @@ class Supervisor:
             if self.admin is not None:
                 self.admin.flush(timeout=1.0)  # e.g. the answer to POST quit
                 self.admin.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             code = self._release_capture(clean, installed)
             if self.ready_file:
                 with contextlib.suppress(FileNotFoundError):
@@ -792,6 +872,8 @@ class Supervisor:
         self._expire_handover(now)
         if self.admin is not None:
             self.admin.expire_idle(now)
+        if self.metrics_server is not None:
+            self.metrics_server.expire_idle(now)
         while self._signals:
             signo = self._signals.popleft()
             if signo in (signal.SIGTERM, signal.SIGINT):
@@ -870,6 +952,8 @@ class Supervisor:
                         sibling.close()
                     if self.admin is not None:
                         self.admin.close_in_child()
+                    if self.metrics_server is not None:
+                        self.metrics_server.close_in_child()
                     os.set_blocking(status_w, False)
                     survivors = self._survivors.reopen_in_child(self.plan)
                     worker = Worker(
@@ -1006,6 +1090,7 @@ class Supervisor:
             self.restarts += 1
 
     def _forget(self, handle: WorkerHandle) -> None:
+        self.metrics_state.worker_gone(handle.pid)
         self._close_status(handle)
         if handle.handoff is not None:
             self.selector.unregister(handle.handoff)
@@ -1051,6 +1136,8 @@ class Supervisor:
         line = CTL_CONFIG + b" " + new.model_dump_json().encode()
         for handle in self.workers.values():
             self._send(handle, line)
+        if new.access_log.level != self.config.access_log.level:  # else a run-time change stays
+            self.set_access_log_level(new.access_log.level, "config")
         self.config = new  # a worker started from now on begins with it
         self.active = ActiveConfig(new, self.active.version + 1, source, time.time())
 
@@ -1183,12 +1270,15 @@ class Supervisor:
         )
         return {"version": self.active.version, "hash": self.active.digest, "persisted": persisted}
 
-    def collect_snapshots(self, done: Callable[[dict[str, Any]], None]) -> None:
+    def collect_snapshots(self, done: Callable[[dict[str, Any]], None], metrics_only: bool = False) -> None:
         request_id = next(self._snapshot_ids)
         waiting = {h.index for h in self.workers.values() if h.ready and h.status_open}
         self._snapshots[request_id] = PendingSnapshots(waiting, time.monotonic() + SNAPSHOT_TIMEOUT, done)
+        line = b"%s %d" % (CTL_SNAPSHOT, request_id)
+        if metrics_only:
+            line += b" " + SNAPSHOT_METRICS_ONLY
         for index in waiting:
-            self._send(self.workers[index], b"%s %d" % (CTL_SNAPSHOT, request_id))
+            self._send(self.workers[index], line)
         if not waiting:
             self._finish_snapshot(request_id)
 
@@ -1269,11 +1359,88 @@ class Supervisor:
             "workers_answering": answering,
         }
 
+    def collect_metrics(self, done: Callable[[bytes, str], None]) -> None:
+        """The Prometheus text of the whole daemon, once the workers answered (or SNAPSHOT_TIMEOUT)."""
+
+        def rendered(snapshots: dict[str, Any]) -> None:
+            answered = {
+                int(document["pid"]): document["metrics"]
+                for document in snapshots["workers"].values()
+                if "metrics" in document
+            }
+            running = [handle.pid for handle in self.workers.values() if handle.ready]
+            try:
+                aggregate, missing = self.metrics_state.merge(answered, running)
+            except (ValueError, TypeError, KeyError) as err:  # a worker's snapshot of another shape
+                log.error("worker metrics could not be merged", error=repr(err))
+                aggregate, missing = self.metrics_state.retired.copy(), len(running)
+            aggregate.set_gauge("nodeproxy_config_version", (), self.active.version)
+            aggregate.set_gauge("nodeproxy_config_applied_timestamp_seconds", (), self.active.applied_at)
+            aggregate.set_gauge("nodeproxy_workers", (), len(self.workers))
+            aggregate.set_gauge("nodeproxy_metrics_workers_missing", (), missing)
+            aggregate.set_counter("nodeproxy_worker_restarts_total", (), self.restarts)
+            done(metrics.render(aggregate), metrics.CONTENT_TYPE)
+
+        self.collect_snapshots(rendered, metrics_only=True)
+
+    def _open_metrics_server(self) -> None:
+        """Listen on metrics.address:metrics.port unless the port is 0. A port that cannot be bound is
+        logged, not fatal: the proxy serves traffic without it (GET /v1/metrics still answers)."""
+        settings = self.config.metrics
+        if settings.port == 0:
+            return
+        server = admin.TcpHttpServer(
+            (str(settings.address), settings.port), self.selector, self._serve_metrics
+        )
+        try:
+            server.open()
+        except admin.AdminError as err:
+            log.error(
+                "metrics listener unavailable; GET /v1/metrics on the admin socket still works",
+                error=str(err),
+            )
+            return
+        self.metrics_server = server
+        log.info("metrics listener open", address=f"{server.address[0]}:{server.address[1]}")
+
+    def _serve_metrics(self, request: admin.Request, respond: admin.Respond) -> None:
+        """The metrics port: GET /metrics or /stats/prometheus (Istio's path); nothing else."""
+        if request.path not in metrics.METRICS_PATHS:
+            respond(admin.text_response(404, b"not found: try /metrics\n", "text/plain; charset=utf-8"))
+            return
+        if request.method != "GET":
+            respond(
+                admin.Response(
+                    405,
+                    {},
+                    [("Allow", "GET")],
+                    raw=b"method not allowed\n",
+                    content_type="text/plain; charset=utf-8",
+                )
+            )
+            return
+
+        def done(text: bytes, content_type: str) -> None:
+            respond(admin.text_response(200, text, content_type))
+
+        self.collect_metrics(done)
+
     def get_log_level(self) -> str:
         return LOG_LEVEL.level
 
+    def get_access_log_level(self) -> str:
+        return accesslog.get_level()
+
+    def set_access_log_level(self, level: str, peer: str) -> None:
+        accesslog.set_level(level)  # replacement workers inherit it
+        update_access_log_threshold()
+        for handle in self.workers.values():
+            self._send(handle, CTL_ACCESS_LOG_LEVEL + b" " + level.encode())
+        log.warning("access-log level changed", level=level, peer=peer)
+
     def set_log_level(self, level: str, peer: str) -> None:
         LOG_LEVEL.set(level)
+        update_access_log_threshold()
         for handle in self.workers.values():
             self._send(handle, CTL_LOG_LEVEL + b" " + level.encode())
         log.warning("log level changed", level=level, peer=peer)
@@ -1390,6 +1557,9 @@ class Supervisor:
             raise admin.Refused("no handoff to this process is under way")
         self.handed_over = True
         self._handover = None
+        if self.metrics_server is not None:  # the successor serves the port (bound with SO_REUSEPORT)
+            self.metrics_server.close()
+            self.metrics_server = None
         sd_notify(f"MAINPID={peer_pid}")
         for handle in self.workers.values():
             self._send(handle, CTL_DRAIN)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
@@ -713,7 +713,10 @@ def render(aggregate: MetricsAggregate) -> bytes:
     return generate_latest(registry)
 
 
-CONTENT_TYPE: Final = CONTENT_TYPE_LATEST  # "text/plain; version=0.0.4; charset=utf-8"
+# The classic text format, which every Prometheus version and Istio's scrapers parse (generate_latest
+# writes it for the legacy-valid names used here; prometheus-client's CONTENT_TYPE_LATEST may name a
+# newer version).
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_PATHS: Final = frozenset({"/metrics", "/stats/prometheus"})  # the second is Istio's sidecar path
 
 __all__ = [

@@ -26,6 +26,7 @@ from nodeproxy.proxy.relay import Completion, Ending, RelayPool
 from nodeproxy.state.routing import StateUpdater
 
 if TYPE_CHECKING:  # http imports the relay pool, not the listener; the engine is handed in at run time
+    from nodeproxy.metrics import WorkerMetrics
     from nodeproxy.proxy.http import HttpProxy
 
 log = structlog.get_logger("nodeproxy.outbound")
@@ -49,6 +50,13 @@ HTTP_ENGINE_PROTOCOLS = frozenset({"http", "auto", "http2", "grpc"})
 ACCEPT_PAUSE_ON_EMFILE = 0.1  # seconds; a listener stays readable while we cannot accept, so back off
 LOAD_REFRESH_INTERVAL = 1.0  # seconds between publications of a worker's load besides batch ends
 LOCAL_ENDING_NAME = "local_resources"  # access-log `ending` of a connection this host could not carry
+# Envoy-style response flags of the TCP metrics (istio_tcp_connections_closed_total{response_flags}).
+FLAG_NONE = "-"
+FLAG_OVERFLOW = "UO"  # the connection limit was reached
+FLAG_NO_HEALTHY_UPSTREAM = "UH"  # the service has no endpoints
+FLAG_CONNECT_FAILED = "UF"  # every connect attempt failed
+FLAG_NO_ROUTE = "NR"  # a connection to the listener itself
+FLAG_LOCAL_RESET = "LR"  # reset by the proxy: short of resources, stopping, or an internal error
 
 assert FDS_PER_CONNECTION >= 2, "a connection holds at least its two sockets"
 
@@ -94,6 +102,7 @@ class Connection:
         "client_port",
         "endpoint",
         "id",
+        "metered",
         "orig_ip",
         "orig_port",
         "service",
@@ -128,6 +137,7 @@ class Connection:
         self.target: tuple[str, int] | None = None
         self.tried: set[str] | None = None
         self.sniffed = False  # an `auto` port's connection the HTTP engine found not to be HTTP
+        self.metered = False  # counted as opened in the TCP metrics (once, whatever its retries)
 
     @property
     def attempts_failed(self) -> int:
@@ -141,6 +151,10 @@ class ListenerStats:
     connect_failures: int = 0
     dispatch_errors: int = 0
     closed: dict[str, int] = field(default_factory=dict)
+    # Bytes the splice relay moved (counted natively per connection, added here once it ends), also of
+    # connections the HTTP engine handed over after a 101.
+    relay_bytes_up: int = 0  # client -> upstream
+    relay_bytes_down: int = 0
 
 
 def _ending_names() -> dict[int, str]:
@@ -154,6 +168,8 @@ def _ending_names() -> dict[int, str]:
 
 ENDING_NAMES = _ending_names()
 CONNECT_FAILED_ENDINGS = frozenset({int(Ending.CONNECT_FAILED), int(Ending.CONNECT_TIMEOUT)})
+# Endings the proxy itself caused: short of resources, or stopped with the connection still open.
+LOCAL_RESET_ENDINGS = frozenset({int(Ending.LOCAL_RESOURCES), int(Ending.ABORTED)})
 
 
 class OutboundListener:
@@ -169,6 +185,7 @@ class OutboundListener:
         access_log_fd: int | None = None,
         on_load_change: Callable[[int], None] | None = None,
         log_level: LevelSource | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.address = address
         self.updater = updater
@@ -198,6 +215,8 @@ class OutboundListener:
         # The worker's HTTP engine: connections to ports whose protocol it serves go there instead of
         # the splice relay (None: everything is relayed as TCP).
         self.http: HttpProxy | None = None
+        # Istio's TCP metrics of the connections this listener relays (None: not recorded).
+        self.metrics = metrics
 
     @property
     def relay_config(self) -> RelayConfig:
@@ -293,7 +312,7 @@ class OutboundListener:
             for fd, client_ip, client_port, orig_ip, orig_port in batch:
                 conn = Connection(next_id(), fd, client_ip, client_port, orig_ip, orig_port, now, relay())
                 if len(connections) >= cap:
-                    self._refuse(conn, f"connection limit reached ({cap} in this worker)")
+                    self._refuse(conn, f"connection limit reached ({cap} in this worker)", FLAG_OVERFLOW)
                     continue
                 self._dispatch(conn)
         finally:
@@ -321,11 +340,11 @@ class OutboundListener:
                 traceback=traceback.format_exc(),
             )
             conn.endpoint = None
-            self._refuse(conn, f"internal error: {err!r}")
+            self._refuse(conn, f"internal error: {err!r}", FLAG_LOCAL_RESET)
 
     def _route_and_connect(self, conn: Connection) -> None:
         if self._closing:
-            self._refuse(conn, "proxy is shutting down")
+            self._refuse(conn, "proxy is shutting down", FLAG_LOCAL_RESET)
             return
         if self.http is not None and not conn.sniffed:
             route = self.updater.current.lookup(conn.orig_ip, conn.orig_port)
@@ -353,8 +372,11 @@ class OutboundListener:
             conn.target = target = (decision.ip, decision.port)
         else:
             assert isinstance(decision, Refuse)
-            self._refuse(conn, decision.reason)
+            self._refuse(conn, decision.reason, self._refusal_flag(conn))
             return
+        if self.metrics is not None and not conn.metered:
+            conn.metered = True
+            self.metrics.tcp_opened(conn.service, conn.client_ip, target[0])
         self.connections[conn.id] = conn
         try:
             # Positional arguments only: Cython parses keywords far more slowly, once per connection.
@@ -399,14 +421,31 @@ class OutboundListener:
             for worker in self.pool.workers:
                 worker.wake()
 
-    def _refuse(self, conn: Connection, reason: str) -> None:
-        """Reset the client; the connection is not (or no longer) in self.connections."""
+    def _refuse(self, conn: Connection, reason: str, flag: str) -> None:
+        """Reset the client; the connection is not (or no longer) in self.connections. `flag`: its
+        response flag in the TCP metrics."""
         self.stats.refused += 1
         if conn.client_fd >= 0:
             _fastpath.reset_and_close(conn.client_fd)
             conn.client_fd = -1
+        if self.metrics is not None:
+            service = conn.service
+            if service is None:  # refused before a decision named it (limit, no endpoint)
+                route = self.updater.current.lookup(conn.orig_ip, conn.orig_port)
+                service = route.service if route is not None else None
+            if not conn.metered:
+                conn.metered = True
+                self.metrics.tcp_opened(service, conn.client_ip, None)
+            self.metrics.tcp_closed(service, conn.client_ip, None, flag, 0, 0)
         if self.access_log.info_enabled:
             self.access_log.refused(self._log_fields(conn), reason, conn.attempts_failed)
+
+    def _refusal_flag(self, conn: Connection) -> str:
+        """The response flag of a connection `decide` refused."""
+        if conn.tried:
+            return FLAG_CONNECT_FAILED
+        route = self.updater.current.lookup(conn.orig_ip, conn.orig_port)
+        return FLAG_NO_HEALTHY_UPSTREAM if route is not None else FLAG_NO_ROUTE
 
     def _log_fields(self, conn: Connection) -> str:
         return self.access_log.connection_fields(
@@ -438,6 +477,9 @@ class OutboundListener:
             self.on_load_change(len(self.connections))
 
     def _on_completion(self, record: Completion) -> None:
+        stats = self.stats
+        stats.relay_bytes_up += record.bytes_up
+        stats.relay_bytes_down += record.bytes_down
         conn = self.connections.pop(record.conn_id, None)
         if conn is None:
             return
@@ -449,8 +491,17 @@ class OutboundListener:
             self._connect_failed(conn, record.err)
             return
         name = ENDING_NAMES.get(ending) or f"ending_{ending}"
-        closed = self.stats.closed
+        closed = stats.closed
         closed[name] = closed.get(name, 0) + 1
+        if self.metrics is not None:
+            self.metrics.tcp_closed(
+                conn.service,
+                conn.client_ip,
+                conn.target[0] if conn.target is not None else None,
+                FLAG_LOCAL_RESET if ending in LOCAL_RESET_ENDINGS else FLAG_NONE,
+                record.bytes_up,
+                record.bytes_down,
+            )
         if self.access_log.info_enabled:
             self.access_log.closed(
                 self._log_fields(conn),
@@ -469,13 +520,13 @@ class OutboundListener:
             # This host ran short (descriptors, ports, buffers): another endpoint cannot help, and
             # neither the endpoint nor the peer is to blame.
             conn.endpoint = None
-            self._refuse(conn, f"{LOCAL_ENDING_NAME}: {error}")
+            self._refuse(conn, f"{LOCAL_ENDING_NAME}: {error}", FLAG_LOCAL_RESET)
             return
         self.stats.connect_failures += 1
         if self.access_log.warning_enabled:
             self.access_log.connect_failed(self._log_fields(conn), err)
         if conn.endpoint is None:
-            self._refuse(conn, f"connect to original destination failed: {error}")
+            self._refuse(conn, f"connect to original destination failed: {error}", FLAG_CONNECT_FAILED)
             return
         conn.endpoint.connect_failures += 1
         if conn.tried is None:
@@ -483,7 +534,9 @@ class OutboundListener:
         conn.tried.add(conn.endpoint.address)
         conn.endpoint = None
         if len(conn.tried) >= self._connect_attempts:
-            self._refuse(conn, f"{len(conn.tried)} connect attempts failed, last: {error}")
+            self._refuse(
+                conn, f"{len(conn.tried)} connect attempts failed, last: {error}", FLAG_CONNECT_FAILED
+            )
             return
         self._dispatch(conn)
 
