@@ -9,10 +9,16 @@ rendered completely first and then written with one os.write():
 - to a regular file, the descriptor is switched to O_APPEND, so every write lands at the end as a whole
   even when several processes (or several open descriptions of the file) append to it.
 
-Access-log records are rendered by hand rather than through structlog: a connection's record is a few
-string joins, where a structlog chain with a JSON renderer costs several times that per connection.
-The keys are those structlog's JSON renderer produced before (`event`, the connection's fields, `level`,
-`timestamp`), so readers of the log see the same records.
+Access-log records are rendered by hand rather than through structlog: a request's record is a few
+string joins (about 4.3 us with the write to /dev/null), where the daemon's structlog chain with its
+JSON renderer takes 12.9 us for the same fields (bench commands in docs/tracing.md). The keys are those
+structlog's JSON renderer produced before (`event`, the connection's fields, `level`, `timestamp`), so
+readers of the log see the same records. structlog still decides the rest: the daemon's other events,
+and (through :func:`structlog_level`) the level a caller may hand an AccessLog.
+
+What is written is set by :class:`AccessLogConfig` (output, sampling of successful records, initial
+level) and, at run time, by :func:`set_level`. The fields of every record are listed in
+docs/tracing.md.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import select
 import stat
 import sys
 import time
+from random import random as _random
 from typing import Annotated, Any, Final, Literal, Protocol, TextIO, cast
 
 import structlog
@@ -79,16 +86,26 @@ class _Clock:
         self._prefix = ""
 
     def now(self) -> str:
-        now = time.time()
-        second = int(now)
+        ns = time.time_ns()  # integer arithmetic: a third cheaper than splitting a float
+        second = ns // 1_000_000_000
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return f"{self._prefix}.{ns // 1000 % 1_000_000:06d}Z"
 
 
 def _text(value: str) -> str:
-    """A JSON string literal for free text, cut to MAX_TEXT characters."""
+    """A JSON string literal for free text, cut to MAX_TEXT characters. Printable ASCII without '"' and
+    a backslash (the usual case) is its own JSON string body: C-speed checks instead of json.dumps,
+    which costs three times as much."""
+    if (
+        len(value) <= MAX_TEXT
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    ):
+        return f'"{value}"'
     return json.dumps(value[:MAX_TEXT])
 
 
@@ -193,23 +210,72 @@ def structlog_level() -> LevelSource:
     return FixedLevel(ERROR + 10)
 
 
-class AccessLog:
-    """One JSON line per connection outcome: closed, refused, or an upstream connect that failed.
+def open_output(output: str) -> tuple[int, bool]:
+    """The descriptor for an AccessLogConfig.output and whether the caller owns it (a file it opened):
+    stdout and stderr are used as they are (under systemd both go to journald); a file is opened for
+    appending, created 0640 if missing."""
+    # The descriptors themselves, not sys.stdout/sys.stderr, which a library or test may have replaced.
+    if output == "stdout":
+        return 1, False
+    if output == "stderr":
+        return 2, False
+    return os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640), True
 
-    `enabled` False (the `--no-access-log` flag) makes every method return at once. `level` filters like
-    the rest of the log (read per record, so a run-time change applies at once): "closed" and "refused"
-    records are info, "upstream connect failed" ones warnings.
+
+class AccessLog:
+    """One JSON line per connection outcome (closed, refused, an upstream connect that failed) and per
+    HTTP request.
+
+    `enabled` False (the `--no-access-log` flag, `access_log.enabled`) makes every method return at once.
+    `level` filters like the rest of the log and is read per record, so a run-time change applies at once
+    (default: this process's ACCESS_LEVEL, see set_level). A record of a failure is a warning: a request
+    with a 5xx status, no response or any response flag, a connection closed with a flag, refused, or
+    whose upstream connect failed; every other record is info. `sampling` (percent) thins the info
+    records only, so failures are always written.
     """
 
-    def __init__(self, fd: int | None = None, enabled: bool = True, level: LevelSource | None = None) -> None:
+    def __init__(
+        self,
+        fd: int | None = None,
+        enabled: bool = True,
+        level: LevelSource | None = None,
+        sampling: float = 100.0,
+        *,
+        owns_fd: bool = False,
+    ) -> None:
+        if not 0.0 <= sampling <= 100.0:
+            raise ValueError(f"access-log sampling must be a percentage, not {sampling!r}")
         self.fd = sys.stderr.fileno() if fd is None else fd
         self.enabled = enabled
-        self.level: LevelSource = level if level is not None else FixedLevel(INFO)
+        self.level: LevelSource = level if level is not None else ACCESS_LEVEL
         self.dropped = 0  # records a full pipe or a closed stderr cost us
+        self.sampled_out = 0  # info records that sampling skipped
+        self._keep_below = sampling / 100.0
+        self._sampling = sampling < 100.0
+        self._owns_fd = owns_fd
         self._clock = _Clock()
         self._encoded: dict[str, str] = {}
         if enabled:
             prepare_fd(self.fd)
+
+    @classmethod
+    def from_config(
+        cls, config: AccessLogConfig, enabled: bool = True, level: LevelSource | None = None
+    ) -> AccessLog:
+        """An access log as `config` says (output, sampling; its `level` is the process's, see
+        set_level); `enabled` False (--no-access-log) overrides config.enabled. Raises OSError when the
+        output file cannot be opened."""
+        on = enabled and config.enabled
+        if not on:
+            return cls(enabled=False)
+        fd, owned = open_output(config.output)
+        return cls(fd, True, level, config.sampling, owns_fd=owned)
+
+    def close(self) -> None:
+        """Close the output file this log opened (stdout and stderr stay open)."""
+        if self._owns_fd:
+            self._owns_fd = False
+            os.close(self.fd)
 
     @property
     def info_enabled(self) -> bool:
@@ -217,7 +283,22 @@ class AccessLog:
 
     @property
     def warning_enabled(self) -> bool:
+        """Whether any record could be written: callers test this before gathering a record's fields."""
         return self.enabled and self.level.threshold <= WARNING
+
+    def _keep(self, failure: bool) -> str | None:
+        """The level name of a record that is written, None if the level or sampling skips it."""
+        if not self.enabled:
+            return None
+        threshold = self.level.threshold
+        if failure:
+            return "warning" if threshold <= WARNING else None
+        if threshold > INFO:
+            return None
+        if self._sampling and _random() >= self._keep_below:
+            self.sampled_out += 1
+            return None
+        return "info"
 
     def _name(self, value: str | None) -> str:
         """JSON for a service name or upstream address; they repeat, so each is encoded once."""
@@ -251,6 +332,26 @@ class AccessLog:
         if not write_line(self.fd, line):
             self.dropped += 1
 
+    def _identities(
+        self,
+        source_workload: str | None,
+        source_identity: str | None,
+        destination_workload: str | None,
+        destination_identity: str | None,
+    ) -> str:
+        """Workload names and identities (SPIFFE ids) known for a connection; only the known ones are
+        written, so a record without any stays as short as before."""
+        text = ""
+        if source_workload is not None:
+            text += f', "src_workload": {self._name(source_workload)}'
+        if source_identity is not None:
+            text += f', "src_identity": {self._name(source_identity)}'
+        if destination_workload is not None:
+            text += f', "dst_workload": {self._name(destination_workload)}'
+        if destination_identity is not None:
+            text += f', "dst_identity": {self._name(destination_identity)}'
+        return text
+
     def connection_fields(
         self,
         conn_id: int,
@@ -258,14 +359,24 @@ class AccessLog:
         original: tuple[str, int],
         service: str | None,
         upstream: tuple[str, int] | None,
+        *,
+        source_workload: str | None = None,
+        source_identity: str | None = None,
+        destination_workload: str | None = None,
+        destination_identity: str | None = None,
     ) -> str:
         """The fields every record about one connection starts with (addresses come from inet_ntop and
         config-validated endpoints, so they need no escaping beyond what _name does)."""
         upstream_text = self._name(f"{upstream[0]}:{upstream[1]}") if upstream is not None else "null"
-        return (
+        fields = (
             f'"conn": {conn_id}, "src": "{client[0]}:{client[1]}", "dst": "{original[0]}:{original[1]}", '
             f'"service": {self._name(service)}, "upstream": {upstream_text}'
         )
+        if source_workload or source_identity or destination_workload or destination_identity:
+            fields += self._identities(
+                source_workload, source_identity, destination_workload, destination_identity
+            )
+        return fields
 
     def closed(
         self,
@@ -276,31 +387,39 @@ class AccessLog:
         bytes_down: int,
         duration_ms: float,
         attempts: int,
+        flags: str = "-",
     ) -> None:
-        if self.info_enabled:
+        """A relayed connection ended; `flags`: Envoy-style response flags ("-": none), which make the
+        record a failure."""
+        level = self._keep(flags != "-")
+        if level is not None:
             self._emit(
                 "connection closed",
-                "info",
+                level,
                 conn_fields,
-                f', "ending": "{ending}", "errno": {err}, "bytes_up": {bytes_up}, '
-                f'"bytes_down": {bytes_down}, "duration_ms": {duration_ms:.3f}, "attempts": {attempts}',
+                f', "ending": "{ending}", "flags": {self._name(flags)}, "errno": {err}, '
+                f'"bytes_up": {bytes_up}, "bytes_down": {bytes_down}, "duration_ms": {duration_ms:.3f}, '
+                f'"attempts": {attempts}',
             )
 
-    def refused(self, conn_fields: str, reason: str, attempts: int) -> None:
-        if self.info_enabled:
+    def refused(self, conn_fields: str, reason: str, attempts: int, flags: str = "-") -> None:
+        """The proxy reset a connection it could not relay; `flags` says why (UO, UH, UF, NR, LR)."""
+        level = self._keep(True)
+        if level is not None:
             self._emit(
                 "connection refused",
-                "info",
+                level,
                 conn_fields,
-                f', "reason": {_text(reason)}, "attempts": {attempts}',
+                f', "reason": {_text(reason)}, "flags": {self._name(flags)}, "attempts": {attempts}',
             )
 
     def connect_failed(self, conn_fields: str, err: int) -> None:
-        if self.warning_enabled:
+        level = self._keep(True)
+        if level is not None:
             error = os.strerror(err) if err else "unknown error"
             self._emit(
                 "upstream connect failed",
-                "warning",
+                level,
                 conn_fields,
                 f', "errno": {err}, "error": {_text(error)}',
             )
@@ -323,21 +442,35 @@ class AccessLog:
         duration_ms: float,
         attempts: int,
         reused: bool,
+        grpc_status: int = -1,
+        trace_id: str | None = None,
+        x_request_id: str | None = None,
     ) -> None:
-        """One finished HTTP request. `conn_fields` is http_request_fields(); method, authority and path
-        come from the client, so they are escaped and cut like free text."""
-        if self.info_enabled:
-            self._emit(
-                "request",
-                "info",
-                f'"request": {request_id}, {conn_fields}',
-                f', "method": {_optional_text(method)}, "authority": {_optional_text(authority)}, '
-                f'"path": {_optional_text(path)}, "route": {self._name(route)}, "status": {status}, '
-                f'"flags": {self._name(flags)}, "errno": {err}, "bytes_in": {bytes_in}, '
-                f'"bytes_out": {bytes_out}, "decide_ms": {decide_ms:.3f}, "upstream_ms": {upstream_ms:.3f}, '
-                f'"duration_ms": {duration_ms:.3f}, "attempts": {attempts}, '
-                f'"reused": {"true" if reused else "false"}',
-            )
+        """One finished HTTP request. `conn_fields` is http_request_fields(); method, authority, path and
+        the x-request-id come from the client, so they are escaped and cut like free text. grpc_status
+        -1 (none) and a missing trace or request id leave their keys out. A 5xx, no response (status 0)
+        or any flag makes the record a failure."""
+        level = self._keep(status >= 500 or status == 0 or flags != "-")
+        if level is None:
+            return
+        tracing = ""
+        if grpc_status >= 0:
+            tracing = f', "grpc_status": {grpc_status}'
+        if trace_id is not None:
+            tracing += f', "trace_id": "{trace_id}"'  # hex digits, from the Tracer
+        if x_request_id is not None:
+            tracing += f', "request_id": {_text(x_request_id)}'
+        self._emit(
+            "request",
+            level,
+            f'"request": {request_id}, {conn_fields}',
+            f', "method": {_optional_text(method)}, "authority": {_optional_text(authority)}, '
+            f'"path": {_optional_text(path)}, "route": {self._name(route)}, "status": {status}, '
+            f'"flags": {self._name(flags)}, "errno": {err}, "bytes_in": {bytes_in}, '
+            f'"bytes_out": {bytes_out}, "decide_ms": {decide_ms:.3f}, "upstream_ms": {upstream_ms:.3f}, '
+            f'"duration_ms": {duration_ms:.3f}, "attempts": {attempts}, '
+            f'"reused": {"true" if reused else "false"}{tracing}',
+        )
 
     def http_request_fields(
         self,
@@ -346,15 +479,25 @@ class AccessLog:
         original: tuple[str, int] | None,
         service: str | None,
         upstream: tuple[str, int] | None,
+        *,
+        source_workload: str | None = None,
+        source_identity: str | None = None,
+        destination_workload: str | None = None,
+        destination_identity: str | None = None,
     ) -> str:
         """The connection fields of an HTTP request record; the connection may be gone (None)."""
         src = f'"{client[0]}:{client[1]}"' if client is not None else "null"
         dst = f'"{original[0]}:{original[1]}"' if original is not None else "null"
         upstream_text = self._name(f"{upstream[0]}:{upstream[1]}") if upstream is not None else "null"
-        return (
+        fields = (
             f'"conn": {conn_id}, "src": {src}, "dst": {dst}, "service": {self._name(service)}, '
             f'"upstream": {upstream_text}'
         )
+        if source_workload or source_identity or destination_workload or destination_identity:
+            fields += self._identities(
+                source_workload, source_identity, destination_workload, destination_identity
+            )
+        return fields
 
 
 def _optional_text(value: str | None) -> str:
