@@ -67,6 +67,24 @@ cdef enum DownState:
     D_TUNNEL = 4       # after a 101: raw bytes both ways
     D_CLOSING = 5      # final bytes flushing, then FIN, then unread client bytes drained until EOF/linger
     D_H2 = 6           # an HTTP/2 connection: frames both ways; each stream is a child Down of its own
+    D_HELD = 7         # a response head is held (hold_min_status): ATTEMPT_FAILED posted, up kept, nothing
+                       # read or sent on either side until Python releases it, retries or replies
+
+
+# Why an attempt failed (REC_ATTEMPT_FAILED's failure item; module constants FAIL_*).
+cdef enum FailureKind:
+    FAILURE_CONNECT = 1         # no connection: refused, unreachable, connect timeout, out of descriptors
+    FAILURE_REFUSED_STREAM = 2  # HTTP/2 upstream: RST_STREAM(REFUSED_STREAM) or above a GOAWAY's last id
+    FAILURE_RESET = 3           # closed / reset / malformed (flags UPE) after the head went, before a response
+    FAILURE_TIMEOUT = 4         # try_timeout_ms passed before the response head
+    FAILURE_HELD = 5            # a response head is held (status / grpc_status say which)
+
+
+# What an Answer does.
+cdef enum AnswerKind:
+    ANSWER_FORWARD = 0
+    ANSWER_REPLY = 1
+    ANSWER_RELEASE = 2
 
 
 cdef enum UpState:
@@ -173,6 +191,16 @@ cdef struct Down:
     h1_body h2_resp_body
     uint32_t h2_reset_code    # the error code to reset the stream with when it fails (0: INTERNAL_ERROR)
     bint up_http2             # the current decision speaks HTTP/2 to the upstream
+    # Resilience, set by an 11-item forward (HttpWorker.answer); all off for the 8/9-item forms.
+    bint resilient            # an attempt failing before the final response head posts ATTEMPT_FAILED and
+                              # the request waits (D_DECIDING), instead of a local 502 UC / 504 UT
+    uint16_t hold_min_status  # 0: hold nothing; else a final head with status >= this is held (D_HELD)
+    uint32_t replay_limit     # bytes of the request body (as forwarded, chunk framing included) kept
+    bint replayable           # every request body byte forwarded so far is in `replay`
+    Buf replay                # copy of the forwarded request body, resent after the head on a retry
+    int64_t t_sent_ns         # this attempt's head was handed to a connected upstream (0: not yet)
+    int64_t response_ns       # head handed upstream -> final response head, of the attempt the client got
+    int grpc_seen             # the grpc-status the client got (head or trailers), -1 if none
     Up *up
     Pool *waiting_pool
     Down *wait_next
@@ -237,6 +265,7 @@ cdef struct Up:
     bint h2_resp_chunked      # the response body is re-framed as chunked (no content-length)
     bint h2_resp_ended        # the server ended its side
     bint h2_reset             # the stream failed (reset by the server, refused, or its connection died)
+    bint h2_head_ended        # the final response HEADERS carried END_STREAM (gRPC: trailers-only)
     bint h2_blocked           # the request body waits for the server's window
     uint32_t h2_reset_code
     uint64_t h2_owed          # response DATA bytes received and not yet credited back
@@ -278,6 +307,12 @@ cdef struct Answer:
     size_t detail_len
     int grpc_status           # local reply to a gRPC request over HTTP/2: HTTP 200 + this (-1: none)
     bint http2                # forward: speak HTTP/2 to the upstream
+    AnswerKind kind
+    bint resilient            # forward: the 11-item form (see Down.resilient)
+    uint16_t hold_min_status
+    uint32_t replay_limit
+    char *fields              # reply: extra header lines, rendered "name: value\r\n..." (NULL: none)
+    size_t fields_len
 
 
 cdef struct Record:
@@ -294,6 +329,10 @@ cdef struct Record:
     int64_t total_ns          # first head byte -> response end
     uint32_t attempts
     bint reused
+    FailureKind failure       # REC_ATTEMPT_FAILED
+    int grpc_status           # REC_ATTEMPT_FAILED (held head), REC_DONE: -1 if none
+    bint replayable           # REC_ATTEMPT_FAILED
+    int64_t response_ns       # REC_ATTEMPT_FAILED, REC_DONE: head handed upstream -> response head / failure
     int client_fd             # REC_UPGRADED: the sockets now owned by whoever drains the record
     int upstream_fd
     unsigned char *head       # REC_HEAD: copy of the head bytes, in the block of `parsed` (never freed alone)
@@ -343,6 +382,8 @@ cdef class HttpWorker:
     cdef Record *records
     cdef size_t records_len
     cdef size_t records_cap
+    cdef object header_filter      # the frozenset drain() was last given (identity cache for header_names)
+    cdef tuple header_names        # its names as lower-case bytes
 
     cdef int _push(self, void **items, size_t *length, size_t *capacity, size_t size,
                    const void *item) noexcept nogil
@@ -401,12 +442,22 @@ cdef class HttpWorker:
     cdef void _pool_unwait(self, Down *d) noexcept nogil
     cdef void _serve_waiter(self, Pool *p) noexcept nogil
     cdef void _attempt_failed(self, Down *d, int err, uint32_t flag) noexcept nogil
+    cdef void _post_attempt_failed(self, Down *d, int err, uint32_t flag, FailureKind failure, uint16_t status,
+                                   int grpc_status) noexcept nogil
+    cdef void _fail_attempt(self, Down *d, int err, uint32_t flag, FailureKind failure) noexcept nogil
+    cdef void _attempt_sent(self, Down *d) noexcept nogil
+    cdef int _keep_replay(self, Down *d, const unsigned char *p, size_t n) noexcept nogil
+    cdef void _discard_held(self, Down *d) noexcept nogil
+    cdef void _release_held(self, Down *d) noexcept nogil
     cdef int _request_send_failed(self, Down *d, Up *u, int err) noexcept nogil
     cdef int _upstream_failed(self, Down *d, int err) noexcept nogil
     cdef void _end_exchange(self, Down *d) noexcept nogil
     cdef void _next_request(self, Down *d) noexcept nogil
     cdef void _local_reply(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
                            const char *detail, size_t detail_len, bint close_after) noexcept nogil
+    cdef void _local_reply_fields(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
+                                  const char *detail, size_t detail_len, const char *fields, size_t fields_len,
+                                  bint close_after) noexcept nogil
     cdef void _start_closing(self, Down *d) noexcept nogil
     cdef void _release_down(self, Down *d, uint32_t flag, int err) noexcept nogil
     cdef void _close_up(self, Up *u, bint reset) noexcept nogil

@@ -10,10 +10,17 @@ CONN_CLOSED: int
 UPGRADED: int
 NOT_HTTP: int
 FLAGS: dict[str, int]
+# ATTEMPT_FAILED's failure item.
+FAIL_CONNECT: int
+FAIL_REFUSED_STREAM: int
+FAIL_RESET: int
+FAIL_TIMEOUT: int
+FAIL_HELD: int
 
 # Answers to HEAD / ATTEMPT_FAILED records (type aliases for the checker; nothing at run time).
 # (request_id, ip, port, request_add, request_remove, response_add, response_remove, try_timeout_ms[,
-# http2]): http2 speaks HTTP/2 (h2c) to the upstream.
+# http2[, hold_min_status, replay_limit]]): http2 speaks HTTP/2 (h2c) to the upstream; the 11-item form
+# turns on ATTEMPT_FAILED for every failure before the response head, holding and body replay.
 ForwardAnswer = (
     tuple[
         int,
@@ -36,9 +43,27 @@ ForwardAnswer = (
         int,
         bool,
     ]
+    | tuple[
+        int,
+        str,
+        int,
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        int,
+        bool,
+        int,
+        int,
+    ]
 )
-# (request_id, status, flag, detail[, grpc_status]): grpc_status answers a gRPC request over HTTP/2.
-ReplyAnswer = tuple[int, int, str, str] | tuple[int, int, str, str, int | None]
+# (request_id, status, flag, detail[, grpc_status[, fields]]): grpc_status answers a gRPC request over
+# HTTP/2; fields are (name, value) bytes pairs added to the reply (e.g. retry-after).
+ReplyAnswer = (
+    tuple[int, int, str, str]
+    | tuple[int, int, str, str, int | None]
+    | tuple[int, int, str, str, int | None, tuple[tuple[bytes, bytes], ...]]
+)
 HIGH_WATER_BYTES: int
 IO_CHUNK_BYTES: int
 
@@ -72,9 +97,11 @@ class HttpWorker:
         self,
         forwards: Sequence[ForwardAnswer],
         replies: Sequence[ReplyAnswer],
+        releases: Sequence[int] = (),
     ) -> None: ...
     # Records of several shapes, told apart by their first item (HEAD, DONE, ATTEMPT_FAILED, CONN_CLOSED).
-    def drain(self, with_headers: bool = True) -> list[tuple[Any, ...]]: ...
+    # header_names: True (all headers in HEAD records), False (none) or lower-case names to keep.
+    def drain(self, header_names: bool | frozenset[bytes] = True) -> list[tuple[Any, ...]]: ...
     def begin_draining(self) -> None: ...
     def stop(self) -> None: ...
     def run(self) -> None: ...

@@ -111,6 +111,13 @@ NOT_HTTP = REC_NOT_HTTP
 HIGH_WATER_BYTES = HIGH_WATER
 IO_CHUNK_BYTES = IO_CHUNK
 
+# ATTEMPT_FAILED's failure item (see engine-retry semantics in HttpWorker.answer).
+FAIL_CONNECT = FAILURE_CONNECT
+FAIL_REFUSED_STREAM = FAILURE_REFUSED_STREAM
+FAIL_RESET = FAILURE_RESET
+FAIL_TIMEOUT = FAILURE_TIMEOUT
+FAIL_HELD = FAILURE_HELD
+
 # Response flag bits of DONE / ATTEMPT_FAILED records, by their Envoy names.
 FLAGS = {
     "DPE": FLAG_DPE,
@@ -452,6 +459,85 @@ def grpc_status_for(int status, str flag):
     return _grpc_status_for(<uint16_t>status, raw)
 
 
+cdef int _grpc_code(const unsigned char *p, size_t n) noexcept nogil:
+    """A grpc-status value: 1 to 3 decimal digits (the codes are 0..16, larger ones are kept as sent);
+    -1 if it is not a number."""
+    cdef int code = 0
+    cdef size_t i
+    if n == 0 or n > 3:
+        return -1
+    for i in range(n):
+        if not b'0' <= p[i] <= b'9':
+            return -1
+        code = code * 10 + (p[i] - 48)
+    return code
+
+
+cdef int _head_grpc_status(const unsigned char *base, const h1_head *h) noexcept nogil:
+    """The grpc-status field of a parsed head (spans relative to base), -1 if none."""
+    cdef uint32_t i
+    for i in range(h.nfields):
+        if h.fields[i].name.len == 11 and _is_name(base + h.fields[i].name.off, 11, "grpc-status"):
+            return _grpc_code(base + h.fields[i].value.off, h.fields[i].value.len)
+    return -1
+
+
+cdef int _trailer_grpc_status(const unsigned char *p, size_t n) noexcept nogil:
+    """The grpc-status among trailer field lines (each `name: value` CRLF, as h1_chunk.trailers spans
+    them; the codec checked them already), -1 if none."""
+    cdef size_t at = 0, end, colon, v, ve
+    while at < n:
+        end = at
+        while end < n and p[end] != b'\n':
+            end += 1
+        colon = at
+        while colon < end and p[colon] != b':':
+            colon += 1
+        if colon - at == 11 and _is_name(p + at, 11, "grpc-status"):
+            v = colon + 1
+            ve = end
+            if ve > v and p[ve - 1] == b'\r':
+                ve -= 1
+            while v < ve and (p[v] == b' ' or p[v] == b'\t'):
+                v += 1
+            while ve > v and (p[ve - 1] == b' ' or p[ve - 1] == b'\t'):
+                ve -= 1
+            return _grpc_code(p + v, ve - v)
+        at = end + 1
+    return -1
+
+
+cdef bint _name_wanted(const unsigned char *p, size_t n, tuple wanted):
+    """Whether a field name (any case) is one of `wanted` (lower-case bytes)."""
+    cdef bytes name
+    cdef const unsigned char *w
+    cdef size_t i
+    for name in wanted:
+        if <size_t>len(name) != n:
+            continue
+        w = <const unsigned char*>(<const char*>name)
+        for i in range(n):
+            if (p[i] | 0x20 if b'A' <= p[i] <= b'Z' else p[i]) != w[i]:
+                break
+        else:
+            return True
+    return False
+
+
+cdef bytes _render_reply_fields(object fields):
+    """A local reply's extra fields as `name: value` CRLF lines, checked like forward edits; the fields
+    that frame the reply (content-length, transfer-encoding, connection) are the engine's."""
+    cdef list lines = []
+    cdef bytes name, value
+    for name, value in fields:
+        _check_field_bytes(name, True)
+        _check_field_bytes(value, False)
+        if name.lower() in (b"content-length", b"transfer-encoding", b"connection"):
+            raise ValueError(f"a local reply's {name!r} is set by the engine")
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
+
+
 cdef size_t _percent_encode(const char *src, size_t n, char *dst, size_t cap) noexcept nogil:
     # grpc-message: bytes outside 0x20..0x7E and '%' are percent-encoded (gRPC over HTTP/2 spec).
     cdef size_t i, at = 0
@@ -656,37 +742,64 @@ cdef class HttpWorker:
         if self._push(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, sizeof(Adoption), &a) < 0:
             raise MemoryError()
 
-    def answer(self, forwards, list replies):
+    def answer(self, forwards, replies, releases=()):
         """Answer request heads (and failed attempts) in one batch.
 
         forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
-        try_timeout_ms[, http2]): http2 true speaks HTTP/2 (h2c) to the upstream; add = ((name, value), ...) bytes pairs, remove = (name, ...) bytes; try_timeout_ms
-        0 for none. replies: (request_id, status, flag, detail[, grpc_status]): a local reply with
+        try_timeout_ms[, http2[, hold_min_status, replay_limit]]): add = ((name, value), ...) bytes pairs,
+        remove = (name, ...) bytes; try_timeout_ms bounds the attempt's wait for the response head from its
+        start, connect included (0: none); http2 true speaks HTTP/2 (h2c) to the upstream.
+        The 11-item form turns on retries: every failure of the attempt before the final response head
+        (connect, reset, refused stream, per-try timeout, a malformed response) posts ATTEMPT_FAILED and
+        the request waits for the next answer instead of a local 502/504; a final head with status >=
+        hold_min_status (0: none), or an HTTP/2 trailers-only head with a grpc-status other than 0, is held
+        (ATTEMPT_FAILED with FAIL_HELD) until a release, a forward (retry) or a reply; up to replay_limit
+        bytes of the request body (as forwarded: chunk framing counts) are kept so that a forward after
+        ATTEMPT_FAILED resends head and body. A retry of a request whose body was not kept is answered
+        502 UC by the engine.
+        replies: (request_id, status, flag, detail[, grpc_status[, fields]]): a local reply with
         `x-nodeproxy-flags: flag`; grpc_status (0..16 or None) answers a gRPC request over HTTP/2 with HTTP
-        200 and this grpc-status, trailers-only (without it the engine derives one from status and flag). Answers for requests that ended meanwhile (the client left) are dropped by the engine.
+        200 and this grpc-status, trailers-only (without it the engine derives one from status and flag);
+        fields: ((name, value), ...) bytes pairs added to the reply (framing fields excluded).
+        releases: request ids whose held response goes on to the client unchanged.
+        Answers for requests that ended meanwhile (the client left) are dropped by the engine.
         """
         cdef Answer a
-        cdef bytes flag, detail
+        cdef bytes flag, detail, fields
         cdef int rc
+        cdef list bad_endpoints = []
+        cdef Py_ssize_t size
         for item in forwards:
+            size = len(item)
+            if size not in (8, 9, 11):
+                raise ValueError(f"a forward has 8, 9 or 11 items, not {size}")
             memset(&a, 0, sizeof(a))
             a.request_id = item[0]
+            a.kind = ANSWER_FORWARD
             a.forward = True
             if not 0 < item[2] < 65536 or not _is_ipv4(item[1], &a.dst, item[2]):
                 # One bad endpoint must not cost the whole batch its answers.
-                bad = f"endpoint {item[1]}:{item[2]} is not an IPv4 address and port"
-                replies = replies + [(item[0], 502, "UF", bad)]
+                bad_endpoints.append((item[0], 502, "UF", f"endpoint {item[1]}:{item[2]} is not an IPv4 address and port"))
                 continue
+            if item[7] < 0:
+                raise ValueError(f"try_timeout_ms {item[7]} is negative")
             a.try_timeout_ns = <int64_t>item[7] * 1000000
-            a.http2 = len(item) > 8 and bool(item[8])
+            a.http2 = size > 8 and bool(item[8])
+            if size == 11:
+                if not (item[9] == 0 or 100 <= item[9] <= 599) or item[10] < 0 or item[10] > 0xFFFFFFFF:
+                    raise ValueError(f"hold_min_status {item[9]} or replay_limit {item[10]} out of range")
+                a.resilient = True
+                a.hold_min_status = item[9]
+                a.replay_limit = item[10]
             a.edits = _build_edits(item[3], item[4], item[5], item[6])
             rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
             if rc < 0:
                 free(a.edits)
                 raise MemoryError()
-        for item in replies:
+        for item in list(replies) + bad_endpoints:
             memset(&a, 0, sizeof(a))
             a.request_id = item[0]
+            a.kind = ANSWER_REPLY
             a.status = item[1]
             if not 200 <= a.status <= 599:
                 raise ValueError(f"local reply status {a.status} out of range")
@@ -694,32 +807,50 @@ cdef class HttpWorker:
             if len(flag) >= FLAG_TEXT_MAX or not flag.isalnum():
                 raise ValueError(f"bad response flag {item[2]!r}")
             memcpy(a.flag, <const char*>flag, len(flag))
+            a.grpc_status = -1
+            if len(item) > 4 and item[4] is not None:
+                if not 0 <= item[4] <= 16:
+                    raise ValueError(f"grpc-status {item[4]} out of range")
+                a.grpc_status = item[4]
+            fields = _render_reply_fields(item[5]) if len(item) > 5 else b""
             detail = item[3].encode("utf-8")
-            a.detail = <char*>malloc(len(detail) + 1)
+            # One block: the detail, then the rendered fields.
+            a.detail = <char*>malloc(len(detail) + len(fields) + 1)
             if a.detail == NULL:
                 raise MemoryError()
             memcpy(a.detail, <const char*>detail, len(detail))
             a.detail_len = len(detail)
-            a.grpc_status = -1
-            if len(item) > 4 and item[4] is not None:
-                if not 0 <= item[4] <= 16:
-                    free(a.detail)
-                    raise ValueError(f"grpc-status {item[4]} out of range")
-                a.grpc_status = item[4]
+            if len(fields):
+                a.fields = a.detail + len(detail)
+                memcpy(a.fields, <const char*>fields, len(fields))
+                a.fields_len = len(fields)
             rc = self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a)
             if rc < 0:
                 free(a.detail)
                 raise MemoryError()
+        for request_id in releases:
+            memset(&a, 0, sizeof(a))
+            a.request_id = request_id
+            a.kind = ANSWER_RELEASE
+            if self._push(<void**>&self.answers, &self.answers_len, &self.answers_cap, sizeof(Answer), &a) < 0:
+                raise MemoryError()
 
-    def drain(self, bint with_headers=True):
+    def drain(self, header_names=True):
         """Take the records, in the order the engine posted them:
 
         (HEAD, request_id, conn_id, method, target, authority, path, query, headers) with headers a
-        tuple of (lower-case name, value) str pairs (latin-1), empty unless with_headers (routing that
-        matches no header need not pay for them);
+        tuple of (lower-case name, value) str pairs (latin-1): all of them when header_names is True, none
+        when False (routing that matches no header need not pay for them), or, for a frozenset of
+        lower-case bytes names, only the fields with those names;
         (DONE, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns,
-        total_ns, attempts, reused);
-        (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts);
+        total_ns, attempts, reused, response_ns, grpc_status): response_ns from handing the request head
+        to a connected upstream to the final response head of the attempt the client got (0: none),
+        grpc_status the one the client got in the response head or trailers (-1: none);
+        (ATTEMPT_FAILED, request_id, conn_id, err, flags, attempts, failure, status, grpc_status,
+        replayable, response_ns): failure one of FAIL_*; status and grpc_status those of a held head
+        (FAIL_HELD; else 0 and -1); replayable: every request body byte forwarded so far was kept (a
+        request without a body always is); response_ns from handing the head upstream to the failure or
+        the held head (0 if it never went);
         (UPGRADED, conn_id, request_id, client_fd, upstream_fd): the caller owns both sockets now;
         (NOT_HTTP, conn_id, client_fd): an `auto` connection that is not HTTP/1; the caller owns it;
         (CONN_CLOSED, conn_id, requests, err).
@@ -731,6 +862,19 @@ cdef class HttpWorker:
         cdef h1_head *h
         cdef const unsigned char *base
         cdef list headers
+        cdef bint with_headers, filtered = False
+        cdef tuple wanted = ()
+        if isinstance(header_names, frozenset):
+            if header_names is not self.header_filter:
+                for name in header_names:
+                    if not isinstance(name, bytes) or name != name.lower():
+                        raise ValueError(f"header_names holds lower-case bytes, not {name!r}")
+                self.header_names = tuple(header_names)
+                self.header_filter = header_names
+            wanted = self.header_names
+            with_headers = filtered = True
+        else:
+            with_headers = bool(header_names)
         batch = <Record*>self._take(<void**>&self.records, &self.records_len, &self.records_cap, &n)
         try:
             for i in range(n):
@@ -739,7 +883,12 @@ cdef class HttpWorker:
                     h = r.parsed
                     base = r.head
                     headers = []
-                    if with_headers:
+                    if filtered:
+                        for k in range(h.nfields):
+                            if _name_wanted(base + h.fields[k].name.off, h.fields[k].name.len, wanted):
+                                headers.append((_span_text(base, h.fields[k].name).lower(),
+                                                _span_text(base, h.fields[k].value)))
+                    elif with_headers:
                         for k in range(h.nfields):
                             headers.append((_span_text(base, h.fields[k].name).lower(),
                                             _span_text(base, h.fields[k].value)))
@@ -748,9 +897,11 @@ cdef class HttpWorker:
                                 _span_text(base, h.path), _span_text(base, h.query), tuple(headers)))
                 elif r.kind == REC_DONE:
                     out.append((REC_DONE, r.request_id, r.conn_id, r.status, r.flags, r.err, r.bytes_in,
-                                r.bytes_out, r.decide_ns, r.upstream_ns, r.total_ns, r.attempts, r.reused))
+                                r.bytes_out, r.decide_ns, r.upstream_ns, r.total_ns, r.attempts, r.reused,
+                                r.response_ns, r.grpc_status))
                 elif r.kind == REC_ATTEMPT_FAILED:
-                    out.append((REC_ATTEMPT_FAILED, r.request_id, r.conn_id, r.err, r.flags, r.attempts))
+                    out.append((REC_ATTEMPT_FAILED, r.request_id, r.conn_id, r.err, r.flags, r.attempts,
+                                r.failure, r.status, r.grpc_status, r.replayable, r.response_ns))
                 elif r.kind == REC_UPGRADED:
                     out.append((REC_UPGRADED, r.conn_id, r.request_id, r.client_fd, r.upstream_fd))
                 elif r.kind == REC_NOT_HTTP:
@@ -971,14 +1122,22 @@ cdef class HttpWorker:
     cdef void _apply_answer(self, Answer *a) noexcept nogil:
         cdef uint32_t slot = <uint32_t>(a.request_id >> 32)
         cdef Down *d = self.slots[slot] if slot < self.nslots else NULL
-        if d == NULL or d.request_id != a.request_id or d.state != D_DECIDING:
+        if (d == NULL or d.request_id != a.request_id or not (d.state == D_DECIDING or d.state == D_HELD)
+                or (a.kind == ANSWER_RELEASE and d.state != D_HELD)):
             free(a.edits)
             free(a.detail)
             return
+        if a.kind == ANSWER_RELEASE:
+            self._release_held(d)
+            self._drive(d)
+            return
+        if d.state == D_HELD:
+            self._discard_held(d)  # a retry or a local reply: the held response is dropped
         d.t_forward_ns = self.now_ns
-        if not a.forward:
+        if a.kind == ANSWER_REPLY:
             d.grpc_status = a.grpc_status
-            self._local_reply(d, a.status, a.flag, FLAG_LR, a.detail, a.detail_len, False)
+            self._local_reply_fields(d, a.status, a.flag, FLAG_LR, a.detail, a.detail_len, a.fields,
+                                     a.fields_len, False)
             free(a.detail)
             self._drive(d)
             return
@@ -988,6 +1147,23 @@ cdef class HttpWorker:
         d.dst = a.dst
         d.try_timeout_ns = a.try_timeout_ns
         d.up_http2 = a.http2
+        d.resilient = a.resilient
+        d.hold_min_status = a.hold_min_status
+        if d.attempts == 0:
+            d.replay_limit = a.replay_limit  # the copy is kept from the first attempt on; it cannot grow later
+        elif not d.replayable:
+            # Body bytes went to an earlier attempt and were not kept: the request cannot be sent again.
+            self._local_reply(d, 502, "UC", FLAG_UC, "request body not replayable for a retry", 39, True)
+            self._drive(d)
+            return
+        else:
+            # A retry: the earlier attempt's view of the request body (abandoned by a server that stopped
+            # reading) does not carry over; the kept copy is resent and the rest streams from the client.
+            d.req_abandoned = False
+            d.req_done = d.req_body.kind == H1_BODY_NONE or d.req_body.ended
+            d.close_after = False
+            d.stale_retried = False
+            d.h2_reset_code = 0
         self._forward(d)
         self._drive(d)
 
@@ -1010,6 +1186,7 @@ cdef class HttpWorker:
 
     cdef void _on_up_event(self, Up *u, uint32_t events) noexcept nogil:
         cdef int err
+        cdef Up *s
         cdef Down *d = u.down
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             u.readable = True
@@ -1027,6 +1204,11 @@ cdef class HttpWorker:
                     self._close_up(u, False)
                     return
                 u.state = U_BUSY
+                s = u.h2.streams
+                while s != NULL:
+                    if s.down != NULL:
+                        self._attempt_sent(s.down)
+                    s = s.sib_next
             self._drive_h2u(u)
             return
         if u.state == U_IDLE:
@@ -1045,6 +1227,8 @@ cdef class HttpWorker:
                     self._attempt_failed(d, err if err else ECONNRESET, FLAG_UF)
                 return
             u.state = U_BUSY
+            if d != NULL:
+                self._attempt_sent(d)
         if d != NULL:
             self._drive(d)
 
@@ -1221,6 +1405,13 @@ cdef class HttpWorker:
         d.grpc_status = -1
         d.req_done = d.resp_head_sent = d.resp_done = d.close_after = d.dechunk = d.req_abandoned = False
         d.stale_retried = d.reused = False
+        d.resilient = False
+        d.hold_min_status = 0
+        d.replay_limit = 0
+        d.replayable = True
+        d.replay.off = d.replay.len = 0
+        d.t_sent_ns = d.response_ns = 0
+        d.grpc_seen = -1
         d.req_body_bytes = d.resp_bytes = 0
         d.status = 0
         d.flags = 0
@@ -1324,11 +1515,23 @@ cdef class HttpWorker:
         d.up = u
         u.down = d
         d.reused = reused
+        if d.state == D_WAIT_CONN and d.resilient:
+            pass  # the per-try timeout runs from the attempt's start, the wait for a connection included
+        else:
+            d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
         d.state = D_EXCHANGE
-        d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
         h1_head_init(&u.resp)
         u.inb.off = u.inb.len = 0
-        if _append(&u.outb, d.fwd.data, d.fwd.len) < 0:
+        d.t_sent_ns = 0
+        if u.h2_stream:
+            if u.conn.state != U_CONNECTING:
+                self._attempt_sent(d)
+        elif u.state == U_BUSY:
+            self._attempt_sent(d)
+        # A retry (or a fresh try after a stale pooled connection) resends the body bytes kept so far;
+        # the rest follows from the client's stream as usual.
+        if _append(&u.outb, d.fwd.data, d.fwd.len) < 0 or _append(&u.outb, d.replay.data + d.replay.off,
+                                                                   _held(&d.replay)) < 0:
             self._release_down(d, 0, ENOMEM)
 
     cdef Up *_connect(self, Pool *p, int *err) noexcept nogil:
@@ -1465,9 +1668,14 @@ cdef class HttpWorker:
 
     cdef void _attempt_failed(self, Down *d, int err, uint32_t flag) noexcept nogil:
         """No usable upstream for this try: Python decides again (another endpoint, or a local reply)."""
-        cdef Record r
         d.up = NULL
-        d.state = D_DECIDING
+        self._post_attempt_failed(d, err, flag, FAILURE_CONNECT, 0, -1)
+
+    cdef void _post_attempt_failed(self, Down *d, int err, uint32_t flag, FailureKind failure, uint16_t status,
+                                   int grpc_status) noexcept nogil:
+        """Post ATTEMPT_FAILED; the request waits in D_DECIDING (D_HELD for a held head, d.up kept)."""
+        cdef Record r
+        d.state = D_HELD if failure == FAILURE_HELD else D_DECIDING
         d.deadline_ns = 0
         d.flags |= flag
         memset(&r, 0, sizeof(r))
@@ -1477,7 +1685,73 @@ cdef class HttpWorker:
         r.err = err
         r.flags = flag
         r.attempts = d.attempts
+        r.failure = failure
+        r.status = status
+        r.grpc_status = grpc_status
+        r.replayable = d.replayable
+        r.response_ns = self.now_ns - d.t_sent_ns if d.t_sent_ns else 0
         self._post(&r)
+
+    cdef void _fail_attempt(self, Down *d, int err, uint32_t flag, FailureKind failure) noexcept nogil:
+        """A resilient request's attempt failed before its final response head: drop the upstream (the
+        connection is reset, an HTTP/2 stream cancelled) and let Python decide again."""
+        cdef Up *u = d.up
+        if u != NULL:
+            d.up = NULL
+            u.down = NULL
+            self._close_up(u, True)
+        if d.state == D_WAIT_CONN:
+            self._pool_unwait(d)
+        # The client may have sent more than this attempt took: what waits in d.inb stays for the retry.
+        self._post_attempt_failed(d, err, flag, failure, 0, -1)
+
+    cdef void _attempt_sent(self, Down *d) noexcept nogil:
+        if d.t_sent_ns == 0:
+            d.t_sent_ns = self.now_ns
+
+    cdef int _keep_replay(self, Down *d, const unsigned char *p, size_t n) noexcept nogil:
+        """Keep forwarded request body bytes for a retry while they fit replay_limit; past it the copy is
+        freed and the request is no longer replayable. -1 when out of memory (the copy is dropped too)."""
+        if not d.replayable:
+            return 0
+        if _held(&d.replay) + n > d.replay_limit or d.req.content_length > <int64_t>d.replay_limit:
+            # A declared length over the limit is dropped at its first byte: it could never be kept whole.
+            d.replayable = False
+            _free_buf(&d.replay)
+            return 0
+        if d.replay.cap == 0 and 0 < d.req.content_length <= d.replay_limit:
+            # The whole body in one allocation (a chunked one grows as it comes).
+            if _reserve(&d.replay, <size_t>d.req.content_length) < 0:
+                d.replayable = False
+                return -1
+        if _append(&d.replay, p, n) < 0:
+            d.replayable = False
+            _free_buf(&d.replay)
+            return -1
+        return 0
+
+    cdef void _discard_held(self, Down *d) noexcept nogil:
+        """Drop a held response: its connection is closed (an HTTP/2 stream reset unless it ended)."""
+        cdef Up *u = d.up
+        d.state = D_DECIDING
+        if u == NULL:
+            return
+        d.up = NULL
+        u.down = NULL
+        self._close_up(u, not (u.h2_stream and u.h2_resp_ended))
+
+    cdef void _release_held(self, Down *d) noexcept nogil:
+        """Send a held response on as if it had never been held."""
+        cdef Up *u = d.up
+        cdef int64_t response_ns = d.response_ns  # measured when the head came, not now
+        d.hold_min_status = 0
+        d.state = D_EXCHANGE
+        if u == NULL:
+            # Cannot happen: D_HELD keeps its upstream until the Down leaves that state.
+            self._local_reply(d, 502, "UC", FLAG_UC, "held response lost", 18, True)
+            return
+        self._response_head(d, u)
+        d.response_ns = response_ns
 
     cdef int _request_send_failed(self, Down *d, Up *u, int err) noexcept nogil:
         """The upstream stopped taking the request. A server may answer early (413, 401 to an upload) and
@@ -1496,9 +1770,16 @@ cdef class HttpWorker:
         """The upstream connection broke (error or EOF) before the exchange completed. Returns 1 if the
         connection goes on (retried or answered locally), -1 if the client connection is gone."""
         cdef Up *u = d.up
-        cdef bint untouched = not d.resp_head_sent and _held(&u.inb) == 0 and d.req_body_bytes == 0
+        # Nothing of the response came, and the request can be sent again as it was (the body bytes that
+        # went are all kept: with no replay copy, only when none went).
+        cdef bint untouched = not d.resp_head_sent and _held(&u.inb) == 0 and d.replayable
+        cdef bint refused = u.h2_stream and u.h2_reset and u.h2_reset_code == NGHTTP2_REFUSED_STREAM
         if u.h2_stream and u.h2_reset:
             d.h2_reset_code = u.h2_reset_code  # an HTTP/2 client's stream is reset with the same code
+        if d.resilient and refused and not d.resp_head_sent:
+            # Never processed by the server: Python may retry anywhere (refused-stream condition).
+            self._fail_attempt(d, err, FLAG_UC, FAILURE_REFUSED_STREAM)
+            return 1
         if untouched and d.reused and not d.stale_retried:
             # A pooled connection the backend closed while idle (the race every keep-alive pool has):
             # nothing of the request body or the response moved, so send the head again on a fresh one.
@@ -1507,6 +1788,9 @@ cdef class HttpWorker:
             u.down = NULL
             self._close_up(u, False)
             self._acquire(d, True)
+            return 1
+        if d.resilient and not d.resp_head_sent:
+            self._fail_attempt(d, err, FLAG_UC, FAILURE_RESET)
             return 1
         d.up = NULL
         u.down = NULL
@@ -1572,6 +1856,9 @@ cdef class HttpWorker:
                                       strlen(d.req_body.error), True)
                     return 1
                 if n > 0:
+                    if d.replayable and self._keep_replay(d, d.inb.data + d.inb.off, n) < 0:
+                        self._release_down(d, 0, ENOMEM)
+                        return -1
                     if _send(u.fd, &u.outb, &u.writable, d.inb.data + d.inb.off, n, True) < 0:
                         return self._request_send_failed(d, u, errno)
                     _consume(&d.inb, n)
@@ -1614,6 +1901,9 @@ cdef class HttpWorker:
                 if avail > 0:
                     rc = h1_parse_response(u.inb.data + u.inb.off, avail, &self.limits, &u.resp)
                     if rc < 0:
+                        if d.resilient:
+                            self._fail_attempt(d, 0, FLAG_UPE, FAILURE_RESET)
+                            return 1
                         d.up = NULL
                         u.down = NULL
                         self._close_up(u, True)
@@ -1641,6 +1931,9 @@ cdef class HttpWorker:
                         self._release_down(d, 0, 0)
                         return -1
                     if n > 0:
+                        if d.grpc and chunk.ended and chunk.trailers.len:
+                            d.grpc_seen = _trailer_grpc_status(u.inb.data + u.inb.off + chunk.trailers.off,
+                                                               chunk.trailers.len)
                         if d.dechunk:
                             rc = _send(d.fd, &d.outb, &d.writable, u.inb.data + u.inb.off + chunk.data.off,
                                        chunk.data.len, True)
@@ -1675,6 +1968,9 @@ cdef class HttpWorker:
             elif n == -1:
                 return self._upstream_failed(d, errno)
             elif n == -2 and u.readable:
+                if not d.resp_head_sent and d.resilient:
+                    self._fail_attempt(d, 0, FLAG_UPE, FAILURE_RESET)
+                    return 1
                 if not d.resp_head_sent:
                     d.up = NULL
                     u.down = NULL
@@ -1696,14 +1992,28 @@ cdef class HttpWorker:
         cdef size_t cap = head_len + 512
         cdef bint upgrade = status == 101
         cdef bint informational = 100 <= status < 200 and not upgrade
+        cdef int grpc_status = -1
         memset(&opts, 0, sizeof(opts))
         if upgrade and not (d.req.conn_upgrade and d.req.upgrade.len > 0):
+            if d.resilient:
+                self._fail_attempt(d, 0, FLAG_UPE, FAILURE_RESET)
+                return 1
             d.up = NULL
             u.down = NULL
             self._close_up(u, True)
             self._local_reply(d, 502, "UPE", FLAG_UPE, "101 to a request that did not ask to upgrade", 44,
                               True)
             return 1
+        if not informational and not upgrade:
+            d.response_ns = self.now_ns - d.t_sent_ns if d.t_sent_ns else 0
+            if d.grpc or (d.hold_min_status and u.h2_head_ended):
+                grpc_status = _head_grpc_status(u.inb.data + u.inb.off, &u.resp)
+            if d.hold_min_status and (status >= d.hold_min_status or (u.h2_head_ended and grpc_status > 0)):
+                # Kept unread in u.inb (the parsed u.resp stays valid) until Python decides.
+                self._post_attempt_failed(d, 0, 0, FAILURE_HELD, status, grpc_status)
+                return 0
+            if d.grpc:
+                d.grpc_seen = grpc_status
         if not informational:
             h1_body_for_response(&u.resp_body, &u.resp, d.method_head, d.req.method_id == H1_METHOD_CONNECT)
             d.dechunk = d.req.version_minor == 0 and u.resp_body.kind == H1_BODY_CHUNKED
@@ -1768,7 +2078,9 @@ cdef class HttpWorker:
                 u.pool = NULL
             d.state = D_TUNNEL
             return 1
-        if u.resp_body.kind == H1_BODY_NONE:
+        if u.resp_body.ended:
+            # No body, or an empty Content-Length one (a gRPC trailers-only answer over HTTP/2 is one):
+            # no body byte will come to end it.
             d.resp_done = True
         return 1
 
@@ -1791,6 +2103,7 @@ cdef class HttpWorker:
         free(d.edits)
         d.edits = NULL
         d.fwd.off = d.fwd.len = 0
+        _free_buf(&d.replay)  # only requests with a body and a replay limit allocated it
         if d.close_after or not d.client_keep_alive:
             self._start_closing(d)
             return
@@ -1817,6 +2130,8 @@ cdef class HttpWorker:
         r.total_ns = self.now_ns - d.t_head_start_ns
         r.attempts = d.attempts
         r.reused = d.reused
+        r.response_ns = d.response_ns if d.resp_head_sent else 0  # a held head the client never got: 0
+        r.grpc_status = d.grpc_seen
         d.request_open = False
         d.t_forward_ns = d.t_resp_ns = 0
         self._post(&r)
@@ -1824,6 +2139,12 @@ cdef class HttpWorker:
     cdef void _local_reply(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
                            const char *detail, size_t detail_len, bint close_after) noexcept nogil:
         """Answer the client ourselves: `status` with x-nodeproxy-flags: flag and `detail` as the body."""
+        self._local_reply_fields(d, status, flag, flag_bit, detail, detail_len, NULL, 0, close_after)
+
+    cdef void _local_reply_fields(self, Down *d, uint16_t status, const char *flag, uint32_t flag_bit,
+                                  const char *detail, size_t detail_len, const char *fields, size_t fields_len,
+                                  bint close_after) noexcept nogil:
+        """_local_reply with extra header lines (`name: value` CRLF each, checked by answer())."""
         cdef char head[512]
         cdef char message[200]
         cdef int n
@@ -1845,6 +2166,8 @@ cdef class HttpWorker:
             d.attempts = 0
             d.flags = 0
             d.reused = False
+            d.response_ns = 0
+            d.grpc_seen = -1
             d.request_open = True
         if d.state == D_HEAD:
             # No complete head (bad input, timeout): the connection's framing is lost.
@@ -1859,12 +2182,14 @@ cdef class HttpWorker:
             _percent_encode(detail, detail_len, message, sizeof(message))
             n = snprintf(head, sizeof(head),
                          "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: %d\r\n"
-                         "grpc-message: %s\r\nx-nodeproxy-flags: %s\r\ncontent-length: 0\r\n\r\n",
+                         "grpc-message: %s\r\nx-nodeproxy-flags: %s\r\ncontent-length: 0\r\n",
                          grpc_status, message, flag)
-            if n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0:
+            if (n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0
+                    or _append(&d.outb, fields, fields_len) < 0 or _append(&d.outb, "\r\n", 2) < 0):
                 self._release_down(d, 0, ENOMEM)
                 return
-            d.resp_bytes += n
+            d.resp_bytes += n + fields_len + 2
+            d.grpc_seen = grpc_status
             d.status = 200
             d.flags |= flag_bit
             d.close_after = True
@@ -1873,13 +2198,14 @@ cdef class HttpWorker:
             return
         n = snprintf(head, sizeof(head),
                      "HTTP/1.1 %u %s\r\ncontent-type: text/plain\r\ncontent-length: %u\r\n"
-                     "x-nodeproxy-flags: %s\r\n%s\r\n",
+                     "x-nodeproxy-flags: %s\r\n%s",
                      <unsigned>status, _reason(status), <unsigned>(detail_len + 1), flag,
                      "connection: close\r\n" if close_after else "")
-        if n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0:
+        if (n < 0 or n >= <int>sizeof(head) or _append(&d.outb, head, n) < 0
+                or _append(&d.outb, fields, fields_len) < 0 or _append(&d.outb, "\r\n", 2) < 0):
             self._release_down(d, 0, ENOMEM)
             return
-        d.resp_bytes += n
+        d.resp_bytes += n + fields_len + 2
         if not d.method_head:
             if _append(&d.outb, detail, detail_len) < 0 or _append(&d.outb, "\n", 1) < 0:
                 self._release_down(d, 0, ENOMEM)
@@ -2040,6 +2366,7 @@ cdef class HttpWorker:
         _free_buf(&d.outb)
         _free_buf(&d.orig)
         _free_buf(&d.fwd)
+        _free_buf(&d.replay)
         free(d.edits)
         d.edits = NULL
         if d.queued:
@@ -2209,6 +2536,8 @@ cdef class HttpWorker:
                     else:
                         self._local_reply(d, 408, "DPE", FLAG_DPE, "request head not received in time", 33, True)
                         self._drive(d)
+                elif (d.state == D_WAIT_CONN or d.state == D_EXCHANGE and not d.resp_head_sent) and d.resilient:
+                    self._fail_attempt(d, ETIMEDOUT, FLAG_UT, FAILURE_TIMEOUT)
                 elif d.state == D_WAIT_CONN or d.state == D_EXCHANGE and not d.resp_head_sent:
                     self._local_reply(d, 504, "UT", FLAG_UT, "upstream did not answer in time", 31,
                                       not d.req_done)
@@ -2382,7 +2711,7 @@ cdef class HttpWorker:
                         self._h2_request_trailers(s, e.off, e.nfields)
             elif e.kind == H2_EV_DATA:
                 s = self._h2_stream(d, e.stream_id)
-                if s == NULL or s.h2_req_ended or s.state == D_CLOSING or s.req_abandoned:
+                if s == NULL or s.h2_req_ended or s.state == D_CLOSING or (s.req_abandoned and not s.resilient):
                     h2_consume(&h.core, e.stream_id, e.len)  # nobody takes these bytes: credit them now
                     continue
                 if s.h2_chunked:
@@ -2536,7 +2865,7 @@ cdef class HttpWorker:
         if s.h2_req_ended:
             return
         s.h2_req_ended = True
-        if not s.h2_chunked or s.state == D_CLOSING or s.req_abandoned:
+        if not s.h2_chunked or s.state == D_CLOSING or (s.req_abandoned and not s.resilient):
             return
         if (_append(&s.inb, "0\r\n", 3) < 0 or _append_h1_fields(&s.inb, &h.core, off, nfields) < 0
                 or _append(&s.inb, "\r\n", 2) < 0):
@@ -2548,7 +2877,7 @@ cdef class HttpWorker:
         if s.h2_req_ended:
             return
         s.h2_req_ended = True
-        if s.h2_chunked and s.state != D_CLOSING and not s.req_abandoned:
+        if s.h2_chunked and s.state != D_CLOSING and not (s.req_abandoned and not s.resilient):
             if _append(&s.inb, "0\r\n\r\n", 5) < 0:
                 self._release_down(s, 0, ENOMEM)
                 return
@@ -2560,8 +2889,9 @@ cdef class HttpWorker:
         cdef uint64_t release
         if s.h2_owed == 0:
             return
-        if s.state == D_CLOSING or s.req_abandoned:
-            s.inb.off = s.inb.len = 0  # nobody will read the rest of this request body
+        if s.state == D_CLOSING or (s.req_abandoned and not s.resilient):
+            # Nobody will read the rest of this request body (a resilient request's retry still may).
+            s.inb.off = s.inb.len = 0
         held = _held(&s.inb)
         # Held bytes include chunk framing, so owed - held never credits a byte still waiting here.
         release = s.h2_owed if held == 0 else (s.h2_owed - held if s.h2_owed > held else 0)
@@ -3035,6 +3365,7 @@ cdef class HttpWorker:
         n = snprintf(line, sizeof(line), "HTTP/1.1 %u %s\r\n", status, _reason(<uint16_t>status))
         failed = _append(&s.inb, line, n) < 0 or _append_h1_fields(&s.inb, core, off, nfields) < 0
         if status >= 200:
+            s.h2_head_ended = end_stream
             if end_stream:
                 if not has_length and status != 204 and status != 304:
                     failed = failed or _append(&s.inb, "content-length: 0\r\n", 19) < 0
