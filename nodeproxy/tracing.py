@@ -424,6 +424,7 @@ class TraceStart:
 
 
 _NO_NAMES: Final[tuple[str, ...]] = ()
+EXPORT_COUNTERS: Final = ("queued", "dropped", "exported", "rejected", "failed", "batches", "pending")
 
 
 class Tracer:
@@ -601,6 +602,14 @@ class Tracer:
                 start.request_id,
             )
         )
+
+    def stats(self) -> dict[str, int]:
+        """Span export counters of this process (all zero without an exporter): queued, dropped (queue
+        full or left at close), exported, rejected (by the collector), failed (exports that failed),
+        batches, pending."""
+        if self.exporter is None:
+            return dict.fromkeys(EXPORT_COUNTERS, 0)
+        return self.exporter.stats()
 
     def close(self, timeout: float = 5.0) -> None:
         """Export what is queued (within `timeout` seconds) and stop the export thread."""

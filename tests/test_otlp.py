@@ -271,3 +271,17 @@ def test_encoding_cuts_client_text_and_decodes_with_opentelemetry_proto() -> Non
 def test_an_exporter_needs_an_endpoint() -> None:
     with pytest.raises(ValueError, match="otlp_endpoint"):
         OtlpExporter(TracingConfig())
+
+
+def test_tracer_stats_have_the_same_keys_with_and_without_an_exporter() -> None:
+    with OtlpReceiver() as receiver:
+        exporting = Tracer(config(receiver.url, sampling=100, export_interval="10ms"))
+        start = exporting.start({})
+        exporting.finish(
+            start, start_ns=1, end_ns=2, method="GET", authority=None, path="/", route=None, service=None,
+            status=200, grpc_status=-1, upstream=None, attempts=1, flags="-",
+        )  # fmt: skip
+        receiver.wait_spans(1)
+        exporting.close(2)
+    assert exporting.stats()["exported"] == 1
+    assert Tracer().stats() == dict.fromkeys(exporting.stats(), 0)
