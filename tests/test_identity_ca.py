@@ -32,8 +32,10 @@ TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
 
 
-def test_init_writes_keys_0600_and_certs_0644(tmp_path: Path) -> None:
-    old_umask = os.umask(0)  # a permissive umask must not widen the keys
+@pytest.mark.parametrize("umask", [0o000, 0o277])
+def test_init_writes_keys_0600_and_certs_0644(tmp_path: Path, umask: int) -> None:
+    # Neither a permissive umask (wider keys) nor a strict one (unreadable files) changes the modes.
+    old_umask = os.umask(umask)
     try:
         paths = init_ca(tmp_path / "ca", TD)
     finally:
@@ -64,7 +66,7 @@ def test_init_refuses_when_any_single_file_exists(tmp_path: Path) -> None:
     directory = tmp_path / "ca"
     directory.mkdir()
     (directory / "intermediate.key").write_bytes(b"someone else's key")
-    with pytest.raises(CaError, match=r"intermediate\.key"):
+    with pytest.raises(CaError, match=r"intermediate\.key already exist"):
         init_ca(directory, TD)
     assert sorted(p.name for p in directory.iterdir()) == ["intermediate.key"]  # nothing else written
 

@@ -340,7 +340,9 @@ def init_ca(
         raise CaError("the intermediate cannot outlive the root (intermediate_ttl > root_ttl)")
     paths = CaPaths(Path(directory))
     try:
-        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not paths.directory.is_dir():
+            paths.directory.mkdir(mode=0o700, parents=True)
+            paths.directory.chmod(0o700)  # mkdir's mode passes through the umask
     except OSError as err:
         raise CaError(f"cannot create the CA directory {paths.directory}: {err.strerror}") from None
     existing = [str(p) for p in paths.all_files() if p.exists() or p.is_symlink()]
