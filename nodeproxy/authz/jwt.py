@@ -35,7 +35,6 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ from typing import Any, Final
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwk, jws
-from joserfc.errors import JoseError, SecurityWarning
+from joserfc.errors import JoseError, UnsupportedAlgorithmError
+from joserfc.jwa import JWSAlgModel
 from joserfc.jws import JWSRegistry
 
 from nodeproxy.authz.config import JwtRule, JwtSettings
@@ -77,10 +77,6 @@ MAX_TOKEN_LENGTH = 16384
 _MAX_HEADER_BYTES = 4096
 # Backoff after a failed fetch: 1 s doubling, at most this (or the refresh interval if shorter).
 _MAX_BACKOFF = 300.0
-
-# joserfc warns on every use of "EdDSA" (deprecated by RFC 9864 in favour of "Ed25519"); tokens
-# still use it, and the key binding makes it as safe as Ed25519.
-warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
 
 
 class JwksError(ValueError):
@@ -491,11 +487,28 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_REGISTRIES: Final = {
-    alg: JWSRegistry(algorithms=[alg], strict_check_header=False) for alg in sorted(ALLOWED_ALGORITHMS)
-}
-for _registry in _REGISTRIES.values():
-    _registry.max_header_length = _MAX_HEADER_BYTES
+class _OneAlgorithm(JWSRegistry):
+    """A joserfc registry that verifies exactly one algorithm.
+
+    joserfc's own get_alg() warns on every use of "EdDSA" (deprecated by RFC 9864 in favour of
+    "Ed25519"); tokens still use it, and the key binding makes it as safe as Ed25519, so this one
+    looks the algorithm up without the warning (and without changing the process's warning filters)."""
+
+    max_header_length = _MAX_HEADER_BYTES
+
+    def __init__(self, algorithm: str) -> None:
+        super().__init__(algorithms=[algorithm], strict_check_header=False)
+        if algorithm not in self.algorithms:
+            raise ImportError(f"joserfc {jws.__name__} lacks the {algorithm} algorithm")
+        self._algorithm = algorithm
+
+    def get_alg(self, name: str) -> JWSAlgModel:
+        if name != self._algorithm:
+            raise UnsupportedAlgorithmError(f"Algorithm of '{name}' is not allowed")
+        return self.algorithms[name]
+
+
+_REGISTRIES: Final = {alg: _OneAlgorithm(alg) for alg in sorted(ALLOWED_ALGORITHMS)}
 
 
 @dataclass(frozen=True, slots=True)
