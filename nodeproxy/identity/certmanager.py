@@ -48,7 +48,8 @@ from nodeproxy.identity.ca import (
     make_csr,
     private_key_pem,
 )
-from nodeproxy.identity.caclient import SignedChain
+from nodeproxy.identity.caclient import CaClient, SignedChain
+from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffe import SpiffeId, SvidError, check_signing_certificate, verify_svid_chain
 
 __all__ = [
@@ -203,6 +204,50 @@ class CertManager:
             self._roots = parse_trust_bundle(self._bundle_pem, trust_domain)
         else:
             raise ValueError("a trust bundle is needed (trust_bundle_pem or trust_bundle_file)")
+
+    @classmethod
+    def from_config(cls, config: IdentityConfig, node_name: str, *, clock: Clock = _utc_now) -> CertManager:
+        """The manager of node ``node_name`` for ``config`` (which must have ``ca``), managing the
+        identities of the workloads the config places on that node. Raises ValueError without ``ca``."""
+        if config.ca is None or config.node_credential is None or config.trust_bundle is None:
+            raise ValueError("identity.ca, identity.node_credential and identity.trust_bundle are needed")
+        bundle_file = config.trust_bundle
+        manager: CertManager
+
+        def current_bundle() -> bytes:
+            return manager.trust_bundle_pem()
+
+        client = CaClient(
+            config.ca.host,
+            config.ca.port,
+            config.trust_domain,
+            cert=config.node_credential.cert,
+            key=config.node_credential.key,
+            trust_bundle=current_bundle,
+            timeout=config.ca.timeout,
+        )
+        manager = cls(
+            config.trust_domain,
+            client,
+            trust_bundle_file=bundle_file,
+            svid_ttl=config.svid_lifetime,
+            key_type=config.key_type,
+            renew_fraction=config.renew_fraction,
+            renew_jitter=config.renew_jitter,
+            retry_initial=config.retry_initial,
+            retry_max=config.retry_max,
+            watch_interval=config.watch_interval,
+            clock=clock,
+        )
+        manager.set_identities(config.workload_index().identities_on(node_name))
+        return manager
+
+    def apply_config(self, config: IdentityConfig, node_name: str) -> None:
+        """A config reload: manage the identities now placed on ``node_name``. The trust domain, CA and
+        timings are fixed for the manager's life (a change there needs a new manager)."""
+        if config.trust_domain != self.trust_domain:
+            raise ValueError(f"the trust domain changed ({self.trust_domain!r} -> {config.trust_domain!r})")
+        self.set_identities(config.workload_index().identities_on(node_name))
 
     # ---------------------------------------------------------------------------------------
     # What the TLS side uses
