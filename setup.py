@@ -15,7 +15,7 @@ NATIVE_SOURCES = sorted(Path("nodeproxy").glob("_*.pyx"))
 if only := os.environ.get("NP_NATIVE_ONLY"):
     NATIVE_SOURCES = [s for s in NATIVE_SOURCES if s.stem in only.split(",")]
 # Modules that link a C library name it here (module name -> libraries).
-LIBRARIES: dict[str, list[str]] = {"_h2": ["nghttp2"]}
+LIBRARIES: dict[str, list[str]] = {"_h2": ["nghttp2"], "_tunnel": ["ssl", "crypto", "nghttp2"]}
 
 extensions = [
     Extension(
