@@ -1,0 +1,410 @@
+"""The mTLS tunnel engine on loopback: two engines (client and server node), real TLS 1.3 and HTTP/2
+CONNECT, certificates from the identity package's CA (bad ones hand-made with cryptography)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from nodeproxy.proxy.inbound import InboundRequest, Verdict
+from nodeproxy.proxy.tunnel import EngineSettings, StreamEnding
+from tests.tunnel_harness import (
+    CLIENT_ID,
+    SERVER_NODE_ID,
+    TRUST_DOMAIN,
+    Pki,
+    PodServer,
+    recv_all,
+    tunnels,
+    wait_for,
+)
+
+
+@pytest.fixture
+def echo() -> Iterator[PodServer]:
+    server = PodServer("echo")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[PodServer]:
+    server = PodServer("sink")
+    yield server
+    server.close()
+
+
+def test_round_trip_carries_identity_and_source(tmp_path: Path, echo: PodServer) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(echo.port)
+
+        def send() -> None:
+            app.sendall(payload)
+            app.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        echoed = recv_all(app)
+        sender.join()
+        app.close()
+        assert echoed == payload
+        wait_for(lambda: len(t.client_records.done()) == 1 and len(t.server_records.done()) == 1, what="done")
+        (inbound,) = t.server_records.inbound()
+        assert inbound.peer_identity == CLIENT_ID
+        assert inbound.authority == f"127.0.0.1:{echo.port}"
+        assert inbound.forwarded == "for=127.0.0.1"
+        (client_done,) = t.client_records.done()
+        (server_done,) = t.server_records.done()
+        assert client_done.ending is StreamEnding.CLOSED and client_done.status == 200
+        assert client_done.bytes_up == len(payload) and client_done.bytes_down == len(payload)
+        assert server_done.ending is StreamEnding.CLOSED
+        assert server_done.bytes_down == len(payload) and server_done.bytes_up == len(payload)
+        (opened,) = [r for r in t.client_records.opened() if r.outbound]
+        assert opened.peer_identity == SERVER_NODE_ID
+
+
+def test_half_close_both_ways(tmp_path: Path, sink: PodServer) -> None:
+    payload = os.urandom(200_000)
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(sink.port)
+        app.sendall(payload)
+        app.shutdown(socket.SHUT_WR)  # END_STREAM; the pod answers only after its EOF
+        answer = recv_all(app).decode()
+        app.close()
+    digest, peer = answer.split()
+    assert digest == hashlib.sha256(payload).hexdigest()
+    assert peer == "127.0.0.1"
+
+
+def test_streams_share_one_connection(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path) as t:
+        apps = [t.tunnel(echo.port) for _ in range(20)]
+        for i, app in enumerate(apps):
+            app.sendall(f"hello {i}\n".encode())
+        for i, app in enumerate(apps):
+            assert app.recv(100) == f"hello {i}\n".encode()
+        assert t.client.tls_connections == 1
+        assert len({r.tls_id for r in t.server_records.inbound()}) == 1
+        for app in apps:
+            app.close()
+        wait_for(lambda: t.client.live_streams == 0 and t.server.live_streams == 0, what="streams to end")
+
+
+def test_pool_opens_a_second_connection_past_max_streams(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path, settings=EngineSettings(max_streams=4)) as t:
+        apps = [t.tunnel(echo.port) for _ in range(6)]
+        for app in apps:
+            app.sendall(b"x")
+            assert app.recv(1) == b"x"
+        assert t.client.tls_connections == 2
+        for app in apps:
+            app.close()
+
+
+def test_policy_denial_is_403_and_reset(tmp_path: Path, echo: PodServer) -> None:
+    seen: list[InboundRequest] = []
+
+    def deny(request: InboundRequest) -> Verdict:
+        seen.append(request)
+        return Verdict(False, "denied by test")
+
+    with tunnels(tmp_path, policy=deny) as t:
+        app = t.tunnel(echo.port)
+        app.sendall(b"must not arrive")
+        with pytest.raises(ConnectionResetError):
+            while app.recv(100):
+                pass
+        app.close()
+        wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+        (done,) = t.client_records.done()
+        assert done.ending is StreamEnding.REFUSED and done.status == 403
+    assert echo.accepted == 0
+    assert seen == [InboundRequest("127.0.0.1", CLIENT_ID, "127.0.0.1", echo.port)]
+
+
+def test_not_a_local_pod_is_404(tmp_path: Path) -> None:
+    with tunnels(tmp_path) as t:
+        app = socket.create_connection(("127.0.0.1", t.port))  # only to get a socket: replaced below
+        app.close()
+        with socket.socket() as acceptor:
+            acceptor.bind(("127.0.0.1", 0))
+            acceptor.listen(1)
+            app = socket.create_connection(acceptor.getsockname())
+            captured, _ = acceptor.accept()
+        t.client.adopt(77, captured.detach(), "127.0.0.1", "10.9.9.9:80", CLIENT_ID, "127.0.0.1", t.port)
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+        app.close()
+        wait_for(lambda: bool(t.client_records.done()), what="done")
+        assert t.client_records.done()[0].status == 404
+
+
+def test_unreachable_pod_is_503(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once closed
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(port)
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+        app.close()
+        wait_for(lambda: len(t.server_records.done()) == len(t.client_records.done()) == 1, what="done")
+        assert t.server_records.done()[0].ending is StreamEnding.CONNECT_FAILED
+        assert t.client_records.done()[0].status == 503
+
+
+def test_pod_reset_resets_the_client(tmp_path: Path) -> None:
+    pod = socket.socket()
+    pod.bind(("127.0.0.1", 0))
+    pod.listen(1)
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(pod.getsockname()[1])
+        app.sendall(b"hi")
+        conn, _ = pod.accept()
+        assert conn.recv(2) == b"hi"
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # RST
+        with pytest.raises(ConnectionResetError):
+            while app.recv(10):
+                pass
+        app.close()
+        wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+        assert t.client_records.done()[0].ending is StreamEnding.PEER_RESET
+    pod.close()
+
+
+def test_client_reset_resets_the_pod(tmp_path: Path) -> None:
+    pod = socket.socket()
+    pod.bind(("127.0.0.1", 0))
+    pod.listen(1)
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(pod.getsockname()[1])
+        app.sendall(b"hi")
+        conn, _ = pod.accept()
+        assert conn.recv(2) == b"hi"
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        app.close()
+        conn.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(10):
+                pass
+        conn.close()
+        wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+        assert t.client_records.done()[0].ending is StreamEnding.PLAIN_RESET
+    pod.close()
+
+
+# -- who may connect ---------------------------------------------------------------------------------
+
+
+def _rejected(t_records_failed: list[object]) -> str:
+    assert t_records_failed, "no TLS_FAILED record"
+    return " | ".join(str(getattr(r, "reason", r)) for r in t_records_failed)
+
+
+def _assert_client_rejected(
+    tmp_path: Path, pki: Pki, credential: object, needle: str, echo: PodServer
+) -> None:
+    with tunnels(tmp_path, client_credential=credential, pki=pki) as t:  # type: ignore[arg-type]
+        app = t.tunnel(echo.port)
+        app.sendall(b"secret")
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while app.recv(100):
+                pass
+        app.close()
+        wait_for(lambda: bool(t.server_records.failed()), what="server TLS_FAILED")
+        reasons = _rejected(list(t.server_records.failed()))
+        assert needle in reasons
+        assert not t.server_records.inbound()
+        wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+        assert t.client_records.done()[0].ending is StreamEnding.TUNNEL_FAILED
+    assert echo.accepted == 0
+
+
+def test_client_cert_from_another_trust_domain_rejected(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    other = Pki(tmp_path / "other", trust_domain="other.local")
+    credential = other.svid("spiffe://other.local/ns/default/sa/client")
+    _assert_client_rejected(tmp_path, pki, credential, "unable to get local issuer certificate", echo)
+
+
+def test_spiffe_id_of_another_trust_domain_rejected_even_from_our_ca(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    credential = pki.forge(["spiffe://other.local/ns/default/sa/client"])
+    _assert_client_rejected(tmp_path, pki, credential, "not in our trust domain", echo)
+
+
+def test_expired_client_cert_rejected(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    now = datetime.now(UTC)
+    credential = pki.forge(
+        [CLIENT_ID], not_before=now - timedelta(hours=2), not_after=now - timedelta(hours=1)
+    )
+    _assert_client_rejected(tmp_path, pki, credential, "certificate has expired", echo)
+
+
+def test_multiple_uri_sans_rejected(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    credential = pki.forge([CLIENT_ID, f"spiffe://{TRUST_DOMAIN}/ns/kube-system/sa/admin"])
+    _assert_client_rejected(tmp_path, pki, credential, "more than one URI SAN", echo)
+
+
+def test_forged_identity_from_untrusted_ca_rejected(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    forger = Pki(tmp_path / "forger")  # same trust domain name, different keys
+    credential = forger.svid(CLIENT_ID)
+    _assert_client_rejected(tmp_path, pki, credential, "unable to get local issuer certificate", echo)
+
+
+def test_leaf_that_is_a_ca_rejected(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    credential = pki.forge([CLIENT_ID], ca=True)
+    _assert_client_rejected(tmp_path, pki, credential, "", echo)
+
+
+def test_no_client_certificate_rejected(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path) as t:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", t.port), timeout=5) as raw:
+            tls = context.wrap_socket(raw)
+            # TLS 1.3: the client finishes first; the server's verdict comes as an alert on the next read.
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                while tls.recv(100):
+                    pass
+        wait_for(lambda: bool(t.server_records.failed()), what="server TLS_FAILED")
+        assert "certificate" in _rejected(list(t.server_records.failed()))
+        assert not t.server_records.inbound()
+    assert echo.accepted == 0
+
+
+def test_plaintext_to_the_tunnel_port_rejected(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path) as t:
+        with socket.create_connection(("127.0.0.1", t.port), timeout=5) as raw:
+            raw.sendall(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                + f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            answer = b""
+            try:
+                while chunk := raw.recv(100):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+            # Closed with at most a TLS alert record (content type 21), never an HTTP answer.
+            assert answer == b"" or answer[0] == 21, answer
+        wait_for(lambda: bool(t.server_records.failed()), what="server TLS_FAILED")
+        assert "wrong version number" in _rejected(list(t.server_records.failed()))
+        assert not t.server_records.inbound()
+    assert echo.accepted == 0
+
+
+def test_server_of_another_trust_domain_rejected_by_the_client(tmp_path: Path, echo: PodServer) -> None:
+    pki = Pki(tmp_path / "ca")
+    server_credential = pki.forge(["spiffe://other.local/nodeproxy/node/node-b"])
+    with tunnels(tmp_path, server_credential=server_credential, pki=pki) as t:
+        app = t.tunnel(echo.port)
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+        app.close()
+        wait_for(lambda: bool(t.client_records.failed()), what="client TLS_FAILED")
+        assert "not in our trust domain" in _rejected(list(t.client_records.failed()))
+    assert echo.accepted == 0
+
+
+def test_unexpected_peer_identity_rejected(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(echo.port, peer_identity=f"spiffe://{TRUST_DOMAIN}/nodeproxy/node/node-c")
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+        app.close()
+        wait_for(lambda: bool(t.client_records.failed()), what="client TLS_FAILED")
+        assert "not the expected one" in _rejected(list(t.client_records.failed()))
+        good = t.tunnel(echo.port, peer_identity=SERVER_NODE_ID)
+        good.sendall(b"ok")
+        assert good.recv(2) == b"ok"
+        good.close()
+    assert echo.accepted == 1
+
+
+# -- rotation ----------------------------------------------------------------------------------------
+
+
+def test_rotation_under_continuous_traffic_drops_nothing(tmp_path: Path, echo: PodServer) -> None:
+    """Long streams keep flowing while the client's certificate is replaced three times and new
+    connections keep opening; every stream ends CLOSED with every byte echoed, and streams opened after
+    a rotation ride a new TLS connection made with the new certificate."""
+    pki = Pki(tmp_path / "ca")
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def long_stream(t: object, index: int) -> None:
+        app = t.tunnel(echo.port)  # type: ignore[attr-defined]
+        app.settimeout(20)
+        sent = received = 0
+        chunk = os.urandom(32768)
+        try:
+            while not stop.is_set():
+                app.sendall(chunk)
+                sent += len(chunk)
+                while received < sent:
+                    got = app.recv(65536)
+                    if not got:
+                        failures.append(f"stream {index}: EOF after {received}")
+                        return
+                    received += len(got)
+            app.shutdown(socket.SHUT_WR)
+            if app.recv(1) != b"":
+                failures.append(f"stream {index}: bytes after the echo")
+        except OSError as err:
+            failures.append(f"stream {index}: {err!r}")
+        finally:
+            app.close()
+
+    def short_streams(t: object) -> None:
+        count = 0
+        while not stop.is_set() and count < 2000:  # bounded; paced to span every rotation
+            count += 1
+            time.sleep(0.005)
+            try:
+                app = t.tunnel(echo.port)  # type: ignore[attr-defined]
+                app.settimeout(20)
+                app.sendall(b"ping")
+                if app.recv(4) != b"ping":
+                    failures.append(f"short stream {count}: bad echo")
+                app.close()
+            except OSError as err:
+                failures.append(f"short stream {count}: {err!r}")
+
+    with tunnels(tmp_path, pki=pki) as t:
+        workers = [threading.Thread(target=long_stream, args=(t, i)) for i in range(4)]
+        workers.append(threading.Thread(target=short_streams, args=(t,)))
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
+        tls_ids_before = {r.tls_id for r in t.server_records.inbound()}
+        for _ in range(3):
+            t.client.set_identity(CLIENT_ID, pki.svid(CLIENT_ID))
+            time.sleep(0.5)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        wait_for(lambda: t.client.live_streams == 0, what="streams to end")
+        tls_ids_after = {r.tls_id for r in t.server_records.inbound()} - tls_ids_before
+        endings = [d.ending for d in t.client_records.done()]
+    assert failures == []
+    assert endings and set(endings) == {StreamEnding.CLOSED}
+    assert len(tls_ids_after) >= 3  # a new connection after each rotation
