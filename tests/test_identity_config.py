@@ -49,14 +49,12 @@ def test_ca_address_forms_and_durations() -> None:
         and config.ca.port == DEFAULT_CA_PORT
     )
     assert config.svid_ttl == 3600.0 and config.retry_initial == 0.25
-    assert (
-        identity(
-            ca={"host": "10.0.0.5", "port": 8443, "timeout": "2s"},
-            node_credential={"cert": "c", "key": "k"},
-            trust_bundle="b",
-        ).ca.port
-        == 8443
-    )  # type: ignore[union-attr]
+    mapping = identity(
+        ca={"host": "10.0.0.5", "port": 8443, "timeout": "2s"},
+        node_credential={"cert": "c", "key": "k"},
+        trust_bundle="b",
+    )
+    assert mapping.ca is not None and (mapping.ca.port, mapping.ca.timeout) == (8443, 2.0)
 
 
 @pytest.mark.parametrize(
