@@ -20,7 +20,8 @@ cdef enum:
     # exchange is bounded by about HIGH_WATER + IO_CHUNK per direction.
     HIGH_WATER = 262144
     READS_PER_TURN = 16    # reads per exchange per wake-up before yielding to other connections
-    SCAN_MS = 100          # timeouts (header, connect, per try, idle, linger) are checked this often
+    SCAN_MS = 100          # timeouts (header, connect, idle, linger) are checked this often; per-try
+                           # deadlines wake the loop when they are due
     LINGER_MS = 2000       # after a final response: how long unread client bytes are drained before close,
                            # so the close does not turn into an RST that destroys the response in flight
     POOL_BUCKETS = 1024    # hash buckets of the upstream pool table (chained)
@@ -357,6 +358,7 @@ cdef class HttpWorker:
     cdef uint32_t pool_max_conns
     cdef int64_t now_ns
     cdef int64_t next_scan_ns
+    cdef int64_t next_try_ns       # earliest per-try deadline (0: none): the loop wakes for it, not SCAN_MS
     cdef int64_t live
     cdef int64_t upstreams
     cdef Down *downs
@@ -445,6 +447,7 @@ cdef class HttpWorker:
     cdef void _post_attempt_failed(self, Down *d, int err, uint32_t flag, FailureKind failure, uint16_t status,
                                    int grpc_status) noexcept nogil
     cdef void _fail_attempt(self, Down *d, int err, uint32_t flag, FailureKind failure) noexcept nogil
+    cdef void _set_try_deadline(self, Down *d) noexcept nogil
     cdef void _attempt_sent(self, Down *d) noexcept nogil
     cdef int _keep_replay(self, Down *d, const unsigned char *p, size_t n) noexcept nogil
     cdef void _discard_held(self, Down *d) noexcept nogil

@@ -1002,8 +1002,14 @@ cdef class HttpWorker:
         cdef int n, i, timeout
         cdef uint64_t counter
         cdef int *kind
+        cdef int64_t wait_ns
         while not self.stopping:
             timeout = 0 if self.ready != NULL else SCAN_MS
+            if self.next_try_ns and timeout:
+                # A per-try deadline comes before the next scan: wake for it (rounded up to a whole ms).
+                wait_ns = self.next_try_ns - _now_ns()
+                if wait_ns < <int64_t>timeout * 1000000:
+                    timeout = <int>((wait_ns + 999999) // 1000000) if wait_ns > 0 else 0
             n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, timeout)
             if n < 0:
                 if errno == EINTR:
@@ -1029,6 +1035,8 @@ cdef class HttpWorker:
                 if self.scans % POOL_SWEEP_SCANS == 0:
                     self._sweep_pools()
                 self.next_scan_ns = self.now_ns + <int64_t>SCAN_MS * 1000000
+            elif self.next_try_ns and self.now_ns >= self.next_try_ns:
+                self._scan()  # an early scan for a per-try deadline
             self._bury()
         self._close_all()
         self._bury()
@@ -1495,7 +1503,7 @@ cdef class HttpWorker:
         if p.conns >= self.pool_max_conns:
             d.state = D_WAIT_CONN
             # The per-try timeout covers the wait for a connection too.
-            d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
+            self._set_try_deadline(d)
             d.waiting_pool = p
             d.wait_next = NULL
             d.wait_prev = p.wait_tail
@@ -1518,7 +1526,7 @@ cdef class HttpWorker:
         if d.state == D_WAIT_CONN and d.resilient:
             pass  # the per-try timeout runs from the attempt's start, the wait for a connection included
         else:
-            d.deadline_ns = self.now_ns + d.try_timeout_ns if d.try_timeout_ns > 0 else 0
+            self._set_try_deadline(d)
         d.state = D_EXCHANGE
         h1_head_init(&u.resp)
         u.inb.off = u.inb.len = 0
@@ -1705,6 +1713,15 @@ cdef class HttpWorker:
         # The client may have sent more than this attempt took: what waits in d.inb stays for the retry.
         self._post_attempt_failed(d, err, flag, failure, 0, -1)
 
+    cdef void _set_try_deadline(self, Down *d) noexcept nogil:
+        """The attempt's per-try deadline from now; the loop wakes for the earliest one, not the next scan."""
+        if d.try_timeout_ns <= 0:
+            d.deadline_ns = 0
+            return
+        d.deadline_ns = self.now_ns + d.try_timeout_ns
+        if self.next_try_ns == 0 or d.deadline_ns < self.next_try_ns:
+            self.next_try_ns = d.deadline_ns
+
     cdef void _attempt_sent(self, Down *d) noexcept nogil:
         if d.t_sent_ns == 0:
             d.t_sent_ns = self.now_ns
@@ -1731,13 +1748,30 @@ cdef class HttpWorker:
         return 0
 
     cdef void _discard_held(self, Down *d) noexcept nogil:
-        """Drop a held response: its connection is closed (an HTTP/2 stream reset unless it ended)."""
+        """Drop a held response. An HTTP/1.1 connection whose whole response is in (and whose request
+        went whole) goes back to the pool; otherwise it is closed (an HTTP/2 stream reset unless it ended)."""
         cdef Up *u = d.up
+        cdef h1_chunk chunk
+        cdef size_t at, end
+        cdef ssize_t n = 0
         d.state = D_DECIDING
         if u == NULL:
             return
         d.up = NULL
         u.down = NULL
+        if (not u.h2_stream and d.req_done and not d.req_abandoned and not u.peer_eof and _held(&u.outb) == 0
+                and h1_should_keep_alive(&u.resp)):
+            h1_body_for_response(&u.resp_body, &u.resp, d.method_head, d.req.method_id == H1_METHOD_CONNECT)
+            at = u.inb.off + u.resp.head_len
+            end = u.inb.len
+            while not u.resp_body.ended and at < end:
+                n = h1_body_feed(&u.resp_body, u.inb.data + at, end - at, &chunk)
+                if n <= 0:
+                    break
+                at += n
+            if u.resp_body.kind != H1_BODY_UNTIL_CLOSE and u.resp_body.ended and at == end and n >= 0:
+                self._pool_release(u)
+                return
         self._close_up(u, not (u.h2_stream and u.h2_resp_ended))
 
     cdef void _release_held(self, Down *d) noexcept nogil:
@@ -2504,6 +2538,7 @@ cdef class HttpWorker:
         cdef Up *u = self.ups
         cdef Up *un
         cdef int64_t now = self.now_ns
+        self.next_try_ns = 0  # recomputed below from the per-try deadlines still pending
         while u != NULL:
             un = u.next
             if u.h2 != NULL:
@@ -2553,6 +2588,9 @@ cdef class HttpWorker:
                     self._drive(d)
                 else:
                     d.deadline_ns = 0
+            elif not d.dead and d.deadline_ns != 0 and (d.state == D_WAIT_CONN or d.state == D_EXCHANGE):
+                if self.next_try_ns == 0 or d.deadline_ns < self.next_try_ns:
+                    self.next_try_ns = d.deadline_ns  # a per-try deadline still to come
             d = dn
 
     cdef void _bury(self) noexcept nogil:
