@@ -18,6 +18,7 @@ dropped.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -84,6 +85,10 @@ class ExportError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _NoAnswer(ExportError):
+    """The connection closed before any answer."""
 
 
 def _string(key: str, value: str) -> KeyValue:
@@ -342,7 +347,12 @@ class OtlpExporter:
 
     def _connect(self, deadline: float) -> tuple[socket.socket, h11.Connection]:
         if self._sock is not None and self._http is not None:
-            return self._sock, self._http
+            # An idle kept-alive connection has nothing to read unless the collector closed it (its
+            # idle timeout): then open a new one rather than lose the batch to a dead socket.
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if not readable:
+                return self._sock, self._http
+            self._disconnect()
         sock = socket.create_connection((self.host, self.port), timeout=_remaining(deadline))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self._http = sock, h11.Connection(h11.CLIENT)
@@ -354,7 +364,19 @@ class OtlpExporter:
         self._sock = self._http = None
 
     def _post(self, body: bytes, deadline: float) -> bytes:
-        """POST one export; the response body (an ExportTraceServiceResponse) on a 2xx answer."""
+        """POST one export; the response body (an ExportTraceServiceResponse) on a 2xx answer. A kept-
+        alive connection that the collector closed just as it was reused (no answer at all) is retried
+        once on a new connection, as HTTP clients do for idempotent requests."""
+        reused = self._sock is not None
+        try:
+            return self._post_once(body, deadline)
+        except (ConnectionError, h11.ProtocolError, _NoAnswer):
+            if not reused:
+                raise
+            self._disconnect()
+            return self._post_once(body, deadline)
+
+    def _post_once(self, body: bytes, deadline: float) -> bytes:
         sock, http = self._connect(deadline)
         request = h11.Request(
             method="POST",
@@ -389,7 +411,7 @@ class OtlpExporter:
             elif isinstance(event, h11.EndOfMessage):
                 break
             elif isinstance(event, h11.ConnectionClosed):
-                raise ExportError("collector closed the connection before answering")
+                raise _NoAnswer("collector closed the connection before answering")
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
             http.start_next_cycle()
         else:

@@ -69,6 +69,9 @@ class OtlpReceiver:
         self.status = 200
         self.retry_after: str | None = None
         self.rejected = 0
+        # Close each connection after answering without saying so (no `Connection: close`), as a
+        # collector whose keep-alive idle timeout has run out does between two exports.
+        self.drop_idle_connections = False
         self.stall = threading.Event()
         self.unstalled = threading.Event()
         self.arrived = threading.Condition()
@@ -99,6 +102,8 @@ class OtlpReceiver:
                     self.send_header("Retry-After", receiver.retry_after)
                 self.end_headers()
                 self.wfile.write(answer)
+                if receiver.drop_idle_connections:
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass

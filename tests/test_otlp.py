@@ -285,3 +285,17 @@ def test_tracer_stats_have_the_same_keys_with_and_without_an_exporter() -> None:
         exporting.close(2)
     assert exporting.stats()["exported"] == 1
     assert Tracer().stats() == dict.fromkeys(exporting.stats(), 0)
+
+
+def test_a_kept_alive_connection_the_collector_closed_is_replaced_without_losing_a_batch() -> None:
+    with OtlpReceiver() as receiver:
+        receiver.drop_idle_connections = True
+        exporter = OtlpExporter(config(receiver.url, batch_size=1, export_interval="10ms"))
+        try:
+            for index in range(3):
+                exporter.submit(record(index))
+                receiver.wait_spans(index + 1, timeout=5)
+                time.sleep(0.1)  # the collector's close reaches the exporter's idle socket
+        finally:
+            exporter.close(2)
+    assert (exporter.exported, exporter.failed) == (3, 0)
