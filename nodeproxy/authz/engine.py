@@ -156,13 +156,13 @@ class AuthzEngine:
         if authenticator is not None:
             outcome = authenticator.authenticate(attrs.headers, attrs.query)
             if isinstance(outcome, JwtFailure):
-                missing = outcome.www_authenticate == "Bearer"
                 return RequestDenied(
                     401,
                     GRPC_UNAUTHENTICATED,
                     FLAG_JWT,
-                    "Jwt is missing" if missing else "Jwt verification fails",
-                    f"JWT: {outcome.reason}",
+                    "Jwt is missing" if outcome.missing else "Jwt verification fails",
+                    f"JWT: {outcome.reason}"
+                    + (" (JWKS re-fetch requested)" if outcome.refetch_requested else ""),
                     (("www-authenticate", outcome.www_authenticate),),
                 )
             identity, add, remove = outcome.identity, outcome.headers_add, outcome.headers_remove

@@ -458,6 +458,7 @@ class JwtFailure:
     reason: str
     www_authenticate: str
     refetch_requested: bool = False
+    missing: bool = False  # no token at all (and one is required), rather than a bad one
 
 
 JwtOutcome = JwtSuccess | JwtFailure
@@ -613,7 +614,9 @@ class JwtAuthenticator:
             return _fail(problem, "multiple tokens")
         if token is None:
             if self.require_token:
-                return JwtFailure("the request carries no token and one is required", _CHALLENGE_MISSING)
+                return JwtFailure(
+                    "the request carries no token and one is required", _CHALLENGE_MISSING, missing=True
+                )
             return JwtSuccess(None, (), self.always_remove)
         return self._verify(token, where)
 
