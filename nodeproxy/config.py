@@ -604,7 +604,14 @@ class HttpConfig(_Frozen):
 
 
 class MetricsConfig(_Frozen):
-    """The Prometheus endpoint (docs/observability.md). Changing address or port needs a restart."""
+    """The Prometheus endpoint (docs/observability.md). Changing enabled, address or port needs a restart."""
+
+    # Off is for measuring what recording costs (bench) or for a node that scrapes nothing.
+    enabled: bool = Field(
+        default=True,
+        description="Record metrics in the workers; false: no recording and no listener (GET /v1/metrics "
+        "then shows the supervisor's own families only).",
+    )
 
     # Loopback by default: a node daemon's listener on the node's own address would be reachable from
     # every pod and the network. Istio's sidecars listen on 15020 on the pod address; a cluster-wide

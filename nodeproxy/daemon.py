@@ -77,6 +77,7 @@ RESTART_ONLY = (
     "relay.threads",
     "relay.pipe_size",
     "capture",
+    "metrics.enabled",
     "metrics.address",
     "metrics.port",
     "access_log.output",
@@ -286,7 +287,7 @@ class Worker:
                 functools.partial(self.load_table.set, self.index) if self.load_table is not None else None
             ),
             log_level=ACCESS_LOG_THRESHOLD,
-            metrics=self.metrics,
+            metrics=self.metrics if self.config.metrics.enabled else None,
         )
         # The HTTP engine serves the ports whose protocol is HTTP; upgraded (101) connections move to
         # the splice relay, and `auto` connections that are not HTTP come back to the listener as TCP.
@@ -1387,7 +1388,7 @@ class Supervisor:
         """Listen on metrics.address:metrics.port unless the port is 0. A port that cannot be bound is
         logged, not fatal: the proxy serves traffic without it (GET /v1/metrics still answers)."""
         settings = self.config.metrics
-        if settings.port == 0:
+        if settings.port == 0 or not settings.enabled:
             return
         server = admin.TcpHttpServer(
             (str(settings.address), settings.port), self.selector, self._serve_metrics
