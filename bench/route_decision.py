@@ -112,7 +112,8 @@ def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
                 for c in range(BATCH)
             ]
             dones = [
-                (_l7.DONE, base + c, c, 200, 0, 0, 100, 200, 1000, 2000, 3000, 1, 1) for c in range(BATCH)
+                (_l7.DONE, base + c, c, 200, 0, 0, 100, 200, 1000, 2000, 3000, 1, 1, 1500, -1)
+                for c in range(BATCH)
             ]
             return heads, dones
 
@@ -121,9 +122,9 @@ def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
                 heads, dones = records()
                 forwards: list[Any] = []
                 replies: list[Any] = []
-                proxy._handle(heads, state, forwards, replies)
+                proxy._handle(heads, state, (forwards, replies, []))
                 assert len(forwards) == BATCH and not replies, replies[:1]
-                proxy._handle(dones, state, [], [])
+                proxy._handle(dones, state, ([], [], []))
 
         def build_only() -> None:
             for _ in range(batches):

@@ -54,7 +54,7 @@ def finish_request(proxy: HttpProxy, path: str, authority: str) -> None:
     )
     # DONE record: kind, request, conn, status, flags, errno, bytes in/out, decide/upstream/total ns,
     # attempts, reused.
-    proxy._on_done((0, 11, conn.id, 200, 0, 0, 120, 4000, 20_000, 1_500_000, 2_000_000, 1, 1))
+    proxy._on_done((0, 11, conn.id, 200, 0, 0, 120, 4000, 20_000, 1_500_000, 2_000_000, 1, 1, 1_000_000, -1))
 
 
 @pytest.mark.parametrize("path_length", [10, 20_000])

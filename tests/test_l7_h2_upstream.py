@@ -128,7 +128,7 @@ def test_rst_stream_both_ways(proxy: LoopbackProxy, backend: H2Backend) -> None:
     # The server resets a stream before answering: 502 UC, as for an HTTP/1.1 upstream that closes.
     response = client.get("/reset")
     assert response.status == 502 and response.headers["x-nodeproxy-flags"] == "UC"
-    assert response.data == b"upstream connection closed before the response\n"
+    assert response.data == b"upstream connection closed or reset before the response (not retriable)\n"
     # ... or in the middle of its answer: the client's stream is reset too, with the server's code.
     response = client.get("/reset-mid")
     assert response.reset == 8  # (its head may not have gone out before the reset)

@@ -136,14 +136,14 @@ def proxy(backend: int) -> Iterator[LoopbackProxy]:
 def test_a_routing_error_answers_500_and_spares_the_batch(
     proxy: LoopbackProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = http_module.decide_request  # type: ignore[attr-defined]
+    real = http_module.match_route
 
-    def broken(routes: Any, attrs: Any, tried: Any = ()) -> Any:
+    def broken(routes: Any, attrs: Any) -> Any:
         if attrs.path == "/boom":
             raise RuntimeError("a routing bug")
-        return real(routes, attrs, tried)
+        return real(routes, attrs)
 
-    monkeypatch.setattr(http_module, "decide_request", broken)
+    monkeypatch.setattr(http_module, "match_route", broken)
     socks = [proxy.connect() for _ in range(6)]
     for i, sock in enumerate(socks):
         sock.sendall(f"GET {'/boom' if i % 2 else '/fine'} HTTP/1.1\r\nHost: web\r\n\r\n".encode())

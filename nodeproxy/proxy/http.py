@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import math
 import os
 import re
 import threading
@@ -29,17 +31,41 @@ from nodeproxy import _l7
 from nodeproxy.accesslog import AccessLog, structlog_level
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import HttpConfig, RelayConfig
-from nodeproxy.proxy.http_route import Forward, LocalReply, RequestAttrs, decide_request
+from nodeproxy.proxy.http_route import (
+    Forward,
+    LocalReply,
+    RequestAttrs,
+    draw_destination,
+    forward_to,
+    is_grpc_request,
+    match_route,
+    no_route,
+)
 from nodeproxy.proxy.relay import RelayPool
+from nodeproxy.resilience.deadline import deadline_exceeded
+from nodeproxy.resilience.guard import Admission, failure_answer
+from nodeproxy.resilience.outcome import AttemptResult, Failure, GrpcStatus, LocalAnswer
+from nodeproxy.resilience.outlier import Ejection
+from nodeproxy.resilience.retry import GiveUp, Retry, exclude_for_retry
+from nodeproxy.routes import CompiledDestination, CompiledRoute, HttpServiceRoutes
 from nodeproxy.state.routing import RoutingState
 
 if TYPE_CHECKING:  # type aliases of the engine's answers, declared once in its stub
     from nodeproxy._l7 import ForwardAnswer, ReplyAnswer
 
+    Answers = tuple[list[ForwardAnswer], list[ReplyAnswer], list[int]]
+
 log = structlog.get_logger("nodeproxy.http")
 
-# Local-reply details for failures the engine reports and Python answers.
-UPSTREAM_CONNECT_FAILED = 502
+# How an attempt failed, by the engine's ATTEMPT_FAILED failure kinds (FAIL_HELD: a response head
+# the engine holds for a decision, see RouteGuards.hold_min_status).
+_UPE: int = _l7.FLAGS["UPE"]
+_FAILURES: dict[int, Failure] = {
+    _l7.FAIL_CONNECT: Failure.CONNECT_FAILURE,
+    _l7.FAIL_REFUSED_STREAM: Failure.REFUSED_STREAM,
+    _l7.FAIL_RESET: Failure.RESET,
+    _l7.FAIL_TIMEOUT: Failure.TIMEOUT,
+}
 
 FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit in _l7.FLAGS.items()))
 
@@ -47,11 +73,20 @@ FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit
 NotHttpHandler = Callable[[int, int, str, int, str, int], None]
 
 
-def flag_text(bits: int, local_flag: str | None = None) -> str:
-    """Envoy-style flags, comma-separated (e.g. "UF,UC"); a Python-decided local reply adds its own."""
+@functools.lru_cache(maxsize=1024)  # statuses x grpc codes seen; bounded against odd peers
+def _response_result(status: int, grpc_status: int) -> AttemptResult:
+    """The AttemptResult of a response (grpc_status -1: none), built once per distinct pair."""
+    return AttemptResult(status=status, grpc_status=grpc_status if grpc_status >= 0 else None)
+
+
+def flag_text(bits: int, local_flag: str | None = None, extra_flag: str | None = None) -> str:
+    """Envoy-style flags, comma-separated (e.g. "UF,URX"); a Python-decided local reply adds its own,
+    and so does a request whose retries ran out (URX)."""
     names = [name for bit, name in FLAG_NAMES if bits & bit and name != "LR"]
-    if local_flag:
+    if local_flag and local_flag not in names:
         names.append(local_flag)
+    if extra_flag:
+        names.append(extra_flag)
     return ",".join(names) or "-"
 
 
@@ -99,7 +134,7 @@ class HttpConnection:
     requests: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class PendingRequest:
     """A request between its head and its DONE record."""
 
@@ -107,9 +142,21 @@ class PendingRequest:
     attrs: RequestAttrs
     service: str | None = None
     route: str | None = None
-    endpoint: Endpoint | None = None
-    tried: tuple[str, ...] = ()  # endpoint addresses that failed this request (rarely any)
+    endpoint: Endpoint | None = None  # of the current (or last) attempt
     local_flag: str | None = None
+    # Set once the request is routed: where its attempts go and its resilience state.
+    routes: HttpServiceRoutes | None = None
+    compiled: CompiledRoute | None = None
+    destination: CompiledDestination | None = None
+    admission: Admission | None = None
+    grpc: bool = False
+    in_flight: bool = False  # endpoint.active counts the current attempt
+    retried: bool = False  # some attempt was retried
+    extra_flag: str | None = None  # URX: retries ran out; logged with the engine's flags
+    # The final response's result was already fed to outlier detection and the balancer (a held
+    # response that was released): DONE must not count it again.
+    result_counted: bool = False
+    timer: asyncio.TimerHandle | threading.Timer | None = None  # a delayed attempt
 
 
 @dataclass
@@ -117,7 +164,11 @@ class HttpStats:
     requests: int = 0
     local_replies: int = 0
     attempts_failed: int = 0
+    retries: int = 0
+    ejections: int = 0
     connections: int = 0
+    # Local replies of the resilience layers by flag (RL rate limited, UO overflow, FI fault, UT ...).
+    local_replies_by_flag: dict[str, int] = field(default_factory=dict)
     # Finished requests by status class: [0] none (client left first), [1] 1xx ... [5] 5xx.
     status_classes: list[int] = field(default_factory=lambda: [0] * 6)
 
@@ -192,7 +243,9 @@ class HttpProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._headers_state: RoutingState | None = None
-        self._with_headers = True
+        self._copied_headers: frozenset[bytes] = frozenset()
+        # Delayed attempts when there is no event loop: (due time, callback), run by process_records.
+        self._due: list[tuple[float, Callable[[], None]]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -268,38 +321,40 @@ class HttpProxy:
             os.eventfd_read(self.notify_fd)
         state = self.routing()
         if state is not self._headers_state:
-            # Header values are copied out of the engine only when some route matches on a header.
+            # Header values are copied out of the engine only for the names routing and the guards
+            # read (computed once per snapshot).
             self._headers_state = state
-            self._with_headers = any(
-                r.http is not None and r.http.matched_headers for r in state.routes.values()
+            self._copied_headers = frozenset(
+                name.encode("latin-1")
+                for r in state.routes.values()
+                if r.http is not None
+                for name in r.http.copied_headers
             )
+        self._run_due_attempts()
         for worker in self.workers:
-            records = worker.drain(self._with_headers)
+            records = worker.drain(self._copied_headers)
             if not records:
                 continue
-            forwards: list[ForwardAnswer] = []
-            replies: list[ReplyAnswer] = []
-            self._handle(records, state, forwards, replies)
-            if (forwards or replies) and not self._stopped:
-                worker.answer(forwards, replies)
+            answers: Answers = ([], [], [])
+            self._handle(records, state, answers)
+            self._send(worker, answers)
 
-    def _handle(
-        self,
-        records: Iterable[tuple[Any, ...]],
-        state: RoutingState,
-        forwards: list[ForwardAnswer],
-        replies: list[ReplyAnswer],
-    ) -> None:
+    def _send(self, worker: _l7.HttpWorker, answers: Answers) -> None:
+        forwards, replies, releases = answers
+        if (forwards or replies or releases) and not self._stopped:
+            worker.answer(forwards, replies, releases)
+
+    def _handle(self, records: Iterable[tuple[Any, ...]], state: RoutingState, answers: Answers) -> None:
         """Act on one batch; `state` is the routing snapshot read once for the whole batch."""
         for record in records:
             kind = record[0]
             try:
                 if kind == _l7.HEAD:
-                    self._on_head(record, state, forwards, replies)
+                    self._on_head(record, state, answers)
                 elif kind == _l7.DONE:
                     self._on_done(record)
                 elif kind == _l7.ATTEMPT_FAILED:
-                    self._on_attempt_failed(record, forwards, replies)
+                    self._on_attempt_failed(record, answers)
                 elif kind == _l7.CONN_CLOSED:
                     self._on_conn_closed(record)
                 elif kind == _l7.UPGRADED:
@@ -313,71 +368,142 @@ class HttpProxy:
                 # client waiting forever: log it with its traceback and answer 500.
                 log.exception("http record handling failed", record=record[:3])
                 if kind in (_l7.HEAD, _l7.ATTEMPT_FAILED):
-                    replies.append((record[1], 500, "IE", "internal error while routing the request"))
+                    answers[1].append((record[1], 500, "IE", "internal error while routing the request"))
 
-    def _on_head(
-        self,
-        record: tuple[Any, ...],
-        state: RoutingState,
-        forwards: list[ForwardAnswer],
-        replies: list[ReplyAnswer],
-    ) -> None:
+    def _on_head(self, record: tuple[Any, ...], state: RoutingState, answers: Answers) -> None:
         _, request_id, conn_id, method, _target, authority, path, query, headers = record
         conn = self.connections[conn_id]
         conn.requests += 1
         self.stats.requests += 1
         route = state.lookup(conn.orig_ip, conn.orig_port)
         picked: dict[str, str] = _NO_HEADERS
-        if (
-            headers
-            and route is not None
-            and route.http is not None
-            and (matched := route.http.matched_headers)
-        ):
+        if headers:
+            # The engine copied only the names some route or guard reads (process_records).
             picked = {}
             for name, value in headers:
-                if name in matched:
-                    # Repeated fields are one comma-joined value (RFC 9110 §5.3).
-                    picked[name] = f"{picked[name]}, {value}" if name in picked else value
+                # Repeated fields are one comma-joined value (RFC 9110 §5.3).
+                picked[name] = f"{picked[name]}, {value}" if name in picked else value
         attrs = RequestAttrs(method, authority, path, query, picked)
         request = PendingRequest(conn, attrs)
         self.requests[request_id] = request
         if route is None or route.http is None:
             # The service or its HTTP protocol went away with a reload since the connection came in.
-            self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), replies)
+            self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), answers)
             return
+        routes = route.http
         request.service = route.service
-        self._answer(request_id, request, decide_request(route.http, attrs), forwards, replies)
+        compiled = match_route(routes, attrs)
+        if compiled is None:
+            self._reply(request_id, request, no_route(routes, attrs), answers)
+            return
+        request.route = compiled.name
+        request.grpc = grpc = is_grpc_request(routes, attrs)
+        admission = routes.guards.admit(compiled.guards, picked, grpc=grpc)
+        if isinstance(admission, LocalAnswer):  # rate limited, fault-injected abort, overflow
+            self._reply(request_id, request, admission, answers)
+            return
+        request.routes, request.compiled, request.admission = routes, compiled, admission
+        request.destination = draw_destination(routes, compiled)
+        if admission.delay > 0:  # an injected delay, spent from the deadline
+            self._attempt_later(request_id, request, admission.delay, admission.attempt_timeout)
+        else:
+            self._attempt(request_id, request, admission.attempt_timeout, answers)
 
-    def _answer(
-        self,
-        request_id: int,
-        request: PendingRequest,
-        decision: Forward | LocalReply,
-        forwards: list[ForwardAnswer],
-        replies: list[ReplyAnswer],
+    def _attempt(
+        self, request_id: int, request: PendingRequest, timeout: float | None, answers: Answers
     ) -> None:
+        """Send the request to an endpoint it has not tried (the first attempt or a retry)."""
+        admission, routes, compiled, destination = (
+            request.admission,
+            request.routes,
+            request.compiled,
+            request.destination,
+        )
+        assert (
+            admission is not None and routes is not None and compiled is not None and destination is not None
+        )
+        now = time.monotonic()
+        if admission.deadline.expired(now):  # e.g. a fault delay or a backoff took the rest
+            self._reply(
+                request_id, request, deadline_exceeded("the deadline passed before an attempt"), answers
+            )
+            return
+        retry = admission.retry
+        tried = (
+            exclude_for_retry(retry.tried, [e.address for e in destination.endpoints]) if retry.tried else ()
+        )
+        decision = forward_to(routes, compiled, destination, request.attrs, tried)
         if isinstance(decision, LocalReply):
-            self._reply(request_id, request, decision, replies)
+            self._reply(request_id, request, decision, answers)
             return
         endpoint = decision.endpoint
-        request.endpoint, request.route = endpoint, decision.route
+        retry.attempt_started(endpoint.address)
+        request.endpoint, request.in_flight = endpoint, True
         endpoint.active += 1
         endpoint.total += 1
         edits = self._edits_for(decision)
-        forwards.append(
+        request_add, request_remove = edits.request_add, edits.request_remove
+        deadline_headers = admission.headers_at(now)
+        if deadline_headers:  # the time left, replacing the caller's value (an ASCII name and number)
+            ((name, value),) = deadline_headers
+            encoded_name = name.encode()
+            request_add = (*request_add, (encoded_name, value.encode()))
+            request_remove = (*request_remove, encoded_name)
+        guards = compiled.guards
+        answers[0].append(
             (
                 request_id,
                 endpoint.address,
                 endpoint.port,
-                edits.request_add,
-                edits.request_remove,
+                request_add,
+                request_remove,
                 edits.response_add,
                 edits.response_remove,
-                0,
+                math.ceil(timeout * 1000) if timeout is not None else 0,
                 decision.upstream_protocol == "http2",
+                guards.hold_min_status,
+                guards.replay_limit,
             )
         )
+
+    def _attempt_later(
+        self, request_id: int, request: PendingRequest, delay: float, timeout: float | None
+    ) -> None:
+        """Attempt after `delay` seconds (a retry's backoff, an injected delay)."""
+
+        def due() -> None:
+            request.timer = None
+            if self.requests.get(request_id) is not request or self._stopped:
+                return  # the client left (DONE came) meanwhile
+            answers: Answers = ([], [], [])
+            try:
+                self._attempt(request_id, request, timeout, answers)
+            except Exception:
+                log.exception("delayed http attempt failed", request=request_id)
+                answers[1].append((request_id, 500, "IE", "internal error while retrying the request"))
+            self._send(request.conn.worker, answers)
+
+        if self._loop is not None:
+            request.timer = self._loop.call_later(delay, due)
+        else:  # no event loop (tests driving process_records): a timer thread wakes process_records
+            self._due.append((time.monotonic() + delay, due))
+            timer = threading.Timer(delay, self._wake)
+            timer.daemon = True
+            timer.start()
+            request.timer = timer
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.notify_fd, 1)
+
+    def _run_due_attempts(self) -> None:
+        if not self._due:
+            return
+        now = time.monotonic()
+        due = [fn for at, fn in self._due if at <= now]
+        self._due = [(at, fn) for at, fn in self._due if at > now]
+        for fn in due:
+            fn()
 
     def _edits_for(self, decision: Forward) -> _Edits:
         """Header edits encoded once per route (routes are immutable per snapshot), not per request."""
@@ -404,58 +530,136 @@ class HttpProxy:
         return edits
 
     def _reply(
-        self, request_id: int, request: PendingRequest, reply: LocalReply, replies: list[ReplyAnswer]
+        self, request_id: int, request: PendingRequest, reply: LocalReply | LocalAnswer, answers: Answers
     ) -> None:
         # grpc_status applies to gRPC requests over HTTP/2 (the engine knows which); an HTTP/1.1 client
         # gets the HTTP status itself.
         request.local_flag = reply.flag
         self.stats.local_replies += 1
-        replies.append((request_id, reply.status, reply.flag, reply.detail, reply.grpc_status))
+        by_flag = self.stats.local_replies_by_flag
+        by_flag[reply.flag] = by_flag.get(reply.flag, 0) + 1
+        if isinstance(reply, LocalAnswer):
+            answers[1].append(
+                (
+                    request_id,
+                    reply.status,
+                    reply.flag,
+                    reply.detail,
+                    reply.grpc_status if request.grpc else None,
+                    _encode_fields(reply.headers),
+                )
+            )
+            return
+        answers[1].append((request_id, reply.status, reply.flag, reply.detail, reply.grpc_status))
 
-    def _on_attempt_failed(
-        self, record: tuple[Any, ...], forwards: list[ForwardAnswer], replies: list[ReplyAnswer]
-    ) -> None:
-        _, request_id, _conn_id, err, flags, attempts = record
-        request = self.requests[request_id]
+    def _on_attempt_failed(self, record: tuple[Any, ...], answers: Answers) -> None:
+        (_, request_id, _conn_id, err, flags, attempts, failure, status, grpc_status, replayable,
+         response_ns) = record  # fmt: skip
+        request = self.requests.get(request_id)
+        if request is None:
+            return
         self.stats.attempts_failed += 1
-        endpoint = request.endpoint
-        if endpoint is not None:
+        endpoint, admission, routes = request.endpoint, request.admission, request.routes
+        if endpoint is not None and request.in_flight:
             endpoint.active -= 1
-            endpoint.connect_failures += 1
-            request.tried += (endpoint.address,)
-            request.endpoint = None
-        error = os.strerror(err) if err else "unknown error"
+            request.in_flight = False
+        held = failure == _l7.FAIL_HELD
+        if held:
+            result = _response_result(status, grpc_status)
+        else:
+            result = AttemptResult(failure=_FAILURES[failure])
+            if endpoint is not None and failure == _l7.FAIL_CONNECT:
+                endpoint.connect_failures += 1
+        if admission is None or routes is None or endpoint is None:
+            raise AssertionError(f"attempt of request {request_id} failed before it was routed")
+        outcome, ejection = routes.guards.attempt_ended(
+            admission,
+            endpoint,
+            result,
+            replayable=bool(replayable),
+            response_time=response_ns / 1e9 if held and response_ns else None,
+            balancer=routes.balancer,
+        )
+        if ejection is not None:
+            self._ejected(request, ejection)
         if self.access_log:
-            log.warning(
+            log.info(
                 "upstream attempt failed",
                 request=request_id,
                 conn=request.conn.id,
-                upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
-                errno=err,
-                error=error,
+                upstream=f"{endpoint.address}:{endpoint.port}",
+                result=f"status {status}" if held else result.failure.value if result.failure else None,
+                errno=err or None,
                 flags=flag_text(flags),
                 attempt=attempts,
+                then="retry" if not isinstance(outcome, GiveUp) else f"give up: {outcome.reason}",
             )
-        route = self.routing().lookup(request.conn.orig_ip, request.conn.orig_port)
-        reason = f"upstream connect failed ({error})"
-        if attempts >= self.relay_config.connect_attempts or route is None or route.http is None:
-            self._reply(
-                request_id, request, LocalReply(502, "UF", f"{reason} after {attempts} attempts"), replies
-            )
+        if (
+            isinstance(outcome, GiveUp)
+            and failure == _l7.FAIL_CONNECT
+            and outcome.reason in ("not retriable", "attempts exhausted")
+            and attempts < self.relay_config.connect_attempts
+        ):
+            # A connect failure never reached a server: like the L4 path, try up to
+            # relay.connect_attempts endpoints whatever the route's retry policy says, at once.
+            outcome = Retry(0.0, admission.deadline.attempt_timeout(time.monotonic(), None))
+        if isinstance(outcome, GiveUp):
+            if held:
+                request.result_counted = True  # counted above; DONE must not count it again
+                if request.retried and outcome.reason == "attempts exhausted":
+                    request.extra_flag = "URX"
+                answers[2].append(request_id)
+                return
+            answer = failure_answer(result, outcome)
+            assert answer is not None  # a failure without a response always has an answer
+            if flags & _UPE and answer.flag == "UC":  # the reset was the engine's, for a bad response
+                answer = LocalAnswer(502, "UPE", "upstream protocol error", GrpcStatus.INTERNAL)
+            if request.retried and outcome.reason == "attempts exhausted":
+                request.extra_flag = "URX"  # Envoy's "upstream retry limit exceeded", for the log
+            self._reply(request_id, request, answer, answers)
             return
-        decision = decide_request(route.http, request.attrs, request.tried)
-        if isinstance(decision, LocalReply):
-            # No endpoint left to try: the client learns of the connect failure, not of "no endpoint".
-            decision = LocalReply(502, "UF", f"{reason}; {decision.detail}")
-        self._answer(request_id, request, decision, forwards, replies)
+        self.stats.retries += 1
+        request.retried = True
+        if outcome.delay > 0:
+            self._attempt_later(request_id, request, outcome.delay, outcome.timeout)
+        else:
+            self._attempt(request_id, request, outcome.timeout, answers)
+
+    def _ejected(self, request: PendingRequest, ejection: Ejection) -> None:
+        self.stats.ejections += 1
+        endpoint = ejection.endpoint
+        log.warning(
+            "endpoint ejected",
+            service=request.service,
+            endpoint=f"{endpoint.address}:{endpoint.port}",
+            seconds=round(ejection.until - time.monotonic(), 3),
+            times=ejection.times_ejected,
+            reason=ejection.reason,
+        )
 
     def _on_done(self, record: tuple[Any, ...]) -> None:
         (_, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns, total_ns,
-         attempts, reused) = record  # fmt: skip
+         attempts, reused, response_ns, grpc_status) = record  # fmt: skip
         request = self.requests.pop(request_id, None)
         endpoint = request.endpoint if request is not None else None
-        if endpoint is not None:
-            endpoint.active -= 1
+        if request is not None:
+            if request.timer is not None:
+                request.timer.cancel()
+                request.timer = None
+            routes, admission = request.routes, request.admission
+            if endpoint is not None and request.in_flight:
+                endpoint.active -= 1
+                request.in_flight = False
+                # The response the client got (or the lack of one, when it left first) ends the last
+                # attempt: outlier detection and the balancer's latency estimate learn it.
+                if status and routes is not None and not request.result_counted:
+                    ejection = routes.guards.outlier.record(endpoint, _response_result(status, grpc_status))
+                    if ejection is not None:
+                        self._ejected(request, ejection)
+                    if response_ns:
+                        routes.balancer.observe(endpoint, response_ns / 1e9)
+            if admission is not None and routes is not None:
+                routes.guards.request_ended(admission)
         self.stats.status_classes[status // 100] += 1  # 0: no response
         if not self._access_log.info_enabled:
             return
@@ -475,7 +679,7 @@ class HttpProxy:
             path=attrs.path if attrs else None,
             route=request.route if request else None,
             status=status,
-            flags=flag_text(flags, request.local_flag if request else None),
+            flags=flag_text(flags, request.local_flag, request.extra_flag) if request else flag_text(flags),
             err=err,
             bytes_in=bytes_in,
             bytes_out=bytes_out,

@@ -151,7 +151,10 @@ def failure_answer(result: AttemptResult, give_up: GiveUp) -> LocalAnswer | None
     if result.failure is Failure.CONNECT_FAILURE:
         return LocalAnswer(502, "UF", f"upstream connect failed ({give_up.reason})", GrpcStatus.UNAVAILABLE)
     return LocalAnswer(
-        502, "UC", f"upstream reset before the response ({give_up.reason})", GrpcStatus.UNAVAILABLE
+        502,
+        "UC",
+        f"upstream connection closed or reset before the response ({give_up.reason})",
+        GrpcStatus.UNAVAILABLE,
     )
 
 
