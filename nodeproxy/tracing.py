@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Final, Self
 from urllib.parse import urlsplit
 
@@ -50,6 +51,7 @@ __all__ = [
     "parse_b3_multi",
     "parse_b3_single",
     "parse_traceparent",
+    "trace_headers",
 ]
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -471,6 +473,11 @@ class Tracer:
             )
         return self._start_from(headers, request_id)
 
+    def start_fields(self, fields: Sequence[tuple[str, str]]) -> TraceStart:
+        """start() for a request head's header fields as the engine's HEAD record holds them: (lower-case
+        name, value) pairs, other names ignored (see trace_headers)."""
+        return self.start(trace_headers(fields) if fields else _NO_HEADERS)
+
     def _start_from(self, headers: Mapping[str, str], request_id: str | None) -> TraceStart:
         formats = 0
         context: TraceContext | None = None
@@ -615,6 +622,20 @@ class Tracer:
         """Export what is queued (within `timeout` seconds) and stop the export thread."""
         if self.exporter is not None:
             self.exporter.close(timeout)
+
+
+_NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+def trace_headers(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The trace headers among a head's (lower-case name, value) fields; a repeated field's values are
+    joined with ", " (RFC 9110 5.3), which makes two traceparent fields invalid, as the spec wants, and
+    two tracestate fields one list."""
+    headers: dict[str, str] = {}
+    for name, value in fields:
+        if name in HEADER_NAMES:
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
 
 
 def _prefer(first: TraceContext | None, second: TraceContext | None) -> TraceContext | None:

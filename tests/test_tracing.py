@@ -422,3 +422,29 @@ def test_the_unsampled_common_path_is_cheap() -> None:
             )  # fmt: skip
         best = min(best, (time.perf_counter() - began) / rounds)
     assert best < 5e-6, f"{best * 1e6:.2f} us per request"
+
+
+def test_start_fields_reads_the_engines_header_pairs() -> None:
+    fields = (
+        ("host", "web"),
+        ("tracestate", "a=1"),
+        ("traceparent", f"00-{TRACE}-{SPAN}-01"),
+        ("tracestate", "b=2"),
+        ("x-request-id", "r-9"),
+    )
+    assert tracing.trace_headers(fields) == {
+        "tracestate": "a=1, b=2",
+        "traceparent": f"00-{TRACE}-{SPAN}-01",
+        "x-request-id": "r-9",
+    }
+    start = Tracer().start_fields(fields)
+    assert (start.trace_id, start.parent_span_id, start.tracestate, start.request_id) == (
+        TRACE,
+        SPAN,
+        "a=1, b=2",
+        "r-9",
+    )
+    # Two traceparent fields are one invalid value: a new trace.
+    twice = Tracer().start_fields((("traceparent", f"00-{TRACE}-{SPAN}-01"),) * 2)
+    assert twice.trace_id != TRACE and twice.parent_span_id is None
+    assert Tracer().start_fields(()).parent_span_id is None
