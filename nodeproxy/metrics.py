@@ -165,7 +165,8 @@ INTERNAL: Final[dict[str, Family]] = {
         Family(
             "nodeproxy_relay_connections_closed_total",
             "counter",
-            "Connections of the splice relay that ended, by how they ended.",
+            "Relayed TCP connections that ended, by how they ended (the relay's completion kinds; "
+            "failed connects are counted by nodeproxy_upstream_connect_failures_total).",
             ("ending",),
         ),
         Family(

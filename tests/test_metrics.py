@@ -3,6 +3,7 @@ with prometheus_client's own parser)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from nodeproxy.balance import Endpoint
-from nodeproxy.config import Config, parse_config
+from nodeproxy.config import Config, MetricsConfig, parse_config
 from nodeproxy.metrics import (
     HISTOGRAM_BOUNDS,
     HTTP_LABELS,
@@ -304,3 +305,28 @@ def test_snapshot_shape_is_checked_when_merged() -> None:
     aggregate = MetricsAggregate()
     with pytest.raises(ValueError, match="labels"):
         aggregate.add({"tcp": [[["source"], 1, 1, 1, 1]]})
+
+
+def test_every_metric_and_label_is_documented() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "observability.md").read_text()
+    istio = [
+        "istio_requests_total",
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ]
+    rendered = render(MetricsAggregate()).decode()
+    for name in (*istio, *INTERNAL):
+        assert f"`{name}`" in docs, name
+        assert f"# TYPE {name.removesuffix('_total')}" in rendered or f"# TYPE {name}" in rendered, name
+    for label in {*HTTP_LABELS, *TCP_LABELS}:
+        assert f"`{label}`" in docs or f"`destination_{label.removeprefix('destination_')}`" in docs, label
+    for family in INTERNAL.values():
+        for label in family.labels:
+            assert f"`{label}`" in docs, (family.name, label)
+    for key in MetricsConfig.model_fields:
+        assert f"| `{key}` |" in docs, key
