@@ -41,6 +41,7 @@ import structlog
 from cryptography import x509
 
 from nodeproxy.identity.ca import (
+    DEFAULT_NODE_CREDENTIAL_TTL,
     DEFAULT_SVID_TTL,
     MIN_SVID_TTL,
     CaError,
@@ -100,6 +101,11 @@ def authorize(
     """None if ``node`` may obtain an SVID for ``requested`` (for ``pod_ip``), else why not."""
     if requested.trust_domain != index.trust_domain:
         return f"{requested} is not in the trust domain {index.trust_domain!r}"
+    if index.nodes is not None and node not in index.nodes:
+        return f"node {node!r} is not one the CA serves (identity.nodes)"
+    if requested == SpiffeId.for_node(index.trust_domain, node):
+        # A node renews its own credential; it can never ask for another node's.
+        return None if pod_ip is None else "a node credential is not issued for a pod"
     if requested.workload is None:
         return f"{requested} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>)"
     if pod_ip is not None:
@@ -163,21 +169,24 @@ class CaServer:
         workloads: WorkloadIndex,
         *,
         svid_ttl: timedelta = DEFAULT_SVID_TTL,
+        node_credential_ttl: timedelta = DEFAULT_NODE_CREDENTIAL_TTL,
         clock: Clock = utc_now,
         dns_names: tuple[str, ...] = (),
     ) -> None:
-        """``svid_ttl``: the longest lifetime issued (a request may ask for less). ``dns_names``: extra
+        """``svid_ttl``: the longest workload SVID issued (a request may ask for less);
+        ``node_credential_ttl``: the same for a node renewing its own credential. ``dns_names``: extra
         DNS SANs of the server certificate, for clients that reach it by name."""
         if workloads.trust_domain != ca.trust_domain:
             raise CaError(
                 f"the workloads are in the trust domain {workloads.trust_domain!r}, the CA signs for "
                 f"{ca.trust_domain!r}"
             )
-        if svid_ttl < MIN_SVID_TTL:
-            raise CaError(f"svid_ttl must be at least {MIN_SVID_TTL}")
+        if min(svid_ttl, node_credential_ttl) < MIN_SVID_TTL:
+            raise CaError(f"svid_ttl and node_credential_ttl must be at least {MIN_SVID_TTL}")
         self.ca = ca
         self.workloads = workloads
         self.svid_ttl = svid_ttl
+        self.node_credential_ttl = node_credential_ttl
         self.clock = clock
         self.dns_names = dns_names
         self.server_id = SpiffeId.for_ca_service(ca.trust_domain)
@@ -431,7 +440,8 @@ class CaServer:
         why = authorize(self.workloads, node, requested, pod_ip)
         if why is not None:
             raise Refused(403, why)
-        lifetime = self.svid_ttl if ttl is None else min(ttl, self.svid_ttl)
+        longest = self.node_credential_ttl if requested.node_name == node else self.svid_ttl
+        lifetime = longest if ttl is None else min(ttl, longest)
         try:
             issued = self.ca.sign_csr(csr, requested, ttl=lifetime, now=self.clock())
         except CsrError as err:
@@ -529,7 +539,14 @@ def _requested_identity(csr: x509.CertificateSigningRequest) -> SpiffeId:
 
 
 def serve_forever(
-    ca_dir: Path, config_path: Path, host: str, port: int, *, svid_ttl: timedelta, dns_names: tuple[str, ...]
+    ca_dir: Path,
+    config_path: Path,
+    host: str,
+    port: int,
+    *,
+    svid_ttl: timedelta,
+    node_credential_ttl: timedelta,
+    dns_names: tuple[str, ...],
 ) -> int:
     """Run the service until SIGTERM/SIGINT; SIGHUP reloads the workloads (config) and the CA directory."""
     from nodeproxy.identity.config import load_identity_config
@@ -543,7 +560,13 @@ def serve_forever(
         )
 
     async def main() -> None:
-        server = CaServer(ca, identity.workload_index(), svid_ttl=svid_ttl, dns_names=dns_names)
+        server = CaServer(
+            ca,
+            identity.workload_index(),
+            svid_ttl=svid_ttl,
+            node_credential_ttl=node_credential_ttl,
+            dns_names=dns_names,
+        )
         await server.start(host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -11,6 +11,9 @@ never later than the SVID's expiry; an SVID that expires without a replacement i
 What the CA returns is checked before it is used: the leaf must carry our new public key, be an
 X.509-SVID of the requested identity, and chain to the trust bundle.
 
+With ``node_credential`` files, the node's own credential (what it authenticates to the CA with) is
+renewed the same way through the CA and written back atomically; files an operator replaces are re-read.
+
 The trust bundle comes from one file (the CA's ``bundle.pem``, distributed to the nodes), re-read when it
 changes, or from :meth:`CertManager.set_trust_bundle` (an admin push). Subscribers registered with
 :meth:`CertManager.on_change` are told of every new SVID, expiry, removal and bundle change, so the TLS
@@ -45,12 +48,20 @@ from nodeproxy.identity.ca import (
     PrivateKey,
     generate_private_key,
     load_certificates,
+    load_private_key,
     make_csr,
     private_key_pem,
+    write_credential,
 )
 from nodeproxy.identity.caclient import CaClient, SignedChain
 from nodeproxy.identity.config import IdentityConfig
-from nodeproxy.identity.spiffe import SpiffeId, SvidError, check_signing_certificate, verify_svid_chain
+from nodeproxy.identity.spiffe import (
+    SpiffeId,
+    SvidError,
+    check_signing_certificate,
+    check_x509_svid,
+    verify_svid_chain,
+)
 
 __all__ = [
     "CertEvent",
@@ -109,9 +120,10 @@ class Svid:
 
 @dataclass(frozen=True, slots=True)
 class CertEvent:
-    """A change subscribers hear about. ``spiffe_id`` is None for a bundle change."""
+    """A change subscribers hear about. ``spiffe_id`` is None for a bundle change; ``node_credential``:
+    the node's own credential was renewed (and its files rewritten)."""
 
-    kind: Literal["svid", "expired", "removed", "bundle"]
+    kind: Literal["svid", "expired", "removed", "bundle", "node_credential"]
     spiffe_id: SpiffeId | None
     svid: Svid | None = None
 
@@ -138,6 +150,9 @@ class _Entry:
     failures: int = 0
     last_error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Only for the node credential: its (cert, key) files, renewed in place, and their last stamp.
+    files: tuple[Path, Path] | None = None
+    stamp: _FileStamp | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,7 @@ class CertManager:
         *,
         trust_bundle_pem: bytes | None = None,
         trust_bundle_file: Path | None = None,
+        node_credential: tuple[Path, Path] | None = None,
         svid_ttl: timedelta = DEFAULT_SVID_TTL,
         key_type: KeyType = "ecdsa-p256",
         renew_fraction: float = 0.5,
@@ -168,7 +184,11 @@ class CertManager:
         clock: Clock = _utc_now,
         rng: random.Random | None = None,
     ) -> None:
-        """The bundle comes from ``trust_bundle_pem`` or ``trust_bundle_file`` (read now, watched after)."""
+        """The bundle comes from ``trust_bundle_pem`` or ``trust_bundle_file`` (read now, watched after).
+
+        ``node_credential``: the (cert, key) files the signer authenticates with; given, the manager also
+        renews them (at the same fraction of their lifetime) and rewrites them atomically. They are re-read
+        when they change (an operator installing a new one). Unreadable now: ValueError."""
         if not 0.0 < renew_fraction < 1.0 or not 0.0 <= renew_jitter < 0.5:
             raise ValueError("renew_fraction must be in (0, 1) and renew_jitter in [0, 0.5)")
         if renew_fraction + renew_jitter / 2 >= 1.0:
@@ -204,6 +224,12 @@ class CertManager:
             self._roots = parse_trust_bundle(self._bundle_pem, trust_domain)
         else:
             raise ValueError("a trust bundle is needed (trust_bundle_pem or trust_bundle_file)")
+        self._node: _Entry | None = None
+        if node_credential is not None:
+            self._node = _Entry(SpiffeId(trust_domain), files=node_credential)
+            problem = self._check_node_credential_files()
+            if problem is not None:
+                raise ValueError(problem)
 
     @classmethod
     def from_config(cls, config: IdentityConfig, node_name: str, *, clock: Clock = _utc_now) -> CertManager:
@@ -230,6 +256,7 @@ class CertManager:
             config.trust_domain,
             client,
             trust_bundle_file=bundle_file,
+            node_credential=(config.node_credential.cert, config.node_credential.key),
             svid_ttl=config.svid_lifetime,
             key_type=config.key_type,
             renew_fraction=config.renew_fraction,
@@ -336,8 +363,14 @@ class CertManager:
         """Do everything due at the clock's current time (file check, expiries, renewals); returns when
         the next renewal is due (None: nothing managed)."""
         self._check_bundle_file()
+        problem = self._check_node_credential_files()
+        if problem is not None:
+            log.error("node credential files unusable; keeping the loaded one", error=problem)
         now = self._clock()
         due: list[_Entry] = []
+        node = self._node
+        if node is not None and node.svid is not None and (node.due is None or node.due <= now):
+            due.append(node)
         for entry in self._entries.values():
             if entry.svid is not None and now >= entry.svid.not_after:
                 log.error("svid expired without a renewal", spiffe_id=str(entry.spiffe_id))
@@ -350,6 +383,8 @@ class CertManager:
         pending = [entry.due for entry in self._entries.values() if entry.due is not None]
         if len(pending) < len(self._entries):
             return self._clock()
+        if node is not None and node.due is not None:
+            pending.append(node.due)
         return min(pending, default=None)
 
     async def run(self) -> None:
@@ -367,7 +402,7 @@ class CertManager:
         if entry.lock.locked():
             return  # ensure() is renewing it right now
         async with entry.lock:
-            if self._entries.get(entry.spiffe_id) is not entry:
+            if entry.files is None and self._entries.get(entry.spiffe_id) is not entry:
                 return  # removed meanwhile
             await self._renew(entry)
 
@@ -376,22 +411,24 @@ class CertManager:
             key = generate_private_key(self.key_type)
             csr_pem = make_csr(key, entry.spiffe_id).public_bytes(serialization.Encoding.PEM)
             try:
-                answer = await self.signer.sign(csr_pem, ttl=self.svid_ttl)
+                # The CA decides a node credential's lifetime; a workload asks for svid_ttl.
+                answer = await self.signer.sign(csr_pem, ttl=None if entry.files else self.svid_ttl)
                 svid = self._accept(entry.spiffe_id, answer.cert_chain_pem, key)
+                if entry.files is not None:
+                    write_credential(entry.files[0], entry.files[1], svid.cert_chain_pem, key)
+                    entry.stamp = _stamp(entry.files[0])
             except Exception as err:  # any failure of one renewal is retried; it must not stop the others
                 self._failed(entry, err)
                 return
         entry.svid, entry.failures, entry.last_error = svid, 0, None
-        lifetime = svid.not_after - svid.not_before
-        fraction = self.renew_fraction + self.renew_jitter * (self._rng.random() - 0.5)
-        entry.due = svid.not_before + lifetime * fraction
+        entry.due = self._renewal_time(svid)
         log.info(
-            "svid renewed",
+            "node credential renewed" if entry.files else "svid renewed",
             spiffe_id=str(entry.spiffe_id),
             not_after=svid.not_after.isoformat(),
             next_renewal=entry.due.isoformat(),
         )
-        self._notify(CertEvent("svid", entry.spiffe_id, svid))
+        self._notify(CertEvent("node_credential" if entry.files else "svid", entry.spiffe_id, svid))
 
     def _accept(self, spiffe_id: SpiffeId, chain_pem: bytes, key: PrivateKey) -> Svid:
         """The signed chain as an :class:`Svid` after checking it is ours, valid and trusted."""
@@ -412,6 +449,10 @@ class CertManager:
             (leaf, *intermediates),
         )
 
+    def _renewal_time(self, svid: Svid) -> datetime:
+        fraction = self.renew_fraction + self.renew_jitter * (self._rng.random() - 0.5)
+        return svid.not_before + (svid.not_after - svid.not_before) * fraction
+
     def _failed(self, entry: _Entry, err: Exception) -> None:
         entry.failures += 1
         entry.last_error = f"{type(err).__name__}: {err}"
@@ -422,8 +463,9 @@ class CertManager:
         if entry.svid is not None and entry.due > entry.svid.not_after:
             # Try once more just before it expires rather than after.
             entry.due = max(now, entry.svid.not_after - timedelta(seconds=1))
+        what = "node credential" if entry.files else "svid"
         log.warning(
-            "svid renewal failed; keeping the current one" if entry.svid else "svid request failed",
+            f"{what} renewal failed; keeping the current one" if entry.svid else f"{what} request failed",
             spiffe_id=str(entry.spiffe_id),
             error=entry.last_error,
             failures=entry.failures,
@@ -437,6 +479,45 @@ class CertManager:
         except SvidError:
             return False
         return True
+
+    def _check_node_credential_files(self) -> str | None:
+        """(Re)load the node credential if its certificate file changed; returns what is wrong, if so."""
+        entry = self._node
+        if entry is None or entry.files is None:
+            return None
+        cert_path, key_path = entry.files
+        try:
+            stamp = _stamp(cert_path)
+            if stamp == entry.stamp:
+                return None
+            chain_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+            leaf, *intermediates = load_certificates(chain_pem)
+            key = load_private_key(key_pem)
+            spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+                return f"{key_path} is not the key of {cert_path}"
+            node_id = check_x509_svid(leaf, self.trust_domain)
+            if node_id.node_name is None:
+                return (
+                    f"{cert_path} is {node_id}, not a node credential (spiffe://<td>/nodeproxy/node/<name>)"
+                )
+        except (OSError, CaError, SvidError) as err:
+            return f"{cert_path}: {err}"
+        entry.stamp = stamp
+        entry.spiffe_id = node_id
+        entry.svid = Svid(
+            node_id,
+            chain_pem,
+            key_pem,
+            leaf.not_valid_before_utc,
+            leaf.not_valid_after_utc,
+            leaf,
+            (leaf, *intermediates),
+        )
+        entry.failures, entry.last_error = 0, None
+        entry.due = self._renewal_time(entry.svid)
+        log.info("node credential loaded", spiffe_id=str(node_id), not_after=entry.svid.not_after.isoformat())
+        return None
 
     def _check_bundle_file(self) -> None:
         if self._bundle_file is None:

@@ -58,6 +58,9 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--listen", default="0.0.0.0:15012", help="host:port (default 0.0.0.0:15012)")
     serve.add_argument("--svid-ttl", type=_duration, default=None, help="longest SVID lifetime (default 24h)")
     serve.add_argument(
+        "--node-ttl", type=_duration, default=None, help="longest renewed node credential (default 720h)"
+    )
+    serve.add_argument(
         "--dns-name", action="append", default=[], help="extra DNS SAN of the server certificate (repeatable)"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             host,
             int(port),
             svid_ttl=args.svid_ttl or ca.DEFAULT_SVID_TTL,
+            node_credential_ttl=args.node_ttl or ca.DEFAULT_NODE_CREDENTIAL_TTL,
             dns_names=tuple(args.dns_name),
         )
     except (ca.CaError, SpiffeIdError, OSError) as err:

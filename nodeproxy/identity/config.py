@@ -191,6 +191,11 @@ class IdentityConfig(_Frozen):
     workloads: list[WorkloadConfig] = Field(
         default=[], description="Every pod with an identity, on every node (the CA checks against it)."
     )
+    nodes: list[DnsLabel] | None = Field(
+        default=None,
+        description="Nodes the CA serves (none: every node with a valid node credential). A node removed "
+        "here gets no SVIDs and no node credential renewal after the CA reloads.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -209,6 +214,13 @@ class IdentityConfig(_Frozen):
             problems.append(
                 ("renew_jitter", "renew_fraction + renew_jitter/2 must stay below 1 (renew before expiry)")
             )
+        if self.nodes is not None:
+            listed = set(self.nodes)
+            if len(listed) != len(self.nodes):
+                problems.append(("nodes", "a node is listed twice"))
+            for i, workload in enumerate(self.workloads):
+                if workload.node not in listed:
+                    problems.append((f"workloads[{i}].node", f"node {workload.node!r} is not in `nodes`"))
         first_with_ip: dict[IPv4Address, int] = {}
         for i, workload in enumerate(self.workloads):
             j = first_with_ip.setdefault(workload.ip, i)
@@ -224,7 +236,7 @@ class IdentityConfig(_Frozen):
         return self
 
     def workload_index(self) -> WorkloadIndex:
-        return WorkloadIndex.build(self.trust_domain, self.workloads)
+        return WorkloadIndex.build(self.trust_domain, self.workloads, self.nodes)
 
     @property
     def svid_lifetime(self) -> timedelta:
@@ -245,9 +257,12 @@ class WorkloadIndex:
     trust_domain: str
     by_ip: dict[IPv4Address, Workload]
     identities_by_node: dict[str, frozenset[SpiffeId]]
+    nodes: frozenset[str] | None = None  # the nodes the CA serves; None: any node
 
     @classmethod
-    def build(cls, trust_domain: str, workloads: Iterable[WorkloadConfig]) -> WorkloadIndex:
+    def build(
+        cls, trust_domain: str, workloads: Iterable[WorkloadConfig], nodes: Iterable[str] | None = None
+    ) -> WorkloadIndex:
         by_ip: dict[IPv4Address, Workload] = {}
         by_node: dict[str, set[SpiffeId]] = {}
         for config in workloads:
@@ -256,7 +271,12 @@ class WorkloadIndex:
             workload = Workload(config.ip, config.node, config.spiffe_id(trust_domain))
             by_ip[config.ip] = workload
             by_node.setdefault(config.node, set()).add(workload.spiffe_id)
-        return cls(trust_domain, by_ip, {node: frozenset(ids) for node, ids in by_node.items()})
+        return cls(
+            trust_domain,
+            by_ip,
+            {node: frozenset(ids) for node, ids in by_node.items()},
+            None if nodes is None else frozenset(nodes),
+        )
 
     def identity_of(self, pod_ip: IPv4Address | str) -> SpiffeId | None:
         """The identity of the pod at ``pod_ip``, or None for a source that is not a known workload."""
