@@ -457,7 +457,7 @@ class AccessLog:
         if grpc_status >= 0:
             tracing = f', "grpc_status": {grpc_status}'
         if trace_id is not None:
-            tracing += f', "trace_id": "{trace_id}"'  # hex digits, from the Tracer
+            tracing += f', "trace_id": {_text(trace_id)}'  # hex digits from the Tracer: the fast path
         if x_request_id is not None:
             tracing += f', "request_id": {_text(x_request_id)}'
         self._emit(
