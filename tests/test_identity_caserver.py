@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypeVar
 
@@ -148,6 +149,38 @@ def test_the_authorization_rule_alone() -> None:
     assert authorize(index, "node-b", WEB) is not None
     assert authorize(index, "node-c", WEB) is not None
     assert authorize(index, "node-a", SpiffeId.for_workload("other.td", "default", "web")) is not None
+    # A node may renew its own credential, never another node's, and not as a pod's.
+    assert authorize(index, "node-a", SpiffeId.for_node(TD, "node-a")) is None
+    assert authorize(index, "node-a", SpiffeId.for_node(TD, "node-b")) is not None
+    assert authorize(index, "node-a", SpiffeId.for_node(TD, "node-a"), IPv4Address("10.244.1.10")) is not None
+    assert authorize(index, "node-a", SpiffeId.for_ca_service(TD)) is not None
+
+
+def test_nodes_outside_identity_nodes_get_nothing(setup: Setup) -> None:
+    cert, key = setup.credential(SpiffeId.for_node(TD, "node-a"), "node-a")
+    only_b = IdentityConfig.model_validate(
+        {
+            "trust_domain": TD,
+            "nodes": ["node-b"],
+            "workloads": [
+                {"ip": "10.244.2.10", "namespace": "default", "service_account": "db", "node": "node-b"}
+            ],
+        }
+    ).workload_index()
+
+    async def scenario() -> list[str]:
+        errors = []
+        async with serving(setup.ca, only_b) as (server, address):
+            client = setup.client(server, address, cert, key)
+            for spiffe_id in (DB, SpiffeId.for_node(TD, "node-a")):
+                with pytest.raises(CaClientError) as caught:
+                    await client.sign(csr_pem(spiffe_id))
+                errors.append(str(caught.value))
+            assert server.issued == 0
+        return errors
+
+    for error in run(scenario):
+        assert "(403)" in error and "not one the CA serves" in error
 
 
 async def _raw_request(address: tuple[str, int], context: ssl.SSLContext, body: bytes) -> bytes:

@@ -21,7 +21,7 @@ from nodeproxy.identity.caserver import CaServer
 from nodeproxy.identity.certmanager import CertEvent, CertManager, NoSvid, TrustBundleError
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffe import SpiffeId, verify_svid_chain
-from tests.identity_helpers import NOW
+from tests.identity_helpers import NOW, key_pem
 
 TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
@@ -54,9 +54,12 @@ class FixedRandom(random.Random):
 class LocalSigner:
     """Signs in process with a real CA, on the test's clock; can be made to fail like an unreachable CA."""
 
-    def __init__(self, ca: CertificateAuthority, clock: FakeClock) -> None:
+    def __init__(
+        self, ca: CertificateAuthority, clock: FakeClock, node_ttl: timedelta = timedelta(days=30)
+    ) -> None:
         self.ca = ca
         self.clock = clock
+        self.node_ttl = node_ttl
         self.failing = False
         self.calls: list[datetime] = []
         self.tamper: Callable[[bytes], bytes] | None = None
@@ -70,7 +73,8 @@ class LocalSigner:
         csr = x509.load_pem_x509_csr(csr_pem)
         uri = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         spiffe_id = SpiffeId.parse(uri.get_values_for_type(x509.UniformResourceIdentifier)[0])
-        issued = self.ca.sign_csr(csr, spiffe_id, ttl=ttl or DEFAULT_SVID_TTL, now=self.clock())
+        default = self.node_ttl if spiffe_id.node_name else DEFAULT_SVID_TTL
+        issued = self.ca.sign_csr(csr, spiffe_id, ttl=ttl or default, now=self.clock())
         chain = issued.chain_pem if self.tamper is None else self.tamper(issued.chain_pem)
         return SignedChain(chain, self.ca.trust_bundle_pem())
 
@@ -395,6 +399,127 @@ def test_run_loop_obtains_svids_for_new_identities_promptly(tmp_path: Path) -> N
                 loop_task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await loop_task
+            await server.close()
+
+    run(scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# The node credential
+
+
+def test_node_credential_is_renewed_at_half_life_and_rewritten(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    ca = new_ca(tmp_path / "ca")
+    node_id = SpiffeId.for_node(TD, "node-a")
+    issued, key = ca.issue_credential(node_id, ttl=timedelta(days=30), now=NOW)
+    cert_path, key_path = tmp_path / "node.pem", tmp_path / "node.key"
+    write_credential(cert_path, key_path, issued.chain_pem, key)
+    signer = LocalSigner(ca, clock)
+    events: list[CertEvent] = []
+    certs = CertManager(
+        TD,
+        signer,
+        trust_bundle_pem=ca.trust_bundle_pem(),
+        node_credential=(cert_path, key_path),
+        clock=clock,
+        rng=FixedRandom(0.5),
+    )
+    certs.on_change(events.append)
+    half_life = (
+        issued.certificate.not_valid_before_utc
+        + (issued.not_after - issued.certificate.not_valid_before_utc) / 2
+    )
+
+    async def scenario() -> None:
+        assert await certs.refresh_due() == half_life and signer.calls == []
+        clock.now = half_life
+        signer.failing = True
+        await certs.refresh_due()
+        assert cert_path.read_bytes() == issued.chain_pem  # a failed renewal leaves the files alone
+        signer.failing = False
+        clock.advance(timedelta(seconds=1))
+        await certs.refresh_due()
+        renewed = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        assert renewed[0].serial_number != issued.certificate.serial_number
+        assert verify_svid_chain(renewed[0], renewed[1:], ca.roots, TD, now=clock()) == node_id
+        assert renewed[0].not_valid_after_utc == clock() + timedelta(days=30)
+        assert key_path.stat().st_mode & 0o777 == 0o600 and key_path.read_bytes() != key_pem(key)
+        assert [e.kind for e in events] == ["node_credential"]
+        # The files written are what the next request authenticates with: a key that fits the certificate.
+        from nodeproxy.identity.caclient import client_tls_context
+
+        client_tls_context(cert_path, key_path, ca.trust_bundle_pem())
+        # An operator installs a credential of their own: it is read, and its renewal time follows it.
+        manual, manual_key = ca.issue_credential(node_id, ttl=timedelta(days=2), now=clock())
+        write_credential(cert_path, key_path, manual.chain_pem, manual_key)
+        next_due = await certs.refresh_due()
+        assert (
+            next_due
+            == manual.certificate.not_valid_before_utc
+            + (manual.not_after - manual.certificate.not_valid_before_utc) / 2
+        )
+        # A broken file is not taken over: the loaded credential stays and the error is reported.
+        key_path.write_bytes(b"garbage")
+        assert await certs.refresh_due() == next_due
+
+    run(scenario)
+
+
+def test_a_node_credential_file_that_is_not_a_node_credential_is_refused(tmp_path: Path) -> None:
+    ca = new_ca(tmp_path / "ca")
+    issued, key = ca.issue_credential(WEB, ttl=timedelta(days=1), now=NOW)
+    write_credential(tmp_path / "n.pem", tmp_path / "n.key", issued.chain_pem, key)
+    with pytest.raises(ValueError, match="not a node credential"):
+        CertManager(
+            TD,
+            LocalSigner(ca, FakeClock(NOW)),
+            trust_bundle_pem=ca.trust_bundle_pem(),
+            node_credential=(tmp_path / "n.pem", tmp_path / "n.key"),
+        )
+
+
+def test_node_credential_renewal_through_the_ca_service(tmp_path: Path) -> None:
+    # A 100 s node credential renewed at half life (80 s after its notBefore, which is backdated 60 s):
+    # the clock moves 25 s so the new credential is also valid for the real-time TLS check that follows.
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
+    ca = new_ca(tmp_path / "ca", clock())
+    node_id = SpiffeId.for_node(TD, "node-a")
+    issued, key = ca.issue_credential(node_id, ttl=timedelta(seconds=100), now=clock())
+    cert, key_path = tmp_path / "node.pem", tmp_path / "node.key"
+    write_credential(cert, key_path, issued.chain_pem, key)
+
+    async def scenario() -> None:
+        server = CaServer(
+            ca, _inventory().workload_index(), node_credential_ttl=timedelta(seconds=100), clock=clock
+        )
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            client = CaClient(
+                host, port, TD, cert=cert, key=key_path, trust_bundle=ca.trust_bundle_pem, timeout=5
+            )
+            certs = CertManager(
+                TD,
+                client,
+                trust_bundle_pem=ca.trust_bundle_pem(),
+                node_credential=(cert, key_path),
+                clock=clock,
+                rng=FixedRandom(0.5),
+            )
+            certs.set_identities([WEB])
+            await certs.refresh_due()
+            assert server.issued == 1
+            clock.advance(timedelta(seconds=25))
+            await certs.refresh_due()
+            new_leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+            assert new_leaf.serial_number != issued.certificate.serial_number and server.issued == 2
+            assert new_leaf.not_valid_after_utc - new_leaf.not_valid_before_utc == timedelta(seconds=160)
+            # The next request authenticates with the renewed credential.
+            certs.set_identities([])
+            certs.set_identities([WEB])
+            await certs.refresh_due()
+            assert server.issued == 3 and certs.svid_for(WEB)
+        finally:
             await server.close()
 
     run(scenario)

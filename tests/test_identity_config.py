@@ -73,6 +73,8 @@ def test_ca_address_forms_and_durations() -> None:
         ({"workloads": [{**WEB, "node": "Node_A"}]}, "DNS label"),
         ({"workloads": [{**WEB, "ip": "10.244.1.300"}]}, "IPv4"),
         ({"workloads": [{**WEB, "extra": 1}]}, "Extra inputs"),
+        ({"nodes": ["node-b"], "workloads": [WEB]}, "node 'node-a' is not in `nodes`"),
+        ({"nodes": ["node-a", "node-a"]}, "listed twice"),
     ],
 )
 def test_invalid_sections_are_refused(overrides: dict[str, Any], why: str) -> None:
