@@ -87,12 +87,22 @@ def decision_costs(state: RoutingState, number: int, repeat: int) -> None:
         print(f"  {name:46s} {cost * 1e6:6.2f} us")
 
 
-def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
+def engine_layer_cost(state: RoutingState, number: int, repeat: int, observed: bool = False) -> None:
+    """observed: with Istio's request metrics and the tracer (1% sampling, no exporter) on."""
     # Imported here: the engine module loads the native extension, which the decision part does not need.
     from nodeproxy import _l7
+    from nodeproxy.metrics import WorkerMetrics
     from nodeproxy.proxy.http import HttpConnection, HttpProxy
+    from nodeproxy.tracing import Tracer
 
-    proxy = HttpProxy(lambda: state, HttpConfig(), RelayConfig(), access_log=False)
+    proxy = HttpProxy(
+        lambda: state,
+        HttpConfig(),
+        RelayConfig(),
+        access_log=False,
+        metrics=WorkerMetrics() if observed else None,
+        tracer=Tracer() if observed else None,
+    )
     proxy.start()  # its engine thread idles (no connection is adopted); started so close() can stop it
     try:
         worker = proxy.workers[0]
@@ -131,8 +141,10 @@ def engine_layer_cost(state: RoutingState, number: int, repeat: int) -> None:
                 records()
 
         per_request = (best_of(handle, 1, repeat) - best_of(build_only, 1, repeat)) / (batches * BATCH)
-        print("per request (HEAD + DONE records through HttpProxy._handle, access log off):")
-        print(f"  {'service without routes (p2c over 3)':46s} {per_request * 1e6:6.2f} us")
+        if not observed:
+            print("per request (HEAD + DONE records through HttpProxy._handle, access log off):")
+        name = "same, with metrics and tracing" if observed else "service without routes (p2c over 3)"
+        print(f"  {name:46s} {per_request * 1e6:6.2f} us")
     finally:
         proxy.close()
 
@@ -147,6 +159,7 @@ def main() -> None:
     state = StateUpdater(rng=random.Random(1)).apply(parse_config(match.group(1) + PLAIN_SERVICES))
     decision_costs(state, args.number, args.repeat)
     engine_layer_cost(state, args.number, args.repeat)
+    engine_layer_cost(state, args.number, args.repeat, observed=True)
 
 
 if __name__ == "__main__":

@@ -158,16 +158,6 @@ def update_access_log_threshold() -> None:
     ACCESS_LOG_THRESHOLD.threshold = max(LOG_LEVEL.threshold, accesslog.ACCESS_LEVEL.threshold)
 
 
-def open_access_log_output(output: str) -> int:
-    """The descriptor access-log records go to (config access_log.output): stdout, stderr, or a file
-    opened for appending (every worker appends whole records: O_APPEND)."""
-    if output == "stdout":
-        return sys.stdout.fileno()
-    if output == "stderr":
-        return sys.stderr.fileno()
-    return os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-
-
 def configure_logging(level: str = "info") -> None:
     LOG_LEVEL.set(level)
     update_access_log_threshold()
@@ -282,12 +272,14 @@ class Worker:
             self.access_log and self.config.access_log.enabled,
             worker=self.index,
             workers=self.config.relay.effective_threads,
-            access_log_fd=open_access_log_output(self.config.access_log.output),
             on_load_change=(
                 functools.partial(self.load_table.set, self.index) if self.load_table is not None else None
             ),
-            log_level=ACCESS_LOG_THRESHOLD,
             metrics=self.metrics if self.config.metrics.enabled else None,
+            # stdout, stderr or a file (O_APPEND: every worker appends whole records), and sampling.
+            access_log_writer=accesslog.AccessLog.from_config(
+                self.config.access_log, self.access_log, ACCESS_LOG_THRESHOLD
+            ),
         )
         # The HTTP engine serves the ports whose protocol is HTTP; upgraded (101) connections move to
         # the splice relay, and `auto` connections that are not HTTP come back to the listener as TCP.

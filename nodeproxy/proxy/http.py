@@ -49,9 +49,11 @@ from nodeproxy.resilience.outlier import Ejection
 from nodeproxy.resilience.retry import GiveUp, Retry, exclude_for_retry
 from nodeproxy.routes import CompiledDestination, CompiledRoute, HttpServiceRoutes
 from nodeproxy.state.routing import RoutingState
+from nodeproxy.tracing import Tracer, TraceStart
 
 if TYPE_CHECKING:  # type aliases of the engine's answers, declared once in its stub
     from nodeproxy._l7 import ForwardAnswer, ReplyAnswer
+    from nodeproxy.metrics import WorkerMetrics
 
     Answers = tuple[list[ForwardAnswer], list[ReplyAnswer], list[int]]
 
@@ -79,6 +81,13 @@ def _response_result(status: int, grpc_status: int) -> AttemptResult:
     return AttemptResult(status=status, grpc_status=grpc_status if grpc_status >= 0 else None)
 
 
+@functools.lru_cache(maxsize=64)
+def _ascii(name: str) -> bytes:
+    """A header name the proxy itself sets, encoded once."""
+    return name.encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)  # flag bits x local flags: a handful in practice
 def flag_text(bits: int, local_flag: str | None = None, extra_flag: str | None = None) -> str:
     """Envoy-style flags, comma-separated (e.g. "UF,URX"); a Python-decided local reply adds its own,
     and so does a request whose retries ran out (URX)."""
@@ -157,6 +166,7 @@ class PendingRequest:
     # response that was released): DONE must not count it again.
     result_counted: bool = False
     timer: asyncio.TimerHandle | threading.Timer | None = None  # a delayed attempt
+    trace: TraceStart | None = None
 
 
 @dataclass
@@ -199,6 +209,8 @@ class HttpProxy:
         splice_relay: RelayPool | None = None,
         not_http: NotHttpHandler | None = None,
         access_log_writer: AccessLog | None = None,
+        metrics: WorkerMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.routing = routing
         self.relay_config = relay
@@ -214,6 +226,11 @@ class HttpProxy:
         self.bind_source = bind_source  # connect upstream from the client's address (transparent)
         self.splice_relay = splice_relay
         self.not_http = not_http
+        # Per request: Istio's request metrics (None: not recorded) and W3C / B3 propagation with
+        # sampled spans (None: trace headers pass through untouched).
+        self.metrics = metrics
+        self.tracer = tracer
+        self._trace_names: frozenset[str] = tracer.header_names if tracer is not None else frozenset()
         self._peek_timeout_ms = max(1, int(http.peek_timeout * 1000))
         self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -326,9 +343,11 @@ class HttpProxy:
             self._headers_state = state
             self._copied_headers = frozenset(
                 name.encode("latin-1")
-                for r in state.routes.values()
-                if r.http is not None
-                for name in r.http.copied_headers
+                for names in (
+                    *(r.http.copied_headers for r in state.routes.values() if r.http is not None),
+                    self._trace_names,
+                )
+                for name in names
             )
         self._run_due_attempts()
         for worker in self.workers:
@@ -377,15 +396,26 @@ class HttpProxy:
         self.stats.requests += 1
         route = state.lookup(conn.orig_ip, conn.orig_port)
         picked: dict[str, str] = _NO_HEADERS
+        trace_headers: dict[str, str] = _NO_HEADERS
         if headers:
-            # The engine copied only the names some route or guard reads (process_records).
+            # The engine copied only the names some route, guard or the tracer reads (process_records).
             picked = {}
+            trace_names = self._trace_names
             for name, value in headers:
+                if name in trace_names:
+                    if trace_headers is _NO_HEADERS:
+                        trace_headers = {}
+                    trace_headers[name] = (
+                        f"{trace_headers[name]}, {value}" if name in trace_headers else value
+                    )
+                    continue
                 # Repeated fields are one comma-joined value (RFC 9110 §5.3).
                 picked[name] = f"{picked[name]}, {value}" if name in picked else value
         attrs = RequestAttrs(method, authority, path, query, picked)
         request = PendingRequest(conn, attrs)
         self.requests[request_id] = request
+        if self.tracer is not None:
+            request.trace = self.tracer.start(trace_headers)
         if route is None or route.http is None:
             # The service or its HTTP protocol went away with a reload since the connection came in.
             self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), answers)
@@ -443,6 +473,15 @@ class HttpProxy:
         endpoint.total += 1
         edits = self._edits_for(decision)
         request_add, request_remove = edits.request_add, edits.request_remove
+        trace = request.trace
+        if trace is not None:  # the proxy's span as the upstream's parent, x-request-id
+            # The tracer's values are hex ids and values the engine already parsed as field values.
+            request_add = (*request_add, *((_ascii(n), v.encode("latin-1")) for n, v in trace.set_headers))
+            request_remove = (
+                *request_remove,
+                *(_ascii(name) for name, _ in trace.set_headers),
+                *(_ascii(name) for name in trace.remove_headers),
+            )
         deadline_headers = admission.headers_at(now)
         if deadline_headers:  # the time left, replacing the caller's value (an ASCII name and number)
             ((name, value),) = deadline_headers
@@ -539,6 +578,15 @@ class HttpProxy:
         by_flag = self.stats.local_replies_by_flag
         by_flag[reply.flag] = by_flag.get(reply.flag, 0) + 1
         if isinstance(reply, LocalAnswer):
+            metrics = self.metrics
+            if metrics is not None and request.service is not None:
+                flag, route = reply.flag, request.route or "-"
+                if flag == "RL":
+                    metrics.rate_limited(request.service, route)
+                elif flag == "UO":
+                    metrics.overflow(request.service, "requests")
+                elif flag == "FI":
+                    metrics.fault_injected(request.service, route)
             answers[1].append(
                 (
                     request_id,
@@ -604,6 +652,8 @@ class HttpProxy:
             # relay.connect_attempts endpoints whatever the route's retry policy says, at once.
             outcome = Retry(0.0, admission.deadline.attempt_timeout(time.monotonic(), None))
         if isinstance(outcome, GiveUp):
+            if outcome.reason == "overflow" and self.metrics is not None and request.service is not None:
+                self.metrics.overflow(request.service, "retries")
             if held:
                 request.result_counted = True  # counted above; DONE must not count it again
                 if request.retried and outcome.reason == "attempts exhausted":
@@ -620,6 +670,8 @@ class HttpProxy:
             return
         self.stats.retries += 1
         request.retried = True
+        if self.metrics is not None and request.service is not None:
+            self.metrics.retry(request.service)
         if outcome.delay > 0:
             self._attempt_later(request_id, request, outcome.delay, outcome.timeout)
         else:
@@ -627,6 +679,8 @@ class HttpProxy:
 
     def _ejected(self, request: PendingRequest, ejection: Ejection) -> None:
         self.stats.ejections += 1
+        if self.metrics is not None and request.service is not None:
+            self.metrics.ejection(request.service)
         endpoint = ejection.endpoint
         log.warning(
             "endpoint ejected",
@@ -661,10 +715,46 @@ class HttpProxy:
             if admission is not None and routes is not None:
                 routes.guards.request_ended(admission)
         self.stats.status_classes[status // 100] += 1  # 0: no response
-        if not self._access_log.info_enabled:
-            return
+        flags_text = (
+            flag_text(flags, request.local_flag, request.extra_flag)
+            if request is not None
+            else flag_text(flags)
+        )
         conn = self.connections.get(conn_id)
         attrs = request.attrs if request is not None else None
+        if self.metrics is not None:
+            self.metrics.http_request(
+                request.service if request is not None else None,
+                conn.client_ip if conn is not None else "",
+                endpoint,
+                "grpc" if request is not None and request.grpc else "http",
+                status,
+                grpc_status,
+                flags_text,
+                total_ns / 1e9,
+                bytes_in,
+                bytes_out,
+            )
+        trace = request.trace if request is not None else None
+        if trace is not None and trace.sampled and self.tracer is not None:
+            end_ns = time.time_ns()
+            self.tracer.finish(
+                trace,
+                start_ns=end_ns - total_ns,
+                end_ns=end_ns,
+                method=attrs.method if attrs else None,
+                authority=attrs.authority if attrs else None,
+                path=attrs.path if attrs else None,
+                route=request.route if request else None,
+                service=request.service if request else None,
+                status=status,
+                grpc_status=grpc_status,
+                upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
+                attempts=attempts,
+                flags=flags_text,
+            )
+        if not self._access_log.info_enabled:
+            return
         self._access_log.request(
             request_id,
             self._access_log.http_request_fields(
@@ -679,7 +769,7 @@ class HttpProxy:
             path=attrs.path if attrs else None,
             route=request.route if request else None,
             status=status,
-            flags=flag_text(flags, request.local_flag, request.extra_flag) if request else flag_text(flags),
+            flags=flags_text,
             err=err,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
@@ -688,6 +778,9 @@ class HttpProxy:
             duration_ms=total_ns / 1e6,
             attempts=attempts,
             reused=bool(reused),
+            grpc_status=grpc_status,
+            trace_id=trace.trace_id if trace is not None else None,
+            x_request_id=trace.request_id if trace is not None else None,
         )
 
     def _on_upgraded(self, record: tuple[Any, ...]) -> None:
