@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import hmac
 import itertools
@@ -27,6 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from joserfc import jwk, jws
 
 from nodeproxy.authz.config import JwtRule, JwtSettings, RequestAuthentication
@@ -763,3 +767,114 @@ def test_https_failure_keeps_old_keys_and_backs_off(https_jwks: tuple[JwksServer
                 await task
 
     asyncio.run(scenario())
+
+
+def test_reload_with_new_settings_keeps_loaded_keys(https_jwks: tuple[JwksServer, Pki]) -> None:
+    """Changing jwt settings rebuilds the sources; tokens must keep verifying right after the reload
+    (before the rebuilt source's first fetch)."""
+    server, pki = https_jwks
+    rule = JwtRule.model_validate({"issuer": ISSUER, "jwks_uri": server.url, "jwks_ca_file": str(pki.ca_pem)})
+
+    async def scenario() -> None:
+        refresher = JwksRefresher()
+        refresher.sources_for([rule], JwtSettings())
+        task = asyncio.create_task(refresher.run())
+        try:
+            assert await refresher.wait_loaded(10.0)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        changed = JwtSettings.model_validate({"clock_skew": "10s"})
+        sources = refresher.sources_for([rule], changed)
+        auth = JwtAuthenticator.build([rule], sources, changed, False, wall_clock=lambda: NOW)
+        assert next(iter(sources.values())).settings.clock_skew == 10.0
+        assert isinstance(auth.authenticate(bearer(sign(aud=None))), JwtSuccess)
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_jwks_server_does_not_hold_up_other_sources() -> None:
+    release = threading.Event()
+    fast_loads: list[float] = []
+    settings = JwtSettings.model_validate({"jwks_fetch_timeout": "5s", "jwks_min_refetch_interval": "1s"})
+
+    def slow() -> bytes:
+        release.wait(5.0)
+        return KEYS.jwks().encode()
+
+    def fast() -> bytes:
+        fast_loads.append(time.monotonic())
+        return KEYS.jwks().encode()
+
+    async def scenario() -> None:
+        refresher = JwksRefresher()
+        slow_source = JwksSource("slow", slow, settings)
+        fast_source = JwksSource("fast", fast, settings)
+        refresher._sources = {("slow",): slow_source, ("fast",): fast_source}
+        for source in (slow_source, fast_source):
+            source.waker = refresher._wake.set
+        task = asyncio.create_task(refresher.run())
+        try:
+            deadline = time.monotonic() + 3
+            while fast_source.snapshot is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert fast_source.snapshot is not None and slow_source.snapshot is None
+            # An on-demand re-fetch of the fast source is served while the slow one still hangs.
+            await asyncio.sleep(1.0)
+            assert fast_source.request_refetch()
+            deadline = time.monotonic() + 3
+            while len(fast_loads) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert len(fast_loads) == 2 and slow_source.snapshot is None
+        finally:
+            release.set()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
+
+
+_VALID = sign(key=KEYS.ec, alg="ES256", role="user")
+
+
+def _decoded_parts(token: str) -> list[bytes] | None:
+    try:
+        return [
+            base64.b64decode(p + "=" * (-len(p) % 4), altchars=b"-_", validate=True) for p in token.split(".")
+        ]
+    except (ValueError, binascii.Error):
+        return None
+
+
+@given(
+    st.integers(0, len(_VALID) - 1),
+    st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ "),
+)
+@hypothesis_settings(max_examples=400, deadline=None)
+def test_any_one_character_change_is_rejected_unless_the_bytes_are_the_same(position: int, char: str) -> None:
+    """Change one character of a valid token anywhere: it is rejected, unless the change only touched
+    base64 padding bits (then the header, payload and signature bytes are exactly the original's)."""
+    mutated = _VALID[:position] + char + _VALID[position + 1 :]
+    if mutated == _VALID:
+        return
+    auth, _ = _MUTATION_AUTH
+    outcome = auth.authenticate(bearer(mutated))
+    if isinstance(outcome, JwtSuccess):
+        assert _decoded_parts(mutated) == _decoded_parts(_VALID), mutated
+
+
+_MUTATION_AUTH = authenticator()
+
+
+def test_characters_outside_base64url_make_the_token_malformed() -> None:
+    """A lenient base64 decoder skips '!' and would read the original header back (four of them
+    keep the padding the same); the strict one refuses the token before any key is looked up."""
+    auth, _ = authenticator()
+    header, payload, signature = sign().split(".")
+    for broken in (
+        f"{header[:5]}!!!!{header[5:]}.{payload}.{signature}",
+        f"{header}.{payload}!!!!.{signature}",
+    ):
+        rejected(auth.authenticate(bearer(broken)), "malformed token")

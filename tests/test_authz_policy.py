@@ -101,6 +101,18 @@ FIELD_CASES: list[tuple[str, dict[str, Any], L4Request | L7Request, L4Request | 
     ("not_namespaces", {"from": [{"not_namespaces": ["front"]}]}, l4(principal=OTHER), l4()),
     ("ip_blocks cidr", {"from": [{"ip_blocks": ["10.0.0.0/24"]}]}, l4(), l4(source_ip="10.0.1.5")),
     ("ip_blocks single", {"from": [{"ip_blocks": ["10.0.0.5"]}]}, l4(), l4(source_ip="10.0.0.6")),
+    (
+        "ip_blocks v4-mapped source",
+        {"from": [{"ip_blocks": ["10.0.0.0/24"]}]},
+        l4(source_ip="::ffff:10.0.0.5"),
+        l4(source_ip="::ffff:10.0.1.5"),
+    ),
+    (
+        "ip_blocks v6",
+        {"from": [{"ip_blocks": ["fd00::/64"]}]},
+        l4(source_ip="fd00::5"),
+        l4(source_ip="fd01::5"),
+    ),
     ("not_ip_blocks", {"from": [{"not_ip_blocks": ["10.0.0.0/24"]}]}, l4(source_ip="10.9.0.1"), l4()),
     (
         "request_principals",

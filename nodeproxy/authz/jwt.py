@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -369,18 +370,22 @@ class JwksRefresher:
         self, rules: Iterable[JwtRule], settings: JwtSettings
     ) -> dict[tuple[str, ...], JwksSource]:
         """The sources of `rules`, reusing known ones; sources no rule uses any more are dropped.
-        Files and inline JWKS are loaded now (config time); URLs are fetched by the task."""
-        if settings != self._settings:
-            self._sources.clear()  # other intervals or limits: start over
-            self._settings = settings
+        Files and inline JWKS are loaded now (config time); URLs are fetched by the task.
+
+        With changed settings (intervals, limits) every source is rebuilt, but a rebuilt source keeps
+        the keys its predecessor had, so a reload never makes valid tokens fail."""
+        rebuild = settings != self._settings
+        self._settings = settings
         wanted: dict[tuple[str, ...], JwksSource] = {}
         for rule in rules:
             key = _source_key(rule)
             if key in wanted:
                 continue
-            source = self._sources.get(key)
-            if source is None:
-                source = make_source(rule, settings, self.clock)
+            known = self._sources.get(key)
+            source = known if known is not None and not rebuild else make_source(rule, settings, self.clock)
+            if source is not known:
+                if known is not None:
+                    source.snapshot = known.snapshot
                 if not source.remote:
                     try:
                         source.load_now()
@@ -398,17 +403,30 @@ class JwksRefresher:
         return tuple(self._sources.values())
 
     async def run(self) -> None:
-        """Refresh due sources until cancelled."""
-        while True:
-            now = self.clock()
-            due = [s for s in self._sources.values() if s.wanted or s.next_fetch <= now]
-            if due:
-                await asyncio.gather(*(s.refresh() for s in due))
-                continue
-            self._wake.clear()
-            upcoming = min((s.next_fetch for s in self._sources.values()), default=now + 3600.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(upcoming - now, 3600.0)))
+        """Refresh due sources until cancelled, each fetch in its own task so that a slow JWKS
+        server delays only its own source."""
+        in_flight: dict[JwksSource, asyncio.Task[None]] = {}
+
+        def finished(source: JwksSource, _: asyncio.Task[None]) -> None:
+            in_flight.pop(source, None)
+            self._wake.set()
+
+        try:
+            while True:
+                now = self.clock()
+                for source in self._sources.values():
+                    if source not in in_flight and (source.wanted or source.next_fetch <= now):
+                        task = asyncio.create_task(source.refresh())
+                        in_flight[source] = task
+                        task.add_done_callback(functools.partial(finished, source))
+                self._wake.clear()
+                idle = [s.next_fetch for s in self._sources.values() if s not in in_flight]
+                timeout = min(idle, default=now + 3600.0) - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(max(timeout, 0.0), 3600.0))
+        finally:
+            for task in in_flight.values():
+                task.cancel()
 
     async def wait_loaded(self, timeout: float) -> bool:
         """Wait until every source has keys or has failed at least once; True if all have keys."""
@@ -478,7 +496,8 @@ def _fail(reason: str, description: str, refetch: bool = False) -> JwtFailure:
 
 def _b64url_json(part: str) -> Any:
     try:
-        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        # validate=True: characters outside the base64url alphabet are an error, not skipped.
+        raw = base64.b64decode(part + "=" * (-len(part) % 4), altchars=b"-_", validate=True)
         return json.loads(raw)
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None

@@ -169,9 +169,13 @@ class _Attrs:
 
 def _parse_ip(text: str) -> IpAddress | None:
     try:
-        return ip_address(text)
+        address = ip_address(text)
     except ValueError:
         return None
+    # A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d; it must match IPv4 blocks.
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 _PORT_RE = re.compile(r":[0-9]*\Z")
