@@ -186,14 +186,23 @@ class OutboundListener:
         on_load_change: Callable[[int], None] | None = None,
         log_level: LevelSource | None = None,
         metrics: WorkerMetrics | None = None,
+        access_log_writer: AccessLog | None = None,
     ) -> None:
+        """access_log_writer: the worker's access log (accesslog.AccessLog.from_config); without one, a
+        log on `access_log_fd` (default stderr) enabled as `access_log` says, at `log_level`."""
         self.address = address
         self.updater = updater
         self.pool = pool
         self.worker = worker
         self.workers = workers
-        self.access_log = AccessLog(
-            access_log_fd, enabled=access_log, level=log_level if log_level is not None else structlog_level()
+        self.access_log = (
+            access_log_writer
+            if access_log_writer is not None
+            else AccessLog(
+                access_log_fd,
+                enabled=access_log,
+                level=log_level if log_level is not None else structlog_level(),
+            )
         )
         self.connections: dict[int, Connection] = {}
         self.stats = ListenerStats()
@@ -437,8 +446,8 @@ class OutboundListener:
                 conn.metered = True
                 self.metrics.tcp_opened(service, conn.client_ip, None)
             self.metrics.tcp_closed(service, conn.client_ip, None, flag, 0, 0)
-        if self.access_log.info_enabled:
-            self.access_log.refused(self._log_fields(conn), reason, conn.attempts_failed)
+        if self.access_log.warning_enabled:  # refusals are failures: written at warning level
+            self.access_log.refused(self._log_fields(conn), reason, conn.attempts_failed, flag)
 
     def _refusal_flag(self, conn: Connection) -> str:
         """The response flag of a connection `decide` refused."""
@@ -493,16 +502,18 @@ class OutboundListener:
         name = ENDING_NAMES.get(ending) or f"ending_{ending}"
         closed = stats.closed
         closed[name] = closed.get(name, 0) + 1
+        flag = FLAG_LOCAL_RESET if ending in LOCAL_RESET_ENDINGS else FLAG_NONE
         if self.metrics is not None:
             self.metrics.tcp_closed(
                 conn.service,
                 conn.client_ip,
                 conn.target[0] if conn.target is not None else None,
-                FLAG_LOCAL_RESET if ending in LOCAL_RESET_ENDINGS else FLAG_NONE,
+                flag,
                 record.bytes_up,
                 record.bytes_down,
             )
-        if self.access_log.info_enabled:
+        # A flagged ending is a failure, written at warning level; the fields are built only if kept.
+        if self.access_log.info_enabled if flag == FLAG_NONE else self.access_log.warning_enabled:
             self.access_log.closed(
                 self._log_fields(conn),
                 name,
@@ -511,6 +522,7 @@ class OutboundListener:
                 record.bytes_down,
                 (time.monotonic() - conn.started) * 1000,
                 conn.attempts_failed + 1,
+                flag,
             )
 
     def _connect_failed(self, conn: Connection, err: int) -> None:
