@@ -480,3 +480,46 @@ def test_ca_commands_init_issue_node_serve_reload_and_stop(tmp_path: Path) -> No
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Limits of a connection: malformed, slow and idle peers
+
+
+def test_malformed_http_gets_400_and_slow_or_idle_peers_are_dropped(setup: Setup) -> None:
+    cert, key = setup.credential(SpiffeId.for_node(TD, "node-a"), "node-a")
+    context = _client_context(setup.ca, cert, key)
+    address: tuple[str, int] = ("", 0)
+
+    def session(send: bytes, *, tls: bool = True) -> tuple[bytes, float]:
+        """Send ``send`` and read until the server closes; (what came back, seconds until it closed)."""
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=10) as raw:
+            stream = context.wrap_socket(raw) if tls else raw
+            stream.sendall(send)
+            answer = b""
+            try:
+                while chunk := stream.recv(65536):
+                    answer += chunk
+            except (ssl.SSLError, ConnectionError):
+                pass
+            return answer, time.monotonic() - started
+
+    async def scenario() -> None:
+        nonlocal address
+        async with serving(setup.ca) as (server, address):
+            server.handshake_timeout = server.request_timeout = server.idle_timeout = 0.5
+            answer, _ = await asyncio.to_thread(session, b"GET /v1/trust-bundle HTTP/1.1\r\nhost ca\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400") and b"malformed HTTP request" in answer
+            # A TCP peer that never starts TLS, one that stops mid-request, one that idles after a request:
+            answer, took = await asyncio.to_thread(session, b"", tls=False)
+            assert answer == b"" and 0.4 < took < 5 and "taking longer than" in server.last_handshake_error
+            answer, took = await asyncio.to_thread(session, b"POST /v1/svid HTTP/1.1\r\nhost: ca\r\n")
+            assert answer == b"" and 0.4 < took < 5
+            answer, took = await asyncio.to_thread(
+                session, b"GET /v1/trust-bundle HTTP/1.1\r\nhost: ca\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200") and 0.4 < took < 5  # kept alive, then dropped idle
+            assert server.issued == 0
+
+    run(scenario)

@@ -199,6 +199,10 @@ class CaServer:
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._renew_handle: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        # The limits of one connection (module constants; attributes so that tests can shorten them).
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.request_timeout = REQUEST_TIMEOUT
+        self.idle_timeout = IDLE_TIMEOUT
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ class CaServer:
     async def _handshake(self, writer: asyncio.StreamWriter, peer: object) -> bool:
         assert self._context is not None, "connections are accepted only after start()"
         try:
-            await writer.start_tls(self._context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            await writer.start_tls(self._context, ssl_handshake_timeout=self.handshake_timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError) as err:
             self.handshake_failures += 1
             self.last_handshake_error = f"{type(err).__name__}: {err}"
@@ -327,7 +331,11 @@ class CaServer:
         node, peer = self._caller_node(writer)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         while True:
-            request, body = await self._read_request(conn, reader)
+            try:
+                request, body = await self._read_request(conn, reader)
+            except h11.RemoteProtocolError as err:
+                await self._bad_request(conn, writer, peer, err)
+                return
             if request is None:
                 return
             if body is None:
@@ -356,10 +364,29 @@ class CaServer:
             writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
             writer.write(conn.send(h11.Data(data=response.body)) or b"")
             writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+            await asyncio.wait_for(writer.drain(), self.request_timeout)
             if close or conn.our_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _bad_request(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, peer: str, err: h11.RemoteProtocolError
+    ) -> None:
+        """Answer a request h11 cannot parse (400, or 431 for a head over MAX_HEAD) and close."""
+        self.refused += 1
+        log.warning("ca request refused", peer=peer, status=err.error_status_hint, error=str(err))
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = json.dumps({"error": f"malformed HTTP request: {err}"}).encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        writer.write(conn.send(h11.Response(status_code=err.error_status_hint, headers=headers)) or b"")
+        writer.write(conn.send(h11.Data(data=body)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await asyncio.wait_for(writer.drain(), self.request_timeout)
 
     async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader
@@ -368,7 +395,7 @@ class CaServer:
         request: h11.Request | None = None
         body = bytearray()
         first = True
-        async with asyncio.timeout(IDLE_TIMEOUT) as deadline:
+        async with asyncio.timeout(self.idle_timeout) as deadline:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
@@ -376,7 +403,7 @@ class CaServer:
                     if first and data:
                         # The request has started: from here it gets REQUEST_TIMEOUT, not the idle time.
                         first = False
-                        deadline.reschedule(asyncio.get_running_loop().time() + REQUEST_TIMEOUT)
+                        deadline.reschedule(asyncio.get_running_loop().time() + self.request_timeout)
                     conn.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
@@ -465,8 +492,9 @@ def _header(request: h11.Request, name: bytes) -> bytes:
 
 
 def _content_length(request: h11.Request) -> int | None:
+    # h11 has validated the header (digits only; repeated identical values are folded into one).
     value = _header(request, b"content-length")
-    return int(value) if value else None  # h11 has validated it
+    return int(value) if value else None
 
 
 def _chunked(request: h11.Request) -> bool:
