@@ -23,6 +23,7 @@ from nodeproxy.authz.engine import (
     RequestAllowed,
     RequestDenied,
     compile_authz,
+    workloads_on_node,
 )
 from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.peer import compile_peer_authentication
@@ -281,9 +282,10 @@ def test_invalid_token_is_401_with_challenge() -> None:
     assert verdict.response_headers == (
         ("www-authenticate", 'Bearer error="invalid_token", error_description="audience not accepted"'),
     )
-    reply = verdict.local_reply(grpc=True)
-    assert (reply.status, reply.grpc_status) == (401, 16)
-    assert verdict.local_reply(grpc=False).grpc_status is None
+    reply = verdict.local_answer(grpc=True)
+    assert (reply.status, reply.grpc_status, reply.flag) == (401, 16, "JWT")
+    assert reply.headers == verdict.response_headers
+    assert verdict.local_answer(grpc=False).grpc_status is None
 
 
 def test_missing_token_reaches_policy_and_is_403() -> None:
@@ -291,7 +293,8 @@ def test_missing_token_reaches_policy_and_is_403() -> None:
     verdict = e.check_request(conn(), attrs())
     assert isinstance(verdict, RequestDenied)
     assert (verdict.status, verdict.grpc_status, verdict.flag) == (403, GRPC_PERMISSION_DENIED, "RBAC")
-    assert verdict.local_reply(grpc=True).grpc_status == 7
+    assert verdict.local_answer(grpc=True).grpc_status == 7
+    assert verdict.local_answer(grpc=True).headers == ()
     assert isinstance(e.check_request(conn(), attrs("/healthz")), RequestAllowed)
 
 
@@ -366,3 +369,14 @@ def test_docs_example_config_is_valid() -> None:
             if "jwks_file" in rule:  # the docs name a path that does not exist here
                 rule["jwks_file"] = "/nonexistent/jwks.json"
         compile_authz(AuthzConfig.model_validate(section), JwksRefresher(), WORKLOADS)
+
+
+def test_workloads_on_node_from_identity_config() -> None:
+    from nodeproxy.identity.config import WorkloadConfig
+
+    records = [
+        WorkloadConfig(ip="10.244.1.10", namespace="shop", service_account="web", node="node-a"),
+        WorkloadConfig(ip="10.244.2.10", namespace="shop", service_account="web", node="node-b"),
+    ]
+    table = workloads_on_node(records, "node-a", {"10.244.1.10": {"app": "web"}})
+    assert table == {"10.244.1.10": Workload.of("shop", "web", {"app": "web"})}

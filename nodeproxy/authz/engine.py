@@ -18,9 +18,10 @@ no waiting. Their answers are data the caller acts on:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from ipaddress import IPv4Address
+from typing import Final, Protocol
 
 from nodeproxy.authz.config import AuthzConfig, JwtRule
 from nodeproxy.authz.jwt import JwksRefresher, JwksSource, JwtAuthenticator, JwtFailure, JwtIdentity
@@ -34,7 +35,8 @@ from nodeproxy.authz.policy import (
     normalize_path,
     selector_matches,
 )
-from nodeproxy.proxy.http_route import LocalReply, RequestAttrs
+from nodeproxy.proxy.http_route import RequestAttrs
+from nodeproxy.resilience.outcome import LocalAnswer
 
 __all__ = [
     "GRPC_PERMISSION_DENIED",
@@ -45,6 +47,7 @@ __all__ = [
     "RequestDenied",
     "RequestVerdict",
     "compile_authz",
+    "workloads_on_node",
 ]
 
 GRPC_UNAUTHENTICATED: Final = 16
@@ -81,9 +84,12 @@ class RequestDenied:
     reason: str
     response_headers: tuple[tuple[str, str], ...] = ()  # WWW-Authenticate on 401
 
-    def local_reply(self, grpc: bool) -> LocalReply:
-        """The LocalReply for http.py (response_headers must be added to it separately)."""
-        return LocalReply(self.status, self.flag, self.detail, self.grpc_status if grpc else None)
+    def local_answer(self, grpc: bool) -> LocalAnswer:
+        """The local reply for http.py's _reply(): for a gRPC request the engine answers HTTP 200 with
+        grpc-status 16 or 7 instead of the status; WWW-Authenticate goes with a 401 either way."""
+        return LocalAnswer(
+            self.status, self.flag, self.detail, self.grpc_status if grpc else None, self.response_headers
+        )
 
 
 RequestVerdict = RequestAllowed | RequestDenied
@@ -183,6 +189,34 @@ class AuthzEngine:
                 403, GRPC_PERMISSION_DENIED, FLAG_RBAC, "RBAC: access denied", decision.reason
             )
         return RequestAllowed(decision.reason, identity, add, remove)
+
+
+class WorkloadRecord(Protocol):
+    """What the identity config says about one pod (nodeproxy.identity.config.WorkloadConfig)."""
+
+    @property
+    def ip(self) -> IPv4Address | str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def service_account(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+
+
+def workloads_on_node(
+    records: Iterable[WorkloadRecord], node: str, labels: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, Workload]:
+    """Pod IP -> Workload for the pods on `node` (whose inbound traffic this node authorizes).
+
+    `labels`: pod IP -> labels, for policies and objects with a `selector.match_labels` (the identity
+    config has no labels; the services' endpoint labels are a source of them)."""
+    labels = labels or {}
+    return {
+        str(r.ip): Workload.of(r.namespace, r.service_account, labels.get(str(r.ip)))
+        for r in records
+        if r.node == node
+    }
 
 
 def compile_authz(
