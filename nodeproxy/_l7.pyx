@@ -2137,7 +2137,8 @@ cdef class HttpWorker:
         free(d.edits)
         d.edits = NULL
         d.fwd.off = d.fwd.len = 0
-        _free_buf(&d.replay)  # only requests with a body and a replay limit allocated it
+        if d.replay.data != NULL:
+            _free_buf(&d.replay)  # only requests with a body and a replay limit allocate it
         if d.close_after or not d.client_keep_alive:
             self._start_closing(d)
             return
