@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 TRACED_VIP = "10.96.0.40"
 ECHO_PORT = 8081
 RECEIVER_PORT = 4318
+BROKEN_VIP = "10.96.0.41"  # its endpoint's port has no listener: every connect is refused
+CLOSED_PORT = 8099
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 
@@ -70,10 +72,14 @@ def traced_proxy(
         "  export_interval: 100ms\n"
         "  service_name: node-a-proxy\n"
     )
+    backend = trace_lab.backend_pods[0].ip
     service = (
         f"  - name: traced\n    vip: {TRACED_VIP}\n"
         f"    ports: [{{port: 80, target_port: {ECHO_PORT}, protocol: http}}]\n"
-        f"    endpoints: [{{address: {trace_lab.backend_pods[0].ip}}}]\n"
+        f"    endpoints: [{{address: {backend}}}]\n"
+        f"  - name: broken\n    vip: {BROKEN_VIP}\n"
+        f"    ports: [{{port: 80, target_port: {CLOSED_PORT}, protocol: http}}]\n"
+        f"    endpoints: [{{address: {backend}}}]\n"
     )
     proxy = start_proxy(
         trace_lab, tmp_path_factory.mktemp("traced"), trace_lab.config_yaml(extra=tracing) + service
@@ -185,3 +191,21 @@ def test_a_request_without_trace_headers_starts_a_trace(trace_lab: Lab, traced_p
     assert len(trace_id) == 32 and trace_id != "0" * 32
     assert uuid.UUID(sent["x-request-id"]).version == 4
     assert access_record(traced_proxy, trace_id)["request_id"] == sent["x-request-id"]
+
+
+def test_a_failed_request_is_an_error_span_and_a_warning_record(
+    trace_lab: Lab, traced_proxy: RunningProxy, spans_file: Path
+) -> None:
+    failed_trace = "7bf92f3577b34da6a3ce929d0e0e4739"
+    argv = ["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"]
+    argv += ["-H", f"traceparent: 00-{failed_trace}-{CALLER_SPAN}-01", f"http://{BROKEN_VIP}/down"]
+    status = int(netns.run(trace_lab.client_pods[0].ns, argv, timeout=10))
+    assert status in (502, 503)
+    span = wait_span(spans_file, failed_trace)
+    assert span["status"] == 2  # STATUS_CODE_ERROR
+    assert span["attributes"]["http.response.status_code"] == status
+    assert "UF" in span["attributes"]["response_flags"].split(",")
+    assert span["attributes"]["nodeproxy.service"] == "broken"
+    record = access_record(traced_proxy, failed_trace)
+    assert (record["status"], record["level"]) == (status, "warning")
+    assert "UF" in record["flags"].split(",") and record["attempts"] >= 1
