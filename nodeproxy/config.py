@@ -701,13 +701,13 @@ class Service(_Frozen):
     name: DnsLabel
     vip: ServiceVip
     ports: list[ServicePort] = Field(min_length=1)
-    # p2c (power of two choices on least active connections, as Envoy's least_request with
-    # choice_count 2 and Linkerd's balancer) avoids round robin's blindness to slow endpoints
-    # without least_conn's herding of every new connection onto the same idle endpoint.
-    # peak_ewma (Linkerd's latency-aware p2c, docs/resilience.md) needs response times reported to
-    # the balancer; until the HTTP engine reports them it behaves as p2c.
+    # peak_ewma (Linkerd's balancer: power of two choices on response-time estimate x requests in
+    # flight, docs/resilience.md) prefers the faster of two random endpoints; where no response times
+    # are reported (TCP ports) it compares connections in flight, which is p2c. p2c (Envoy's
+    # least_request with choice_count 2) avoids round robin's blindness to slow endpoints without
+    # least_conn's herding of every new connection onto the same idle endpoint.
     balancer: Literal["round_robin", "least_conn", "p2c", "peak_ewma"] = Field(
-        default="p2c", description="Endpoint picker."
+        default="peak_ewma", description="Endpoint picker."
     )
     # Empty is valid: the service exists (its VIP is captured) but new connections are reset.
     endpoints: list[Endpoint] = Field(default=[], description="Backends; empty resets new connections.")
