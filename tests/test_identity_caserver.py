@@ -21,6 +21,8 @@ from typing import TypeVar
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nodeproxy.identity.ca import (
     CertificateAuthority,
@@ -154,6 +156,37 @@ def test_the_authorization_rule_alone() -> None:
     assert authorize(index, "node-a", SpiffeId.for_node(TD, "node-b")) is not None
     assert authorize(index, "node-a", SpiffeId.for_node(TD, "node-a"), IPv4Address("10.244.1.10")) is not None
     assert authorize(index, "node-a", SpiffeId.for_ca_service(TD)) is not None
+
+
+_NAMES = st.sampled_from(["a", "b", "c"])
+
+
+@given(
+    st.lists(st.tuples(_NAMES, _NAMES, _NAMES), max_size=6),  # (namespace, service account, node) per pod
+    _NAMES,
+    _NAMES,
+    _NAMES,
+)
+def test_authorize_is_exactly_the_inventory(
+    pods: list[tuple[str, str, str]], node: str, namespace: str, service_account: str
+) -> None:
+    """A node may have an identity if and only if one of its pods has it (property over small inventories)."""
+    config = IdentityConfig.model_validate(
+        {
+            "trust_domain": TD,
+            "workloads": [
+                {"ip": f"10.0.0.{i + 1}", "namespace": ns, "service_account": sa, "node": on}
+                for i, (ns, sa, on) in enumerate(pods)
+            ],
+        }
+    )
+    index = config.workload_index()
+    requested = SpiffeId.for_workload(TD, namespace, service_account)
+    expected = any((ns, sa, on) == (namespace, service_account, node) for ns, sa, on in pods)
+    assert (authorize(index, node, requested) is None) == expected
+    for i, (ns, sa, on) in enumerate(pods):
+        by_pod = authorize(index, node, requested, IPv4Address(f"10.0.0.{i + 1}"))
+        assert (by_pod is None) == ((ns, sa, on) == (namespace, service_account, node))
 
 
 def test_nodes_outside_identity_nodes_get_nothing(setup: Setup) -> None:

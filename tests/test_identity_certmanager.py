@@ -523,3 +523,35 @@ def test_node_credential_renewal_through_the_ca_service(tmp_path: Path) -> None:
             await server.close()
 
     run(scenario)
+
+
+def test_run_survives_an_unexpected_error_and_keeps_renewing(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    ca = new_ca(tmp_path / "ca")
+    certs, events = manager(ca, clock, LocalSigner(ca, clock))
+    original = certs._check_bundle_file
+    raised: list[bool] = []
+
+    def broken_once() -> None:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("a bug")
+        original()
+
+    certs._check_bundle_file = broken_once  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        certs.set_identities([WEB])
+        loop_task = asyncio.create_task(certs.run())
+        try:
+            for _ in range(200):  # up to 10 s; the retry after the error comes after retry_initial (1 s)
+                if events:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            loop_task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await loop_task
+        assert raised and [e.kind for e in events] == ["svid"]
+
+    run(scenario)

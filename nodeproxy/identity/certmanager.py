@@ -390,11 +390,18 @@ class CertManager:
     async def run(self) -> None:
         """Keep every managed SVID fresh until cancelled."""
         while True:
-            next_due = await self.refresh_due()
+            # Cleared before the work, so a set_identities() during it wakes the next wait at once.
+            self._wake.clear()
             delay = self.watch_interval
+            try:
+                next_due = await self.refresh_due()
+            except Exception:
+                # refresh_due handles every expected failure; anything else is a bug, which must not end
+                # the renewals of every identity for the rest of the process's life.
+                log.exception("certificate refresh failed unexpectedly; retrying")
+                next_due, delay = None, self.retry_initial
             if next_due is not None:
                 delay = min(delay, (next_due - self._clock()).total_seconds())
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(min(delay, MAX_SLEEP), 0.0))
 
