@@ -37,6 +37,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, SpanFlags, Status
 
+from nodeproxy.tracing import MAX_SPAN_TEXT
+
 if TYPE_CHECKING:
     from nodeproxy.tracing import TracingConfig
 
@@ -71,7 +73,7 @@ SpanRecord = tuple[
 BACKOFF_FIRST: Final = 1.0  # seconds an export waits after the first failure
 BACKOFF_MAX: Final = 30.0  # and at most, however many failures follow or what Retry-After asks
 MAX_RESPONSE_BYTES: Final = 1 << 20  # a collector's answer is a few bytes; more ends the connection
-MAX_ATTRIBUTE_TEXT: Final = 256  # client-supplied text (path, authority, request id) is cut to this
+MAX_ATTRIBUTE_TEXT: Final = MAX_SPAN_TEXT  # client text (path, authority, request id) is cut to this
 SCOPE_NAME: Final = "nodeproxy"
 SCOPE_VERSION: Final = "0.1.0"
 _SAMPLED_REMOTE_PARENT: Final = (

@@ -588,17 +588,21 @@ class Tracer:
         exporter = self.exporter
         if exporter is None or not start.sampled:
             return
+        # Client text is cut before it is queued: a queue of full-size heads would hold megabytes.
+        tracestate = start.tracestate
+        if tracestate is not None and len(tracestate) > MAX_EXPORTED_TRACESTATE:
+            tracestate = None  # cutting would break its list syntax
         exporter.submit(
             (
                 start.trace_id,
                 start.span_id,
                 start.parent_span_id,
-                start.tracestate,
+                tracestate,
                 start_ns,
                 end_ns,
-                method,
-                authority,
-                path,
+                _cut(method),
+                _cut(authority),
+                _cut(path),
                 route,
                 service,
                 status,
@@ -606,7 +610,7 @@ class Tracer:
                 upstream,
                 attempts,
                 flags,
-                start.request_id,
+                start.request_id[:MAX_SPAN_TEXT],
             )
         )
 
@@ -625,6 +629,13 @@ class Tracer:
 
 
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
+MAX_SPAN_TEXT: Final = 256  # client text (method, authority, path, request id) in an exported span
+# W3C asks vendors to pass on at least 512 characters of tracestate; a longer one is not exported.
+MAX_EXPORTED_TRACESTATE: Final = 512
+
+
+def _cut(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_SPAN_TEXT else text[:MAX_SPAN_TEXT]
 
 
 def trace_headers(fields: Iterable[tuple[str, str]]) -> dict[str, str]:

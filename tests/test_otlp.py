@@ -299,3 +299,39 @@ def test_a_kept_alive_connection_the_collector_closed_is_replaced_without_losing
         finally:
             exporter.close(2)
     assert (exporter.exported, exporter.failed) == (3, 0)
+
+
+def test_client_text_is_cut_before_it_is_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampled request's head may be 60 KiB of client text; the queue holds at most a few hundred
+    characters of it per span (else 2048 queued spans could hold hundreds of megabytes)."""
+    tracer = Tracer(config("http://127.0.0.1:9/v1/traces", sampling=100, export_interval="60s"))
+    assert tracer.exporter is not None
+    queued: list[SpanRecord] = []
+    monkeypatch.setattr(tracer.exporter, "submit", queued.append)
+    long_state = ",".join(f"v{i}=" + "x" * 20 for i in range(30))  # 32 members may exceed 512 chars
+    start = tracer.start(
+        {
+            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
+            "tracestate": long_state,
+            "x-request-id": "r" * 9000,
+        }
+    )
+    tracer.finish(
+        start, start_ns=1, end_ns=2, method="M" * 5000, authority="a" * 60000, path="/" + "p" * 60000,
+        route="default", service="web", status=200, grpc_status=-1, upstream=None, attempts=1, flags="-",
+    )  # fmt: skip
+    (queued_record,) = queued
+    assert queued_record[3] is None  # the long tracestate
+    method, authority, path, request_id = (
+        queued_record[6],
+        queued_record[7],
+        queued_record[8],
+        queued_record[16],
+    )
+    assert [len(text or "") for text in (method, authority, path, request_id)] == [256, 256, 256, 256]
+    short = tracer.start({"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", "tracestate": "a=1"})
+    tracer.finish(
+        short, start_ns=1, end_ns=2, method="GET", authority=None, path="/", route=None, service=None,
+        status=200, grpc_status=-1, upstream=None, attempts=1, flags="-",
+    )  # fmt: skip
+    assert queued[1][3] == "a=1" and queued[1][6:9] == ("GET", None, "/")
