@@ -68,6 +68,7 @@ from nodeproxy.proxy.http import HttpProxy
 from nodeproxy.proxy.listener import OutboundListener, open_listener
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
+from nodeproxy.tracing import Tracer
 
 log = structlog.get_logger("nodeproxy")
 
@@ -86,6 +87,9 @@ SUPERVISOR_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, si
 WORKER_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 RESPAWN_BACKOFF = 1.0  # seconds between replacing crashed workers, so a crash loop cannot spin
 KILL_GRACE = 5.0  # seconds after the drain deadline before workers are killed
+# Seconds a stopping worker spends exporting its queued spans: within KILL_GRACE, so it is never killed
+# for it.
+TRACE_FLUSH_TIMEOUT = 2.0
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats
 HEARTBEAT_TIMEOUT = 10.0  # seconds without a heartbeat before a worker is SIGKILLed and replaced
 START_TIMEOUT = 30.0  # seconds for every worker to report ready at start (systemd's TimeoutStartSec)
@@ -261,6 +265,8 @@ class Worker:
             loop.add_signal_handler(sig, self._stopping.set)
         self.updater.apply(self.config)
         self.metrics = metrics.WorkerMetrics(self.config, self.config.metrics.max_series)
+        # Propagation and span export; its settings are read at start (a reload keeps them).
+        self.tracer = Tracer(self.config.tracing)
         pool = self.pool = RelayPool(1, self.config.relay.pipe_size)
         listen = self.config.listeners.outbound
         update_access_log_threshold()
@@ -291,6 +297,8 @@ class Worker:
             splice_relay=pool,
             not_http=self.listener.adopt_tcp,
             access_log_writer=self.listener.access_log,
+            metrics=self.metrics if self.config.metrics.enabled else None,
+            tracer=self.tracer,
         )
         self.listener.http = http
         self.drain_hooks.append(http.begin_drain)
@@ -323,6 +331,7 @@ class Worker:
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
         http.close()  # first: an upgraded connection may still move to the splice relay
+        self.tracer.close(TRACE_FLUSH_TIMEOUT)  # the spans of the last requests, within a bound
         self.listener.close()
         stats = self.listener.stats
         log.info(
@@ -428,6 +437,11 @@ class Worker:
             ],
             "nodeproxy_access_log_dropped_total": [((), self.listener.access_log.dropped)],
         }
+        spans = self.tracer.stats()
+        counters["nodeproxy_tracing_spans_total"] = [
+            ((outcome,), spans[outcome]) for outcome in ("queued", "dropped", "exported", "rejected")
+        ]
+        counters["nodeproxy_tracing_export_failures_total"] = [((), spans["failed"])]
         gauges: dict[str, list[tuple[tuple[str, ...], float]]] = {
             "nodeproxy_active_connections": [
                 (("tcp",), self.pool.live_connections),
@@ -437,6 +451,7 @@ class Worker:
             "nodeproxy_relay_pipes_pooled": [((), sum(r.pipes_pooled for r in relays))],
             "nodeproxy_http_upstream_connections": [((), http.upstream_connections)],
             "nodeproxy_worker_config_generation": [((str(self.index),), self.updater.current.generation)],
+            "nodeproxy_tracing_spans_pending": [((), spans["pending"])],
         }
         return {
             "pid": os.getpid(),

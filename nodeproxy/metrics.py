@@ -182,6 +182,14 @@ INTERNAL: Final[dict[str, Family]] = {
             "Access-log records lost to a full or closed output.",
         ),
         Family(
+            "nodeproxy_tracing_spans_total",
+            "counter",
+            "Sampled spans by what became of them: queued for export, dropped (queue full, or left at "
+            "stop), exported, rejected by the collector.",
+            ("outcome",),
+        ),
+        Family("nodeproxy_tracing_export_failures_total", "counter", "OTLP exports that failed."),
+        Family(
             "nodeproxy_metrics_series_dropped_total",
             "counter",
             "Observations not recorded because their family reached the series limit.",
@@ -203,6 +211,7 @@ INTERNAL: Final[dict[str, Family]] = {
             "Routing-state generation each worker runs (all equal once a config has reached every worker).",
             ("worker",),
         ),
+        Family("nodeproxy_tracing_spans_pending", "gauge", "Spans waiting in the export queue."),
         # Supervisor-level families.
         Family(
             "nodeproxy_config_version", "gauge", "Version of the running config (1 at start, +1 per change)."
@@ -301,7 +310,11 @@ class WorkerMetrics:
         if max_series < 1:
             raise ValueError(f"max_series must be at least 1, not {max_series}")
         self.max_series = max_series
-        self._peers: dict[str, tuple[str, ...]] = {}  # address -> PEER_LABELS values
+        # PEER_LABELS values by address (labels of every endpoint with that address merged) and by
+        # (service, address): a pod listed in several services with different labels (a config
+        # written by hand) gets the labels of the service a connection went to.
+        self._peers: dict[str, tuple[str, ...]] = {}
+        self._service_peers: dict[tuple[str, str], tuple[str, ...]] = {}
         self._services: dict[str, tuple[str, ...]] = {}  # service name -> SERVICE_LABELS values
         self._http: dict[tuple[str, ...], _HttpSeries] = {}
         self._http_keys: dict[tuple[Any, ...], _HttpSeries] = {}
@@ -315,14 +328,20 @@ class WorkerMetrics:
     def update_config(self, config: Config) -> None:
         """Derive the label values of the services and workloads this config names. Call on every
         config change; series recorded under the old labels keep their counts."""
-        peers: dict[str, tuple[str, ...]] = {}
+        merged: dict[str, dict[str, str]] = {}
+        service_peers: dict[tuple[str, str], tuple[str, ...]] = {}
         services: dict[str, tuple[str, ...]] = {}
         for service in config.services:
             # No namespace in the config: destination_service is the bare name, not Istio's FQDN.
             services[service.name] = (service.name, service.name, UNKNOWN)
             for endpoint in service.endpoints:
-                peers.setdefault(str(endpoint.address), peer_labels(endpoint.labels))
-        self._peers, self._services = peers, services
+                address = str(endpoint.address)
+                service_peers[(service.name, address)] = peer_labels(endpoint.labels)
+                labels = merged.setdefault(address, {})
+                for key, value in endpoint.labels.items():
+                    labels.setdefault(key, value)
+        self._peers = {address: peer_labels(labels) for address, labels in merged.items()}
+        self._service_peers, self._services = service_peers, services
         self._http_keys.clear()
         self._tcp_keys.clear()
 
@@ -330,7 +349,12 @@ class WorkerMetrics:
         self, service: str | None, source_ip: str, destination_ip: str | None, tcp: bool
     ) -> tuple[str, ...]:
         source = self._peers.get(source_ip, _UNKNOWN_PEER)
-        destination = self._peers.get(destination_ip, _UNKNOWN_PEER) if destination_ip else _UNKNOWN_PEER
+        if destination_ip is None:
+            destination = _UNKNOWN_PEER
+        elif service is not None and (service, destination_ip) in self._service_peers:
+            destination = self._service_peers[(service, destination_ip)]
+        else:  # a passthrough connection to a pod, or a service gone since
+            destination = self._peers.get(destination_ip, _UNKNOWN_PEER)
         if service is None:
             # A TCP connection to an address that is no service is passed through, as Istio's
             # PassthroughCluster; a request without a service had its route removed under it.

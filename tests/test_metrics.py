@@ -330,3 +330,25 @@ def test_every_metric_and_label_is_documented() -> None:
             assert f"`{label}`" in docs, (family.name, label)
     for key in MetricsConfig.model_fields:
         assert f"| `{key}` |" in docs, key
+
+
+def test_a_pod_in_several_services_gets_the_labels_of_the_service_used() -> None:
+    text = CONFIG_YAML + (
+        "  - name: admin\n    vip: 10.96.0.22\n    ports: [{port: 81}]\n"
+        "    endpoints: [{address: 10.244.1.100, labels: {app: reviews-admin, team: a}}]\n"
+    )
+    metrics = WorkerMetrics(parse_config(text, source="test"))
+    request(metrics)  # reviews, endpoint 10.244.1.100
+    metrics.tcp_opened("admin", CLIENT_IP, REVIEWS_V1.address)
+    metrics.tcp_opened(None, CLIENT_IP, REVIEWS_V1.address)  # passthrough to the pod itself
+    families = scrape(metrics)
+    assert families["istio_requests"][0].labels["destination_app"] == "reviews"
+    opened = families["istio_tcp_connections_opened"]
+    admin = only(opened, "istio_tcp_connections_opened_total", destination_service_name="admin")
+    assert (admin.labels["destination_app"], admin.labels["destination_version"]) == (
+        "reviews-admin",
+        "unknown",
+    )
+    direct = only(opened, "istio_tcp_connections_opened_total", destination_service_name="PassthroughCluster")
+    # The pod's labels from every service, the first service's value where they differ.
+    assert (direct.labels["destination_app"], direct.labels["destination_version"]) == ("reviews", "v1")

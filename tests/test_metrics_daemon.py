@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy import netns
 from nodeproxy.ctl import _UnixConnection
-from nodeproxy.lab import Lab, stop_process
+from nodeproxy.lab import HTTP_PORT, Lab, stop_process
 from tests.conftest import RunningProxy, running_lab, start_proxy
 from tests.helpers import connect
 
@@ -30,6 +30,9 @@ pytestmark = pytest.mark.netns
 
 ECHO_VIP = "10.96.0.11"
 EMPTY_VIP = "10.96.0.40"  # a service without endpoints: its connections are refused (UH)
+PAGES_VIP = "10.96.0.50"  # an HTTP service answering 200, 404 and 503 by path
+REQUESTS_BY_PATH = {"/ok/1": 7, "/missing": 3, "/gone/x": 2}
+EXPECTED_BY_CODE = {"200": 7.0, "404": 3.0, "503": 2.0}
 METRICS_PORT = 15020
 PROMETHEUS_PORT = 19090  # on the node namespace's loopback
 ECHO_CONNECTIONS = 12
@@ -41,6 +44,21 @@ def empty_service() -> str:
     return f"  - name: empty\n    vip: {EMPTY_VIP}\n    ports: [{{port: 80}}]\n    endpoints: []\n"
 
 
+def pages_service(lab: Lab) -> str:
+    """An HTTP service: /ok* is served (200), /gone* goes to an empty subset (503 UH), anything else
+    matches no route (404 NR)."""
+    be = lab.backend_pods[0]
+    return (
+        f"  - name: pages\n    vip: {PAGES_VIP}\n"
+        f"    ports: [{{port: 80, target_port: {HTTP_PORT}, protocol: http}}]\n"
+        f"    endpoints: [{{address: {be.ip}, labels: {{app: pages, version: v7}}}}]\n"
+        "    subsets: [{name: gone, labels: {env: nowhere}}]\n"
+        "    routes:\n"
+        "      - {name: ok, match: [{path: {prefix: /ok}}]}\n"
+        "      - {name: gone, match: [{path: {prefix: /gone}}], to: [{subset: gone}]}\n"
+    )
+
+
 @pytest.fixture(scope="module")
 def metrics_lab() -> Iterator[Lab]:
     with running_lab(clients=1) as lab:
@@ -49,7 +67,9 @@ def metrics_lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def metrics_proxy(metrics_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
-    config = metrics_lab.config_yaml(extra="relay:\n  threads: 2\n") + empty_service()
+    config = (
+        metrics_lab.config_yaml(extra="relay:\n  threads: 2\n") + empty_service() + pages_service(metrics_lab)
+    )
     proxy = start_proxy(metrics_lab, tmp_path_factory.mktemp("metrics"), config)
     try:
         yield proxy
@@ -111,6 +131,23 @@ def refused(lab: Lab) -> None:
             assert sock.recv(1) == b"", "expected a reset or EOF"
     except ConnectionResetError:
         pass
+
+
+def http_requests(lab: Lab) -> None:
+    """REQUESTS_BY_PATH over one keep-alive connection from the client pod to the pages service."""
+    with netns.entered(lab.client_pods[0].ns):
+        conn = http.client.HTTPConnection(PAGES_VIP, 80, timeout=10)
+        conn.connect()
+    try:
+        for path, count in REQUESTS_BY_PATH.items():
+            for _ in range(count):
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                expected = {"/ok/1": 200, "/missing": 404, "/gone/x": 503}[path]
+                assert response.status == expected, (path, response.status)
+    finally:
+        conn.close()
 
 
 def wait_metric(proxy: RunningProxy, name: str, expected: float, timeout: float = 10.0, **labels: str) -> str:
@@ -319,5 +356,30 @@ def test_prometheus_scrapes_tcp_connections_by_service(
             expected,
             by="destination_service_name",
         )
+    finally:
+        stop_process(prometheus)
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="needs Debian's prometheus package (apt-get install prometheus)"
+)
+def test_prometheus_counts_requests_by_response_code(
+    metrics_lab: Lab, metrics_proxy: RunningProxy, tmp_path: Path
+) -> None:
+    """The acceptance test of issue 9: after bounded HTTP requests (200, 404, 503), a PromQL query
+    over Prometheus' HTTP API returns the request count by response code."""
+    prometheus = start_prometheus(metrics_lab, tmp_path)
+    try:
+        wait_promql(metrics_lab, 'up{job="nodeproxy"}', {"nodeproxy": 1.0}, by="job")
+        http_requests(metrics_lab)
+        query = 'sum by (response_code) (istio_requests_total{destination_service_name="pages"})'
+        wait_promql(metrics_lab, query, EXPECTED_BY_CODE, by="response_code")
+        flags = 'sum by (response_flags) (istio_requests_total{destination_service_name="pages"})'
+        wait_promql(metrics_lab, flags, {"-": 7.0, "NR": 3.0, "UH": 2.0}, by="response_flags")
+        served = (
+            "sum by (destination_app) (istio_request_duration_milliseconds_count"
+            '{destination_service_name="pages", response_code="200"})'
+        )
+        wait_promql(metrics_lab, served, {"pages": 7.0}, by="destination_app")
     finally:
         stop_process(prometheus)
