@@ -23,11 +23,15 @@ from nodeproxy.balance import Endpoint
 from nodeproxy.config import RelayConfig
 from nodeproxy.proxy.outbound import Passthrough, Refuse, ToEndpoint, decide
 from nodeproxy.proxy.relay import Completion, Ending, RelayPool
+from nodeproxy.resilience.circuit import Resource
 from nodeproxy.state.routing import StateUpdater
 
-if TYPE_CHECKING:  # http imports the relay pool, not the listener; the engine is handed in at run time
+if TYPE_CHECKING:
     from nodeproxy.metrics import WorkerMetrics
-    from nodeproxy.proxy.http import HttpProxy
+    from nodeproxy.proxy.http import (
+        HttpProxy,
+    )  # http imports the relay pool, not the listener; the engine is handed in at run time
+    from nodeproxy.resilience.guard import ServiceGuards
 
 log = structlog.get_logger("nodeproxy.outbound")
 
@@ -101,6 +105,8 @@ class Connection:
         "client_ip",
         "client_port",
         "endpoint",
+        "guards",
+        "holds_slot",
         "id",
         "metered",
         "orig_ip",
@@ -136,6 +142,10 @@ class Connection:
         self.endpoint: Endpoint | None = None
         self.target: tuple[str, int] | None = None
         self.tried: set[str] | None = None
+        # The service's resilience state, and whether this connection holds one of its
+        # circuit_breakers.max_connections slots (taken once, whatever its connect retries).
+        self.guards: ServiceGuards | None = None
+        self.holds_slot = False
         self.sniffed = False  # an `auto` port's connection the HTTP engine found not to be HTTP
         self.metered = False  # counted as opened in the TCP metrics (once, whatever its retries)
 
@@ -373,6 +383,15 @@ class OutboundListener:
         decision = decide(self.updater.current, conn.orig_ip, conn.orig_port, self.address, conn.tried or ())
         if isinstance(decision, ToEndpoint):
             endpoint = decision.endpoint
+            guards = conn.guards = decision.route.guards
+            if guards is not None and not conn.holds_slot:
+                if not guards.breaker.try_acquire(Resource.CONNECTIONS):
+                    conn.service = decision.route.service
+                    if self.metrics is not None:
+                        self.metrics.overflow(conn.service, Resource.CONNECTIONS.value)
+                    self._refuse(conn, "circuit breaker: too many connections to the service", FLAG_OVERFLOW)
+                    return
+                conn.holds_slot = True
             conn.service, conn.endpoint = decision.route.service, endpoint
             conn.target = target = (endpoint.address, endpoint.port)
             endpoint.active += 1
@@ -434,6 +453,7 @@ class OutboundListener:
         """Reset the client; the connection is not (or no longer) in self.connections. `flag`: its
         response flag in the TCP metrics."""
         self.stats.refused += 1
+        self._release_slot(conn)
         if conn.client_fd >= 0:
             _fastpath.reset_and_close(conn.client_fd)
             conn.client_fd = -1
@@ -448,6 +468,13 @@ class OutboundListener:
             self.metrics.tcp_closed(service, conn.client_ip, None, flag, 0, 0)
         if self.access_log.warning_enabled:  # refusals are failures: written at warning level
             self.access_log.refused(self._log_fields(conn), reason, conn.attempts_failed, flag)
+
+    @staticmethod
+    def _release_slot(conn: Connection) -> None:
+        if conn.holds_slot:
+            conn.holds_slot = False
+            assert conn.guards is not None
+            conn.guards.breaker.release(Resource.CONNECTIONS)
 
     def _refusal_flag(self, conn: Connection) -> str:
         """The response flag of a connection `decide` refused."""
@@ -499,6 +526,9 @@ class OutboundListener:
             conn.client_fd = record.client_fd
             self._connect_failed(conn, record.err)
             return
+        self._release_slot(conn)
+        if conn.guards is not None and conn.endpoint is not None:
+            conn.guards.outlier.record_success(conn.endpoint)  # it connected: ends a failure streak
         name = ENDING_NAMES.get(ending) or f"ending_{ending}"
         closed = stats.closed
         closed[name] = closed.get(name, 0) + 1
@@ -541,6 +571,19 @@ class OutboundListener:
             self._refuse(conn, f"connect to original destination failed: {error}", FLAG_CONNECT_FAILED)
             return
         conn.endpoint.connect_failures += 1
+        if conn.guards is not None:
+            ejection = conn.guards.outlier.record_connect_failure(conn.endpoint)
+            if ejection is not None:
+                if self.metrics is not None and conn.service is not None:
+                    self.metrics.ejection(conn.service)
+                log.warning(
+                    "endpoint ejected",
+                    service=conn.service,
+                    endpoint=f"{conn.endpoint.address}:{conn.endpoint.port}",
+                    seconds=round(ejection.until - time.monotonic(), 3),
+                    times=ejection.times_ejected,
+                    reason=ejection.reason,
+                )
         if conn.tried is None:
             conn.tried = set()
         conn.tried.add(conn.endpoint.address)

@@ -102,6 +102,10 @@ class Ejection:
     reason: str
 
 
+_CONNECT_FAILURE = AttemptResult(failure=Failure.CONNECT_FAILURE)
+_CONNECTED = AttemptResult(status=200)  # what an established TCP connection counts as
+
+
 class OutlierDetector:
     """Outlier detection over one service's endpoints.
 
@@ -174,7 +178,11 @@ class OutlierDetector:
 
     def record_connect_failure(self, endpoint: Endpoint) -> Ejection | None:
         """An L4 connection to `endpoint` could not be established."""
-        return self.record(endpoint, AttemptResult(failure=Failure.CONNECT_FAILURE))
+        return self.record(endpoint, _CONNECT_FAILURE)
+
+    def record_success(self, endpoint: Endpoint) -> None:
+        """An L4 connection to `endpoint` was established (and has ended): not a failure."""
+        self.record(endpoint, _CONNECTED)
 
     def record(self, endpoint: Endpoint, result: AttemptResult) -> Ejection | None:
         """Count one attempt's result; returns the ejection it caused, if any."""
