@@ -152,3 +152,15 @@ def test_cert_manager_from_config_gets_the_nodes_own_workloads(tmp_path: Path) -
             await server.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_the_config_section_does_not_load_cryptography() -> None:
+    # Every nodeproxy process imports the config; only those that handle certificates pay for cryptography.
+    import subprocess
+    import sys
+
+    probe = "import sys, nodeproxy.identity.config; print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"

@@ -26,6 +26,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nodeproxy.identity.lifetimes import (
+    BACKDATE,
+    DEFAULT_INTERMEDIATE_TTL,
+    DEFAULT_NODE_CREDENTIAL_TTL,
+    DEFAULT_ROOT_TTL,
+    DEFAULT_SVID_TTL,
+    MIN_SVID_TTL,
+)
 from nodeproxy.identity.spiffe import (
     SpiffeId,
     SpiffeIdError,
@@ -57,16 +65,6 @@ __all__ = [
     "write_credential",
 ]
 
-# Lifetimes. SVIDs: 24 h, as Istio and ztunnel issue them, renewed at half life (certmanager). Node
-# credentials (what a node proxy shows the CA service) are installed by the operator and last longer.
-DEFAULT_SVID_TTL = timedelta(hours=24)
-DEFAULT_NODE_CREDENTIAL_TTL = timedelta(days=30)
-DEFAULT_ROOT_TTL = timedelta(days=3650)
-DEFAULT_INTERMEDIATE_TTL = timedelta(days=365)
-# notBefore is set this far in the past so that a peer whose clock lags a little accepts a fresh SVID.
-BACKDATE = timedelta(minutes=1)
-# The shortest SVID the CA issues: anything shorter would be renewed in a busy loop.
-MIN_SVID_TTL = timedelta(minutes=1)
 # Smallest RSA modulus accepted in a CSR (NIST SP 800-131A); larger than this is allowed up to 8192.
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192

@@ -41,9 +41,6 @@ import structlog
 from cryptography import x509
 
 from nodeproxy.identity.ca import (
-    DEFAULT_NODE_CREDENTIAL_TTL,
-    DEFAULT_SVID_TTL,
-    MIN_SVID_TTL,
     CaError,
     CertificateAuthority,
     CsrError,
@@ -52,6 +49,7 @@ from nodeproxy.identity.ca import (
     private_key_pem,
 )
 from nodeproxy.identity.config import WorkloadIndex
+from nodeproxy.identity.lifetimes import DEFAULT_NODE_CREDENTIAL_TTL, DEFAULT_SVID_TTL, MIN_SVID_TTL
 from nodeproxy.identity.spiffe import SpiffeId, SpiffeIdError, SvidError, peer_identity_from_der
 
 __all__ = [

@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from nodeproxy.identity.ca import DEFAULT_SVID_TTL, MIN_SVID_TTL
-from nodeproxy.identity.spiffe import SpiffeId, SpiffeIdError, validate_trust_domain
+from nodeproxy.identity.lifetimes import DEFAULT_SVID_TTL, MIN_SVID_TTL
+from nodeproxy.identity.spiffeid import SpiffeId, SpiffeIdError, validate_trust_domain
 
 __all__ = [
     "DEFAULT_CA_PORT",
