@@ -159,7 +159,10 @@ def test_the_config_section_does_not_load_cryptography() -> None:
     import subprocess
     import sys
 
-    probe = "import sys, nodeproxy.identity.config; print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    probe = (
+        "import sys, nodeproxy.identity.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
