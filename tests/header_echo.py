@@ -1,5 +1,6 @@
 """A backend for the tracing lab test: answers every request with 200 and a JSON body holding the
 request's header fields (lower-case names), so the test sees exactly what the proxy sent upstream.
+A path `/sleep/<ms>` answers after that many milliseconds (at most 10 s).
 
 Run inside a lab pod: ``python -m tests.header_echo HOST PORT``.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -15,6 +17,8 @@ class HeaderEcho(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self.path.startswith("/sleep/"):
+            time.sleep(min(int(self.path.split("/")[2]), 10_000) / 1000)
         fields: dict[str, str] = {}
         for name, value in self.headers.items():
             key = name.lower()

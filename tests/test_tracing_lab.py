@@ -35,6 +35,7 @@ ECHO_PORT = 8081
 RECEIVER_PORT = 4318
 BROKEN_VIP = "10.96.0.41"  # its endpoint's port has no listener: every connect is refused
 CLOSED_PORT = 8099
+EMPTY_VIP = "10.96.0.42"  # a service without endpoints
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 
@@ -80,6 +81,9 @@ def traced_proxy(
         f"  - name: broken\n    vip: {BROKEN_VIP}\n"
         f"    ports: [{{port: 80, target_port: {CLOSED_PORT}, protocol: http}}]\n"
         f"    endpoints: [{{address: {backend}}}]\n"
+        f"  - name: empty\n    vip: {EMPTY_VIP}\n"
+        "    ports: [{port: 80, protocol: http}]\n"
+        "    endpoints: []\n"
     )
     proxy = start_proxy(
         trace_lab, tmp_path_factory.mktemp("traced"), trace_lab.config_yaml(extra=tracing) + service
@@ -209,3 +213,33 @@ def test_a_failed_request_is_an_error_span_and_a_warning_record(
     record = access_record(traced_proxy, failed_trace)
     assert (record["status"], record["level"]) == (status, "warning")
     assert "UF" in record["flags"].split(",") and record["attempts"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "vip", "path", "headers", "max_time"),
+    [
+        ("UH", EMPTY_VIP, "/none", {}, 5.0),  # no endpoint at all
+        ("UT", TRACED_VIP, "/sleep/1500", {"x-nodeproxy-timeout-ms": "200"}, 5.0),  # deadline passed
+    ],
+)
+def test_each_flag_the_lab_can_cause_is_in_the_access_log_and_the_span(
+    trace_lab: Lab,
+    traced_proxy: RunningProxy,
+    spans_file: Path,
+    flag: str,
+    vip: str,
+    path: str,
+    headers: dict[str, str],
+    max_time: float,
+) -> None:
+    trace_id = flag.encode().hex().ljust(32, "b")
+    argv = ["curl", "-sS", "--max-time", str(max_time), "-o", "/dev/null", "-w", "%{http_code}"]
+    for name, value in {"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01", **headers}.items():
+        argv += ["-H", f"{name}: {value}"]
+    netns.run(trace_lab.client_pods[0].ns, [*argv, f"http://{vip}{path}"], check=False, timeout=10)
+    record = access_record(traced_proxy, trace_id)
+    assert flag in str(record["flags"]).split(","), record
+    assert record["level"] == "warning"
+    span = wait_span(spans_file, trace_id)
+    assert flag in span["attributes"]["response_flags"].split(",")
+    assert span["status"] == 2  # an error
