@@ -878,3 +878,39 @@ def test_characters_outside_base64url_make_the_token_malformed() -> None:
         f"{header}.{payload}!!!!.{signature}",
     ):
         rejected(auth.authenticate(bearer(broken)), "malformed token")
+
+
+def test_verified_token_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated token skips the signature check but not the claims; a JWKS change invalidates it."""
+    now = [NOW]
+    spec = {"issuer": ISSUER, "audiences": ["shop"], "jwks": KEYS.jwks()}
+    rule = JwtRule.model_validate(spec)
+    refresher = JwksRefresher(clock=FakeClock())
+    sources = refresher.sources_for([rule], JwtSettings())
+    auth = JwtAuthenticator.build([rule], sources, JwtSettings(), False, wall_clock=lambda: now[0])
+    source = next(iter(sources.values()))
+    checks: list[str] = []
+    original = JwtAuthenticator._signature_valid
+
+    def counting(token: str, alg: str, candidates: Any) -> bytes | None:
+        checks.append(token)
+        return original(token, alg, candidates)
+
+    monkeypatch.setattr(JwtAuthenticator, "_signature_valid", staticmethod(counting))
+    token = sign(exp=NOW + 100)
+    for _ in range(5):
+        assert isinstance(auth.authenticate(bearer(token)), JwtSuccess)
+    assert len(checks) == 1
+    now[0] = NOW + 200  # expired now: the cached entry does not skip the time checks
+    rejected(auth.authenticate(bearer(token)), "token expired")
+    now[0] = NOW
+    # The IdP drops the RSA key: a new snapshot, so the token is verified again, and fails.
+    source.install(KEYS.jwks(KEYS.ec).encode())
+    rejected(auth.authenticate(bearer(token)), "unknown key id")
+    # Bounded: the oldest entries go first.
+    source.install(KEYS.jwks().encode())
+    monkeypatch.setattr("nodeproxy.authz.jwt.VERIFIED_TOKEN_CACHE_SIZE", 3)
+    tokens = [sign(jti=str(i)) for i in range(5)]
+    for t in tokens:
+        assert isinstance(auth.authenticate(bearer(t)), JwtSuccess)
+    assert list(auth._verified) == tokens[2:]

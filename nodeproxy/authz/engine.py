@@ -27,6 +27,7 @@ from nodeproxy.authz.config import AuthzConfig, JwtRule
 from nodeproxy.authz.jwt import JwksRefresher, JwksSource, JwtAuthenticator, JwtFailure, JwtIdentity
 from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
 from nodeproxy.authz.policy import (
+    ALLOW_NO_POLICY,
     CompiledPolicies,
     L4Request,
     L7Request,
@@ -172,6 +173,8 @@ class AuthzEngine:
                     (("www-authenticate", outcome.www_authenticate),),
                 )
             identity, add, remove = outcome.identity, outcome.headers_add, outcome.headers_remove
+        if self.policies.applicable(workload).empty:
+            return RequestAllowed(ALLOW_NO_POLICY.reason, identity, add, remove)
         l7 = L7Request(
             request.source_ip,
             request.source_principal,

@@ -74,6 +74,9 @@ ALLOWED_ALGORITHMS: Final = frozenset({"RS256", "ES256", "EdDSA", "Ed25519"})
 _MIN_RSA_BITS = 2048
 # A token longer than this is refused before any parsing (real ones are 0.5-4 KiB).
 MAX_TOKEN_LENGTH = 16384
+# Verified tokens remembered per authenticator (per destination workload and config snapshot):
+# at most 1024 x 16 KiB.
+VERIFIED_TOKEN_CACHE_SIZE = 1024
 # joserfc's default header limit (512 bytes) refuses some real tokens with long kids or x5t#S256.
 _MAX_HEADER_BYTES = 4096
 # Backoff after a failed fetch: 1 s doubling, at most this (or the refresh interval if shorter).
@@ -540,6 +543,24 @@ class _Rule:
     param_locations: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token whose signature verified: the rule and key snapshot it verified under, and its claims."""
+
+    rule: _Rule
+    snapshot: KeySnapshot
+    payload: bytes
+    claims: dict[str, Any]
+
+
+def _location_ok(rule: _Rule, where: list[str]) -> bool:
+    return any(
+        (w.startswith("header:") and w[7:] in rule.header_locations)
+        or (w.startswith("param:") and w[6:] in rule.param_locations)
+        for w in where
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class JwtAuthenticator:
     """The JWT check for one workload: the merged rules of every RequestAuthentication covering it."""
@@ -554,6 +575,11 @@ class JwtAuthenticator:
     # Removed from every request (client-sent copies of headers we output): anti-spoofing.
     always_remove: tuple[str, ...]
     wall_clock: Clock = field(default=time.time)
+    # token -> (the key snapshot that verified it, its payload). A client sends the same token on
+    # many requests and a signature check costs 30-100 us; the claims (times, audience) are still
+    # checked on every request, and an entry is used only while its issuer's JWKS is the very
+    # snapshot that verified it, so a key removed from the JWKS takes its tokens with it.
+    _verified: dict[str, _Verified] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -640,6 +666,13 @@ class JwtAuthenticator:
         return self._verify(token, where)
 
     def _verify(self, token: str, where: list[str]) -> JwtOutcome:
+        cached = self._verified.get(token)
+        if (
+            cached is not None
+            and cached.rule.source.snapshot is cached.snapshot
+            and _location_ok(cached.rule, where)
+        ):
+            return self._check_claims(cached.rule, cached.payload, cached.claims, where)
         if len(token) > MAX_TOKEN_LENGTH:
             return _fail(f"token of {len(token)} characters", "token too large")
         parts = token.split(".")
@@ -660,11 +693,7 @@ class JwtAuthenticator:
         rule = self.rules.get(issuer) if isinstance(issuer, str) else None
         if rule is None:
             return _fail(f"issuer {issuer!r} is not accepted here", "issuer not accepted")
-        if not any(
-            (w.startswith("header:") and w[7:] in rule.header_locations)
-            or (w.startswith("param:") and w[6:] in rule.param_locations)
-            for w in where
-        ):
+        if not _location_ok(rule, where):
             return _fail(
                 f"a token of issuer {issuer!r} is not accepted in {', '.join(where)}", "token location"
             )
@@ -699,7 +728,17 @@ class JwtAuthenticator:
         payload = self._signature_valid(token, alg, candidates)
         if payload is None:
             return _fail("the signature does not verify", "invalid signature")
-        return self._check_claims(rule, payload, where)
+        try:
+            claims = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return _fail("payload is not JSON", "malformed token")
+        if not isinstance(claims, dict):
+            return _fail("payload is not a JSON object", "malformed token")
+        if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
+            # Evict the oldest entry (dicts keep insertion order): a bounded FIFO.
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = _Verified(rule, snapshot, payload, claims)
+        return self._check_claims(rule, payload, claims, where)
 
     @staticmethod
     def _signature_valid(token: str, alg: str, candidates: Sequence[BoundKey]) -> bytes | None:
@@ -713,13 +752,11 @@ class JwtAuthenticator:
                 return obj.payload
         return None
 
-    def _check_claims(self, rule: _Rule, payload: bytes, where: list[str]) -> JwtOutcome:
-        try:
-            claims = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            return _fail("payload is not JSON", "malformed token")
-        if not isinstance(claims, dict) or claims.get("iss") != rule.config.issuer:
-            return _fail("payload is not a JSON object with the expected iss", "malformed token")
+    def _check_claims(
+        self, rule: _Rule, payload: bytes, claims: dict[str, Any], where: list[str]
+    ) -> JwtOutcome:
+        if claims.get("iss") != rule.config.issuer:
+            return _fail("the verified payload's iss is not the expected issuer", "malformed token")
         now = self.wall_clock()
         skew = self.clock_skew
         exp = claims.get("exp")

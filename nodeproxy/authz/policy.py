@@ -23,6 +23,7 @@ small compiler here; the header-name and method validation is the routes module'
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from nodeproxy.authz.jwt import JwtIdentity
 
 __all__ = [
+    "ALLOW_NO_POLICY",
     "CompiledPolicies",
     "Decision",
     "L4Request",
@@ -167,6 +169,7 @@ class _Attrs:
             self.request_principal = None
 
 
+@functools.lru_cache(maxsize=4096)  # peers repeat; ipaddress parsing costs several microseconds
 def _parse_ip(text: str) -> IpAddress | None:
     try:
         address = ip_address(text)
@@ -531,6 +534,10 @@ class _PolicySet:
     deny: tuple[_CompiledPolicy, ...]
     allow: tuple[_CompiledPolicy, ...]
 
+    @property
+    def empty(self) -> bool:
+        return not self.deny and not self.allow
+
 
 # Bound on the per-workload selection cache (distinct workloads seen in one snapshot).
 _MAX_CACHED_WORKLOADS = 4096
@@ -559,7 +566,7 @@ class CompiledPolicies:
     def evaluate(self, workload: Workload | None, request: L4Request | L7Request) -> Decision:
         """The decision for one connection (L4Request) or request (L7Request) to `workload`."""
         applicable = self.applicable(workload)
-        if not applicable.deny and not applicable.allow:
+        if applicable.empty:
             return ALLOW_NO_POLICY
         attrs = _Attrs(request)
         l7 = isinstance(request, L7Request)
