@@ -52,7 +52,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -258,6 +258,9 @@ class Worker:
         # stops accepting. The L7 engine registers here to send `Connection: close` to HTTP/1 clients
         # and GOAWAY to HTTP/2 clients; a hook must not block.
         self.drain_hooks: list[Callable[[], None]] = []
+        # (SPIFFE id, expiry as Unix time) of the workload certificates this worker holds, for
+        # nodeproxy_certificate_expiry_timestamp_seconds; None until the mTLS tunnel gives it one.
+        self.certificate_expiry: Callable[[], Iterable[tuple[str, float]]] | None = None
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -453,6 +456,10 @@ class Worker:
             "nodeproxy_worker_config_generation": [((str(self.index),), self.updater.current.generation)],
             "nodeproxy_tracing_spans_pending": [((), spans["pending"])],
         }
+        if self.certificate_expiry is not None:
+            gauges["nodeproxy_certificate_expiry_timestamp_seconds"] = [
+                ((identity,), expiry) for identity, expiry in self.certificate_expiry()
+            ]
         return {
             "pid": os.getpid(),
             "generation": self.updater.current.generation,

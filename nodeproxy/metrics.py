@@ -118,6 +118,9 @@ class Family:
     kind: str  # "counter" or "gauge"
     help: str
     labels: tuple[str, ...] = ()
+    # How the workers' values of one label set combine: "sum" (counts), or "min" for a gauge that is a
+    # point in time every worker reports alike (a certificate's expiry: the earliest one counts).
+    merge: str = "sum"
 
 
 # Counters and gauges of nodeproxy itself. Workers send values for those whose `kind` they record; the
@@ -229,6 +232,7 @@ INTERNAL: Final[dict[str, Family]] = {
             "gauge",
             "Expiry time of each workload certificate the proxy holds. Empty until mTLS exists.",
             ("identity",),
+            merge="min",
         ),
     )
 }
@@ -599,7 +603,10 @@ class MetricsAggregate:
                     key = tuple(labels)
                     if len(key) != len(spec.labels):
                         raise ValueError(f"{name} with labels {key}")
-                    values[key] = values.get(key, 0) + value
+                    if spec.merge == "min" and key in values:
+                        values[key] = min(values[key], value)
+                    else:
+                        values[key] = values.get(key, 0) + value
 
     def copy(self) -> MetricsAggregate:
         result = MetricsAggregate()

@@ -352,3 +352,16 @@ def test_a_pod_in_several_services_gets_the_labels_of_the_service_used() -> None
     direct = only(opened, "istio_tcp_connections_opened_total", destination_service_name="PassthroughCluster")
     # The pod's labels from every service, the first service's value where they differ.
     assert (direct.labels["destination_app"], direct.labels["destination_version"]) == ("reviews", "v1")
+
+
+def test_certificate_expiry_merges_to_the_earliest() -> None:
+    """Every worker reports the certificates it holds; summing timestamps would be nonsense."""
+    family = "nodeproxy_certificate_expiry_timestamp_seconds"
+    identity = ("spiffe://cluster.local/ns/default/sa/web",)
+    state = SupervisorMetrics()
+    first = WorkerMetrics(config()).snapshot(gauges={family: [(identity, 2000.0)]})
+    second = WorkerMetrics(config()).snapshot(gauges={family: [(identity, 1500.0)]})
+    total, _missing = state.merge({1: first, 2: second}, running=[1, 2])
+    samples = parse(render(total))["nodeproxy_certificate_expiry_timestamp_seconds"]
+    assert [(s.labels, s.value) for s in samples] == [({"identity": identity[0]}, 1500.0)]
+    assert all(f.merge in ("sum", "min") for f in INTERNAL.values())
