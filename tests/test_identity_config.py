@@ -33,6 +33,8 @@ def test_defaults() -> None:
     assert (config.renew_fraction, config.renew_jitter) == (0.5, 0.1)
     assert (config.retry_initial, config.retry_max, config.watch_interval) == (1.0, 60.0, 5.0)
     assert config.key_type == "ecdsa-p256" and config.ca is None and config.workloads == []
+    labelled = identity(workloads=[{**WEB, "labels": {"app": "web", "example.com/tier": "front"}}])
+    assert labelled.workloads[0].labels == {"app": "web", "example.com/tier": "front"}
 
 
 def test_ca_address_forms_and_durations() -> None:
@@ -74,6 +76,8 @@ def test_ca_address_forms_and_durations() -> None:
         ({"workloads": [{**WEB, "ip": "10.244.1.300"}]}, "IPv4"),
         ({"workloads": [{**WEB, "extra": 1}]}, "Extra inputs"),
         ({"nodes": ["node-b"], "workloads": [WEB]}, "node 'node-a' is not in `nodes`"),
+        ({"workloads": [{**WEB, "labels": {"-bad": "x"}}]}, "label key"),
+        ({"workloads": [{**WEB, "labels": {"app": "x" * 64}}]}, "at most 63"),
         ({"nodes": ["node-a", "node-a"]}, "listed twice"),
     ],
 )

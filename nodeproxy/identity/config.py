@@ -57,6 +57,18 @@ def _dns_label(value: str) -> str:
     return check(value)
 
 
+def _label_key(value: str) -> str:
+    from nodeproxy.config import _label_key as check
+
+    return check(value)
+
+
+def _label_value(value: str) -> str:
+    from nodeproxy.config import _label_value as check
+
+    return check(value)
+
+
 def _trust_domain(value: str) -> str:
     try:
         return validate_trust_domain(value)
@@ -95,6 +107,8 @@ TrustDomain = Annotated[str, AfterValidator(_trust_domain)]
 IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4)]
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 ServiceAccount = Annotated[str, AfterValidator(_service_account)]
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelValue = Annotated[str, AfterValidator(_label_value)]
 
 
 class _Frozen(BaseModel):
@@ -108,6 +122,9 @@ class WorkloadConfig(_Frozen):
     namespace: DnsLabel = Field(description="Kubernetes namespace of the pod.")
     service_account: ServiceAccount = Field(description="Kubernetes service account the pod runs as.")
     node: DnsLabel = Field(description="Node the pod runs on; only that node's proxy gets its certificate.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default={}, description="The pod's Kubernetes labels, for authorization policies' selectors."
+    )
 
     def spiffe_id(self, trust_domain: str) -> SpiffeId:
         return SpiffeId.for_workload(trust_domain, self.namespace, self.service_account)
