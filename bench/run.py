@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},
         "metrics": metrics_table(runs, values, missing, shown_metrics),
         "goals": goals,
-        "resilience_overhead": resilience_overhead.report(values.get("nodeproxy", {})),
+        "resilience_overhead": resilience_overhead.report([r.values for r in runs.get("nodeproxy", [])]),
         "paths": {name: [asdict(r) for r in results] for name, results in runs.items()},
         "warnings": warnings,
         "ok": all(r.status == "ok" for r in results) and not left,
@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render_goals(goals))
     if "l7" in args.groups and "nodeproxy" in runs:
-        print(resilience_overhead.render(values.get("nodeproxy", {})))
+        print(resilience_overhead.render([r.values for r in runs["nodeproxy"]]))
     for r in results:
         if r.status != "ok":
             print(f"\n{r.name} #{r.round}: {r.status}" + (f": {r.error}" if r.error else ""))

@@ -50,14 +50,21 @@ def test_resilience_pair_follows_the_l7_wrk_workload_and_row() -> None:
     assert metrics_with_resilience(selected_metrics(["l4"])) == selected_metrics(["l4"])
 
 
-def test_resilience_report_and_line() -> None:
-    values = {"h1_bare_rps": 50_000.0, "h1_guarded_rps": 44_000.0}
-    report = resilience_overhead.report(values)
-    assert report["ratio"] == 0.88 and report["met"] is False
-    assert "= 0.880" in resilience_overhead.render(values) and "MISSED" in resilience_overhead.render(values)
-    assert resilience_overhead.report({"h1_bare_rps": 50_000.0, "h1_guarded_rps": 47_000.0})["met"] is True
-    assert resilience_overhead.report({})["met"] is None
-    assert "not measured" in resilience_overhead.render({})
+def test_resilience_report_pairs_each_round_and_takes_the_median() -> None:
+    rounds = [
+        {"h1_bare_rps": 50_000.0, "h1_guarded_rps": 44_000.0},  # 0.88
+        {"h1_bare_rps": 20_000.0, "h1_guarded_rps": 19_000.0},  # 0.95
+        {"h1_bare_rps": 40_000.0, "h1_guarded_rps": 36_400.0},  # 0.91
+        {"h1_rps": 1.0},  # a round without the pair (e.g. it failed): left out
+    ]
+    report = resilience_overhead.report(rounds)
+    assert report["round_ratios"] == [0.88, 0.95, 0.91] and report["ratio"] == 0.91 and report["met"] is True
+    assert resilience_overhead.report(rounds[:1])["met"] is False
+    line = resilience_overhead.render(rounds[:1])
+    assert "median" not in line and "0.880" in line and "MISSED" in line and "44,000/50,000" in line
+    assert "median of 3 rounds' ratios" in resilience_overhead.render(rounds)
+    assert resilience_overhead.report([])["met"] is None
+    assert "not measured" in resilience_overhead.render([{}])
 
 
 def test_scenario_bench_config_parses_with_features_off_and_on() -> None:
