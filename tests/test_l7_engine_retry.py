@@ -231,13 +231,21 @@ def test_connect_failure_then_retry(engine: Engine, first: ScriptedBackend) -> N
     client.close()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_held_503_is_retried_elsewhere_with_the_body_replayed(
-    engine: Engine, first: ScriptedBackend, second: ScriptedBackend
+    engine: Engine, first: ScriptedBackend, second: ScriptedBackend, chunked: bool
 ) -> None:
     first.plan = ["503"]
     body = body_of(60 * 1024)
     client = engine.client()
-    post(client, "/upload", body)
+    if chunked:  # in pieces, framing and all, as the client sent them (and the replay copy holds them)
+        client.sendall(b"POST /upload HTTP/1.1\r\nHost: web\r\ntransfer-encoding: chunked\r\n\r\n")
+        for at in range(0, len(body), 20000):
+            piece = body[at : at + 20000]
+            client.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        client.sendall(b"0\r\n\r\n")
+    else:
+        post(client, "/upload", body)
     head = engine.record(_l7.HEAD)
     engine.worker.answer([forward(head[1], first.port)], [])
     held = engine.record(_l7.ATTEMPT_FAILED, head[1])
@@ -382,6 +390,30 @@ def test_old_form_try_timeout_is_on_time_too(engine: Engine, first: ScriptedBack
     assert 0.229 < time.monotonic() - started < 0.27
     assert response.status == 504 and response.headers["x-nodeproxy-flags"] == "UT"
     client.close()
+
+
+def test_try_timeout_covers_the_wait_for_a_pooled_connection(first: ScriptedBackend) -> None:
+    engine = Engine(pool_max_conns=1)
+    try:
+        first.plan = ["hang"]
+        busy, waiting = engine.client(), engine.client()
+        busy.sendall(b"GET /busy HTTP/1.1\r\nHost: web\r\n\r\n")
+        head = engine.record(_l7.HEAD)
+        engine.worker.answer([forward(head[1], first.port)], [])
+        assert wait_until(lambda: len(first.received) == 1)
+        waiting.sendall(b"GET /queued HTTP/1.1\r\nHost: web\r\n\r\n")
+        queued = engine.record(_l7.HEAD)
+        started = time.monotonic()
+        engine.worker.answer([forward(queued[1], first.port, try_timeout_ms=200)], [])
+        failed = engine.record(_l7.ATTEMPT_FAILED, queued[1])
+        assert 0.199 < time.monotonic() - started < 0.25
+        assert failed[AF_FAILURE] == _l7.FAIL_TIMEOUT and failed[AF_RESPONSE_NS] == 0  # never sent
+        engine.worker.answer([], [(queued[1], 504, "UT", "deadline")])
+        assert read_response(waiting).status == 504
+        busy.close()
+        waiting.close()
+    finally:
+        engine.close()
 
 
 def test_reset_before_the_head(engine: Engine, first: ScriptedBackend, second: ScriptedBackend) -> None:
