@@ -71,6 +71,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_get_error(const SSL *ssl, int ret)
     int SSL_shutdown(SSL *ssl)
     long SSL_get_verify_result(const SSL *ssl)
+    void SSL_set0_wbio(SSL *ssl, BIO *wbio)
     int SSL_set_ex_data(SSL *ssl, int idx, void *data)
     void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
     void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t len)
@@ -94,6 +95,12 @@ cdef extern from "<openssl/pem.h>" nogil:
     void EVP_PKEY_free(EVP_PKEY *pkey)
     BIO *BIO_new_mem_buf(const void *buf, int len)
     int BIO_free(BIO *b)
+    ctypedef struct BIO_METHOD:
+        pass
+    const BIO_METHOD *BIO_s_mem()
+    BIO *BIO_new(const BIO_METHOD *method)
+    int BIO_read(BIO *b, void *data, int dlen)
+    size_t BIO_ctrl_pending(BIO *b)
 
 
 cdef extern from "<openssl/err.h>" nogil:
@@ -101,6 +108,15 @@ cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_peek_last_error()
     void ERR_error_string_n(unsigned long e, char *buf, size_t len)
     void ERR_clear_error()
+
+
+cdef extern from "nghttp2/nghttp2.h" nogil:
+    # What _h2.pxd does not declare.
+    ctypedef ssize_t (*nghttp2_data_source_read_length_callback)(
+        nghttp2_session *session, uint8_t frame_type, int32_t stream_id, int32_t session_remote_window_size,
+        int32_t stream_remote_window_size, uint32_t remote_max_frame_size, void *user_data) noexcept
+    void nghttp2_session_callbacks_set_data_source_read_length_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_data_source_read_length_callback cb)
 
 
 # X.509-SVID checks of a peer's leaf certificate, run inside OpenSSL's verification (so a failed check
@@ -299,8 +315,12 @@ cdef enum:
     KIND_STREAM = 2
     KIND_LISTENER = 3
     EVENTS_PER_WAIT = 256
-    READ_BUF = 65536       # one SSL_read's buffer (a TLS record carries at most 16 KiB)
-    TLS_OUT_FILL = 65536   # frames are gathered up to this much before SSL_write: full 16 KiB records
+    READ_BUF = 131072      # decrypted records gathered before one nghttp2 feed (then one send per stream)
+    RECORD_MAX = 16384     # plaintext of one TLS record
+    TLS_OUT_FILL = 262144  # frames gathered before SSL_write: full 16 KiB records, one send() for several
+    WIRE_HIGH = 524288     # encrypted bytes waiting for the socket above which no more are produced
+    MAX_FRAME = 65536      # SETTINGS_MAX_FRAME_SIZE both ways: 64 KiB DATA frames, one recv() each
+    WIRE_CHUNK = 262144    # encrypted bytes moved from the memory BIO per send()
     TLS_READS_PER_TURN = 32
     AUTHORITY_MAX = 256
     FORWARDED_MAX = 128
@@ -381,10 +401,13 @@ cdef struct TlsConn:
     TlsConn *next
     TlsConn *dirty_next
     TlsConn *grave_next
-    unsigned char *out       # framed bytes waiting for SSL_write
-    size_t out_off
+    unsigned char *out       # frames gathered for one SSL_write
     size_t out_len
     size_t out_cap
+    BIO *wbio                # SSL writes records here (memory); _wire_send moves them to the socket
+    unsigned char *wire      # encrypted bytes taken from wbio, not yet accepted by the socket
+    size_t wire_off
+    size_t wire_len
     np_peer_check check
     # The header block being received (one at a time: HEADERS and CONTINUATION are contiguous).
     int32_t hdr_stream
@@ -522,7 +545,7 @@ cdef struct Engine:
     Stream *awaiting
     int64_t live_streams
     int64_t live_tls
-    unsigned char rbuf[65536]   # READ_BUF
+    unsigned char rbuf[131072]  # READ_BUF
 
 
 cdef class TunnelWorker:

@@ -54,6 +54,7 @@ from nodeproxy._h2 cimport (
     NGHTTP2_SETTINGS,
     NGHTTP2_SETTINGS_ENABLE_PUSH,
     NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+    NGHTTP2_SETTINGS_MAX_FRAME_SIZE,
     NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
     nghttp2_option_del,
     nghttp2_option_new,
@@ -471,6 +472,14 @@ cdef int _on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t 
     return 0
 
 
+cdef ssize_t _read_length(nghttp2_session *session, uint8_t frame_type, int32_t stream_id,
+                          int32_t session_remote_window_size, int32_t stream_remote_window_size,
+                          uint32_t remote_max_frame_size, void *user_data) noexcept nogil:
+    # DATA frames as large as the peer allows (MAX_FRAME between our engines) instead of nghttp2's
+    # 16 KiB: one recv() from the plain socket per frame; nghttp2 clamps this to the windows.
+    return remote_max_frame_size if remote_max_frame_size > 0 else 1
+
+
 cdef ssize_t _read_plain(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
                          uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept nogil:
     # The DATA source of a stream: read the plain socket straight into nghttp2's frame buffer. Called only
@@ -765,11 +774,17 @@ cdef TlsConn *_new_tls(Engine *e, int fd, bint server, SSL_CTX *ctx) noexcept no
     if t == NULL:
         return NULL
     t.ssl = SSL_new(ctx)
-    if t.ssl == NULL or SSL_set_fd(t.ssl, fd) != 1:
+    # Records are read from the socket by OpenSSL (read-ahead) but written into a memory BIO, which
+    # _wire_send empties with one send() per WIRE_CHUNK: a socket BIO costs one write() per 16 KiB record.
+    t.wbio = BIO_new(BIO_s_mem())
+    if t.ssl == NULL or t.wbio == NULL or SSL_set_fd(t.ssl, fd) != 1:
         if t.ssl != NULL:
             SSL_free(t.ssl)
+        if t.wbio != NULL:
+            BIO_free(t.wbio)
         free(t)
         return NULL
+    SSL_set0_wbio(t.ssl, t.wbio)  # the SSL owns it from now on
     t.kind = KIND_TLS
     t.engine = e
     e.next_tls_id += 1
@@ -825,6 +840,8 @@ cdef void _tls_close(Engine *e, TlsConn *t) noexcept nogil:
     t.fd = -1
     free(t.out)
     t.out = NULL
+    free(t.wire)
+    t.wire = NULL
     if t.prev != NULL:
         t.prev.next = t.next
     else:
@@ -839,6 +856,8 @@ cdef void _tls_close(Engine *e, TlsConn *t) noexcept nogil:
 cdef void _tls_fail(Engine *e, TlsConn *t, int err, const char *reason) noexcept nogil:
     if t.dead:
         return
+    if t.ssl != NULL:
+        _wire_send(t)  # best effort: the alert OpenSSL wrote, so the peer learns why
     if t.state < T_OPEN or t.nstreams > 0:
         _record_tls(e, t, REC_TLS_FAILED, err, reason)
     _tls_close(e, t)
@@ -863,19 +882,59 @@ cdef void _fail_reason(TlsConn *t, char *out, size_t cap, const char *fallback) 
     _copy_text(out, cap, fallback, strlen(fallback))
 
 
+cdef int _wire_send(TlsConn *t) noexcept nogil:
+    """Move encrypted bytes from the memory BIO to the socket until it pushes back (write_blocked) or
+    nothing is left; -1 (errno set) if the socket failed."""
+    cdef ssize_t n
+    cdef size_t pending
+    cdef int got
+    while True:
+        if t.wire_off < t.wire_len:
+            n = send(t.fd, t.wire + t.wire_off, t.wire_len - t.wire_off, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    t.write_blocked = True
+                    return 0
+                return -1
+            t.wire_off += n
+            continue
+        t.wire_off = t.wire_len = 0
+        pending = BIO_ctrl_pending(t.wbio)
+        if pending == 0:
+            free(t.wire)  # an idle connection holds no wire buffer
+            t.wire = NULL
+            return 0
+        if t.wire == NULL:
+            t.wire = <unsigned char*>malloc(WIRE_CHUNK)
+            if t.wire == NULL:
+                np_set_errno(ENOMEM)
+                return -1
+        got = BIO_read(t.wbio, t.wire, <int>(pending if pending < WIRE_CHUNK else WIRE_CHUNK))
+        if got <= 0:
+            return 0
+        t.wire_len = <size_t>got
+
+
+cdef inline size_t _wire_backlog(TlsConn *t) noexcept nogil:
+    return BIO_ctrl_pending(t.wbio) + (t.wire_len - t.wire_off)
+
+
 cdef int _handshake(Engine *e, TlsConn *t) noexcept nogil:
     cdef int rc, err
     cdef char reason[256]
     ERR_clear_error()
     rc = SSL_do_handshake(t.ssl)
+    err = SSL_get_error(t.ssl, rc) if rc != 1 else SSL_ERROR_NONE
+    if (rc == 1 or err == SSL_ERROR_WANT_READ) and _wire_send(t) < 0:
+        snprintf(reason, sizeof(reason), "send failed during the TLS handshake: errno %d", errno)
+        _tls_fail(e, t, errno, reason)
+        return -1
     if rc == 1:
         return _open_session(e, t)
-    err = SSL_get_error(t.ssl, rc)
     if err == SSL_ERROR_WANT_READ:
         t.readable = False
-        return 0
-    if err == SSL_ERROR_WANT_WRITE:
-        t.write_blocked = True
         return 0
     _fail_reason(t, reason, sizeof(reason), "connection closed during the TLS handshake")
     _tls_fail(e, t, errno if err == SSL_ERROR_SYSCALL and errno != 0 else EPROTO, reason)
@@ -883,8 +942,8 @@ cdef int _handshake(Engine *e, TlsConn *t) noexcept nogil:
 
 
 cdef int _open_session(Engine *e, TlsConn *t) noexcept nogil:
-    cdef nghttp2_settings_entry settings[3]
-    cdef int rc, n = 2
+    cdef nghttp2_settings_entry settings[4]
+    cdef int rc, n = 3
     cdef Stream *s
     cdef Stream *next
     if t.server:
@@ -901,10 +960,12 @@ cdef int _open_session(Engine *e, TlsConn *t) noexcept nogil:
     settings[0].value = e.max_streams
     settings[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
     settings[1].value = e.stream_window
+    settings[2].settings_id = NGHTTP2_SETTINGS_MAX_FRAME_SIZE
+    settings[2].value = MAX_FRAME
     if not t.server:
-        settings[2].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
-        settings[2].value = 0
-        n = 3
+        settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+        settings[3].value = 0
+        n = 4
     if (nghttp2_submit_settings(t.session, NGHTTP2_FLAG_NONE, settings, n) != 0
             or nghttp2_session_set_local_window_size(t.session, NGHTTP2_FLAG_NONE, 0,
                                                      <int32_t>e.connection_window) != 0):
@@ -945,35 +1006,45 @@ cdef int _submit_connect(Engine *e, Stream *s) noexcept nogil:
 
 
 cdef int _tls_read(Engine *e, TlsConn *t) noexcept nogil:
-    """Decrypt and feed nghttp2 until the socket is drained (or the turn's budget is spent); -1 if t ended."""
-    cdef int rc, err, turns = TLS_READS_PER_TURN
+    """Decrypt and feed nghttp2 until the socket is drained (or the turn's budget is spent); -1 if t ended.
+
+    Records are gathered up to READ_BUF before nghttp2 sees them, so a stream's DATA reaches its plain
+    socket in one send() per batch rather than one per 16 KiB record."""
+    cdef int rc, err = SSL_ERROR_NONE, turns = TLS_READS_PER_TURN
+    cdef size_t filled
     cdef ssize_t fed
     cdef char reason[256]
     while t.readable and turns > 0 and not t.dead:
         turns -= 1
+        filled = 0
+        err = SSL_ERROR_NONE
         ERR_clear_error()
-        rc = SSL_read(t.ssl, e.rbuf, READ_BUF)
-        if rc <= 0:
+        while filled + RECORD_MAX <= READ_BUF:
+            rc = SSL_read(t.ssl, e.rbuf + filled, <int>(READ_BUF - filled))
+            if rc > 0:
+                filled += <size_t>rc
+                continue
             err = SSL_get_error(t.ssl, rc)
             if err == SSL_ERROR_WANT_READ:
                 t.readable = False
-                break
-            if err == SSL_ERROR_WANT_WRITE:
-                t.write_blocked = True
-                break
-            if err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and errno == 0):
-                _tls_fail(e, t, ECONNRESET, "the peer closed the TLS connection")
-            else:
-                _fail_reason(t, reason, sizeof(reason), "TLS read failed")
-                _tls_fail(e, t, errno if err == SSL_ERROR_SYSCALL else EPROTO, reason)
-            return -1
-        fed = nghttp2_session_mem_recv(t.session, e.rbuf, rc)
-        if fed < 0:
-            # nghttp2 queued a GOAWAY: send it if the socket takes it, then give up the connection.
-            _tls_flush(e, t)
-            if not t.dead:
-                _tls_fail(e, t, EPROTO, nghttp2_strerror(<int>fed))
-            return -1
+                err = SSL_ERROR_NONE
+            break
+        if filled > 0:
+            fed = nghttp2_session_mem_recv(t.session, e.rbuf, filled)
+            if fed < 0:
+                # nghttp2 queued a GOAWAY: send it if the socket takes it, then give up the connection.
+                _tls_flush(e, t)
+                if not t.dead:
+                    _tls_fail(e, t, EPROTO, nghttp2_strerror(<int>fed))
+                return -1
+        if err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_NONE:
+            continue
+        if err == SSL_ERROR_ZERO_RETURN or (err == SSL_ERROR_SYSCALL and errno == 0):
+            _tls_fail(e, t, ECONNRESET, "the peer closed the TLS connection")
+        else:
+            _fail_reason(t, reason, sizeof(reason), "TLS read failed")
+            _tls_fail(e, t, errno if err == SSL_ERROR_SYSCALL else EPROTO, reason)
+        return -1
     _mark_dirty(e, t)
     return 0
 
@@ -982,7 +1053,7 @@ cdef int _out_append(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
     cdef size_t want
     cdef unsigned char *grown
     if t.out_cap - t.out_len < n:
-        want = t.out_cap * 2 if t.out_cap else TLS_OUT_FILL * 2
+        want = t.out_cap * 2 if t.out_cap else TLS_OUT_FILL + MAX_FRAME + 1024
         while want - t.out_len < n:
             want *= 2
         grown = <unsigned char*>realloc(t.out, want)
@@ -996,31 +1067,23 @@ cdef int _out_append(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
 
 
 cdef int _tls_flush(Engine *e, TlsConn *t) noexcept nogil:
-    """Frame what nghttp2 has to send and write it through TLS until the socket pushes back."""
-    cdef int rc, err
+    """Frame what nghttp2 has to send, encrypt it and send it, until the socket pushes back (then at most
+    WIRE_HIGH encrypted bytes wait here) or nothing is left; -1 if t ended."""
+    cdef int rc
+    cdef size_t done
     cdef ssize_t n
     cdef const uint8_t *p
     cdef char reason[256]
     if t.dead or t.state < T_OPEN or t.session == NULL:
         return 0
     while True:
-        while t.out_off < t.out_len:
-            if t.write_blocked:
-                return 0
-            ERR_clear_error()
-            rc = SSL_write(t.ssl, t.out + t.out_off, <int>(t.out_len - t.out_off))
-            if rc <= 0:
-                err = SSL_get_error(t.ssl, rc)
-                if err == SSL_ERROR_WANT_WRITE:
-                    t.write_blocked = True
-                    return 0
-                if err == SSL_ERROR_WANT_READ:
-                    return 0  # the read side resumes us
-                _fail_reason(t, reason, sizeof(reason), "TLS write failed")
-                _tls_fail(e, t, errno if err == SSL_ERROR_SYSCALL and errno != 0 else EPROTO, reason)
-                return -1
-            t.out_off += rc
-        t.out_off = t.out_len = 0
+        if _wire_send(t) < 0:
+            snprintf(reason, sizeof(reason), "send failed: errno %d", errno)
+            _tls_fail(e, t, errno, reason)
+            return -1
+        if t.write_blocked or _wire_backlog(t) >= WIRE_HIGH:
+            return 0
+        t.out_len = 0
         while t.out_len < TLS_OUT_FILL:
             n = nghttp2_session_mem_send(t.session, &p)
             if n < 0:
@@ -1033,8 +1096,20 @@ cdef int _tls_flush(Engine *e, TlsConn *t) noexcept nogil:
                 return -1
         if t.out_len == 0:
             break
-    if t.out_cap > TLS_OUT_FILL * 4:
-        free(t.out)  # an unusually large frame grew it; idle connections keep at most the usual size
+        # Into the memory BIO, which never pushes back: every byte, a record (or, with partial writes
+        # on, a few records) per call, or a failure.
+        done = 0
+        while done < t.out_len:
+            ERR_clear_error()
+            rc = SSL_write(t.ssl, t.out + done, <int>(t.out_len - done))
+            if rc <= 0:
+                _fail_reason(t, reason, sizeof(reason), "TLS write failed")
+                _tls_fail(e, t, ENOMEM, reason)
+                return -1
+            done += <size_t>rc
+        t.out_len = 0
+    if t.out_cap > TLS_OUT_FILL + MAX_FRAME + 1024:
+        free(t.out)  # an unusually large frame grew it
         t.out = NULL
         t.out_cap = 0
     if nghttp2_session_want_read(t.session) == 0 and nghttp2_session_want_write(t.session) == 0:
@@ -1339,6 +1414,10 @@ cdef void _scan(Engine *e) noexcept nogil:
         _accept(e)
     while t != NULL:
         next = t.next
+        if t.nstreams == 0 and t.out != NULL:
+            free(t.out)  # a connection without streams keeps no framing buffer
+            t.out = NULL
+            t.out_cap = 0
         if t.state < T_OPEN:
             if e.now_ns > t.deadline_ns:
                 _tls_fail(e, t, ETIMEDOUT, "TLS connect or handshake timed out")
@@ -1518,6 +1597,7 @@ cdef class TunnelWorker:
         nghttp2_session_callbacks_set_on_frame_send_callback(self.e.callbacks, _on_frame_send)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(self.e.callbacks, _on_data_chunk)
         nghttp2_session_callbacks_set_on_stream_close_callback(self.e.callbacks, _on_stream_close)
+        nghttp2_session_callbacks_set_data_source_read_length_callback(self.e.callbacks, _read_length)
         # Credit DATA only once written to the plain socket (nghttp2_session_consume).
         nghttp2_option_set_no_auto_window_update(self.e.option, 1)
         self.e.epfd = epoll_create1(EPOLL_CLOEXEC)
