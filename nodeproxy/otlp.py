@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import h11
 import structlog
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -210,6 +211,7 @@ class OtlpExporter:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._failing = False
+        self._warned_answer = False
 
     # -- event loop side -------------------------------------------------------------------------------
 
@@ -308,38 +310,17 @@ class OtlpExporter:
         batch = [queue.popleft() for _ in range(min(len(queue), self.batch_size))]
         if not batch:
             return True
-        rejected = 0
         try:
-            body = encode_spans(batch, self.service_name)
-            answer = self._post(body, deadline)
-            if answer:
-                response = ExportTraceServiceResponse()
-                response.ParseFromString(answer)
-                rejected = min(len(batch), response.partial_success.rejected_spans)
-                if rejected:
-                    self.rejected += rejected
-                    log.warning(
-                        "collector rejected spans",
-                        rejected=rejected,
-                        message=response.partial_success.error_message[:512],
-                    )
+            answer = self._post(encode_spans(batch, self.service_name), deadline)
         except (OSError, h11.ProtocolError, ExportError, ValueError) as err:
-            self._disconnect()
-            self.failed += len(batch)
-            retry_after = err.retry_after if isinstance(err, ExportError) else None
-            self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
-            wait = min(BACKOFF_MAX, max(self._backoff, retry_after or 0.0))
-            self._retry_at = time.monotonic() + wait
-            if not self._failing:  # one line when exports start failing, one when they work again
-                self._failing = True
-                log.warning(
-                    "span export failed; spans are dropped until the collector answers",
-                    endpoint=f"{self.host}:{self.port}{self.path}",
-                    error=str(err)[:512],
-                    spans=len(batch),
-                    retry_in_s=round(wait, 3),
-                )
+            self._failed(len(batch), err)
             return False
+        except Exception as err:  # a bug: logged with its traceback, and the export thread goes on
+            log.exception("span export failed unexpectedly")
+            self._failed(len(batch), err)
+            return False
+        rejected = min(len(batch), self._rejected_spans(answer))
+        self.rejected += rejected
         self.exported += len(batch) - rejected
         self.batches += 1
         self._backoff = 0.0
@@ -348,6 +329,50 @@ class OtlpExporter:
             self._failing = False
             log.info("span export works again", endpoint=f"{self.host}:{self.port}{self.path}")
         return True
+
+    def _rejected_spans(self, answer: bytes) -> int:
+        """Spans a 2xx answer reports as rejected (a partial success). An answer that is not an
+        ExportTraceServiceResponse (a proxy's page, JSON) still means the spans were taken."""
+        if not answer:
+            return 0
+        response = ExportTraceServiceResponse()
+        try:
+            response.ParseFromString(answer)
+        except DecodeError:
+            if not self._warned_answer:
+                self._warned_answer = True
+                log.warning(
+                    "collector answer is not an OTLP ExportTraceServiceResponse; spans count as taken",
+                    endpoint=f"{self.host}:{self.port}{self.path}",
+                    answer=answer[:64].decode("ascii", "replace"),
+                )
+            return 0
+        rejected = response.partial_success.rejected_spans
+        if rejected:
+            log.warning(
+                "collector rejected spans",
+                rejected=rejected,
+                message=response.partial_success.error_message[:512],
+            )
+        return rejected
+
+    def _failed(self, spans: int, err: Exception) -> None:
+        """An export failed: its spans are dropped (counted) and the next export waits for the backoff."""
+        self._disconnect()
+        self.failed += spans
+        retry_after = err.retry_after if isinstance(err, ExportError) else None
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
+        wait = min(BACKOFF_MAX, max(self._backoff, retry_after or 0.0))
+        self._retry_at = time.monotonic() + wait
+        if not self._failing:  # one line when exports start failing, one when they work again
+            self._failing = True
+            log.warning(
+                "span export failed; spans are dropped until the collector answers",
+                endpoint=f"{self.host}:{self.port}{self.path}",
+                error=str(err)[:512],
+                spans=spans,
+                retry_in_s=round(wait, 3),
+            )
 
     def _connect(self, deadline: float) -> tuple[socket.socket, h11.Connection]:
         if self._sock is not None and self._http is not None:

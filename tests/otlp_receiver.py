@@ -72,6 +72,7 @@ class OtlpReceiver:
         # Close each connection after answering without saying so (no `Connection: close`), as a
         # collector whose keep-alive idle timeout has run out does between two exports.
         self.drop_idle_connections = False
+        self.answer_body: bytes | None = None  # answer this instead of an ExportTraceServiceResponse
         self.stall = threading.Event()
         self.unstalled = threading.Event()
         self.arrived = threading.Condition()
@@ -95,6 +96,8 @@ class OtlpReceiver:
                         response.partial_success.rejected_spans = receiver.rejected
                         response.partial_success.error_message = "test rejects"
                     answer = response.SerializeToString()
+                if receiver.answer_body is not None:
+                    answer = receiver.answer_body
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(answer)))

@@ -335,3 +335,20 @@ def test_client_text_is_cut_before_it_is_queued(monkeypatch: pytest.MonkeyPatch)
         status=200, grpc_status=-1, upstream=None, attempts=1, flags="-",
     )  # fmt: skip
     assert queued[1][3] == "a=1" and queued[1][6:9] == ("GET", None, "/")
+
+
+def test_a_2xx_answer_that_is_not_protobuf_counts_as_accepted_and_export_goes_on() -> None:
+    """A collector (or a proxy in front of it) answering 200 with HTML or JSON: the spans were taken;
+    the export thread must not die on the answer it cannot parse."""
+    with OtlpReceiver() as receiver:
+        receiver.answer_body = b"<html>ok</html>"
+        exporter = OtlpExporter(config(receiver.url, batch_size=1, export_interval="10ms"))
+        try:
+            exporter.submit(record(0))
+            receiver.wait_spans(1)
+            time.sleep(0.05)
+            exporter.submit(record(1))
+            receiver.wait_spans(2)
+        finally:
+            exporter.close(2)
+    assert (exporter.exported, exporter.failed) == (2, 0)
