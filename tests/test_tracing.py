@@ -448,3 +448,32 @@ def test_start_fields_reads_the_engines_header_pairs() -> None:
     twice = Tracer().start_fields((("traceparent", f"00-{TRACE}-{SPAN}-01"),) * 2)
     assert twice.trace_id != TRACE and twice.parent_span_id is None
     assert Tracer().start_fields(()).parent_span_id is None
+
+
+header_values = st.one_of(
+    st.text(max_size=70),
+    st.sampled_from(["0", "1", "d", "true", "false", f"00-{TRACE}-{SPAN}-01", f"{TRACE}-{SPAN}-1-{PARENT}"]),
+    trace_ids,
+    span_ids,
+)
+
+
+@given(st.dictionaries(st.sampled_from(sorted(HEADER_NAMES)), header_values, max_size=9))
+def test_start_never_fails_and_always_emits_valid_headers(headers: dict[str, str]) -> None:
+    start, sent = upstream(Tracer(TracingConfig(sampling=50)), headers)
+    assert len(start.trace_id) == 32 and start.trace_id != "0" * 32
+    assert start.request_id == sent["x-request-id"] != ""
+    emitted = dict(start.set_headers)
+    if "traceparent" in emitted:
+        context = parse_traceparent(emitted["traceparent"])
+        assert context is not None and context.span_id == start.span_id
+        assert context.sampled == start.sampled
+    if "b3" in emitted:
+        single = parse_b3_single(emitted["b3"])
+        assert single is not None and single.span_id == start.span_id and single.sampled == start.sampled
+    if "x-b3-traceid" in emitted:
+        multi = parse_b3_multi(sent)
+        assert multi is not None and multi.span_id == start.span_id and multi.sampled == start.sampled
+    assert emitted.keys() & {"traceparent", "b3", "x-b3-traceid"}  # some context always goes upstream
+    if start.parent_span_id is None:
+        assert "x-b3-parentspanid" not in sent
