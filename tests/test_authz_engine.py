@@ -380,3 +380,53 @@ def test_workloads_on_node_from_identity_config() -> None:
     ]
     table = workloads_on_node(records, "node-a", {"10.244.1.10": {"app": "web"}})
     assert table == {"10.244.1.10": Workload.of("shop", "web", {"app": "web"})}
+
+
+def test_authz_section_errors_through_the_root_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `authz` on the root Config (as the lead hangs it), every problem is its own line at its
+    YAML position, and a valid section parses."""
+    import nodeproxy.config as root
+
+    class WithAuthz(root.Config):
+        authz: AuthzConfig = AuthzConfig()
+
+    monkeypatch.setattr(root, "Config", WithAuthz)
+    base = (Path(root.__file__).parent / "default-config.yaml").read_text()
+    bad = (
+        base
+        + """
+authz:
+  peer_authentication:
+    - {name: a, mode: STRICT}
+    - {name: b, mode: PERMISSIVE}
+"""
+    )
+    with pytest.raises(root.ConfigError) as failure:
+        root.parse_config(bad, "t.yaml")
+    expected = "a second mesh-wide object (the first is peer_authentication[0]); keep one"
+    assert failure.value.problems[0].endswith(f"authz.peer_authentication[1]: {expected}")
+    bad = (
+        base
+        + """
+authz:
+  authorization_policies:
+    - name: p
+      rules:
+        - from: [{principals: ["a*b"], nope: 1}]
+          when: [{key: "request.headers", values: [x]}]
+"""
+    )
+    with pytest.raises(root.ConfigError) as failure:
+        root.parse_config(bad, "t.yaml")
+    problems = "\n".join(failure.value.problems)
+    assert "authz.authorization_policies[0].rules[0].from[0].principals[0]: '*' may only be" in problems
+    assert "authz.authorization_policies[0].rules[0].from[0].nope: unknown key 'nope'" in problems
+    assert (
+        "authz.authorization_policies[0].rules[0].when[0].key: request.headers takes one header name"
+        in problems
+    )
+    good = root.parse_config(
+        base + "\nauthz:\n  authorization_policies: [{name: p, rules: [{from: [{namespaces: [a]}]}]}]\n"
+    )
+    assert isinstance(good, WithAuthz)
+    assert good.authz.authorization_policies[0].rules[0].from_ is not None

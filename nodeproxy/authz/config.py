@@ -595,7 +595,7 @@ class AuthzConfig(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
-        problems: list[str] = []
+        problems: list[tuple[str, str]] = []
         for kind, items in (
             ("peer_authentication", self.peer_authentication),
             ("request_authentication", self.request_authentication),
@@ -605,15 +605,20 @@ class AuthzConfig(_Model):
             for i, item in enumerate(items):
                 key = (item.namespace, item.name)
                 if key in seen:
-                    problems.append(f"{kind}[{i}]: {item.qualified_name} is also {kind}[{seen[key]}]")
+                    problems.append(
+                        (f"{kind}[{i}].name", f"{item.qualified_name} is also {kind}[{seen[key]}]")
+                    )
                 seen[key] = i
         problems.extend(_one_wide_peer_authentication(self.peer_authentication))
         if problems:
-            raise ValueError("; ".join(problems))
+            # The root config's error type: one reported line per problem, each at its own path.
+            from nodeproxy.config import _raise_problems
+
+            _raise_problems(problems)
         return self
 
 
-def _one_wide_peer_authentication(items: Sequence[PeerAuthentication]) -> list[str]:
+def _one_wide_peer_authentication(items: Sequence[PeerAuthentication]) -> list[tuple[str, str]]:
     # Two mesh-wide (or two namespace-wide) modes would leave the effective mode to the order of
     # the list; Istio picks the oldest, which a file has no notion of.
     problems = []
@@ -624,8 +629,12 @@ def _one_wide_peer_authentication(items: Sequence[PeerAuthentication]) -> list[s
         if item.namespace in wide:
             where = "mesh" if item.namespace is None else f"namespace {item.namespace}"
             problems.append(
-                f"peer_authentication[{i}]: a second {where}-wide object (the first is "
-                f"peer_authentication[{wide[item.namespace]}]); keep one"
+                (
+                    f"peer_authentication[{i}]",
+                    f"a second {where}-wide object (the first is "
+                    f"peer_authentication[{wide[item.namespace]}]); keep one",
+                )
             )
-        wide[item.namespace] = i
+        else:
+            wide[item.namespace] = i
     return problems
