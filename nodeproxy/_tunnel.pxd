@@ -271,6 +271,72 @@ cdef extern from *:
         return SSL_CTX_set_alpn_protos(ctx, np_alpn_h2, sizeof(np_alpn_h2));  /* 0 on success */
     }
 
+    /* The write side of a TLS connection: OpenSSL appends each record here (a BIO of our own, so the
+       record is copied once, into the buffer the engine send()s from: a memory BIO would need a second
+       copy out of it). The engine drains it with send(); off..len is what the socket has not taken. */
+    struct np_wire {
+        unsigned char *data;
+        size_t off;
+        size_t len;
+        size_t cap;
+    };
+
+    static BIO_METHOD *np_wire_method = NULL;
+
+    static int np_wire_write(BIO *b, const char *in, int inlen) {
+        struct np_wire *w = BIO_get_data(b);
+        size_t n = (size_t)inlen, held, want;
+        unsigned char *grown;
+        if (w == NULL || inlen < 0) return -1;
+        if (w->cap - w->len < n) {
+            held = w->len - w->off;
+            if (w->off > 0 && w->cap - held >= n) {
+                memmove(w->data, w->data + w->off, held);
+            } else {
+                want = w->cap ? w->cap * 2 : 262144;
+                while (want - held < n) want *= 2;
+                grown = malloc(want);
+                if (grown == NULL) return -1;
+                if (held) memcpy(grown, w->data + w->off, held);
+                free(w->data);
+                w->data = grown;
+                w->cap = want;
+            }
+            w->off = 0;
+            w->len = held;
+        }
+        memcpy(w->data + w->len, in, n);
+        w->len += n;
+        return inlen;
+    }
+
+    static long np_wire_ctrl(BIO *b, int cmd, long num, void *ptr) {
+        struct np_wire *w = BIO_get_data(b);
+        switch (cmd) {
+        case BIO_CTRL_FLUSH: return 1;  /* the engine sends when it is ready to */
+        case BIO_CTRL_WPENDING:
+        case BIO_CTRL_PENDING: return w ? (long)(w->len - w->off) : 0;
+        default: return 0;
+        }
+    }
+
+    static int np_wire_init(void) {
+        if (np_wire_method != NULL) return 0;
+        np_wire_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "nodeproxy tunnel wire");
+        if (np_wire_method == NULL || !BIO_meth_set_write(np_wire_method, np_wire_write)
+                || !BIO_meth_set_ctrl(np_wire_method, np_wire_ctrl))
+            return -1;
+        return 0;
+    }
+
+    static BIO *np_wire_bio(struct np_wire *w) {
+        BIO *b = np_wire_method ? BIO_new(np_wire_method) : NULL;
+        if (b == NULL) return NULL;
+        BIO_set_data(b, w);
+        BIO_set_init(b, 1);
+        return b;
+    }
+
     static int np_check_index(void) {
         if (np_check_ex_index < 0)
             np_check_ex_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
@@ -301,6 +367,13 @@ cdef extern from *:
         char expected[1024]
         char identity[1024]
         int svid_error
+    struct np_wire:
+        unsigned char *data
+        size_t off
+        size_t len
+        size_t cap
+    int np_wire_init() nogil
+    BIO *np_wire_bio(np_wire *w) nogil
     int np_check_index() nogil
     void np_set_verify(SSL_CTX *ctx, int server) nogil
     int np_set_alpn(SSL_CTX *ctx, int server) nogil
@@ -317,10 +390,10 @@ cdef enum:
     EVENTS_PER_WAIT = 256
     READ_BUF = 131072      # decrypted records gathered before one nghttp2 feed (then one send per stream)
     RECORD_MAX = 16384     # plaintext of one TLS record
-    TLS_OUT_FILL = 262144  # frames gathered before SSL_write: full 16 KiB records, one send() for several
+    TLS_OUT_FILL = 262144  # framed bytes encrypted per flush round before the socket gets them
+    SMALL_FRAME = 4096     # frames below this are gathered (one record for several); larger ones go as is
     WIRE_HIGH = 524288     # encrypted bytes waiting for the socket above which no more are produced
     MAX_FRAME = 65536      # SETTINGS_MAX_FRAME_SIZE both ways: 64 KiB DATA frames, one recv() each
-    WIRE_CHUNK = 262144    # encrypted bytes moved from the memory BIO per send()
     TLS_READS_PER_TURN = 32
     AUTHORITY_MAX = 256
     FORWARDED_MAX = 128
@@ -404,10 +477,7 @@ cdef struct TlsConn:
     unsigned char *out       # frames gathered for one SSL_write
     size_t out_len
     size_t out_cap
-    BIO *wbio                # SSL writes records here (memory); _wire_send moves them to the socket
-    unsigned char *wire      # encrypted bytes taken from wbio, not yet accepted by the socket
-    size_t wire_off
-    size_t wire_len
+    np_wire wire             # records OpenSSL wrote (through np_wire_bio) that the socket has not taken
     np_peer_check check
     # The header block being received (one at a time: HEADERS and CONTINUATION are contiguous).
     int32_t hdr_stream

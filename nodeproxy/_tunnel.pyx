@@ -336,8 +336,8 @@ cdef class TlsContext:
         np_set_verify(self.ctx, server)
         if np_set_alpn(self.ctx, server) != 0:
             raise ValueError(_openssl_error("ALPN"))
-        if np_check_index() < 0:
-            raise MemoryError("SSL_get_ex_new_index")
+        if np_check_index() < 0 or np_wire_init() < 0:
+            raise MemoryError("SSL_get_ex_new_index / BIO_meth_new")
 
     def __dealloc__(self):
         if self.ctx != NULL:
@@ -773,18 +773,19 @@ cdef TlsConn *_new_tls(Engine *e, int fd, bint server, SSL_CTX *ctx) noexcept no
     cdef epoll_event ev
     if t == NULL:
         return NULL
+    cdef BIO *wbio
     t.ssl = SSL_new(ctx)
-    # Records are read from the socket by OpenSSL (read-ahead) but written into a memory BIO, which
-    # _wire_send empties with one send() per WIRE_CHUNK: a socket BIO costs one write() per 16 KiB record.
-    t.wbio = BIO_new(BIO_s_mem())
-    if t.ssl == NULL or t.wbio == NULL or SSL_set_fd(t.ssl, fd) != 1:
+    # Records are read from the socket by OpenSSL (read-ahead) but written into t.wire, which _wire_send
+    # empties with few large send()s: a socket BIO costs one write() per 16 KiB record.
+    wbio = np_wire_bio(&t.wire)
+    if t.ssl == NULL or wbio == NULL or SSL_set_fd(t.ssl, fd) != 1:
         if t.ssl != NULL:
             SSL_free(t.ssl)
-        if t.wbio != NULL:
-            BIO_free(t.wbio)
+        if wbio != NULL:
+            BIO_free(wbio)
         free(t)
         return NULL
-    SSL_set0_wbio(t.ssl, t.wbio)  # the SSL owns it from now on
+    SSL_set0_wbio(t.ssl, wbio)  # the SSL owns it from now on
     t.kind = KIND_TLS
     t.engine = e
     e.next_tls_id += 1
@@ -840,8 +841,8 @@ cdef void _tls_close(Engine *e, TlsConn *t) noexcept nogil:
     t.fd = -1
     free(t.out)
     t.out = NULL
-    free(t.wire)
-    t.wire = NULL
+    free(t.wire.data)
+    t.wire.data = NULL
     if t.prev != NULL:
         t.prev.next = t.next
     else:
@@ -883,42 +884,38 @@ cdef void _fail_reason(TlsConn *t, char *out, size_t cap, const char *fallback) 
 
 
 cdef int _wire_send(TlsConn *t) noexcept nogil:
-    """Move encrypted bytes from the memory BIO to the socket until it pushes back (write_blocked) or
-    nothing is left; -1 (errno set) if the socket failed."""
+    """Send the records OpenSSL wrote until the socket pushes back (write_blocked) or none is left;
+    -1 (errno set) if the socket failed."""
     cdef ssize_t n
-    cdef size_t pending
-    cdef int got
-    while True:
-        if t.wire_off < t.wire_len:
-            n = send(t.fd, t.wire + t.wire_off, t.wire_len - t.wire_off, MSG_NOSIGNAL)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    t.write_blocked = True
-                    return 0
-                return -1
-            t.wire_off += n
-            continue
-        t.wire_off = t.wire_len = 0
-        pending = BIO_ctrl_pending(t.wbio)
-        if pending == 0:
-            free(t.wire)  # an idle connection holds no wire buffer
-            t.wire = NULL
-            return 0
-        if t.wire == NULL:
-            t.wire = <unsigned char*>malloc(WIRE_CHUNK)
-            if t.wire == NULL:
-                np_set_errno(ENOMEM)
-                return -1
-        got = BIO_read(t.wbio, t.wire, <int>(pending if pending < WIRE_CHUNK else WIRE_CHUNK))
-        if got <= 0:
-            return 0
-        t.wire_len = <size_t>got
+    while t.wire.off < t.wire.len:
+        n = send(t.fd, t.wire.data + t.wire.off, t.wire.len - t.wire.off, MSG_NOSIGNAL)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                t.write_blocked = True
+                return 0
+            return -1
+        t.wire.off += n
+    t.wire.off = t.wire.len = 0
+    return 0
 
 
 cdef inline size_t _wire_backlog(TlsConn *t) noexcept nogil:
-    return BIO_ctrl_pending(t.wbio) + (t.wire_len - t.wire_off)
+    return t.wire.len - t.wire.off
+
+
+cdef int _ssl_write_all(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
+    """Encrypt p[:n] into t.wire (which never pushes back): a record or a few per SSL_write call."""
+    cdef int rc
+    cdef size_t done = 0
+    while done < n:
+        ERR_clear_error()
+        rc = SSL_write(t.ssl, p + done, <int>(n - done))
+        if rc <= 0:
+            return -1
+        done += <size_t>rc
+    return 0
 
 
 cdef int _handshake(Engine *e, TlsConn *t) noexcept nogil:
@@ -1053,7 +1050,7 @@ cdef int _out_append(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
     cdef size_t want
     cdef unsigned char *grown
     if t.out_cap - t.out_len < n:
-        want = t.out_cap * 2 if t.out_cap else TLS_OUT_FILL + MAX_FRAME + 1024
+        want = t.out_cap * 2 if t.out_cap else RECORD_MAX
         while want - t.out_len < n:
             want *= 2
         grown = <unsigned char*>realloc(t.out, want)
@@ -1068,10 +1065,13 @@ cdef int _out_append(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
 
 cdef int _tls_flush(Engine *e, TlsConn *t) noexcept nogil:
     """Frame what nghttp2 has to send, encrypt it and send it, until the socket pushes back (then at most
-    WIRE_HIGH encrypted bytes wait here) or nothing is left; -1 if t ended."""
-    cdef int rc
-    cdef size_t done
+    about WIRE_HIGH encrypted bytes wait here) or nothing is left; -1 if t ended.
+
+    Large frames (DATA) are encrypted where nghttp2 framed them; small ones (WINDOW_UPDATE, HEADERS,
+    short DATA) are gathered first so that several share one record."""
     cdef ssize_t n
+    cdef size_t produced
+    cdef bint failed
     cdef const uint8_t *p
     cdef char reason[256]
     if t.dead or t.state < T_OPEN or t.session == NULL:
@@ -1083,35 +1083,43 @@ cdef int _tls_flush(Engine *e, TlsConn *t) noexcept nogil:
             return -1
         if t.write_blocked or _wire_backlog(t) >= WIRE_HIGH:
             return 0
-        t.out_len = 0
-        while t.out_len < TLS_OUT_FILL:
+        produced = 0
+        failed = False
+        while produced < TLS_OUT_FILL:
             n = nghttp2_session_mem_send(t.session, &p)
             if n < 0:
                 _tls_fail(e, t, EPROTO, nghttp2_strerror(<int>n))
                 return -1
             if n == 0:
                 break
-            if _out_append(t, p, <size_t>n) < 0:
-                _tls_fail(e, t, ENOMEM, "out of memory framing TLS output")
-                return -1
-        if t.out_len == 0:
+            produced += <size_t>n
+            if <size_t>n < SMALL_FRAME:
+                if t.out_len + <size_t>n > RECORD_MAX:
+                    failed = _ssl_write_all(t, t.out, t.out_len) < 0
+                    t.out_len = 0
+                    if failed:
+                        break
+                if _out_append(t, p, <size_t>n) < 0:
+                    _tls_fail(e, t, ENOMEM, "out of memory framing TLS output")
+                    return -1
+                continue
+            if t.out_len > 0:
+                failed = _ssl_write_all(t, t.out, t.out_len) < 0
+                t.out_len = 0
+                if failed:
+                    break
+            if _ssl_write_all(t, p, <size_t>n) < 0:
+                failed = True
+                break
+        if not failed and t.out_len > 0:
+            failed = _ssl_write_all(t, t.out, t.out_len) < 0
+            t.out_len = 0
+        if failed:
+            _fail_reason(t, reason, sizeof(reason), "TLS write failed")
+            _tls_fail(e, t, ENOMEM, reason)
+            return -1
+        if produced == 0:
             break
-        # Into the memory BIO, which never pushes back: every byte, a record (or, with partial writes
-        # on, a few records) per call, or a failure.
-        done = 0
-        while done < t.out_len:
-            ERR_clear_error()
-            rc = SSL_write(t.ssl, t.out + done, <int>(t.out_len - done))
-            if rc <= 0:
-                _fail_reason(t, reason, sizeof(reason), "TLS write failed")
-                _tls_fail(e, t, ENOMEM, reason)
-                return -1
-            done += <size_t>rc
-        t.out_len = 0
-    if t.out_cap > TLS_OUT_FILL + MAX_FRAME + 1024:
-        free(t.out)  # an unusually large frame grew it
-        t.out = NULL
-        t.out_cap = 0
     if nghttp2_session_want_read(t.session) == 0 and nghttp2_session_want_write(t.session) == 0:
         _tls_close(e, t)  # both sides said GOAWAY and every stream is done
         return -1
@@ -1414,10 +1422,14 @@ cdef void _scan(Engine *e) noexcept nogil:
         _accept(e)
     while t != NULL:
         next = t.next
-        if t.nstreams == 0 and t.out != NULL:
-            free(t.out)  # a connection without streams keeps no framing buffer
+        if t.nstreams == 0 and t.out_len == 0 and t.wire.off == t.wire.len:
+            # A connection without streams keeps no buffers.
+            free(t.out)
             t.out = NULL
             t.out_cap = 0
+            free(t.wire.data)
+            t.wire.data = NULL
+            t.wire.off = t.wire.len = t.wire.cap = 0
         if t.state < T_OPEN:
             if e.now_ns > t.deadline_ns:
                 _tls_fail(e, t, ETIMEDOUT, "TLS connect or handshake timed out")
