@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -383,3 +384,37 @@ def test_prometheus_counts_requests_by_response_code(
         wait_promql(metrics_lab, served, {"pages": 7.0}, by="destination_app")
     finally:
         stop_process(prometheus)
+
+
+def test_a_taken_metrics_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    """Something else holds 15020: the daemon logs it, serves traffic, and GET /v1/metrics still answers."""
+    with running_lab(clients=1) as lab:
+        with netns.entered(lab.node_ns):
+            squatter = socket.create_server(("127.0.0.1", METRICS_PORT))  # no SO_REUSEPORT: exclusive
+        try:
+            proxy = start_proxy(lab, tmp_path, lab.config_yaml())
+            try:
+                proxy.wait_log("metrics listener unavailable")
+                echo_round_trips(lab, 2)
+                conn = _UnixConnection(admin_socket(proxy), 10)
+                try:
+                    deadline = time.monotonic() + 10
+                    while True:
+                        conn.request("GET", "/v1/metrics")
+                        response = conn.getresponse()
+                        text = response.read().decode()
+                        assert response.status == 200
+                        found = total(
+                            text, "istio_tcp_connections_closed_total", destination_service_name="echo"
+                        )
+                        if found == 2:
+                            break
+                        assert time.monotonic() < deadline, found
+                        time.sleep(0.1)
+                finally:
+                    conn.close()
+                assert proxy.proc.poll() is None
+            finally:
+                stop_process(proxy.proc)
+        finally:
+            squatter.close()
