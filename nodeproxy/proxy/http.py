@@ -753,7 +753,7 @@ class HttpProxy:
                 attempts=attempts,
                 flags=flags_text,
             )
-        if not self._access_log.info_enabled:
+        if not self._access_log.warning_enabled:  # failures are warning-level records
             return
         self._access_log.request(
             request_id,
