@@ -367,6 +367,18 @@ class WorkerMetrics:
             service_labels = self._services.get(service) or (service, service, UNKNOWN)
         return (REPORTER, *source, *destination, *service_labels)
 
+    def workload(self, address: str | None, service: str | None = None) -> str | None:
+        """The workload name the metrics give the pod at `address` (as an endpoint of `service`, when
+        given), or None when the config does not know it: for access-log records."""
+        if address is None:
+            return None
+        peer = self._service_peers.get((service, address)) if service is not None else None
+        if peer is None:
+            peer = self._peers.get(address)
+        if peer is None or peer[0] == UNKNOWN:
+            return None
+        return peer[0]
+
     # -- hot path ------------------------------------------------------------------------------------
 
     def http_request(

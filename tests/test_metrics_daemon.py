@@ -32,6 +32,7 @@ pytestmark = pytest.mark.netns
 ECHO_VIP = "10.96.0.11"
 EMPTY_VIP = "10.96.0.40"  # a service without endpoints: its connections are refused (UH)
 PAGES_VIP = "10.96.0.50"  # an HTTP service answering 200, 404 and 503 by path
+LABELED_VIP = "10.96.0.60"  # echo on be1, whose endpoint labels name a workload
 REQUESTS_BY_PATH = {"/ok/1": 7, "/missing": 3, "/gone/x": 2}
 EXPECTED_BY_CODE = {"200": 7.0, "404": 3.0, "503": 2.0}
 METRICS_PORT = 15020
@@ -43,6 +44,15 @@ PROMETHEUS = shutil.which("prometheus")
 
 def empty_service() -> str:
     return f"  - name: empty\n    vip: {EMPTY_VIP}\n    ports: [{{port: 80}}]\n    endpoints: []\n"
+
+
+def labeled_echo_service(lab: Lab) -> str:
+    """A TCP service whose endpoint has an `app` label (the lab's own services have none)."""
+    be = lab.backend_pods[1]
+    return (
+        f"  - name: labeled\n    vip: {LABELED_VIP}\n    ports: [{{port: 9000}}]\n"
+        f"    endpoints: [{{address: {be.ip}, labels: {{app: echo-app, version: v3}}}}]\n"
+    )
 
 
 def pages_service(lab: Lab) -> str:
@@ -69,7 +79,10 @@ def metrics_lab() -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def metrics_proxy(metrics_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProxy]:
     config = (
-        metrics_lab.config_yaml(extra="relay:\n  threads: 2\n") + empty_service() + pages_service(metrics_lab)
+        metrics_lab.config_yaml(extra="relay:\n  threads: 2\n")
+        + empty_service()
+        + pages_service(metrics_lab)
+        + labeled_echo_service(metrics_lab)
     )
     proxy = start_proxy(metrics_lab, tmp_path_factory.mktemp("metrics"), config)
     try:
@@ -112,9 +125,9 @@ def total(text: str, name: str, **labels: str) -> float:
     )
 
 
-def echo_round_trips(lab: Lab, count: int) -> None:
+def echo_round_trips(lab: Lab, count: int, vip: str = ECHO_VIP) -> None:
     for _ in range(count):
-        with connect(lab.client_pods[0].ns, ECHO_VIP, 9000) as sock:
+        with connect(lab.client_pods[0].ns, vip, 9000) as sock:
             sock.sendall(PAYLOAD)
             received = b""
             while len(received) < len(PAYLOAD):
@@ -418,3 +431,28 @@ def test_a_taken_metrics_port_does_not_stop_the_daemon(tmp_path: Path) -> None:
                 stop_process(proxy.proc)
         finally:
             squatter.close()
+
+
+def test_workload_labels_in_metrics_and_access_log(metrics_lab: Lab, metrics_proxy: RunningProxy) -> None:
+    log_size = metrics_proxy.log_path.stat().st_size
+    echo_round_trips(metrics_lab, 3, vip=LABELED_VIP)
+    text = wait_metric(
+        metrics_proxy, "istio_tcp_connections_closed_total", 3, destination_service_name="labeled"
+    )
+    [labels] = [
+        found
+        for found, _ in samples(text, "istio_tcp_connections_closed_total")
+        if found["destination_service_name"] == "labeled"
+    ]
+    assert (labels["destination_workload"], labels["destination_app"], labels["destination_version"]) == (
+        "echo-app",
+        "echo-app",
+        "v3",
+    )
+    records = [
+        json.loads(line)
+        for line in metrics_proxy.log()[log_size:].splitlines()
+        if '"connection closed"' in line and '"labeled"' in line
+    ]
+    assert len(records) == 3 and all(r["dst_workload"] == "echo-app" for r in records), records
+    assert all("src_workload" not in r for r in records)  # the client pod is no endpoint: unknown

@@ -484,12 +484,20 @@ class OutboundListener:
         return FLAG_NO_HEALTHY_UPSTREAM if route is not None else FLAG_NO_ROUTE
 
     def _log_fields(self, conn: Connection) -> str:
+        metrics = self.metrics
+        if metrics is None:
+            source_workload = destination_workload = None
+        else:  # the workload names the metrics use, where the config knows them
+            source_workload = metrics.workload(conn.client_ip)
+            destination_workload = metrics.workload(conn.target[0] if conn.target else None, conn.service)
         return self.access_log.connection_fields(
             conn.id,
             (conn.client_ip, conn.client_port),
             (conn.orig_ip, conn.orig_port),
             conn.service,
             conn.target,
+            source_workload=source_workload,
+            destination_workload=destination_workload,
         )
 
     # -- completions -----------------------------------------------------------------------------------
