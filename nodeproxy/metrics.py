@@ -325,7 +325,9 @@ class WorkerMetrics:
         self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
         self._tcp_keys: dict[tuple[Any, ...], _TcpSeries] = {}
         self._counters: dict[str, dict[tuple[str, ...], int]] = {}
-        self._series_dropped: dict[str, int] = {}
+        # Where observations beyond max_series go: counted, never exported as series.
+        self._http_overflow = _HttpSeries(())
+        self._tcp_overflow = _TcpSeries(())
         if config is not None:
             self.update_config(config)
 
@@ -402,8 +404,6 @@ class WorkerMetrics:
         series = self._http_keys.get(key)
         if series is None:
             series = self._http_series(key)
-            if series is None:
-                return
         series.count += 1
         series.duration_s += duration_s
         series.bytes_in += bytes_in
@@ -418,8 +418,6 @@ class WorkerMetrics:
         series = self._tcp_keys.get((service, source_ip, destination_ip, "-"))
         if series is None:
             series = self._tcp_series((service, source_ip, destination_ip, "-"))
-            if series is None:
-                return
         series.opened += 1
 
     def tcp_closed(
@@ -437,8 +435,6 @@ class WorkerMetrics:
         series = self._tcp_keys.get(key)
         if series is None:
             series = self._tcp_series(key)
-            if series is None:
-                return
         series.closed += 1
         series.received += bytes_received
         series.sent += bytes_sent
@@ -471,7 +467,7 @@ class WorkerMetrics:
 
     # -- new series ----------------------------------------------------------------------------------
 
-    def _http_series(self, key: tuple[Any, ...]) -> _HttpSeries | None:
+    def _http_series(self, key: tuple[Any, ...]) -> _HttpSeries:
         service, source_ip, destination_ip, protocol, status, grpc_status, flags = key
         labels = (
             *self._identity(service, source_ip, destination_ip, tcp=False),
@@ -483,16 +479,17 @@ class WorkerMetrics:
         )
         series = self._http.get(labels)
         if series is None:
-            if len(self._http) >= self.max_series:
-                self._dropped("istio_requests_total")
-                return None
-            series = self._http[labels] = _HttpSeries(labels)
+            # Beyond the limit the key maps to a series that is never exported, so the next request
+            # with it costs no more than any other (no label building each time).
+            series = self._http_overflow
+            if len(self._http) < self.max_series:
+                series = self._http[labels] = _HttpSeries(labels)
         if len(self._http_keys) >= _KEY_CACHE_LIMIT:
             self._http_keys.clear()
         self._http_keys[key] = series
         return series
 
-    def _tcp_series(self, key: tuple[Any, ...]) -> _TcpSeries | None:
+    def _tcp_series(self, key: tuple[Any, ...]) -> _TcpSeries:
         service, source_ip, destination_ip, flags = key
         labels = (
             *self._identity(service, source_ip, destination_ip, tcp=True),
@@ -502,17 +499,13 @@ class WorkerMetrics:
         )
         series = self._tcp.get(labels)
         if series is None:
-            if len(self._tcp) >= self.max_series:
-                self._dropped("istio_tcp_connections_opened_total")
-                return None
-            series = self._tcp[labels] = _TcpSeries(labels)
+            series = self._tcp_overflow
+            if len(self._tcp) < self.max_series:
+                series = self._tcp[labels] = _TcpSeries(labels)
         if len(self._tcp_keys) >= _KEY_CACHE_LIMIT:
             self._tcp_keys.clear()
         self._tcp_keys[key] = series
         return series
-
-    def _dropped(self, family: str) -> None:
-        self._series_dropped[family] = self._series_dropped.get(family, 0) + 1
 
     # -- scrape --------------------------------------------------------------------------------------
 
@@ -527,10 +520,13 @@ class WorkerMetrics:
             name: [[list(labels), value] for labels, value in values.items()]
             for name, values in self._counters.items()
         }
-        if self._series_dropped:
-            all_counters["nodeproxy_metrics_series_dropped_total"] = [
-                [[family], dropped] for family, dropped in self._series_dropped.items()
-            ]
+        dropped = [
+            [["istio_requests_total"], self._http_overflow.count],
+            [["istio_tcp_connections_opened_total"], self._tcp_overflow.opened],
+            [["istio_tcp_connections_closed_total"], self._tcp_overflow.closed],
+        ]
+        if any(count for _labels, count in dropped):
+            all_counters["nodeproxy_metrics_series_dropped_total"] = [d for d in dropped if d[1]]
         for name, values in (counters or {}).items():
             all_counters.setdefault(name, []).extend([list(labels), value] for labels, value in values)
         return {

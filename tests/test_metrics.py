@@ -283,12 +283,25 @@ def test_counters_survive_worker_restarts_and_missed_scrapes() -> None:
 
 def test_series_are_capped() -> None:
     metrics = WorkerMetrics(config(), max_series=2)
-    for status in (200, 201, 202, 203):
+    for status in (200, 201, 202, 203, 203, 203, 200):
         request(metrics, status=status)
+    for destination in ("10.244.1.100", "10.244.1.101", "10.244.1.102"):
+        metrics.tcp_opened("reviews", CLIENT_IP, destination)
+        metrics.tcp_closed("reviews", CLIENT_IP, destination, "-", 1, 1)
     samples = scrape(metrics)
     assert len(samples["istio_requests"]) == 2
-    dropped = only(samples["nodeproxy_metrics_series_dropped"], "nodeproxy_metrics_series_dropped_total")
-    assert dropped.labels == {"family": "istio_requests_total"} and dropped.value == 2
+    assert only(samples["istio_requests"], "istio_requests_total", response_code="200").value == 2
+    assert len(samples["istio_tcp_connections_opened"]) == 2
+    dropped = {
+        s.labels["family"]: s.value
+        for s in samples["nodeproxy_metrics_series_dropped"]
+        if s.name == "nodeproxy_metrics_series_dropped_total"
+    }
+    assert dropped == {
+        "istio_requests_total": 4,  # 202 once, 203 three times
+        "istio_tcp_connections_opened_total": 1,
+        "istio_tcp_connections_closed_total": 1,
+    }
 
 
 def test_a_reload_relabels_new_observations() -> None:
