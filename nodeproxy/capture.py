@@ -16,6 +16,17 @@ What gets installed (all in the current network namespace, i.e. the node's):
 Only PREROUTING is touched, so the node's own traffic and the proxy's upstream connections (which leave
 through OUTPUT) are never captured: no loops. The chains are replaced in one iptables-restore transaction,
 so re-installing is atomic and idempotent.
+
+Inbound capture (a plan with `inbound`): connections that arrive for a pod of this node from elsewhere
+(another node, a client outside the mesh) are taken too, after the outbound rules (a local pod's own SYN
+has been taken by those already):
+
+        -p tcp -d <local pod cidr> --dport 15008 --syn ─► TPROXY --on-port 15008   (HBONE addressed to a
+                                                           pod: the tunnel's transparent listener)
+        -p tcp -d <local pod cidr> --syn ─► TPROXY --on-ip <inbound ip> --on-port 15006   (plaintext: the
+                                                           PERMISSIVE/STRICT decision and policy apply)
+
+Tunnels addressed to the node itself (node ip:15008) are local traffic and reach the listener as is.
 """
 
 from __future__ import annotations
@@ -57,6 +68,20 @@ class CaptureError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class InboundPlan:
+    """Inbound capture: traffic for the pods in local_pod_cidrs that does not come from them."""
+
+    local_pod_cidrs: tuple[str, ...]
+    plaintext_ip: str  # the transparent plaintext inbound listener (15006)
+    plaintext_port: int = 15006
+    hbone_port: int | None = 15008  # tunnels addressed to a pod go to the (transparent) 15008 listener
+
+    def __post_init__(self) -> None:
+        if not self.local_pod_cidrs:
+            raise ValueError("inbound capture needs the local pod CIDRs (none would take everything)")
+
+
+@dataclass(frozen=True)
 class CapturePlan:
     """Everything capture needs, independent of the config file's shape."""
 
@@ -69,6 +94,7 @@ class CapturePlan:
     table: int
     rule_priority: int
     chain_prefix: str
+    inbound: InboundPlan | None = None  # None: outbound capture only (what the daemon's config gives today)
 
     @classmethod
     def from_config(cls, config: Config) -> CapturePlan:
@@ -124,6 +150,20 @@ def render_iptables(plan: CapturePlan, hook_present: bool, capture_new: bool = T
         lines.append(
             f"-A {pre} -p tcp {match} --syn -j TPROXY --on-ip {plan.listen_ip} --on-port {plan.listen_port}"
             f" --tproxy-mark {mark}"
+        )
+    inbound = plan.inbound if capture_new else None
+    for cidr in inbound.local_pod_cidrs if inbound is not None else ():
+        assert inbound is not None  # for the type checker: the loop runs only with a plan
+        if inbound.hbone_port is not None:
+            # No --on-ip: the socket lookup uses the pod address itself, which the tunnel's listener
+            # (transparent, bound to 0.0.0.0:15008) takes.
+            lines.append(
+                f"-A {pre} -p tcp -d {cidr} --dport {inbound.hbone_port} --syn -j TPROXY"
+                f" --on-port {inbound.hbone_port} --tproxy-mark {mark}"
+            )
+        lines.append(
+            f"-A {pre} -p tcp -d {cidr} --syn -j TPROXY --on-ip {inbound.plaintext_ip}"
+            f" --on-port {inbound.plaintext_port} --tproxy-mark {mark}"
         )
     if not hook_present:
         lines.append(f"-I PREROUTING 1 -j {pre}")

@@ -196,7 +196,14 @@ def write_pki(directory: Path, lab: NodeLab, svid_ttl: timedelta = timedelta(hou
 
 
 def node_config(
-    lab: NodeLab, node: Node, directory: Path, mode: str, deny_principals: Sequence[str] = ()
+    lab: NodeLab,
+    node: Node,
+    directory: Path,
+    mode: str,
+    deny_principals: Sequence[str] = (),
+    inbound_capture: bool = False,
+    plaintext: str = "PERMISSIVE",
+    via_pod: bool = False,
 ) -> dict[str, object]:
     """The nodeproxy.proxy.tunnel_node config of `node` (PEM files from write_pki in `directory`)."""
     other = next(n for n in lab.nodes if n.name != node.name)
@@ -205,7 +212,10 @@ def node_config(
         "trust_domain": TRUST_DOMAIN,
         "mode": mode,
         "outbound": OUTBOUND,
-        "hbone": f"{node.underlay_ip}:15008",
+        "hbone": "0.0.0.0:15008",
+        "inbound": "127.0.0.1:15006",
+        "inbound_capture": inbound_capture,
+        "plaintext": plaintext,
         "pod_cidrs": [node.pod_cidr],
         "pod_interfaces": [POD_INTERFACE_PATTERN],
         "local_pods": list(node.pod_ips),
@@ -220,7 +230,14 @@ def node_config(
             }
             for p in node.pods
         },
-        "peers": [{"cidr": other.pod_cidr, "node_ip": other.underlay_ip, "identity": node_id(other)}],
+        "peers": [
+            {
+                "cidr": other.pod_cidr,
+                "node_ip": other.underlay_ip,
+                "identity": node_id(other),
+                "via_pod": via_pod,
+            }
+        ],
         "deny_principals": list(deny_principals),
     }
 
@@ -263,14 +280,21 @@ class RunningNode:
 
 
 def start_tunnel_nodes(
-    lab: NodeLab, directory: Path, mode: str, deny_principals: Sequence[str] = ()
+    lab: NodeLab,
+    directory: Path,
+    mode: str,
+    deny_principals: Sequence[str] = (),
+    inbound_capture: bool = False,
+    plaintext: str = "PERMISSIVE",
+    via_pod: bool = False,
 ) -> tuple[RunningNode, RunningNode]:
     """Run nodeproxy.proxy.tunnel_node in both node namespaces (PEM files from write_pki in `directory`)
     and wait until both serve; their logs are directory/<node>-<mode>.log."""
     running = []
     for node in lab.nodes:
         config_path = directory / f"{node.name}-{mode}.json"
-        config_path.write_text(json.dumps(node_config(lab, node, directory, mode, deny_principals)))
+        config = node_config(lab, node, directory, mode, deny_principals, inbound_capture, plaintext, via_pod)
+        config_path.write_text(json.dumps(config))
         log_path = directory / f"{node.name}-{mode}.log"
         with log_path.open("wb") as log:
             proc = lab.spawn(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Container
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from nodeproxy.proxy.tunnel import InboundAnswer, InboundStream
 
@@ -42,6 +42,19 @@ Policy = Callable[[InboundRequest], Verdict]
 def allow_all(request: InboundRequest) -> Verdict:
     """The hook when no authorization is configured: the issue's "no policy = allow"."""
     return Verdict(True, "no policy")
+
+
+def with_peer_authentication(policy: Policy, mode: Literal["PERMISSIVE", "STRICT"]) -> Policy:
+    """`policy`, except that plaintext (no verified principal) is refused outright under STRICT: one
+    mode for every workload (nodeproxy.authz's PeerAuthentication gives it per namespace, workload and
+    port through authz_policy instead)."""
+
+    def check(request: InboundRequest) -> Verdict:
+        if request.source_principal is None and mode == "STRICT":
+            return Verdict(False, "STRICT: plaintext connections are refused")
+        return policy(request)
+
+    return check
 
 
 class _ConnectionChecker(Protocol):
@@ -136,3 +149,13 @@ def decide_inbound(
         )
     bind = source_ip if transparent else None
     return InboundDecision(InboundAnswer(stream.key, True, pod_ip, port, bind), verdict.reason, source_ip)
+
+
+def decide_plaintext(
+    source_ip: str, destination_ip: str, destination_port: int, local_pods: Container[str], policy: Policy
+) -> Verdict:
+    """A plaintext connection captured on its way to a pod (15006): only to a pod of this node, and only
+    if the policy (with no principal: PERMISSIVE/STRICT) lets it."""
+    if destination_ip not in local_pods:
+        return Verdict(False, f"{destination_ip} is not a pod of this node")
+    return policy(InboundRequest(source_ip, None, destination_ip, destination_port))

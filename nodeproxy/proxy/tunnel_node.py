@@ -11,11 +11,17 @@ SIGINT. It is the tunnel's integration as one process, used by the two-node lab 
 - inbound: 15008 (mTLS) for tunnels; each stream is decided by nodeproxy.proxy.inbound (local pods only,
   then the policy) and connected to the pod from the original source address.
 
-Config (JSON): node, trust_domain, mode, outbound ("ip:port"), hbone ("ip:port"), pod_cidrs,
-pod_interfaces, local_pods, bundle / node_cert / node_key (PEM paths), workloads ({pod ip: {spiffe_id,
-cert, key}}: the credentials of this node's workloads), peers ([{cidr, node_ip, identity}]), and
-deny_principals (SPIFFE IDs the inbound policy refuses; the authorization engineer's policies plug in
-through the same hook). Events go to stdout as JSON lines.
+- inbound capture (`inbound_capture: true`): connections for local pods that come from elsewhere are
+  taken (nodeproxy.capture's InboundPlan): plaintext to `inbound` (15006), where `plaintext`
+  (PERMISSIVE, the default, or STRICT) and the policy decide, then the L4 relay connects to the pod from
+  the caller's address; HBONE addressed to a pod (podip:15008) to the tunnel listener.
+
+Config (JSON): node, trust_domain, mode, outbound ("ip:port"), hbone ("ip:port"; transparent, so
+0.0.0.0:15008 also takes tunnels addressed to pods), inbound ("ip:port", default 127.0.0.1:15006),
+inbound_capture, plaintext, pod_cidrs, pod_interfaces, local_pods, bundle / node_cert / node_key (PEM
+paths), workloads ({pod ip: {spiffe_id, cert, key}}: the credentials of this node's workloads), peers
+([{cidr, node_ip, identity, via_pod}]), and deny_principals (SPIFFE IDs the inbound policy refuses; the
+authorization engineer's policies plug in through the same hook). Events go to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -25,15 +31,20 @@ import json
 import os
 import select
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nodeproxy import _fastpath
-from nodeproxy.capture import CapturePlan, install, remove
-from nodeproxy.proxy.inbound import InboundRequest, Verdict, decide_inbound
+from nodeproxy.capture import CapturePlan, InboundPlan, install, remove
+from nodeproxy.proxy.inbound import (
+    InboundRequest,
+    Verdict,
+    decide_inbound,
+    decide_plaintext,
+    with_peer_authentication,
+)
 from nodeproxy.proxy.listener import open_listener
 from nodeproxy.proxy.relay import Ending, RelayPool
 from nodeproxy.proxy.tunnel import (
@@ -55,6 +66,7 @@ class Peer:
     network: ipaddress.IPv4Network
     node_ip: str
     identity: str | None
+    via_pod: bool  # tunnel to the destination pod's own address (podip:15008, ztunnel's way), not the node's
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -75,9 +87,12 @@ class TunnelNode:
             raise ValueError(f"mode must be tunnel or plain, not {self.mode!r}")
         self.local_pods = frozenset(config["local_pods"])
         self.peers = [
-            Peer(ipaddress.IPv4Network(p["cidr"]), p["node_ip"], p.get("identity")) for p in config["peers"]
+            Peer(ipaddress.IPv4Network(p["cidr"]), p["node_ip"], p.get("identity"), p.get("via_pod", False))
+            for p in config["peers"]
         ]
         self.deny = frozenset(config.get("deny_principals", ()))
+        self.checked_policy = with_peer_authentication(self.policy, config.get("plaintext", "PERMISSIVE"))
+        inbound_address = _address(config.get("inbound", "127.0.0.1:15006"))
         workloads = config["workloads"]
         self.workload_ids = {ip: w["spiffe_id"] for ip, w in workloads.items()}
         self.workload_files = {w["spiffe_id"]: (w["cert"], w["key"]) for w in workloads.values()}
@@ -98,13 +113,16 @@ class TunnelNode:
             table=133,
             rule_priority=100,
             chain_prefix="NODEPROXY",
+            inbound=InboundPlan(tuple(config["pod_cidrs"]), inbound_address[0], inbound_address[1])
+            if config.get("inbound_capture")
+            else None,
         )
         self.outbound = open_listener(_address(config["outbound"]))
         self.outbound.setblocking(False)
-        self.hbone = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.hbone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.hbone.bind(_address(config["hbone"]))
-        self.hbone.listen(4096)
+        self.inbound = open_listener(inbound_address)
+        self.inbound.setblocking(False)
+        # Transparent: with inbound capture, TPROXY hands it tunnels addressed to pod ip:15008 as well.
+        self.hbone = open_listener(_address(config["hbone"]), backlog=4096)
         self.next_id = 0
         self.pending: dict[int, dict[str, object]] = {}
         self.stopping = False
@@ -117,6 +135,35 @@ class TunnelNode:
         if request.source_principal in self.deny:
             return Verdict(False, f"{request.source_principal} is denied")
         return Verdict(True, "allowed")
+
+    def on_plaintext(self) -> None:
+        try:
+            batch = _fastpath.accept_batch(self.inbound.fileno(), 128)
+        except OSError as err:
+            emit("accept_failed", error=str(err))
+            return
+        for fd, src_ip, src_port, dst_ip, dst_port in batch:
+            self.next_id += 1
+            conn_id = self.next_id
+            verdict = decide_plaintext(src_ip, dst_ip, dst_port, self.local_pods, self.checked_policy)
+            info: dict[str, object] = {
+                "source": f"{src_ip}:{src_port}",
+                "destination": f"{dst_ip}:{dst_port}",
+                "path": "inbound",
+            }
+            emit("plaintext_inbound", conn_id=conn_id, allowed=verdict.allowed, reason=verdict.reason, **info)
+            if not verdict.allowed:
+                _fastpath.reset_and_close(fd)
+                continue
+            self.pending[conn_id] = info
+            try:
+                self.relay.next_worker().connect(
+                    conn_id, fd, dst_ip, dst_port, CONNECT_TIMEOUT_MS, bind_ip=src_ip, client_prepared=True
+                )
+            except OSError as err:
+                emit("refused", conn_id=conn_id, reason=str(err), **self.pending.pop(conn_id))
+                _fastpath.reset_and_close(fd)
+        self.relay.workers[0].wake()
 
     def peer_for(self, ip: str) -> Peer | None:
         address = ipaddress.IPv4Address(ip)
@@ -137,9 +184,8 @@ class TunnelNode:
             peer = self.peer_for(dst_ip)
             try:
                 if peer is not None and self.mode == "tunnel":
-                    self.client.adopt(
-                        conn_id, fd, peer.node_ip, f"{dst_ip}:{dst_port}", src_ip, peer.identity
-                    )
+                    endpoint = dst_ip if peer.via_pod else peer.node_ip
+                    self.client.adopt(conn_id, fd, endpoint, f"{dst_ip}:{dst_port}", src_ip, peer.identity)
                     self.pending[conn_id]["path"] = "tunnel"
                 else:
                     worker = self.relay.next_worker()
@@ -212,12 +258,15 @@ class TunnelNode:
         try:
             emit("ready", node=self.config["node"], mode=self.mode)
             poller = select.poll()
-            for fd in (self.outbound.fileno(), self.relay.notify_fd, self.engine.notify_fd, wake_r):
+            fds = (self.outbound.fileno(), self.inbound.fileno(), self.relay.notify_fd, self.engine.notify_fd)
+            for fd in (*fds, wake_r):
                 poller.register(fd, select.POLLIN)
             while not self.stopping:
                 for fd, _ in poller.poll(1000):
                     if fd == self.outbound.fileno():
                         self.on_accept()
+                    elif fd == self.inbound.fileno():
+                        self.on_plaintext()
                     elif fd == self.relay.notify_fd:
                         self.on_relay()
                     elif fd == self.engine.notify_fd:
@@ -227,6 +276,7 @@ class TunnelNode:
         finally:
             remove(self.plan)
             self.outbound.close()
+            self.inbound.close()
             for record in self.engine.stop():
                 emit("final", record=repr(record))
             self.relay.stop()
