@@ -148,7 +148,13 @@ class RequestLog:
         self.out = out
 
     def record(
-        self, method: str, target: str, headers: Mapping[str, str], body: int | None, b: Behaviour
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: int | None,
+        b: Behaviour,
+        body_sha256: str | None = None,
     ) -> None:
         if self.out is None:
             return
@@ -157,7 +163,8 @@ class RequestLog:
             "name": self.name,
             "method": method,
             "target": target,
-            "body_bytes": body,
+            "body_bytes": body,  # None: not read (the request died with its head)
+            "body_sha256": body_sha256,
             "status": b.status,
             "action": b.action,
             "delay_ms": b.delay_ms,
@@ -188,6 +195,8 @@ class HttpResponder(asyncio.Protocol):
         self.body_left = 0  # Content-Length bytes still to read
         self.chunked = False
         self.body_bytes = 0
+        self.body_digest = hashlib.sha256()
+        self.crlf_left = 0  # bytes of the CRLF after a chunk's data still to skip
         self.busy = False  # a response is waiting for its delay
         self.closed = False
         self.hanging = False
@@ -243,7 +252,14 @@ class HttpResponder(asyncio.Protocol):
             request, self.request = self.request, None
             assert request is not None
             behaviour = self.source.current()
-            self.log.record(request.method, request.target, request.headers, self.body_bytes, behaviour)
+            self.log.record(
+                request.method,
+                request.target,
+                request.headers,
+                self.body_bytes,
+                behaviour,
+                self.body_digest.hexdigest(),
+            )
             self._after_delay(behaviour, functools.partial(self._respond, request, behaviour))
 
     def _start_request(self, head: bytes) -> bool:
@@ -267,23 +283,28 @@ class HttpResponder(asyncio.Protocol):
             return False
         self.body_left = 0 if self.chunked else int(length)
         self.body_bytes = 0
+        self.body_digest = hashlib.sha256()
+        self.crlf_left = 0
         self.request = _Request(parts[0], parts[1], headers, keep_alive)
         return True
 
     def _read_body(self) -> bool:
         """Consume the current request's body from the buffer; True once it is complete."""
         if not self.chunked:
-            taken = min(self.body_left, len(self.buffer))
-            self.buffer = self.buffer[taken:]
-            self.body_left -= taken
-            self.body_bytes += taken
+            self._take_body_data()
             return self.body_left == 0
         while True:
-            if self.body_left > 0:  # inside a chunk's data (plus its CRLF)
-                taken = min(self.body_left, len(self.buffer))
-                self.buffer = self.buffer[taken:]
-                self.body_left -= taken
+            if self.body_left > 0:  # inside a chunk's data
+                self._take_body_data()
                 if self.body_left > 0:
+                    return False
+                self.crlf_left = 2
+                continue
+            if self.crlf_left > 0:  # the CRLF that ends a chunk's data
+                taken = min(self.crlf_left, len(self.buffer))
+                self.buffer = self.buffer[taken:]
+                self.crlf_left -= taken
+                if self.crlf_left > 0:
                     return False
                 continue
             end = self.buffer.find(b"\r\n")
@@ -307,8 +328,15 @@ class HttpResponder(asyncio.Protocol):
                 self.buffer = rest[trailer_end + 4 :]
                 return True
             self.buffer = rest
-            self.body_bytes += size
-            self.body_left = size + 2
+            self.body_left = size
+
+    def _take_body_data(self) -> None:
+        """Move up to body_left bytes of body data from the buffer into the count and the digest."""
+        taken = min(self.body_left, len(self.buffer))
+        self.body_digest.update(self.buffer[:taken])
+        self.buffer = self.buffer[taken:]
+        self.body_left -= taken
+        self.body_bytes += taken
 
     def _after_delay(self, behaviour: Behaviour, action: Callable[[], None]) -> None:
         if behaviour.delay_ms <= 0:

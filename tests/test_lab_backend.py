@@ -3,6 +3,7 @@ bodies it reads, and each misbehaviour the resilience scenarios rely on (docs/re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -111,6 +112,8 @@ def test_request_bodies_are_read_not_parsed_as_requests(backend: Backend) -> Non
     assert answer.count(b"HTTP/1.1 200 OK") == 3, answer
     entries = backend.entries()
     assert [(e["target"], e["body_bytes"]) for e in entries] == [("/a", len(body)), ("/b", 8), ("/c", 0)]
+    digests = [hashlib.sha256(data).hexdigest() for data in (body, b"hello!!!", b"")]
+    assert [e["body_sha256"] for e in entries] == digests
 
 
 def test_status_and_delay_from_the_behaviour_file_take_effect_on_the_next_request(backend: Backend) -> None:

@@ -19,6 +19,7 @@ logs say which attempts each endpoint saw, and when.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import selectors
 import subprocess
@@ -274,6 +275,12 @@ def test_slow_endpoint_gets_under_ten_percent_under_peak_ewma(scenario: Scenario
     assert max(shares) < 0.10, f"the 50 ms slower endpoint got {shares} of the requests (1, 4 in flight)"
 
 
+def body_state(entry: dict[str, object], digest: str) -> str:
+    if entry["body_bytes"] is None:
+        return "body not read"
+    return "body intact" if entry["body_sha256"] == digest else "body CHANGED"
+
+
 @pytest.mark.parametrize("action", ["close-after-head", "reset-after-head"])
 def test_endpoint_dying_mid_request_is_retried_elsewhere(scenario: Scenario, action: str) -> None:
     """(c) an endpoint that closes (FIN) or resets (RST) its connection once it has read the request head:
@@ -291,7 +298,7 @@ def test_endpoint_dying_mid_request_is_retried_elsewhere(scenario: Scenario, act
     # the head with 1 KiB of body and then the rest: both under max_replay_body), over one keep-alive
     # connection: each retried with its whole body, and the next request on the connection still read
     # as a request (not as the rest of a replayed body).
-    sent: list[tuple[str, int]] = []
+    sent: list[tuple[str, str]] = []  # (tag, sha256 of the body)
     with HttpClient(scenario.client_ns, DIE_VIP) as client:
         for i in range(400):
             split = i % 2 == 1
@@ -309,15 +316,15 @@ def test_endpoint_dying_mid_request_is_retried_elsewhere(scenario: Scenario, act
             # one is where a miscounted body shows.
             if response.status != 200:
                 before = scenario.backends.tagged(TAG, sent[-1][0]) if sent else []
-                seen = [(e["name"], e["action"], e["body_bytes"]) for e in before]
+                seen = [(e["name"], e["action"], e["body_bytes"], body_state(e, sent[-1][1])) for e in before]
                 raise AssertionError(
                     f"POST {i} answered {response.status} {response.flags} {response.body[:100]!r}; "
-                    f"the request before it ({sent[-1] if sent else None}) reached {seen}"
+                    f"the request before it ({sent[-1][0] if sent else None}) reached {seen}"
                 )
-            sent.append((tag, len(body)))
-    for tag, size in sent:
+            sent.append((tag, hashlib.sha256(body).hexdigest()))
+    for tag, digest in sent:
         served = [e for e in scenario.backends.tagged(TAG, tag) if e["body_bytes"] is not None]
-        assert [e["body_bytes"] for e in served] == [size], (tag, served)
+        assert [e["body_sha256"] for e in served] == [digest], (tag, "body changed on the way", served)
 
 
 def test_route_timeout_answers_504_in_time_and_starts_no_attempt_after_it(scenario: Scenario) -> None:
