@@ -456,3 +456,41 @@ def test_workload_labels_in_metrics_and_access_log(metrics_lab: Lab, metrics_pro
     ]
     assert len(records) == 3 and all(r["dst_workload"] == "echo-app" for r in records), records
     assert all("src_workload" not in r for r in records)  # the client pod is no endpoint: unknown
+
+
+def test_log_level_reaches_the_workers(metrics_lab: Lab, metrics_proxy: RunningProxy) -> None:
+    """PUT /v1/log-level debug: the workers log their debug events (a reload's "worker applied
+    config", one per worker); back at info they do not. Runs last: it reloads the config."""
+    path = admin_socket(metrics_proxy)
+
+    def put(level: str) -> int:
+        conn = _UnixConnection(path, 10)
+        try:
+            conn.request("PUT", "/v1/log-level", body=json.dumps({"level": level}).encode())
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    def generations() -> list[float]:
+        text = http_get(metrics_lab.node_ns, METRICS_PORT, "/metrics")[2].decode()
+        return [value for _labels, value in samples(text, "nodeproxy_worker_config_generation")]
+
+    def reload_and_count() -> int:
+        """Reload, wait until both workers run the new routing generation, count their debug lines."""
+        before = generations()
+        assert len(before) == 2 and len(set(before)) == 1, before
+        size = metrics_proxy.log_path.stat().st_size
+        metrics_proxy.reload(metrics_proxy.config_path.read_text())
+        deadline = time.monotonic() + 10
+        while generations() != [before[0] + 1] * 2:
+            assert time.monotonic() < deadline, generations()
+            time.sleep(0.05)
+        return metrics_proxy.log()[size:].count('"worker applied config"')
+
+    assert reload_and_count() == 0  # info: no debug events
+    assert put("debug") == 200
+    assert reload_and_count() == 2
+    assert put("info") == 200
+    assert reload_and_count() == 0
