@@ -408,3 +408,82 @@ def test_rotation_under_continuous_traffic_drops_nothing(tmp_path: Path, echo: P
     assert failures == []
     assert endings and set(endings) == {StreamEnding.CLOSED}
     assert len(tls_ids_after) >= 3  # a new connection after each rotation
+
+
+# -- flow control, timeouts, pool ------------------------------------------------------------------
+
+
+def test_a_stalled_pod_holds_one_window_and_stalls_nobody_else(tmp_path: Path, echo: PodServer) -> None:
+    """A pod that stops reading: its stream fills its window (and the socket buffers) and stops there;
+    the other stream on the same TLS connection keeps flowing at full speed."""
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)
+    settings = EngineSettings(stream_window=256 * 1024, connection_window=1024 * 1024)
+    with tunnels(tmp_path, settings=settings) as t:
+        blocked = t.tunnel(stalled.getsockname()[1])
+        blocked.setblocking(False)
+        pod_side, _ = stalled.accept()  # never read from
+        sent = 0
+        deadline = time.monotonic() + 5
+        chunk = b"z" * 65536
+        while time.monotonic() < deadline:
+            try:
+                sent += blocked.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+                try:
+                    sent += blocked.send(chunk)
+                except BlockingIOError:
+                    break
+        # Bounded: the window plus what the kernel buffers on both sides, never everything offered.
+        assert sent < 64 * 1024 * 1024
+        moving = t.tunnel(echo.port)
+        payload = os.urandom(8 * 1024 * 1024)
+        sender = threading.Thread(target=moving.sendall, args=(payload,))
+        sender.start()
+        got = b""
+        moving.settimeout(10)
+        while len(got) < len(payload):
+            got += moving.recv(1 << 20)
+        sender.join()
+        assert got == payload
+        assert t.client.tls_connections == 1  # both streams share the connection
+        # The stalled stream resumes once its pod reads: nothing was lost.
+        pod_side.setblocking(True)
+        pod_side.settimeout(10)
+        received = 0
+        blocked.setblocking(True)
+        blocked.shutdown(socket.SHUT_WR)
+        while chunk := pod_side.recv(1 << 20):
+            received += len(chunk)
+        assert received == sent
+        moving.close()
+        blocked.close()
+        pod_side.close()
+    stalled.close()
+
+
+def test_undecided_stream_is_answered_503(tmp_path: Path, echo: PodServer) -> None:
+    settings = EngineSettings(handshake_timeout=0.5)
+    with tunnels(tmp_path, settings=settings) as t:
+        t.decider.local_pods = set()  # nothing is answered for a while: simulate a stuck decision
+        t.decider.handle = lambda name: None  # type: ignore[method-assign]
+        app = t.tunnel(echo.port)
+        app.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+        app.close()
+    assert echo.accepted == 0
+
+
+def test_idle_pooled_connection_is_closed(tmp_path: Path, echo: PodServer) -> None:
+    with tunnels(tmp_path, settings=EngineSettings(pool_idle_timeout=0.5)) as t:
+        app = t.tunnel(echo.port)
+        app.sendall(b"x")
+        assert app.recv(1) == b"x"
+        app.close()
+        wait_for(lambda: t.client.live_streams == 0, what="stream to end")
+        assert t.client.tls_connections == 1  # kept for reuse ...
+        wait_for(lambda: t.client.tls_connections == 0, timeout=5, what="idle close")  # ... until idle
+        wait_for(lambda: t.server.tls_connections == 0, timeout=5, what="server side close")

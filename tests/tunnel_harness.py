@@ -23,6 +23,7 @@ from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
 from nodeproxy.identity.spiffe import SpiffeId
 from nodeproxy.proxy.inbound import Policy, allow_all, decide_inbound
 from nodeproxy.proxy.tunnel import (
+    Credential,
     EngineSettings,
     InboundStream,
     PemCredential,
@@ -42,8 +43,10 @@ class Pki:
     """A CA made by nodeproxy.identity (root + intermediate) and SVIDs from it; `forge` makes the
     certificates the CA would refuse to issue."""
 
-    def __init__(self, directory: Path, trust_domain: str = TRUST_DOMAIN) -> None:
-        init_ca(directory, trust_domain)
+    def __init__(
+        self, directory: Path, trust_domain: str = TRUST_DOMAIN, now: datetime | None = None
+    ) -> None:
+        init_ca(directory, trust_domain, now=now)
         self.ca = CertificateAuthority.load(directory)
         self.trust_domain = trust_domain
 
@@ -193,11 +196,7 @@ class Tunnels:
         self, pod_port: int, identity: str = CLIENT_ID, peer_identity: str | None = None
     ) -> socket.socket:
         """A connected client socket whose other end the client engine tunnels to 127.0.0.1:pod_port."""
-        with socket.socket() as acceptor:
-            acceptor.bind(("127.0.0.1", 0))
-            acceptor.listen(1)
-            app = socket.create_connection(acceptor.getsockname(), timeout=10)
-            captured, _ = acceptor.accept()
+        app, captured = captured_pair()
         conn_id = next_conn_id()
         self.client.adopt(
             conn_id,
@@ -212,6 +211,16 @@ class Tunnels:
         return app
 
 
+def captured_pair() -> tuple[socket.socket, socket.socket]:
+    """(the application's socket, the proxy's side of the same connection), on loopback."""
+    with socket.socket() as acceptor:
+        acceptor.bind(("127.0.0.1", 0))
+        acceptor.listen(1)
+        app = socket.create_connection(acceptor.getsockname(), timeout=10)
+        captured, _ = acceptor.accept()
+    return app, captured
+
+
 _conn_ids = iter(range(1, 1 << 62))
 
 
@@ -223,8 +232,8 @@ def next_conn_id() -> int:
 def tunnels(
     tmp: Path,
     policy: Policy = allow_all,
-    client_credential: PemCredential | None = None,
-    server_credential: PemCredential | None = None,
+    client_credential: Credential | None = None,
+    server_credential: Credential | None = None,
     settings: EngineSettings | None = None,
     pki: Pki | None = None,
 ) -> Iterator[Tunnels]:
