@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Container
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from nodeproxy.authz.policy import L4Request
 from nodeproxy.proxy.tunnel import InboundAnswer, InboundStream
+
+if TYPE_CHECKING:
+    from nodeproxy.authz.engine import AuthzEngine
 
 # Answers to a CONNECT that cannot be served: the authority is not a pod of this node (or not an
 # address at all), and what policy denies (Istio answers 403 for an RBAC denial at HBONE).
@@ -57,14 +61,10 @@ def with_peer_authentication(policy: Policy, mode: Literal["PERMISSIVE", "STRICT
     return check
 
 
-class _ConnectionChecker(Protocol):
-    def check_connection(self, request: object, http: bool) -> object: ...
-
-
-def authz_policy(engine: _ConnectionChecker, http_ports: Container[tuple[str, int]] = ()) -> Policy:
-    """The policy hook backed by nodeproxy.authz (AuthzEngine.check_connection). Connections to
-    (pod ip, port) in http_ports are checked per request by the HTTP engine instead."""
-    from nodeproxy.authz.policy import L4Request
+def authz_policy(engine: AuthzEngine, http_ports: Container[tuple[str, int]] = ()) -> Policy:
+    """The policy hook backed by nodeproxy.authz (AuthzEngine.check_connection: its PeerAuthentication
+    decides plaintext, its AuthorizationPolicies the rest). Connections to (pod ip, port) in http_ports
+    are checked per request by the HTTP engine instead."""
 
     def check(request: InboundRequest) -> Verdict:
         verdict = engine.check_connection(
@@ -76,7 +76,7 @@ def authz_policy(engine: _ConnectionChecker, http_ports: Container[tuple[str, in
             ),
             http=(request.destination_ip, request.destination_port) in http_ports,
         )
-        return Verdict(bool(getattr(verdict, "allowed")), str(getattr(verdict, "reason")))  # noqa: B009
+        return Verdict(verdict.allowed, verdict.reason)
 
     return check
 

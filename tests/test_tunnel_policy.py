@@ -1,0 +1,142 @@
+"""Inbound decisions (nodeproxy.proxy.inbound): pure functions, and the policy hook backed by the real
+authorization engine (nodeproxy.authz)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nodeproxy.authz.config import AuthzConfig
+from nodeproxy.authz.engine import compile_authz
+from nodeproxy.authz.jwt import JwksRefresher
+from nodeproxy.authz.policy import Workload
+from nodeproxy.proxy.inbound import (
+    STATUS_BAD_AUTHORITY,
+    STATUS_DENIED,
+    STATUS_NOT_LOCAL,
+    InboundRequest,
+    Verdict,
+    allow_all,
+    authz_policy,
+    decide_inbound,
+    decide_plaintext,
+    parse_authority,
+    parse_forwarded_for,
+    with_peer_authentication,
+)
+from nodeproxy.proxy.tunnel import InboundStream
+
+WEB = "spiffe://cluster.local/ns/shop/sa/web"
+BLOCKED = "spiffe://cluster.local/ns/blocked/sa/bot"
+POD = "10.244.2.10"
+
+
+def _stream(
+    authority: str = f"{POD}:8080", forwarded: str = "for=10.244.1.10", peer: str = WEB
+) -> InboundStream:
+    return InboundStream(1, 1, peer, authority, forwarded, "192.168.100.1", 40000)
+
+
+@pytest.mark.parametrize(
+    ("authority", "expected"),
+    [
+        ("10.244.2.10:8080", ("10.244.2.10", 8080)),
+        ("10.244.2.10:65535", ("10.244.2.10", 65535)),
+        ("10.244.2.10:0", None),
+        ("10.244.2.10:65536", None),
+        ("10.244.2.10", None),
+        ("web.shop:80", None),
+        ("[::1]:80", None),
+        ("10.244.2.10:+80", None),
+        ("10.244.2.10:080000", None),
+        (":80", None),
+    ],
+)
+def test_parse_authority(authority: str, expected: tuple[str, int] | None) -> None:
+    assert parse_authority(authority) == expected
+
+
+@given(st.ip_addresses(v=4), st.integers(min_value=1, max_value=65535))
+def test_parse_authority_round_trips(address: ipaddress.IPv4Address, port: int) -> None:
+    assert parse_authority(f"{address}:{port}") == (str(address), port)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("for=10.244.1.10", "10.244.1.10"),
+        ('for="10.244.1.10"', "10.244.1.10"),
+        ("proto=https;for=10.244.1.10", "10.244.1.10"),
+        ("For=10.244.1.10", "10.244.1.10"),
+        ("", None),
+        ("for=unknown", None),
+        ("for=10.244.1.10, for=10.0.0.1", None),  # a chain: not what our peers send
+        ("by=10.244.1.10", None),
+        ('for="[2001:db8::1]"', None),
+    ],
+)
+def test_parse_forwarded_for(value: str, expected: str | None) -> None:
+    assert parse_forwarded_for(value) == expected
+
+
+def test_allowed_stream_connects_from_the_original_source() -> None:
+    decision = decide_inbound(_stream(), {POD}, allow_all)
+    assert decision.answer.allow and decision.answer.dst_ip == POD and decision.answer.dst_port == 8080
+    assert decision.answer.bind_ip == "10.244.1.10" and decision.source_ip == "10.244.1.10"
+    assert decide_inbound(_stream(), {POD}, allow_all, transparent=False).answer.bind_ip is None
+    # Without a usable `forwarded`, the pod is reached from the node's own address.
+    assert decide_inbound(_stream(forwarded="for=junk"), {POD}, allow_all).answer.bind_ip is None
+
+
+def test_refusals_have_their_status() -> None:
+    assert (
+        decide_inbound(_stream(authority="nope"), {POD}, allow_all).answer.deny_status == STATUS_BAD_AUTHORITY
+    )
+    assert decide_inbound(_stream(), {"10.244.2.11"}, allow_all).answer.deny_status == STATUS_NOT_LOCAL
+    seen: list[InboundRequest] = []
+
+    def deny(request: InboundRequest) -> Verdict:
+        seen.append(request)
+        return Verdict(False, "no")
+
+    denied = decide_inbound(_stream(), {POD}, deny)
+    assert not denied.answer.allow and denied.answer.deny_status == STATUS_DENIED and denied.reason == "no"
+    assert seen == [InboundRequest("10.244.1.10", WEB, POD, 8080)]
+
+
+def test_strict_refuses_plaintext_only() -> None:
+    strict = with_peer_authentication(allow_all, "STRICT")
+    assert not strict(InboundRequest("10.0.0.1", None, POD, 80)).allowed
+    assert strict(InboundRequest("10.0.0.1", WEB, POD, 80)).allowed
+    assert with_peer_authentication(allow_all, "PERMISSIVE")(
+        InboundRequest("10.0.0.1", None, POD, 80)
+    ).allowed
+    assert not decide_plaintext("10.0.0.1", POD, 80, {POD}, strict).allowed
+    assert decide_plaintext("10.0.0.1", POD, 80, {POD}, allow_all).allowed
+    assert not decide_plaintext("10.0.0.1", "10.244.2.99", 80, {POD}, allow_all).allowed
+
+
+def test_authz_engine_as_the_policy_hook() -> None:
+    config = AuthzConfig.model_validate(
+        {
+            "peer_authentication": [{"name": "strict", "mode": "STRICT"}],
+            "authorization_policies": [
+                {
+                    "name": "no-bots",
+                    "namespace": "shop",
+                    "action": "DENY",
+                    "rules": [{"from": [{"namespaces": ["blocked"]}]}],
+                }
+            ],
+        }
+    )
+    engine = compile_authz(config, JwksRefresher(), {POD: Workload.of("shop", "api")})
+    policy = authz_policy(engine)
+    assert decide_inbound(_stream(peer=WEB), {POD}, policy).answer.allow
+    blocked = decide_inbound(_stream(peer=BLOCKED), {POD}, policy)
+    assert not blocked.answer.allow and blocked.answer.deny_status == STATUS_DENIED
+    # STRICT (PeerAuthentication): plaintext to the pod is refused, by the same hook.
+    assert not decide_plaintext("10.0.0.1", POD, 8080, {POD}, policy).allowed
