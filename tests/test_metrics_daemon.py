@@ -7,11 +7,15 @@ daemon's 127.0.0.1:15020 there. Nothing leaves the lab."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -494,3 +498,41 @@ def test_log_level_reaches_the_workers(metrics_lab: Lab, metrics_proxy: RunningP
     assert reload_and_count() == 2
     assert put("info") == 200
     assert reload_and_count() == 0
+
+
+def test_the_metrics_port_moves_to_the_successor_of_an_upgrade(tmp_path: Path) -> None:
+    """`nodeproxy ctl upgrade`: the successor binds 15020 beside the old daemon (SO_REUSEPORT) and the
+    old one lets go when the successor commits, so every later scrape is the successor's."""
+    successor = 0
+    with running_lab(clients=1) as lab:
+        proxy = start_proxy(lab, tmp_path, lab.config_yaml())
+        try:
+            path = admin_socket(proxy)
+            echo_round_trips(lab, 3)
+            wait_metric(proxy, "istio_tcp_connections_closed_total", 3, destination_service_name="echo")
+            upgraded = subprocess.run(
+                [sys.executable, "-m", "nodeproxy", "ctl", "--socket", path, "upgrade"],
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+            assert upgraded.returncode == 0, upgraded.stderr
+            successor = int(upgraded.stdout.split("-> ")[1].split(";")[0])
+            # The old daemon may take a moment to close its listener after the commit.
+            deadline = time.monotonic() + 10
+            while proxy.proc.poll() is None:
+                assert time.monotonic() < deadline, "the old daemon did not stop after the upgrade"
+                time.sleep(0.05)
+            for _ in range(10):  # each scrape a new connection: none reaches the old daemon
+                text = http_get(lab.node_ns, METRICS_PORT, "/metrics")[2].decode()
+                assert total(text, "istio_tcp_connections_closed_total", destination_service_name="echo") == 0
+            echo_round_trips(lab, 2)
+            wait_metric(proxy, "istio_tcp_connections_closed_total", 2, destination_service_name="echo")
+        finally:
+            if successor:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(successor, signal.SIGTERM)
+                deadline = time.monotonic() + 20
+                while Path(f"/proc/{successor}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            stop_process(proxy.proc)
