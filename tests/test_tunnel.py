@@ -487,3 +487,24 @@ def test_idle_pooled_connection_is_closed(tmp_path: Path, echo: PodServer) -> No
         assert t.client.tls_connections == 1  # kept for reuse ...
         wait_for(lambda: t.client.tls_connections == 0, timeout=5, what="idle close")  # ... until idle
         wait_for(lambda: t.server.tls_connections == 0, timeout=5, what="server side close")
+
+
+def test_trust_bundle_change_applies_to_new_connections(tmp_path: Path, echo: PodServer) -> None:
+    """A client of a second CA is refused, then accepted once the server's bundle holds that CA too
+    (no restart); the client trusts the server's CA from the start."""
+    pki = Pki(tmp_path / "ca")
+    other = Pki(tmp_path / "other")
+    with tunnels(tmp_path, pki=pki, client_credential=other.svid(CLIENT_ID)) as t:
+        t.client.set_trust_bundle(pki.bundle + other.bundle)
+        refused = t.tunnel(echo.port)
+        with pytest.raises(ConnectionResetError):
+            while refused.recv(10):
+                pass
+        refused.close()
+        wait_for(lambda: bool(t.server_records.failed()), what="server TLS_FAILED")
+        t.server.set_trust_bundle(pki.bundle + other.bundle)
+        accepted = t.tunnel(echo.port)
+        accepted.sendall(b"in")
+        assert accepted.recv(2) == b"in"
+        accepted.close()
+    assert echo.accepted == 1
