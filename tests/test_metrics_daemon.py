@@ -464,7 +464,8 @@ def test_workload_labels_in_metrics_and_access_log(metrics_lab: Lab, metrics_pro
 
 def test_log_level_reaches_the_workers(metrics_lab: Lab, metrics_proxy: RunningProxy) -> None:
     """PUT /v1/log-level debug: the workers log their debug events (a reload's "worker applied
-    config", one per worker); back at info they do not. Runs last: it reloads the config."""
+    config", one per worker); back at info they do not. Last of the tests on the shared daemon: it
+    reloads the config."""
     path = admin_socket(metrics_proxy)
 
     def put(level: str) -> int:
