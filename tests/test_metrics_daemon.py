@@ -222,6 +222,16 @@ def test_tcp_metrics_on_the_metrics_port_and_the_admin_socket(
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
     assert total(body.decode(), "istio_tcp_connections_opened_total", **echo) == ECHO_CONNECTIONS
     assert http_get(metrics_lab.node_ns, METRICS_PORT, "/v1/config")[0] == 404
+    with netns.entered(metrics_lab.node_ns):
+        post = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=10)
+        post.connect()
+    try:
+        post.request("POST", "/metrics", body=b"x")
+        response = post.getresponse()
+        response.read()
+        assert (response.status, response.getheader("allow")) == (405, "GET")
+    finally:
+        post.close()
     # The admin socket answers with the same text.
     conn = _UnixConnection(admin_socket(metrics_proxy), 10)
     try:
