@@ -952,6 +952,7 @@ cdef int _open_session(Engine *e, TlsConn *t) noexcept nogil:
         _tls_fail(e, t, ENOMEM, "nghttp2 session")
         return -1
     t.state = T_OPEN
+    t.idle_since_ns = e.now_ns
     t.readable = True  # records that arrived with the handshake's last flight raise no new edge
     settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
     settings[0].value = e.max_streams
@@ -1458,9 +1459,12 @@ cdef void _scan(Engine *e) noexcept nogil:
                 nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0)
                 if _tls_flush(e, t) == 0:
                     _tls_close(e, t)
-        elif t.server and t.state == T_CLOSING and t.nstreams == 0:
-            _tls_flush(e, t)
-            if not t.dead:
+        elif t.server and t.nstreams == 0 and (t.state == T_CLOSING
+                                               or e.now_ns - t.idle_since_ns > 2 * e.pool_idle_ns):
+            # The client closes its idle pooled connections after pool_idle; one that does not (gone
+            # without a FIN, or not one of ours) is let go after twice that.
+            nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0)
+            if _tls_flush(e, t) == 0:
                 _tls_close(e, t)
         t = next
 
@@ -1470,6 +1474,7 @@ cdef void _take_submissions(Engine *e) noexcept nogil:
     cdef Answer *answers
     cdef size_t nadopts, nanswers, i
     cdef uint64_t counter
+    cdef Record r
     read(e.wake_fd, &counter, sizeof(counter))
     pthread_mutex_lock(&e.lock)
     adopts, nadopts = e.adopts, e.adopts_len
@@ -1483,6 +1488,11 @@ cdef void _take_submissions(Engine *e) noexcept nogil:
         if e.stopping:
             _set_reset_on_close(adopts[i].fd, True)
             close(adopts[i].fd)
+            _init_record(&r, REC_STREAM_DONE)  # every adopted socket gets its one STREAM_DONE
+            r.id = adopts[i].conn_id
+            r.outbound = True
+            r.ending = END_ABORTED
+            _post(e, &r)
         else:
             _adopt(e, &adopts[i])
     for i in range(nanswers):
