@@ -238,6 +238,7 @@ def node_config(
                 "via_pod": via_pod,
             }
         ],
+        "workload_identities": {p.ip: workload_id(p) for n in lab.nodes for p in n.pods},
         "deny_principals": list(deny_principals),
     }
 

@@ -140,3 +140,14 @@ def test_authz_engine_as_the_policy_hook() -> None:
     assert not blocked.answer.allow and blocked.answer.deny_status == STATUS_DENIED
     # STRICT (PeerAuthentication): plaintext to the pod is refused, by the same hook.
     assert not decide_plaintext("10.0.0.1", POD, 8080, {POD}, policy).allowed
+
+
+def test_forwarded_source_must_belong_to_the_verified_identity() -> None:
+    owners = {"10.244.1.10": WEB, "10.244.1.11": BLOCKED}.get
+    assert decide_inbound(_stream(), {POD}, allow_all, identity_of=owners).answer.allow
+    borrowed = decide_inbound(_stream(forwarded="for=10.244.1.11"), {POD}, allow_all, identity_of=owners)
+    assert not borrowed.answer.allow and borrowed.answer.deny_status == STATUS_DENIED
+    unknown = decide_inbound(_stream(forwarded="for=10.9.9.9"), {POD}, allow_all, identity_of=owners)
+    assert not unknown.answer.allow
+    # Without a mapping, the peer node's word is taken (the lab and tests without an identity config).
+    assert decide_inbound(_stream(forwarded="for=10.9.9.9"), {POD}, allow_all).answer.allow

@@ -124,9 +124,14 @@ def decide_inbound(
     local_pods: Container[str],
     policy: Policy,
     transparent: bool = True,
+    identity_of: Callable[[str], object | None] | None = None,
 ) -> InboundDecision:
     """Allow the stream to its pod (bound to the original source when it is known and `transparent`),
-    or deny it with a status: 400 bad authority, 404 not a pod of this node, 403 policy."""
+    or deny it with a status: 400 bad authority, 404 not a pod of this node, 403 policy.
+
+    identity_of (pod IP -> SPIFFE ID, e.g. WorkloadIndex.identity_of): when given, a `forwarded` source
+    address must be a pod of the verified identity; otherwise the stream is refused (403): the peer
+    node vouches for the address, and one node must not borrow another workload's address."""
     target = parse_authority(stream.authority)
     if target is None:
         return InboundDecision(
@@ -142,6 +147,14 @@ def decide_inbound(
             f"{pod_ip} is not a pod of this node",
             source_ip,
         )
+    if identity_of is not None and source_ip is not None:
+        owner = identity_of(source_ip)
+        if owner is None or str(owner) != stream.peer_identity:
+            return InboundDecision(
+                InboundAnswer(stream.key, False, deny_status=STATUS_DENIED),
+                f"source {source_ip} is not a workload of {stream.peer_identity}",
+                source_ip,
+            )
     verdict = policy(InboundRequest(source_ip, stream.peer_identity or None, pod_ip, port))
     if not verdict.allowed:
         return InboundDecision(

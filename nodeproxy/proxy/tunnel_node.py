@@ -19,7 +19,8 @@ SIGINT. It is the tunnel's integration as one process, used by the two-node lab 
 Config (JSON): node, trust_domain, mode, outbound ("ip:port"), hbone ("ip:port"; transparent, so
 0.0.0.0:15008 also takes tunnels addressed to pods), inbound ("ip:port", default 127.0.0.1:15006),
 inbound_capture, plaintext, pod_cidrs, pod_interfaces, local_pods, bundle / node_cert / node_key (PEM
-paths), workloads ({pod ip: {spiffe_id, cert, key}}: the credentials of this node's workloads), peers
+paths), workloads ({pod ip: {spiffe_id, cert, key}}: the credentials of this node's workloads),
+workload_identities ({pod ip: spiffe_id} of every node, optional: checks `forwarded`), peers
 ([{cidr, node_ip, identity, via_pod}]), and deny_principals (SPIFFE IDs the inbound policy refuses; the
 authorization engineer's policies plug in through the same hook). Events go to stdout as JSON lines.
 """
@@ -96,6 +97,10 @@ class TunnelNode:
         workloads = config["workloads"]
         self.workload_ids = {ip: w["spiffe_id"] for ip, w in workloads.items()}
         self.workload_files = {w["spiffe_id"]: (w["cert"], w["key"]) for w in workloads.values()}
+        # Every workload of the mesh (pod IP -> SPIFFE ID), when known: a tunnel's `forwarded` source
+        # address must then be a pod of the identity the peer verified.
+        everyone: dict[str, str] | None = config.get("workload_identities")
+        self.identity_of = everyone.get if everyone is not None else None
         bundle = Path(config["bundle"]).read_bytes()
         self.engine = TunnelEngine(config["trust_domain"], bundle)
         self.engine.set_server_identity(
@@ -222,7 +227,7 @@ class TunnelNode:
         answers = []
         for record in self.engine.records():
             if isinstance(record, InboundStream):
-                decision = decide_inbound(record, self.local_pods, self.policy)
+                decision = decide_inbound(record, self.local_pods, self.policy, identity_of=self.identity_of)
                 answers.append(decision.answer)
                 emit(
                     "inbound",
