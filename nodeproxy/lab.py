@@ -190,7 +190,7 @@ class Lab:
             f"{extra}"
             "services:\n"
             "  - name: web\n    vip: 10.96.0.10\n    ports: [{port: 80, target_port: 8080}]\n"
-            f"    balancer: peak_ewma\n    endpoints:\n{endpoints(bes)}"
+            f"    balancer: p2c\n    endpoints:\n{endpoints(bes)}"
             "  - name: echo\n    vip: 10.96.0.11\n    ports: [{port: 9000}]\n"
             f"    balancer: least_conn\n    endpoints:\n{endpoints(bes)}"
             "  - name: sink\n    vip: 10.96.0.12\n    ports: [{port: 9001}]\n"

@@ -101,7 +101,7 @@ def test_default_config_parses_and_matches_lab() -> None:
         ("10.96.0.13", 5201),
     }
     web, web_port = ports[("10.96.0.10", 80)]
-    assert web.name == "web" and web.balancer == "peak_ewma" and web_port.backend_port == 8080
+    assert web.name == "web" and web.balancer == "p2c" and web_port.backend_port == 8080
     assert [str(e.address) for e in web.endpoints] == ["10.244.1.100", "10.244.1.101", "10.244.1.102"]
     assert [e.labels["version"] for e in web.endpoints] == ["v1", "v1", "v2"]
     assert all(e.node == "node-a" for e in web.endpoints)

@@ -75,7 +75,9 @@ def lab_config(lab: Lab) -> str:
         f'capture:\n  pod_cidrs: [{POD_CIDR}]\n  pod_interfaces: ["npv+"]\n'
         "listeners:\n  outbound: 127.0.0.1:15001\n"
         "services:\n"
-        + service("web", SERVICES[WEB][0], BACKEND_PORT)
+        # p2c: these tests count requests per backend; peak_ewma would keep sequential requests on
+        # the fastest endpoints (docs/resilience.md)
+        + service("web", SERVICES[WEB][0], BACKEND_PORT, extra="    balancer: p2c\n")
         + service("ws", SERVICES[WS][0], WS_PORT)
         + service(
             "nr",

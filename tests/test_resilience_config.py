@@ -180,7 +180,7 @@ def test_hooked_into_the_service_and_route_config() -> None:
     assert route.fault is not None and route.fault.policy().abort_percent == 5.0
     # Omitted everywhere: the defaults.
     bare = parse_config(SERVICE_YAML.replace("balancer: peak_ewma", "")).services[0]
-    assert bare.balancer == "p2c"
+    assert bare.balancer == "peak_ewma"
 
 
 def test_config_errors_point_at_the_resilience_key() -> None:
