@@ -31,15 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def h2_lab_config(lab: Lab) -> str:
     endpoints = "".join(f"      - {{address: {p.ip}}}\n" for p in lab.backend_pods)
+    # p2c: the tests count the servers reached; peak_ewma (the default) keeps sequential requests on
+    # the fastest (docs/resilience.md)
+    balanced = "    balancer: p2c\n    endpoints:\n" + endpoints
     return (
         "node:\n  name: node-a\n"
         f'capture:\n  pod_cidrs: [{POD_CIDR}]\n  pod_interfaces: ["npv+"]\n'
         "listeners:\n  outbound: 127.0.0.1:15001\n"
         "services:\n"
         f"  - name: h2web\n    vip: {H2_VIP}\n"
-        f"    ports: [{{port: 80, target_port: {H2_PORT}, protocol: http2}}]\n    endpoints:\n{endpoints}"
+        f"    ports: [{{port: 80, target_port: {H2_PORT}, protocol: http2}}]\n{balanced}"
         f"  - name: rpc\n    vip: {GRPC_VIP}\n"
-        f"    ports: [{{port: 80, target_port: {GRPC_PORT}, protocol: grpc}}]\n    endpoints:\n{endpoints}"
+        f"    ports: [{{port: 80, target_port: {GRPC_PORT}, protocol: grpc}}]\n{balanced}"
     )
 
 
