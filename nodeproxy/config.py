@@ -31,6 +31,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from nodeproxy.accesslog import AccessLogConfig
+from nodeproxy.authz.config import AuthzConfig
+from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.resilience.config import ServiceResilience
 from nodeproxy.routes import (
     Protocol,
@@ -49,6 +51,7 @@ __all__ = [
     "Endpoint",
     "HttpConfig",
     "ListenersConfig",
+    "MeshConfig",
     "MetricsConfig",
     "NodeConfig",
     "RelayConfig",
@@ -745,6 +748,59 @@ class Service(_Frozen):
         return self
 
 
+class MeshConfig(_Frozen):
+    """Node-to-node mTLS (docs/config.md, section `mesh`): which peer nodes exist and the tunnel's ports.
+
+    A captured connection whose destination pod runs on a peer listed here, from a source pod with an
+    identity (`identity.workloads`), travels inside the HBONE tunnel to that peer's `hbone_port`."""
+
+    peers: dict[DnsLabel, IPv4] = Field(
+        default={},
+        description="Peer node name -> its underlay address (where its tunnel port listens). A node "
+        "missing here is reached without the tunnel.",
+    )
+    # 15008 and 15006 are ztunnel's (and Istio's) HBONE and inbound plaintext ports.
+    hbone_port: Port = Field(
+        default=15008,
+        description="Tunnel port: this node listens on it (0.0.0.0) and peers are dialled on it.",
+    )
+    inbound_port: Port = Field(
+        default=15006, description="Plaintext inbound port (on listeners.outbound's address)."
+    )
+    inbound_capture: bool = Field(
+        default=True,
+        description="Capture connections from elsewhere to this node's pods (capture.pod_cidrs): "
+        "plaintext to inbound_port, where PERMISSIVE/STRICT and the policies apply; podip:hbone_port "
+        "to the tunnel listener.",
+    )
+    stream_window: int = Field(
+        default=4 * 1024 * 1024,
+        strict=True,
+        ge=65535,
+        le=(1 << 31) - 1,
+        description="HTTP/2 window of one tunnelled stream, bytes (4 MiB).",
+    )
+    connection_window: int = Field(
+        default=16 * 1024 * 1024,
+        strict=True,
+        ge=65535,
+        le=(1 << 31) - 1,
+        description="HTTP/2 window of one tunnel connection, bytes (16 MiB).",
+    )
+    max_streams: int = Field(
+        default=100, strict=True, ge=1, le=10000, description="Streams per tunnel connection (100)."
+    )
+    handshake_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0.001, 600)] = (
+        Field(default=10.0, description="TLS handshake and inbound decision deadline (10 s).")
+    )
+    connect_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0.001, 600)] = Field(
+        default=5.0, description="Connect to a peer node or a local pod (5 s)."
+    )
+    pool_idle_timeout: Annotated[float, BeforeValidator(_parse_duration), _seconds_between(0.001, 3600)] = (
+        Field(default=30.0, description="An idle pooled tunnel connection closes after this (30 s).")
+    )
+
+
 class Config(_Frozen):
     """The whole nodeproxy configuration file."""
 
@@ -757,10 +813,21 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig = TracingConfig()
     access_log: AccessLogConfig = AccessLogConfig()
+    identity: IdentityConfig | None = Field(
+        default=None, description="Workload identities and the CA (docs/identity.md); none: no mTLS."
+    )
+    mesh: MeshConfig | None = Field(
+        default=None, description="Node-to-node mTLS tunnel; needs `identity` with `ca`. None: no tunnel."
+    )
+    authz: AuthzConfig = Field(
+        default=AuthzConfig(),
+        description="Peer authentication (PERMISSIVE/STRICT), JWT and authorization policies "
+        "(docs/authorization.md), applied to connections for this node's pods.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        problems: list[tuple[str, str]] = []
+        problems: list[tuple[str, str]] = self._mesh_problems()
         first_name: dict[str, int] = {}
         for i, svc in enumerate(self.services):
             j = first_name.setdefault(svc.name, i)
@@ -797,6 +864,57 @@ class Config(_Frozen):
         problems += self._address_loops()
         _raise_problems(problems)
         return self
+
+    def _mesh_problems(self) -> list[tuple[str, str]]:
+        """identity and mesh against the rest: this node's place in them, the ports, what the tunnel needs."""
+        problems: list[tuple[str, str]] = []
+        identity, mesh = self.identity, self.mesh
+        if identity is not None and identity.nodes is not None and self.node.name not in identity.nodes:
+            problems.append(
+                (
+                    "identity.nodes",
+                    f"this node ({self.node.name!r}, node.name) is not listed: the CA would "
+                    "refuse it every certificate",
+                )
+            )
+        if mesh is None:
+            return problems
+        if identity is None or identity.ca is None:
+            problems.append(
+                (
+                    "mesh",
+                    "needs `identity` with `ca`, `trust_bundle` and `node_credential`: the tunnel "
+                    "presents certificates the CA issues",
+                )
+            )
+        if self.node.name in mesh.peers:
+            problems.append((f"mesh.peers.{self.node.name}", "this node itself is not a peer"))
+        seen: dict[IPv4Address, str] = {}
+        for name, address in mesh.peers.items():
+            if address in seen:
+                problems.append((f"mesh.peers.{name}", f"{address} is also the address of {seen[address]!r}"))
+            seen.setdefault(address, name)
+        outbound = self.listeners.outbound
+        ports = {"hbone_port": mesh.hbone_port, "inbound_port": mesh.inbound_port}
+        if mesh.hbone_port == mesh.inbound_port:
+            problems.append(("mesh.inbound_port", "must differ from mesh.hbone_port"))
+        for name, port in ports.items():
+            if port == outbound.port:
+                problems.append(
+                    (
+                        f"mesh.{name}",
+                        f"port {port} is the outbound listener's (listeners.outbound: {outbound})",
+                    )
+                )
+        if mesh.inbound_capture and not self.capture.pod_cidrs:
+            problems.append(
+                (
+                    "mesh.inbound_capture",
+                    "needs capture.pod_cidrs (this node's pods: what inbound capture "
+                    "takes); set it or inbound_capture: false",
+                )
+            )
+        return problems
 
     def _address_loops(self) -> list[tuple[str, str]]:
         """A VIP that is the listener's address, and endpoints that are a VIP or the listener."""

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 import uvloop
@@ -69,6 +69,9 @@ from nodeproxy.proxy.listener import OutboundListener, open_listener
 from nodeproxy.proxy.relay import RelayPool
 from nodeproxy.state.routing import StateUpdater
 from nodeproxy.tracing import Tracer
+
+if TYPE_CHECKING:
+    from nodeproxy.proxy.mesh import MeshWorker
 
 log = structlog.get_logger("nodeproxy")
 
@@ -83,6 +86,9 @@ RESTART_ONLY = (
     "metrics.port",
     "access_log.output",
 )
+# identity and mesh: everything but the inventory (workloads, nodes, peers) is bound at start.
+IDENTITY_RELOADABLE = frozenset({"workloads", "nodes"})
+MESH_RELOADABLE = frozenset({"peers"})
 SUPERVISOR_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
 WORKER_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 RESPAWN_BACKOFF = 1.0  # seconds between replacing crashed workers, so a crash loop cannot spin
@@ -210,6 +216,31 @@ def _get(config: Config, dotted: str) -> object:
     return value
 
 
+def capture_plan(config: Config) -> capture.CapturePlan:
+    """The capture the daemon installs: with a mesh, inbound capture of the local pods too."""
+    if config.mesh is None:
+        return capture.CapturePlan.from_config(config)
+    from nodeproxy.proxy.mesh import capture_plan as with_inbound  # loads the tunnel only when used
+
+    return with_inbound(config)
+
+
+def mesh_restart_changes(old: Config, new: Config) -> list[str]:
+    """The identity/mesh settings that differ and need a restart (SIGHUP and pushes refuse them)."""
+    changed: list[str] = []
+    for section, reloadable in (("identity", IDENTITY_RELOADABLE), ("mesh", MESH_RELOADABLE)):
+        before, after = getattr(old, section), getattr(new, section)
+        if (before is None) != (after is None):
+            changed.append(section)
+        elif before is not None and after is not None:
+            changed += [
+                f"{section}.{name}"
+                for name in type(before).model_fields
+                if name not in reloadable and getattr(before, name) != getattr(after, name)
+            ]
+    return changed
+
+
 def describe_exit(status: int) -> dict[str, object]:
     """A waitpid status as log fields: the exit code, or the signal that killed the process."""
     if os.WIFSIGNALED(status):
@@ -261,6 +292,7 @@ class Worker:
         # (SPIFFE id, expiry as Unix time) of the workload certificates this worker holds, for
         # nodeproxy_certificate_expiry_timestamp_seconds; None until the mTLS tunnel gives it one.
         self.certificate_expiry: Callable[[], Iterable[tuple[str, float]]] | None = None
+        self.mesh: MeshWorker | None = None  # the mTLS tunnel, when the config has `mesh`
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -307,6 +339,8 @@ class Worker:
         self.drain_hooks.append(http.begin_drain)
         pool.start()  # the relay thread inherits the blocked stop signals: they go to this thread
         http.start(loop)
+        if self.config.mesh is not None:
+            await self._start_mesh(loop)
         self.listener.start(loop, self.listen_sock)
         loop.add_reader(self.control_fd, self._on_control)
         # Handlers are in place: a stop signal that arrived since the fork is delivered now, not lost.
@@ -319,7 +353,7 @@ class Worker:
         self.fail_open = self.supervisor_gone and self.config.capture.on_failure == "open"
         if self.fail_open:
             log.error("supervisor is gone; taking no new connections (capture.on_failure: open)")
-            plan = capture.CapturePlan.from_config(self.config)
+            plan = capture_plan(self.config)
             # In a thread: pyroute2 runs its own event loop, which cannot nest in ours.
             with contextlib.suppress(capture.CaptureError):  # the last one standing retries it all
                 await asyncio.to_thread(capture.install, plan, capture_new=False)
@@ -329,12 +363,17 @@ class Worker:
         deadline = time.monotonic() + self.config.relay.drain_timeout
         if pool.live_connections:
             log.info("draining", worker=self.index, live_connections=pool.live_connections)
-        while (pool.live_connections or http.live_connections) and time.monotonic() < deadline:
+        mesh = self.mesh
+        while (
+            pool.live_connections or http.live_connections or (mesh is not None and mesh.live_streams)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
         http.close()  # first: an upgraded connection may still move to the splice relay
         self.tracer.close(TRACE_FLUSH_TIMEOUT)  # the spans of the last requests, within a bound
+        if mesh is not None:  # before the listener: the streams it resets are accounted there
+            mesh.close()
         self.listener.close()
         stats = self.listener.stats
         log.info(
@@ -346,12 +385,22 @@ class Worker:
             closed=stats.closed,
         )
 
+    async def _start_mesh(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The mTLS tunnel of this worker (nodeproxy.proxy.mesh): certificates, engine, 15008 and 15006."""
+        from nodeproxy.proxy.mesh import MeshWorker
+
+        mesh = self.mesh = MeshWorker(self.config, self.index, self.listener)
+        self.listener.mesh = mesh
+        self.drain_hooks.append(mesh.stop_accepting)
+        self.certificate_expiry = mesh.certificate_expiry
+        await mesh.start(loop)
+
     def remove_capture_if_last(self) -> None:
         """After serve(), on_failure open, supervisor dead: the last process of the daemon removes the
         capture. Runs after the event loop ended (pyroute2 cannot run inside it)."""
         if not self.fail_open:
             return
-        plan = capture.CapturePlan.from_config(self.config)
+        plan = capture_plan(self.config)
         if not self.survivors.last_one_standing():
             log.info("another nodeproxy process is still running; it removes the capture", worker=self.index)
             return
@@ -420,6 +469,21 @@ class Worker:
                 "closed": dict(stats.closed),
             },
             "routes": routes,
+            "mesh": self._mesh_snapshot(),
+        }
+
+    def _mesh_snapshot(self) -> dict[str, Any] | None:
+        mesh = self.mesh
+        if mesh is None:
+            return None
+        return {
+            "tunneled": self.listener.stats_tunneled,
+            "live_streams": mesh.live_streams,
+            "tls_connections": mesh.engine.tls_connections,
+            "inbound_allowed": mesh.inbound_allowed,
+            "inbound_denied": mesh.inbound_denied,
+            "tls_failures": mesh.tls_failures,
+            "certificates": {identity: expiry for identity, expiry in mesh.certificate_expiry()},
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -517,6 +581,8 @@ class Worker:
                 state = self.updater.apply(config)
                 self.listener.relay_config = config.relay
                 self.metrics.update_config(config)
+                if self.mesh is not None:
+                    self.mesh.apply_config(config)
                 self.config = config
                 log.debug("worker applied config", worker=self.index, generation=state.generation)
             elif kind == CTL_SNAPSHOT:
@@ -692,7 +758,7 @@ class Supervisor:
         self.config_path = config_path
         self.ready_file = ready_file
         self.access_log = access_log
-        self.plan = capture.CapturePlan.from_config(config)
+        self.plan = capture_plan(config)
         self.load_table: _reuseport.LoadTable | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.selector = selectors.DefaultSelector()
@@ -1144,7 +1210,8 @@ class Supervisor:
         )
 
     def _restart_only_changes(self, new: Config) -> list[str]:
-        return [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        changed = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        return changed + mesh_restart_changes(self.config, new)
 
     def _apply(self, new: Config, source: str) -> None:
         """Send a validated config to every worker and make it the active one."""

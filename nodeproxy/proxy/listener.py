@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from nodeproxy.proxy.http import (
         HttpProxy,
     )  # http imports the relay pool, not the listener; the engine is handed in at run time
+    from nodeproxy.proxy.mesh import MeshWorker
+    from nodeproxy.proxy.tunnel import StreamDone
     from nodeproxy.resilience.guard import ServiceGuards
 
 log = structlog.get_logger("nodeproxy.outbound")
@@ -61,6 +63,19 @@ FLAG_NO_HEALTHY_UPSTREAM = "UH"  # the service has no endpoints
 FLAG_CONNECT_FAILED = "UF"  # every connect attempt failed
 FLAG_NO_ROUTE = "NR"  # a connection to the listener itself
 FLAG_LOCAL_RESET = "LR"  # reset by the proxy: short of resources, stopping, or an internal error
+FLAG_UPSTREAM_RESET = "UR"  # the tunnel's peer refused the stream (policy: 403) or reset it
+FLAG_NO_IDENTITY = "UAEX"  # the mesh refused it: no identity/SVID for the source, or STRICT destination
+# The tunnel's StreamDone endings (nodeproxy.proxy.tunnel.StreamEnding values) and their response flags.
+TUNNEL_FLAGS: dict[str, str] = {
+    "CLOSED": FLAG_NONE,
+    "PLAIN_RESET": FLAG_NONE,  # the client reset its own connection
+    "PEER_RESET": FLAG_UPSTREAM_RESET,
+    "REFUSED": FLAG_UPSTREAM_RESET,
+    "TUNNEL_FAILED": FLAG_CONNECT_FAILED,
+    "CONNECT_FAILED": FLAG_CONNECT_FAILED,
+    "ABORTED": FLAG_LOCAL_RESET,
+    "LOCAL_RESOURCES": FLAG_LOCAL_RESET,
+}
 
 assert FDS_PER_CONNECTION >= 2, "a connection holds at least its two sockets"
 
@@ -116,6 +131,7 @@ class Connection:
         "started",
         "target",
         "tried",
+        "tunnel_peer",
         "worker",
     )
 
@@ -148,6 +164,7 @@ class Connection:
         self.holds_slot = False
         self.sniffed = False  # an `auto` port's connection the HTTP engine found not to be HTTP
         self.metered = False  # counted as opened in the TCP metrics (once, whatever its retries)
+        self.tunnel_peer: str | None = None  # the peer node whose tunnel carries it (None: the relay)
 
     @property
     def attempts_failed(self) -> int:
@@ -236,6 +253,10 @@ class OutboundListener:
         self.http: HttpProxy | None = None
         # Istio's TCP metrics of the connections this listener relays (None: not recorded).
         self.metrics = metrics
+        # The worker's mTLS tunnel (nodeproxy.proxy.mesh): connections to pods of peer nodes go there
+        # instead of the splice relay (None: no mesh configured).
+        self.mesh: MeshWorker | None = None
+        self.stats_tunneled = 0  # connections handed to the tunnel
 
     @property
     def relay_config(self) -> RelayConfig:
@@ -402,6 +423,14 @@ class OutboundListener:
             assert isinstance(decision, Refuse)
             self._refuse(conn, decision.reason, self._refusal_flag(conn))
             return
+        mesh = self.mesh
+        if mesh is not None:
+            path = mesh.directory.outbound_path(
+                conn.client_ip, target[0], target[1], conn.endpoint.node if conn.endpoint else None
+            )
+            if path is not None:
+                self._tunnel(conn, mesh, path, target)
+                return
         if self.metrics is not None and not conn.metered:
             conn.metered = True
             self.metrics.tcp_opened(conn.service, conn.client_ip, target[0])
@@ -427,6 +456,128 @@ class OutboundListener:
             if conn.endpoint is not None:
                 conn.endpoint.active -= 1
             self._connect_failed(conn, err.errno or 0)
+
+    def _tunnel(self, conn: Connection, mesh: MeshWorker, path: object, target: tuple[str, int]) -> None:
+        """Hand the connection to the mTLS tunnel (mesh.TunnelTo), or refuse it (mesh.MeshRefusal)."""
+        from nodeproxy.proxy.mesh import TunnelTo
+
+        if not isinstance(path, TunnelTo):
+            self._unchoose_endpoint(conn)
+            self._refuse(conn, f"mesh: {getattr(path, 'reason', path)}", FLAG_NO_IDENTITY)
+            return
+        self.connections[conn.id] = conn
+        try:
+            mesh.adopt(conn.id, conn.client_fd, path, f"{target[0]}:{target[1]}", conn.client_ip)
+        except (LookupError, ValueError, OSError) as err:
+            # No SVID for the source (yet, or expired without renewal), or the engine refused it: the
+            # socket is still ours. Not the endpoint's fault, so no retry elsewhere.
+            del self.connections[conn.id]
+            self._unchoose_endpoint(conn)
+            self._refuse(conn, f"mesh: cannot tunnel to {path.peer_node}: {err}", FLAG_NO_IDENTITY)
+            return
+        conn.client_fd = -1  # the engine's now
+        conn.tunnel_peer = path.peer_node
+        self.stats_tunneled += 1
+        if self.metrics is not None and not conn.metered:
+            conn.metered = True
+            self.metrics.tcp_opened(conn.service, conn.client_ip, target[0])
+
+    @staticmethod
+    def _unchoose_endpoint(conn: Connection) -> None:
+        if conn.endpoint is not None:
+            conn.endpoint.active -= 1
+            conn.endpoint = None
+
+    def tunnel_done(self, record: StreamDone) -> None:
+        """A tunnelled connection ended (the engine's StreamDone for our conn_id): account for it like a
+        relay completion. A tunnel that could not be opened counts against the endpoint (outlier
+        detection) but is not retried: the engine has closed the client socket by then."""
+        stats = self.stats
+        stats.relay_bytes_up += record.bytes_up
+        stats.relay_bytes_down += record.bytes_down
+        conn = self.connections.pop(record.id, None)
+        if conn is None:
+            return
+        ending = record.ending.name
+        failed_to_open = ending in ("TUNNEL_FAILED", "CONNECT_FAILED") and not record.bytes_down
+        if conn.endpoint is not None:
+            conn.endpoint.active -= 1
+            if conn.guards is not None:
+                if failed_to_open:
+                    conn.endpoint.connect_failures += 1
+                    ejection = conn.guards.outlier.record_connect_failure(conn.endpoint)
+                    if ejection is not None and self.metrics is not None and conn.service is not None:
+                        self.metrics.ejection(conn.service)
+                else:
+                    conn.guards.outlier.record_success(conn.endpoint)
+        self._release_slot(conn)
+        if failed_to_open:
+            stats.connect_failures += 1
+        name = f"tunnel_{ending.lower()}"
+        stats.closed[name] = stats.closed.get(name, 0) + 1
+        flag = TUNNEL_FLAGS.get(ending, FLAG_LOCAL_RESET)
+        if self.metrics is not None:
+            self.metrics.tcp_closed(
+                conn.service,
+                conn.client_ip,
+                conn.target[0] if conn.target is not None else None,
+                flag,
+                record.bytes_up,
+                record.bytes_down,
+            )
+        if self.access_log.info_enabled if flag == FLAG_NONE else self.access_log.warning_enabled:
+            self.access_log.closed(
+                self._log_fields(conn),
+                name if not record.status else f"{name}_{record.status}",
+                record.err,
+                record.bytes_up,
+                record.bytes_down,
+                (time.monotonic() - conn.started) * 1000,
+                conn.attempts_failed + 1,
+                flag,
+            )
+        if self.on_load_change is not None:
+            self.on_load_change(len(self.connections))
+
+    def relay_inbound(
+        self, fd: int, client_ip: str, client_port: int, pod_ip: str, pod_port: int, started: float
+    ) -> None:
+        """A plaintext inbound connection the mesh allowed (accepted on mesh.inbound_port): relay it to
+        the local pod from the caller's own address, accounted like any relayed connection. Call
+        wake_relays() after a batch."""
+        conn = Connection(
+            next(self._ids), fd, client_ip, client_port, pod_ip, pod_port, started, self.pool.next_worker()
+        )
+        conn.target = (pod_ip, pod_port)
+        self.stats.accepted += 1
+        if len(self.connections) >= self.connection_cap:
+            self._refuse(
+                conn, f"connection limit reached ({self.connection_cap} in this worker)", FLAG_OVERFLOW
+            )
+            return
+        if self.metrics is not None:
+            conn.metered = True
+            self.metrics.tcp_opened(None, client_ip, pod_ip)
+        self.connections[conn.id] = conn
+        try:
+            conn.worker.connect(
+                conn.id,
+                fd,
+                pod_ip,
+                pod_port,
+                self._connect_timeout_ms,
+                client_ip,
+                self._idle_timeout_ms,
+                True,
+                False,
+            )
+            self._relays_to_wake = True
+        except OSError as err:
+            del self.connections[conn.id]
+            self._connect_failed(conn, err.errno or 0)
+
+    def wake_relays(self) -> None:
+        self._wake_relays()
 
     def adopt_tcp(
         self, conn_id: int, fd: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int

@@ -1,0 +1,446 @@
+"""The daemon's node-to-node mTLS: a worker's certificates, tunnel engine and inbound listeners.
+
+One :class:`MeshWorker` per worker process (nodeproxy.daemon.Worker) when the config has `mesh`:
+
+- a CertManager (nodeproxy.identity.certmanager) holding this node's workload SVIDs, renewed at half
+  life; only worker 0 renews the node credential files (the others re-read them when they change: the
+  CA client reads them per request), so N workers do not rewrite one file N times;
+- a TunnelEngine (nodeproxy.proxy.tunnel) on its own native thread, following the CertManager's
+  rotations and trust bundle changes, presenting the node credential on its inbound side;
+- the HBONE listener (0.0.0.0:mesh.hbone_port, transparent, SO_REUSEPORT: every worker has its own, as
+  for the outbound listener, and the kernel spreads peers' tunnels over them);
+- the plaintext inbound listener (mesh.inbound_port on listeners.outbound's address): connections for
+  local pods from elsewhere, captured by InboundPlan; PERMISSIVE/STRICT and the policies decide, the
+  outbound listener's relay carries what is allowed (from the caller's own address).
+
+Why one engine per worker and not one per daemon: a worker is a process (descriptor limits are per
+process) and the engine adopts the client socket the worker accepted; sockets cannot move to another
+process without SCM_RIGHTS per connection. Each worker's engine pools its own tunnel connections per peer
+and identity (at most workers x peers x identities TLS connections).
+
+The decisions are pure functions of a :class:`MeshDirectory` (one per config snapshot):
+:meth:`MeshDirectory.outbound_path` says whether a captured connection goes into the tunnel, plain, or
+is refused; nodeproxy.proxy.inbound decides inbound streams with the authorization engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import structlog
+
+from nodeproxy import _fastpath
+from nodeproxy.authz.engine import AuthzEngine, compile_authz, workloads_on_node
+from nodeproxy.authz.jwt import JwksRefresher
+from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
+from nodeproxy.authz.policy import Workload
+from nodeproxy.capture import CapturePlan, InboundPlan
+from nodeproxy.config import Config, MeshConfig
+from nodeproxy.identity.caclient import CaClient
+from nodeproxy.identity.certmanager import CertManager, NoSvid
+from nodeproxy.identity.config import IdentityConfig
+from nodeproxy.identity.spiffeid import SpiffeId
+from nodeproxy.proxy.inbound import authz_policy, decide_inbound, decide_plaintext
+from nodeproxy.proxy.tunnel import (
+    EngineSettings,
+    InboundStream,
+    PemCredential,
+    StreamDone,
+    TlsFailed,
+    TunnelClient,
+    TunnelEngine,
+)
+
+if TYPE_CHECKING:
+    from nodeproxy.proxy.listener import OutboundListener
+
+log = structlog.get_logger("nodeproxy.mesh")
+
+ACCEPT_BATCH = 128
+# Seconds a worker waits at start for its first SVIDs (each CA request has identity.ca.timeout on top
+# of it being parallel); past it the worker serves anyway and connections from a source without an SVID
+# yet are refused until the renewal loop gets one.
+FIRST_SVIDS_TIMEOUT = 15.0
+
+
+def capture_plan(config: Config) -> CapturePlan:
+    """The capture of `config`: nodeproxy.capture's outbound plan, plus inbound capture of this node's
+    pods (capture.pod_cidrs) when the mesh asks for it."""
+    plan = CapturePlan.from_config(config)
+    mesh = config.mesh
+    if mesh is None or not mesh.inbound_capture:
+        return plan
+    inbound = InboundPlan(
+        local_pod_cidrs=tuple(str(c) for c in config.capture.pod_cidrs),
+        plaintext_ip=str(config.listeners.outbound.host),
+        plaintext_port=mesh.inbound_port,
+        hbone_port=mesh.hbone_port,
+    )
+    return dataclasses.replace(plan, inbound=inbound)
+
+
+def node_identity(trust_domain: str, node: str) -> str:
+    """The SPIFFE ID a node proxy presents on its tunnel port (its node credential)."""
+    return str(SpiffeId.for_node(trust_domain, node))
+
+
+class TunnelTo(NamedTuple):
+    """Send the connection through the tunnel to `peer_ip` as `identity` (the source workload)."""
+
+    peer_node: str
+    peer_ip: str
+    peer_identity: str  # the only identity the peer's tunnel port may present
+    identity: str
+
+
+class MeshRefusal(NamedTuple):
+    reason: str
+
+
+OutboundPath = TunnelTo | MeshRefusal | None  # None: not the mesh's business, relay it as before
+
+
+@dataclass(frozen=True)
+class MeshDirectory:
+    """Who is where, for one config snapshot: pure lookups, no I/O."""
+
+    node: str
+    trust_domain: str
+    peers: dict[str, str]  # peer node -> underlay address
+    workload_nodes: dict[str, str]  # pod IP -> node, every node's workloads
+    local_identities: dict[str, str]  # pod IP -> SPIFFE ID, this node's workloads
+    destination_workloads: dict[str, Workload]  # pod IP -> Workload, every node's (their STRICT mode)
+    peer_authentication: CompiledPeerAuthentication
+
+    @classmethod
+    def build(cls, config: Config) -> MeshDirectory:
+        identity, mesh = config.identity, config.mesh
+        if identity is None or mesh is None:
+            raise ValueError("the mesh needs the identity and mesh sections")
+        node = config.node.name
+        index = identity.workload_index()
+        return cls(
+            node=node,
+            trust_domain=identity.trust_domain,
+            peers={name: str(address) for name, address in mesh.peers.items()},
+            workload_nodes={str(w.ip): w.node for w in identity.workloads},
+            local_identities={str(w.ip): str(w.spiffe_id) for w in index.by_ip.values() if w.node == node},
+            destination_workloads={
+                str(w.ip): Workload.of(w.namespace, w.service_account, w.labels) for w in identity.workloads
+            },
+            peer_authentication=compile_peer_authentication(config.authz.peer_authentication),
+        )
+
+    @property
+    def local_pods(self) -> frozenset[str]:
+        return frozenset(ip for ip, node in self.workload_nodes.items() if node == self.node)
+
+    def identity_of(self, source_ip: str) -> str | None:
+        return self.local_identities.get(source_ip)
+
+    def outbound_path(
+        self, source_ip: str, destination_ip: str, destination_port: int, endpoint_node: str | None
+    ) -> OutboundPath:
+        """Where a captured connection to destination_ip:port goes.
+
+        The destination's node is the endpoint's (`Endpoint.node`) or, for a pod addressed directly,
+        the identity config's. On this node or on a node that is not a peer: None (the plain relay, as
+        before the mesh). On a peer: the tunnel when the source pod has an identity; without one, plain
+        when the destination accepts plaintext (PERMISSIVE), refused when it is STRICT (its node would
+        refuse it anyway: better a reset here than a connection that dies at the peer)."""
+        node = endpoint_node or self.workload_nodes.get(destination_ip)
+        if node is None or node == self.node:
+            return None
+        peer_ip = self.peers.get(node)
+        if peer_ip is None:
+            return None
+        identity = self.local_identities.get(source_ip)
+        if identity is not None:
+            return TunnelTo(node, peer_ip, node_identity(self.trust_domain, node), identity)
+        decision = self.peer_authentication.plaintext(
+            self.destination_workloads.get(destination_ip), destination_port
+        )
+        if decision.accepted:
+            return None
+        return MeshRefusal(f"source {source_ip} has no identity and {destination_ip}: {decision.reason}")
+
+
+def engine_settings(mesh: MeshConfig) -> EngineSettings:
+    return EngineSettings(
+        stream_window=mesh.stream_window,
+        connection_window=mesh.connection_window,
+        max_streams=mesh.max_streams,
+        handshake_timeout=mesh.handshake_timeout,
+        connect_timeout=mesh.connect_timeout,
+        pool_idle_timeout=mesh.pool_idle_timeout,
+    )
+
+
+def cert_manager(identity: IdentityConfig, node: str, renew_node_credential: bool) -> CertManager:
+    """CertManager.from_config, except that only one process renews the node credential files (the CA
+    client of every process reads them per request)."""
+    if renew_node_credential:
+        return CertManager.from_config(identity, node)
+    if identity.ca is None or identity.node_credential is None or identity.trust_bundle is None:
+        raise ValueError("identity.ca, identity.node_credential and identity.trust_bundle are needed")
+    manager: CertManager
+
+    def current_bundle() -> bytes:
+        return manager.trust_bundle_pem()
+
+    client = CaClient(
+        identity.ca.host,
+        identity.ca.port,
+        identity.trust_domain,
+        cert=identity.node_credential.cert,
+        key=identity.node_credential.key,
+        trust_bundle=current_bundle,
+        timeout=identity.ca.timeout,
+    )
+    manager = CertManager(
+        identity.trust_domain,
+        client,
+        trust_bundle_file=identity.trust_bundle,
+        svid_ttl=identity.svid_lifetime,
+        key_type=identity.key_type,
+        renew_fraction=identity.renew_fraction,
+        renew_jitter=identity.renew_jitter,
+        retry_initial=identity.retry_initial,
+        retry_max=identity.retry_max,
+        watch_interval=identity.watch_interval,
+    )
+    manager.set_identities(identity.workload_index().identities_on(node))
+    return manager
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# The access-log/metrics view of a tunnelled stream's end is the listener's (OutboundListener.tunnel_done).
+TunnelDone = Callable[[StreamDone], None]
+
+
+class MeshWorker:
+    """The mesh side of one worker process; see the module docstring."""
+
+    def __init__(self, config: Config, worker_index: int, listener: OutboundListener) -> None:
+        identity, mesh = config.identity, config.mesh
+        if identity is None or mesh is None:
+            raise ValueError("MeshWorker needs the identity and mesh sections")
+        self.config = config
+        self.index = worker_index
+        self.listener = listener
+        self.directory = MeshDirectory.build(config)
+        self.refresher = JwksRefresher()
+        self.authz = self._compile_authz(config)
+        self.certs = cert_manager(identity, config.node.name, renew_node_credential=worker_index == 0)
+        self.engine = TunnelEngine(
+            identity.trust_domain, self.certs.trust_bundle_pem(), engine_settings(mesh)
+        )
+        self.client = TunnelClient(
+            self.engine,
+            lambda source_ip: self.directory.identity_of(source_ip),
+            lambda spiffe_id: self.certs.svid_for(SpiffeId.parse(spiffe_id)),
+            peer_port=mesh.hbone_port,
+        )
+        assert identity.node_credential is not None  # cert_manager checked it
+        self._node_files = (identity.node_credential.cert, identity.node_credential.key)
+        self._node_stamp: tuple[int, int, int, int] | None = None
+        self.hbone_sock: socket.socket | None = None
+        self.inbound_sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.inbound_allowed = 0
+        self.inbound_denied = 0
+        self.tls_failures = 0
+
+    def _compile_authz(self, config: Config) -> AuthzEngine:
+        identity = config.identity
+        assert identity is not None
+        labels = {str(w.ip): w.labels for w in identity.workloads}
+        local = workloads_on_node(identity.workloads, config.node.name, labels)
+        return compile_authz(config.authz, self.refresher, local)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """First SVIDs (bounded), the server credential, the listeners, the engine thread."""
+        from nodeproxy.proxy.listener import open_listener
+
+        mesh = self.config.mesh
+        assert mesh is not None
+        self._loop = loop
+        try:
+            await asyncio.wait_for(self.certs.refresh_due(), FIRST_SVIDS_TIMEOUT)
+        except TimeoutError:
+            log.error("first SVIDs not obtained in time; serving, renewals go on", worker=self.index)
+        self._load_server_credential()
+        self.engine.follow(self.certs)
+        # Transparent (open_listener): inbound capture hands it tunnels addressed to pod ip:15008 too.
+        self.hbone_sock = open_listener(("0.0.0.0", mesh.hbone_port), backlog=4096)
+        self.engine.listen(self.hbone_sock)
+        self.inbound_sock = open_listener((str(self.config.listeners.outbound.host), mesh.inbound_port))
+        self.inbound_sock.setblocking(False)
+        self.engine.start()
+        loop.add_reader(self.engine.notify_fd, self._on_records)
+        loop.add_reader(self.inbound_sock.fileno(), self._on_plaintext)
+        self._tasks = [
+            loop.create_task(self.certs.run(), name="nodeproxy-certs"),
+            loop.create_task(self.refresher.run(), name="nodeproxy-jwks"),
+            loop.create_task(self._watch_node_credential(), name="nodeproxy-node-credential"),
+        ]
+        log.info(
+            "mesh serving",
+            worker=self.index,
+            hbone_port=mesh.hbone_port,
+            inbound_port=mesh.inbound_port,
+            identities=sorted(str(i) for i in self.certs.identities()),
+            peers=self.directory.peers,
+        )
+
+    def apply_config(self, config: Config) -> None:
+        """A reload: peers, workloads and policies (the restart-only fields are checked by the daemon)."""
+        identity = config.identity
+        assert identity is not None and config.mesh is not None
+        self.directory = MeshDirectory.build(config)
+        self.authz = self._compile_authz(config)
+        self.certs.apply_config(identity, config.node.name)
+        self.config = config
+
+    def stop_accepting(self) -> None:
+        """Draining: no new plaintext inbound connections (tunnels already open keep their streams)."""
+        if self.inbound_sock is not None and self._loop is not None:
+            self._loop.remove_reader(self.inbound_sock.fileno())
+            self.inbound_sock.close()
+            self.inbound_sock = None
+
+    def close(self) -> None:
+        """Stop the engine (live streams are reset); their last records go to the listener."""
+        self.stop_accepting()
+        for task in self._tasks:
+            task.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(self.engine.notify_fd)
+        for record in self.engine.stop():
+            if isinstance(record, StreamDone) and record.outbound:
+                self.listener.tunnel_done(record)
+        if self.hbone_sock is not None:
+            self.hbone_sock.close()
+
+    @property
+    def live_streams(self) -> int:
+        return self.engine.live_streams
+
+    def certificate_expiry(self) -> Iterable[tuple[str, float]]:
+        """(SPIFFE ID, notAfter as Unix time) of every SVID this worker holds, for the metrics."""
+        for spiffe_id in self.certs.identities():
+            with contextlib.suppress(NoSvid):
+                yield str(spiffe_id), self.certs.svid_for(spiffe_id).not_after.timestamp()
+
+    # -- certificates -----------------------------------------------------------------------------------
+
+    def _load_server_credential(self) -> None:
+        cert, key = self._node_files
+        stamp = _file_stamp(cert)
+        if stamp == self._node_stamp:
+            return
+        self.engine.set_server_identity(PemCredential(cert.read_bytes(), key.read_bytes()))
+        self._node_stamp = stamp
+        log.info("tunnel server credential loaded", worker=self.index, cert=str(cert))
+
+    async def _watch_node_credential(self) -> None:
+        """Present the node credential the files hold now (worker 0 or an operator renews them)."""
+        identity = self.config.identity
+        assert identity is not None
+        while True:
+            await asyncio.sleep(identity.watch_interval)
+            try:
+                self._load_server_credential()
+            except (OSError, ValueError) as err:  # half-written: keep the loaded one, look again later
+                log.error("node credential files unusable; keeping the loaded one", error=str(err))
+
+    # -- outbound ---------------------------------------------------------------------------------------
+
+    def adopt(self, conn_id: int, fd: int, path: TunnelTo, authority: str, source_ip: str) -> None:
+        """Tunnel client socket `fd`; raises (LookupError: no identity or SVID; OSError) with fd still
+        the caller's, else fd is the engine's and a StreamDone with conn_id follows."""
+        self.client.adopt(conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity)
+
+    # -- records and inbound ----------------------------------------------------------------------------
+
+    def _on_records(self) -> None:
+        answers = []
+        policy = authz_policy(self.authz)
+        local_pods = self.directory.local_pods
+        for record in self.engine.records():
+            try:
+                if isinstance(record, InboundStream):
+                    decision = decide_inbound(record, local_pods, policy)
+                    answers.append(decision.answer)
+                    if decision.answer.allow:
+                        self.inbound_allowed += 1
+                    else:
+                        self.inbound_denied += 1
+                    log.info(
+                        "tunnel stream",
+                        allowed=decision.answer.allow,
+                        peer_identity=record.peer_identity,
+                        authority=record.authority,
+                        source_ip=decision.source_ip,
+                        peer_node=record.peer_ip,
+                        reason=decision.reason,
+                    )
+                elif isinstance(record, StreamDone):
+                    if record.outbound:
+                        self.listener.tunnel_done(record)
+                elif isinstance(record, TlsFailed):
+                    self.tls_failures += 1
+                    log.warning(
+                        "tunnel TLS failed",
+                        outbound=record.outbound,
+                        peer=f"{record.peer_ip}:{record.peer_port}",
+                        reason=record.reason,
+                    )
+            except Exception:  # one record's failure must not lose the answers of the others
+                log.exception("tunnel record handling failed", record=repr(record))
+        if answers:
+            self.engine.answer(answers)
+
+    def _on_plaintext(self) -> None:
+        sock = self.inbound_sock
+        if sock is None:
+            return
+        try:
+            batch = _fastpath.accept_batch(sock.fileno(), ACCEPT_BATCH)
+        except OSError as err:
+            log.error("inbound accept failed", error=str(err))
+            return
+        policy = authz_policy(self.authz)
+        local_pods = self.directory.local_pods
+        started = time.monotonic()
+        for fd, src_ip, src_port, dst_ip, dst_port in batch:
+            verdict = decide_plaintext(src_ip, dst_ip, dst_port, local_pods, policy)
+            if not verdict.allowed:
+                self.inbound_denied += 1
+                _fastpath.reset_and_close(fd)
+                log.warning(
+                    "plaintext inbound refused",
+                    source=f"{src_ip}:{src_port}",
+                    destination=f"{dst_ip}:{dst_port}",
+                    reason=verdict.reason,
+                )
+                continue
+            self.inbound_allowed += 1
+            self.listener.relay_inbound(fd, src_ip, src_port, dst_ip, dst_port, started)
+        self.listener.wake_relays()
