@@ -178,21 +178,34 @@ def node_id(node: Node) -> str:
 def write_pki(directory: Path, lab: NodeLab, svid_ttl: timedelta = timedelta(hours=1)) -> Path:
     """A CA (nodeproxy.identity) in directory/ca, the trust bundle, each node's credential and each
     pod's SVID, as PEM files under `directory`; returns the bundle's path."""
-    from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
-    from nodeproxy.identity.spiffe import SpiffeId
+    from nodeproxy.identity.ca import CertificateAuthority, init_ca
 
     init_ca(directory / "ca", TRUST_DOMAIN)
     ca = CertificateAuthority.load(directory / "ca")
     bundle = directory / "bundle.pem"
     bundle.write_bytes(ca.trust_bundle_pem())
+    reissue(directory, lab, svid_ttl)
+    return bundle
+
+
+def reissue(directory: Path, lab: NodeLab, svid_ttl: timedelta = timedelta(hours=1)) -> None:
+    """New certificates and keys for every node and pod from the CA in directory/ca (rotation: the files
+    are replaced atomically; a node agent takes them on SIGHUP)."""
+    from nodeproxy.identity.ca import CertificateAuthority, private_key_pem
+    from nodeproxy.identity.spiffe import SpiffeId
+
+    ca = CertificateAuthority.load(directory / "ca")
     for node in lab.nodes:
         for name, spiffe_id in [(node.name, node_id(node))] + [(p.ns, workload_id(p)) for p in node.pods]:
             issued, key = ca.issue_credential(SpiffeId.parse(spiffe_id), ttl=svid_ttl)
-            (directory / f"{name}.pem").write_bytes(issued.chain_pem)
-            key_path = directory / f"{name}.key"
-            key_path.write_bytes(private_key_pem(key))
-            key_path.chmod(0o600)
-    return bundle
+            for path, data, mode in (
+                (directory / f"{name}.key", private_key_pem(key), 0o600),
+                (directory / f"{name}.pem", issued.chain_pem, 0o644),
+            ):
+                staged = path.with_suffix(path.suffix + ".new")
+                staged.write_bytes(data)
+                staged.chmod(mode)
+                staged.replace(path)
 
 
 def node_config(
@@ -268,6 +281,10 @@ class RunningNode:
                 break
             time.sleep(0.05)
         raise TimeoutError(f"{self.node.name}: no such event; log:\n{self.log_path.read_text()[-3000:]}")
+
+    def reload(self) -> None:
+        """SIGHUP: the agent re-reads its certificate files."""
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:

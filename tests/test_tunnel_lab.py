@@ -20,6 +20,7 @@ from nodeproxy.lab_nodes import (
     UNDERLAY_INTERFACE,
     NodeLab,
     RunningNode,
+    reissue,
     start_backends,
     start_tunnel_nodes,
     workload_id,
@@ -209,3 +210,76 @@ def test_plaintext_to_the_peer_tunnel_port_is_rejected(
     event = node_b.wait_event(lambda e: e.get("event") == "tls_failed")
     # OpenSSL names a plaintext CONNECT for what it is.
     assert "https proxy request" in str(event["reason"])
+
+
+def test_rotation_on_both_nodes_under_continuous_traffic_drops_nothing(
+    two_nodes: tuple[NodeLab, RunningNode, RunningNode],
+) -> None:
+    """Long echo streams and a stream of new connections run while every certificate of both nodes is
+    replaced twice (new files, SIGHUP): nothing fails, every stream ends CLOSED, and the connections
+    opened after a rotation use new TLS connections."""
+    lab, node_a, node_b = two_nodes
+    a, b = lab.nodes
+    directory = node_a.log_path.parent
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def long_stream(index: int) -> None:
+        try:
+            with _connect(a.pods[0].ns, b.pods[0].ip, ECHO_PORT) as sock:
+                chunk = os.urandom(16384)
+                while not stop.is_set():
+                    sock.sendall(chunk)
+                    received = b""
+                    while len(received) < len(chunk):
+                        got = sock.recv(65536)
+                        if not got:
+                            failures.append(f"long stream {index}: EOF")
+                            return
+                        received += got
+                    if received != chunk:
+                        failures.append(f"long stream {index}: bad echo")
+                        return
+        except OSError as err:
+            failures.append(f"long stream {index}: {err!r}")
+
+    def short_streams() -> None:
+        for count in range(3000):  # bounded; paced to span both rotations
+            if stop.is_set():
+                return
+            try:
+                answer = _http_get(a.pods[0].ns, b.pods[0].ip)
+                if not answer.startswith("HTTP/1.1 200"):
+                    failures.append(f"short stream {count}: {answer[:40]!r}")
+            except OSError as err:
+                failures.append(f"short stream {count}: {err!r}")
+            time.sleep(0.01)
+
+    opened_before = len([e for e in node_b.events() if e.get("event") == "tls_open"])
+    workers = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
+    workers.append(threading.Thread(target=short_streams))
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(2):
+            time.sleep(0.7)
+            reissue(directory, lab)
+            node_a.reload()
+            node_b.reload()
+        time.sleep(0.7)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    assert failures == []
+    assert len([e for e in node_a.events() if e.get("event") == "reloaded"]) >= 2
+    opened_after = len([e for e in node_b.events() if e.get("event") == "tls_open"])
+    assert opened_after - opened_before >= 2  # one after each rotation (a pooled one may carry the first)
+    time.sleep(0.5)
+    endings = {e.get("ending") for e in node_a.events() if e.get("event") == "stream_done"}
+    assert endings <= {"CLOSED", "REFUSED"}  # REFUSED: test_denied_workload_is_reset's stream, if it ran
+    assert not [
+        e
+        for e in node_a.events() + node_b.events()
+        if e.get("event") == "tls_failed" and "https proxy request" not in str(e.get("reason"))
+    ]

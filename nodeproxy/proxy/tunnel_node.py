@@ -1,8 +1,9 @@
 """A node proxy for cross-node traffic: outbound capture into the mTLS tunnel, inbound tunnel to pods.
 
 `python -m nodeproxy.proxy.tunnel_node CONFIG.json` runs in a node's network namespace until SIGTERM or
-SIGINT. It is the tunnel's integration as one process, used by the two-node lab tests and bench/tunnel.py
-(the daemon's own listener will route cross-node connections into TunnelClient the same way):
+SIGINT; SIGHUP re-reads the certificate files (rotation). It is the tunnel's integration as one
+process, used by the two-node lab tests and bench/tunnel.py (the daemon's own listener will route
+cross-node connections into TunnelClient the same way):
 
 - outbound: the capture rules of nodeproxy.capture (TPROXY from the pod interfaces to `outbound`); a
   connection to a pod of a peer node goes into the tunnel to that node's 15008 as the source pod's
@@ -131,6 +132,24 @@ class TunnelNode:
         self.next_id = 0
         self.pending: dict[int, dict[str, object]] = {}
         self.stopping = False
+        self.reload_due = False
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: re-read the node's and the workloads' certificate files (rotation). New connections use
+        them; established ones keep their streams until those end."""
+        try:
+            self.engine.set_server_identity(
+                PemCredential(
+                    Path(self.config["node_cert"]).read_bytes(), Path(self.config["node_key"]).read_bytes()
+                )
+            )
+            for spiffe_id in self.workload_files:
+                if self.engine.has_identity(spiffe_id):
+                    self.engine.set_identity(spiffe_id, self._credential(spiffe_id))
+        except (OSError, ValueError) as err:
+            emit("reload_failed", error=str(err))  # the certificates in use stay
+            return
+        emit("reloaded")
 
     def _credential(self, spiffe_id: str) -> PemCredential:
         cert, key = self.workload_files[spiffe_id]
@@ -256,6 +275,7 @@ class TunnelNode:
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_due", True))
         self.relay.start()
         self.engine.listen(self.hbone)
         self.engine.start()
@@ -278,6 +298,9 @@ class TunnelNode:
                         self.on_tunnel()
                     else:
                         os.read(wake_r, 64)
+                if self.reload_due:
+                    self.reload_due = False
+                    self.reload_certificates()
         finally:
             remove(self.plan)
             self.outbound.close()
