@@ -641,6 +641,11 @@ class OutboundListener:
         else:  # the workload names the metrics use, where the config knows them
             source_workload = metrics.workload(conn.client_ip)
             destination_workload = metrics.workload(conn.target[0] if conn.target else None, conn.service)
+        source_identity = destination_identity = None
+        if conn.tunnel_peer is not None and self.mesh is not None:  # what the tunnel carried and expects
+            directory = self.mesh.directory
+            source_identity = directory.identity_of(conn.client_ip)
+            destination_identity = directory.workload_identity(conn.target[0]) if conn.target else None
         return self.access_log.connection_fields(
             conn.id,
             (conn.client_ip, conn.client_port),
@@ -648,7 +653,9 @@ class OutboundListener:
             conn.service,
             conn.target,
             source_workload=source_workload,
+            source_identity=source_identity,
             destination_workload=destination_workload,
+            destination_identity=destination_identity,
         )
 
     # -- completions -----------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ class MeshDirectory:
     peers: dict[str, str]  # peer node -> underlay address
     workload_nodes: dict[str, str]  # pod IP -> node, every node's workloads
     local_identities: dict[str, str]  # pod IP -> SPIFFE ID, this node's workloads
+    workload_identities: dict[str, str]  # pod IP -> SPIFFE ID, every node's workloads
     destination_workloads: dict[str, Workload]  # pod IP -> Workload, every node's (their STRICT mode)
     peer_authentication: CompiledPeerAuthentication
 
@@ -134,6 +135,7 @@ class MeshDirectory:
             peers={name: str(address) for name, address in mesh.peers.items()},
             workload_nodes={str(w.ip): w.node for w in identity.workloads},
             local_identities={str(w.ip): str(w.spiffe_id) for w in index.by_ip.values() if w.node == node},
+            workload_identities={str(w.ip): str(w.spiffe_id) for w in index.by_ip.values()},
             destination_workloads={
                 str(w.ip): Workload.of(w.namespace, w.service_account, w.labels) for w in identity.workloads
             },
@@ -145,7 +147,12 @@ class MeshDirectory:
         return frozenset(ip for ip, node in self.workload_nodes.items() if node == self.node)
 
     def identity_of(self, source_ip: str) -> str | None:
+        """The identity of a pod of this node (what its connections travel as), else None."""
         return self.local_identities.get(source_ip)
+
+    def workload_identity(self, pod_ip: str) -> str | None:
+        """The identity of a pod on any node, else None."""
+        return self.workload_identities.get(pod_ip)
 
     def outbound_path(
         self, source_ip: str, destination_ip: str, destination_port: int, endpoint_node: str | None

@@ -1,0 +1,455 @@
+"""The daemon itself (`python -m nodeproxy run`) as the node proxy of the mesh, on both nodes of the
+two-node lab (nodeproxy.lab_nodes), with certificates from a real `nodeproxy ca serve`.
+
+    node-a: a0 (lab/a0), a1 (lab/a1: denied by node-b's DENY policy), a2 (no identity)
+    node-b: b0 (namespace secure: STRICT), b1 (lab/b1), b2 (lab/b2)
+
+Each daemon's config is generated here: identity (CA on node-a's underlay address, SVIDs of 60 s so
+they rotate during the module), mesh (the other node as peer), authz (STRICT for namespace secure, DENY
+for lab/a1 into namespace lab).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from nodeproxy import netns
+from nodeproxy.identity.ca import DEFAULT_NODE_CREDENTIAL_TTL, CertificateAuthority, init_ca, write_credential
+from nodeproxy.identity.spiffeid import SpiffeId
+from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod, wait_listening
+from nodeproxy.lab_nodes import UNDERLAY_INTERFACE, Node, NodeLab, start_backends
+from tests.test_tunnel_lab import TLS_APPLICATION_DATA, Sniffer
+
+pytestmark = pytest.mark.netns
+
+TRUST_DOMAIN = "cluster.local"
+CA_PORT = 15012
+# The CA backdates notBefore by a minute (nodeproxy.identity.lifetimes.BACKDATE), so a 90 s SVID lives
+# 150 s and is renewed at half of that: 15 s (+-7.5 s jitter) after it was issued, inside this module.
+SVID_TTL = timedelta(seconds=90)
+METRICS_PORT = 15020
+
+
+@dataclass(frozen=True)
+class Mesh:
+    lab: NodeLab
+    directory: Path
+    daemons: dict[str, Daemon]
+
+    @property
+    def a(self) -> Node:
+        return self.lab.nodes[0]
+
+    @property
+    def b(self) -> Node:
+        return self.lab.nodes[1]
+
+
+@dataclass
+class Daemon:
+    node: Node
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    ready_file: Path
+    log_path: Path
+
+    def records(self) -> list[dict[str, object]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    def wait_record(
+        self, predicate: Callable[[dict[str, object]], bool], timeout: float = 10.0
+    ) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.records():
+                if predicate(record):
+                    return record
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{self.node.name}: no such log record; log:\n{self.log_path.read_text()[-4000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def pod_name(pod: Pod) -> str:
+    return pod.ns.rsplit("-", 1)[1]  # "a0"
+
+
+def workloads(lab: NodeLab) -> list[dict[str, object]]:
+    """a2 has no identity; b0 runs in namespace `secure` (STRICT)."""
+    a, b = lab.nodes
+    listed: list[dict[str, object]] = []
+    for node in (a, b):
+        for pod in node.pods:
+            name = pod_name(pod)
+            if name == "a2":
+                continue
+            namespace = "secure" if name == "b0" else "lab"
+            listed.append({"ip": pod.ip, "namespace": namespace, "service_account": name, "node": node.name})
+    return listed
+
+
+def identity_yaml(lab: NodeLab, directory: Path, node: Node | None) -> dict[str, object]:
+    section: dict[str, object] = {
+        "trust_domain": TRUST_DOMAIN,
+        "ca": f"{lab.nodes[0].underlay_ip}:{CA_PORT}",
+        "trust_bundle": str(directory / "ca" / "bundle.pem"),
+        "svid_ttl": f"{int(SVID_TTL.total_seconds())}s",
+        "watch_interval": "1s",
+        "workloads": workloads(lab),
+        "nodes": [n.name for n in lab.nodes],
+    }
+    if node is not None:
+        section["node_credential"] = {
+            "cert": str(directory / node.name / "node.pem"),
+            "key": str(directory / node.name / "node.key"),
+        }
+    else:  # the CA's own copy: its node credential is not needed, but `ca` requires one
+        section["node_credential"] = {
+            "cert": str(directory / "node-a" / "node.pem"),
+            "key": str(directory / "node-a" / "node.key"),
+        }
+    return section
+
+
+def daemon_config(lab: NodeLab, directory: Path, node: Node) -> dict[str, object]:
+    other = next(n for n in lab.nodes if n.name != node.name)
+    return {
+        "node": {"name": node.name},
+        "capture": {"pod_cidrs": [node.pod_cidr], "pod_interfaces": ["npv+"]},
+        "relay": {"threads": 2},  # two workers: each has its own engine and SO_REUSEPORT 15008/15006
+        "metrics": {"port": METRICS_PORT},
+        "identity": identity_yaml(lab, directory, node),
+        "mesh": {"peers": {other.name: other.underlay_ip}},
+        "authz": {
+            "peer_authentication": [{"name": "secure-strict", "namespace": "secure", "mode": "STRICT"}],
+            "authorization_policies": [
+                {
+                    "name": "deny-a1",
+                    "namespace": "lab",
+                    "action": "DENY",
+                    "rules": [{"from": [{"principals": [f"{TRUST_DOMAIN}/ns/lab/sa/a1"]}]}],
+                }
+            ],
+        },
+    }
+
+
+def start_daemon(lab: NodeLab, directory: Path, node: Node) -> Daemon:
+    config_path = directory / f"{node.name}.yaml"
+    config_path.write_text(json.dumps(daemon_config(lab, directory, node)))  # JSON is YAML
+    ready = directory / f"{node.name}.ready"
+    log_path = directory / f"{node.name}.log"
+    with log_path.open("wb") as log:
+        proc = lab.spawn(
+            node.ns,
+            [
+                sys.executable,
+                "-m",
+                "nodeproxy",
+                "run",
+                "--config",
+                str(config_path),
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Daemon(node, proc, config_path, ready, log_path)
+
+
+def wait_ready(daemon: Daemon, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not daemon.ready_file.exists():
+        if daemon.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{daemon.node.name} did not become ready:\n{daemon.log_path.read_text()[-6000:]}"
+            )
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    lab = NodeLab(prefix=f"npt{secrets.token_hex(2)}", pods_per_node=3)
+    directory = tmp_path_factory.mktemp("mesh")
+    daemons: dict[str, Daemon] = {}
+    try:
+        lab.up()
+        a, b = lab.nodes
+        init_ca(directory / "ca", TRUST_DOMAIN)
+        authority = CertificateAuthority.load(directory / "ca")
+        for node in lab.nodes:
+            issued, key = authority.issue_credential(
+                SpiffeId.for_node(TRUST_DOMAIN, node.name), ttl=DEFAULT_NODE_CREDENTIAL_TTL
+            )
+            (directory / node.name).mkdir()
+            write_credential(
+                directory / node.name / "node.pem", directory / node.name / "node.key", issued.chain_pem, key
+            )
+        ca_config = directory / "ca.yaml"
+        ca_config.write_text(json.dumps({"identity": identity_yaml(lab, directory, None)}))
+        with (directory / "ca.log").open("wb") as ca_log:
+            lab.spawn(
+                a.ns,
+                [
+                    sys.executable, "-m", "nodeproxy", "ca", "serve", "--dir", str(directory / "ca"),
+                    "--config", str(ca_config), "--listen", f"{a.underlay_ip}:{CA_PORT}",
+                ],
+                stdout=ca_log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_listening(a.ns, a.underlay_ip, CA_PORT, 20)
+        backends_log = (directory / "backends.log").open("wb")
+        start_backends(lab, a, output=backends_log)
+        start_backends(lab, b, output=backends_log)
+        for node in lab.nodes:
+            daemons[node.name] = start_daemon(lab, directory, node)
+        for daemon in daemons.values():
+            wait_ready(daemon)
+        yield Mesh(lab, directory, daemons)
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+            subprocess.run(
+                netns.exec_argv(
+                    daemon.node.ns,
+                    [sys.executable, "-m", "nodeproxy", "cleanup", "--config", str(daemon.config_path)],
+                ),
+                capture_output=True,
+                timeout=60,
+            )
+        lab.down()
+
+
+def connect(pod_or_ns: Pod | str, ip: str, port: int) -> socket.socket:
+    ns = pod_or_ns if isinstance(pod_or_ns, str) else pod_or_ns.ns
+    with netns.entered(ns):
+        return socket.create_connection((ip, port), timeout=10)
+
+
+def http_get(pod: Pod, ip: str) -> str:
+    with connect(pod, ip, HTTP_PORT) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def echo(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def is_reset(pod_or_ns: Pod | str, ip: str, port: int) -> bool:
+    """True when a connection to ip:port is reset (at connect, or at the first read) instead of echoing."""
+    try:
+        with connect(pod_or_ns, ip, port) as sock:
+            sock.sendall(b"hello")
+            return sock.recv(100) == b""  # an orderly close without the echo also counts as refused
+    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+        return True
+
+
+def test_cross_node_traffic_goes_through_the_tunnel_keeping_the_source_ip(mesh: Mesh) -> None:
+    a0, b1 = mesh.a.pods[0], mesh.b.pods[1]
+    answer = http_get(a0, b1.ip)
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert f"client={a0.ip}:" in answer  # the pod on node-b saw a0's own address
+    # node-b's daemon decided the stream, with a0's verified identity
+    stream = mesh.daemons["node-b"].wait_record(
+        lambda r: r.get("event") == "tunnel stream" and r.get("authority") == f"{b1.ip}:{HTTP_PORT}"
+    )
+    assert stream["peer_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    assert stream["allowed"] is True and stream["source_ip"] == a0.ip
+    # node-a's access log: the connection ended as a tunnel stream (CONNECT answered 200)
+    closed = mesh.daemons["node-a"].wait_record(
+        lambda r: (
+            r.get("event") == "connection closed"
+            and str(r.get("src", "")).startswith(f"{a0.ip}:")
+            and r.get("dst") == f"{b1.ip}:{HTTP_PORT}"
+        )
+    )
+    assert closed["ending"] == "tunnel_closed_200", closed
+    assert closed["src_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    assert closed["dst_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/b1"
+
+
+def test_underlay_shows_tls_not_the_plaintext(mesh: Mesh) -> None:
+    a0, b1 = mesh.a.pods[0], mesh.b.pods[1]
+    marker = f"NODEPROXY-MESH-MARKER-{secrets.token_hex(8)}".encode() * 200
+    sniffer = Sniffer(mesh.a.ns, UNDERLAY_INTERFACE)
+    try:
+        with connect(a0, b1.ip, ECHO_PORT) as sock:
+            assert echo(sock, marker) == marker
+        time.sleep(0.2)
+    finally:
+        captured = sniffer.stop()
+    assert marker[:40] not in captured
+    assert any(p.startswith(TLS_APPLICATION_DATA) for p in sniffer.tcp_payloads(15008))
+    # Control: the node's own connection is not captured, so it crosses the underlay in the clear and
+    # the same sniffer sees it (b1 is PERMISSIVE: node-b's inbound capture lets plaintext in).
+    control = Sniffer(mesh.a.ns, UNDERLAY_INTERFACE)
+    try:
+        with connect(mesh.a.ns, b1.ip, ECHO_PORT) as sock:
+            assert echo(sock, marker[:1000]) == marker[:1000]
+        time.sleep(0.2)
+    finally:
+        assert marker[:40] in control.stop()
+
+
+def test_same_node_traffic_stays_plain(mesh: Mesh) -> None:
+    a0, a1 = mesh.a.pods[0], mesh.a.pods[1]
+    sniffer = Sniffer(mesh.a.ns, UNDERLAY_INTERFACE)
+    try:
+        with connect(a0, a1.ip, ECHO_PORT) as sock:
+            assert echo(sock, b"same node") == b"same node"
+    finally:
+        frames = sniffer.stop()
+    assert not sniffer.tcp_payloads(15008), "same-node traffic crossed the underlay"
+    assert b"same node" not in frames
+    closed = mesh.daemons["node-a"].wait_record(
+        lambda r: (
+            r.get("event") == "connection closed"
+            and str(r.get("src", "")).startswith(f"{a0.ip}:")
+            and r.get("dst") == f"{a1.ip}:{ECHO_PORT}"
+        )
+    )
+    assert closed["ending"] == "closed" and "src_identity" not in closed, closed  # the splice relay
+
+
+def test_deny_policy_on_the_destination_node_resets_the_connection(mesh: Mesh) -> None:
+    a1, b1 = mesh.a.pods[1], mesh.b.pods[1]
+    assert is_reset(a1, b1.ip, ECHO_PORT)
+    denied = mesh.daemons["node-b"].wait_record(
+        lambda r: r.get("event") == "tunnel stream" and r.get("allowed") is False
+    )
+    assert denied["peer_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a1"
+    assert "deny-a1" in str(denied["reason"])
+    closed = mesh.daemons["node-a"].wait_record(
+        lambda r: r.get("event") == "connection closed" and str(r.get("src", "")).startswith(f"{a1.ip}:")
+    )
+    assert closed["ending"] == "tunnel_refused_403" and closed["flags"] == "UR", closed
+    # Control: the same source to a pod the policy does not cover (b0, namespace secure) goes through.
+    with connect(a1, mesh.b.pods[0].ip, ECHO_PORT) as sock:
+        assert echo(sock, b"allowed") == b"allowed"
+
+
+def test_strict_rejects_plaintext_and_permissive_accepts_it(mesh: Mesh) -> None:
+    a2 = mesh.a.pods[2]  # no identity: its connections cannot travel in the tunnel
+    b0, b1 = mesh.b.pods[0], mesh.b.pods[1]
+    # From a mesh-less pod: to STRICT b0 refused already by node-a (no point sending it) ...
+    assert is_reset(a2, b0.ip, ECHO_PORT)
+    refused = mesh.daemons["node-a"].wait_record(
+        lambda r: r.get("event") == "connection refused" and str(r.get("src", "")).startswith(f"{a2.ip}:")
+    )
+    assert "STRICT" in str(refused["reason"]), refused
+    # ... to PERMISSIVE b1 relayed in plaintext, with a2's own address, through node-b's 15006
+    answer = http_get(a2, b1.ip)
+    assert answer.startswith("HTTP/1.1 200") and f"client={a2.ip}:" in answer, answer
+    # From outside the mesh (node-a's own address, not captured): node-b's inbound capture decides.
+    assert is_reset(mesh.a.ns, b0.ip, ECHO_PORT)
+    rejected = mesh.daemons["node-b"].wait_record(
+        lambda r: (
+            r.get("event") == "plaintext inbound refused" and r.get("destination") == f"{b0.ip}:{ECHO_PORT}"
+        )
+    )
+    assert "STRICT" in str(rejected["reason"])
+    with connect(mesh.a.ns, b1.ip, ECHO_PORT) as sock:
+        assert echo(sock, b"permissive") == b"permissive"
+
+
+def expiry_of(ns: str, identity: str) -> float | None:
+    with netns.entered(ns):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith("nodeproxy_certificate_expiry_timestamp_seconds") and f'"{identity}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_certificates_rotate_under_continuous_traffic_without_dropping_it(mesh: Mesh) -> None:
+    a0, b1 = mesh.a.pods[0], mesh.b.pods[1]
+    identity = f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    node_a = mesh.daemons["node-a"]
+
+    def renewals() -> int:
+        return sum(
+            1 for r in node_a.records() if r.get("event") == "svid renewed" and r.get("spiffe_id") == identity
+        )
+
+    first_expiry = expiry_of(mesh.a.ns, identity)
+    assert first_expiry is not None
+    before = renewals()
+    rounds = 0
+    deadline = time.monotonic() + 60  # each SVID is renewed 7.5-22.5 s after it was issued
+    with connect(a0, b1.ip, ECHO_PORT) as long_lived:
+        while renewals() < before + 2 and time.monotonic() < deadline:  # both workers renewed a0
+            payload = f"round {rounds} ".encode() * 50
+            assert echo(long_lived, payload) == payload, f"the long-lived stream broke in round {rounds}"
+            rounds += 1
+            time.sleep(0.1)
+        assert renewals() >= before + 2, (
+            f"no rotation within {SVID_TTL}:\n{node_a.log_path.read_text()[-3000:]}"
+        )
+        # New connections (new SVID: a new TLS connection) work, and the old stream still flows.
+        for _ in range(4):
+            answer = http_get(a0, b1.ip)
+            assert answer.startswith("HTTP/1.1 200") and f"client={a0.ip}:" in answer
+        for _ in range(10):
+            assert echo(long_lived, b"after rotation") == b"after rotation"
+        sent = long_lived.getsockname()
+    later_expiry = expiry_of(mesh.a.ns, identity)
+    assert later_expiry is not None and later_expiry > first_expiry  # the metric follows the new SVID
+    # The long-lived connection ended as a tunnel stream that closed normally, after the rotation.
+    closed = node_a.wait_record(
+        lambda r: r.get("event") == "connection closed" and r.get("src") == f"{sent[0]}:{sent[1]}"
+    )
+    assert closed["ending"] == "tunnel_closed_200" and closed["flags"] == "-", closed
+    assert rounds > 10
+
+
+def test_the_capture_is_gone_after_the_daemons_stop(mesh: Mesh) -> None:
+    """Last in the module: a daemon stopped by SIGTERM removes its inbound capture too."""
+    daemon = mesh.daemons["node-b"]
+    assert "--on-port 15006" in netns.run(daemon.node.ns, ["iptables-save", "-t", "mangle"])
+    daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.log_path.read_text()[-3000:]
+    assert "NODEPROXY" not in netns.run(daemon.node.ns, ["iptables-save", "-t", "mangle"])
+    assert re.search(r"nodeproxy stopped", daemon.log_path.read_text())
