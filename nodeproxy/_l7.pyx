@@ -25,6 +25,13 @@ holds a bounded amount per stream and stalls nobody else. RST_STREAM goes both w
 upstream request); GOAWAY is sent on draining and on idle, and a server's moves new requests to a new
 connection. gRPC requests get local replies as HTTP 200 with grpc-status, trailers-only.
 
+Retries (a forward's 11-item form): any failure of an attempt before the final response head (connect,
+reset, refused stream, per-try timeout, a malformed response), and a final head at or above the forward's
+hold_min_status (or a gRPC trailers-only error), comes back as REC_ATTEMPT_FAILED while the request waits;
+Python answers with another forward (the head and the kept copy of the body, up to replay_limit bytes, go
+to the new endpoint), a local reply, or a release of the held response. The engine keeps the mechanics
+(what was sent, what is held, the timing), Python the policy (conditions, budgets, backoff, deadlines).
+
 Ownership: a descriptor passed to adopt() belongs to the engine from then on; it is closed by the engine.
 Every adopted connection ends with exactly one REC_CONN_CLOSED record; every REC_HEAD is followed by
 exactly one REC_DONE for the same request id (possibly after REC_ATTEMPT_FAILED records, each of which
