@@ -272,10 +272,10 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
             result.info["backend_saw_client"] = seen
             if seen != pod.ip:
                 result.warnings.append(f"not transparent: nginx saw {seen}, the client pod is {pod.ip}")
-            for workload in workloads_with_resilience():
+            for workload in workloads_with_resilience(resilience_overhead.workload(path.cpu_roots)):
                 if workload.group not in args.groups:
                     continue
-                if workload is resilience_overhead.WORKLOAD and resilience_problem is not None:
+                if workload.name == resilience_overhead.WORKLOAD_NAME and resilience_problem is not None:
                     result.not_available.update(
                         dict.fromkeys((m.key for m in workload.metrics), resilience_problem)
                     )
@@ -300,12 +300,12 @@ def measure_path(name: str, round_: int, args: argparse.Namespace, workdir: path
     return result
 
 
-def workloads_with_resilience() -> tuple[Workload, ...]:
-    """WORKLOADS with the resilience on/off pair right after the L7 HTTP/1.1 wrk workload it compares
+def workloads_with_resilience(pair: Workload) -> tuple[Workload, ...]:
+    """WORKLOADS with the resilience on/off `pair` right after the L7 HTTP/1.1 wrk workload it compares
     with (so both run close together in time)."""
     names = [w.name for w in WORKLOADS]
     at = names.index("http/1.1 keep-alive") + 1 if "http/1.1 keep-alive" in names else len(names)
-    return (*WORKLOADS[:at], resilience_overhead.WORKLOAD, *WORKLOADS[at:])
+    return (*WORKLOADS[:at], pair, *WORKLOADS[at:])
 
 
 def metrics_with_resilience(metrics: Sequence[Metric]) -> tuple[Metric, ...]:

@@ -42,10 +42,15 @@ def test_resilience_services_are_not_added_without_the_l7_services(tmp_path: pat
 
 
 def test_resilience_pair_follows_the_l7_wrk_workload_and_row() -> None:
-    names = [w.name for w in workloads_with_resilience()]
+    names = [w.name for w in workloads_with_resilience(resilience_overhead.workload(lambda: []))]
     assert names[names.index("http/1.1 keep-alive") + 1] == "http/1.1 resilience off/on"
     keys = [m.key for m in metrics_with_resilience(METRICS)]
-    assert keys[keys.index("h1_rps") + 1 : keys.index("h1_rps") + 3] == ["h1_bare_rps", "h1_guarded_rps"]
+    assert keys[keys.index("h1_rps") + 1 : keys.index("h1_rps") + 5] == [
+        "h1_bare_rps",
+        "h1_guarded_rps",
+        "cpu_h1_bare_requests",
+        "cpu_h1_guarded_requests",
+    ]
     # Without the L7 group there is no row to follow, and none is added.
     assert metrics_with_resilience(selected_metrics(["l4"])) == selected_metrics(["l4"])
 
@@ -59,12 +64,27 @@ def test_resilience_report_pairs_each_round_and_takes_the_median() -> None:
     ]
     report = resilience_overhead.report(rounds)
     assert report["round_ratios"] == [0.88, 0.95, 0.91] and report["ratio"] == 0.91 and report["met"] is True
+    assert report["cpu_ratio"] is None and report["cpu_met"] is None  # no CPU rows measured
     assert resilience_overhead.report(rounds[:1])["met"] is False
-    line = resilience_overhead.render(rounds[:1])
-    assert "median" not in line and "0.880" in line and "MISSED" in line and "44,000/50,000" in line
+    text = resilience_overhead.render(rounds[:1])
+    assert "median" not in text and "0.880" in text and "MISSED" in text and "44,000/50,000" in text
+    assert "CPU-s/100k req @5000/s: not measured" in text
     assert "median of 3 rounds' ratios" in resilience_overhead.render(rounds)
     assert resilience_overhead.report([])["met"] is None
-    assert "not measured" in resilience_overhead.render([{}])
+    assert "req/s: not measured" in resilience_overhead.render([{}])
+
+
+def test_resilience_cpu_ratio_is_bounded_from_above() -> None:
+    rounds = [
+        {"cpu_h1_bare_requests": 5.0, "cpu_h1_guarded_requests": 5.4},  # 1.08
+        {"cpu_h1_bare_requests": 4.0, "cpu_h1_guarded_requests": 4.8},  # 1.2
+        {"cpu_h1_bare_requests": 5.0, "cpu_h1_guarded_requests": 5.25},  # 1.05
+    ]
+    report = resilience_overhead.report(rounds)
+    assert report["cpu_round_ratios"] == [1.08, 1.2, 1.05] and report["cpu_ratio"] == 1.08
+    assert report["cpu_met"] is True and report["met"] is None
+    assert "<= 1.1: met" in resilience_overhead.render(rounds)
+    assert resilience_overhead.report(rounds[1:2])["cpu_met"] is False
 
 
 def test_scenario_bench_config_parses_with_features_off_and_on() -> None:
