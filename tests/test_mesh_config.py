@@ -153,3 +153,17 @@ def test_capture_plan_takes_inbound_only_with_a_mesh() -> None:
     assert "15006" not in render_iptables(capture_plan(off), hook_present=True)
     plain = parse_config("node: {name: n}\ncapture: {pod_cidrs: [10.0.0.0/24]}\n")
     assert "15006" not in render_iptables(capture_plan(plain), hook_present=True)
+
+
+def test_the_documented_two_node_example_parses() -> None:
+    """The ```yaml block of docs/config.md's mesh section is a valid config."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "\nmesh:" in b]
+    assert len(blocks) == 1
+    parsed = parse_config(blocks[0])
+    assert parsed.mesh is not None and parsed.identity is not None
+    directory = MeshDirectory.build(parsed)
+    assert isinstance(directory.outbound_path("10.244.1.10", "10.244.2.10", 5432, None), TunnelTo)
