@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -41,6 +42,7 @@ from nodeproxy.authz.jwt import (
     JwtAuthenticator,
     JwtFailure,
     JwtSuccess,
+    VerifiedTokens,
     fetch_https,
     parse_jwks,
 )
@@ -332,7 +334,7 @@ def test_unknown_kid_requests_a_bounded_refetch() -> None:
     assert failure.refetch_requested and source.wanted and len(wakes) == 1
     # A flood of unknown kids while one re-fetch is pending or recent asks for nothing more.
     for i in range(100):
-        token = sign(key=jwk.RSAKey.import_key(stranger.as_dict(private=True), parameters={"kid": f"k{i}"}))
+        token = sign(key=stranger, header={"kid": f"k{i}"})
         assert not rejected(auth.authenticate(bearer(token)), "unknown key id").refetch_requested
     assert source.refetch_requests == 1 and len(wakes) == 1
 
@@ -360,7 +362,13 @@ def test_refetch_rate_over_time_with_the_refresher() -> None:
         try:
             for _ in range(30):
                 source.request_refetch()
-                await asyncio.sleep(0.01)  # let the refresher run
+                # Let the refresher finish whatever it started before fake time moves on (real time
+                # bounded, so that a loaded machine changes nothing but the wait).
+                deadline = time.monotonic() + 10
+                await asyncio.sleep(0)
+                while (source.wanted or len(loads) < source.fetches) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)
                 clock.now += 0.1
         finally:
             task.cancel()
@@ -709,10 +717,11 @@ def test_jwks_over_https_with_rotation_and_unknown_kid(https_jwks: tuple[JwksSer
             server.set_body(KEYS.jwks(KEYS.rsa, rotated))
             new_token = sign(key=rotated, alg="ES256")
             await asyncio.sleep(1.05)  # past min_refetch_interval since the first fetch
-            started = time.monotonic()
+            hits_before = len(server.hits)
             first = auth.authenticate(bearer(new_token))
             assert isinstance(first, JwtFailure) and first.refetch_requested
-            assert time.monotonic() - started < 0.05  # the request path did not wait for the network
+            # The request path did not fetch: the server saw nothing yet (the fetch needs the loop).
+            assert len(server.hits) == hits_before
             outcome: JwtSuccess | JwtFailure = first
             deadline = time.monotonic() + 10
             flood = 0
@@ -723,18 +732,22 @@ def test_jwks_over_https_with_rotation_and_unknown_kid(https_jwks: tuple[JwksSer
                     break
             assert isinstance(outcome, JwtSuccess), outcome
             hits_after_rotation = len(server.hits)
-            assert hits_after_rotation == 2
-            # 2 s of unknown-kid tokens, 100 per second: about 2 fetches (1 s bound), never 200.
+            assert hits_after_rotation >= 2
+            # 2 s of unknown-kid tokens, ~100 per second: about 2 fetches (1 s bound), never 200.
             stranger = jwk.RSAKey.generate_key(2048, parameters={"kid": "stranger"})
             bogus = sign(key=stranger)
-            end = time.monotonic() + 2.0
+            flood_start = time.monotonic()
+            end = flood_start + 2.0
             while time.monotonic() < end:
                 assert isinstance(auth.authenticate(bearer(bogus)), JwtFailure)
                 flood += 1
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
-            assert flood > 100
-            assert 1 <= len(server.hits) - hits_after_rotation <= 3, server.hits
+            elapsed = time.monotonic() - flood_start
+            fetches = len(server.hits) - hits_after_rotation
+            assert flood >= 20
+            # At most one fetch per started second (plus the one a flood may find already due).
+            assert 1 <= fetches <= int(elapsed) + 1, (fetches, elapsed, flood)
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -907,10 +920,81 @@ def test_verified_token_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     # The IdP drops the RSA key: a new snapshot, so the token is verified again, and fails.
     source.install(KEYS.jwks(KEYS.ec).encode())
     rejected(auth.authenticate(bearer(token)), "unknown key id")
-    # Bounded: the oldest entries go first.
-    source.install(KEYS.jwks().encode())
-    monkeypatch.setattr("nodeproxy.authz.jwt.VERIFIED_TOKEN_CACHE_SIZE", 3)
-    tokens = [sign(jti=str(i)) for i in range(5)]
-    for t in tokens:
-        assert isinstance(auth.authenticate(bearer(t)), JwtSuccess)
-    assert list(auth._verified) == tokens[2:]
+
+
+def test_verified_tokens_are_bounded_in_count_and_bytes() -> None:
+    rule = JwtRule.model_validate({"issuer": ISSUER, "jwks": KEYS.jwks()})
+    snapshot = parse_jwks(KEYS.jwks())
+    cache = VerifiedTokens(max_entries=3, max_bytes=1000)
+    for i in range(5):
+        cache.put(f"t{i}", rule, snapshot, b"x" * 10, {})
+    assert list(cache) == ["t2", "t3", "t4"] and cache.bytes == 3 * 12
+    cache.put("big", rule, snapshot, b"x" * 990, {})  # 993 bytes: the older ones make room
+    assert list(cache) == ["big"] and cache.bytes == 993
+    cache.put("huge", rule, snapshot, b"x" * 2000, {})  # larger than the whole cache: not kept
+    assert list(cache) == ["big"]
+    cache.put("big", rule, snapshot, b"y" * 10, {})  # replacing an entry recounts its bytes
+    assert list(cache) == ["big"] and cache.bytes == 13
+
+
+def test_verified_token_cache_is_shared_between_workloads_with_the_same_rule() -> None:
+    """One engine-wide cache: a token verified for one workload is not verified again for another
+    workload under the same rule, and a workload whose rules differ does not take the entry."""
+    from nodeproxy.authz.config import AuthzConfig
+    from nodeproxy.authz.engine import compile_authz
+    from nodeproxy.authz.policy import L4Request, Workload
+    from nodeproxy.proxy.http_route import RequestAttrs
+
+    config = AuthzConfig.model_validate(
+        {
+            "request_authentication": [
+                {"name": "ns", "namespace": "shop", "jwt_rules": [{"issuer": ISSUER, "jwks": KEYS.jwks()}]},
+                {
+                    "name": "other",
+                    "namespace": "data",
+                    "jwt_rules": [{"issuer": ISSUER, "audiences": ["data"], "jwks": KEYS.jwks()}],
+                },
+            ]
+        }
+    )
+    workloads = {
+        "10.0.0.1": Workload.of("shop", "a"),
+        "10.0.0.2": Workload.of("shop", "b"),
+        "10.0.0.3": Workload.of("data", "c"),
+    }
+    engine = compile_authz(config, JwksRefresher(clock=FakeClock()), workloads)
+    token = sign(exp=int(time.time()) + 300, iat=None)
+    attrs = RequestAttrs("GET", "h", "/", "", bearer(token))
+    assert (
+        engine.check_request(L4Request("10.9.9.9", None, "10.0.0.1", 80), attrs).__class__.__name__
+        == "RequestAllowed"
+    )
+    entry = engine.verified_tokens.get(token)
+    assert entry is not None
+    engine.check_request(L4Request("10.9.9.9", None, "10.0.0.2", 80), attrs)
+    assert engine.verified_tokens.get(token) is entry  # used as it was, not verified again
+    denied = engine.check_request(L4Request("10.9.9.9", None, "10.0.0.3", 80), attrs)
+    assert denied.__class__.__name__ == "RequestDenied"  # aud 'shop' is not accepted in data
+    assert engine.verified_tokens.get(token) is not entry  # verified under data's own rule
+
+
+def test_refresher_stops_when_cancelled_as_it_is_woken() -> None:
+    """Cancelling the refresher in the same loop iteration in which it is woken must stop it (with
+    asyncio.wait_for on Python 3.11 the wake-up won and the cancellation was lost: a hang at stop)."""
+
+    async def scenario() -> None:
+        refresher = JwksRefresher()
+        task = asyncio.create_task(refresher.run())
+        await asyncio.sleep(0.01)  # it is waiting for a wake-up now
+        refresher._wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            task.cancel()  # a second cancel gets through; fail rather than hang
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            pytest.fail("the refresher ignored its cancellation")
+        assert task.cancelled()
+
+    for _ in range(20):
+        asyncio.run(scenario())

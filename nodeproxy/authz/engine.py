@@ -24,7 +24,14 @@ from ipaddress import IPv4Address
 from typing import Final, Protocol
 
 from nodeproxy.authz.config import AuthzConfig, JwtRule
-from nodeproxy.authz.jwt import JwksRefresher, JwksSource, JwtAuthenticator, JwtFailure, JwtIdentity
+from nodeproxy.authz.jwt import (
+    JwksRefresher,
+    JwksSource,
+    JwtAuthenticator,
+    JwtFailure,
+    JwtIdentity,
+    VerifiedTokens,
+)
 from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
 from nodeproxy.authz.policy import (
     ALLOW_NO_POLICY,
@@ -111,6 +118,8 @@ class AuthzEngine:
     # from the engine's request head into RequestAttrs.headers.
     header_names: frozenset[str]
     jwks_sources: Mapping[tuple[str, ...], JwksSource]  # by what they load (JwksRefresher.sources_for)
+    # Verified tokens, shared by the authenticators of every workload of this snapshot.
+    verified_tokens: VerifiedTokens = field(default_factory=VerifiedTokens, repr=False)
     _authenticators: dict[Workload | None, JwtAuthenticator | None] = field(default_factory=dict, repr=False)
 
     def workload(self, ip: str) -> Workload | None:
@@ -145,7 +154,11 @@ class AuthzEngine:
             applicable.sort(key=lambda ra: order[ra.scope])  # stable: config order within a scope
             rules: list[JwtRule] = [rule for ra in applicable for rule in ra.jwt_rules]
             authenticator = JwtAuthenticator.build(
-                rules, self.jwks_sources, self.config.jwt, any(ra.require_token for ra in applicable)
+                rules,
+                self.jwks_sources,
+                self.config.jwt,
+                any(ra.require_token for ra in applicable),
+                verified=self.verified_tokens,
             )
         if len(self._authenticators) >= 4096:
             self._authenticators.clear()

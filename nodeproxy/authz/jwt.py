@@ -36,7 +36,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -62,6 +62,7 @@ __all__ = [
     "JwtIdentity",
     "JwtSuccess",
     "KeySnapshot",
+    "VerifiedTokens",
     "fetch_https",
     "parse_jwks",
 ]
@@ -74,9 +75,10 @@ ALLOWED_ALGORITHMS: Final = frozenset({"RS256", "ES256", "EdDSA", "Ed25519"})
 _MIN_RSA_BITS = 2048
 # A token longer than this is refused before any parsing (real ones are 0.5-4 KiB).
 MAX_TOKEN_LENGTH = 16384
-# Verified tokens remembered per authenticator (per destination workload and config snapshot):
-# at most 1024 x 16 KiB.
-VERIFIED_TOKEN_CACHE_SIZE = 1024
+# Verified tokens remembered per config snapshot (shared by all destination workloads): at most
+# this many, holding at most this many bytes of tokens and payloads.
+VERIFIED_TOKEN_CACHE_ENTRIES = 4096
+VERIFIED_TOKEN_CACHE_BYTES = 8 << 20
 # joserfc's default header limit (512 bytes) refuses some real tokens with long kids or x5t#S256.
 _MAX_HEADER_BYTES = 4096
 # Backoff after a failed fetch: 1 s doubling, at most this (or the refresh interval if shorter).
@@ -317,9 +319,10 @@ class JwksSource:
         self.fetches += 1
         loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.wait_for(
-                loop.run_in_executor(None, self.load), timeout=self.settings.jwks_fetch_timeout + 1.0
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives as
+            # the awaited thing completes (see JwksRefresher.run).
+            async with asyncio.timeout(self.settings.jwks_fetch_timeout + 1.0):
+                data = await loop.run_in_executor(None, self.load)
             self.install(data)
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
@@ -426,7 +429,11 @@ class JwksRefresher:
                 idle = [s.next_fetch for s in self._sources.values() if s not in in_flight]
                 timeout = min(idle, default=now + 3600.0) - now
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(max(timeout, 0.0), 3600.0))
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when a
+                    # cancellation arrives in the iteration the wake-up completes, so a refresher
+                    # woken as it is cancelled would never stop.
+                    async with asyncio.timeout(min(max(timeout, 0.0), 3600.0)):
+                        await self._wake.wait()
         finally:
             for task in in_flight.values():
                 task.cancel()
@@ -547,10 +554,60 @@ class _Rule:
 class _Verified:
     """A token whose signature verified: the rule and key snapshot it verified under, and its claims."""
 
-    rule: _Rule
+    rule: JwtRule
     snapshot: KeySnapshot
     payload: bytes
     claims: dict[str, Any]
+    size: int
+
+
+class VerifiedTokens:
+    """Tokens whose signature verified, bounded in count and bytes, the oldest evicted first.
+
+    A client sends the same token on many requests, and a signature check costs 30-100 us. An entry
+    only saves the signature check: it is used while the token's issuer is configured by the very
+    rule object and its JWKS is the very key snapshot that verified it (a key removed from the JWKS
+    takes its tokens with it), and the time and audience claims are checked on every request."""
+
+    def __init__(
+        self, max_entries: int = VERIFIED_TOKEN_CACHE_ENTRIES, max_bytes: int = VERIFIED_TOKEN_CACHE_BYTES
+    ) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("the verified-token cache needs room for at least one token")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: dict[str, _Verified] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def get(self, token: str) -> _Verified | None:
+        return self._entries.get(token)
+
+    def put(
+        self, token: str, rule: JwtRule, snapshot: KeySnapshot, payload: bytes, claims: dict[str, Any]
+    ) -> None:
+        size = len(token) + len(payload)
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(token, None)
+        if old is not None:
+            self.bytes -= old.size
+        while self._entries and (
+            len(self._entries) >= self.max_entries or self.bytes + size > self.max_bytes
+        ):
+            # Dicts keep insertion order: the first entry is the oldest.
+            self.bytes -= self._entries.pop(next(iter(self._entries))).size
+        self._entries[token] = _Verified(rule, snapshot, payload, claims, size)
+        self.bytes += size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
 
 
 def _location_ok(rule: _Rule, where: list[str]) -> bool:
@@ -575,11 +632,7 @@ class JwtAuthenticator:
     # Removed from every request (client-sent copies of headers we output): anti-spoofing.
     always_remove: tuple[str, ...]
     wall_clock: Clock = field(default=time.time)
-    # token -> (the key snapshot that verified it, its payload). A client sends the same token on
-    # many requests and a signature check costs 30-100 us; the claims (times, audience) are still
-    # checked on every request, and an entry is used only while its issuer's JWKS is the very
-    # snapshot that verified it, so a key removed from the JWKS takes its tokens with it.
-    _verified: dict[str, _Verified] = field(default_factory=dict, repr=False)
+    verified: VerifiedTokens = field(default_factory=VerifiedTokens, repr=False)
 
     @classmethod
     def build(
@@ -589,8 +642,10 @@ class JwtAuthenticator:
         settings: JwtSettings,
         require_token: bool,
         wall_clock: Clock = time.time,
+        verified: VerifiedTokens | None = None,
     ) -> JwtAuthenticator:
-        """`rules` in precedence order (the first rule of an issuer wins)."""
+        """`rules` in precedence order (the first rule of an issuer wins). `verified`: a cache shared
+        with the other authenticators of the same snapshot (default: one of its own)."""
         by_issuer: dict[str, _Rule] = {}
         headers: dict[tuple[str, str], None] = {}
         params: dict[str, None] = {}
@@ -622,6 +677,7 @@ class JwtAuthenticator:
             header_names=frozenset(name for name, _ in headers),
             always_remove=tuple(outputs),
             wall_clock=wall_clock,
+            verified=verified if verified is not None else VerifiedTokens(),
         )
 
     def _find_token(self, headers: Mapping[str, str], query: str) -> tuple[str | None, list[str], str | None]:
@@ -666,13 +722,16 @@ class JwtAuthenticator:
         return self._verify(token, where)
 
     def _verify(self, token: str, where: list[str]) -> JwtOutcome:
-        cached = self._verified.get(token)
-        if (
-            cached is not None
-            and cached.rule.source.snapshot is cached.snapshot
-            and _location_ok(cached.rule, where)
-        ):
-            return self._check_claims(cached.rule, cached.payload, cached.claims, where)
+        cached = self.verified.get(token)
+        if cached is not None:
+            rule = self.rules.get(cached.rule.issuer)
+            if (
+                rule is not None
+                and rule.config is cached.rule
+                and rule.source.snapshot is cached.snapshot
+                and _location_ok(rule, where)
+            ):
+                return self._check_claims(rule, cached.payload, cached.claims, where)
         if len(token) > MAX_TOKEN_LENGTH:
             return _fail(f"token of {len(token)} characters", "token too large")
         parts = token.split(".")
@@ -734,10 +793,7 @@ class JwtAuthenticator:
             return _fail("payload is not JSON", "malformed token")
         if not isinstance(claims, dict):
             return _fail("payload is not a JSON object", "malformed token")
-        if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
-            # Evict the oldest entry (dicts keep insertion order): a bounded FIFO.
-            del self._verified[next(iter(self._verified))]
-        self._verified[token] = _Verified(rule, snapshot, payload, claims)
+        self.verified.put(token, rule.config, snapshot, payload, claims)
         return self._check_claims(rule, payload, claims, where)
 
     @staticmethod
