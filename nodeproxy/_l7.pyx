@@ -1798,9 +1798,9 @@ cdef class HttpWorker:
         """The upstream stopped taking the request. A server may answer early (413, 401 to an upload) and
         close without reading the rest: stop sending, keep reading, and let that answer reach the client
         (the connection closes after it, as the rest of the request body can no longer be framed)."""
-        if (d.reused and not d.stale_retried and not d.resp_head_sent and _held(&u.inb) == 0
-                and d.req_body_bytes == 0):
-            return self._upstream_failed(d, err)  # most likely a stale pooled connection: retry fresh
+        if d.reused and not d.stale_retried and not d.resp_head_sent and _held(&u.inb) == 0 and d.replayable:
+            # Most likely a stale pooled connection: retry fresh, with the body bytes sent so far (all kept).
+            return self._upstream_failed(d, err)
         d.req_abandoned = True
         d.req_done = True
         d.close_after = True
@@ -1876,7 +1876,7 @@ cdef class HttpWorker:
         cdef size_t avail
         cdef ssize_t n
         cdef h1_chunk chunk
-        cdef int progressed = 0
+        cdef int progressed = 0, rc
         while True:
             if d.req_body.kind == H1_BODY_NONE or d.req_body.ended:
                 d.req_done = True
@@ -1900,10 +1900,13 @@ cdef class HttpWorker:
                     if d.replayable and self._keep_replay(d, d.inb.data + d.inb.off, n) < 0:
                         self._release_down(d, 0, ENOMEM)
                         return -1
-                    if _send(u.fd, &u.outb, &u.writable, d.inb.data + d.inb.off, n, True) < 0:
-                        return self._request_send_failed(d, u, errno)
+                    rc = _send(u.fd, &u.outb, &u.writable, d.inb.data + d.inb.off, n, True)
+                    # The parser took these bytes (and the replay copy has them): consumed even when the send
+                    # failed, or a retry would feed and send them a second time.
                     _consume(&d.inb, n)
                     d.req_body_bytes += n
+                    if rc < 0:
+                        return self._request_send_failed(d, u, errno)
                     progressed = 1
                 if d.req_body.ended:
                     d.req_done = True
