@@ -268,6 +268,7 @@ class MeshWorker:
         self.inbound_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._spiffe_ids: dict[str, SpiffeId] = {}  # parsed once per identity, not per connection
         self.inbound_allowed = 0
         self.inbound_denied = 0
         self.tls_failures = 0
@@ -382,6 +383,13 @@ class MeshWorker:
     def adopt(self, conn_id: int, fd: int, path: TunnelTo, authority: str, source_ip: str) -> None:
         """Tunnel client socket `fd`; raises (LookupError: no identity or SVID; OSError) with fd still
         the caller's, else fd is the engine's and a StreamDone with conn_id follows."""
+        # The engine keeps presenting the last certificate it was given for an identity; one that expired
+        # without a renewal (CA unreachable) would only fail the peer's handshake, so refuse here, saying
+        # why (NoSvid).
+        spiffe_id = self._spiffe_ids.get(path.identity)
+        if spiffe_id is None:
+            spiffe_id = self._spiffe_ids[path.identity] = SpiffeId.parse(path.identity)
+        self.certs.svid_for(spiffe_id)
         self.client.adopt(conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity)
 
     # -- records and inbound ----------------------------------------------------------------------------
