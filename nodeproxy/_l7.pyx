@@ -793,7 +793,8 @@ cdef class HttpWorker:
             a.try_timeout_ns = <int64_t>item[7] * 1000000
             a.http2 = size > 8 and bool(item[8])
             if size == 11:
-                if not (item[9] == 0 or 100 <= item[9] <= 599) or item[10] < 0 or item[10] > 0xFFFFFFFF:
+                # hold_min_status above 599 holds gRPC trailers-only errors only (no status reaches it).
+                if not 0 <= item[9] <= 0xFFFF or not 0 <= item[10] <= 0xFFFFFFFF:
                     raise ValueError(f"hold_min_status {item[9]} or replay_limit {item[10]} out of range")
                 a.resilient = True
                 a.hold_min_status = item[9]

@@ -672,6 +672,29 @@ def test_grpc_trailers_only_unavailable_is_held_then_retried(
     client.close()
 
 
+def test_a_hold_threshold_above_599_holds_only_grpc_errors(
+    engine: Engine, first: ScriptedBackend, h2_first: ScriptedH2Backend
+) -> None:
+    """A policy retrying only gRPC codes holds trailers-only errors, and no HTTP status."""
+    first.plan = ["503"]
+    client = engine.client()
+    client.sendall(b"GET /plain HTTP/1.1\r\nHost: web\r\n\r\n")
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([forward(head[1], first.port, hold_min_status=1000)], [])
+    assert read_response(client).status == 503
+    client.close()
+    h2_first.plan = ["grpc-unavailable"]
+    grpc_client = H2Client(engine)
+    grpc_client.request("/pkg.Svc/Call", grpc_message(b"req"), grpc=True)
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([forward(head[1], h2_first.port, http2=True, hold_min_status=1000)], [])
+    held = engine.record(_l7.ATTEMPT_FAILED, head[1])
+    assert held[AF_FAILURE] == _l7.FAIL_HELD and held[AF_GRPC] == 14
+    engine.worker.answer([], [(head[1], 503, "UO", "gave up")])
+    engine.record(_l7.DONE, head[1])
+    grpc_client.close()
+
+
 def test_grpc_status_of_a_released_trailers_only_head(engine: Engine, h2_first: ScriptedH2Backend) -> None:
     h2_first.plan = ["grpc-unavailable"]
     client = H2Client(engine)
