@@ -622,13 +622,14 @@ class JwksServer:
     hits: list[str]
     set_body: Callable[[str], None]
     set_redirect: Callable[[str | None], None]
+    set_dribble: Callable[[float], None]
 
 
 @pytest.fixture
 def https_jwks(tmp_path: Path) -> Iterator[tuple[JwksServer, Pki]]:
     """An HTTPS server on 127.0.0.1 (ephemeral port) with a certificate from a throwaway CA."""
     pki = _make_pki(tmp_path / "pki")
-    state: dict[str, Any] = {"body": KEYS.jwks(KEYS.rsa), "redirect": None}
+    state: dict[str, Any] = {"body": KEYS.jwks(KEYS.rsa), "redirect": None, "dribble": 0.0}
     hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -645,7 +646,17 @@ def https_jwks(tmp_path: Path) -> Iterator[tuple[JwksServer, Pki]]:
             self.send_header("Content-Type", "application/jwk-set+json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not state["dribble"]:
+                self.wfile.write(body)
+                return
+            # A slow server: one byte per `dribble` seconds, at most 40 of them (bounded).
+            try:
+                for byte in body[:40]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(state["dribble"])
+            except OSError:
+                pass  # the client gave up: what this mode is for
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -664,8 +675,11 @@ def https_jwks(tmp_path: Path) -> Iterator[tuple[JwksServer, Pki]]:
     def set_redirect(location: str | None) -> None:
         state["redirect"] = location
 
+    def set_dribble(seconds: float) -> None:
+        state["dribble"] = seconds
+
     try:
-        yield JwksServer(f"https://127.0.0.1:{port}/jwks", hits, set_body, set_redirect), pki
+        yield JwksServer(f"https://127.0.0.1:{port}/jwks", hits, set_body, set_redirect, set_dribble), pki
     finally:
         server.shutdown()
         server.server_close()
@@ -998,3 +1012,21 @@ def test_refresher_stops_when_cancelled_as_it_is_woken() -> None:
 
     for _ in range(20):
         asyncio.run(scenario())
+
+
+def test_fetch_https_bounds_the_whole_body_time(https_jwks: tuple[JwksServer, Pki]) -> None:
+    """A server that sends one byte every 0.25 s never trips the per-read timeout (1 s); the whole
+    fetch must still end after about the timeout, not after the 10 s the dribble lasts."""
+    server, pki = https_jwks
+    server.set_dribble(0.25)
+    started = time.monotonic()
+    with pytest.raises(JwksError, match="the body took longer than 1 s"):
+        fetch_https(server.url, str(pki.ca_pem), 1.0, 1 << 20)
+    assert time.monotonic() - started < 4.0
+
+
+def test_backoff_after_very_many_failures_does_not_overflow() -> None:
+    source = JwksSource("test", lambda: b"", JwtSettings(), FakeClock(0.0))
+    for _ in range(1100):
+        source._failed("down")
+    assert 0 < source.next_fetch <= 300.0

@@ -227,14 +227,26 @@ def fetch_https(url: str, ca_file: str | None, timeout: float, max_bytes: int) -
     request = urllib.request.Request(
         url, headers={"Accept": "application/jwk-set+json, application/json", "User-Agent": "nodeproxy"}
     )
+    # `timeout` bounds each socket operation; the deadline bounds the whole body, so a server that
+    # dribbles bytes cannot hold the fetching thread for long.
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
     with opener.open(request, timeout=timeout) as response:
         status = response.status
         if status != 200:
             raise JwksError(f"HTTP status {status}")
-        data: bytes = response.read(max_bytes + 1)
-    if len(data) > max_bytes:
+        while size <= max_bytes:
+            chunk: bytes = response.read1(min(65536, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise JwksError(f"the body took longer than {timeout:g} s")
+    if size > max_bytes:
         raise JwksError(f"larger than {max_bytes} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:
@@ -309,7 +321,7 @@ class JwksSource:
         self.failures += 1
         self.last_error = reason
         cap = min(_MAX_BACKOFF, self.settings.jwks_refresh_interval)
-        delay = min(cap, 2.0 ** (self.failures - 1))
+        delay = min(cap, 2.0 ** min(self.failures - 1, 20))  # the exponent bounded: no float overflow
         self.next_fetch = self.clock() + delay * random.uniform(0.8, 1.0)
 
     async def refresh(self) -> None:
