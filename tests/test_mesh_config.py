@@ -167,3 +167,26 @@ def test_the_documented_two_node_example_parses() -> None:
     assert parsed.mesh is not None and parsed.identity is not None
     directory = MeshDirectory.build(parsed)
     assert isinstance(directory.outbound_path("10.244.1.10", "10.244.2.10", 5432, None), TunnelTo)
+
+
+def test_an_inbound_stream_may_name_only_a_source_with_the_proven_identity_on_its_node() -> None:
+    directory = MeshDirectory.build(
+        config().model_copy(update={"node": config().node.model_copy(update={"name": "node-b"})})
+    )
+    a0 = "spiffe://cluster.local/ns/lab/sa/a0"
+    # node-b's view: a0 lives on node-a, whose address it does not know (not a peer of node-b here)
+    assert directory.forged_source(a0, "10.244.1.10", "192.168.100.1") is None
+    assert directory.forged_source(a0, None, "192.168.100.1") is None  # no source named: node address
+    # a0's certificate naming another pod's address, or an address no pod has: refused
+    assert "not a pod of" in str(directory.forged_source(a0, "10.244.2.11", "192.168.100.1"))
+    assert "not a pod of" in str(directory.forged_source(a0, "10.9.9.9", "192.168.100.1"))
+    # with node-a known as a peer, the stream must also come from node-a's address
+    known = MeshDirectory.build(
+        parse_config(
+            BASE.replace("node: {name: node-a}", "node: {name: node-b}").replace(
+                "peers: {node-b: 192.168.100.2}", "peers: {node-a: 192.168.100.1}"
+            )
+        )
+    )
+    assert known.forged_source(a0, "10.244.1.10", "192.168.100.1") is None
+    assert "not at 192.168.100.3" in str(known.forged_source(a0, "10.244.1.10", "192.168.100.3"))

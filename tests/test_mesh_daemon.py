@@ -29,10 +29,17 @@ from pathlib import Path
 import pytest
 
 from nodeproxy import netns
-from nodeproxy.identity.ca import DEFAULT_NODE_CREDENTIAL_TTL, CertificateAuthority, init_ca, write_credential
+from nodeproxy.identity.ca import (
+    DEFAULT_NODE_CREDENTIAL_TTL,
+    CertificateAuthority,
+    init_ca,
+    private_key_pem,
+    write_credential,
+)
 from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod, wait_listening
 from nodeproxy.lab_nodes import UNDERLAY_INTERFACE, Node, NodeLab, start_backends
+from nodeproxy.proxy.tunnel import PemCredential, StreamDone, TunnelEngine
 from tests.test_tunnel_lab import TLS_APPLICATION_DATA, Sniffer
 
 pytestmark = pytest.mark.netns
@@ -465,6 +472,60 @@ def reload(daemon: Daemon, config: dict[str, object], expect: str) -> dict[str, 
                 return record
         time.sleep(0.05)
     raise AssertionError(f"no {expect!r} after the reload:\n{daemon.log_path.read_text()[-3000:]}")
+
+
+def tcp_pair(ns: str) -> tuple[socket.socket, socket.socket]:
+    with netns.entered(ns):
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname(), timeout=10)
+    accepted, _ = server.accept()
+    server.close()
+    return client, accepted
+
+
+def test_a_peer_may_not_name_a_source_address_its_identity_does_not_own(mesh: Mesh) -> None:
+    """A node holding a0's certificate may claim only a0's address as the source: node-b connects to
+    the pod from that address, which ip-block policies and the pod trust."""
+    a0, a1, b1 = mesh.a.pods[0], mesh.a.pods[1], mesh.b.pods[1]
+    a0_id = f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    authority = CertificateAuthority.load(mesh.directory / "ca")
+    issued, key = authority.issue_credential(SpiffeId.parse(a0_id), ttl=timedelta(minutes=5))
+    with netns.entered(mesh.a.ns):  # the engine thread (and its sockets) live in node-a's namespace
+        engine = TunnelEngine(TRUST_DOMAIN, authority.trust_bundle_pem())
+        engine.set_identity(a0_id, PemCredential(issued.chain_pem, private_key_pem(key)))
+        engine.start()
+    ours: list[socket.socket] = []
+    try:
+        for conn_id, claimed in ((1, a0.ip), (2, a1.ip)):
+            local, theirs = tcp_pair(mesh.a.ns)
+            ours.append(local)
+            engine.adopt(
+                conn_id,
+                theirs.detach(),
+                mesh.b.underlay_ip,
+                f"{b1.ip}:{ECHO_PORT}",
+                a0_id,
+                claimed,
+                peer_identity=f"spiffe://{TRUST_DOMAIN}/nodeproxy/node/node-b",
+            )
+        assert echo(ours[0], b"honest") == b"honest"  # a0's own address: allowed
+        ours[0].close()
+        done: dict[int, StreamDone] = {}
+        deadline = time.monotonic() + 10
+        while len(done) < 2 and time.monotonic() < deadline:
+            done.update((r.id, r) for r in engine.records() if isinstance(r, StreamDone))
+            time.sleep(0.05)
+        assert set(done) == {1, 2}, f"only {sorted(done)} ended: the forged source was let through"
+        assert done[1].status == 200
+        assert done[2].ending.name == "REFUSED" and done[2].status == 403, done[2]
+        refused = mesh.daemons["node-b"].wait_record(
+            lambda r: r.get("event") == "tunnel stream" and "not a pod of" in str(r.get("reason"))
+        )
+        assert refused["allowed"] is False and refused["peer_identity"] == a0_id
+    finally:
+        for sock in ours:
+            sock.close()
+        engine.stop()
 
 
 def test_reload_applies_policies_and_refuses_identity_changes(mesh: Mesh) -> None:

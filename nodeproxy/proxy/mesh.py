@@ -49,9 +49,17 @@ from nodeproxy.identity.caclient import CaClient
 from nodeproxy.identity.certmanager import CertManager, NoSvid
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffeid import SpiffeId
-from nodeproxy.proxy.inbound import authz_policy, decide_inbound, decide_plaintext
+from nodeproxy.proxy.inbound import (
+    STATUS_DENIED,
+    InboundDecision,
+    authz_policy,
+    decide_inbound,
+    decide_plaintext,
+    parse_forwarded_for,
+)
 from nodeproxy.proxy.tunnel import (
     EngineSettings,
+    InboundAnswer,
     InboundStream,
     PemCredential,
     StreamDone,
@@ -153,6 +161,23 @@ class MeshDirectory:
     def workload_identity(self, pod_ip: str) -> str | None:
         """The identity of a pod on any node, else None."""
         return self.workload_identities.get(pod_ip)
+
+    def forged_source(self, peer_identity: str, source_ip: str | None, peer_ip: str) -> str | None:
+        """Why an inbound stream's claimed source cannot be right, or None if it can.
+
+        The pod is reached from the source address the peer names (`forwarded`), which policies (ip
+        blocks) and the pod trust: a peer may name only a pod that has the identity the peer proved,
+        and only from the node that pod runs on (when that node is a known peer). Without a named
+        source the pod is reached from this node's own address: nothing to check."""
+        if source_ip is None:
+            return None
+        owner = self.workload_identities.get(source_ip)
+        if owner != peer_identity:
+            return f"the stream names source {source_ip}, which is not a pod of {peer_identity}"
+        node_ip = self.peers.get(self.workload_nodes.get(source_ip, ""))
+        if node_ip is not None and node_ip != peer_ip:
+            return f"source {source_ip} runs on the node at {node_ip}, not at {peer_ip}"
+        return None
 
     def outbound_path(
         self, source_ip: str, destination_ip: str, destination_port: int, endpoint_node: str | None
@@ -401,7 +426,16 @@ class MeshWorker:
         for record in self.engine.records():
             try:
                 if isinstance(record, InboundStream):
-                    decision = decide_inbound(record, local_pods, policy)
+                    forged = self.directory.forged_source(
+                        record.peer_identity, parse_forwarded_for(record.forwarded), record.peer_ip
+                    )
+                    decision = (
+                        InboundDecision(
+                            InboundAnswer(record.key, False, deny_status=STATUS_DENIED), forged, None
+                        )
+                        if forged is not None
+                        else decide_inbound(record, local_pods, policy)
+                    )
                     answers.append(decision.answer)
                     if decision.answer.allow:
                         self.inbound_allowed += 1
