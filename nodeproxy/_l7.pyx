@@ -2099,6 +2099,9 @@ cdef class HttpWorker:
         n = h1_serialize_head(u.inb.data + u.inb.off, &u.resp, False, &opts, d.outb.data + d.outb.len,
                               d.outb.cap - d.outb.len)
         if n < 0:
+            if d.resilient and not d.resp_head_sent:
+                self._fail_attempt(d, 0, FLAG_UPE, FAILURE_RESET)
+                return 1
             d.up = NULL
             u.down = NULL
             self._close_up(u, True)

@@ -6,7 +6,8 @@ next action from the backend's `plan` (then "ok"), and every request that arrive
 
 HTTP/1.1 actions: ok (200, body `ok <name> <sha256 of the request body> <its size>`), 503 (with a
 body and x-backend), close-mid (read the head and part of the body, then close), reset (read the head,
-then close with an RST), hang (read the whole request, never answer), empty (200 with Content-Length: 0).
+then close with an RST), hang (read the whole request, never answer), empty (200 with Content-Length:
+0), garbage (a malformed status line).
 HTTP/2 actions: ok, refuse (RST_STREAM REFUSED_STREAM), goaway (GOAWAY with last stream id 0),
 grpc-unavailable (trailers-only grpc-status 14), grpc-ok (a message, then trailers grpc-status 0).
 """
@@ -103,6 +104,9 @@ class ScriptedBackend:
                         b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\nx-backend: %s\r\n"
                         b"retry-after: 7\r\n\r\n%s" % (len(payload), self.name.encode(), payload)
                     )
+                    continue
+                if action == "garbage":
+                    sock.sendall(b"HTTP/1.1 2x0 OK\r\n\r\n")
                     continue
                 if action == "empty":
                     sock.sendall(

@@ -429,6 +429,23 @@ def test_reset_before_the_head(engine: Engine, first: ScriptedBackend, second: S
     client.close()
 
 
+def test_a_malformed_response_is_a_reset_with_upe(
+    engine: Engine, first: ScriptedBackend, second: ScriptedBackend
+) -> None:
+    first.plan = ["garbage"]
+    client = engine.client()
+    client.sendall(b"GET /bad HTTP/1.1\r\nHost: web\r\n\r\n")
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([forward(head[1], first.port)], [])
+    failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
+    assert failed[AF_FAILURE] == _l7.FAIL_RESET and failed[AF_FLAGS] == _l7.FLAGS["UPE"]
+    engine.worker.answer([forward(head[1], second.port)], [])
+    assert read_response(client).headers["x-backend"] == "second"
+    done = engine.record(_l7.DONE, head[1])
+    assert done[DONE_FLAGS] & _l7.FLAGS["UPE"] and done[DONE_STATUS] == 200
+    client.close()
+
+
 def test_old_forms_answer_failures_locally(engine: Engine, first: ScriptedBackend) -> None:
     first.plan = ["reset", "503"]
     client = engine.client()
