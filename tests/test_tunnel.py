@@ -508,3 +508,29 @@ def test_trust_bundle_change_applies_to_new_connections(tmp_path: Path, echo: Po
         assert accepted.recv(2) == b"in"
         accepted.close()
     assert echo.accepted == 1
+
+
+def test_peer_engine_stopping_resets_its_streams_and_the_pool_recovers(
+    tmp_path: Path, echo: PodServer
+) -> None:
+    """The receiving node stops (a restart): its streams are reset on both ends (a truncated transfer
+    never looks complete), and the client opens a new connection for the next stream."""
+    pki = Pki(tmp_path / "ca")
+    with tunnels(tmp_path, pki=pki) as t:
+        app = t.tunnel(echo.port)
+        app.sendall(b"one")
+        assert app.recv(3) == b"one"
+        t.server.stop()
+        with pytest.raises(ConnectionResetError):
+            while app.recv(10):
+                pass
+        app.close()
+        wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+        assert t.client_records.done()[0].ending in (StreamEnding.PEER_RESET, StreamEnding.TUNNEL_FAILED)
+        wait_for(lambda: t.client.tls_connections == 0, timeout=5, what="the dead connection to go")
+        # A new server engine on a new port: the client pools a fresh connection to it.
+        with tunnels(tmp_path / "again", pki=pki) as second:
+            again = second.tunnel(echo.port)
+            again.sendall(b"two")
+            assert again.recv(3) == b"two"
+            again.close()

@@ -154,7 +154,10 @@ class Decider:
             poller.register(engine.notify_fd, select.POLLIN)
             by_fd[engine.notify_fd] = name
         while not self._stop.is_set():
-            for fd, _ in poller.poll(50):
+            for fd, events in poller.poll(50):
+                if events & select.POLLNVAL:  # that engine was stopped by the test
+                    poller.unregister(fd)
+                    continue
                 self.handle(by_fd[fd])
 
     def handle(self, name: str) -> None:

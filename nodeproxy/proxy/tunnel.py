@@ -178,6 +178,7 @@ class TunnelEngine:
         self._server_credential: Credential | None = None
         self._thread = threading.Thread(target=self.worker.run, name="nodeproxy-tunnel", daemon=True)
         self._unsubscribe: Callable[[], None] | None = None
+        self._stopped = False
 
     @property
     def notify_fd(self) -> int:
@@ -188,17 +189,23 @@ class TunnelEngine:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> list[TunnelRecord]:
-        """Stop the engine (live streams are reset) and return its last records."""
+        """Stop the engine (live streams are reset) and return its last records; idempotent."""
+        if self._stopped:
+            return []
         if self._unsubscribe is not None:
             self._unsubscribe()
         self.worker.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         last = self.records()
+        self._stopped = True
         os.close(self._notify_fd)
         return last
 
     def records(self) -> list[TunnelRecord]:
+        """The records posted since the last call (none once stopped)."""
+        if self._stopped:
+            return []
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._notify_fd)
         return [parse_record(raw) for raw in self.worker.drain()]
