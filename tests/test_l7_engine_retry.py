@@ -637,6 +637,43 @@ def test_http2_client_held_503_retried_with_replay(
     client.close()
 
 
+def test_many_http2_streams_held_and_retried_at_once(
+    engine: Engine, first: ScriptedBackend, second: ScriptedBackend
+) -> None:
+    streams = 40
+    first.plan = ["503"] * streams
+    client = H2Client(engine)
+    bodies = {client.request(f"/s{i}", body_of(1000 + i)): body_of(1000 + i) for i in range(streams)}
+    heads = [engine.record(_l7.HEAD) for _ in range(streams)]
+    engine.worker.answer([forward(head[1], first.port) for head in heads], [])
+    held = [engine.record(_l7.ATTEMPT_FAILED, head[1]) for head in heads]
+    assert {record[AF_FAILURE] for record in held} == {_l7.FAIL_HELD}
+    engine.worker.answer([forward(head[1], second.port) for head in heads], [])
+    for sid, body in bodies.items():
+        client.wait(sid)
+        assert client.headers[sid][":status"] == "200"
+        assert bytes(client.data[sid]).split()[2] == hashlib.sha256(body).hexdigest().encode()
+    assert all(engine.record(_l7.DONE, head[1])[DONE_ATTEMPTS] == 2 for head in heads)
+    client.close()
+    assert wait_until(lambda: engine.worker.live_connections == 0)
+
+
+def test_http2_client_cancelling_a_held_request(engine: Engine, first: ScriptedBackend) -> None:
+    first.plan = ["503"]
+    client = H2Client(engine)
+    sid = client.request("/cancel", b"abc")
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([forward(head[1], first.port)], [])
+    engine.record(_l7.ATTEMPT_FAILED, head[1])
+    client.conn.reset_stream(sid)
+    client.flush()
+    done = engine.record(_l7.DONE, head[1])
+    assert done[DONE_FLAGS] & _l7.FLAGS["DC"]
+    engine.worker.answer([], [], [head[1]])  # too late: ignored
+    assert wait_until(lambda: first.closed_connections == 1)  # the held connection is not kept
+    client.close()
+
+
 def test_http2_client_body_over_the_limit_is_not_replayable(engine: Engine, first: ScriptedBackend) -> None:
     first.plan = ["close-mid"]
     client = H2Client(engine)
