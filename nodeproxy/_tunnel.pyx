@@ -463,8 +463,6 @@ cdef int _on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t 
         # Reset (by the peer, or by nghttp2 after our data source failed): the plain side gets an RST.
         if s.failed_side == SIDE_PLAIN:
             _stream_finish(t.engine, s, END_PLAIN_RESET, s.err)
-        elif s.state == S_OPEN or s.outbound:
-            _stream_finish(t.engine, s, END_PEER_RESET, 0)
         else:
             _stream_finish(t.engine, s, END_PEER_RESET, 0)
         return 0
@@ -1043,8 +1041,7 @@ cdef int _tls_read(Engine *e, TlsConn *t) noexcept nogil:
             _fail_reason(t, reason, sizeof(reason), "TLS read failed")
             _tls_fail(e, t, errno if err == SSL_ERROR_SYSCALL else EPROTO, reason)
         return -1
-    _mark_dirty(e, t)
-    return 0
+    return 0  # the caller flushes what this produced (WINDOW_UPDATEs, answers, DATA freed by them)
 
 
 cdef int _out_append(TlsConn *t, const uint8_t *p, size_t n) noexcept nogil:
