@@ -10,7 +10,8 @@ Three parts:
 * :class:`JwksSource` holds one JWKS (an HTTPS URL, a file, or inline text) and
   :class:`JwksRefresher` keeps the sources fresh from an asyncio task: every refresh interval, with
   backoff after failures (the last good keys stay), and at once when a request met an unknown `kid`,
-  at most once per min_refetch_interval per source. Fetching runs in a worker thread.
+  at most once per min_refetch_interval per source. HTTPS fetches run on the event loop (asyncio
+  streams and h11, the whole fetch under one timeout); file reads run in a worker thread.
 * :class:`JwtAuthenticator` checks one request's token against the in-memory snapshots: no I/O, no
   waiting. An unknown kid asks the source for a re-fetch (a flag and a wake-up, never a fetch) and
   the request fails with 401 until the key is there.
@@ -34,13 +35,13 @@ import math
 import random
 import ssl
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import h11
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwk, jws
@@ -62,7 +63,9 @@ __all__ = [
     "JwtIdentity",
     "JwtSuccess",
     "KeySnapshot",
+    "Loader",
     "VerifiedTokens",
+    "blocking_loader",
     "fetch_https",
     "parse_jwks",
 ]
@@ -193,60 +196,82 @@ def parse_jwks(data: bytes | str, fetched_at: float = 0.0) -> KeySnapshot:
 # Sources and the refresher
 
 Clock = Callable[[], float]
+Loader = Callable[[], Awaitable[bytes]]
 
 
-class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = 3
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: Any,
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        if not newurl.lower().startswith("https://"):
-            raise urllib.error.HTTPError(newurl, code, "refusing a redirect away from https", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 3
 
 
-def fetch_https(url: str, ca_file: str | None, timeout: float, max_bytes: int) -> bytes:
-    """GET a JWKS over HTTPS (blocking: call it from a worker thread).
+async def fetch_https(url: str, ca_file: str | None, timeout: float, max_bytes: int) -> bytes:
+    """GET a JWKS over HTTPS on the running event loop (asyncio streams + h11, no thread), all of it
+    (name resolution, TLS handshake, redirects, body) within `timeout` seconds.
 
-    The server certificate and host name are verified (against `ca_file`, else the system's CAs);
-    proxies from the environment are not used; redirects must stay on https; at most `max_bytes`
-    are read."""
-    context = ssl.create_default_context(cafile=ca_file)
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}),
-        urllib.request.HTTPSHandler(context=context),
-        _HttpsOnlyRedirects(),
-    )
-    request = urllib.request.Request(
-        url, headers={"Accept": "application/jwk-set+json, application/json", "User-Agent": "nodeproxy"}
-    )
-    # `timeout` bounds each socket operation; the deadline bounds the whole body, so a server that
-    # dribbles bytes cannot hold the fetching thread for long.
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    size = 0
-    with opener.open(request, timeout=timeout) as response:
-        status = response.status
-        if status != 200:
-            raise JwksError(f"HTTP status {status}")
-        while size <= max_bytes:
-            chunk: bytes = response.read1(min(65536, max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if time.monotonic() > deadline:
-                raise JwksError(f"the body took longer than {timeout:g} s")
-    if size > max_bytes:
-        raise JwksError(f"larger than {max_bytes} bytes")
-    return b"".join(chunks)
+    The server certificate and host name are verified against `ca_file`, else the system's CAs; no
+    proxy is used; at most 3 redirects, each to https; at most `max_bytes` of body are accepted."""
+    loop = asyncio.get_running_loop()
+    # Building a context reads the CA file (and the system's CAs): not on the loop's thread.
+    context = await loop.run_in_executor(None, functools.partial(ssl.create_default_context, cafile=ca_file))
+    async with asyncio.timeout(timeout):
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, location, body = await _get(url, context, max_bytes)
+            if status in _REDIRECTS and location is not None:
+                target = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(target).scheme != "https":
+                    raise JwksError(f"refusing a redirect away from https (to {target[:200]!r})")
+                url = target
+                continue
+            if status != 200:
+                raise JwksError(f"HTTP status {status}")
+            return body
+    raise JwksError(f"more than {_MAX_REDIRECTS} redirects")
+
+
+async def _get(url: str, context: ssl.SSLContext, max_bytes: int) -> tuple[int, str | None, bytes]:
+    """One GET: (status, Location if any, body)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise JwksError(f"not an https URL: {url[:200]!r}")
+    host = parts.hostname
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    reader, writer = await asyncio.open_connection(host, parts.port or 443, ssl=context, server_hostname=host)
+    try:
+        connection = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="GET",
+            target=target,
+            headers=[
+                ("Host", parts.netloc.rpartition("@")[2]),
+                ("Accept", "application/jwk-set+json, application/json"),
+                ("User-Agent", "nodeproxy"),
+                ("Connection", "close"),
+            ],
+        )
+        writer.write(connection.send(request) + connection.send(h11.EndOfMessage()))
+        await writer.drain()
+        status = 0
+        location: str | None = None
+        body = bytearray()
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await reader.read(65536))  # b"" is the end of the stream
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                for name, value in event.headers:
+                    if name == b"location":
+                        location = value.decode("ascii", "replace")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > max_bytes:
+                    raise JwksError(f"larger than {max_bytes} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return status, location, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise JwksError("the server closed the connection before the end of the response")
+            # InformationalResponse (1xx): wait for the final response.
+    finally:
+        writer.close()
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:
@@ -264,16 +289,17 @@ class JwksSource:
     def __init__(
         self,
         description: str,
-        load: Callable[[], bytes],
+        load: Loader,
         settings: JwtSettings,
         clock: Clock = time.monotonic,
-        remote: bool = True,
+        load_blocking: Callable[[], bytes] | None = None,
     ) -> None:
         self.description = description
-        self.load = load  # blocking; runs in a worker thread
+        self.load = load  # a coroutine function: the refresher awaits it
+        # Local sources (a file, inline text) can also be loaded synchronously at config time.
+        self.load_blocking = load_blocking
         self.settings = settings
         self.clock = clock
-        self.remote = remote
         self.snapshot: KeySnapshot | None = None
         self.last_error: str | None = None
         self.failures = 0
@@ -303,11 +329,17 @@ class JwksSource:
             log.warning("jwks key skipped", source=self.description, reason=reason)
         self.snapshot = snapshot
 
+    @property
+    def remote(self) -> bool:
+        return self.load_blocking is None
+
     def load_now(self) -> None:
-        """Load synchronously (config load time for files and inline text, tests); raises on error."""
+        """Load a local source synchronously (at config load time); raises on error."""
+        if self.load_blocking is None:
+            raise ValueError(f"{self.description} is fetched over the network: only the refresher loads it")
         self.last_attempt = self.clock()
         self.fetches += 1
-        self.install(self.load())
+        self.install(self.load_blocking())
         self._succeeded()
 
     def _succeeded(self) -> None:
@@ -329,12 +361,11 @@ class JwksSource:
         self.wanted = False
         self.last_attempt = self.clock()
         self.fetches += 1
-        loop = asyncio.get_running_loop()
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives as
             # the awaited thing completes (see JwksRefresher.run).
             async with asyncio.timeout(self.settings.jwks_fetch_timeout + 1.0):
-                data = await loop.run_in_executor(None, self.load)
+                data = await self.load()
             self.install(data)
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
@@ -363,13 +394,31 @@ def make_source(rule: JwtRule, settings: JwtSettings, clock: Clock = time.monoto
     """The JwksSource a rule's keys come from (not loaded yet)."""
     max_bytes = settings.max_jwks_bytes
     if rule.jwks_uri is not None:
-        uri, ca_file, timeout = rule.jwks_uri, rule.jwks_ca_file, settings.jwks_fetch_timeout
-        return JwksSource(uri, lambda: fetch_https(uri, ca_file, timeout, max_bytes), settings, clock)
+        fetch = functools.partial(
+            fetch_https, rule.jwks_uri, rule.jwks_ca_file, settings.jwks_fetch_timeout, max_bytes
+        )
+        return JwksSource(rule.jwks_uri, fetch, settings, clock)
     if rule.jwks_file is not None:
-        path = rule.jwks_file
-        return JwksSource(f"file {path}", lambda: _read_file(path, max_bytes), settings, clock, remote=False)
+        read = functools.partial(_read_file, rule.jwks_file, max_bytes)
+        return JwksSource(
+            f"file {rule.jwks_file}", blocking_loader(read), settings, clock, load_blocking=read
+        )
     text = (rule.jwks or "").encode()
-    return JwksSource(f"inline JWKS of issuer {rule.issuer}", lambda: text, settings, clock, remote=False)
+
+    def inline() -> bytes:
+        return text
+
+    description = f"inline JWKS of issuer {rule.issuer}"
+    return JwksSource(description, blocking_loader(inline), settings, clock, load_blocking=inline)
+
+
+def blocking_loader(load: Callable[[], bytes]) -> Loader:
+    """A Loader that runs a blocking `load` (a file read) in the loop's default executor."""
+
+    async def run() -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(None, load)
+
+    return run
 
 
 class JwksRefresher:
