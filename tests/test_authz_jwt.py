@@ -464,12 +464,23 @@ def test_rule_config_checks() -> None:
         JwtRule.model_validate({"issuer": ISSUER, "jwks_uri": "http://idp/jwks"})
     with pytest.raises(ValueError, match="cannot receive a claim"):
         JwtRule.model_validate(
-            {"issuer": ISSUER, "jwks": "{}", "output_claim_to_headers": [{"header": "host", "claim": "sub"}]}
+            {
+                "issuer": ISSUER,
+                "jwks": KEYS.jwks(),
+                "output_claim_to_headers": [{"header": "host", "claim": "sub"}],
+            }
         )
+    jwks = KEYS.jwks()
     with pytest.raises(ValueError, match="appears in two jwt_rules"):
         RequestAuthentication.model_validate(
-            {"name": "a", "jwt_rules": [{"issuer": ISSUER, "jwks": "{}"}, {"issuer": ISSUER, "jwks": "{}"}]}
+            {"name": "a", "jwt_rules": [{"issuer": ISSUER, "jwks": jwks}, {"issuer": ISSUER, "jwks": jwks}]}
         )
+    with pytest.raises(ValueError, match='jwks: not a JWKS: expected a JSON object with a "keys" list'):
+        JwtRule.model_validate({"issuer": ISSUER, "jwks": "{}"})
+    with pytest.raises(
+        ValueError, match=r"jwks: no usable key \(keys\[0\]: holds private or symmetric key material"
+    ):
+        JwtRule.model_validate({"issuer": ISSUER, "jwks": '{"keys": [{"kty": "oct", "k": "AA"}]}'})
 
 
 # ---- key binding in parse_jwks ----------------------------------------------------------------

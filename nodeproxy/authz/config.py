@@ -403,6 +403,14 @@ class JwtRule(_Model):
             raise ValueError("jwks_ca_file only applies to jwks_uri")
         if not self.from_headers and not self.from_params:
             raise ValueError("from_headers and from_params are both empty: the token could never be found")
+        if self.jwks is not None:
+            # Inline keys are checked with the config (a file or URL is checked when it is loaded).
+            from nodeproxy.authz.jwt import JwksError, parse_jwks
+
+            try:
+                parse_jwks(self.jwks)
+            except JwksError as err:
+                raise ValueError(f"jwks: {err}") from None
         return self
 
 
