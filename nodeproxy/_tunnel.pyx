@@ -110,6 +110,11 @@ LOCAL_RESOURCES = END_LOCAL_RESOURCES
 cdef const char *_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 _SPIFFE_ID_MAX = NP_ID_MAX - 1
 
+# What the buffer sizes rely on: a read batch holds at least one whole record (the loop stops when the
+# next one might not fit), and the socket backlog bound lets a full production round through.
+assert READ_BUF >= 2 * RECORD_MAX and WIRE_HIGH >= TLS_OUT_FILL and SMALL_FRAME < RECORD_MAX
+assert MAX_FRAME <= 16777215  # SETTINGS_MAX_FRAME_SIZE's limit (RFC 9113 6.5.2)
+
 cdef enum:
     SIDE_NONE = 0
     SIDE_PLAIN = 1
