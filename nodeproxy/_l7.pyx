@@ -755,7 +755,7 @@ cdef class HttpWorker:
         forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
         try_timeout_ms[, http2[, hold_min_status, replay_limit]]): add = ((name, value), ...) bytes pairs,
         remove = (name, ...) bytes; try_timeout_ms bounds the attempt's wait for the response head from its
-        start, connect included (0: none); http2 true speaks HTTP/2 (h2c) to the upstream.
+        start, connect included (0 or less: none); http2 true speaks HTTP/2 (h2c) to the upstream.
         The 11-item form turns on retries: every failure of the attempt before the final response head
         (connect, reset, refused stream, per-try timeout, a malformed response) posts ATTEMPT_FAILED and
         the request waits for the next answer instead of a local 502/504; a final head with status >=
@@ -786,11 +786,10 @@ cdef class HttpWorker:
             a.forward = True
             if not 0 < item[2] < 65536 or not _is_ipv4(item[1], &a.dst, item[2]):
                 # One bad endpoint must not cost the whole batch its answers.
-                bad_endpoints.append((item[0], 502, "UF", f"endpoint {item[1]}:{item[2]} is not an IPv4 address and port"))
+                bad = f"endpoint {item[1]}:{item[2]} is not an IPv4 address and port"
+                bad_endpoints.append((item[0], 502, "UF", bad))
                 continue
-            if item[7] < 0:
-                raise ValueError(f"try_timeout_ms {item[7]} is negative")
-            a.try_timeout_ns = <int64_t>item[7] * 1000000
+            a.try_timeout_ns = <int64_t>item[7] * 1000000  # <= 0: none
             a.http2 = size > 8 and bool(item[8])
             if size == 11:
                 # hold_min_status above 599 holds gRPC trailers-only errors only (no status reaches it).
@@ -1767,8 +1766,8 @@ cdef class HttpWorker:
             return
         d.up = NULL
         u.down = NULL
-        if (not u.h2_stream and d.req_done and not d.req_abandoned and not u.peer_eof and _held(&u.outb) == 0
-                and h1_should_keep_alive(&u.resp)):
+        if (not u.h2_stream and d.req_done and not d.req_abandoned and not u.peer_eof and not u.rdhup
+                and _held(&u.outb) == 0 and h1_should_keep_alive(&u.resp)):
             h1_body_for_response(&u.resp_body, &u.resp, d.method_head, d.req.method_id == H1_METHOD_CONNECT)
             at = u.inb.off + u.resp.head_len
             end = u.inb.len
@@ -2049,8 +2048,9 @@ cdef class HttpWorker:
             self._local_reply(d, 502, "UPE", FLAG_UPE, "101 to a request that did not ask to upgrade", 44,
                               True)
             return 1
-        if not informational and not upgrade:
+        if not informational:
             d.response_ns = self.now_ns - d.t_sent_ns if d.t_sent_ns else 0
+        if not informational and not upgrade:
             if d.grpc or (d.hold_min_status and u.h2_head_ended):
                 grpc_status = _head_grpc_status(u.inb.data + u.inb.off, &u.resp)
             if d.hold_min_status and (status >= d.hold_min_status or (u.h2_head_ended and grpc_status > 0)):
