@@ -418,7 +418,39 @@ class PeakEwma:
         return second if self.cost(second, now) < self.cost(first, now) else first
 
     def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
-        return _prepared_pick(self, endpoints)
+        """pick() over fixed endpoints, with what does not change between picks worked out once:
+        the same choice as pick(), at about half its cost (this runs for every request)."""
+        members = tuple(endpoints)
+        if len(members) <= 1 or any(e.weight != members[0].weight for e in members):
+            return _prepared_pick(self, members)
+        count, pick, rng, clock, default_rtt = len(members), self.pick, self.rng, self.clock, self.default_rtt
+        bits, rate, exp = (count - 1).bit_length(), 1.0 / self.decay, math.exp
+        per_weight = 1.0 / members[0].weight  # Endpoint.load = active / weight
+        getrandbits = rng.getrandbits
+
+        def pick_peak_ewma(tried: Collection[str]) -> Endpoint | None:
+            if tried:
+                return pick(members, tried)
+            i = getrandbits(bits)  # two distinct uniform indexes, as _draw_two (equal weights)
+            while i >= count:
+                i = getrandbits(bits)
+            j = _below(rng, count - 1)
+            first, second = members[i], members[j + 1 if j >= i else j]
+            now = clock()
+            if first.rtt_updated_at is None:
+                first.rtt_estimate, first.rtt_updated_at = default_rtt, now
+            if second.rtt_updated_at is None:
+                second.rtt_estimate, second.rtt_updated_at = default_rtt, now
+            if first.rtt_samples == 0 and second.rtt_samples == 0:
+                return second if second.active < first.active else first
+            # cost() of each, inline: estimate decayed since its last sample x (in flight + 1)
+            first_cost = first.rtt_estimate * exp(-max(0.0, now - first.rtt_updated_at) * rate)
+            second_cost = second.rtt_estimate * exp(-max(0.0, now - second.rtt_updated_at) * rate)
+            first_cost *= first.active * per_weight + 1
+            second_cost *= second.active * per_weight + 1
+            return second if second_cost < first_cost else first
+
+        return pick_peak_ewma
 
 
 class SkipUnhealthy:

@@ -224,3 +224,44 @@ def test_prepared_round_robin_picks_the_same_sequence_as_pick(weights: list[int]
         assert prepared_eps.index(a) == plain_eps.index(b)
     assert [e.current_weight for e in prepared_eps] == [e.current_weight for e in plain_eps]
     assert picker({e.address for e in prepared_eps}) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    weight=st.integers(1, 4),
+    states=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 3), st.floats(0.0001, 0.2), st.floats(0, 30)),
+        min_size=2,
+        max_size=6,
+    ),
+    seed=st.integers(0, 2**32),
+    steps=st.lists(st.tuples(st.floats(0, 5), st.floats(0.0001, 0.3)), min_size=1, max_size=30),
+)
+def test_prepared_peak_ewma_picks_exactly_as_pick(
+    weight: int, states: list[tuple[int, int, float, float]], seed: int, steps: list[tuple[float, float]]
+) -> None:
+    # The prepared picker inlines pick()'s draw and cost: same seed, same clock, same endpoint states
+    # -> the same endpoint every time, also as samples come in between picks.
+    def make() -> tuple[PeakEwma, list[Endpoint], list[float]]:
+        now = [100.0]
+        balancer = PeakEwma(lambda: now[0], random.Random(seed), default_rtt=0.03, decay=10.0)
+        endpoints = []
+        for i, (active, samples, estimate, age) in enumerate(states):
+            e = Endpoint(f"10.0.0.{i + 1}", 80, weight=weight)
+            e.active = active
+            if samples:
+                e.rtt_samples, e.rtt_estimate, e.rtt_updated_at = samples, estimate, now[0] - age
+            endpoints.append(e)
+        return balancer, endpoints, now
+
+    plain, plain_eps, plain_now = make()
+    prepared, prepared_eps, prepared_now = make()
+    picker = prepared.prepare(prepared_eps)
+    for advance, rtt in steps:
+        plain_now[0] += advance
+        prepared_now[0] += advance
+        a = plain.pick(plain_eps, ())
+        b = picker(())
+        assert a is not None and b is not None and a.address == b.address
+        plain.observe(a, rtt)
+        prepared.observe(b, rtt)
