@@ -9,7 +9,8 @@ body and x-backend), close-mid (read the head and part of the body, then close),
 then close with an RST), hang (read the whole request, never answer), empty (200 with Content-Length:
 0), garbage (a malformed status line).
 HTTP/2 actions: ok, refuse (RST_STREAM REFUSED_STREAM), goaway (GOAWAY with last stream id 0),
-grpc-unavailable (trailers-only grpc-status 14), grpc-ok (a message, then trailers grpc-status 0).
+grpc-unavailable (trailers-only grpc-status 14), grpc-ok (a message, then trailers grpc-status 0), hang
+(never answer). Streams the proxy resets are counted in `resets`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class ScriptedH2Backend:
         self.port: int = self.listener.getsockname()[1]
         self.plan: list[str] = []
         self.received: list[tuple[dict[str, str], bytes]] = []  # (headers, body) of answered requests
+        self.resets: list[int] = []  # error codes of the proxy's RST_STREAM frames
         self.connections = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -226,6 +228,9 @@ class ScriptedH2Backend:
                         self._answer(conn, event.stream_id, action, bytes(body))
                     elif isinstance(event, h2.events.StreamReset):
                         streams.pop(event.stream_id, None)
+                        if event.remote_reset:
+                            with self.lock:
+                                self.resets.append(int(event.error_code))
                 sock.sendall(conn.data_to_send())
         except (OSError, h2.exceptions.ProtocolError):
             return
@@ -233,6 +238,8 @@ class ScriptedH2Backend:
             sock.close()
 
     def _answer(self, conn: h2.connection.H2Connection, sid: int, action: str, body: bytes) -> None:
+        if action == "hang":
+            return
         if action == "grpc-unavailable":
             conn.send_headers(
                 sid,

@@ -658,6 +658,26 @@ def test_many_http2_streams_held_and_retried_at_once(
     assert wait_until(lambda: engine.worker.live_connections == 0)
 
 
+def test_http2_both_sides_try_timeout_cancels_the_upstream_stream(
+    engine: Engine, h2_first: ScriptedH2Backend, h2_second: ScriptedH2Backend
+) -> None:
+    h2_first.plan = ["hang"]
+    client = H2Client(engine)
+    sid = client.request("/slow", b"abc")
+    head = engine.record(_l7.HEAD)
+    started = time.monotonic()
+    engine.worker.answer([forward(head[1], h2_first.port, try_timeout_ms=200, http2=True)], [])
+    failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
+    assert 0.199 < time.monotonic() - started < 0.25
+    assert failed[AF_FAILURE] == _l7.FAIL_TIMEOUT and failed[AF_REPLAYABLE] is True
+    assert wait_until(lambda: h2_first.resets == [8])  # CANCEL: the server stops working on it
+    engine.worker.answer([forward(head[1], h2_second.port, http2=True)], [])
+    client.wait(sid)
+    assert bytes(client.data[sid]).startswith(b"ok h2-second")
+    assert h2_second.received[0][1] == b"abc"
+    client.close()
+
+
 def test_http2_client_cancelling_a_held_request(engine: Engine, first: ScriptedBackend) -> None:
     first.plan = ["503"]
     client = H2Client(engine)
