@@ -1070,3 +1070,132 @@ def test_backoff_after_very_many_failures_does_not_overflow() -> None:
     for _ in range(1100):
         source._failed("down")
     assert 0 < source.next_fetch <= 300.0
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def _hostile_tokens(draw: st.DrawFn) -> str:
+    header = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "alg": st.sampled_from(["RS256", "ES256", "EdDSA", "none", "HS256"]) | _JSON_VALUES,
+                "kid": st.sampled_from(["rsa1", "ec1", "nope"]) | _JSON_VALUES,
+                "crit": _JSON_VALUES,
+                "typ": _JSON_VALUES,
+            },
+        )
+    )
+    claims = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "iss": st.just(ISSUER) | _JSON_VALUES,
+                "aud": st.just("shop") | _JSON_VALUES,
+                "exp": st.just(NOW + 100) | _JSON_VALUES,
+                "nbf": _JSON_VALUES,
+                "iat": _JSON_VALUES,
+                "sub": _JSON_VALUES,
+            },
+        )
+    )
+    signature = draw(st.binary(max_size=80))
+    token = unsigned(header, claims, signature)
+    if draw(st.booleans()):  # sometimes not even well-formed
+        position = draw(st.integers(0, len(token)))
+        token = token[:position] + draw(st.text(max_size=4)) + token[position:]
+    return token
+
+
+@given(_hostile_tokens())
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_hostile_tokens_never_raise(token: str) -> None:
+    """Whatever the token holds (wrong JSON types, unhashable alg or kid, junk), authenticate answers
+    with a failure: an exception here would become a 500 for the request."""
+    auth, _ = _MUTATION_AUTH
+    outcome = auth.authenticate({"authorization": f"Bearer {token}"})
+    assert isinstance(outcome, JwtFailure)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"iss": st.just(ISSUER)},
+        optional={
+            "aud": st.just("shop") | _JSON_VALUES,
+            "exp": st.just(NOW + 100) | _JSON_VALUES,
+            "nbf": _JSON_VALUES,
+            "iat": _JSON_VALUES,
+            "sub": _JSON_VALUES,
+            "azp": _JSON_VALUES,
+            "groups": _JSON_VALUES,
+            "realm": _JSON_VALUES,
+        },
+    )
+)
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_validly_signed_hostile_claims_never_raise(claims: dict[str, Any]) -> None:
+    """Correctly signed tokens with claims of any JSON type go through authentication, claim
+    forwarding and claim conditions without an exception; success needs a numeric exp and aud
+    'shop'."""
+    from nodeproxy.authz.config import AuthzConfig
+    from nodeproxy.authz.engine import RequestAllowed, RequestDenied, compile_authz
+    from nodeproxy.authz.policy import L4Request, Workload
+    from nodeproxy.proxy.http_route import RequestAttrs
+
+    engine = _HOSTILE_ENGINE[0]
+    if engine is None:
+        config = AuthzConfig.model_validate(
+            {
+                "request_authentication": [
+                    {
+                        "name": "ra",
+                        "jwt_rules": [
+                            {
+                                "issuer": ISSUER,
+                                "audiences": ["shop"],
+                                "jwks": KEYS.jwks(),
+                                "output_claim_to_headers": [
+                                    {"header": "x-sub", "claim": "sub"},
+                                    {"header": "x-groups", "claim": "groups"},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+                "authorization_policies": [
+                    {
+                        "name": "p",
+                        "rules": [
+                            {"when": [{"key": "request.auth.claims[realm][role]", "values": ["admin"]}]},
+                            {"when": [{"key": "request.auth.claims[groups]", "not_values": ["x*"]}]},
+                            {"when": [{"key": "request.auth.presenter", "values": ["*"]}]},
+                        ],
+                    }
+                ],
+            }
+        )
+        engine = _HOSTILE_ENGINE[0] = compile_authz(
+            config, JwksRefresher(), {"10.0.0.1": Workload.of("a", "b")}
+        )
+    body = json.dumps(claims).encode()
+    token = jws.serialize_compact({"alg": "RS256", "kid": "rsa1"}, body, KEYS.rsa, algorithms=["RS256"])
+    verdict = engine.check_request(
+        L4Request("10.0.0.9", None, "10.0.0.1", 80), RequestAttrs("GET", "h", "/", "", bearer(token))
+    )
+    assert isinstance(verdict, RequestAllowed | RequestDenied)
+    exp = claims.get("exp")
+    aud = claims.get("aud")
+    if isinstance(verdict, RequestAllowed) or verdict.status == 403:  # authentication passed
+        assert isinstance(exp, int | float) and not isinstance(exp, bool) and exp + 60 >= time.time()
+        assert aud == "shop" or (isinstance(aud, list) and "shop" in aud)
+
+
+_HOSTILE_ENGINE: list[Any] = [None]

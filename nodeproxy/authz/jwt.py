@@ -803,7 +803,7 @@ class JwtAuthenticator:
         if not isinstance(header, dict) or not isinstance(unverified, dict):
             return _fail("header or payload is not a base64url JSON object", "malformed token")
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:  # a list or dict is unhashable
             return _fail(
                 f"algorithm {alg!r} is not accepted (RS256, ES256, EdDSA are)", "algorithm not accepted"
             )
