@@ -640,3 +640,57 @@ def test_duplicate_names_are_rejected() -> None:
 def test_header_names_needed_by_policies() -> None:
     compiled = allow({"when": [{"key": "request.headers[X-User]", "values": ["a"]}]})
     assert compiled.header_names == frozenset({"x-user"})
+
+
+_FUZZ_POLICIES = policies(
+    {
+        "action": "DENY",
+        "rules": [
+            {
+                "to": [
+                    {"hosts": ["*.evil", "admin.shop"], "paths": ["/admin*", "*.php"], "methods": ["DELETE"]}
+                ],
+                "when": [{"key": "request.headers[x-a]", "values": ["1", "2*"]}],
+            },
+            {"from": [{"ip_blocks": ["10.0.0.0/8", "fd00::/8"], "not_principals": ["*"]}]},
+        ],
+    },
+    {
+        "action": "ALLOW",
+        "rules": [
+            {"from": [{"namespaces": ["front"]}], "to": [{"not_paths": ["/private*"], "ports": [8080]}]},
+            {
+                "when": [
+                    {"key": "request.auth.claims[a][b]", "values": ["c"]},
+                    {"key": "destination.ip", "values": ["10.1.0.0/16"]},
+                ]
+            },
+        ],
+    },
+)
+
+
+@given(
+    st.text(max_size=12),
+    st.text(max_size=20),
+    st.text(max_size=30),
+    st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.text(max_size=6), max_size=2),
+    st.text(max_size=40),
+    st.one_of(st.none(), st.text(max_size=40)),
+    st.integers(0, 70000),
+)
+@settings(max_examples=400, deadline=None)
+def test_any_request_strings_give_a_decision(
+    method: str,
+    host: str,
+    path: str,
+    headers: dict[str, str],
+    source_ip: str,
+    principal: str | None,
+    port: int,
+) -> None:
+    """Whatever the request carries (not an IP, odd hosts, paths and principals), evaluation gives a
+    decision and never raises (an exception would turn into a 500)."""
+    request = L7Request(source_ip, principal, "10.1.0.9", port, method, host, normalize_path(path), headers)
+    assert isinstance(_FUZZ_POLICIES.evaluate(WEB, request).allowed, bool)
+    assert isinstance(_FUZZ_POLICIES.evaluate(WEB, L4Request(*request[:4])).allowed, bool)
