@@ -11,8 +11,8 @@ engine takes a pooled TLS connection to that peer made with that identity's cert
 made before the identity's certificate was rotated takes no new stream), or opens one: TLS 1.3, the
 peer's chain verified against the trust bundle by OpenSSL and its leaf checked as an X.509-SVID of our
 trust domain (and as the expected identity when one is given). Each client connection is one CONNECT
-stream (`:authority` the destination, `forwarded: for=<source ip>`); bytes flow once the peer answered
-2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both ways); an
+stream (`:authority` the destination, `forwarded: for=<source ip>`); the client's bytes follow at once
+(the peer holds them until it decided, and drops them on a refusal), the peer's after its 2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both ways); an
 error on either side resets the other (RST_STREAM / TCP RST).
 
 Inbound: the listening socket given to listen() (15008) accepts TLS 1.3 with a client certificate
@@ -483,6 +483,13 @@ cdef ssize_t _read_length(nghttp2_session *session, uint8_t frame_type, int32_t 
     return remote_max_frame_size if remote_max_frame_size > 0 else 1
 
 
+cdef inline bint _may_send(Stream *s) noexcept nogil:
+    # Outbound bytes follow the CONNECT at once, without waiting for the 2xx: that saves a round trip per
+    # connection, and the peer holds them (within the stream window) until it decided, dropping them on
+    # a refusal. Inbound, the pod's bytes exist only once it is connected.
+    return s.state == S_OPEN or (s.outbound and s.state == S_REQUESTED)
+
+
 cdef ssize_t _read_plain(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
                          uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept nogil:
     # The DATA source of a stream: read the plain socket straight into nghttp2's frame buffer. Called only
@@ -491,8 +498,8 @@ cdef ssize_t _read_plain(nghttp2_session *session, int32_t stream_id, uint8_t *b
     cdef ssize_t n
     if s == NULL or s.dead:
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
-    if s.state != S_OPEN:
-        s.deferred = True  # resumed once the peer answered 2xx (outbound) or the pod is connected
+    if not _may_send(s):
+        s.deferred = True  # inbound: resumed once the pod is connected
         return NGHTTP2_ERR_DEFERRED
     while True:
         n = recv(s.fd, buf, length, 0)
@@ -1186,7 +1193,7 @@ cdef void _stream_event(Engine *e, Stream *s, uint32_t events) noexcept nogil:
         s.plain_writable = True
         if _flush_plain(e, s) < 0:
             return
-    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP) and s.deferred and s.state == S_OPEN and not s.h2_closed:
+    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP) and s.deferred and _may_send(s) and not s.h2_closed:
         s.deferred = False
         nghttp2_session_resume_data(s.t.session, s.stream_id)
         _mark_dirty(e, s.t)

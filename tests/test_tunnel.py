@@ -534,3 +534,22 @@ def test_peer_engine_stopping_resets_its_streams_and_the_pool_recovers(
             again.sendall(b"two")
             assert again.recv(3) == b"two"
             again.close()
+
+
+def test_bytes_sent_before_the_decision_arrive_after_it(tmp_path: Path, echo: PodServer) -> None:
+    """The client's first bytes follow the CONNECT at once; the receiving node holds them while Python
+    decides and delivers them, in order, once the pod is connected."""
+
+    def slow(request: InboundRequest) -> Verdict:
+        time.sleep(0.3)
+        return Verdict(True, "after a while")
+
+    payload = os.urandom(300_000)
+    with tunnels(tmp_path, policy=slow) as t:
+        app = t.tunnel(echo.port)
+        app.sendall(payload)  # all of it before the answer: it fits the 4 MiB stream window
+        app.shutdown(socket.SHUT_WR)
+        assert recv_all(app) == payload
+        app.close()
+        wait_for(lambda: len(t.server_records.done()) == 1, what="server done")
+        assert t.server_records.done()[0].ending is StreamEnding.CLOSED

@@ -76,9 +76,19 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_pending_events: list[str] = []
+
+
 def emit(event: str, **fields: object) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
+    """Queue one JSON line; flush_events() writes what a loop iteration queued with one write()."""
+    _pending_events.append(json.dumps({"event": event, **fields}) + "\n")
+
+
+def flush_events() -> None:
+    if _pending_events:
+        sys.stdout.write("".join(_pending_events))
+        sys.stdout.flush()
+        _pending_events.clear()
 
 
 class TunnelNode:
@@ -282,6 +292,7 @@ class TunnelNode:
         install(self.plan)
         try:
             emit("ready", node=self.config["node"], mode=self.mode)
+            flush_events()
             poller = select.poll()
             fds = (self.outbound.fileno(), self.inbound.fileno(), self.relay.notify_fd, self.engine.notify_fd)
             for fd in (*fds, wake_r):
@@ -301,6 +312,7 @@ class TunnelNode:
                 if self.reload_due:
                     self.reload_due = False
                     self.reload_certificates()
+                flush_events()
         finally:
             remove(self.plan)
             self.outbound.close()
@@ -310,6 +322,7 @@ class TunnelNode:
             self.relay.stop()
             self.hbone.close()
             emit("stopped")
+            flush_events()
 
 
 def main(argv: list[str] | None = None) -> int:
