@@ -17,9 +17,9 @@ Only PREROUTING is touched, so the node's own traffic and the proxy's upstream c
 through OUTPUT) are never captured: no loops. The chains are replaced in one iptables-restore transaction,
 so re-installing is atomic and idempotent.
 
-Inbound capture (a plan with `inbound`): connections that arrive for a pod of this node from elsewhere
-(another node, a client outside the mesh) are taken too, after the outbound rules (a local pod's own SYN
-has been taken by those already):
+Inbound capture (a plan with `inbound`; from_config makes one when the config has `mesh`): connections
+that arrive for a pod of this node from elsewhere (another node, a client outside the mesh) are taken
+too, after the outbound rules (a local pod's own SYN has been taken by those already):
 
         -p tcp -d <local pod cidr> --dport 15008 --syn ─► TPROXY --on-port 15008   (HBONE addressed to a
                                                            pod: the tunnel's transparent listener)
@@ -94,11 +94,22 @@ class CapturePlan:
     table: int
     rule_priority: int
     chain_prefix: str
-    inbound: InboundPlan | None = None  # None: outbound capture only (what the daemon's config gives today)
+    inbound: InboundPlan | None = None  # None: outbound capture only
 
     @classmethod
     def from_config(cls, config: Config) -> CapturePlan:
+        """The capture of `config`: with `mesh.inbound_capture` (the default once `mesh` is set), also
+        the inbound capture of this node's pods (capture.pod_cidrs, which the config then requires)."""
         cap = config.capture
+        mesh = config.mesh
+        inbound = None
+        if mesh is not None and mesh.inbound_capture:
+            inbound = InboundPlan(
+                local_pod_cidrs=tuple(str(c) for c in cap.pod_cidrs),
+                plaintext_ip=str(config.listeners.outbound.host),
+                plaintext_port=mesh.inbound_port,
+                hbone_port=mesh.hbone_port,
+            )
         return cls(
             pod_cidrs=tuple(str(c) for c in cap.pod_cidrs),
             pod_interfaces=tuple(cap.pod_interfaces),
@@ -109,6 +120,7 @@ class CapturePlan:
             table=cap.route_table,
             rule_priority=cap.rule_priority,
             chain_prefix=cap.chain_prefix,
+            inbound=inbound,
         )
 
     @property
