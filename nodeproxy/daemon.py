@@ -216,15 +216,6 @@ def _get(config: Config, dotted: str) -> object:
     return value
 
 
-def capture_plan(config: Config) -> capture.CapturePlan:
-    """The capture the daemon installs: with a mesh, inbound capture of the local pods too."""
-    if config.mesh is None:
-        return capture.CapturePlan.from_config(config)
-    from nodeproxy.proxy.mesh import capture_plan as with_inbound  # loads the tunnel only when used
-
-    return with_inbound(config)
-
-
 def mesh_restart_changes(old: Config, new: Config) -> list[str]:
     """The identity/mesh settings that differ and need a restart (SIGHUP and pushes refuse them)."""
     changed: list[str] = []
@@ -353,7 +344,7 @@ class Worker:
         self.fail_open = self.supervisor_gone and self.config.capture.on_failure == "open"
         if self.fail_open:
             log.error("supervisor is gone; taking no new connections (capture.on_failure: open)")
-            plan = capture_plan(self.config)
+            plan = capture.CapturePlan.from_config(self.config)
             # In a thread: pyroute2 runs its own event loop, which cannot nest in ours.
             with contextlib.suppress(capture.CaptureError):  # the last one standing retries it all
                 await asyncio.to_thread(capture.install, plan, capture_new=False)
@@ -400,7 +391,7 @@ class Worker:
         capture. Runs after the event loop ended (pyroute2 cannot run inside it)."""
         if not self.fail_open:
             return
-        plan = capture_plan(self.config)
+        plan = capture.CapturePlan.from_config(self.config)
         if not self.survivors.last_one_standing():
             log.info("another nodeproxy process is still running; it removes the capture", worker=self.index)
             return
@@ -758,7 +749,7 @@ class Supervisor:
         self.config_path = config_path
         self.ready_file = ready_file
         self.access_log = access_log
-        self.plan = capture_plan(config)
+        self.plan = capture.CapturePlan.from_config(config)
         self.load_table: _reuseport.LoadTable | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.selector = selectors.DefaultSelector()

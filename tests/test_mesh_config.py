@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from nodeproxy.capture import render_iptables
+from nodeproxy.capture import CapturePlan, render_iptables
 from nodeproxy.config import Config, ConfigError, parse_config
-from nodeproxy.daemon import capture_plan, mesh_restart_changes
+from nodeproxy.daemon import mesh_restart_changes
 from nodeproxy.proxy.mesh import MeshDirectory, MeshRefusal, TunnelTo
 
 BASE = """
@@ -146,13 +146,13 @@ def test_outbound_path() -> None:
 
 
 def test_capture_plan_takes_inbound_only_with_a_mesh() -> None:
-    rules = render_iptables(capture_plan(config()), hook_present=True)
+    rules = render_iptables(CapturePlan.from_config(config()), hook_present=True)
     assert "-d 10.244.1.0/24 --dport 15008 --syn -j TPROXY --on-port 15008" in rules
     assert "-d 10.244.1.0/24 --syn -j TPROXY --on-ip 127.0.0.1 --on-port 15006" in rules
     off = config().model_copy(update={"mesh": config().mesh.model_copy(update={"inbound_capture": False})})  # type: ignore[union-attr]
-    assert "15006" not in render_iptables(capture_plan(off), hook_present=True)
+    assert "15006" not in render_iptables(CapturePlan.from_config(off), hook_present=True)
     plain = parse_config("node: {name: n}\ncapture: {pod_cidrs: [10.0.0.0/24]}\n")
-    assert "15006" not in render_iptables(capture_plan(plain), hook_present=True)
+    assert "15006" not in render_iptables(CapturePlan.from_config(plain), hook_present=True)
 
 
 def test_the_documented_two_node_example_parses() -> None:

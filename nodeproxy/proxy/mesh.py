@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import time
@@ -43,7 +42,6 @@ from nodeproxy.authz.engine import AuthzEngine, compile_authz, workloads_on_node
 from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
 from nodeproxy.authz.policy import Workload
-from nodeproxy.capture import CapturePlan, InboundPlan
 from nodeproxy.config import Config, MeshConfig
 from nodeproxy.identity.caclient import CaClient
 from nodeproxy.identity.certmanager import CertManager, NoSvid
@@ -78,22 +76,6 @@ ACCEPT_BATCH = 128
 # of it being parallel); past it the worker serves anyway and connections from a source without an SVID
 # yet are refused until the renewal loop gets one.
 FIRST_SVIDS_TIMEOUT = 15.0
-
-
-def capture_plan(config: Config) -> CapturePlan:
-    """The capture of `config`: nodeproxy.capture's outbound plan, plus inbound capture of this node's
-    pods (capture.pod_cidrs) when the mesh asks for it."""
-    plan = CapturePlan.from_config(config)
-    mesh = config.mesh
-    if mesh is None or not mesh.inbound_capture:
-        return plan
-    inbound = InboundPlan(
-        local_pod_cidrs=tuple(str(c) for c in config.capture.pod_cidrs),
-        plaintext_ip=str(config.listeners.outbound.host),
-        plaintext_port=mesh.inbound_port,
-        hbone_port=mesh.hbone_port,
-    )
-    return dataclasses.replace(plan, inbound=inbound)
 
 
 def node_identity(trust_domain: str, node: str) -> str:
