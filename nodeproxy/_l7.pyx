@@ -847,8 +847,8 @@ cdef class HttpWorker:
 
         (HEAD, request_id, conn_id, method, target, authority, path, query, headers) with headers a
         tuple of (lower-case name, value) str pairs (latin-1): all of them when header_names is True, none
-        when False (routing that matches no header need not pay for them), or, for a frozenset of
-        lower-case bytes names, only the fields with those names;
+        when False (routing that matches no header need not pay for them), or, for a frozenset of bytes
+        names (any case), only the fields with those names;
         (DONE, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns,
         total_ns, attempts, reused, response_ns, grpc_status): response_ns from handing the request head
         to a connected upstream to the final response head of the attempt the client got (0: none),
@@ -874,9 +874,11 @@ cdef class HttpWorker:
         if isinstance(header_names, frozenset):
             if header_names is not self.header_filter:
                 for name in header_names:
-                    if not isinstance(name, bytes) or name != name.lower():
-                        raise ValueError(f"header_names holds lower-case bytes, not {name!r}")
-                self.header_names = tuple(header_names)
+                    if not isinstance(name, bytes):
+                        raise TypeError(f"header_names holds bytes, not {name!r}")
+                # Compared with lower-case names: any case given matches (a name from the configuration
+                # written `X-Env` must not make drain fail).
+                self.header_names = tuple({name.lower() for name in header_names})
                 self.header_filter = header_names
             wanted = self.header_names
             with_headers = filtered = True

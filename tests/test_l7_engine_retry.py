@@ -484,15 +484,15 @@ def test_header_names_filter(engine: Engine, first: ScriptedBackend) -> None:
     client.sendall(
         b"GET /h HTTP/1.1\r\nHost: web\r\nGRPC-Timeout: 1S\r\nX-Other: 1\r\nTraceparent: 00-ab\r\n\r\n"
     )
-    wanted = frozenset({b"grpc-timeout", b"traceparent"})
+    wanted = frozenset({b"grpc-timeout", b"TraceParent"})  # names of any case match
     deadline = time.monotonic() + 5
     heads: list[tuple[Any, ...]] = []
     while not heads and time.monotonic() < deadline:
         heads = [r for r in engine.worker.drain(wanted) if r[0] == _l7.HEAD]
         time.sleep(0.005)
     assert heads[0][8] == (("grpc-timeout", "1S"), ("traceparent", "00-ab"))
-    with pytest.raises(ValueError, match="lower-case bytes"):
-        engine.worker.drain(frozenset({b"X-Upper"}))
+    with pytest.raises(TypeError, match="holds bytes"):
+        engine.worker.drain(frozenset({"traceparent"}))
     engine.worker.answer([], [(heads[0][1], 404, "NR", "none")])
     assert read_response(client).status == 404
     client.close()
