@@ -492,7 +492,7 @@ def test_header_names_filter(engine: Engine, first: ScriptedBackend) -> None:
         time.sleep(0.005)
     assert heads[0][8] == (("grpc-timeout", "1S"), ("traceparent", "00-ab"))
     with pytest.raises(TypeError, match="holds bytes"):
-        engine.worker.drain(frozenset({"traceparent"}))
+        engine.worker.drain(frozenset({"traceparent"}))  # type: ignore[arg-type]  # str, not bytes
     engine.worker.answer([], [(heads[0][1], 404, "NR", "none")])
     assert read_response(client).status == 404
     client.close()
