@@ -109,6 +109,11 @@ def workloads(lab: NodeLab) -> list[dict[str, object]]:
     return listed
 
 
+def bundle_path(directory: Path) -> Path:
+    """The trust bundle file both daemons watch (identity.trust_bundle)."""
+    return directory / "bundle.pem"
+
+
 def identity_section(
     lab: NodeLab, directory: Path, node: Node | None, svid_ttl: timedelta
 ) -> dict[str, object]:
@@ -116,7 +121,8 @@ def identity_section(
     section: dict[str, object] = {
         "trust_domain": TRUST_DOMAIN,
         "ca": f"{lab.nodes[0].underlay_ip}:{CA_PORT}",
-        "trust_bundle": str(directory / "ca" / "bundle.pem"),
+        # The nodes' copy of the bundle (bundle_path), which tests may change; the CA keeps its own.
+        "trust_bundle": str(directory / "ca" / "bundle.pem" if node is None else bundle_path(directory)),
         "svid_ttl": f"{int(svid_ttl.total_seconds())}s",
         "watch_interval": "1s",
         "workloads": workloads(lab),
@@ -214,6 +220,7 @@ def running_mesh(
         a, b = lab.nodes
         init_ca(directory / "ca", TRUST_DOMAIN)
         authority = CertificateAuthority.load(directory / "ca")
+        bundle_path(directory).write_bytes(authority.trust_bundle_pem())
         for node in lab.nodes:
             issued, key = authority.issue_credential(
                 SpiffeId.for_node(TRUST_DOMAIN, node.name), ttl=DEFAULT_NODE_CREDENTIAL_TTL

@@ -22,10 +22,10 @@ from datetime import timedelta
 import pytest
 
 from nodeproxy import netns
-from nodeproxy.identity.ca import CertificateAuthority, private_key_pem
+from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
 from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod
-from nodeproxy.lab_mesh import METRICS_PORT, TRUST_DOMAIN, Daemon, MeshLab, running_mesh
+from nodeproxy.lab_mesh import METRICS_PORT, TRUST_DOMAIN, Daemon, MeshLab, bundle_path, running_mesh
 from nodeproxy.lab_nodes import UNDERLAY_INTERFACE
 from nodeproxy.proxy.tunnel import PemCredential, StreamDone, TunnelEngine
 from tests.test_tunnel_lab import TLS_APPLICATION_DATA, Sniffer
@@ -304,6 +304,79 @@ def test_a_peer_may_not_name_a_source_address_its_identity_does_not_own(mesh: Me
     finally:
         for sock in ours:
             sock.close()
+        engine.stop()
+
+
+def stream_outcome(engine: TunnelEngine, conn_id: int, timeout: float = 10.0) -> StreamDone:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in engine.records():
+            if isinstance(record, StreamDone) and record.id == conn_id:
+                return record
+        time.sleep(0.05)
+    raise AssertionError(f"stream {conn_id} did not end within {timeout} s")
+
+
+def test_a_new_root_in_the_trust_bundle_file_applies_without_a_restart(mesh: MeshLab) -> None:
+    """An SVID from a second CA (the same trust domain) is refused by node-b until that CA's root is in
+    the bundle file node-b's daemon watches; then it is accepted, with no restart."""
+    a0, b1 = mesh.a.pods[0], mesh.b.pods[1]
+    a0_id = f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    init_ca(mesh.directory / "ca2", TRUST_DOMAIN)
+    second = CertificateAuthority.load(mesh.directory / "ca2")
+    first = CertificateAuthority.load(mesh.directory / "ca")
+    issued, key = second.issue_credential(SpiffeId.parse(a0_id), ttl=timedelta(minutes=5))
+    with netns.entered(mesh.a.ns):
+        engine = TunnelEngine(TRUST_DOMAIN, first.trust_bundle_pem() + second.trust_bundle_pem())
+        engine.set_identity(a0_id, PemCredential(issued.chain_pem, private_key_pem(key)))
+        engine.start()
+    node_b = mesh.daemons["node-b"]
+    node_b_id = f"spiffe://{TRUST_DOMAIN}/nodeproxy/node/node-b"
+    try:
+        before, theirs = tcp_pair(mesh.a.ns)
+        engine.adopt(
+            1,
+            theirs.detach(),
+            mesh.b.underlay_ip,
+            f"{b1.ip}:{ECHO_PORT}",
+            a0_id,
+            a0.ip,
+            peer_identity=node_b_id,
+        )
+        refused = stream_outcome(engine, 1)
+        before.close()
+        assert refused.ending.name == "TUNNEL_FAILED", refused  # node-b does not know the second root
+        changes = sum(1 for r in node_b.records() if r.get("event") == "trust bundle changed")
+        bundle = bundle_path(mesh.directory)
+        staged = bundle.with_suffix(".new")
+        staged.write_bytes(first.trust_bundle_pem() + second.trust_bundle_pem())
+        staged.replace(bundle)  # atomically, as an operator's tooling would
+        deadline = time.monotonic() + 10  # watch_interval is 1 s; every worker re-reads it
+        while time.monotonic() < deadline:
+            if sum(1 for r in node_b.records() if r.get("event") == "trust bundle changed") >= changes + 2:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(
+                f"node-b's workers did not take the new bundle:\n{node_b.log_path.read_text()[-3000:]}"
+            )
+        after, theirs = tcp_pair(mesh.a.ns)
+        try:
+            engine.adopt(
+                2,
+                theirs.detach(),
+                mesh.b.underlay_ip,
+                f"{b1.ip}:{ECHO_PORT}",
+                a0_id,
+                a0.ip,
+                peer_identity=node_b_id,
+            )
+            assert echo(after, b"new root") == b"new root"
+        finally:
+            after.close()
+        assert stream_outcome(engine, 2).status == 200
+        assert node_b.proc.poll() is None  # the same daemon, not a restart
+    finally:
         engine.stop()
 
 
