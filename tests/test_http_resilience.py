@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import http.server
 import itertools
+import json
 import socket
 import threading
 import time
@@ -22,6 +23,10 @@ from typing import Any
 
 import pytest
 
+from nodeproxy.authz.config import AuthzConfig
+from nodeproxy.authz.engine import AuthzEngine, compile_authz
+from nodeproxy.authz.jwt import JwksRefresher
+from nodeproxy.authz.policy import Workload
 from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.proxy.http import HttpProxy
 from nodeproxy.state.routing import StateUpdater
@@ -104,7 +109,9 @@ class Backends:
 class Proxy:
     """HttpProxy on its own loop thread, behind a loopback listener standing for VIP:80."""
 
-    def __init__(self, backends: Backends, resilience: str = "", route: str = "") -> None:
+    def __init__(
+        self, backends: Backends, resilience: str = "", route: str = "", authz: AuthzEngine | None = None
+    ) -> None:
         endpoints = "".join(f"      - {{address: {a}}}\n" for a in (BAD, GOOD))
         text = (
             "node:\n  name: node-a\ncapture:\n  pod_cidrs: [10.244.1.0/24]\n"
@@ -123,7 +130,12 @@ class Proxy:
         self.listener.settimeout(0.1)
         self.loop = asyncio.new_event_loop()
         self.proxy = HttpProxy(
-            lambda: updater.current, HttpConfig(), RelayConfig(), access_log=False, bind_source=False
+            lambda: updater.current,
+            HttpConfig(),
+            RelayConfig(),
+            access_log=False,
+            bind_source=False,
+            authz=(lambda: authz) if authz is not None else None,
         )
         self.proxy.start(self.loop)
         self.stopping = threading.Event()
@@ -191,8 +203,8 @@ def backends() -> Iterator[Backends]:
 def make_proxy(backends: Backends) -> Iterator[Callable[..., Proxy]]:
     made: list[Proxy] = []
 
-    def make(resilience: str = "", route: str = "") -> Proxy:
-        made.append(Proxy(backends, resilience, route))
+    def make(resilience: str = "", route: str = "", authz: AuthzEngine | None = None) -> Proxy:
+        made.append(Proxy(backends, resilience, route, authz))
         return made[-1]
 
     try:
@@ -333,3 +345,75 @@ def test_consecutive_503s_eject_the_endpoint(backends: Backends, make_proxy: Cal
     before = backends.hits(BAD)
     statuses = [proxy.request("/")[0] for _ in range(10)]
     assert statuses == [200] * 10 and backends.hits(BAD) == before
+
+
+# -- authorization and JWT, applied per request against the workload the request goes to -----------
+
+ISSUER = "https://idp.example"
+
+
+def authz_engine(config: dict[str, Any]) -> AuthzEngine:
+    workloads = {
+        GOOD: Workload.of("shop", "web", {"app": "web"}),
+        BAD: Workload.of("shop", "web", {"app": "web"}),
+    }
+    return compile_authz(AuthzConfig.model_validate(config), JwksRefresher(), workloads)
+
+
+def test_a_deny_policy_answers_403_and_the_request_never_leaves(
+    backends: Backends, make_proxy: Callable[..., Proxy]
+) -> None:
+    policy = {
+        "authorization_policies": [
+            {
+                "name": "no-admin",
+                "namespace": "shop",
+                "action": "DENY",
+                "rules": [{"to": [{"paths": ["/admin*"]}]}],
+            }
+        ]
+    }
+    proxy = make_proxy(authz=authz_engine(policy))
+    status, headers, _, _ = proxy.request("/admin/users")
+    assert status == 403 and headers.get("x-nodeproxy-flags") == "RBAC"
+    assert proxy.request("//admin")[0] == 403, "the path is normalized before matching"
+    assert backends.seen == []
+    assert proxy.request("/public")[0] == 200
+
+
+def test_jwt_required_401_without_a_token_and_claims_forwarded_with_one(
+    backends: Backends, make_proxy: Callable[..., Proxy]
+) -> None:
+    from joserfc import jwk, jws
+
+    key = jwk.ECKey.generate_key("P-256", parameters={"kid": "k1"})
+    config = {
+        "request_authentication": [
+            {
+                "name": "idp",
+                "namespace": "shop",
+                "require_token": True,
+                "jwt_rules": [
+                    {
+                        "issuer": ISSUER,
+                        "audiences": ["shop"],
+                        "jwks": json.dumps({"keys": [key.as_dict(private=False)]}),
+                        "output_claim_to_headers": [{"header": "x-user", "claim": "sub"}],
+                    }
+                ],
+            }
+        ]
+    }
+    proxy = make_proxy(authz=authz_engine(config))
+    status, headers, _, _ = proxy.request("/")
+    assert status == 401 and headers.get("www-authenticate", "").startswith("Bearer")
+    claims = {"iss": ISSUER, "sub": "alice", "aud": "shop", "exp": int(time.time()) + 300}
+    token = jws.serialize_compact(
+        {"alg": "ES256", "kid": "k1"}, json.dumps(claims), key, algorithms=["ES256"]
+    )
+    status, _, _, _ = proxy.request("/", headers={"authorization": f"Bearer {token}", "x-user": "mallory"})
+    assert status == 200
+    assert backends.seen[-1].headers.get("x-user") == "alice", "the claim replaces what the client sent"
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert proxy.request("/", headers={"authorization": f"Bearer {forged}"})[0] == 401
+    assert len(backends.seen) == 1

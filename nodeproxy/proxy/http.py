@@ -29,6 +29,8 @@ import structlog
 
 from nodeproxy import _l7
 from nodeproxy.accesslog import AccessLog, structlog_level
+from nodeproxy.authz.engine import RequestDenied
+from nodeproxy.authz.policy import L4Request
 from nodeproxy.balance import Endpoint
 from nodeproxy.config import HttpConfig, RelayConfig
 from nodeproxy.proxy.http_route import (
@@ -53,6 +55,7 @@ from nodeproxy.tracing import Tracer, TraceStart
 
 if TYPE_CHECKING:  # type aliases of the engine's answers, declared once in its stub
     from nodeproxy._l7 import ForwardAnswer, ReplyAnswer
+    from nodeproxy.authz.engine import AuthzEngine
     from nodeproxy.metrics import WorkerMetrics
 
     Answers = tuple[list[ForwardAnswer], list[ReplyAnswer], list[int]]
@@ -141,6 +144,9 @@ class HttpConnection:
     started: float
     worker: _l7.HttpWorker
     requests: int = 0
+    # The SPIFFE ID the mTLS tunnel verified for the source workload; None for plaintext (and for
+    # connections captured from local pods, which have no peer certificate).
+    source_principal: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -211,6 +217,7 @@ class HttpProxy:
         access_log_writer: AccessLog | None = None,
         metrics: WorkerMetrics | None = None,
         tracer: Tracer | None = None,
+        authz: Callable[[], AuthzEngine | None] | None = None,
     ) -> None:
         self.routing = routing
         self.relay_config = relay
@@ -231,6 +238,10 @@ class HttpProxy:
         self.metrics = metrics
         self.tracer = tracer
         self._trace_names: frozenset[str] = tracer.header_names if tracer is not None else frozenset()
+        # The current snapshot's authentication and authorization (JWT, ALLOW/DENY policies), read
+        # once per batch like the routing state; None: every request is allowed.
+        self.authz = authz
+        self._authz_state: AuthzEngine | None = None
         self._peek_timeout_ms = max(1, int(http.peek_timeout * 1000))
         self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -337,15 +348,17 @@ class HttpProxy:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.notify_fd)
         state = self.routing()
-        if state is not self._headers_state:
+        authz = self.authz() if self.authz is not None else None
+        if state is not self._headers_state or authz is not self._authz_state:
             # Header values are copied out of the engine only for the names routing and the guards
             # read (computed once per snapshot).
-            self._headers_state = state
+            self._headers_state, self._authz_state = state, authz
             self._copied_headers = frozenset(
                 name.encode("latin-1")
                 for names in (
                     *(r.http.copied_headers for r in state.routes.values() if r.http is not None),
                     self._trace_names,
+                    authz.header_names if authz is not None else (),
                 )
                 for name in names
             )
@@ -467,12 +480,32 @@ class HttpProxy:
             self._reply(request_id, request, decision, answers)
             return
         endpoint = decision.endpoint
+        authz = self._authz_state
+        authz_add: tuple[tuple[bytes, bytes], ...] = ()
+        authz_remove: tuple[bytes, ...] = ()
+        if authz is not None:
+            # Policies of the workload the request is about to reach (its pod address and port).
+            conn = request.conn
+            verdict = authz.check_request(
+                L4Request(conn.client_ip, conn.source_principal, endpoint.address, endpoint.port),
+                request.attrs,
+            )
+            if isinstance(verdict, RequestDenied):
+                if self.access_log:
+                    log.info("request denied", request=request_id, conn=conn.id, reason=verdict.reason)
+                self._reply(request_id, request, verdict.local_answer(request.grpc), answers)
+                return
+            if verdict.headers_add or verdict.headers_remove:  # JWT claims forwarded, the token removed
+                authz_add = _encode_fields(verdict.headers_add)
+                authz_remove = _encode_names(verdict.headers_remove)
         retry.attempt_started(endpoint.address)
         request.endpoint, request.in_flight = endpoint, True
         endpoint.active += 1
         endpoint.total += 1
         edits = self._edits_for(decision)
         request_add, request_remove = edits.request_add, edits.request_remove
+        if authz_add or authz_remove:
+            request_add, request_remove = (*request_add, *authz_add), (*request_remove, *authz_remove)
         trace = request.trace
         if trace is not None:  # the proxy's span as the upstream's parent, x-request-id
             # The tracer's values are hex ids and values the engine already parsed as field values.
