@@ -10,14 +10,18 @@ SVIDs live 90 s (renewed ~15 s after issue), so they rotate during the module.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -416,11 +420,58 @@ def test_reload_applies_policies_and_refuses_identity_changes(mesh: MeshLab) -> 
     assert echoes(a0, b2.ip, ECHO_PORT)
 
 
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_upgrade_keeps_tunnelled_streams_and_the_successor_serves_the_mesh(mesh: MeshLab) -> None:
+    """`nodeproxy ctl upgrade` on node-b: the successor binds its own 15008/15006 next to the old
+    daemon's (SO_REUSEPORT) and serves new tunnels; a stream the old daemon carries goes on until it
+    ends, then the old daemon exits."""
+    node_b = mesh.daemons["node-b"]
+    a0, b1, b2 = mesh.a.pods[0], mesh.b.pods[1], mesh.b.pods[2]
+    admin = str(node_b.wait_record(lambda r: r.get("event") == "admin socket open")["path"])
+    with connect(a0, b1.ip, ECHO_PORT) as long_lived:
+        assert echo(long_lived, b"before") == b"before"
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "nodeproxy", "ctl", "--socket", admin, "upgrade"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert upgraded.returncode == 0, upgraded.stderr + node_b.log_path.read_text()[-3000:]
+        successor = int(upgraded.stdout.split("-> ")[1].split(";")[0])
+        assert node_b.proc.poll() is None  # still relaying the long-lived stream
+        node_b.wait_record(lambda r: r.get("event") == "mesh serving" and r.get("worker") == 1, 20)
+        mesh_serving = [r for r in node_b.records() if r.get("event") == "mesh serving"]
+        assert len(mesh_serving) == 4, mesh_serving  # two workers of each daemon
+        for _ in range(3):  # new streams (on node-a's pooled tunnel connection, to either daemon)
+            assert echoes(a0, b2.ip, ECHO_PORT)
+        assert echo(long_lived, b"during") == b"during"
+    assert node_b.proc.wait(timeout=30) == 0, node_b.log_path.read_text()[-3000:]
+    assert node_b.ready_file.read_text().strip() == str(successor)
+    assert alive(successor)
+    answer = http_get(a0, b1.ip)
+    assert answer.startswith("HTTP/1.1 200") and f"client={a0.ip}:" in answer
+    # With the old daemon gone, new tunnels (and new TLS connections) reach the successor's listeners.
+    assert echoes(mesh.a.pods[1], mesh.b.pods[0].ip, ECHO_PORT)  # a1 -> b0 (not denied)
+
+
 def test_the_capture_is_gone_after_the_daemons_stop(mesh: MeshLab) -> None:
-    """Last in the module: a daemon stopped by SIGTERM removes its inbound capture too."""
+    """Last in the module: a daemon stopped by SIGTERM removes its inbound capture too (node-b's serving
+    daemon: the upgrade's successor when that test ran)."""
     daemon = mesh.daemons["node-b"]
     assert "--on-port 15006" in netns.run(daemon.node.ns, ["iptables-save", "-t", "mangle"])
+    serving = int(daemon.ready_file.read_text().strip())
+    os.kill(serving, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while alive(serving) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(serving), daemon.log_path.read_text()[-3000:]
     daemon.stop()
-    assert daemon.proc.returncode == 0, daemon.log_path.read_text()[-3000:]
     assert "NODEPROXY" not in netns.run(daemon.node.ns, ["iptables-save", "-t", "mangle"])
-    assert re.search(r"nodeproxy stopped", daemon.log_path.read_text())
+    assert re.search(r'"exit_code": 0, "event": "nodeproxy stopped"', daemon.log_path.read_text())
