@@ -531,7 +531,7 @@ class HttpProxy:
                 request_remove,
                 edits.response_add,
                 edits.response_remove,
-                math.ceil(timeout * 1000) if timeout is not None else 0,
+                max(1, math.ceil(timeout * 1000)) if timeout is not None else 0,  # 0 would mean none
                 decision.upstream_protocol == "http2",
                 guards.hold_min_status,
                 guards.replay_limit,
