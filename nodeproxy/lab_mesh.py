@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -203,6 +203,24 @@ def wait_ready(daemon: Daemon, timeout: float = 40.0) -> None:
         time.sleep(0.1)
 
 
+def start_ca_service(lab: NodeLab, directory: Path, svid_ttl: timedelta = DEFAULT_LAB_SVID_TTL) -> None:
+    """`nodeproxy ca serve` on node-a's underlay address (the CA made in directory/ca), until lab.down()."""
+    a = lab.nodes[0]
+    ca_config = directory / "ca.yaml"
+    ca_config.write_text(json.dumps({"identity": identity_section(lab, directory, None, svid_ttl)}))
+    with (directory / "ca.log").open("ab") as ca_log:
+        lab.spawn(
+            a.ns,
+            [
+                sys.executable, "-m", "nodeproxy", "ca", "serve", "--dir", str(directory / "ca"),
+                "--config", str(ca_config), "--listen", f"{a.underlay_ip}:{CA_PORT}",
+            ],
+            stdout=ca_log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    wait_listening(a.ns, a.underlay_ip, CA_PORT, 20)
+
+
 @contextlib.contextmanager
 def running_mesh(
     directory: Path,
@@ -210,9 +228,13 @@ def running_mesh(
     svid_ttl: timedelta = DEFAULT_LAB_SVID_TTL,
     relay_threads: int = 2,
     backends: bool = True,
+    start_ca: bool = True,
+    identity_settings: Mapping[str, object] | None = None,
 ) -> Iterator[MeshLab]:
-    """The lab with a CA service (on node-a's underlay address), the lab backends in every pod (unless
-    `backends` is False) and a daemon on each node; everything is stopped and removed at the end."""
+    """The lab with a CA service (on node-a's underlay address; unless `start_ca` is False: then
+    start_ca_service() later), the lab backends in every pod (unless `backends` is False) and a daemon on
+    each node (`identity_settings` go into their identity sections); everything is stopped and removed
+    at the end."""
     lab = NodeLab(prefix=prefix, pods_per_node=3)
     daemons: dict[str, Daemon] = {}
     try:
@@ -229,25 +251,17 @@ def running_mesh(
             write_credential(
                 directory / node.name / "node.pem", directory / node.name / "node.key", issued.chain_pem, key
             )
-        ca_config = directory / "ca.yaml"
-        ca_config.write_text(json.dumps({"identity": identity_section(lab, directory, None, svid_ttl)}))
-        with (directory / "ca.log").open("wb") as ca_log:
-            lab.spawn(
-                a.ns,
-                [
-                    sys.executable, "-m", "nodeproxy", "ca", "serve", "--dir", str(directory / "ca"),
-                    "--config", str(ca_config), "--listen", f"{a.underlay_ip}:{CA_PORT}",
-                ],
-                stdout=ca_log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        wait_listening(a.ns, a.underlay_ip, CA_PORT, 20)
+        if start_ca:
+            start_ca_service(lab, directory, svid_ttl)
         if backends:
             with (directory / "backends.log").open("wb") as backends_log:
                 start_backends(lab, a, output=backends_log)
                 start_backends(lab, b, output=backends_log)
         for node in lab.nodes:
             config = daemon_config(lab, directory, node, svid_ttl, relay_threads)
+            identity = config["identity"]
+            assert isinstance(identity, dict)
+            identity.update(identity_settings or {})
             daemons[node.name] = start_daemon(lab, directory, node, config)
         for daemon in daemons.values():
             wait_ready(daemon)

@@ -29,12 +29,51 @@ from nodeproxy import netns
 from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
 from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod
-from nodeproxy.lab_mesh import METRICS_PORT, TRUST_DOMAIN, Daemon, MeshLab, bundle_path, running_mesh
+from nodeproxy.lab_mesh import (
+    METRICS_PORT,
+    TRUST_DOMAIN,
+    Daemon,
+    MeshLab,
+    bundle_path,
+    running_mesh,
+    start_ca_service,
+)
 from nodeproxy.lab_nodes import UNDERLAY_INTERFACE
 from nodeproxy.proxy.tunnel import PemCredential, StreamDone, TunnelEngine
 from tests.test_tunnel_lab import TLS_APPLICATION_DATA, Sniffer
 
 pytestmark = pytest.mark.netns
+
+
+def test_a_node_started_while_the_ca_is_down_serves_and_tunnels_once_it_is_up(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """No CA at start: the daemons still come up; a pod's cross-node connection is refused (no SVID,
+    never sent in plaintext) while same-node traffic flows; once the CA answers, the renewal backoff
+    gets the SVIDs and the same connection goes through the tunnel."""
+    directory = tmp_path_factory.mktemp("mesh-no-ca")
+    fast_retries = {"retry_initial": "200ms", "retry_max": "1s"}
+    prefix = f"npt{secrets.token_hex(2)}"
+    with running_mesh(
+        directory, prefix, relay_threads=1, start_ca=False, identity_settings=fast_retries
+    ) as down:
+        a0, a1, b1 = down.a.pods[0], down.a.pods[1], down.b.pods[1]
+        node_a = down.daemons["node-a"]
+        assert is_reset(a0, b1.ip, ECHO_PORT)
+        refused = node_a.wait_record(lambda r: r.get("event") == "connection refused")
+        assert "no valid SVID" in str(refused["reason"]), refused
+        assert echoes(a0, a1.ip, ECHO_PORT)  # same node: the relay needs no certificate
+        start_ca_service(down.lab, down.directory)
+        node_a.wait_record(
+            lambda r: (
+                r.get("event") == "svid renewed"
+                and r.get("spiffe_id") == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+            ),
+            timeout=15,
+        )
+        down.daemons["node-b"].wait_record(lambda r: r.get("event") == "svid renewed", timeout=15)
+        answer = http_get(a0, b1.ip)
+        assert answer.startswith("HTTP/1.1 200") and f"client={a0.ip}:" in answer, answer
 
 
 @pytest.fixture(scope="module")
