@@ -553,3 +553,47 @@ def test_bytes_sent_before_the_decision_arrive_after_it(tmp_path: Path, echo: Po
         app.close()
         wait_for(lambda: len(t.server_records.done()) == 1, what="server done")
         assert t.server_records.done()[0].ending is StreamEnding.CLOSED
+
+
+def test_only_connect_streams_are_tunnels(tmp_path: Path, echo: PodServer) -> None:
+    """A verified peer that sends GET (405) or a CONNECT whose authority is not ip:port (400) gets an
+    answer and nothing reaches a pod; a proper CONNECT on the same connection works."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    pki = Pki(tmp_path / "ca")
+    credential = pki.svid(CLIENT_ID)
+    (tmp_path / "client.pem").write_bytes(credential.cert_chain_pem)
+    (tmp_path / "client.key").write_bytes(credential.key_pem)
+    with tunnels(tmp_path, pki=pki) as t:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(cadata=pki.bundle.decode())
+        context.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", t.port), timeout=5) as raw:
+            tls = context.wrap_socket(raw)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(
+                1, [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "x")]
+            )
+            conn.send_headers(3, [(":method", "CONNECT"), (":authority", "not-an-address:80")])
+            conn.send_headers(5, [(":method", "CONNECT"), (":authority", f"127.0.0.1:{echo.port}")])
+            conn.send_data(5, b"ping")
+            tls.sendall(conn.data_to_send())
+            statuses: dict[int, str] = {}
+            echoed = b""
+            deadline = time.monotonic() + 5
+            while (len(statuses) < 3 or echoed != b"ping") and time.monotonic() < deadline:
+                for event in conn.receive_data(tls.recv(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        echoed += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                tls.sendall(conn.data_to_send())
+        assert statuses == {1: "405", 3: "400", 5: "200"}
+        assert echoed == b"ping"
+    assert echo.accepted == 1
