@@ -32,6 +32,10 @@ from nodeproxy.lab_nodes import Node, NodeLab, start_backends
 TRUST_DOMAIN = "cluster.local"
 CA_PORT = 15012
 METRICS_PORT = 15020
+# A service of node-a (TCP, port 9000) whose endpoints are b1 and GHOST_POD: an address node-b's
+# config lists as its workload but no pod has, so node-b accepts tunnels for it and cannot connect (503).
+FLAKY_VIP = "10.96.0.50"
+GHOST_POD = "10.244.2.50"
 # The CA backdates notBefore by a minute (nodeproxy.identity.lifetimes.BACKDATE), so a 90 s SVID lives
 # 150 s and is renewed at half of that: 15 s (+-7.5 s jitter) after it was issued.
 DEFAULT_LAB_SVID_TTL = timedelta(seconds=90)
@@ -96,7 +100,8 @@ def pod_name(pod: Pod) -> str:
 
 
 def workloads(lab: NodeLab) -> list[dict[str, object]]:
-    """Every pod but a2 (no identity), in namespace lab, except b0 in namespace secure (STRICT)."""
+    """Every pod but a2 (no identity), in namespace lab, except b0 in namespace secure (STRICT); and
+    GHOST_POD on node-b, which no pod has."""
     a, b = lab.nodes
     listed: list[dict[str, object]] = []
     for node in (a, b):
@@ -106,6 +111,7 @@ def workloads(lab: NodeLab) -> list[dict[str, object]]:
                 continue
             namespace = "secure" if name == "b0" else "lab"
             listed.append({"ip": pod.ip, "namespace": namespace, "service_account": name, "node": node.name})
+    listed.append({"ip": GHOST_POD, "namespace": "lab", "service_account": "ghost", "node": b.name})
     return listed
 
 
@@ -154,6 +160,7 @@ def daemon_config(
         "metrics": {"port": METRICS_PORT},
         "identity": identity_section(lab, directory, node, svid_ttl),
         "mesh": {"peers": {other.name: other.underlay_ip}},
+        "services": [] if node.name != "node-a" else [flaky_service(lab)],
         "authz": {
             "peer_authentication": [{"name": "secure-strict", "namespace": "secure", "mode": "STRICT"}],
             "authorization_policies": [
@@ -164,6 +171,25 @@ def daemon_config(
                     "rules": [{"from": [{"principals": [f"{TRUST_DOMAIN}/ns/lab/sa/a1"]}]}],
                 }
             ],
+        },
+    }
+
+
+def flaky_service(lab: NodeLab) -> dict[str, object]:
+    """FLAKY_VIP:9000 -> b1 and GHOST_POD on node-b; a dead endpoint is ejected after two failures."""
+    b1 = lab.nodes[1].pods[1]
+    return {
+        "name": "flaky",
+        "vip": FLAKY_VIP,
+        "ports": [{"port": 9000, "protocol": "tcp"}],
+        "balancer": "round_robin",
+        "endpoints": [{"address": b1.ip, "node": "node-b"}, {"address": GHOST_POD, "node": "node-b"}],
+        "resilience": {
+            "outlier_detection": {
+                "consecutive_gateway_failures": 2,
+                "max_ejection_percent": 50,
+                "base_ejection_time": "60s",
+            }
         },
     }
 

@@ -30,6 +30,8 @@ from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
 from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod
 from nodeproxy.lab_mesh import (
+    FLAKY_VIP,
+    GHOST_POD,
     METRICS_PORT,
     TRUST_DOMAIN,
     Daemon,
@@ -421,6 +423,28 @@ def test_a_new_root_in_the_trust_bundle_file_applies_without_a_restart(mesh: Mes
         assert node_b.proc.poll() is None  # the same daemon, not a restart
     finally:
         engine.stop()
+
+
+def test_a_dead_endpoint_behind_the_tunnel_is_ejected(mesh: MeshLab) -> None:
+    """A service endpoint node-b cannot reach answers the tunnel's CONNECT with 503: each such
+    connection is reset (the tunnel owns the client socket, no retry), counted as a connect failure
+    (flag UF) and after two of them outlier detection ejects the endpoint: the rest all reach b1."""
+    a0 = mesh.a.pods[0]
+    node_a = mesh.daemons["node-a"]
+    results = [echoes(a0, FLAKY_VIP, ECHO_PORT) for _ in range(24)]
+    failed = results.count(False)
+    # Each of node-a's two workers balances (and ejects) on its own: two failures each at most, where
+    # round robin without ejection would fail every second connection.
+    assert 1 <= failed <= 4, results
+    ejected = node_a.wait_record(lambda r: r.get("event") == "endpoint ejected")
+    assert ejected["endpoint"] == f"{GHOST_POD}:{ECHO_PORT}" and ejected["service"] == "flaky"
+    dead = [
+        r
+        for r in node_a.records()
+        if r.get("event") == "connection closed" and r.get("upstream") == f"{GHOST_POD}:{ECHO_PORT}"
+    ]
+    assert len(dead) == failed, dead
+    assert all(r["ending"] == "tunnel_refused_503" and r["flags"] == "UF" for r in dead), dead
 
 
 def test_reload_applies_policies_and_refuses_identity_changes(mesh: MeshLab) -> None:

@@ -65,6 +65,8 @@ FLAG_NO_ROUTE = "NR"  # a connection to the listener itself
 FLAG_LOCAL_RESET = "LR"  # reset by the proxy: short of resources, stopping, or an internal error
 FLAG_UPSTREAM_RESET = "UR"  # the tunnel's peer refused the stream (policy: 403) or reset it
 FLAG_NO_IDENTITY = "UAEX"  # the mesh refused it: no identity/SVID for the source, or STRICT destination
+# CONNECT answers of a peer that could not reach the pod: connect failed (503), timed out (504).
+UNREACHABLE_STATUSES = frozenset({502, 503, 504})
 # The tunnel's StreamDone endings (nodeproxy.proxy.tunnel.StreamEnding values) and their response flags.
 TUNNEL_FLAGS: dict[str, str] = {
     "CLOSED": FLAG_NONE,
@@ -499,23 +501,24 @@ class OutboundListener:
         if conn is None:
             return
         ending = record.ending.name
-        failed_to_open = ending in ("TUNNEL_FAILED", "CONNECT_FAILED") and not record.bytes_down
+        # The stream never reached the pod: the tunnel to its node failed, or the peer could not connect
+        # to it (503) or timed out (504). A policy refusal (403) says nothing about the endpoint.
+        failed_to_open = not record.bytes_down and (
+            ending in ("TUNNEL_FAILED", "CONNECT_FAILED")
+            or (ending == "REFUSED" and record.status in UNREACHABLE_STATUSES)
+        )
         if conn.endpoint is not None:
             conn.endpoint.active -= 1
-            if conn.guards is not None:
-                if failed_to_open:
-                    conn.endpoint.connect_failures += 1
-                    ejection = conn.guards.outlier.record_connect_failure(conn.endpoint)
-                    if ejection is not None and self.metrics is not None and conn.service is not None:
-                        self.metrics.ejection(conn.service)
-                else:
-                    conn.guards.outlier.record_success(conn.endpoint)
+            if failed_to_open:
+                self._endpoint_connect_failed(conn, conn.endpoint)
+            elif conn.guards is not None and ending != "REFUSED":
+                conn.guards.outlier.record_success(conn.endpoint)
         self._release_slot(conn)
         if failed_to_open:
             stats.connect_failures += 1
         name = f"tunnel_{ending.lower()}"
         stats.closed[name] = stats.closed.get(name, 0) + 1
-        flag = TUNNEL_FLAGS.get(ending, FLAG_LOCAL_RESET)
+        flag = FLAG_CONNECT_FAILED if failed_to_open else TUNNEL_FLAGS.get(ending, FLAG_LOCAL_RESET)
         if self.metrics is not None:
             self.metrics.tcp_closed(
                 conn.service,
@@ -721,6 +724,24 @@ class OutboundListener:
                 flag,
             )
 
+    def _endpoint_connect_failed(self, conn: Connection, endpoint: Endpoint) -> None:
+        """Count a failed connect against `endpoint` (outlier detection may eject it)."""
+        endpoint.connect_failures += 1
+        if conn.guards is None:
+            return
+        ejection = conn.guards.outlier.record_connect_failure(endpoint)
+        if ejection is not None:
+            if self.metrics is not None and conn.service is not None:
+                self.metrics.ejection(conn.service)
+            log.warning(
+                "endpoint ejected",
+                service=conn.service,
+                endpoint=f"{endpoint.address}:{endpoint.port}",
+                seconds=round(ejection.until - time.monotonic(), 3),
+                times=ejection.times_ejected,
+                reason=ejection.reason,
+            )
+
     def _connect_failed(self, conn: Connection, err: int) -> None:
         """Try another endpoint of the same service, or reset the client."""
         error = os.strerror(err) if err else "unknown error"
@@ -736,20 +757,7 @@ class OutboundListener:
         if conn.endpoint is None:
             self._refuse(conn, f"connect to original destination failed: {error}", FLAG_CONNECT_FAILED)
             return
-        conn.endpoint.connect_failures += 1
-        if conn.guards is not None:
-            ejection = conn.guards.outlier.record_connect_failure(conn.endpoint)
-            if ejection is not None:
-                if self.metrics is not None and conn.service is not None:
-                    self.metrics.ejection(conn.service)
-                log.warning(
-                    "endpoint ejected",
-                    service=conn.service,
-                    endpoint=f"{conn.endpoint.address}:{conn.endpoint.port}",
-                    seconds=round(ejection.until - time.monotonic(), 3),
-                    times=ejection.times_ejected,
-                    reason=ejection.reason,
-                )
+        self._endpoint_connect_failed(conn, conn.endpoint)
         if conn.tried is None:
             conn.tried = set()
         conn.tried.add(conn.endpoint.address)
