@@ -142,6 +142,17 @@ def test_cross_node_traffic_goes_through_the_tunnel_keeping_the_source_ip(mesh: 
     assert closed["ending"] == "tunnel_closed_200", closed
     assert closed["src_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
     assert closed["dst_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/b1"
+    # node-b's access log has the stream too, from its side: what the pod received and sent back.
+    inbound = mesh.daemons["node-b"].wait_record(
+        lambda r: (
+            r.get("event") == "connection closed"
+            and r.get("src") == f"{a0.ip}:0"
+            and r.get("dst") == f"{b1.ip}:{HTTP_PORT}"
+        )
+    )
+    assert inbound["ending"] == "inbound_closed" and inbound["flags"] == "-", inbound
+    assert inbound["src_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a0"
+    assert inbound["bytes_up"] == closed["bytes_up"] and inbound["bytes_down"] == closed["bytes_down"]
 
 
 def test_underlay_shows_tls_not_the_plaintext(mesh: MeshLab) -> None:

@@ -53,6 +53,7 @@ from nodeproxy.proxy.inbound import (
     authz_policy,
     decide_inbound,
     decide_plaintext,
+    parse_authority,
     parse_forwarded_for,
 )
 from nodeproxy.proxy.tunnel import (
@@ -90,6 +91,25 @@ class TunnelTo(NamedTuple):
     peer_ip: str
     peer_identity: str  # the only identity the peer's tunnel port may present
     identity: str
+
+
+class InboundStreamInfo(NamedTuple):
+    source_ip: str | None
+    peer_identity: str
+    authority: str
+    started: float
+
+
+# Access-log flags of inbound stream endings (the pod could not be reached: UF; reset by the proxy: LR).
+INBOUND_FLAGS: dict[str, str] = {
+    "CLOSED": "-",
+    "PLAIN_RESET": "UR",  # the pod reset it
+    "PEER_RESET": "-",  # the caller reset it
+    "TUNNEL_FAILED": "UR",  # the tunnel connection to the caller failed
+    "CONNECT_FAILED": "UF",
+    "ABORTED": "LR",
+    "LOCAL_RESOURCES": "LR",
+}
 
 
 class MeshRefusal(NamedTuple):
@@ -275,7 +295,10 @@ class MeshWorker:
         self.inbound_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._spiffe_ids: dict[str, SpiffeId] = {}  # parsed once per identity, not per connection
+        self._spiffe_ids: dict[str, SpiffeId] = {}
+        self._inbound: dict[
+            int, InboundStreamInfo
+        ] = {}  # allowed inbound streams, by engine key  # parsed once per identity, not per connection
         self.inbound_allowed = 0
         self.inbound_denied = 0
         self.tls_failures = 0
@@ -421,9 +444,12 @@ class MeshWorker:
                     answers.append(decision.answer)
                     if decision.answer.allow:
                         self.inbound_allowed += 1
+                        self._inbound[record.key] = InboundStreamInfo(
+                            decision.source_ip, record.peer_identity, record.authority, time.monotonic()
+                        )
                     else:
                         self.inbound_denied += 1
-                    log.info(
+                    (log.info if decision.answer.allow else log.warning)(
                         "tunnel stream",
                         allowed=decision.answer.allow,
                         peer_identity=record.peer_identity,
@@ -435,6 +461,8 @@ class MeshWorker:
                 elif isinstance(record, StreamDone):
                     if record.outbound:
                         self.listener.tunnel_done(record)
+                    else:
+                        self._inbound_done(record)
                 elif isinstance(record, TlsFailed):
                     self.tls_failures += 1
                     log.warning(
@@ -447,6 +475,39 @@ class MeshWorker:
                 log.exception("tunnel record handling failed", record=repr(record))
         if answers:
             self.engine.answer(answers)
+
+    def _inbound_done(self, record: StreamDone) -> None:
+        """An allowed inbound stream ended: one access-log record, like the listener's (src: the source
+        pod, port unknown: 0; ending inbound_<ending>). Denied streams were logged when decided."""
+        info = self._inbound.pop(record.id, None)
+        if info is None:
+            return
+        access_log = self.listener.access_log
+        ending = record.ending.name
+        flag = INBOUND_FLAGS.get(ending, "LR")
+        if not (access_log.info_enabled if flag == "-" else access_log.warning_enabled):
+            return
+        target = parse_authority(info.authority)
+        fields = access_log.connection_fields(
+            record.id,
+            (info.source_ip or "unknown", 0),
+            target or (info.authority, 0),
+            None,
+            target,
+            source_identity=info.peer_identity or None,
+            destination_identity=self.directory.workload_identity(target[0]) if target else None,
+        )
+        # The record's "up" is the pod side towards the tunnel: for the caller it is what came back.
+        access_log.closed(
+            fields,
+            f"inbound_{ending.lower()}",
+            record.err,
+            record.bytes_down,
+            record.bytes_up,
+            (time.monotonic() - info.started) * 1000,
+            1,
+            flag,
+        )
 
     def _on_plaintext(self) -> None:
         sock = self.inbound_sock
