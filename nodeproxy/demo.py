@@ -265,7 +265,8 @@ class _HeaderEcho(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         fields: dict[str, str] = {}
         for name, value in self.headers.items():
-            fields[name.lower()] = f"{fields[name.lower()]}, {value}" if name.lower() in fields else value
+            key = name.lower()
+            fields[key] = f"{fields[key]}, {value}" if key in fields else value
         body = json.dumps(fields).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -296,6 +297,8 @@ def header_echo(ns: str, address: str, port: int) -> Iterator[None]:
 
 
 def show_tracing(client_ns: str, log: Path, checks: Checks) -> None:
+    """A request with a sampled W3C traceparent: the upstream must get the same trace with the proxy's span
+    as parent, and the access log a record carrying the trace id."""
     trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
     traceparent = f"00-{trace}-{caller_span}-01"
     _say(f"tracing: a request to service traced {TRACED[0]}:{TRACED[1]} (a header echo) with a traceparent")
