@@ -458,6 +458,36 @@ def test_a_dead_endpoint_behind_the_tunnel_is_ejected(mesh: MeshLab) -> None:
     assert all(r["ending"] == "tunnel_refused_503" and r["flags"] == "UF" for r in dead), dead
 
 
+def test_strict_destination_rejects_plaintext_from_a_pod_its_own_node_lets_through(mesh: MeshLab) -> None:
+    """node-b enforces STRICT itself: with node-a's peer authentication emptied by a reload (a node whose
+    proxy does not know b0 is STRICT, or that has no proxy at all), a2's plaintext reaches node-b from
+    a2's own address and node-b's inbound capture resets it; b1 (PERMISSIVE) still takes it."""
+    node_a, node_b = mesh.daemons["node-a"], mesh.daemons["node-b"]
+    a2, b0, b1 = mesh.a.pods[2], mesh.b.pods[0], mesh.b.pods[1]
+    original = json.loads(node_a.config_path.read_text())
+    lenient = json.loads(json.dumps(original))
+    lenient["authz"]["peer_authentication"] = []
+    try:
+        reload(node_a, lenient, "config reloaded")
+        deadline = time.monotonic() + 5  # until both of node-a's workers let a2 -> b0 go out
+        while not any(
+            r.get("event") == "plaintext inbound refused" and str(r.get("source", "")).startswith(f"{a2.ip}:")
+            for r in node_b.records()
+        ):
+            assert time.monotonic() < deadline, node_b.log_path.read_text()[-3000:]
+            assert is_reset(a2, b0.ip, ECHO_PORT)
+        refused = node_b.wait_record(
+            lambda r: (
+                r.get("event") == "plaintext inbound refused"
+                and str(r.get("source", "")).startswith(f"{a2.ip}:")
+            )
+        )
+        assert refused["destination"] == f"{b0.ip}:{ECHO_PORT}" and "STRICT" in str(refused["reason"])
+        assert echoes(a2, b1.ip, ECHO_PORT)
+    finally:
+        reload(node_a, original, "config reloaded")
+
+
 def test_reload_applies_policies_and_refuses_identity_changes(mesh: MeshLab) -> None:
     node_b = mesh.daemons["node-b"]
     a0, b1, b2 = mesh.a.pods[0], mesh.b.pods[1], mesh.b.pods[2]
