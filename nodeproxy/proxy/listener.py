@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from nodeproxy.proxy.http import (
         HttpProxy,
     )  # http imports the relay pool, not the listener; the engine is handed in at run time
-    from nodeproxy.proxy.mesh import MeshWorker
+    from nodeproxy.proxy.mesh import MeshRefusal, MeshWorker, TunnelTo
     from nodeproxy.proxy.tunnel import StreamDone
     from nodeproxy.resilience.guard import ServiceGuards
 
@@ -459,13 +459,15 @@ class OutboundListener:
                 conn.endpoint.active -= 1
             self._connect_failed(conn, err.errno or 0)
 
-    def _tunnel(self, conn: Connection, mesh: MeshWorker, path: object, target: tuple[str, int]) -> None:
-        """Hand the connection to the mTLS tunnel (mesh.TunnelTo), or refuse it (mesh.MeshRefusal)."""
-        from nodeproxy.proxy.mesh import TunnelTo
+    def _tunnel(
+        self, conn: Connection, mesh: MeshWorker, path: TunnelTo | MeshRefusal, target: tuple[str, int]
+    ) -> None:
+        """Hand the connection to the mTLS tunnel (TunnelTo), or refuse it (MeshRefusal)."""
+        from nodeproxy.proxy.mesh import MeshRefusal  # not at import time: it loads the tunnel stack
 
-        if not isinstance(path, TunnelTo):
+        if isinstance(path, MeshRefusal):
             self._unchoose_endpoint(conn)
-            self._refuse(conn, f"mesh: {getattr(path, 'reason', path)}", FLAG_NO_IDENTITY)
+            self._refuse(conn, f"mesh: {path.reason}", FLAG_NO_IDENTITY)
             return
         self.connections[conn.id] = conn
         try:
