@@ -30,7 +30,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -261,10 +261,6 @@ def _file_stamp(path: Path) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-# The access-log/metrics view of a tunnelled stream's end is the listener's (OutboundListener.tunnel_done).
-TunnelDone = Callable[[StreamDone], None]
-
-
 class MeshWorker:
     """The mesh side of one worker process; see the module docstring."""
 
@@ -295,10 +291,8 @@ class MeshWorker:
         self.inbound_sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._spiffe_ids: dict[str, SpiffeId] = {}
-        self._inbound: dict[
-            int, InboundStreamInfo
-        ] = {}  # allowed inbound streams, by engine key  # parsed once per identity, not per connection
+        self._spiffe_ids: dict[str, SpiffeId] = {}  # parsed once per identity, not per connection
+        self._inbound: dict[int, InboundStreamInfo] = {}  # allowed inbound streams, by engine key
         self.inbound_allowed = 0
         self.inbound_denied = 0
         self.tls_failures = 0
