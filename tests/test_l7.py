@@ -624,6 +624,7 @@ def test_no_fd_leak_after_mixed_traffic(lab: Lab, engine: Engine) -> None:
     # The module's engine must hold still while this one is counted: its pooled upstream connections
     # close after the idle timeout (4 s) and earlier tests' clients are gone.
     assert wait_until(lambda: engine.proxy.upstream_connections + engine.proxy.live_connections == 0, 10)
+    gc.collect()  # earlier tests' garbage (sockets, workers) must not close descriptors while we count
     before = fd_count()
     _mixed_traffic_then_close(lab)
     gc.collect()  # the workers' epoll and wake-up descriptors go with the objects

@@ -136,7 +136,7 @@ def proxy(backend: int) -> Iterator[LoopbackProxy]:
 def test_a_routing_error_answers_500_and_spares_the_batch(
     proxy: LoopbackProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = http_module.match_route
+    real = http_module.match_route  # type: ignore[attr-defined]
 
     def broken(routes: Any, attrs: Any) -> Any:
         if attrs.path == "/boom":

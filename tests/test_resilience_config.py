@@ -37,7 +37,7 @@ def test_defaults_are_linkerds_envoys_and_istios() -> None:
         1024,
         1024,
         1024,
-        3,
+        1024,
     )
     assert service.rate_limit is None
     route = RouteResilience()

@@ -304,7 +304,7 @@ def test_envoy_circuit_defaults_and_overflow_answer() -> None:
         1024,
         1024,
         1024,
-        3,
+        1024,
     )
     answer = overflow_answer(Resource.REQUESTS)
     assert (answer.status, answer.flag, answer.grpc_status) == (503, "UO", GrpcStatus.UNAVAILABLE)

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,12 @@ from nodeproxy.proxy.http_route import (
     no_route,
 )
 from nodeproxy.proxy.relay import RelayPool
-from nodeproxy.resilience.deadline import deadline_exceeded
+from nodeproxy.resilience.deadline import (
+    GRPC_TIMEOUT_HEADER,
+    TIMEOUT_HEADER,
+    deadline_exceeded,
+    format_grpc_timeout,
+)
 from nodeproxy.resilience.guard import Admission, failure_answer
 from nodeproxy.resilience.outcome import AttemptResult, Failure, GrpcStatus, LocalAnswer
 from nodeproxy.resilience.outlier import Ejection
@@ -65,6 +70,8 @@ log = structlog.get_logger("nodeproxy.http")
 # How an attempt failed, by the engine's ATTEMPT_FAILED failure kinds (FAIL_HELD: a response head
 # the engine holds for a decision, see RouteGuards.hold_min_status).
 _UPE: int = _l7.FLAGS["UPE"]
+_TIMEOUT_MS = TIMEOUT_HEADER.encode()
+_GRPC_TIMEOUT = GRPC_TIMEOUT_HEADER.encode()
 _FAILURES: dict[int, Failure] = {
     _l7.FAIL_CONNECT: Failure.CONNECT_FAILURE,
     _l7.FAIL_REFUSED_STREAM: Failure.REFUSED_STREAM,
@@ -173,6 +180,8 @@ class PendingRequest:
     result_counted: bool = False
     timer: asyncio.TimerHandle | threading.Timer | None = None  # a delayed attempt
     trace: TraceStart | None = None
+    trace_sent: bool = False  # the caller sent trace headers (the upstream's must replace them)
+    timeout_sent: bool = False  # the caller sent its deadline header (replaced by the time left)
 
 
 @dataclass
@@ -429,6 +438,7 @@ class HttpProxy:
         self.requests[request_id] = request
         if self.tracer is not None:
             request.trace = self.tracer.start(trace_headers)
+            request.trace_sent = trace_headers is not _NO_HEADERS
         if route is None or route.http is None:
             # The service or its HTTP protocol went away with a reload since the connection came in.
             self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), answers)
@@ -446,6 +456,8 @@ class HttpProxy:
             self._reply(request_id, request, admission, answers)
             return
         request.routes, request.compiled, request.admission = routes, compiled, admission
+        if picked and (TIMEOUT_HEADER in picked or GRPC_TIMEOUT_HEADER in picked):
+            request.timeout_sent = True
         request.destination = draw_destination(routes, compiled)
         if admission.delay > 0:  # an injected delay, spent from the deadline
             self._attempt_later(request_id, request, admission.delay, admission.attempt_timeout)
@@ -455,7 +467,8 @@ class HttpProxy:
     def _attempt(
         self, request_id: int, request: PendingRequest, timeout: float | None, answers: Answers
     ) -> None:
-        """Send the request to an endpoint it has not tried (the first attempt or a retry)."""
+        """Send the request to an endpoint it has not tried (the first attempt or a retry). This runs
+        for every request: the common case (first attempt, no authz, no edits) is kept short."""
         admission, routes, compiled, destination = (
             request.admission,
             request.routes,
@@ -466,61 +479,49 @@ class HttpProxy:
             admission is not None and routes is not None and compiled is not None and destination is not None
         )
         now = time.monotonic()
-        if admission.deadline.expired(now):  # e.g. a fault delay or a backoff took the rest
+        expires_at = admission.deadline.expires_at
+        if expires_at is not None and now >= expires_at:  # a fault delay or a backoff took the rest
             self._reply(
                 request_id, request, deadline_exceeded("the deadline passed before an attempt"), answers
             )
             return
-        retry = admission.retry
-        tried = (
-            exclude_for_retry(retry.tried, [e.address for e in destination.endpoints]) if retry.tried else ()
-        )
+        tried: Collection[str] = admission.tried
+        if tried:  # a retry: another endpoint if there is one
+            tried = exclude_for_retry(tried, [e.address for e in destination.endpoints])
         decision = forward_to(routes, compiled, destination, request.attrs, tried)
         if isinstance(decision, LocalReply):
             self._reply(request_id, request, decision, answers)
             return
         endpoint = decision.endpoint
-        authz = self._authz_state
-        authz_add: tuple[tuple[bytes, bytes], ...] = ()
-        authz_remove: tuple[bytes, ...] = ()
-        if authz is not None:
-            # Policies of the workload the request is about to reach (its pod address and port).
-            conn = request.conn
-            verdict = authz.check_request(
-                L4Request(conn.client_ip, conn.source_principal, endpoint.address, endpoint.port),
-                request.attrs,
-            )
-            if isinstance(verdict, RequestDenied):
-                if self.access_log:
-                    log.info("request denied", request=request_id, conn=conn.id, reason=verdict.reason)
-                self._reply(request_id, request, verdict.local_answer(request.grpc), answers)
-                return
-            if verdict.headers_add or verdict.headers_remove:  # JWT claims forwarded, the token removed
-                authz_add = _encode_fields(verdict.headers_add)
-                authz_remove = _encode_names(verdict.headers_remove)
-        retry.attempt_started(endpoint.address)
+        edits = self._edits_for(decision)
+        request_add, request_remove = edits.request_add, edits.request_remove
+        if self._authz_state is not None:
+            checked = self._authorize(request_id, request, endpoint, answers)
+            if checked is None:
+                return  # denied: answered
+            if checked[0] or checked[1]:
+                request_add, request_remove = (*request_add, *checked[0]), (*request_remove, *checked[1])
+        admission.attempt_started(endpoint.address)
         request.endpoint, request.in_flight = endpoint, True
         endpoint.active += 1
         endpoint.total += 1
-        edits = self._edits_for(decision)
-        request_add, request_remove = edits.request_add, edits.request_remove
-        if authz_add or authz_remove:
-            request_add, request_remove = (*request_add, *authz_add), (*request_remove, *authz_remove)
         trace = request.trace
-        if trace is not None:  # the proxy's span as the upstream's parent, x-request-id
-            # The tracer's values are hex ids and values the engine already parsed as field values.
-            request_add = (*request_add, *((_ascii(n), v.encode("latin-1")) for n, v in trace.set_headers))
-            request_remove = (
-                *request_remove,
-                *(_ascii(name) for name, _ in trace.set_headers),
-                *(_ascii(name) for name in trace.remove_headers),
-            )
-        deadline_headers = admission.headers_at(now)
-        if deadline_headers:  # the time left, replacing the caller's value (an ASCII name and number)
-            ((name, value),) = deadline_headers
-            encoded_name = name.encode()
-            request_add = (*request_add, (encoded_name, value.encode()))
-            request_remove = (*request_remove, encoded_name)
+        if trace is not None and trace.set_headers:  # the proxy's span as the upstream's parent
+            request_add = (*request_add, *[(_ascii(n), v.encode("latin-1")) for n, v in trace.set_headers])
+            if request.trace_sent:  # replace what the caller sent
+                request_remove = (
+                    *request_remove,
+                    *[_ascii(n) for n, _ in trace.set_headers],
+                    *[_ascii(n) for n in trace.remove_headers],
+                )
+        if expires_at is not None:  # the time left, replacing the caller's value
+            if admission.grpc:
+                name, value = _GRPC_TIMEOUT, format_grpc_timeout(expires_at - now).encode()
+            else:
+                name, value = _TIMEOUT_MS, b"%d" % max(0, math.ceil((expires_at - now) * 1000))
+            request_add = (*request_add, (name, value))
+            if request.timeout_sent:
+                request_remove = (*request_remove, name)
         guards = compiled.guards
         answers[0].append(
             (
@@ -537,6 +538,27 @@ class HttpProxy:
                 guards.replay_limit,
             )
         )
+
+    def _authorize(
+        self, request_id: int, request: PendingRequest, endpoint: Endpoint, answers: Answers
+    ) -> tuple[tuple[tuple[bytes, bytes], ...], tuple[bytes, ...]] | None:
+        """JWT and policies of the workload the request is about to reach (its pod address and port):
+        None when denied (answered here), else the header edits to add and remove (claims forwarded,
+        the token removed)."""
+        authz = self._authz_state
+        assert authz is not None
+        conn = request.conn
+        verdict = authz.check_request(
+            L4Request(conn.client_ip, conn.source_principal, endpoint.address, endpoint.port), request.attrs
+        )
+        if isinstance(verdict, RequestDenied):
+            if self.access_log:
+                log.info("request denied", request=request_id, conn=conn.id, reason=verdict.reason)
+            self._reply(request_id, request, verdict.local_answer(request.grpc), answers)
+            return None
+        if verdict.headers_add or verdict.headers_remove:
+            return _encode_fields(verdict.headers_add), _encode_names(verdict.headers_remove)
+        return (), ()
 
     def _attempt_later(
         self, request_id: int, request: PendingRequest, delay: float, timeout: float | None

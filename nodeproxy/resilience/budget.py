@@ -74,11 +74,13 @@ class RetryBudget:
         self.clock = clock
         self._slots: deque[_Slot] = deque()
         self._latest = -(2**62)  # slot index of the newest slot; time never runs back past it
+        self._slot_end = -math.inf  # clock time when the newest slot ends (record_request's shortcut)
         self.refused = 0  # retries refused, for metrics
 
     def _current(self) -> _Slot:
         index = max(math.floor(self.clock() / self.slot_width), self._latest)
         self._latest = index
+        self._slot_end = (index + 1) * self.slot_width
         slots = self._slots
         if not slots or slots[-1].index != index:
             slots.append(_Slot(index))
@@ -89,6 +91,9 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """An original request (not a retry) was sent: it earns retry_ratio of a retry."""
+        if self.clock() < self._slot_end:  # every request: still in the newest slot (one clock read)
+            self._slots[-1].requests += 1
+            return
         self._current().requests += 1
 
     def available(self) -> float:

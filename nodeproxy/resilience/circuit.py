@@ -27,7 +27,11 @@ __all__ = [
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_PENDING_REQUESTS = 1024
 DEFAULT_MAX_REQUESTS = 1024
-DEFAULT_MAX_RETRIES = 3
+# Envoy's default is 3 retries in flight; Istio raises it to unlimited because the retry budget
+# (resilience/budget.py) is what bounds retries. 3 per worker process refused retries during the
+# first burst of failures of one endpoint (before its ejection), so clients saw 503s that a retry
+# on a healthy endpoint would have spared them: 1024, like the other limits.
+DEFAULT_MAX_RETRIES = 1024
 
 
 class Resource(enum.Enum):

@@ -122,7 +122,7 @@ class Deadline:
         if route_timeout < 0 or math.isnan(route_timeout):
             raise ValueError(f"route timeout must be >= 0 seconds, not {route_timeout}")
         timeout = route_timeout if route_timeout > 0 else math.inf
-        if honor_caller_timeout:
+        if honor_caller_timeout and headers:
             if grpc:
                 raw = headers.get(GRPC_TIMEOUT_HEADER)
                 asked = parse_grpc_timeout(raw) if raw is not None else None

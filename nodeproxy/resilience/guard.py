@@ -90,24 +90,72 @@ class RouteGuards:
         return frozenset(names)
 
 
-@dataclass(frozen=True, slots=True)
 class Admission:
     """A request let through: wait `delay` (fault injection, 0 normally), then attempt; set
-    `upstream_headers` on each attempt (recomputed per attempt with :meth:`headers_at`)."""
+    `upstream_headers` on each attempt (recomputed per attempt with :meth:`headers_at`).
 
-    retry: RetryState
-    deadline: Deadline
-    delay: float
-    grpc: bool
+    Its RetryState is made only when first needed (a failed attempt, or a caller asking for
+    `retry`): most requests never fail, and this runs for every request."""
+
+    __slots__ = ("_first", "_guards", "_policy", "_retry", "deadline", "delay", "grpc")
+
+    def __init__(
+        self, guards: ServiceGuards, policy: RetryPolicy, deadline: Deadline, delay: float, grpc: bool
+    ) -> None:
+        self._guards = guards
+        self._policy = policy
+        self.deadline = deadline
+        self.delay = delay
+        self.grpc = grpc
+        self._retry: RetryState | None = None
+        self._first: str | None = None  # the first attempt's endpoint, until a RetryState exists
+
+    @property
+    def retry(self) -> RetryState:
+        """The request's retry bookkeeping (made on first use, with the first attempt in it)."""
+        retry = self._retry
+        if retry is None:
+            guards = self._guards
+            retry = self._retry = RetryState(
+                self._policy,
+                self.deadline,
+                guards.clock,
+                guards.rng,
+                guards.budget,
+                guards.breaker,
+                count_request=False,  # admit() counted it
+            )
+            if self._first is not None:
+                retry.attempt_started(self._first)
+        return retry
+
+    def attempt_started(self, endpoint_address: str) -> None:
+        """An attempt (the first or a retry) was sent to this endpoint."""
+        if self._retry is None and self._first is None:
+            self._first = endpoint_address
+        else:
+            self.retry.attempt_started(endpoint_address)
+
+    @property
+    def tried(self) -> tuple[str, ...]:
+        """Endpoint addresses attempted so far, in order."""
+        if self._retry is not None:
+            return self._retry.tried
+        return (self._first,) if self._first is not None else ()
 
     @property
     def attempt_timeout(self) -> float | None:
         """Bound on the first attempt's wait for a response head (None: none)."""
-        return self.retry.first_attempt_timeout()
+        return self.deadline.attempt_timeout(self._guards.clock(), self._policy.per_try_timeout)
 
     def headers_at(self, now: float) -> tuple[tuple[str, str], ...]:
         """Headers to set (replacing the caller's) on an attempt sent at `now`: the time left."""
         return self.deadline.upstream_headers(now, grpc=self.grpc)
+
+    def finished(self) -> None:
+        """The request is over: frees an active-retry slot its RetryState may hold."""
+        if self._retry is not None:
+            self._retry.finished()
 
 
 # The engine holds a response head for a decision when its status is at least this, or when it is a
@@ -244,8 +292,8 @@ class ServiceGuards:
             now, route.timeout, headers, grpc=grpc, honor_caller_timeout=route.honor_caller_timeout
         )
         # The injected delay is spent from the deadline too (the caller waits for it).
-        retry = RetryState(route.retry_policy, deadline, self.clock, self.rng, self.budget, self.breaker)
-        return Admission(retry, deadline, delay, grpc)
+        self.budget.record_request()  # an original request: it earns its share of the retry budget
+        return Admission(self, route.retry_policy, deadline, delay, grpc)
 
     def attempt_ended(
         self,
@@ -266,5 +314,5 @@ class ServiceGuards:
 
     def request_ended(self, admission: Admission) -> None:
         """The request is over: frees its request slot (and an active-retry slot it may hold)."""
-        admission.retry.finished()
+        admission.finished()
         self.breaker.release(Resource.REQUESTS)

@@ -216,6 +216,8 @@ class RetryState:
         rng: random.Random,
         budget: RetryBudget | None = None,
         breaker: CircuitBreaker | None = None,
+        *,
+        count_request: bool = True,  # False: the caller recorded the request in the budget itself
     ) -> None:
         self.policy = policy
         self.deadline = deadline
@@ -226,7 +228,7 @@ class RetryState:
         self.attempts = 0  # attempts started
         self.tried: tuple[str, ...] = ()  # endpoint addresses, in order
         self._holds_retry_slot = False
-        if budget is not None:
+        if budget is not None and count_request:
             budget.record_request()
 
     def first_attempt_timeout(self) -> float | None:
