@@ -326,6 +326,8 @@ class Worker:
             access_log_writer=self.listener.access_log,
             metrics=self.metrics if self.config.metrics.enabled else None,
             tracer=self.tracer,
+            # JWT and authorization policies per request, once the mesh (identities, policies) runs.
+            authz=lambda: self.mesh.http_authz if self.mesh is not None else None,
         )
         self.listener.http = http
         self.drain_hooks.append(http.begin_drain)

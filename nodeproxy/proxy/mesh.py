@@ -274,6 +274,7 @@ class MeshWorker:
         self.directory = MeshDirectory.build(config)
         self.refresher = JwksRefresher()
         self.authz = self._compile_authz(config)
+        self.http_authz = self._compile_http_authz(config)
         self.certs = cert_manager(identity, config.node.name, renew_node_credential=worker_index == 0)
         self.engine = TunnelEngine(
             identity.trust_domain, self.certs.trust_bundle_pem(), engine_settings(mesh)
@@ -303,6 +304,17 @@ class MeshWorker:
         labels = {str(w.ip): w.labels for w in identity.workloads}
         local = workloads_on_node(identity.workloads, config.node.name, labels)
         return compile_authz(config.authz, self.refresher, local)
+
+    def _compile_http_authz(self, config: Config) -> AuthzEngine:
+        """The engine the HTTP engine asks per request (nodeproxy/proxy/http.py): the same policies and
+        JWT rules, over the workloads of every node, because a request is checked against the workload
+        of the endpoint it is about to reach, wherever that runs (the tunnel's inbound check stays L4)."""
+        identity = config.identity
+        assert identity is not None
+        everywhere = {
+            str(w.ip): Workload.of(w.namespace, w.service_account, w.labels) for w in identity.workloads
+        }
+        return compile_authz(config.authz, self.refresher, everywhere)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -347,6 +359,7 @@ class MeshWorker:
         assert identity is not None and config.mesh is not None
         self.directory = MeshDirectory.build(config)
         self.authz = self._compile_authz(config)
+        self.http_authz = self._compile_http_authz(config)
         self.certs.apply_config(identity, config.node.name)
         self.config = config
 
