@@ -9,10 +9,8 @@ body, the held response given back when retries run out, deadlines, 429 / 503 UO
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import http.server
-import itertools
 import json
 import socket
 import threading
@@ -27,11 +25,8 @@ from nodeproxy.authz.config import AuthzConfig
 from nodeproxy.authz.engine import AuthzEngine, compile_authz
 from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.policy import Workload
-from nodeproxy.config import HttpConfig, RelayConfig, parse_config
-from nodeproxy.proxy.http import HttpProxy
-from nodeproxy.state.routing import StateUpdater
+from tests.test_l7_loopback import VIP, LoopbackProxy
 
-VIP = "10.96.0.31"
 GOOD, BAD = "127.0.0.1", "127.0.0.2"
 
 
@@ -106,54 +101,17 @@ class Backends:
             server.server_close()
 
 
-class Proxy:
-    """HttpProxy on its own loop thread, behind a loopback listener standing for VIP:80."""
+class Proxy(LoopbackProxy):
+    """HttpProxy on its own loop thread behind a loopback listener standing for VIP:80, with the
+    service's `resilience` (and one route's) from the test."""
 
     def __init__(
         self, backends: Backends, resilience: str = "", route: str = "", authz: AuthzEngine | None = None
     ) -> None:
-        endpoints = "".join(f"      - {{address: {a}}}\n" for a in (BAD, GOOD))
-        text = (
-            "node:\n  name: node-a\ncapture:\n  pod_cidrs: [10.244.1.0/24]\n"
-            "services:\n"
-            f"  - name: web\n    vip: {VIP}\n"
-            f"    ports: [{{port: 80, target_port: {backends.port}, protocol: http}}]\n"
-            f"    balancer: round_robin\n    endpoints:\n{endpoints}"
-        )
-        if resilience:
-            text += f"    resilience: {resilience}\n"
+        extra = f"    resilience: {resilience}\n" if resilience else ""
         if route:
-            text += f"    routes:\n      - name: api\n        resilience: {route}\n"
-        updater = StateUpdater()
-        updater.apply(parse_config(text))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.loop = asyncio.new_event_loop()
-        self.proxy = HttpProxy(
-            lambda: updater.current,
-            HttpConfig(),
-            RelayConfig(),
-            access_log=False,
-            bind_source=False,
-            authz=(lambda: authz) if authz is not None else None,
-        )
-        self.proxy.start(self.loop)
-        self.stopping = threading.Event()
-        self.ids = itertools.count(1)
-        self.threads = [
-            threading.Thread(target=self.loop.run_forever, daemon=True),
-            threading.Thread(target=self._accept, daemon=True),
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, (ip, port) = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.loop.call_soon_threadsafe(self.proxy.adopt, next(self.ids), conn.detach(), ip, port, VIP, 80)
+            extra += f"    routes:\n      - name: api\n        resilience: {route}\n"
+        super().__init__([BAD, GOOD], backends.port, service_extra=extra, authz=authz)
 
     def request(
         self, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
@@ -174,19 +132,6 @@ class Proxy:
         status_line, *fields = head.decode("latin-1").split("\r\n")
         parsed = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
         return int(status_line.split()[1]), parsed, rest, took
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.threads[1].join(5)
-        self.listener.close()
-
-        async def close_proxy() -> None:
-            self.proxy.close()
-
-        asyncio.run_coroutine_threadsafe(close_proxy(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.threads[0].join(5)
-        self.loop.close()
 
 
 @pytest.fixture()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from nodeproxy import _l7
+from nodeproxy.authz.engine import AuthzEngine
 from nodeproxy.config import HttpConfig, RelayConfig, parse_config
 from nodeproxy.proxy import http as http_module
 from nodeproxy.proxy.http import HttpProxy, NotHttpHandler
@@ -46,9 +47,12 @@ class LoopbackProxy:
         not_http: NotHttpHandler | None = None,
         protocol: str = "http",
         http_config: HttpConfig | None = None,
+        service_extra: str = "",
+        authz: AuthzEngine | None = None,
     ) -> None:
         """not_http: serve the port as `auto` (sniff), handing what is not HTTP/1 to this handler.
-        protocol: the service port's protocol (http, http2, grpc)."""
+        protocol: the service port's protocol (http, http2, grpc). service_extra: more YAML lines of
+        the service (resilience, routes); authz: the policies and JWT rules to apply."""
         listed = "".join(f"      - {{address: {ip}}}\n" for ip in endpoints)
         updater = StateUpdater()
         updater.apply(
@@ -58,6 +62,7 @@ class LoopbackProxy:
                 f"  - name: web\n    vip: {VIP}\n"
                 f"    ports: [{{port: 80, target_port: {backend_port}, protocol: {protocol}}}]\n"
                 f"    balancer: round_robin\n    endpoints:{' []' if not endpoints else ''}\n{listed}"
+                + service_extra
             )
         )
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -72,6 +77,7 @@ class LoopbackProxy:
             bind_source=False,
             splice_relay=splice_relay,
             not_http=not_http,
+            authz=(lambda: authz) if authz is not None else None,
         )
         self.sniff = not_http is not None
         self.proxy.start(self.loop)

@@ -736,15 +736,7 @@ class HttpProxy:
         self.stats.ejections += 1
         if self.metrics is not None and request.service is not None:
             self.metrics.ejection(request.service)
-        endpoint = ejection.endpoint
-        log.warning(
-            "endpoint ejected",
-            service=request.service,
-            endpoint=f"{endpoint.address}:{endpoint.port}",
-            seconds=round(ejection.until - time.monotonic(), 3),
-            times=ejection.times_ejected,
-            reason=ejection.reason,
-        )
+        log.warning("endpoint ejected", service=request.service, **ejection.log_fields(time.monotonic()))
 
     def _on_done(self, record: tuple[Any, ...]) -> None:
         (_, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns, total_ns,

@@ -521,26 +521,14 @@ class OutboundListener:
         name = f"tunnel_{ending.lower()}"
         stats.closed[name] = stats.closed.get(name, 0) + 1
         flag = FLAG_CONNECT_FAILED if failed_to_open else TUNNEL_FLAGS.get(ending, FLAG_LOCAL_RESET)
-        if self.metrics is not None:
-            self.metrics.tcp_closed(
-                conn.service,
-                conn.client_ip,
-                conn.target[0] if conn.target is not None else None,
-                flag,
-                record.bytes_up,
-                record.bytes_down,
-            )
-        if self.access_log.info_enabled if flag == FLAG_NONE else self.access_log.warning_enabled:
-            self.access_log.closed(
-                self._log_fields(conn),
-                name if not record.status else f"{name}_{record.status}",
-                record.err,
-                record.bytes_up,
-                record.bytes_down,
-                (time.monotonic() - conn.started) * 1000,
-                conn.attempts_failed + 1,
-                flag,
-            )
+        self._report_closed(
+            conn,
+            name if not record.status else f"{name}_{record.status}",
+            flag,
+            record.err,
+            record.bytes_up,
+            record.bytes_down,
+        )
         if self.on_load_change is not None:
             self.on_load_change(len(self.connections))
 
@@ -704,23 +692,29 @@ class OutboundListener:
         closed = stats.closed
         closed[name] = closed.get(name, 0) + 1
         flag = FLAG_LOCAL_RESET if ending in LOCAL_RESET_ENDINGS else FLAG_NONE
+        self._report_closed(conn, name, flag, record.err, record.bytes_up, record.bytes_down)
+
+    def _report_closed(
+        self, conn: Connection, ending: str, flag: str, err: int, bytes_up: int, bytes_down: int
+    ) -> None:
+        """A relayed (or tunnelled) connection ended: TCP metrics and its access-log record."""
         if self.metrics is not None:
             self.metrics.tcp_closed(
                 conn.service,
                 conn.client_ip,
                 conn.target[0] if conn.target is not None else None,
                 flag,
-                record.bytes_up,
-                record.bytes_down,
+                bytes_up,
+                bytes_down,
             )
         # A flagged ending is a failure, written at warning level; the fields are built only if kept.
         if self.access_log.info_enabled if flag == FLAG_NONE else self.access_log.warning_enabled:
             self.access_log.closed(
                 self._log_fields(conn),
-                name,
-                record.err,
-                record.bytes_up,
-                record.bytes_down,
+                ending,
+                err,
+                bytes_up,
+                bytes_down,
                 (time.monotonic() - conn.started) * 1000,
                 conn.attempts_failed + 1,
                 flag,
@@ -735,14 +729,7 @@ class OutboundListener:
         if ejection is not None:
             if self.metrics is not None and conn.service is not None:
                 self.metrics.ejection(conn.service)
-            log.warning(
-                "endpoint ejected",
-                service=conn.service,
-                endpoint=f"{endpoint.address}:{endpoint.port}",
-                seconds=round(ejection.until - time.monotonic(), 3),
-                times=ejection.times_ejected,
-                reason=ejection.reason,
-            )
+            log.warning("endpoint ejected", service=conn.service, **ejection.log_fields(time.monotonic()))
 
     def _connect_failed(self, conn: Connection, err: int) -> None:
         """Try another endpoint of the same service, or reset the client."""

@@ -101,6 +101,15 @@ class Ejection:
     times_ejected: int
     reason: str
 
+    def log_fields(self, now: float) -> dict[str, object]:
+        """The fields of the "endpoint ejected" log record (HTTP engine and L4 listener alike)."""
+        return {
+            "endpoint": f"{self.endpoint.address}:{self.endpoint.port}",
+            "seconds": round(self.until - now, 3),
+            "times": self.times_ejected,
+            "reason": self.reason,
+        }
+
 
 _CONNECT_FAILURE = AttemptResult(failure=Failure.CONNECT_FAILURE)
 _CONNECTED = AttemptResult(status=200)  # what an established TCP connection counts as
