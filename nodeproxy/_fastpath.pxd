@@ -3,6 +3,7 @@
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from nodeproxy._posix cimport *  # the C API, declared once
+from nodeproxy._sockets cimport *  # now_ns, set_reset_on_close, sock_error, set_tcp_options
 
 
 # -- relay handles ---------------------------------------------------------------------------------
@@ -15,12 +16,6 @@ cdef enum:
     PIPE_POOL_MAX = 128    # empty pipes a worker keeps for reuse; idle connections hold no pipe
     COPY_SIZE = 16384      # reads below this size go through a copy buffer (recv/send), not splice
     BULK_EXIT = 4096       # a splice read shorter than this switches the direction back to copying
-    # TCP keepalive on every relayed socket, so a peer that vanished without FIN or RST (a dead node)
-    # does not pin a connection's descriptors forever: first probe after 2 min idle, dead after 4 more
-    # unanswered probes 30 s apart. Kernel defaults (2 h, 75 s, 9) would hold a dead peer for 2 h 11 min.
-    KEEPALIVE_IDLE_S = 120
-    KEEPALIVE_INTERVAL_S = 30
-    KEEPALIVE_PROBES = 4
     # The most descriptors one relayed connection holds at once: its two sockets, plus a pipe (two fds)
     # per direction while that direction has bytes in flight.
     FDS_PER_CONN = 6

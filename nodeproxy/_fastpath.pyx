@@ -34,22 +34,6 @@ WORKER_FDS = FDS_PER_WORKER
 PIPE_POOL_FDS_MAX = 2 * PIPE_POOL_MAX
 
 
-cdef int64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
-cdef int _set_reset_on_close(int fd, bint on) noexcept nogil:
-    # SO_LINGER {1, 0}: close() sends RST instead of FIN, and so does the kernel when the process dies.
-    # Relayed sockets carry it from setup on, so a crash resets both peers instead of passing for a
-    # complete transfer; it is cleared just before a graceful close.
-    cdef linger lg
-    lg.l_onoff = 1 if on else 0
-    lg.l_linger = 0
-    return setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-
-
 cdef bint _is_local_shortage(int err) noexcept nogil:
     # Errors that say this host ran out of something, not that a peer failed.
     return err == EMFILE or err == ENFILE or err == ENOMEM or err == ENOBUFS
@@ -63,14 +47,6 @@ cdef bint _resets_on_close(int fd) noexcept nogil:
     return lg.l_onoff != 0 and lg.l_linger == 0
 
 
-cdef int _sock_error(int fd) noexcept nogil:
-    cdef int err = 0
-    cdef socklen_t n = sizeof(err)
-    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
-        return errno
-    return err
-
-
 cdef int _set_nonblocking(int fd) noexcept nogil:
     # The loop must never block in recv or splice; accept_batch's sockets already are non-blocking.
     cdef int flags = fcntl(fd, F_GETFL)
@@ -79,19 +55,6 @@ cdef int _set_nonblocking(int fd) noexcept nogil:
     if flags & O_NONBLOCK:
         return 0
     return fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-
-
-cdef int _set_tcp_options(int fd) noexcept nogil:
-    cdef int one = 1, idle = KEEPALIVE_IDLE_S, interval = KEEPALIVE_INTERVAL_S, probes = KEEPALIVE_PROBES
-    if setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
-        return -1
-    if setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0:
-        return -1
-    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0:
-        return -1
-    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0:
-        return -1
-    return setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes))
 
 
 cdef int _parse_ipv4(str text, sockaddr_in *out, int port) except -1:
@@ -136,7 +99,7 @@ def accept_batch(int listen_fd, int max_batch=64):
                 break
             raise OSError(err, _os.strerror(err))
         if not inherits_linger:
-            _set_reset_on_close(fd, True)
+            set_reset_on_close(fd, True)
         llen = sizeof(local)
         getsockname(fd, <sockaddr*>&local, &llen)
         accepted.append((fd, _format_ipv4(&peer), ntohs(peer.sin_port),
@@ -145,19 +108,19 @@ def accept_batch(int listen_fd, int max_batch=64):
 
 
 def set_socket_options(int fd):
-    """TCP_NODELAY, TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _fastpath.pxd) and SO_LINGER
+    """TCP_NODELAY, TCP keepalive with nodeproxy's timings (KEEPALIVE_* in _sockets.pxd) and SO_LINGER
     {1, 0} (a crash resets, see _set_reset_on_close), for a listener.
 
     All three are inherited by every accepted socket, which saves setting them once a connection. The
     relay sets them itself on the upstream sockets it creates and on sockets given to adopt_established().
     """
-    if _set_tcp_options(fd) < 0 or _set_reset_on_close(fd, True) < 0:
+    if set_tcp_options(fd) < 0 or set_reset_on_close(fd, True) < 0:
         raise OSError(errno, _os.strerror(errno))
 
 
 def reset_and_close(int fd):
     """Close a socket with an RST (used when no upstream can be reached)."""
-    _set_reset_on_close(fd, True)
+    set_reset_on_close(fd, True)
     close(fd)
 
 
@@ -262,7 +225,7 @@ cdef class RelayWorker:
                 close(fd)
         if rc < 0:
             raise OSError(err, _os.strerror(err))
-        self._submit(conn_id, client_fd, fd, _now_ns() + <int64_t>timeout_ms * 1000000,
+        self._submit(conn_id, client_fd, fd, now_ns() + <int64_t>timeout_ms * 1000000,
                      idle_timeout_ms * 1000000 if idle_timeout_ms > 0 else 0, False, client_prepared, wake)
 
     def wake(self):
@@ -380,7 +343,7 @@ cdef class RelayWorker:
                 if errno == EINTR:
                     continue
                 break
-            self.now_ns = _now_ns()
+            self.now_ns = now_ns()
             for i in range(n):
                 side = <Side*>events[i].data.ptr
                 if side == NULL:
@@ -410,7 +373,7 @@ cdef class RelayWorker:
             return 0
         if self.timers_len == 0:
             return WAIT_MAX_MS
-        left = (self.timers[0].timer_ns - _now_ns()) // 1000000 + 1
+        left = (self.timers[0].timer_ns - now_ns()) // 1000000 + 1
         if left < 0:
             return 0
         return <int>left if left < WAIT_MAX_MS else WAIT_MAX_MS
@@ -445,12 +408,12 @@ cdef class RelayWorker:
         cdef int k, err = 0
         # Socket setup runs here, off the Python thread. SO_LINGER {1, 0} first: from now on a dying
         # process resets both peers. The client socket inherited the TCP options from the listener.
-        if not s.client_prepared and (_set_reset_on_close(s.client_fd, True) < 0
+        if not s.client_prepared and (set_reset_on_close(s.client_fd, True) < 0
                                       or _set_nonblocking(s.client_fd) < 0):
             err = errno
-        elif _set_reset_on_close(s.upstream_fd, True) < 0 or _set_tcp_options(s.upstream_fd) < 0:
+        elif set_reset_on_close(s.upstream_fd, True) < 0 or set_tcp_options(s.upstream_fd) < 0:
             err = errno
-        elif s.established and (_set_nonblocking(s.upstream_fd) < 0 or _set_tcp_options(s.client_fd) < 0):
+        elif s.established and (_set_nonblocking(s.upstream_fd) < 0 or set_tcp_options(s.client_fd) < 0):
             err = errno
         elif self._reserve_timer() < 0:
             err = ENOMEM
@@ -460,7 +423,7 @@ cdef class RelayWorker:
                 err = ENOMEM
         if c == NULL:
             # Cannot take it on: reset both (a failed setsockopt on a socket means it is unusable).
-            _set_reset_on_close(s.client_fd, True)
+            set_reset_on_close(s.client_fd, True)
             close(s.client_fd)
             close(s.upstream_fd)
             self._complete_raw(s.id, END_LOCAL_RESOURCES if _is_local_shortage(err) else END_CLIENT_RESET,
@@ -513,7 +476,7 @@ cdef class RelayWorker:
             if index == UPSTREAM:
                 # A failed connect always raises EPOLLERR; a plain EPOLLOUT is a success, and needs no
                 # SO_ERROR read to prove it.
-                err = _sock_error(c.fds[UPSTREAM]) if events & (EPOLLERR | EPOLLHUP) else 0
+                err = sock_error(c.fds[UPSTREAM]) if events & (EPOLLERR | EPOLLHUP) else 0
                 if err != 0:
                     self._fail_connect(c, err, END_CONNECT_FAILED)
                 elif events & EPOLLOUT:
@@ -521,7 +484,7 @@ cdef class RelayWorker:
             # Client events while connecting only set flags; its bytes wait in the socket buffer.
             return
         if events & EPOLLERR:
-            err = _sock_error(c.fds[index])
+            err = sock_error(c.fds[index])
             if err != 0:
                 self._abort(c, index, err)
                 return
@@ -932,7 +895,7 @@ cdef class RelayWorker:
             # Graceful: the close sends FIN after every byte still queued, instead of an RST.
             for k in range(2):
                 if c.fds[k] >= 0:
-                    _set_reset_on_close(c.fds[k], False)
+                    set_reset_on_close(c.fds[k], False)
         self._complete_raw(c.id, kind, err, c.dirs[CLIENT].bytes, c.dirs[UPSTREAM].bytes, -1)
         self._release(c)
 

@@ -7,6 +7,7 @@ from nodeproxy._h2 cimport h2_core, nghttp2_nv
 
 
 from nodeproxy._posix cimport *  # the C API, declared once
+from nodeproxy._sockets cimport now_ns, set_reset_on_close, sock_error
 
 
 # -- engine constants ------------------------------------------------------------------------------

@@ -137,12 +137,6 @@ FLAGS = {
 }
 
 
-cdef int64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 # -- byte buffers --------------------------------------------------------------------------------------
 
 cdef int _reserve(Buf *b, size_t extra) noexcept nogil:
@@ -298,20 +292,8 @@ cdef int _send(int fd, Buf *out, bint *writable, const unsigned char *p, size_t 
 
 
 cdef void _set_reset_on_close(int fd) noexcept nogil:
-    cdef linger lg
-    if fd < 0:
-        return  # an HTTP/2 stream has no socket of its own (its Down.fd is -1)
-    lg.l_onoff = 1
-    lg.l_linger = 0
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-
-
-cdef int _sock_error(int fd) noexcept nogil:
-    cdef int err = 0
-    cdef socklen_t n = sizeof(err)
-    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
-        return errno
-    return err
+    if fd >= 0:  # an HTTP/2 stream has no socket of its own (its Down.fd is -1)
+        set_reset_on_close(fd, True)
 
 
 cdef const char *_reason(uint16_t status) noexcept nogil:
@@ -1016,7 +998,7 @@ cdef class HttpWorker:
             timeout = 0 if self.ready != NULL else SCAN_MS
             if self.next_try_ns and timeout:
                 # A per-try deadline comes before the next scan: wake for it (rounded up to a whole ms).
-                wait_ns = self.next_try_ns - _now_ns()
+                wait_ns = self.next_try_ns - now_ns()
                 if wait_ns < <int64_t>timeout * 1000000:
                     timeout = <int>((wait_ns + 999999) // 1000000) if wait_ns > 0 else 0
             n = epoll_wait(self.epfd, events, EVENTS_PER_WAIT, timeout)
@@ -1024,7 +1006,7 @@ cdef class HttpWorker:
                 if errno == EINTR:
                     continue
                 break
-            self.now_ns = _now_ns()
+            self.now_ns = now_ns()
             for i in range(n):
                 kind = <int*>events[i].data.ptr
                 if kind == NULL:
@@ -1195,7 +1177,7 @@ cdef class HttpWorker:
         if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
             d.writable = True
         if events & EPOLLERR:
-            err = _sock_error(d.fd)
+            err = sock_error(d.fd)
             if err != 0:
                 self._release_down(d, FLAG_DC, err)
                 return
@@ -1213,7 +1195,7 @@ cdef class HttpWorker:
             u.writable = True
         if u.h2 != NULL:
             if u.state == U_CONNECTING:
-                err = _sock_error(u.fd)
+                err = sock_error(u.fd)
                 if err == 0 and not events & EPOLLOUT:
                     return
                 if err != 0 or events & (EPOLLHUP | EPOLLERR):
@@ -1235,7 +1217,7 @@ cdef class HttpWorker:
                 self._close_up(u, False)
             return
         if u.state == U_CONNECTING:
-            err = _sock_error(u.fd)
+            err = sock_error(u.fd)
             if err == 0 and not events & EPOLLOUT:
                 return
             if err != 0 or events & (EPOLLHUP | EPOLLERR):

@@ -4,6 +4,7 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from nodeproxy._posix cimport *  # the C API, declared once
+from nodeproxy._sockets cimport *  # now_ns, set_reset_on_close, sock_error, set_tcp_options
 from nodeproxy._h2 cimport (
     nghttp2_data_provider,
     nghttp2_data_source_read_callback,

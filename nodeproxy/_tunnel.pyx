@@ -123,43 +123,6 @@ cdef enum:
 
 # -- small helpers -----------------------------------------------------------------------------------
 
-cdef int64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
-cdef int _set_reset_on_close(int fd, bint on) noexcept nogil:
-    # SO_LINGER {1, 0}: close() (and a crash) resets the peer; cleared just before a graceful close.
-    cdef linger lg
-    lg.l_onoff = 1 if on else 0
-    lg.l_linger = 0
-    return setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-
-
-cdef int _sock_error(int fd) noexcept nogil:
-    cdef int err = 0
-    cdef socklen_t n = sizeof(err)
-    if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &n) < 0:
-        return errno
-    return err
-
-
-cdef int _set_tcp_options(int fd) noexcept nogil:
-    # As the L4 relay: no Nagle delay, and keepalive so a vanished peer releases its descriptors
-    # (2 min idle, then 4 probes 30 s apart).
-    cdef int one = 1, idle = 120, interval = 30, probes = 4
-    if setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
-        return -1
-    if setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0:
-        return -1
-    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0:
-        return -1
-    if setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval)) < 0:
-        return -1
-    return setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes))
-
-
 cdef bint _copy_text(char *dst, size_t cap, const void *src, size_t n) noexcept nogil:
     """NUL-terminated copy; False (and an empty dst) if it does not fit."""
     if n >= cap:
@@ -630,7 +593,7 @@ cdef void _stream_finish(Engine *e, Stream *s, int ending, int err) noexcept nog
     s.dead = True
     if s.fd >= 0:
         epoll_ctl(e.epfd, EPOLL_CTL_DEL, s.fd, NULL)
-        _set_reset_on_close(s.fd, ending != END_CLOSED)
+        set_reset_on_close(s.fd, ending != END_CLOSED)
         close(s.fd)
         s.fd = -1
     if t != NULL:
@@ -1154,7 +1117,7 @@ cdef void _tls_event(Engine *e, TlsConn *t, uint32_t events) noexcept nogil:
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         t.write_blocked = False
     if t.state == T_CONNECTING:
-        err = _sock_error(t.fd) if events & (EPOLLERR | EPOLLHUP) else 0
+        err = sock_error(t.fd) if events & (EPOLLERR | EPOLLHUP) else 0
         if err != 0:
             snprintf(reason, sizeof(reason), "connect failed: errno %d", err)
             _tls_fail(e, t, err, reason)
@@ -1171,7 +1134,7 @@ cdef void _stream_event(Engine *e, Stream *s, uint32_t events) noexcept nogil:
     cdef int err
     if s.state == S_CONNECTING:
         # Inbound: the connect to the local pod finished (or failed).
-        err = _sock_error(s.fd) if events & (EPOLLERR | EPOLLHUP) else 0
+        err = sock_error(s.fd) if events & (EPOLLERR | EPOLLHUP) else 0
         if err != 0:
             _respond(e, s, 503)
             _stream_finish(e, s, END_CONNECT_FAILED, err)
@@ -1184,7 +1147,7 @@ cdef void _stream_event(Engine *e, Stream *s, uint32_t events) noexcept nogil:
         _flush_plain(e, s)  # what the peer sent before the answer
         return
     if events & EPOLLERR:
-        err = _sock_error(s.fd)
+        err = sock_error(s.fd)
         if err != 0:
             s.failed_side = SIDE_PLAIN
             _stream_reset(e, s, END_PLAIN_RESET, err, NGHTTP2_CANCEL)
@@ -1234,9 +1197,9 @@ cdef void _apply_answer(Engine *e, Answer *a) noexcept nogil:
         if rc == 0:
             rc = bind(fd, <sockaddr*>&src, sizeof(src))
     if rc == 0:
-        rc = _set_reset_on_close(fd, True)
+        rc = set_reset_on_close(fd, True)
     if rc == 0:
-        rc = _set_tcp_options(fd)
+        rc = set_tcp_options(fd)
     if rc == 0:
         rc = connect(fd, <sockaddr*>&dst, sizeof(dst))
         if rc < 0 and errno == EINPROGRESS:
@@ -1271,7 +1234,7 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     cdef sockaddr_in peer
     cdef int fd, err = 0
     if s == NULL:
-        _set_reset_on_close(a.fd, True)
+        set_reset_on_close(a.fd, True)
         close(a.fd)
         _init_record(&r, REC_STREAM_DONE)
         r.id = a.conn_id
@@ -1291,7 +1254,7 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     memcpy(s.forwarded, a.forwarded, sizeof(s.forwarded))
     e.live_streams += 1
     # The client socket resets if anything goes wrong from here on (it carries SO_LINGER {1, 0}).
-    _set_reset_on_close(s.fd, True)
+    set_reset_on_close(s.fd, True)
     t = _pooled(e, a)
     if t == NULL:
         pthread_mutex_lock(&e.lock)
@@ -1306,7 +1269,7 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
             peer.sin_family = AF_INET
             peer.sin_port = htons(a.peer_port)
             peer.sin_addr.s_addr = a.peer_ip
-            if _set_tcp_options(fd) < 0 or (connect(fd, <sockaddr*>&peer, sizeof(peer)) < 0 and errno != EINPROGRESS):
+            if set_tcp_options(fd) < 0 or (connect(fd, <sockaddr*>&peer, sizeof(peer)) < 0 and errno != EINPROGRESS):
                 err = errno
             else:
                 t = _new_tls(e, fd, False, ctx)
@@ -1385,8 +1348,8 @@ cdef void _accept(Engine *e) noexcept nogil:
         if ctx != NULL:
             SSL_CTX_up_ref(ctx)
         pthread_mutex_unlock(&e.lock)
-        if ctx == NULL or _set_tcp_options(fd) < 0:
-            _set_reset_on_close(fd, True)
+        if ctx == NULL or set_tcp_options(fd) < 0:
+            set_reset_on_close(fd, True)
             close(fd)  # no server certificate yet: nobody can be served
             if ctx != NULL:
                 SSL_CTX_free(ctx)
@@ -1394,7 +1357,7 @@ cdef void _accept(Engine *e) noexcept nogil:
         t = _new_tls(e, fd, True, ctx)
         SSL_CTX_free(ctx)
         if t == NULL:
-            _set_reset_on_close(fd, True)
+            set_reset_on_close(fd, True)
             close(fd)
             continue
         t.state = T_HANDSHAKING
@@ -1495,7 +1458,7 @@ cdef void _take_submissions(Engine *e) noexcept nogil:
     pthread_mutex_unlock(&e.lock)
     for i in range(nadopts):
         if e.stopping:
-            _set_reset_on_close(adopts[i].fd, True)
+            set_reset_on_close(adopts[i].fd, True)
             close(adopts[i].fd)
             _init_record(&r, REC_STREAM_DONE)  # every adopted socket gets its one STREAM_DONE
             r.id = adopts[i].conn_id
@@ -1551,7 +1514,7 @@ cdef void _loop(Engine *e) noexcept nogil:
         n = epoll_wait(e.epfd, events, EVENTS_PER_WAIT, 0 if e.dirty != NULL else SCAN_INTERVAL_NS // 1000000)
         if n < 0 and errno != EINTR:
             break
-        e.now_ns = _now_ns()
+        e.now_ns = now_ns()
         for i in range(n if n > 0 else 0):
             ptr = events[i].data.ptr
             if ptr == NULL:
@@ -1618,7 +1581,7 @@ cdef class TunnelWorker:
         self.e.handshake_timeout_ns = handshake_timeout_ms * 1000000
         self.e.connect_timeout_ns = connect_timeout_ms * 1000000
         self.e.pool_idle_ns = pool_idle_timeout_ms * 1000000
-        self.e.now_ns = _now_ns()
+        self.e.now_ns = now_ns()
         self.e.scanned_ns = self.e.now_ns
         if nghttp2_session_callbacks_new(&self.e.callbacks) != 0 or nghttp2_option_new(&self.e.option) != 0:
             raise MemoryError()
@@ -1649,7 +1612,7 @@ cdef class TunnelWorker:
         if e == NULL:
             return
         for i in range(e.adopts_len):
-            _set_reset_on_close(e.adopts[i].fd, True)
+            set_reset_on_close(e.adopts[i].fd, True)
             close(e.adopts[i].fd)
         for i in range(e.nidents):
             if e.idents[i].ctx != NULL:
