@@ -34,10 +34,10 @@ def test_defaults_are_linkerds_envoys_and_istios() -> None:
     assert (od.max_ejection_time, od.max_ejection_percent, od.interval) == (300.0, 10.0, 10.0)
     cb = service.circuit_breakers
     assert (cb.max_connections, cb.max_pending_requests, cb.max_requests, cb.max_retries) == (
-        1024,
-        1024,
-        1024,
-        1024,
+        1_000_000,
+        1_000_000,
+        1_000_000,
+        1_000_000,
     )
     assert service.rate_limit is None
     route = RouteResilience()
@@ -174,7 +174,7 @@ def test_hooked_into_the_service_and_route_config() -> None:
     assert service.balancer == "peak_ewma"
     assert service.resilience.load_balancing.prefer_same_node
     assert service.resilience.outlier_detection.base_ejection_time == 10.0
-    assert service.resilience.circuit_breakers.max_requests == 1024  # default
+    assert service.resilience.circuit_breakers.max_requests == 1_000_000  # default
     route = service.routes[0].resilience
     assert route.timeout == 2.0 and route.retries.per_try_timeout == 0.5
     assert route.fault is not None and route.fault.policy().abort_percent == 5.0

@@ -301,10 +301,10 @@ def test_circuit_breaker_limits_overflow_and_release() -> None:
 def test_envoy_circuit_defaults_and_overflow_answer() -> None:
     limits = CircuitLimits()
     assert (limits.max_connections, limits.max_pending_requests, limits.max_requests, limits.max_retries) == (
-        1024,
-        1024,
-        1024,
-        1024,
+        1_000_000,
+        1_000_000,
+        1_000_000,
+        1_000_000,
     )
     answer = overflow_answer(Resource.REQUESTS)
     assert (answer.status, answer.flag, answer.grpc_status) == (503, "UO", GrpcStatus.UNAVAILABLE)

@@ -18,20 +18,22 @@ __all__ = [
     "DEFAULT_MAX_PENDING_REQUESTS",
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_MAX_RETRIES",
+    "UNLIMITED",
     "CircuitBreaker",
     "CircuitLimits",
     "Resource",
     "overflow_answer",
 ]
 
-DEFAULT_MAX_CONNECTIONS = 1024
-DEFAULT_MAX_PENDING_REQUESTS = 1024
-DEFAULT_MAX_REQUESTS = 1024
-# Envoy's default is 3 retries in flight; Istio raises it to unlimited because the retry budget
-# (resilience/budget.py) is what bounds retries. 3 per worker process refused retries during the
-# first burst of failures of one endpoint (before its ejection), so clients saw 503s that a retry
-# on a healthy endpoint would have spared them: 1024, like the other limits.
-DEFAULT_MAX_RETRIES = 1024
+# Istio's defaults: no limit (the largest value the config accepts). Envoy's own are 1024 (3 for
+# retries), which a node proxy reaches in normal use: 1024 connections of one TCP service reset
+# the 1025th (relay.max_connections is what bounds a node), and 3 retries in flight per worker
+# refused retries in the first burst of an endpoint's failures. The retry budget bounds retries.
+UNLIMITED = 1_000_000
+DEFAULT_MAX_CONNECTIONS = UNLIMITED
+DEFAULT_MAX_PENDING_REQUESTS = UNLIMITED
+DEFAULT_MAX_REQUESTS = UNLIMITED
+DEFAULT_MAX_RETRIES = UNLIMITED
 
 
 class Resource(enum.Enum):

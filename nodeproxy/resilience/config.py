@@ -192,22 +192,26 @@ class OutlierDetectionConfig(_Model):
 
 
 class CircuitBreakersConfig(_Model):
-    """Envoy's circuit breaker thresholds; a request over one is answered 503 with flag UO."""
+    """Envoy's circuit breaker thresholds; a request over one is answered 503 with flag UO. Defaults:
+    Istio's, no limit (circuit.UNLIMITED, the largest value accepted)."""
 
     max_connections: int = Field(
-        default=circuit.DEFAULT_MAX_CONNECTIONS, ge=0, le=1_000_000, description="Upstream connections."
+        default=circuit.DEFAULT_MAX_CONNECTIONS,
+        ge=0,
+        le=circuit.UNLIMITED,
+        description="Upstream connections.",
     )
     max_pending_requests: int = Field(
         default=circuit.DEFAULT_MAX_PENDING_REQUESTS,
         ge=0,
-        le=1_000_000,
+        le=circuit.UNLIMITED,
         description="Requests waiting for an upstream connection.",
     )
     max_requests: int = Field(
-        default=circuit.DEFAULT_MAX_REQUESTS, ge=0, le=1_000_000, description="Requests in flight."
+        default=circuit.DEFAULT_MAX_REQUESTS, ge=0, le=circuit.UNLIMITED, description="Requests in flight."
     )
     max_retries: int = Field(
-        default=circuit.DEFAULT_MAX_RETRIES, ge=0, le=1_000_000, description="Retries in flight."
+        default=circuit.DEFAULT_MAX_RETRIES, ge=0, le=circuit.UNLIMITED, description="Retries in flight."
     )
 
     def limits(self) -> circuit.CircuitLimits:
