@@ -24,14 +24,6 @@ def nodeproxy(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     )
 
 
-def test_demo_runs_end_to_end_and_cleans_up() -> None:
-    proc = nodeproxy("demo")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "sha256 matches: True" in proc.stdout
-    assert "NODEPROXY rules left: 0" in proc.stdout
-    assert not [ns for ns in netns.list_names() if ns.startswith("npdemo-")]
-
-
 def test_lab_up_and_down() -> None:
     prefix = f"npt{secrets.token_hex(2)}"
     try:
