@@ -19,6 +19,7 @@ REQUEST_TIMEOUT = 10.0  # seconds for one admin request (GET clusters waits up t
 
 # admin.LOG_LEVELS, repeated to keep admin's imports out of the parser (run() checks they agree).
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_LEVELS = ("debug", "info", "warning", "error", "off")
 
 
 class CtlError(RuntimeError):
@@ -47,9 +48,15 @@ class AdminClient:
         self.timeout = timeout
 
     def request(
-        self, method: str, target: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        text: bool = False,
     ) -> tuple[int, dict[str, str], Any]:
-        """(status, headers, decoded JSON body); CtlError when the daemon cannot be reached."""
+        """(status, headers, decoded JSON body, or the body as text with `text`); CtlError when the
+        daemon cannot be reached."""
         conn = _UnixConnection(self.path, self.timeout)
         try:
             conn.request(method, target, body=body, headers=headers or {})
@@ -79,6 +86,8 @@ class AdminClient:
             raise CtlError(f"bad answer from {self.path}: {err!r}") from None
         finally:
             conn.close()
+        if text and status == 200:
+            return status, response_headers, raw.decode("utf-8", "replace")
         try:
             document = json.loads(raw) if raw else None
         except ValueError:
@@ -258,19 +267,37 @@ def cmd_drain(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def cmd_log_level(client: AdminClient, args: argparse.Namespace) -> int:
+    return _level(client, args, "/v1/log-level")
+
+
+def cmd_access_log_level(client: AdminClient, args: argparse.Namespace) -> int:
+    return _level(client, args, "/v1/access-log-level")
+
+
+def _level(client: AdminClient, args: argparse.Namespace, target: str) -> int:
+    """Print the level at `target`, or set it to args.level first."""
     if args.level is None:
-        document = client.get("/v1/log-level")
+        document = client.get(target)
     else:
         body = json.dumps({"level": args.level}).encode()
         status, _h, document = client.request(
-            "PUT", "/v1/log-level", body=body, headers={"Content-Type": "application/json"}
+            "PUT", target, body=body, headers={"Content-Type": "application/json"}
         )
         if status != 200:
-            raise CtlError(f"PUT /v1/log-level: {status} {describe_error(document)}")
+            raise CtlError(f"PUT {target}: {status} {describe_error(document)}")
     if args.json:
         _print_json(document)
     else:
         print(document["level"])
+    return 0
+
+
+def cmd_metrics(client: AdminClient, args: argparse.Namespace) -> int:
+    """The Prometheus text of every worker, as port 15020 serves it (no TCP listener needed)."""
+    status, _h, document = client.request("GET", "/v1/metrics", text=True)
+    if status != 200:
+        raise CtlError(f"GET /v1/metrics: {status} {describe_error(document)}")
+    sys.stdout.write(document)
     return 0
 
 
@@ -341,12 +368,21 @@ def add_parser(sub: Any) -> None:
     level = commands.add_parser("log-level", help="print or set the log level")
     level.add_argument("level", nargs="?", choices=LOG_LEVELS)
     level.set_defaults(ctl_func=cmd_log_level)
+    access = commands.add_parser(
+        "access-log-level", help="print or set the access-log level of every worker (warning: failures only)"
+    )
+    access.add_argument("level", nargs="?", choices=ACCESS_LOG_LEVELS)
+    access.set_defaults(ctl_func=cmd_access_log_level)
+    commands.add_parser("metrics", help="print the Prometheus metrics of every worker").set_defaults(
+        ctl_func=cmd_metrics
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from nodeproxy import admin
 
     assert admin.LOG_LEVELS == LOG_LEVELS, "ctl offers the levels the daemon accepts"
+    assert admin.ACCESS_LOG_LEVELS == ACCESS_LOG_LEVELS, "ctl offers the access-log levels it accepts"
     path = args.socket or admin.default_socket_path()
     client = AdminClient(path, timeout=args.timeout)
     try:

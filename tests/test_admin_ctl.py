@@ -162,6 +162,16 @@ def test_ctl_commands_in_the_daemons_namespace(fresh_lab: Lab, proxy: RunningPro
     assert ctl("log-level", ns=ns).stdout == "info\n"
     assert ctl("log-level", "debug", ns=ns).stdout == "debug\n"
     assert ctl("--json", "log-level", ns=ns).stdout.strip() == '{\n  "level": "debug"\n}'
+    assert ctl("access-log-level", ns=ns).stdout == "info\n"
+    assert ctl("access-log-level", "warning", ns=ns).stdout == "warning\n"
+    assert ctl("access-log-level", ns=ns).stdout == "warning\n"
+    metrics = ctl("metrics", ns=ns)
+    assert metrics.returncode == 0, metrics.stderr
+    assert "# TYPE istio_tcp_connections_opened_total counter" in metrics.stdout
+    assert (
+        "istio_tcp_connections_opened_total{" in metrics.stdout
+        and 'destination_service="echo"' in metrics.stdout
+    )
 
     drained = ctl("drain", ns=ns)
     assert drained.returncode == 0 and drained.stdout.startswith("draining:")
