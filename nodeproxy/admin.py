@@ -859,6 +859,15 @@ def clusters_document(snapshots: JsonObject) -> JsonObject:
     }
 
 
+def _add_counters(into: JsonObject, counters: JsonObject) -> None:
+    """Sum a worker's counters into `into`: numbers added, nested mappings summed key by key."""
+    for name, value in counters.items():
+        if isinstance(value, dict):
+            _add_counters(into.setdefault(name, {}), value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            into[name] = into.get(name, 0) + value
+
+
 def stats_document(snapshots: JsonObject) -> JsonObject:
     totals: JsonObject = {
         "active_connections": 0,
@@ -868,14 +877,22 @@ def stats_document(snapshots: JsonObject) -> JsonObject:
         "dispatch_errors": 0,
         "closed": {},
     }
+    http: JsonObject = {}
+    mesh: JsonObject | None = None
     for snapshot in snapshots["workers"].values():
         totals["active_connections"] += snapshot["active_connections"]
         for counter in ("accepted", "refused", "connect_failures", "dispatch_errors"):
             totals[counter] += snapshot["stats"][counter]
         for how, count in snapshot["stats"]["closed"].items():
             totals["closed"][how] = totals["closed"].get(how, 0) + count
+        _add_counters(http, snapshot.get("http") or {})
+        if snapshot.get("mesh") is not None:
+            mesh = mesh if mesh is not None else {}
+            _add_counters(mesh, {k: v for k, v in snapshot["mesh"].items() if k != "certificates"})
     return {
         **totals,
+        "http": http,
+        "mesh": mesh,
         "config_version": snapshots["config_version"],
         "uptime_seconds": snapshots["uptime_seconds"],
         "workers_answered": sorted(int(i) for i in snapshots["workers"]),

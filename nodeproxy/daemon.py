@@ -469,7 +469,23 @@ class Worker:
                 "closed": dict(stats.closed),
             },
             "routes": routes,
+            "http": self._http_snapshot(),
             "mesh": self._mesh_snapshot(),
+        }
+
+    def _http_snapshot(self) -> dict[str, Any]:
+        """The HTTP engine's counters (nodeproxy.proxy.http.HttpStats)."""
+        stats = self.http.stats
+        return {
+            "requests": stats.requests,
+            "local_replies": stats.local_replies,
+            "local_replies_by_flag": dict(stats.local_replies_by_flag),
+            "attempts_failed": stats.attempts_failed,
+            "retries": stats.retries,
+            "ejections": stats.ejections,
+            "responses_by_class": {
+                f"{i}xx" if i else "none": n for i, n in enumerate(stats.status_classes) if n
+            },
         }
 
     def _mesh_snapshot(self) -> dict[str, Any] | None:

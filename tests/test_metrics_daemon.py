@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeproxy import netns
-from nodeproxy.ctl import _UnixConnection
+from nodeproxy.ctl import AdminClient, _UnixConnection
 from nodeproxy.lab import HTTP_PORT, Lab, stop_process
 from tests.conftest import RunningProxy, running_lab, start_proxy
 from tests.helpers import connect
@@ -149,6 +149,14 @@ def refused(lab: Lab) -> None:
             assert sock.recv(1) == b"", "expected a reset or EOF"
     except ConnectionResetError:
         pass
+
+
+def counts(http_stats: dict[str, Any], key: str) -> int:
+    """A counter of /v1/stats' `http` section: requests, a response class ("2xx") or a local-reply flag."""
+    if key == "requests":
+        return int(http_stats.get("requests", 0))
+    section = "responses_by_class" if key.endswith("xx") else "local_replies_by_flag"
+    return int(http_stats.get(section, {}).get(key, 0))
 
 
 def http_requests(lab: Lab) -> None:
@@ -399,7 +407,18 @@ def test_prometheus_counts_requests_by_response_code(
     prometheus = start_prometheus(metrics_lab, tmp_path)
     try:
         wait_promql(metrics_lab, 'up{job="nodeproxy"}', {"nodeproxy": 1.0}, by="job")
+        before = AdminClient(admin_socket(metrics_proxy)).get("/v1/stats")["http"]
         http_requests(metrics_lab)
+        # The same requests in the admin API's counters (summed over the workers; a request is counted
+        # when its DONE record is handled, a moment after the client read the response).
+        deadline = time.monotonic() + 10
+        while True:
+            after = AdminClient(admin_socket(metrics_proxy)).get("/v1/stats")["http"]
+            added = {key: counts(after, key) - counts(before, key) for key in ("requests", "2xx", "NR", "UH")}
+            if added["requests"] >= 12 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert added == {"requests": 12, "2xx": 7, "NR": 3, "UH": 2}, (before, after)
         query = 'sum by (response_code) (istio_requests_total{destination_service_name="pages"})'
         wait_promql(metrics_lab, query, EXPECTED_BY_CODE, by="response_code")
         flags = 'sum by (response_flags) (istio_requests_total{destination_service_name="pages"})'
