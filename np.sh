@@ -26,7 +26,7 @@ declare -A PROVIDER=(
     [killall]=psmisc [fuser]=psmisc [gcc]=build-essential [make]=build-essential
     [capsh]=libcap2-bin [setpriv]=util-linux [nghttpd]=nghttp2-server
     [vagrant]=vagrant [systemd-analyze]=systemd [strace]=strace [prlimit]=util-linux
-    [prometheus]=prometheus [tcpdump]=tcpdump
+    [prometheus]=prometheus
 )
 # C headers the native modules build against, and the Debian package that provides each.
 declare -A HEADER_PROVIDER=(
@@ -36,7 +36,7 @@ declare -A HEADER_PROVIDER=(
 )
 APT_PACKAGES=(iptables iproute2 iperf3 wrk nghttp2-client nghttp2-server haproxy nginx-light curl socat procps
               psmisc build-essential libcap2-bin util-linux libnghttp2-dev linux-libc-dev vagrant systemd strace
-              prometheus tcpdump libssl-dev)
+              prometheus libssl-dev)
 # Services the packages above would otherwise start (and enable) in the root namespace.
 ROOT_NS_SERVICES=(nginx haproxy prometheus)
 STAMP="$ROOT/build/.np-install-stamp"
