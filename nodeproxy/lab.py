@@ -13,9 +13,7 @@ can leave the machine. Tests build their labs with the same class (a pytest fixt
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import signal
 import socket
 import subprocess
@@ -142,13 +140,7 @@ class Lab:
         for proc in self.processes:
             stop_process(proc)
         self.processes.clear()
-        for ns in self.namespaces:
-            if not netns.exists(ns):
-                continue
-            for pid in netns.pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        netns.delete(self.namespaces)
 
     # -- processes ---------------------------------------------------------------------------------------
 

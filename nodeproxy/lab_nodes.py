@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -144,13 +143,7 @@ class NodeLab:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
-        for ns in self.namespaces:
-            if not netns.exists(ns):
-                continue
-            for pid in netns.pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        netns.delete(self.namespaces)
 
     def spawn(self, ns: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside `ns`; the lab stops it on down()."""

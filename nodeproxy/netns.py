@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 NETNS_RUN_DIR = "/run/netns"
 _CLONE_NEWNET = 0x40000000
@@ -89,3 +90,14 @@ def pids(name: str) -> list[int]:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             found.append(int(entry))
     return found
+
+
+def delete(names: Sequence[str]) -> None:
+    """Kill whatever still runs in each namespace and delete it; a missing one is skipped."""
+    for name in names:
+        if not exists(name):
+            continue
+        for pid in pids(name):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -28,6 +28,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from nodeproxy.balance import Balancer, Endpoint, Picker
 from nodeproxy.resilience.config import RouteResilience
 from nodeproxy.resilience.guard import RouteGuards, ServiceGuards
+from nodeproxy.validation import (
+    dns_label as _dns_label,
+)
+from nodeproxy.validation import (
+    label_key as _label_key,
+)
+from nodeproxy.validation import (
+    label_value as _label_value,
+)
 
 if TYPE_CHECKING:
     from nodeproxy.config import Service
@@ -135,25 +144,6 @@ def protocol_from_app_protocol(app_protocol: str | None) -> Protocol | None:
 
 # --------------------------------------------------------------------------------------------
 # Field validators
-
-
-def _dns_label(value: str) -> str:
-    # nodeproxy.config imports this module, so its validators are imported when first used.
-    from nodeproxy.config import _dns_label as check
-
-    return check(value)
-
-
-def _label_key(value: str) -> str:
-    from nodeproxy.config import _label_key as check
-
-    return check(value)
-
-
-def _label_value(value: str) -> str:
-    from nodeproxy.config import _label_value as check
-
-    return check(value)
 
 
 def _regex(pattern: str) -> str:

@@ -36,6 +36,10 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from nodeproxy.validation import (
+    parse_duration_value as _duration,
+)
+
 if TYPE_CHECKING:
     from nodeproxy.otlp import OtlpExporter
 
@@ -55,14 +59,6 @@ __all__ = [
 ]
 # --------------------------------------------------------------------------------------------
 # Configuration
-
-
-# nodeproxy.config imports this module (Config.tracing), so its helpers are imported when a value is
-# validated, not when this module loads (as nodeproxy.resilience.config does).
-def _duration(value: object) -> float:
-    from nodeproxy.config import _parse_duration
-
-    return _parse_duration(value)
 
 
 def _seconds_between(low: float, high: float) -> AfterValidator:

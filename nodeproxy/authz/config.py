@@ -31,6 +31,19 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from nodeproxy.validation import (
+    dns_label as _dns_label,
+)
+from nodeproxy.validation import (
+    label_key as _label_key,
+)
+from nodeproxy.validation import (
+    label_value as _label_value,
+)
+from nodeproxy.validation import (
+    parse_duration_value as _duration,
+)
+
 __all__ = [
     "DEFAULT_CLOCK_SKEW",
     "DEFAULT_JWKS_FETCH_TIMEOUT",
@@ -94,32 +107,6 @@ SUPPORTED_CONDITION_KEYS = _L4_CONDITION_KEYS | L7_CONDITION_KEYS
 
 # --------------------------------------------------------------------------------------------
 # Field validators
-
-
-def _duration(value: object) -> float:
-    # nodeproxy.config may import this module (the root Config's `authz`), so its helpers are
-    # imported when a value is validated, not when this module loads.
-    from nodeproxy.config import _parse_duration
-
-    return _parse_duration(value)
-
-
-def _dns_label(value: str) -> str:
-    from nodeproxy.config import _dns_label as check
-
-    return check(value)
-
-
-def _label_key(value: str) -> str:
-    from nodeproxy.config import _label_key as check
-
-    return check(value)
-
-
-def _label_value(value: str) -> str:
-    from nodeproxy.config import _label_value as check
-
-    return check(value)
 
 
 def _object_name(value: str) -> str:

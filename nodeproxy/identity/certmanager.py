@@ -232,9 +232,18 @@ class CertManager:
                 raise ValueError(problem)
 
     @classmethod
-    def from_config(cls, config: IdentityConfig, node_name: str, *, clock: Clock = _utc_now) -> CertManager:
+    def from_config(
+        cls,
+        config: IdentityConfig,
+        node_name: str,
+        *,
+        clock: Clock = _utc_now,
+        renew_node_credential: bool = True,
+    ) -> CertManager:
         """The manager of node ``node_name`` for ``config`` (which must have ``ca``), managing the
-        identities of the workloads the config places on that node. Raises ValueError without ``ca``."""
+        identities of the workloads the config places on that node. Raises ValueError without ``ca``.
+        ``renew_node_credential``: also renew the node credential files (one process of a node does;
+        the CA client of every process reads them per request)."""
         if config.ca is None or config.node_credential is None or config.trust_bundle is None:
             raise ValueError("identity.ca, identity.node_credential and identity.trust_bundle are needed")
         bundle_file = config.trust_bundle
@@ -256,7 +265,9 @@ class CertManager:
             config.trust_domain,
             client,
             trust_bundle_file=bundle_file,
-            node_credential=(config.node_credential.cert, config.node_credential.key),
+            node_credential=(
+                (config.node_credential.cert, config.node_credential.key) if renew_node_credential else None
+            ),
             svid_ttl=config.svid_lifetime,
             key_type=config.key_type,
             renew_fraction=config.renew_fraction,

@@ -22,6 +22,21 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from nodeproxy.identity.lifetimes import DEFAULT_SVID_TTL, MIN_SVID_TTL
 from nodeproxy.identity.spiffeid import SpiffeId, SpiffeIdError, validate_trust_domain
+from nodeproxy.validation import (
+    dns_label as _dns_label,
+)
+from nodeproxy.validation import (
+    ipv4_input as _ipv4,
+)
+from nodeproxy.validation import (
+    label_key as _label_key,
+)
+from nodeproxy.validation import (
+    label_value as _label_value,
+)
+from nodeproxy.validation import (
+    parse_duration_value as _duration,
+)
 
 __all__ = [
     "DEFAULT_CA_PORT",
@@ -35,38 +50,6 @@ __all__ = [
 
 # The port of Istio's CA (istiod) gRPC service, which node agents and ztunnel call for certificates.
 DEFAULT_CA_PORT = 15012
-
-
-# nodeproxy.config imports this module (Config.identity), so its helpers are imported when a value is
-# validated, not when this module loads (as nodeproxy.resilience.config does).
-def _duration(value: object) -> float:
-    from nodeproxy.config import _parse_duration
-
-    return _parse_duration(value)
-
-
-def _ipv4(value: object) -> object:
-    from nodeproxy.config import _ipv4_input
-
-    return _ipv4_input(value)
-
-
-def _dns_label(value: str) -> str:
-    from nodeproxy.config import _dns_label as check
-
-    return check(value)
-
-
-def _label_key(value: str) -> str:
-    from nodeproxy.config import _label_key as check
-
-    return check(value)
-
-
-def _label_value(value: str) -> str:
-    from nodeproxy.config import _label_value as check
-
-    return check(value)
 
 
 def _trust_domain(value: str) -> str:

@@ -43,7 +43,6 @@ from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
 from nodeproxy.authz.policy import Workload
 from nodeproxy.config import Config, MeshConfig
-from nodeproxy.identity.caclient import CaClient
 from nodeproxy.identity.certmanager import CertManager, NoSvid
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffeid import SpiffeId
@@ -220,40 +219,9 @@ def engine_settings(mesh: MeshConfig) -> EngineSettings:
 
 
 def cert_manager(identity: IdentityConfig, node: str, renew_node_credential: bool) -> CertManager:
-    """CertManager.from_config, except that only one process renews the node credential files (the CA
-    client of every process reads them per request)."""
-    if renew_node_credential:
-        return CertManager.from_config(identity, node)
-    if identity.ca is None or identity.node_credential is None or identity.trust_bundle is None:
-        raise ValueError("identity.ca, identity.node_credential and identity.trust_bundle are needed")
-    manager: CertManager
-
-    def current_bundle() -> bytes:
-        return manager.trust_bundle_pem()
-
-    client = CaClient(
-        identity.ca.host,
-        identity.ca.port,
-        identity.trust_domain,
-        cert=identity.node_credential.cert,
-        key=identity.node_credential.key,
-        trust_bundle=current_bundle,
-        timeout=identity.ca.timeout,
-    )
-    manager = CertManager(
-        identity.trust_domain,
-        client,
-        trust_bundle_file=identity.trust_bundle,
-        svid_ttl=identity.svid_lifetime,
-        key_type=identity.key_type,
-        renew_fraction=identity.renew_fraction,
-        renew_jitter=identity.renew_jitter,
-        retry_initial=identity.retry_initial,
-        retry_max=identity.retry_max,
-        watch_interval=identity.watch_interval,
-    )
-    manager.set_identities(identity.workload_index().identities_on(node))
-    return manager
+    """CertManager.from_config; only one process renews the node credential files (the CA client of
+    every process reads them per request)."""
+    return CertManager.from_config(identity, node, renew_node_credential=renew_node_credential)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int]:

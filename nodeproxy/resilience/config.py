@@ -22,6 +22,15 @@ from nodeproxy.resilience import circuit, outlier, retry
 from nodeproxy.resilience.deadline import DEFAULT_ROUTE_TIMEOUT
 from nodeproxy.resilience.fault import FaultPolicy, HeaderCondition
 from nodeproxy.resilience.ratelimit import TokenBucket
+from nodeproxy.validation import (
+    at_least_a_millisecond as _at_least_a_millisecond,
+)
+from nodeproxy.validation import (
+    off_or_at_least_a_millisecond as _off_or_at_least_a_millisecond,
+)
+from nodeproxy.validation import (
+    parse_duration_value as _duration,
+)
 
 __all__ = [
     "CircuitBreakersConfig",
@@ -37,26 +46,6 @@ __all__ = [
     "RouteResilience",
     "ServiceResilience",
 ]
-
-
-# nodeproxy.config may import this module (Service.resilience), so its helpers are imported when a
-# value is validated, not when this module loads.
-def _duration(value: object) -> float:
-    from nodeproxy.config import _parse_duration
-
-    return _parse_duration(value)
-
-
-def _at_least_a_millisecond(value: float) -> float:
-    from nodeproxy.config import _at_least_a_millisecond as check
-
-    return check(value)
-
-
-def _off_or_at_least_a_millisecond(value: float) -> float:
-    from nodeproxy.config import _off_or_at_least_a_millisecond as check
-
-    return check(value)
 
 
 def _at_most(limit: float, unit: str = "s") -> AfterValidator:
