@@ -28,6 +28,10 @@ cdef enum:
     POOL_BUCKETS = 1024    # hash buckets of the upstream pool table (chained)
     POOL_SWEEP_SCANS = 100 # empty pools are freed every this many scans (10 s)
     FLAG_TEXT_MAX = 16
+    MESH_TOKEN_LEN = 16    # bytes of the secret in the PROXY v2 header to the mesh entry (set_mesh_entry)
+    # PROXY protocol v2 header to the mesh entry: 12-byte signature, version/command, family, length (16
+    # bytes), IPv4 addresses and ports (12), one TLV (type, 2-byte length) with the token.
+    PROXY_V2_HEADER_LEN = 16 + 12 + 3 + MESH_TOKEN_LEN
     SNIFF_BYTES = 8192     # peeked to tell HTTP/1 from anything else; a longer request line counts as HTTP
     # HTTP/2 streams: response bytes held per stream, both before framing (Down.outb) and framed but not
     # yet within the client's window (the h2 core's stream buffer), stop reading the upstream above this.
@@ -193,6 +197,7 @@ cdef struct Down:
     h1_body h2_resp_body
     uint32_t h2_reset_code    # the error code to reset the stream with when it fails (0: INTERNAL_ERROR)
     bint up_http2             # the current decision speaks HTTP/2 to the upstream
+    bint up_via_mesh          # the current decision goes through the mesh entry (the mTLS tunnel)
     # Resilience, set by an 11-item forward (HttpWorker.answer); all off for the 8/9-item forms.
     bint resilient            # an attempt failing before the final response head posts ATTEMPT_FAILED and
                               # the request waits (D_DECIDING), instead of a local 502 UC / 504 UT
@@ -280,6 +285,7 @@ cdef struct Pool:
     uint32_t source_ip
     uint32_t dst_ip
     uint16_t dst_port
+    bint via_mesh             # connections go to the mesh entry (PROXY v2 header naming source and dst)
     uint32_t conns            # open (connecting, busy or idle)
     uint32_t nidle
     Up *idle_head
@@ -309,6 +315,7 @@ cdef struct Answer:
     size_t detail_len
     int grpc_status           # local reply to a gRPC request over HTTP/2: HTTP 200 + this (-1: none)
     bint http2                # forward: speak HTTP/2 to the upstream
+    bint via_mesh             # forward: through the mesh entry (the mTLS tunnel), see set_mesh_entry()
     AnswerKind kind
     bint resilient            # forward: the 11-item form (see Down.resilient)
     uint16_t hold_min_status
@@ -385,6 +392,9 @@ cdef class HttpWorker:
     cdef Record *records
     cdef size_t records_len
     cdef size_t records_cap
+    cdef bint mesh_entry_set       # set_mesh_entry() was called (once; read by the engine thread after)
+    cdef sockaddr_in mesh_entry    # the mesh's local entry (loopback) that carries a connection into the tunnel
+    cdef unsigned char mesh_token[MESH_TOKEN_LEN]  # proves to the entry that a connection is this engine's
     cdef object header_filter      # the frozenset drain() was last given (identity cache for header_names)
     cdef tuple header_names        # its names as lower-case bytes
 
@@ -440,7 +450,7 @@ cdef class HttpWorker:
     cdef void _acquire(self, Down *d, bint fresh) noexcept nogil
     cdef void _attach(self, Down *d, Up *u, bint reused) noexcept nogil
     cdef Up *_connect(self, Pool *p, int *err) noexcept nogil
-    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst) noexcept nogil
+    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst, bint via_mesh) noexcept nogil
     cdef void _pool_release(self, Up *u) noexcept nogil
     cdef void _pool_unwait(self, Down *d) noexcept nogil
     cdef void _serve_waiter(self, Pool *p) noexcept nogil

@@ -19,8 +19,9 @@ FAIL_HELD: int
 
 # Answers to HEAD / ATTEMPT_FAILED records (type aliases for the checker; nothing at run time).
 # (request_id, ip, port, request_add, request_remove, response_add, response_remove, try_timeout_ms[,
-# http2[, hold_min_status, replay_limit]]): http2 speaks HTTP/2 (h2c) to the upstream; the 11-item form
-# turns on ATTEMPT_FAILED for every failure before the response head, holding and body replay.
+# http2[, hold_min_status, replay_limit[, via_mesh]]]): http2 speaks HTTP/2 (h2c) to the upstream; the
+# 11-item form turns on ATTEMPT_FAILED for every failure before the response head, holding and body
+# replay; via_mesh (12 items) goes through the mesh entry (HttpWorker.set_mesh_entry), the mTLS tunnel.
 ForwardAnswer = (
     tuple[
         int,
@@ -56,6 +57,20 @@ ForwardAnswer = (
         int,
         int,
     ]
+    | tuple[
+        int,
+        str,
+        int,
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        tuple[tuple[bytes, bytes], ...],
+        tuple[bytes, ...],
+        int,
+        bool,
+        int,
+        int,
+        bool,
+    ]
 )
 # (request_id, status, flag, detail[, grpc_status[, fields]]): grpc_status answers a gRPC request over
 # HTTP/2; fields are (name, value) bytes pairs added to the reply (e.g. retry-after).
@@ -65,6 +80,8 @@ ReplyAnswer = (
     | tuple[int, int, str, str, int | None, tuple[tuple[bytes, bytes], ...]]
 )
 HIGH_WATER_BYTES: int
+MESH_TOKEN_BYTES: int
+PROXY_V2_HEADER_BYTES: int
 IO_CHUNK_BYTES: int
 
 def grpc_status_for(status: int, flag: str) -> int: ...
@@ -93,6 +110,7 @@ class HttpWorker:
     def adopt(
         self, conn_id: int, client_fd: int, source_ip: str | None = None, sniff_timeout_ms: int = 0
     ) -> None: ...
+    def set_mesh_entry(self, ip: str, port: int, token: bytes) -> None: ...
     def answer(
         self,
         forwards: Sequence[ForwardAnswer],

@@ -117,6 +117,8 @@ UPGRADED = REC_UPGRADED
 NOT_HTTP = REC_NOT_HTTP
 HIGH_WATER_BYTES = HIGH_WATER
 IO_CHUNK_BYTES = IO_CHUNK
+MESH_TOKEN_BYTES = MESH_TOKEN_LEN
+PROXY_V2_HEADER_BYTES = PROXY_V2_HEADER_LEN
 
 # ATTEMPT_FAILED's failure item (see engine-retry semantics in HttpWorker.answer).
 FAIL_CONNECT = FAILURE_CONNECT
@@ -326,6 +328,33 @@ cdef const char *_reason(uint16_t status) noexcept nogil:
     if status == 200:
         return "OK"
     return "Error"
+
+
+# PROXY protocol v2 (haproxy.org/download/2.9/doc/proxy-protocol.txt) to the mesh entry: the signature, and
+# the TLV type (from the range left to applications) of the token that proves the sender is this engine.
+cdef const unsigned char *_PROXY_V2_SIGNATURE = <const unsigned char*>"\r\n\r\n\x00\r\nQUIT\n"
+cdef unsigned char PROXY_V2_TLV_TOKEN = 0xE0
+
+
+cdef void _proxy_v2_header(unsigned char *out, uint32_t source_ip, uint32_t dst_ip, uint16_t dst_port,
+                           const unsigned char *token) noexcept nogil:
+    """PROXY_V2_HEADER_LEN bytes: PROXY, TCP over IPv4, source (port 0: a pooled connection carries many
+    of the pod's connections) and destination as stored (network order), then the token TLV."""
+    cdef uint16_t body = 12 + 3 + MESH_TOKEN_LEN
+    memcpy(out, _PROXY_V2_SIGNATURE, 12)
+    out[12] = 0x21  # version 2, command PROXY
+    out[13] = 0x11  # AF_INET, SOCK_STREAM
+    out[14] = body >> 8
+    out[15] = body & 0xFF
+    memcpy(out + 16, &source_ip, 4)
+    memcpy(out + 20, &dst_ip, 4)
+    out[24] = 0
+    out[25] = 0
+    memcpy(out + 26, &dst_port, 2)
+    out[28] = PROXY_V2_TLV_TOKEN
+    out[29] = 0
+    out[30] = MESH_TOKEN_LEN
+    memcpy(out + 31, token, MESH_TOKEN_LEN)
 
 
 cdef uint32_t _hash_pool(uint32_t source_ip, uint32_t dst_ip, uint16_t port) noexcept nogil:
@@ -731,11 +760,34 @@ cdef class HttpWorker:
         if self._push(<void**>&self.adopts, &self.adopts_len, &self.adopts_cap, sizeof(Adoption), &a) < 0:
             raise MemoryError()
 
+    def set_mesh_entry(self, str ip, int port, bytes token):
+        """Where forwards with via_mesh go: the mesh's local entry at ip:port (loopback), which reads a
+        PROXY v2 header naming the source pod and the endpoint, with `token` (MESH_TOKEN_LEN bytes, a
+        secret of this process) in a TLV so that no other local process can use the entry to borrow a
+        pod's identity. Once per engine: the engine thread reads these fields without the lock, after
+        answer() (which takes it) has published them."""
+        cdef sockaddr_in entry
+        if len(token) != MESH_TOKEN_LEN:
+            raise ValueError(f"the mesh token has {MESH_TOKEN_LEN} bytes, not {len(token)}")
+        if not 0 < port < 65536:
+            raise ValueError(f"mesh entry port {port} out of range")
+        _parse_ipv4(ip, &entry, port)
+        if self.mesh_entry_set:
+            if (entry.sin_addr.s_addr != self.mesh_entry.sin_addr.s_addr or entry.sin_port != self.mesh_entry.sin_port
+                    or memcmp(<const char*>token, self.mesh_token, MESH_TOKEN_LEN) != 0):
+                raise ValueError("the mesh entry is set once per engine")
+            return
+        self.mesh_entry = entry
+        memcpy(self.mesh_token, <const char*>token, MESH_TOKEN_LEN)
+        pthread_mutex_lock(&self.lock)  # publishes the fields before any forward that uses them
+        self.mesh_entry_set = True
+        pthread_mutex_unlock(&self.lock)
+
     def answer(self, forwards, replies, releases=()):
         """Answer request heads (and failed attempts) in one batch.
 
         forwards: (request_id, ip, port, request_add, request_remove, response_add, response_remove,
-        try_timeout_ms[, http2[, hold_min_status, replay_limit]]): add = ((name, value), ...) bytes pairs,
+        try_timeout_ms[, http2[, hold_min_status, replay_limit[, via_mesh]]]): add = ((name, value), ...) bytes pairs,
         remove = (name, ...) bytes; try_timeout_ms bounds the attempt's wait for the response head from its
         start, connect included (0 or less: none); http2 true speaks HTTP/2 (h2c) to the upstream.
         The 11-item form turns on retries: every failure of the attempt before the final response head
@@ -745,7 +797,8 @@ cdef class HttpWorker:
         (ATTEMPT_FAILED with FAIL_HELD) until a release, a forward (retry) or a reply; up to replay_limit
         bytes of the request body (as forwarded: chunk framing counts) are kept so that a forward after
         ATTEMPT_FAILED resends head and body. A retry of a request whose body was not kept is answered
-        502 UC by the engine.
+        502 UC by the engine. via_mesh (12-item form) sends the request through the mesh entry given to
+        set_mesh_entry() (the mTLS tunnel) instead of connecting to ip:port; its pool is separate.
         replies: (request_id, status, flag, detail[, grpc_status[, fields]]): a local reply with
         `x-nodeproxy-flags: flag`; grpc_status (0..16 or None) answers a gRPC request over HTTP/2 with HTTP
         200 and this grpc-status, trailers-only (without it the engine derives one from status and flag);
@@ -760,8 +813,8 @@ cdef class HttpWorker:
         cdef Py_ssize_t size
         for item in forwards:
             size = len(item)
-            if size not in (8, 9, 11):
-                raise ValueError(f"a forward has 8, 9 or 11 items, not {size}")
+            if size not in (8, 9, 11, 12):
+                raise ValueError(f"a forward has 8, 9, 11 or 12 items, not {size}")
             memset(&a, 0, sizeof(a))
             a.request_id = item[0]
             a.kind = ANSWER_FORWARD
@@ -773,7 +826,11 @@ cdef class HttpWorker:
                 continue
             a.try_timeout_ns = <int64_t>item[7] * 1000000  # <= 0: none
             a.http2 = size > 8 and bool(item[8])
-            if size == 11:
+            if size == 12 and item[11]:
+                if not self.mesh_entry_set:
+                    raise ValueError("a forward through the mesh, but set_mesh_entry() was never called")
+                a.via_mesh = True
+            if size >= 11:
                 # hold_min_status above 599 holds gRPC trailers-only errors only (no status reaches it).
                 if not 0 <= item[9] <= 0xFFFF or not 0 <= item[10] <= 0xFFFFFFFF:
                     raise ValueError(f"hold_min_status {item[9]} or replay_limit {item[10]} out of range")
@@ -1146,6 +1203,7 @@ cdef class HttpWorker:
         d.dst = a.dst
         d.try_timeout_ns = a.try_timeout_ns
         d.up_http2 = a.http2
+        d.up_via_mesh = a.via_mesh
         d.resilient = a.resilient
         d.hold_min_status = a.hold_min_status
         if d.attempts == 0:
@@ -1470,7 +1528,7 @@ cdef class HttpWorker:
         self._acquire(d, False)
 
     cdef void _acquire(self, Down *d, bint fresh) noexcept nogil:
-        cdef Pool *p = self._pool_for(d.source_ip, &d.dst)
+        cdef Pool *p = self._pool_for(d.source_ip, &d.dst, d.up_via_mesh)
         cdef Up *u
         cdef int err = 0
         if p == NULL:
@@ -1538,13 +1596,23 @@ cdef class HttpWorker:
         cdef sockaddr_in src, dst
         cdef epoll_event ev
         cdef Up *u
+        cdef unsigned char header[PROXY_V2_HEADER_LEN]
+        if p.via_mesh and not self.mesh_entry_set:
+            err[0] = EHOSTUNREACH  # answer() refuses such forwards; checked here too, it costs nothing
+            return NULL
         fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             err[0] = errno
             return NULL
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         rc = 0
-        if p.source_ip != 0:
+        if p.via_mesh:
+            # The mesh entry (loopback) reads the header first and hands the socket to the tunnel, which
+            # connects to the pod from the source pod's address at the peer node.
+            rc = connect(fd, <sockaddr*>&self.mesh_entry, sizeof(self.mesh_entry))
+            if rc < 0 and errno == EINPROGRESS:
+                rc = 0
+        elif p.source_ip != 0:
             memset(&src, 0, sizeof(src))
             src.sin_family = AF_INET
             src.sin_addr.s_addr = p.source_ip
@@ -1553,7 +1621,7 @@ cdef class HttpWorker:
                 # The port is chosen at connect() from the full 4-tuple, not reserved at bind().
                 setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
                 rc = bind(fd, <sockaddr*>&src, sizeof(src))
-        if rc == 0:
+        if rc == 0 and not p.via_mesh:
             memset(&dst, 0, sizeof(dst))
             dst.sin_family = AF_INET
             dst.sin_addr.s_addr = p.dst_ip
@@ -1575,6 +1643,14 @@ cdef class HttpWorker:
         u.state = U_CONNECTING
         u.pool = p
         u.since_ns = self.now_ns
+        if p.via_mesh:
+            # First bytes on the connection, before the request (HTTP/1.1) or the preface (HTTP/2).
+            _proxy_v2_header(header, p.source_ip, p.dst_ip, p.dst_port, self.mesh_token)
+            if _append(&u.outb, header, PROXY_V2_HEADER_LEN) < 0:
+                err[0] = ENOMEM
+                close(fd)
+                free(u)
+                return NULL
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.ptr = u
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -1590,11 +1666,12 @@ cdef class HttpWorker:
         self.ups = u
         return u
 
-    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst) noexcept nogil:
+    cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst, bint via_mesh) noexcept nogil:
         cdef uint32_t bucket = _hash_pool(source_ip, dst.sin_addr.s_addr, dst.sin_port)
         cdef Pool *p = self.pools[bucket]
         while p != NULL:
-            if p.source_ip == source_ip and p.dst_ip == dst.sin_addr.s_addr and p.dst_port == dst.sin_port:
+            if (p.source_ip == source_ip and p.dst_ip == dst.sin_addr.s_addr and p.dst_port == dst.sin_port
+                    and p.via_mesh == via_mesh):
                 return p
             p = p.hash_next
         p = <Pool*>calloc(1, sizeof(Pool))
@@ -1603,6 +1680,7 @@ cdef class HttpWorker:
         p.source_ip = source_ip
         p.dst_ip = dst.sin_addr.s_addr
         p.dst_port = dst.sin_port
+        p.via_mesh = via_mesh
         p.hash_next = self.pools[bucket]
         self.pools[bucket] = p
         self.npools += 1

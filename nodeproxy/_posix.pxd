@@ -20,6 +20,7 @@ cdef extern from "<errno.h>" nogil:
         EIO
         ECONNRESET
         EPIPE
+        EHOSTUNREACH
 
 
 cdef extern from "<unistd.h>" nogil:

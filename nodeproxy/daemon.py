@@ -394,6 +394,9 @@ class Worker:
         self.drain_hooks.append(mesh.stop_accepting)
         self.certificate_expiry = mesh.certificate_expiry
         await mesh.start(loop)
+        # HTTP ports' requests to pods on peer nodes ride the same tunnel (nodeproxy.proxy.mesh_entry).
+        if self.http is not None:
+            self.http.use_mesh(mesh.entry.address, mesh.entry.token, mesh.http_path)
 
     def remove_capture_if_last(self) -> None:
         """After serve(), on_failure open, supervisor dead: the last process of the daemon removes the
@@ -499,6 +502,8 @@ class Worker:
             "inbound_allowed": mesh.inbound_allowed,
             "inbound_denied": mesh.inbound_denied,
             "tls_failures": mesh.tls_failures,
+            "http_tunneled": mesh.entry_tunneled,
+            "http_tunnel_refused": mesh.entry.refused,
             "certificates": {identity: expiry for identity, expiry in mesh.certificate_expiry()},
         }
 

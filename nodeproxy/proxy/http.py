@@ -83,6 +83,9 @@ FLAG_NAMES: tuple[tuple[int, str], ...] = tuple(sorted((bit, name) for name, bit
 
 # (conn_id, client_fd, client_ip, client_port, orig_ip, orig_port) of a connection that is not HTTP/1.
 NotHttpHandler = Callable[[int, int, str, int, str, int], None]
+# (source pod address, endpoint) -> True: through the mTLS tunnel; False: directly; str: refused, why
+# (nodeproxy.proxy.mesh.MeshWorker.http_path).
+MeshPath = Callable[[str, Endpoint], "bool | str"]
 
 
 @functools.lru_cache(maxsize=1024)  # statuses x grpc codes seen; bounded against odd peers
@@ -251,6 +254,9 @@ class HttpProxy:
         # once per batch like the routing state; None: every request is allowed.
         self.authz = authz
         self._authz_state: AuthzEngine | None = None
+        # With the mTLS mesh (use_mesh): per attempt, whether the endpoint is reached through the
+        # tunnel. None: every endpoint is connected to directly.
+        self._mesh_path: MeshPath | None = None
         self._peek_timeout_ms = max(1, int(http.peek_timeout * 1000))
         self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -307,6 +313,15 @@ class HttpProxy:
             thread.join(timeout)
         self.process_records()
         os.close(self.notify_fd)
+
+    def use_mesh(self, entry: tuple[str, int], token: bytes, path: MeshPath) -> None:
+        """Send requests to endpoints on peer nodes through the mTLS tunnel: the engines connect to the
+        mesh entry at `entry` (nodeproxy.proxy.mesh_entry) with `token`, for every attempt that `path`
+        (source pod address, endpoint) answers True; a string is a refusal (503 UAEX, as the L4 path
+        refuses), False a direct connection."""
+        for worker in self.workers:
+            worker.set_mesh_entry(entry[0], entry[1], token)
+        self._mesh_path = path
 
     def begin_drain(self) -> None:
         """For Worker.drain_hooks: responses from now on carry `Connection: close` and end their
@@ -501,6 +516,13 @@ class HttpProxy:
                 return  # denied: answered
             if checked[0] or checked[1]:
                 request_add, request_remove = (*request_add, *checked[0]), (*request_remove, *checked[1])
+        via_mesh = False
+        if self._mesh_path is not None:
+            path = self._mesh_path(request.conn.client_ip, endpoint)
+            if isinstance(path, str):
+                self._reply(request_id, request, LocalReply(503, "UAEX", f"mesh: {path}"), answers)
+                return
+            via_mesh = path
         admission.attempt_started(endpoint.address)
         request.endpoint, request.in_flight = endpoint, True
         endpoint.active += 1
@@ -536,6 +558,7 @@ class HttpProxy:
                 decision.upstream_protocol == "http2",
                 guards.hold_min_status,
                 guards.replay_limit,
+                via_mesh,
             )
         )
 

@@ -11,7 +11,10 @@ One :class:`MeshWorker` per worker process (nodeproxy.daemon.Worker) when the co
   for the outbound listener, and the kernel spreads peers' tunnels over them);
 - the plaintext inbound listener (mesh.inbound_port on listeners.outbound's address): connections for
   local pods from elsewhere, captured by InboundPlan; PERMISSIVE/STRICT and the policies decide, the
-  outbound listener's relay carries what is allowed (from the caller's own address).
+  outbound listener's relay carries what is allowed (from the caller's own address);
+- the mesh entry (nodeproxy.proxy.mesh_entry, loopback, ephemeral port): the HTTP engine's upstream
+  connections to pods on peer nodes, adopted into the tunnel like captured L4 connections
+  (:meth:`MeshWorker.http_path` tells the HTTP engine which endpoints go that way).
 
 Why one engine per worker and not one per daemon: a worker is a process (descriptor limits are per
 process) and the engine adopts the client socket the worker accepted; sockets cannot move to another
@@ -55,6 +58,7 @@ from nodeproxy.proxy.inbound import (
     parse_authority,
     parse_forwarded_for,
 )
+from nodeproxy.proxy.mesh_entry import EntryHeader, MeshEntry
 from nodeproxy.proxy.tunnel import (
     EngineSettings,
     InboundAnswer,
@@ -67,6 +71,7 @@ from nodeproxy.proxy.tunnel import (
 )
 
 if TYPE_CHECKING:
+    from nodeproxy.balance import Endpoint
     from nodeproxy.proxy.listener import OutboundListener
 
 log = structlog.get_logger("nodeproxy.mesh")
@@ -130,6 +135,7 @@ class MeshDirectory:
     workload_identities: dict[str, str]  # pod IP -> SPIFFE ID, every node's workloads
     destination_workloads: dict[str, Workload]  # pod IP -> Workload, every node's (their STRICT mode)
     peer_authentication: CompiledPeerAuthentication
+    endpoint_nodes: dict[str, str]  # endpoint IP -> its node, from the services' endpoints (`node`)
 
     @classmethod
     def build(cls, config: Config) -> MeshDirectory:
@@ -149,6 +155,9 @@ class MeshDirectory:
                 str(w.ip): Workload.of(w.namespace, w.service_account, w.labels) for w in identity.workloads
             },
             peer_authentication=compile_peer_authentication(config.authz.peer_authentication),
+            endpoint_nodes={
+                str(e.address): e.node for service in config.services for e in service.endpoints if e.node
+            },
         )
 
     @property
@@ -258,6 +267,9 @@ class MeshWorker:
         self._node_stamp: tuple[int, int, int, int] | None = None
         self.hbone_sock: socket.socket | None = None
         self.inbound_sock: socket.socket | None = None
+        self.entry = MeshEntry(self._adopt_from_entry)
+        self._entry_streams: dict[int, float] = {}  # entry conn id -> when it was adopted
+        self.entry_tunneled = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._spiffe_ids: dict[str, SpiffeId] = {}  # parsed once per identity, not per connection
@@ -307,6 +319,7 @@ class MeshWorker:
         self.engine.start()
         loop.add_reader(self.engine.notify_fd, self._on_records)
         loop.add_reader(self.inbound_sock.fileno(), self._on_plaintext)
+        self.entry.start(loop)
         self._tasks = [
             loop.create_task(self.certs.run(), name="nodeproxy-certs"),
             loop.create_task(self.refresher.run(), name="nodeproxy-jwks"),
@@ -341,13 +354,14 @@ class MeshWorker:
     def close(self) -> None:
         """Stop the engine (live streams are reset); their last records go to the listener."""
         self.stop_accepting()
+        self.entry.close()
         for task in self._tasks:
             task.cancel()
         if self._loop is not None:
             self._loop.remove_reader(self.engine.notify_fd)
         for record in self.engine.stop():
             if isinstance(record, StreamDone) and record.outbound:
-                self.listener.tunnel_done(record)
+                self._outbound_done(record)
         if self.hbone_sock is not None:
             self.hbone_sock.close()
 
@@ -397,6 +411,51 @@ class MeshWorker:
         self.certs.svid_for(spiffe_id)
         self.client.adopt(conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity)
 
+    # -- the HTTP engine's way in ------------------------------------------------------------------------
+
+    def http_path(self, source_ip: str, endpoint: Endpoint) -> bool | str:
+        """For the HTTP engine (HttpProxy.use_mesh), per attempt: True to send the request to `endpoint`
+        through the tunnel (via the mesh entry), False to connect to it directly, or why it is refused."""
+        path = self.directory.outbound_path(source_ip, endpoint.address, endpoint.port, endpoint.node)
+        if path is None:
+            return False
+        if isinstance(path, MeshRefusal):
+            return path.reason
+        return True
+
+    def _adopt_from_entry(self, entry_id: int, fd: int, header: EntryHeader) -> str | None:
+        """A connection from the HTTP engine arrived at the entry: into the tunnel (None), or the reason
+        it cannot go (the entry resets it; the engine sees a failed attempt and may retry elsewhere)."""
+        directory = self.directory
+        destination, port = header.destination_ip, header.destination_port
+        path = directory.outbound_path(
+            header.source_ip, destination, port, directory.endpoint_nodes.get(destination)
+        )
+        if not isinstance(path, TunnelTo):  # a reload moved the endpoint meanwhile, or a refusal
+            return path.reason if path is not None else f"{destination} is no longer on a peer node"
+        try:
+            self.adopt(entry_id, fd, path, f"{destination}:{port}", header.source_ip)
+        except (LookupError, ValueError, OSError) as err:
+            return f"cannot tunnel to {path.peer_node}: {err}"
+        self._entry_streams[entry_id] = time.monotonic()
+        self.entry_tunneled += 1
+        return None
+
+    def _outbound_done(self, record: StreamDone) -> None:
+        """An outbound stream ended: the HTTP engine's (its requests are logged by the engine; only a
+        stream that never opened is worth a line) or the listener's."""
+        started = self._entry_streams.pop(record.id, None)
+        if started is None:
+            self.listener.tunnel_done(record)
+            return
+        if record.ending.name in ("TUNNEL_FAILED", "CONNECT_FAILED", "REFUSED"):
+            log.warning(
+                "tunnel stream for the HTTP engine failed",
+                ending=record.ending.name,
+                status=record.status,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
     # -- records and inbound ----------------------------------------------------------------------------
 
     def _on_records(self) -> None:
@@ -435,7 +494,7 @@ class MeshWorker:
                     )
                 elif isinstance(record, StreamDone):
                     if record.outbound:
-                        self.listener.tunnel_done(record)
+                        self._outbound_done(record)
                     else:
                         self._inbound_done(record)
                 elif isinstance(record, TlsFailed):
