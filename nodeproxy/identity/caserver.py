@@ -49,7 +49,12 @@ from nodeproxy.identity.ca import (
     private_key_pem,
 )
 from nodeproxy.identity.config import WorkloadIndex
-from nodeproxy.identity.lifetimes import DEFAULT_NODE_CREDENTIAL_TTL, DEFAULT_SVID_TTL, MIN_SVID_TTL
+from nodeproxy.identity.lifetimes import (
+    DEFAULT_NODE_CREDENTIAL_TTL,
+    DEFAULT_SVID_TTL,
+    MIN_SVID_TTL,
+    renewal_point,
+)
 from nodeproxy.identity.spiffe import SpiffeId, SpiffeIdError, SvidError, peer_identity_from_der
 
 __all__ = [
@@ -251,15 +256,16 @@ class CaServer:
 
     def _server_credential(self) -> tuple[bytes, bytes]:
         key = generate_private_key()
+        now = self.clock()
         issued = self.ca.issue(
-            self.server_id, key.public_key(), ttl=SERVER_CERT_TTL, now=self.clock(), dns_names=self.dns_names
+            self.server_id, key.public_key(), ttl=SERVER_CERT_TTL, now=now, dns_names=self.dns_names
         )
-        self._schedule_server_renewal(issued)
+        self._schedule_server_renewal(issued, now)
         return issued.chain_pem, private_key_pem(key)
 
-    def _schedule_server_renewal(self, issued: IssuedCertificate) -> None:
-        lifetime = issued.not_after - issued.certificate.not_valid_before_utc
-        due = issued.certificate.not_valid_before_utc + lifetime / 2
+    def _schedule_server_renewal(self, issued: IssuedCertificate, issued_at: datetime) -> None:
+        # Half of the lifetime from issuance: its notBefore is backdated, which the lifetime does not include.
+        due = renewal_point(issued_at, issued.not_after, 0.5)
         delay = max((due - self.clock()).total_seconds(), 1.0)
         if self._renew_handle is not None:
             self._renew_handle.cancel()

@@ -3,10 +3,14 @@
 For every identity it manages (the workloads the config places on this node), the manager holds the
 current SVID and renews it when ``renew_fraction`` (0.5) of its lifetime has passed, moved by a random
 jitter of up to ± ``renew_jitter``/2 of the lifetime so that nodes started together do not renew together.
-Every renewal uses a new key. A failed renewal keeps the current SVID (it is still valid) and is retried
-after ``retry_initial`` doubling up to ``retry_max`` (each delay randomized between half and all of it),
-never later than the SVID's expiry; an SVID that expires without a replacement is dropped and
-``svid_for`` raises :class:`NoSvid` for it until a renewal succeeds.
+The lifetime runs from issuance to notAfter (:attr:`Svid.issued_at`), not from notBefore, which the CA
+backdates for peers' clock skew: a 1 h SVID is renewed 30 min after it arrived, not 30 s earlier.
+Every renewal uses a new key, generated (and the CSR signed) on a small thread pool of the manager's
+own, never on the event loop, which is the proxy's request path: an RSA key takes tens of milliseconds.
+A failed renewal keeps the current SVID (it is still valid) and is retried after ``retry_initial``
+doubling up to ``retry_max`` (each delay randomized between half and all of it), never later than the
+SVID's expiry; an SVID that expires without a replacement is dropped and ``svid_for`` raises
+:class:`NoSvid` for it until a renewal succeeds.
 
 What the CA returns is checked before it is used: the leaf must carry our new public key, be an
 X.509-SVID of the requested identity, and chain to the trust bundle.
@@ -32,6 +36,7 @@ import hashlib
 import os
 import random
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +60,7 @@ from nodeproxy.identity.ca import (
 )
 from nodeproxy.identity.caclient import CaClient, SignedChain
 from nodeproxy.identity.config import IdentityConfig
+from nodeproxy.identity.lifetimes import issuance_time, renewal_point
 from nodeproxy.identity.spiffe import (
     SpiffeId,
     SvidError,
@@ -83,6 +89,10 @@ MAX_CONCURRENT_RENEWALS = 8
 # The longest sleep of run() between looks at the clock, so a clock that jumps (suspend, NTP step) is
 # noticed within this time.
 MAX_SLEEP = 5.0
+# Threads of a manager's pool for key generation, CSR signing and the node credential's (fsynced) file
+# writes, kept off the event loop. cryptography releases the GIL while it generates a key, so the loop
+# runs on meanwhile; two threads keep a burst of renewals from taking every core of the node.
+CRYPTO_THREADS = 2
 
 
 def _utc_now() -> datetime:
@@ -112,10 +122,13 @@ class Svid:
     spiffe_id: SpiffeId
     cert_chain_pem: bytes  # leaf first, then intermediates; the root is in the trust bundle
     key_pem: bytes  # PKCS#8
-    not_before: datetime
+    not_before: datetime  # backdated by the CA for peers' clock skew: not the start of the lifetime
     not_after: datetime
     certificate: x509.Certificate = field(repr=False)
     chain: tuple[x509.Certificate, ...] = field(repr=False)
+    # Where the lifetime that renewal is measured over starts: when the SVID arrived from the CA (it was
+    # issued then), or, for a credential read from a file, notBefore + the CA's BACKDATE.
+    issued_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,22 @@ class _Entry:
     stamp: _FileStamp | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _NewKey:
+    """A fresh key and the CSR signed with it, made off the event loop."""
+
+    key: PrivateKey
+    key_pem: bytes  # PKCS#8
+    csr_pem: bytes
+
+
+def _new_key(key_type: KeyType, spiffe_id: SpiffeId) -> _NewKey:
+    """Runs on the manager's crypto threads (CPU-bound: never on the event loop)."""
+    key = generate_private_key(key_type)
+    csr_pem = make_csr(key, spiffe_id).public_bytes(serialization.Encoding.PEM)
+    return _NewKey(key, private_key_pem(key), csr_pem)
+
+
 @dataclass(frozen=True)
 class _FileStamp:
     device: int
@@ -191,8 +220,8 @@ class CertManager:
         when they change (an operator installing a new one). Unreadable now: ValueError."""
         if not 0.0 < renew_fraction < 1.0 or not 0.0 <= renew_jitter < 0.5:
             raise ValueError("renew_fraction must be in (0, 1) and renew_jitter in [0, 0.5)")
-        if renew_fraction + renew_jitter / 2 >= 1.0:
-            raise ValueError("renew_fraction + renew_jitter/2 must stay below 1")
+        if renew_fraction - renew_jitter / 2 <= 0.0 or renew_fraction + renew_jitter / 2 >= 1.0:
+            raise ValueError("renew_fraction ± renew_jitter/2 must stay within (0, 1)")
         if not 0.0 < retry_initial <= retry_max:
             raise ValueError("need 0 < retry_initial <= retry_max")
         self.trust_domain = trust_domain
@@ -212,6 +241,8 @@ class CertManager:
         self._bundle_stamp: _FileStamp | None = None
         self._wake = asyncio.Event()
         self._renewals = asyncio.Semaphore(MAX_CONCURRENT_RENEWALS)
+        self._crypto_pool: ThreadPoolExecutor | None = None  # made on first use (see _crypto_threads)
+        self._crypto_pool_pid = 0
         if trust_bundle_pem is not None:
             self._bundle_pem = trust_bundle_pem
             self._roots = parse_trust_bundle(trust_bundle_pem, trust_domain)
@@ -426,15 +457,22 @@ class CertManager:
 
     async def _renew(self, entry: _Entry) -> None:
         async with self._renewals:
-            key = generate_private_key(self.key_type)
-            csr_pem = make_csr(key, entry.spiffe_id).public_bytes(serialization.Encoding.PEM)
+            loop = asyncio.get_running_loop()
             try:
+                new = await loop.run_in_executor(
+                    self._crypto_threads(), _new_key, self.key_type, entry.spiffe_id
+                )
                 # The CA decides a node credential's lifetime; a workload asks for svid_ttl.
-                answer = await self.signer.sign(csr_pem, ttl=None if entry.files else self.svid_ttl)
-                svid = self._accept(entry.spiffe_id, answer.cert_chain_pem, key)
+                answer = await self.signer.sign(new.csr_pem, ttl=None if entry.files else self.svid_ttl)
+                svid = self._accept(entry.spiffe_id, answer.cert_chain_pem, new)
                 if entry.files is not None:
-                    write_credential(entry.files[0], entry.files[1], svid.cert_chain_pem, key)
-                    entry.stamp = _stamp(entry.files[0])
+                    cert_path, key_path = entry.files
+                    chain_pem = svid.cert_chain_pem
+                    # Blocking writes with fsync: off the loop, like the key.
+                    await loop.run_in_executor(
+                        self._crypto_threads(), write_credential, cert_path, key_path, chain_pem, new.key
+                    )
+                    entry.stamp = _stamp(cert_path)
             except Exception as err:  # any failure of one renewal is retried; it must not stop the others
                 self._failed(entry, err)
                 return
@@ -448,28 +486,41 @@ class CertManager:
         )
         self._notify(CertEvent("node_credential" if entry.files else "svid", entry.spiffe_id, svid))
 
-    def _accept(self, spiffe_id: SpiffeId, chain_pem: bytes, key: PrivateKey) -> Svid:
+    def _accept(self, spiffe_id: SpiffeId, chain_pem: bytes, new: _NewKey) -> Svid:
         """The signed chain as an :class:`Svid` after checking it is ours, valid and trusted."""
         leaf, *intermediates = load_certificates(chain_pem)
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        if leaf.public_key().public_bytes(*spki) != new.key.public_key().public_bytes(*spki):
             raise SvidError("the returned certificate is not for the key we sent")
-        got = verify_svid_chain(leaf, intermediates, self._roots, self.trust_domain, now=self._clock())
+        # Checked valid now (notBefore <= now < notAfter), so now is a start of its lifetime that renewal
+        # can be measured from: the CA issued it a round trip ago, whatever it backdated notBefore by.
+        received_at = self._clock()
+        got = verify_svid_chain(leaf, intermediates, self._roots, self.trust_domain, now=received_at)
         if got != spiffe_id:
             raise SvidError(f"the returned certificate is for {got}, not {spiffe_id}")
         return Svid(
             spiffe_id,
             chain_pem,
-            private_key_pem(key),
+            new.key_pem,
             leaf.not_valid_before_utc,
             leaf.not_valid_after_utc,
             leaf,
             (leaf, *intermediates),
+            issued_at=received_at,
         )
 
     def _renewal_time(self, svid: Svid) -> datetime:
+        """``renew_fraction`` ± ``renew_jitter``/2 of the lifetime from issuance (not from notBefore)."""
         fraction = self.renew_fraction + self.renew_jitter * (self._rng.random() - 0.5)
-        return svid.not_before + (svid.not_after - svid.not_before) * fraction
+        return renewal_point(svid.issued_at, svid.not_after, fraction)
+
+    def _crypto_threads(self) -> ThreadPoolExecutor:
+        """The manager's pool for CPU-bound crypto, made on first use; made anew in a forked child (the
+        parent's pool threads do not exist there, and its idle count would make it queue work forever)."""
+        if self._crypto_pool is None or self._crypto_pool_pid != os.getpid():
+            self._crypto_pool = ThreadPoolExecutor(CRYPTO_THREADS, thread_name_prefix="nodeproxy-certs")
+            self._crypto_pool_pid = os.getpid()
+        return self._crypto_pool
 
     def _failed(self, entry: _Entry, err: Exception) -> None:
         entry.failures += 1
@@ -523,6 +574,8 @@ class CertManager:
             return f"{cert_path}: {err}"
         entry.stamp = stamp
         entry.spiffe_id = node_id
+        # When it arrived is unknown (written by `ca issue-node`, or by us before a restart): its lifetime
+        # starts at notBefore + the CA's backdating.
         entry.svid = Svid(
             node_id,
             chain_pem,
@@ -531,6 +584,7 @@ class CertManager:
             leaf.not_valid_after_utc,
             leaf,
             (leaf, *intermediates),
+            issued_at=issuance_time(leaf.not_valid_before_utc, seen_at=self._clock()),
         )
         entry.failures, entry.last_error = 0, None
         entry.due = self._renewal_time(entry.svid)

@@ -169,7 +169,8 @@ class IdentityConfig(_Frozen):
         default="ecdsa-p256", description="Key type of workload SVIDs (a new key on every renewal)."
     )
     # Half life, as Istio and ztunnel renew; the jitter spreads the renewals of many nodes that started
-    # together so they do not all hit the CA at once.
+    # together so they do not all hit the CA at once. The lifetime runs from issuance (not from the
+    # backdated notBefore) to notAfter: nodeproxy.identity.lifetimes.renewal_point.
     renew_fraction: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="Renew when this fraction of the lifetime has passed (0.5)."
     )
@@ -213,6 +214,10 @@ class IdentityConfig(_Frozen):
         if self.renew_fraction + self.renew_jitter / 2 >= 1.0:
             problems.append(
                 ("renew_jitter", "renew_fraction + renew_jitter/2 must stay below 1 (renew before expiry)")
+            )
+        if self.renew_fraction - self.renew_jitter / 2 <= 0.0:
+            problems.append(
+                ("renew_jitter", "renew_fraction - renew_jitter/2 must stay above 0 (renew after issuance)")
             )
         if self.nodes is not None:
             listed = set(self.nodes)
