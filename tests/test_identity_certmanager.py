@@ -124,8 +124,9 @@ def test_first_svid_then_rotation_exactly_at_half_life(tmp_path: Path) -> None:
         next_due = await certs.refresh_due()
         first = certs.svid_for(WEB)
         assert [e.kind for e in events] == ["svid", "svid"] and len(signer.calls) == 2
-        half_life = first.not_before + (first.not_after - first.not_before) / 2
-        assert next_due == half_life == NOW + timedelta(hours=12) - timedelta(seconds=30)
+        # Half of the lifetime from issuance: notBefore is backdated a minute, which does not count.
+        half_life = first.issued_at + (first.not_after - first.issued_at) / 2
+        assert next_due == half_life == NOW + timedelta(hours=12) and first.issued_at == NOW
         assert verify_svid_chain(first.certificate, first.chain[1:], ca.roots, TD, now=NOW) == WEB
         clock.now = half_life - timedelta(seconds=1)
         await certs.refresh_due()
@@ -151,7 +152,7 @@ def test_renewal_jitter_stays_within_its_band(tmp_path: Path, rng: float, fracti
         certs.set_identities([WEB])
         due = await certs.refresh_due()
         svid = certs.svid_for(WEB)
-        expected = svid.not_before + (svid.not_after - svid.not_before) * fraction
+        expected = svid.issued_at + (svid.not_after - svid.issued_at) * fraction
         assert due is not None and abs(due - expected) < timedelta(seconds=1)
 
     run(scenario)
@@ -364,7 +365,7 @@ def test_rotation_through_the_ca_service_with_an_injected_clock(tmp_path: Path) 
             with pytest.raises(NoSvid, match="403"):
                 certs.svid_for(API)
             assert server.issued == 1 and due is not None
-            clock.now = first.not_before + (first.not_after - first.not_before) / 2
+            clock.now = first.issued_at + (first.not_after - first.issued_at) / 2
             await certs.refresh_due()
             second = certs.svid_for(WEB)
             assert second.certificate.serial_number != first.certificate.serial_number
@@ -426,10 +427,8 @@ def test_node_credential_is_renewed_at_half_life_and_rewritten(tmp_path: Path) -
         rng=FixedRandom(0.5),
     )
     certs.on_change(events.append)
-    half_life = (
-        issued.certificate.not_valid_before_utc
-        + (issued.not_after - issued.certificate.not_valid_before_utc) / 2
-    )
+    # Read from a file, its lifetime starts at notBefore + the CA's backdating (issued at NOW).
+    half_life = NOW + timedelta(days=15)
 
     async def scenario() -> None:
         assert await certs.refresh_due() == half_life and signer.calls == []
@@ -454,11 +453,7 @@ def test_node_credential_is_renewed_at_half_life_and_rewritten(tmp_path: Path) -
         manual, manual_key = ca.issue_credential(node_id, ttl=timedelta(days=2), now=clock())
         write_credential(cert_path, key_path, manual.chain_pem, manual_key)
         next_due = await certs.refresh_due()
-        assert (
-            next_due
-            == manual.certificate.not_valid_before_utc
-            + (manual.not_after - manual.certificate.not_valid_before_utc) / 2
-        )
+        assert next_due == clock() + timedelta(days=1)  # issued (and read) now, for 2 days
         # A broken file is not taken over: the loaded credential stays and the error is reported.
         key_path.write_bytes(b"garbage")
         assert await certs.refresh_due() == next_due
@@ -480,8 +475,9 @@ def test_a_node_credential_file_that_is_not_a_node_credential_is_refused(tmp_pat
 
 
 def test_node_credential_renewal_through_the_ca_service(tmp_path: Path) -> None:
-    # A 100 s node credential renewed at half life (80 s after its notBefore, which is backdated 60 s):
-    # the clock moves 25 s so the new credential is also valid for the real-time TLS check that follows.
+    # A 100 s node credential renewed at half life, 50 s after issuance (its notBefore, backdated 60 s,
+    # does not count): the clock moves 50 s, and the new credential, backdated 60 s, is also valid for the
+    # real-time TLS check that follows.
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
     ca = new_ca(tmp_path / "ca", clock())
     node_id = SpiffeId.for_node(TD, "node-a")
@@ -509,7 +505,7 @@ def test_node_credential_renewal_through_the_ca_service(tmp_path: Path) -> None:
             certs.set_identities([WEB])
             await certs.refresh_due()
             assert server.issued == 1
-            clock.advance(timedelta(seconds=25))
+            clock.advance(timedelta(seconds=50))
             await certs.refresh_due()
             new_leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
             assert new_leaf.serial_number != issued.certificate.serial_number and server.issued == 2
