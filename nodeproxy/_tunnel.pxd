@@ -487,6 +487,8 @@ cdef struct TlsConn:
     char hdr_method[16]
     char hdr_authority[256]  # AUTHORITY_MAX
     char hdr_forwarded[128]  # FORWARDED_MAX
+    bint hdr_authorized_seen  # an x-nodeproxy-authorized field arrived (a second one is malformed)
+    bint hdr_l7_checked      # ... and its value was exactly "l7"
 
 
 cdef struct Stream:
@@ -513,6 +515,7 @@ cdef struct Stream:
     int64_t deadline_ns
     char authority[256]      # AUTHORITY_MAX
     char forwarded[128]      # FORWARDED_MAX: the value of the `forwarded` field (for=<source ip>)
+    bint l7_checked          # the CONNECT carries / carried `x-nodeproxy-authorized: l7`
     Stream *prev             # the TLS connection's list
     Stream *next
     Stream *await_next       # inbound: the list waiting for Python's decision
@@ -533,6 +536,7 @@ ctypedef struct Adoption:
     char authority[256]
     char forwarded[128]
     char expected[1024]      # NP_ID_MAX
+    bint l7_checked          # send `x-nodeproxy-authorized: l7` with the CONNECT
 
 
 ctypedef struct Answer:
@@ -556,6 +560,8 @@ ctypedef struct Record:
     uint64_t bytes_down
     uint32_t peer_ip
     uint16_t peer_port
+    bint l7_checked          # INBOUND: the CONNECT carried `x-nodeproxy-authorized: l7`
+    # Text fields last: _init_record zeroes everything before `identity`.
     char identity[1024]      # NP_ID_MAX
     char authority[256]
     char forwarded[128]

@@ -11,13 +11,15 @@ engine takes a pooled TLS connection to that peer made with that identity's cert
 made before the identity's certificate was rotated takes no new stream), or opens one: TLS 1.3, the
 peer's chain verified against the trust bundle by OpenSSL and its leaf checked as an X.509-SVID of our
 trust domain (and as the expected identity when one is given). Each client connection is one CONNECT
-stream (`:authority` the destination, `forwarded: for=<source ip>`); the client's bytes follow at once
-(the peer holds them until it decided, and drops them on a refusal), the peer's after its 2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both ways); an
+stream (`:authority` the destination, `forwarded: for=<source ip>`, and `x-nodeproxy-authorized: l7`
+when the caller says it applied the destination's L7 policies to every request on it); the client's
+bytes follow at once (the peer holds them until it decided, and drops them on a refusal), the peer's after its 2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both ways); an
 error on either side resets the other (RST_STREAM / TCP RST).
 
 Inbound: the listening socket given to listen() (15008) accepts TLS 1.3 with a client certificate
 required and verified the same way. Each CONNECT stream is posted to Python as an INBOUND record (peer
-identity, authority, forwarded); Python answers allow (connect to the local pod, bound transparently to
+identity, authority, forwarded, l7_checked; a repeated `forwarded` or `x-nodeproxy-authorized` field is a
+malformed request, 400); Python answers allow (connect to the local pod, bound transparently to
 the original source address like the L4 relay) or deny (an HTTP status, 403 by default, then RST).
 
 Flow control: every stream's receive window is stream_window and every connection's is
@@ -108,6 +110,10 @@ LOCAL_RESOURCES = END_LOCAL_RESOURCES
 # TLS 1.3 suites in our order of preference: AES-128-GCM first (AES-NI makes it the cheapest per byte
 # here, and record crypto is the tunnel's main cost), then the other two TLS 1.3 mandatory-to-offer ones.
 cdef const char *_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# The CONNECT field by which the sending node proxy says it applied the destination's L7 policies to
+# every request on the stream (adopt(l7_checked=True)); any other value means no such claim.
+cdef const char *_AUTHORIZED_FIELD = "x-nodeproxy-authorized"
+cdef const char *_AUTHORIZED_L7 = "l7"
 _SPIFFE_ID_MAX = NP_ID_MAX - 1
 
 # What the buffer sizes rely on: a read batch holds at least one whole record (the loop stops when the
@@ -323,6 +329,8 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
     t.hdr_method[0] = 0
     t.hdr_authority[0] = 0
     t.hdr_forwarded[0] = 0
+    t.hdr_authorized_seen = False
+    t.hdr_l7_checked = False
     return 0
 
 
@@ -343,6 +351,13 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
         # One field only: a second one (or one too long) is not something our peers send.
         if t.hdr_forwarded[0] != 0 or not _copy_text(t.hdr_forwarded, sizeof(t.hdr_forwarded), value, valuelen):
             t.hdr_bad = True
+    elif _is(name, namelen, _AUTHORIZED_FIELD):
+        # Like `forwarded`: one field only (a second one makes the request malformed, 400); a value
+        # other than "l7" is no claim at all, so the stream is judged as plain L4.
+        if t.hdr_authorized_seen:
+            t.hdr_bad = True
+        t.hdr_authorized_seen = True
+        t.hdr_l7_checked = _is(value, valuelen, _AUTHORIZED_L7)
     elif _is(name, namelen, ":status"):
         if valuelen != 3:
             t.hdr_status = -1
@@ -719,6 +734,7 @@ cdef void _inbound_head(Engine *e, TlsConn *t, int32_t stream_id) noexcept nogil
     s.deadline_ns = e.now_ns + e.handshake_timeout_ns  # Python answers within this, or 503
     memcpy(s.authority, t.hdr_authority, sizeof(s.authority))
     memcpy(s.forwarded, t.hdr_forwarded, sizeof(s.forwarded))
+    s.l7_checked = t.hdr_l7_checked
     s.next = t.streams
     if t.streams != NULL:
         t.streams.prev = s
@@ -736,6 +752,7 @@ cdef void _inbound_head(Engine *e, TlsConn *t, int32_t stream_id) noexcept nogil
     memcpy(r.identity, t.check.identity, sizeof(r.identity))
     memcpy(r.authority, s.authority, sizeof(r.authority))
     memcpy(r.forwarded, s.forwarded, sizeof(r.forwarded))
+    r.l7_checked = s.l7_checked
     _post(e, &r)
 
 
@@ -955,15 +972,18 @@ cdef int _open_session(Engine *e, TlsConn *t) noexcept nogil:
 
 cdef int _submit_connect(Engine *e, Stream *s) noexcept nogil:
     cdef TlsConn *t = s.t
-    cdef nghttp2_nv nv[3]
+    cdef nghttp2_nv nv[4]
     cdef size_t n = 2
     cdef nghttp2_data_provider provider
     cdef int32_t sid
     _nv(&nv[0], ":method", "CONNECT")
     _nv(&nv[1], ":authority", s.authority)
     if s.forwarded[0] != 0:
-        _nv(&nv[2], "forwarded", s.forwarded)
-        n = 3
+        _nv(&nv[n], "forwarded", s.forwarded)
+        n += 1
+    if s.l7_checked:
+        _nv(&nv[n], _AUTHORIZED_FIELD, _AUTHORIZED_L7)
+        n += 1
     provider.source.ptr = s
     provider.read_callback = _read_plain
     sid = nghttp2_submit_request(t.session, NULL, nv, n, &provider, s)
@@ -1252,6 +1272,7 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     s.plain_writable = True
     memcpy(s.authority, a.authority, sizeof(s.authority))
     memcpy(s.forwarded, a.forwarded, sizeof(s.forwarded))
+    s.l7_checked = a.l7_checked
     e.live_streams += 1
     # The client socket resets if anything goes wrong from here on (it carries SO_LINGER {1, 0}).
     set_reset_on_close(s.fd, True)
@@ -1714,11 +1735,13 @@ cdef class TunnelWorker:
             raise OSError(errno, _os.strerror(errno))
 
     def adopt(self, uint64_t conn_id, int client_fd, str peer_ip, int peer_port, str authority,
-              str identity, str source_ip=None, str peer_identity=None):
+              str identity, str source_ip=None, str peer_identity=None, bint l7_checked=False):
         """Tunnel a client socket to `authority` ("podip:port") through the node at peer_ip:peer_port,
         as `identity` (set_identity() first). source_ip goes to the peer as `forwarded: for=<ip>`;
-        peer_identity, if given, is the only SPIFFE ID the peer may present. On return the socket belongs
-        to the engine; on an exception it stays with the caller. Ends with one STREAM_DONE record."""
+        peer_identity, if given, is the only SPIFFE ID the peer may present; l7_checked adds
+        `x-nodeproxy-authorized: l7` (this node applied the destination's L7 policies to every request
+        on the connection). On return the socket belongs to the engine; on an exception it stays with
+        the caller. Ends with one STREAM_DONE record."""
         cdef Adoption a
         cdef sockaddr_in peer, src
         cdef bytes raw_authority = authority.encode("ascii")
@@ -1746,6 +1769,7 @@ cdef class TunnelWorker:
         memcpy(a.authority, <const char*>raw_authority, len(raw_authority))
         memcpy(a.forwarded, <const char*>raw_forwarded, len(raw_forwarded))
         memcpy(a.expected, <const char*>raw_expected, len(raw_expected))
+        a.l7_checked = l7_checked
         flags = fcntl(client_fd, F_GETFL)
         if flags < 0 or (not flags & O_NONBLOCK and fcntl(client_fd, F_SETFL, flags | O_NONBLOCK) < 0):
             raise OSError(errno, _os.strerror(errno))
@@ -1781,7 +1805,8 @@ cdef class TunnelWorker:
     def drain(self):
         """Take the records, in the order the engine posted them:
 
-        (INBOUND, key, tls_id, peer_identity, authority, forwarded, peer_ip, peer_port): answer it;
+        (INBOUND, key, tls_id, peer_identity, authority, forwarded, peer_ip, peer_port, l7_checked):
+        answer it (l7_checked: the CONNECT carried `x-nodeproxy-authorized: l7`, once);
         (STREAM_DONE, id, outbound, ending, err, status, bytes_up, bytes_down): id is adopt()'s conn_id
         (outbound) or the INBOUND key; bytes_up went plain -> tunnel, bytes_down tunnel -> plain;
         (TLS_FAILED, tls_id, outbound, peer_ip, peer_port, reason): a handshake failed or was rejected,
@@ -1803,7 +1828,7 @@ cdef class TunnelWorker:
                 if r.kind == REC_INBOUND:
                     out.append((REC_INBOUND, r.id, r.tls_id, r.identity.decode("utf-8", "replace"),
                                 r.authority.decode("latin-1"), r.forwarded.decode("latin-1"),
-                                _format_ipv4(r.peer_ip), r.peer_port))
+                                _format_ipv4(r.peer_ip), r.peer_port, bool(r.l7_checked)))
                 elif r.kind == REC_STREAM_DONE:
                     out.append((REC_STREAM_DONE, r.id, bool(r.outbound), r.ending, r.err, r.status,
                                 r.bytes_up, r.bytes_down))

@@ -193,7 +193,7 @@ def test_strict_closes_plaintext_and_accepts_mtls() -> None:
     assert e.check_connection(conn(dest=UNKNOWN_IP, principal=None), http=False).allowed  # not in shop
 
 
-def test_l4_policy_at_connection_time_and_deferred_for_http_ports() -> None:
+def test_l4_policy_at_connection_time_and_per_request_for_http() -> None:
     e = engine(
         {
             "authorization_policies": [
@@ -209,8 +209,9 @@ def test_l4_policy_at_connection_time_and_deferred_for_http_ports() -> None:
     )
     assert e.check_connection(conn(), http=False).allowed is False  # DENY with L7 parts only: denies at L4
     assert "shop/no-admin" in e.check_connection(conn(), http=False).reason
-    http_verdict = e.check_connection(conn(principal=None), http=True)
-    assert http_verdict.allowed  # decided per request
+    # Requests checked per request: the L7-only DENY is theirs; the ALLOW's L4 part still applies.
+    assert e.check_connection(conn(), http=True).allowed
+    assert not e.check_connection(conn(principal=None), http=True).allowed
     assert isinstance(e.check_request(conn(), attrs("/shop")), RequestAllowed)
     denied = e.check_request(conn(), attrs("/admin/x"))
     assert isinstance(denied, RequestDenied) and denied.status == 403
@@ -218,6 +219,62 @@ def test_l4_policy_at_connection_time_and_deferred_for_http_ports() -> None:
     assert (
         isinstance(outsider, RequestDenied) and "matched no ALLOW policy (shop/front-only)" in outsider.reason
     )
+
+
+FRONT_PATHS_ONLY: dict[str, Any] = {
+    "authorization_policies": [
+        {
+            "name": "front-api",
+            "namespace": "shop",
+            "rules": [
+                {
+                    "from": [{"principals": ["cluster.local/ns/front/sa/frontend"]}],
+                    "to": [{"methods": ["GET"], "paths": ["/api/*"]}],
+                }
+            ],
+        },
+        {
+            "name": "no-debug",
+            "namespace": "shop",
+            "action": "DENY",
+            "rules": [{"when": [{"key": "request.headers[x-debug]", "values": ["1"]}]}],
+        },
+        {
+            "name": "no-legacy-port",
+            "namespace": "shop",
+            "action": "DENY",
+            "rules": [{"to": [{"ports": [9090]}]}],
+        },
+    ]
+}
+
+
+def test_connection_checked_per_request_upstream_gets_the_l4_prefilter() -> None:
+    """An HTTP stream the sending node checked per request (http=True): the principal-restricted ALLOW
+    with paths lets the right principal's connection in (paths are for the request check) and keeps the
+    wrong one out; an L4-only DENY denies; the L7-only DENY is left to the request check."""
+    e = engine(FRONT_PATHS_ONLY)
+    allowed = e.check_connection(conn(), http=True)
+    assert allowed.allowed and "shop/front-api" in allowed.reason
+    other = e.check_connection(conn(principal="spiffe://cluster.local/ns/other/sa/client"), http=True)
+    assert not other.allowed and "matched no ALLOW policy (shop/front-api)" in other.reason
+    legacy = e.check_connection(conn(port=9090), http=True)
+    assert not legacy.allowed and "shop/no-legacy-port" in legacy.reason
+    # The same connection as plain TCP (nobody checks its requests) is refused.
+    assert not e.check_connection(conn(), http=False).allowed
+    # The request check on the sending node still applies every part.
+    assert isinstance(e.check_request(conn(), attrs("/api/items")), RequestAllowed)
+    assert isinstance(e.check_request(conn(), attrs("/admin")), RequestDenied)
+    assert isinstance(e.check_request(conn(), attrs("/api/items", headers={"x-debug": "1"})), RequestDenied)
+
+
+def test_connection_checked_per_request_without_policy_and_under_strict() -> None:
+    assert engine({}).check_connection(conn(), http=True).allowed
+    assert engine({}).check_connection(conn(principal=None), http=True).allowed
+    strict = engine({"peer_authentication": [{"name": "strict", "namespace": "shop", "mode": "STRICT"}]})
+    refused = strict.check_connection(conn(principal=None), http=True)
+    assert not refused.allowed and "STRICT" in refused.reason
+    assert strict.check_connection(conn(), http=True).allowed
 
 
 # ---- requests: JWT and policy -----------------------------------------------------------------

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from nodeproxy.authz.config import AuthorizationPolicy, AuthzConfig
 from nodeproxy.authz.jwt import JwtIdentity
 from nodeproxy.authz.policy import (
+    ALLOW_NO_POLICY,
     CompiledPolicies,
     L4Request,
     L7Request,
@@ -391,6 +392,83 @@ def test_l4_only_allow_rule_applies_at_l7_too() -> None:
     assert not compiled.evaluate(WEB, l7(source_ip="10.9.9.9")).allowed
 
 
+# ---- connections whose requests are checked per request (l7_checked tunnel streams) ----------------
+
+
+def test_connection_for_l7_allow_with_paths_decided_by_its_principal() -> None:
+    compiled = allow(
+        {"from": [{"principals": ["cluster.local/ns/front/sa/frontend"]}], "to": [{"paths": ["/api/*"]}]}
+    )
+    allowed = compiled.evaluate_connection_for_l7(WEB, l4())
+    assert allowed.allowed and allowed.policy == "(mesh)/p0"
+    assert (
+        allowed.reason
+        == "connection (L7 rules checked per request) allowed by ALLOW policy (mesh)/p0 rules[0]"
+    )
+    refused = compiled.evaluate_connection_for_l7(WEB, l4(principal=OTHER))
+    assert not refused.allowed
+    assert refused.reason == "connection (L7 rules checked per request) matched no ALLOW policy ((mesh)/p0)"
+    assert not compiled.evaluate_connection_for_l7(WEB, l4(principal=None)).allowed
+    # A plain TCP connection with the same attributes is still refused: nobody checks its paths.
+    assert not compiled.evaluate(WEB, l4()).allowed
+
+
+def test_connection_for_l7_drops_every_kind_of_l7_part_of_an_allow_rule() -> None:
+    compiled = allow(
+        {
+            "from": [{"namespaces": ["front"], "request_principals": ["https://issuer.example/alice"]}],
+            "to": [{"ports": [8080], "hosts": ["web.shop"], "methods": ["GET"], "not_paths": ["/admin"]}],
+            "when": [
+                {"key": "request.auth.claims[group]", "values": ["admins"]},
+                {"key": "source.ip", "values": ["10.0.0.0/24"]},
+            ],
+        }
+    )
+    assert compiled.evaluate_connection_for_l7(WEB, l4()).allowed
+    # Its L4 parts still hold: port, source namespace and the source.ip condition.
+    assert not compiled.evaluate_connection_for_l7(WEB, l4(port=9090)).allowed
+    assert not compiled.evaluate_connection_for_l7(WEB, l4(principal=OTHER)).allowed
+    assert not compiled.evaluate_connection_for_l7(WEB, l4(source_ip="10.9.9.9")).allowed
+
+
+def test_connection_for_l7_denied_by_an_l4_only_deny_rule() -> None:
+    compiled = policies(
+        {"action": "ALLOW", "rules": [{"to": [{"paths": ["/api/*"]}]}]},
+        {"action": "DENY", "rules": [{"from": [{"namespaces": ["front"]}], "to": [{"ports": [8080]}]}]},
+    )
+    denied = compiled.evaluate_connection_for_l7(WEB, l4())
+    assert not denied.allowed and denied.policy == "(mesh)/p1"
+    assert (
+        denied.reason == "connection (L7 rules checked per request) denied by DENY policy (mesh)/p1 rules[0]"
+    )
+    assert compiled.evaluate_connection_for_l7(WEB, l4(port=9090)).allowed
+
+
+def test_connection_for_l7_leaves_deny_rules_with_l7_parts_to_the_request_check() -> None:
+    l7_only = deny({"to": [{"paths": ["/admin*"]}]})
+    assert not l7_only.evaluate(WEB, l4()).allowed  # a plain TCP connection: denied
+    decision = l7_only.evaluate_connection_for_l7(WEB, l4())
+    assert decision.allowed
+    assert decision.reason == "connection (L7 rules checked per request) matched none of 1 DENY policies"
+    mixed = deny({"from": [{"namespaces": ["front"]}], "to": [{"methods": ["DELETE"]}]})
+    assert not mixed.evaluate(WEB, l4()).allowed
+    assert mixed.evaluate_connection_for_l7(WEB, l4()).allowed
+    # The request check still denies what those rules match.
+    assert not l7_only.evaluate(WEB, l7(path="/admin/x")).allowed
+    assert not mixed.evaluate(WEB, l7(method="DELETE")).allowed
+
+
+def test_connection_for_l7_without_policies_allows() -> None:
+    assert compile_policies([]).evaluate_connection_for_l7(WEB, l4(principal=None)) == ALLOW_NO_POLICY
+    scoped = policies({"namespace": "data", "action": "ALLOW", "rules": [{"to": [{"paths": ["/x"]}]}]})
+    assert scoped.evaluate_connection_for_l7(WEB, l4()) == ALLOW_NO_POLICY  # scoped to another namespace
+    # A rule of L7 parts only: any connection may carry a request to /x (a TCP connection may not).
+    assert scoped.evaluate_connection_for_l7(DB, l4()).allowed
+    assert not scoped.evaluate(DB, l4()).allowed
+    # An ALLOW policy without rules allows nothing, also here.
+    assert not policies({"action": "ALLOW"}).evaluate_connection_for_l7(WEB, l4()).allowed
+
+
 # ---- scope -----------------------------------------------------------------------------------
 
 
@@ -587,6 +665,24 @@ def test_l4_is_never_more_permissive_than_every_l7_request(
     l4_request = L4Request(*request[:4])
     if compiled.evaluate(WEB, l4_request).allowed and not compiled.evaluate(WEB, request).allowed:
         assert compiled.evaluate(WEB, request).reason.startswith("request denied by DENY")
+
+
+@given(policy_lists, requests())
+@settings(max_examples=300, deadline=None)
+def test_connection_for_l7_never_refuses_a_connection_carrying_an_allowed_request(
+    items: list[dict[str, Any]], request: L7Request
+) -> None:
+    """Sound pre-filter: whatever request the per-request check allows, the connection it travels on is
+    allowed; and for policies without L7 parts it decides exactly as the plain L4 evaluation."""
+    compiled = policies(*items)
+    connection = L4Request(*request[:4])
+    if compiled.evaluate(WEB, request).allowed:
+        assert compiled.evaluate_connection_for_l7(WEB, connection).allowed
+    l4_only = [{**p, "rules": [r for r in p["rules"] if "paths" not in r.get("to", [{}])[0]]} for p in items]
+    plain = policies(*l4_only)
+    assert (
+        plain.evaluate_connection_for_l7(WEB, connection).allowed == plain.evaluate(WEB, connection).allowed
+    )
 
 
 # ---- config validation -----------------------------------------------------------------------

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.proxy.inbound import InboundRequest, Verdict
+from nodeproxy.authz.config import AuthzConfig
+from nodeproxy.authz.engine import compile_authz
+from nodeproxy.authz.jwt import JwksRefresher
+from nodeproxy.authz.policy import Workload
+from nodeproxy.proxy.inbound import InboundRequest, Verdict, authz_policy
 from nodeproxy.proxy.tunnel import EngineSettings, StreamEnding
 from tests.tunnel_harness import (
     CLIENT_ID,
@@ -23,6 +27,9 @@ from tests.tunnel_harness import (
     TRUST_DOMAIN,
     Pki,
     PodServer,
+    Tunnels,
+    captured_pair,
+    next_conn_id,
     recv_all,
     tunnels,
     wait_for,
@@ -597,3 +604,155 @@ def test_only_connect_streams_are_tunnels(tmp_path: Path, echo: PodServer) -> No
         assert statuses == {1: "405", 3: "400", 5: "200"}
         assert echoed == b"ping"
     assert echo.accepted == 1
+
+
+# ---- HTTP streams the sending node checked per request (`x-nodeproxy-authorized: l7`) -------------
+
+PEER_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/peer"
+
+
+def _adopt(
+    t: Tunnels, pod_port: int, identity: str = CLIENT_ID, l7_checked: bool | None = None
+) -> socket.socket:
+    """Like Tunnels.tunnel, with the l7_checked claim (None: the parameter left at its default)."""
+    app, captured = captured_pair()
+    args = (next_conn_id(), captured.detach(), "127.0.0.1", f"127.0.0.1:{pod_port}", identity, "127.0.0.1")
+    if l7_checked is None:
+        t.client.adopt(*args, peer_port=t.port)
+    else:
+        t.client.adopt(*args, peer_port=t.port, l7_checked=l7_checked)
+    return app
+
+
+def _echo_once(app: socket.socket, payload: bytes) -> bytes:
+    with app:
+        app.sendall(payload)
+        app.shutdown(socket.SHUT_WR)
+        try:
+            return recv_all(app)
+        except ConnectionResetError:
+            return b"<reset>"
+
+
+def test_l7_checked_claim_reaches_the_inbound_record(tmp_path: Path, echo: PodServer) -> None:
+    seen: list[InboundRequest] = []
+
+    def allow(request: InboundRequest) -> Verdict:
+        seen.append(request)
+        return Verdict(True, "test")
+
+    with tunnels(tmp_path, policy=allow) as t:
+        for claim in (True, False, None):
+            assert _echo_once(_adopt(t, echo.port, l7_checked=claim), b"ping") == b"ping"
+        wait_for(lambda: len(t.server_records.done()) == 3, what="server done")
+        claims = [r.l7_checked for r in t.server_records.inbound()]
+    assert claims == [True, False, False]
+    assert [r.l7_checked for r in seen] == [True, False, False]  # decide_inbound passes it on
+
+
+def test_l7_checked_streams_pass_an_allow_policy_with_paths_and_plain_ones_do_not(
+    tmp_path: Path, echo: PodServer
+) -> None:
+    """The destination's ALLOW policy restricts principal AND paths. A stream whose requests the sending
+    node checked (l7_checked) is judged by the principal only; a plain L4 stream from the same principal
+    is refused (nobody checked its paths), and so is a checked stream from another principal."""
+    config = AuthzConfig.model_validate(
+        {
+            "authorization_policies": [
+                {
+                    "name": "client-api",
+                    "namespace": "default",
+                    "rules": [
+                        {
+                            "from": [{"principals": [CLIENT_ID.removeprefix("spiffe://")]}],
+                            "to": [{"paths": ["/api/*"]}],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    engine = compile_authz(config, JwksRefresher(), {"127.0.0.1": Workload.of("default", "server")})
+    with tunnels(tmp_path, policy=authz_policy(engine)) as t:
+        t.client.set_identity(PEER_ID, t.pki.svid(PEER_ID))
+        assert _echo_once(_adopt(t, echo.port, l7_checked=True), b"GET /api/x") == b"GET /api/x"
+        assert _echo_once(_adopt(t, echo.port), b"GET /api/x") in (b"", b"<reset>")
+        assert _echo_once(_adopt(t, echo.port, PEER_ID, l7_checked=True), b"GET /api/x") in (b"", b"<reset>")
+        wait_for(lambda: len(t.client_records.done()) == 3, what="client done")
+        statuses = sorted((d.ending, d.status) for d in t.client_records.done())
+    assert statuses == [
+        (StreamEnding.CLOSED, 200),
+        (StreamEnding.REFUSED, 403),
+        (StreamEnding.REFUSED, 403),
+    ]
+    assert echo.accepted == 1
+
+
+def test_authorized_field_is_taken_only_once_and_only_as_l7(tmp_path: Path, echo: PodServer) -> None:
+    """A verified peer's CONNECT: `x-nodeproxy-authorized: l7` is the claim; any other value is no claim
+    (the stream is judged as plain L4); the field twice is a malformed request (400), like `forwarded`."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    pki = Pki(tmp_path / "ca")
+    credential = pki.svid(CLIENT_ID)
+    (tmp_path / "client.pem").write_bytes(credential.cert_chain_pem)
+    (tmp_path / "client.key").write_bytes(credential.key_pem)
+    field = "x-nodeproxy-authorized"
+    cases = {
+        1: [(field, "l7")],
+        3: [(field, "L7")],
+        5: [(field, "l7 ")],
+        7: [(field, "l7,l7")],
+        9: [(field, "yes")],
+        11: [(field, "l7"), (field, "l7")],
+        13: [(field, "")],
+        15: [],
+        17: [(field, "yes"), (field, "l7")],
+    }
+    with tunnels(tmp_path, pki=pki) as t:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(cadata=pki.bundle.decode())
+        context.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", t.port), timeout=5) as raw:
+            tls = context.wrap_socket(raw)
+            # h2 would strip or refuse a value with trailing whitespace: send the fields as written.
+            config = h2.config.H2Configuration(
+                client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+            )
+            conn = h2.connection.H2Connection(config)
+            conn.initiate_connection()
+            for stream_id, fields in cases.items():
+                conn.send_headers(
+                    stream_id,
+                    [
+                        (":method", "CONNECT"),
+                        (":authority", f"127.0.0.1:{echo.port}"),
+                        ("forwarded", f"for=127.0.0.1;by=case{stream_id}"),
+                        *fields,
+                    ],
+                    end_stream=True,
+                )
+            tls.sendall(conn.data_to_send())
+            statuses: dict[int, str] = {}
+            deadline = time.monotonic() + 5
+            while len(statuses) < len(cases) and time.monotonic() < deadline:
+                for event in conn.receive_data(tls.recv(65536)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    elif isinstance(event, h2.events.StreamReset) and event.stream_id not in statuses:
+                        statuses[event.stream_id] = f"reset {event.error_code!r}"
+                tls.sendall(conn.data_to_send())
+        wait_for(lambda: len(t.server_records.inbound()) == len(cases) - 3, what="inbound records")
+        claims = {r.forwarded.rpartition("case")[2]: r.l7_checked for r in t.server_records.inbound()}
+    # 5: a value with surrounding whitespace is malformed HTTP/2 (RFC 9113 §8.2.1): nghttp2 resets it.
+    assert statuses == {
+        **{i: "200" for i in cases if i not in (5, 11, 17)},
+        5: "reset <ErrorCodes.PROTOCOL_ERROR: 1>",
+        11: "400",
+        17: "400",
+    }
+    assert claims == {"1": True, "3": False, "7": False, "9": False, "13": False, "15": False}

@@ -35,9 +35,12 @@ POD = "10.244.2.10"
 
 
 def _stream(
-    authority: str = f"{POD}:8080", forwarded: str = "for=10.244.1.10", peer: str = WEB
+    authority: str = f"{POD}:8080",
+    forwarded: str = "for=10.244.1.10",
+    peer: str = WEB,
+    l7_checked: bool = False,
 ) -> InboundStream:
-    return InboundStream(1, 1, peer, authority, forwarded, "192.168.100.1", 40000)
+    return InboundStream(1, 1, peer, authority, forwarded, "192.168.100.1", 40000, l7_checked)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +154,63 @@ def test_forwarded_source_must_belong_to_the_verified_identity() -> None:
     assert not unknown.answer.allow
     # Without a mapping, the peer node's word is taken (the lab and tests without an identity config).
     assert decide_inbound(_stream(forwarded="for=10.9.9.9"), {POD}, allow_all).answer.allow
+
+
+def test_l7_checked_streams_are_judged_by_what_their_connection_decides() -> None:
+    """ALLOW shop/web on /api/* only, DENY /admin (L7 only), DENY port 9090 (L4 only). A stream the
+    sending node checked per request passes on its principal; the same stream as plain L4 is refused;
+    plaintext is never taken as checked, even if a caller says so."""
+    config = AuthzConfig.model_validate(
+        {
+            "authorization_policies": [
+                {
+                    "name": "web-api",
+                    "namespace": "shop",
+                    "rules": [
+                        {
+                            "from": [{"principals": [WEB.removeprefix("spiffe://")]}],
+                            "to": [{"paths": ["/api/*"]}],
+                        }
+                    ],
+                },
+                {
+                    "name": "no-admin",
+                    "namespace": "shop",
+                    "action": "DENY",
+                    "rules": [{"to": [{"paths": ["/admin"]}]}],
+                },
+                {
+                    "name": "no-9090",
+                    "namespace": "shop",
+                    "action": "DENY",
+                    "rules": [{"to": [{"ports": [9090]}]}],
+                },
+            ]
+        }
+    )
+    engine = compile_authz(config, JwksRefresher(), {POD: Workload.of("shop", "api")})
+    policy = authz_policy(engine)
+    checked = decide_inbound(_stream(l7_checked=True), {POD}, policy)
+    assert checked.answer.allow and "shop/web-api" in checked.reason
+    plain = decide_inbound(_stream(), {POD}, policy)
+    assert not plain.answer.allow and plain.answer.deny_status == STATUS_DENIED
+    assert "shop/no-admin" in plain.reason  # the L7-only DENY denies a plain connection
+    other = decide_inbound(_stream(peer=BLOCKED, l7_checked=True), {POD}, policy)
+    assert not other.answer.allow and "matched no ALLOW policy (shop/web-api)" in other.reason
+    legacy = decide_inbound(_stream(authority=f"{POD}:9090", l7_checked=True), {POD}, policy)
+    assert not legacy.answer.allow and "shop/no-9090" in legacy.reason
+    # Plaintext has no verified peer to make the claim: judged at L4 (the L7-only DENY applies).
+    claimed = policy(InboundRequest("10.244.1.10", None, POD, 8080, l7_checked=True))
+    assert not claimed.allowed and "shop/no-admin" in claimed.reason
+
+
+def test_decide_inbound_passes_the_claim_to_the_policy() -> None:
+    seen: list[InboundRequest] = []
+
+    def record(request: InboundRequest) -> Verdict:
+        seen.append(request)
+        return Verdict(True, "ok")
+
+    decide_inbound(_stream(l7_checked=True), {POD}, record)
+    decide_inbound(_stream(), {POD}, record)
+    assert [r.l7_checked for r in seen] == [True, False]

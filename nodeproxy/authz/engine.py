@@ -102,8 +102,6 @@ class RequestDenied:
 
 RequestVerdict = RequestAllowed | RequestDenied
 
-_CONNECTION_ALLOWED_L7: Final = ConnectionVerdict(True, "policies are checked per request (HTTP port)")
-
 
 @dataclass(eq=False)
 class AuthzEngine:
@@ -126,17 +124,24 @@ class AuthzEngine:
         return self.workloads.get(ip)
 
     def check_connection(self, request: L4Request, http: bool) -> ConnectionVerdict:
-        """A new connection to `request.destination_ip`:port. `http`: its port is handled by the HTTP
-        engine, which calls check_request() per request (policies are applied there, where L7
-        attributes exist); otherwise the policies are applied now at L4."""
+        """A new connection to `request.destination_ip`:port. Plaintext (no source principal) must be
+        accepted by the destination's PeerAuthentication first.
+
+        http=False: nobody looks at requests on this connection; the policies are applied now at L4
+        (an ALLOW rule with L7 parts never matches, a DENY rule's L7 parts are dropped).
+        http=True: check_request() judges every request on it (here, or on the sending node for an
+        HTTP stream that arrived through the tunnel); only what the connection decides is applied
+        now (CompiledPolicies.evaluate_connection_for_l7: L4-only DENY rules, and some ALLOW rule's L4
+        parts must match)."""
         workload = self.workloads.get(request.destination_ip)
         if request.source_principal is None:
             peer = self.peer_authentication.plaintext(workload, request.destination_port)
             if not peer.accepted:
                 return ConnectionVerdict(False, peer.reason)
         if http:
-            return _CONNECTION_ALLOWED_L7
-        decision = self.policies.evaluate(workload, request)
+            decision = self.policies.evaluate_connection_for_l7(workload, request)
+        else:
+            decision = self.policies.evaluate(workload, request)
         return ConnectionVerdict(decision.allowed, decision.reason)
 
     def authenticator(self, workload: Workload | None) -> JwtAuthenticator | None:

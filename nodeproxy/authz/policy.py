@@ -16,6 +16,14 @@ Such a rule in an ALLOW policy does not match (it never lets a connection in); i
 L7 parts are dropped and the rest must hold, so a DENY rule made only of L7 parts denies every
 connection. Both err on the side of denial.
 
+Connections whose every request is checked with :meth:`CompiledPolicies.evaluate` (an L7Request) by
+someone else -- an HTTP stream the sending node proxy checked per request -- are judged by
+:meth:`CompiledPolicies.evaluate_connection_for_l7` instead: only what one connection can decide.
+A DENY rule made only of L4 parts that matches denies; a DENY rule with L7 parts is left to the
+per-request check. When ALLOW policies apply, some ALLOW rule's L4 parts (its L7 parts dropped) must
+match: otherwise no request on the connection could be allowed. This never refuses a connection that
+carries a request :meth:`~CompiledPolicies.evaluate` allows.
+
 Match strings are Istio's: exact, 'prefix*', '*suffix', '*' (any non-empty value). They are not
 nodeproxy.routes' exact/prefix/regex matchers, which take a whole request and a query, hence the
 small compiler here; the header-name and method validation is the routes module's rules.
@@ -485,6 +493,10 @@ class _CompiledRule:
     index: int
     l7: Predicate  # every part of the rule
     l4: Predicate  # what a TCP connection is judged by (see the module docstring)
+    # What a connection whose requests are checked per request elsewhere is judged by: the whole rule
+    # when it is L4 only; with L7 parts, never (DENY: left to the request check) or its L4 parts (ALLOW:
+    # some request on the connection may match).
+    l4_prefilter: Predicate
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,12 +514,14 @@ def _compile_policy(policy: AuthorizationPolicy) -> _CompiledPolicy:
     for i, rule in enumerate(policy.rules):
         l7 = _compile_rule(rule, with_l7=True)
         if not rule.uses_l7:
-            l4 = l7
-        elif deny:
-            l4 = _compile_rule(rule, with_l7=False)
+            l4 = l4_prefilter = l7
         else:
-            l4 = _never
-        rules.append(_CompiledRule(i, l7, l4))
+            l4_parts = _compile_rule(rule, with_l7=False)
+            # A TCP connection nobody checks per request: an L7 ALLOW rule never lets it in, an L7
+            # DENY rule's L4 parts keep it out. A connection checked per request: the request check
+            # applies the L7 rules, the connection needs only a possible ALLOW match.
+            l4, l4_prefilter = (l4_parts, _never) if deny else (_never, l4_parts)
+        rules.append(_CompiledRule(i, l7, l4, l4_prefilter))
     return _CompiledPolicy(policy.qualified_name, deny, policy.selector, policy.namespace, tuple(rules))
 
 
@@ -539,6 +553,13 @@ class _PolicySet:
         return not self.deny and not self.allow
 
 
+# What _evaluate judges by, and how its reasons name it: each rule's l7, l4 or l4_prefilter predicate.
+# (Plain strings: an Enum member lookup costs more than the rest of the choice on the per-request path.)
+_BY_REQUEST: Final = "request"
+_BY_CONNECTION: Final = "connection"
+_BY_CONNECTION_FOR_L7: Final = "connection (L7 rules checked per request)"
+
+
 # Bound on the per-workload selection cache (distinct workloads seen in one snapshot).
 _MAX_CACHED_WORKLOADS = 4096
 
@@ -565,23 +586,37 @@ class CompiledPolicies:
 
     def evaluate(self, workload: Workload | None, request: L4Request | L7Request) -> Decision:
         """The decision for one connection (L4Request) or request (L7Request) to `workload`."""
+        if isinstance(request, L7Request):
+            return self._evaluate(workload, request, _BY_REQUEST)
+        return self._evaluate(workload, request, _BY_CONNECTION)
+
+    def evaluate_connection_for_l7(self, workload: Workload | None, request: L4Request) -> Decision:
+        """The decision for a connection to `workload` whose every request is checked with
+        :meth:`evaluate` by someone else (an HTTP stream the sending node proxy checked per request):
+        denied by a matching DENY rule made only of L4 parts, and, when ALLOW policies apply, allowed
+        only if the L4 parts of some ALLOW rule match (see the module docstring)."""
+        return self._evaluate(workload, request, _BY_CONNECTION_FOR_L7)
+
+    def _evaluate(self, workload: Workload | None, request: L4Request | L7Request, layer: str) -> Decision:
         applicable = self.applicable(workload)
         if applicable.empty:
             return ALLOW_NO_POLICY
         attrs = _Attrs(request)
-        l7 = isinstance(request, L7Request)
-        layer = "request" if l7 else "connection"
+        by_request, by_connection = layer == _BY_REQUEST, layer == _BY_CONNECTION
         for policy in applicable.deny:
             for rule in policy.rules:
-                if (rule.l7 if l7 else rule.l4)(attrs):
+                # A conditional, not an attribute getter: this loop is on every HTTP request's path.
+                if (rule.l7 if by_request else rule.l4 if by_connection else rule.l4_prefilter)(attrs):
                     return Decision(
-                        False, f"{layer} denied by DENY policy {policy.name} rules[{rule.index}]", policy.name
+                        False,
+                        f"{layer} denied by DENY policy {policy.name} rules[{rule.index}]",
+                        policy.name,
                     )
         if not applicable.allow:
             return Decision(True, f"{layer} matched none of {len(applicable.deny)} DENY policies")
         for policy in applicable.allow:
             for rule in policy.rules:
-                if (rule.l7 if l7 else rule.l4)(attrs):
+                if (rule.l7 if by_request else rule.l4 if by_connection else rule.l4_prefilter)(attrs):
                     return Decision(
                         True,
                         f"{layer} allowed by ALLOW policy {policy.name} rules[{rule.index}]",

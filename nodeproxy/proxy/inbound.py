@@ -27,12 +27,15 @@ STATUS_DENIED = 403
 
 class InboundRequest(NamedTuple):
     """A connection arriving for a local pod. source_principal is the verified SPIFFE ID of the source
-    workload (tunnel), None for plaintext; source_ip is its pod address (from `forwarded` or the packet)."""
+    workload (tunnel), None for plaintext; source_ip is its pod address (from `forwarded` or the packet).
+    l7_checked: the sending node proxy applied this destination's policies to every HTTP request on
+    the stream (InboundStream.l7_checked); never for plaintext."""
 
     source_ip: str | None
     source_principal: str | None
     destination_ip: str
     destination_port: int
+    l7_checked: bool = False
 
 
 class Verdict(NamedTuple):
@@ -61,12 +64,15 @@ def with_peer_authentication(policy: Policy, mode: Literal["PERMISSIVE", "STRICT
     return check
 
 
-def authz_policy(engine: AuthzEngine, http_ports: Container[tuple[str, int]] = ()) -> Policy:
+def authz_policy(engine: AuthzEngine) -> Policy:
     """The policy hook backed by nodeproxy.authz (AuthzEngine.check_connection: its PeerAuthentication
-    decides plaintext, its AuthorizationPolicies the rest). Connections to (pod ip, port) in http_ports
-    are checked per request by the HTTP engine instead."""
+    decides plaintext, its AuthorizationPolicies the rest). A plain L4 stream is judged at L4; a stream
+    the sending node checked per request (l7_checked) only by what its connection decides (L4-only
+    DENY rules, the L4 parts of ALLOW rules), its L7 rules having been applied there."""
 
     def check(request: InboundRequest) -> Verdict:
+        # The claim comes only from a verified tunnel peer: without a principal it is not taken.
+        checked_upstream = request.l7_checked and request.source_principal is not None
         verdict = engine.check_connection(
             L4Request(
                 request.source_ip or "",
@@ -74,7 +80,7 @@ def authz_policy(engine: AuthzEngine, http_ports: Container[tuple[str, int]] = (
                 request.destination_ip,
                 request.destination_port,
             ),
-            http=(request.destination_ip, request.destination_port) in http_ports,
+            http=checked_upstream,
         )
         return Verdict(verdict.allowed, verdict.reason)
 
@@ -155,7 +161,7 @@ def decide_inbound(
                 f"source {source_ip} is not a workload of {stream.peer_identity}",
                 source_ip,
             )
-    verdict = policy(InboundRequest(source_ip, stream.peer_identity or None, pod_ip, port))
+    verdict = policy(InboundRequest(source_ip, stream.peer_identity or None, pod_ip, port, stream.l7_checked))
     if not verdict.allowed:
         return InboundDecision(
             InboundAnswer(stream.key, False, deny_status=STATUS_DENIED), verdict.reason, source_ip

@@ -57,6 +57,9 @@ class InboundStream(NamedTuple):
     forwarded: str  # the `forwarded` field as sent ("for=<source ip>"), "" if absent
     peer_ip: str  # the peer node's address
     peer_port: int
+    # The peer node proxy applied this destination's L7 policies to every request on the stream (the
+    # CONNECT carried `x-nodeproxy-authorized: l7`); False for a plain L4 stream.
+    l7_checked: bool = False
 
 
 class StreamDone(NamedTuple):
@@ -279,9 +282,16 @@ class TunnelEngine:
         source_ip: str | None,
         peer_port: int = HBONE_PORT,
         peer_identity: str | None = None,
+        *,
+        l7_checked: bool = False,
     ) -> None:
-        """Tunnel `fd` (see TunnelWorker.adopt); the socket belongs to the engine once this returns."""
-        self.worker.adopt(conn_id, fd, peer_ip, peer_port, authority, identity, source_ip, peer_identity)
+        """Tunnel `fd` (see TunnelWorker.adopt); the socket belongs to the engine once this returns.
+        l7_checked: every request on this connection was checked against the destination's policies
+        here (the HTTP engine's upstream connections), so the peer judges the stream by what its
+        connection decides; False (the default) for captured L4 connections."""
+        self.worker.adopt(
+            conn_id, fd, peer_ip, peer_port, authority, identity, source_ip, peer_identity, l7_checked
+        )
 
     def answer(self, answers: list[InboundAnswer]) -> None:
         self.worker.answer([tuple(a) for a in answers])  # type: ignore[misc]
@@ -338,11 +348,23 @@ class TunnelClient:
         authority: str,
         source_ip: str,
         peer_identity: str | None = None,
+        *,
+        l7_checked: bool = False,
     ) -> None:
         """Tunnel client socket `fd` (from the source pod at source_ip) to `authority` ("podip:port") on
         the node at peer_node_ip. Raises NoIdentity (or the credential source's error) with fd still the
-        caller's; otherwise fd belongs to the engine and a StreamDone with conn_id follows."""
+        caller's; otherwise fd belongs to the engine and a StreamDone with conn_id follows.
+        l7_checked: see TunnelEngine.adopt (True only for a connection whose every request this node
+        checked against the destination's policies as source_ip's workload)."""
         identity = self.identity(source_ip)
         self.engine.adopt(
-            conn_id, fd, peer_node_ip, authority, identity, source_ip, self.peer_port, peer_identity
+            conn_id,
+            fd,
+            peer_node_ip,
+            authority,
+            identity,
+            source_ip,
+            self.peer_port,
+            peer_identity,
+            l7_checked=l7_checked,
         )
