@@ -387,17 +387,24 @@ class PeakEwma:
         return self.estimate(endpoint, now) * (endpoint.load + 1)
 
     def observe(self, endpoint: Endpoint, rtt: float) -> None:
-        if not rtt >= 0 or math.isinf(rtt):
+        if not 0 <= rtt < math.inf:  # also refuses NaN
             raise ValueError(f"response time must be finite and >= 0, not {rtt}")
         now = self.clock()
-        current = self.estimate(endpoint, now)
-        if endpoint.rtt_samples == 0 or endpoint.rtt_updated_at is None or rtt > current:
-            endpoint.rtt_estimate = rtt  # the peak (or first sample) is taken at once
+        updated_at = endpoint.rtt_updated_at
+        if updated_at is None or endpoint.rtt_samples == 0:
+            endpoint.rtt_estimate = rtt  # the first sample replaces the default outright
         else:
-            # A sample's weight grows with the time since the last one: after a long quiet spell the
-            # new sample dominates, after a burst each one moves the estimate only a little.
-            kept = math.exp(-max(0.0, now - endpoint.rtt_updated_at) / self.decay)
-            endpoint.rtt_estimate = current * kept + rtt * (1.0 - kept)
+            # estimate(endpoint, now), inline: the decay factor is also the old estimate's weight
+            # in the blend below (this runs for every response).
+            elapsed = now - updated_at
+            kept = math.exp(-elapsed / self.decay) if elapsed > 0 else 1.0
+            current = endpoint.rtt_estimate * kept
+            if rtt > current:
+                endpoint.rtt_estimate = rtt  # the peak is taken at once
+            else:
+                # A sample's weight grows with the time since the last one: after a long quiet spell
+                # the new sample dominates, after a burst each one moves the estimate only a little.
+                endpoint.rtt_estimate = current * kept + rtt * (1.0 - kept)
         endpoint.rtt_updated_at = now
         endpoint.rtt_samples += 1
 
@@ -428,13 +435,19 @@ class PeakEwma:
         per_weight = 1.0 / members[0].weight  # Endpoint.load = active / weight
         getrandbits = rng.getrandbits
 
+        others, other_bits = count - 1, (count - 2).bit_length()
+
         def pick_peak_ewma(tried: Collection[str]) -> Endpoint | None:
             if tried:
                 return pick(members, tried)
-            i = getrandbits(bits)  # two distinct uniform indexes, as _draw_two (equal weights)
+            # Two distinct uniform indexes, as _draw_two (equal weights): _below(rng, count) and
+            # _below(rng, count - 1), inline.
+            i = getrandbits(bits)
             while i >= count:
                 i = getrandbits(bits)
-            j = _below(rng, count - 1)
+            j = getrandbits(other_bits)
+            while j >= others:
+                j = getrandbits(other_bits)
             first, second = members[i], members[j + 1 if j >= i else j]
             now = clock()
             if first.rtt_updated_at is None:

@@ -376,6 +376,14 @@ def new_request_id() -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
+# Tracer.start draws a request's ids in one call: a trace id (128 bits), a span id (64) and, when the
+# caller sent no x-request-id, a UUID (128, the lowest bits). Same distribution as the three calls above.
+_IDS_BITS: Final = 128 + 64
+_IDS_BYTES: Final = _IDS_BITS // 8
+_IDS_AND_UUID_BITS: Final = _IDS_BITS + 128
+_IDS_AND_UUID_BYTES: Final = _IDS_AND_UUID_BITS // 8
+
+
 # --------------------------------------------------------------------------------------------
 # The proxy's span
 
@@ -390,6 +398,7 @@ class TraceStart:
     """
 
     __slots__ = (
+        "_set_fields",
         "parent_span_id",
         "remove_headers",
         "request_id",
@@ -419,6 +428,26 @@ class TraceStart:
         self.sampled = sampled
         self.request_id = request_id
         self.tracestate = tracestate
+        self._set_fields: tuple[tuple[bytes, bytes], ...] | None = None
+
+    @property
+    def set_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """set_headers encoded for the HTTP engine (name ASCII, value latin-1), made on first use."""
+        fields = self._set_fields
+        if fields is None:
+            fields = self._set_fields = tuple(
+                [(_ENCODED_NAMES[name], value.encode("latin-1")) for name, value in self.set_headers]
+            )
+        return fields
+
+    @property
+    def replaced_names(self) -> tuple[bytes, ...]:
+        """The caller's fields to remove upstream when it sent trace headers: those set_headers replaces
+        and remove_headers, encoded."""
+        return (
+            *[_ENCODED_NAMES[name] for name, _ in self.set_headers],
+            *[_ENCODED_NAMES[name] for name in self.remove_headers],
+        )
 
 
 _NO_NAMES: Final[tuple[str, ...]] = ()
@@ -444,19 +473,30 @@ class Tracer:
     def start(self, headers: Mapping[str, str]) -> TraceStart:
         """Continue the caller's trace (or start one) for a request with these header fields (lower-case
         names; a repeated field's values joined by ", "; only HEADER_NAMES are read)."""
-        get = headers.get
-        request_id = get(X_REQUEST_ID)
+        request_id = headers.get(X_REQUEST_ID)
         if len(headers) == (request_id is not None):
-            # No trace header at all: the common case, kept short.
-            trace_id = new_trace_id()
-            span_id = new_span_id()
+            # No trace header at all: the common case, kept short (one draw for every id).
             sampled = _random() < self._sample_below
-            traceparent = (TRACEPARENT, f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}")
             if request_id:
+                callers_request_id = True  # kept as it came
+                digits = _getrandbits(_IDS_BITS).to_bytes(_IDS_BYTES, "big").hex()
+            else:
+                callers_request_id = False
+                digits = (
+                    ((_getrandbits(_IDS_AND_UUID_BITS) & _UUID_CLEAR) | _UUID_SET)
+                    .to_bytes(_IDS_AND_UUID_BYTES, "big")
+                    .hex()
+                )
+                # The UUID's 32 digits after the trace and span ids, as new_request_id() writes them.
+                request_id = f"{digits[48:56]}-{digits[56:60]}-{digits[60:64]}-{digits[64:68]}-{digits[68:]}"
+            trace_id, span_id = digits[:32], digits[32:48]
+            if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids (1 in 2**64)
+                trace_id, span_id = new_trace_id(), new_span_id()
+            traceparent = (TRACEPARENT, f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}")
+            if callers_request_id:
                 return TraceStart(
                     (traceparent,), _NO_NAMES, trace_id, span_id, None, sampled, request_id, None
                 )
-            request_id = new_request_id()
             return TraceStart(
                 (traceparent, (X_REQUEST_ID, request_id)),
                 _NO_NAMES,
@@ -625,6 +665,8 @@ class Tracer:
 
 
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
+# Every name TraceStart sets or removes, encoded once (TraceStart.set_fields / replaced_names).
+_ENCODED_NAMES: Final[Mapping[str, bytes]] = {name: name.encode("ascii") for name in HEADER_NAMES}
 MAX_SPAN_TEXT: Final = 256  # client text (method, authority, path, request id) in an exported span
 # W3C asks vendors to pass on at least 512 characters of tracestate; a longer one is not exported.
 MAX_EXPORTED_TRACESTATE: Final = 512

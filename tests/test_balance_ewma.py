@@ -367,3 +367,44 @@ def test_never_picks_a_strictly_costlier_endpoint_of_two(latencies: list[float],
     worst = max(eps, key=lambda e: ewma.cost(e, clock.now))
     if sum(ewma.cost(e, clock.now) == ewma.cost(worst, clock.now) for e in eps) == 1:
         assert all(ewma.pick(eps, ()) is not worst for _ in range(50))
+
+
+def reference_observe(ewma: PeakEwma, endpoint: Endpoint, rtt: float, now: float) -> None:
+    """PeakEwma.observe as its docstring defines it, through estimate(): observe() computes it inline."""
+    current = ewma.estimate(endpoint, now)
+    if endpoint.rtt_samples == 0 or endpoint.rtt_updated_at is None or rtt > current:
+        endpoint.rtt_estimate = rtt
+    else:
+        kept = math.exp(-max(0.0, now - endpoint.rtt_updated_at) / ewma.decay)
+        endpoint.rtt_estimate = current * kept + rtt * (1.0 - kept)
+    endpoint.rtt_updated_at = now
+    endpoint.rtt_samples += 1
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=-5.0, max_value=30.0),  # clock step, backwards too
+            st.floats(min_value=0.0, max_value=2.0),  # response time
+            st.booleans(),  # a pick considers the endpoint first (sets the default estimate)
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_observe_is_exactly_its_definition(steps: list[tuple[float, float, bool]]) -> None:
+    clock = FakeClock()
+    ewma = PeakEwma(clock, random.Random(1))
+    measured, expected = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.1", 80)
+    for step, rtt, considered in steps:
+        clock.now += step
+        if considered and measured.rtt_updated_at is None:  # as pick() does on first look
+            for ep in (measured, expected):
+                ep.rtt_estimate, ep.rtt_updated_at = ewma.default_rtt, clock.now
+        ewma.observe(measured, rtt)
+        reference_observe(ewma, expected, rtt, clock.now)
+        assert (measured.rtt_estimate, measured.rtt_updated_at, measured.rtt_samples) == (
+            expected.rtt_estimate,
+            expected.rtt_updated_at,
+            expected.rtt_samples,
+        )

@@ -3,6 +3,7 @@ against simulated endpoints on a fake clock: the issue 8 point 8 scenarios witho
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -283,3 +284,73 @@ def test_route_guards_tell_the_engine_what_to_hold_and_buffer(
 ) -> None:
     guards = RouteGuards.from_config("r", RouteResilience.model_validate({"retries": retries}))
     assert (guards.hold_min_status, guards.replay_limit) == (hold, replay)
+
+
+class CountingClock(FakeClock):
+    def __init__(self, now: float = 1000.0) -> None:
+        super().__init__(now)
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+@pytest.mark.parametrize("grpc", [False, True])
+@pytest.mark.parametrize("timeout", [0.0, 2.5, 15.0])
+@pytest.mark.parametrize("honor", [True, False])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"host": "web"},
+        {"x-nodeproxy-timeout-ms": "250"},
+        {"x-nodeproxy-timeout-ms": "junk"},
+        {"grpc-timeout": "1S"},
+        {"grpc-timeout": "100m", "x-nodeproxy-timeout-ms": "5000"},
+    ],
+)
+def test_admit_reads_the_clock_once_and_sets_the_deadline_for_request_would(
+    grpc: bool, timeout: float, honor: bool, headers: dict[str, str]
+) -> None:
+    """admit() computes the deadline inline when the caller sent no timeout header, and reads the clock
+    once for the deadline and the retry budget: the same deadline as Deadline.for_request."""
+    from nodeproxy.resilience.deadline import Deadline
+
+    clock = CountingClock()
+    config = RouteResilience.model_validate({"timeout": timeout, "honor_caller_timeout": honor})
+    guards = ServiceGuards("svc", ServiceResilience(), [Endpoint("10.0.0.1", 80)], {"r": config}, clock=clock)
+    route = RouteGuards.from_config("r", config)
+    clock.reads = 0  # setting up read it
+    admission = guards.admit(route, headers, grpc=grpc)
+    assert isinstance(admission, Admission)
+    assert clock.reads == 1
+    assert admission.deadline == Deadline.for_request(
+        clock.now, timeout, headers, grpc=grpc, honor_caller_timeout=honor
+    )
+    assert guards.budget.available() == pytest.approx(guards.budget.reserve + guards.budget.retry_ratio)
+    guards.request_ended(admission)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, math.nan])
+def test_route_guards_refuse_a_timeout_admit_could_not_use(timeout: float) -> None:
+    config = RouteResilience()
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        RouteGuards("r", timeout, True, config.retries.policy(), None)
+
+
+@pytest.mark.parametrize("per_try", [0.0, 0.3, 5.0])  # 0: none
+@pytest.mark.parametrize("timeout", [0.0, 1.0])
+@pytest.mark.parametrize("elapsed", [0.0, 0.5, 0.9, 1.0, 3.0])
+def test_attempt_timeout_is_the_deadlines(per_try: float, timeout: float, elapsed: float) -> None:
+    """Admission.attempt_timeout (inline) agrees with Deadline.attempt_timeout at every point in time,
+    also after the deadline."""
+    clock = FakeClock()
+    route_config = RouteResilience.model_validate(
+        {"timeout": timeout, "retries": {"per_try_timeout": per_try}}
+    )
+    guards = ServiceGuards("svc", ServiceResilience(), [Endpoint("10.0.0.1", 80)], clock=clock)
+    admission = guards.admit(RouteGuards.from_config("r", route_config), {}, grpc=False)
+    assert isinstance(admission, Admission)
+    clock.now += elapsed
+    assert admission.attempt_timeout == admission.deadline.attempt_timeout(clock.now, per_try or None)

@@ -386,3 +386,20 @@ def test_retry_state_never_exceeds_attempts_or_the_deadline_and_frees_slots(
     assert s.attempts <= max_retries + 1
     s.finished()
     assert breaker.in_use[Resource.RETRIES] == 0
+
+
+def test_request_slots_fast_path_shares_the_counts_of_try_acquire() -> None:
+    """try_acquire_request / release_request (every request) count in the same place as
+    try_acquire / release(Resource.REQUESTS), overflow at the same limit and refuse a release too many."""
+    breaker = CircuitBreaker(CircuitLimits(max_requests=2))
+    assert breaker.try_acquire_request()
+    assert breaker.try_acquire(Resource.REQUESTS)
+    assert not breaker.try_acquire_request()
+    assert not breaker.try_acquire(Resource.REQUESTS)
+    assert breaker.in_use[Resource.REQUESTS] == 2 and breaker.overflows[Resource.REQUESTS] == 2
+    breaker.release(Resource.REQUESTS)
+    breaker.release_request()
+    assert breaker.in_use[Resource.REQUESTS] == 0
+    with pytest.raises(RuntimeError, match="requests released more often than acquired"):
+        breaker.release_request()
+    assert breaker.in_use[Resource.REQUESTS] == 0

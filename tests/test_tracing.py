@@ -348,6 +348,47 @@ def test_new_ids_are_never_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracing, "_getrandbits", lambda bits: 0)
     assert tracing.new_trace_id() == "0" * 31 + "1"
     assert tracing.new_span_id() == "0" * 15 + "1"
+    # start() draws its ids in one call: an all-zero draw gives valid ids too.
+    for headers in ({}, {"x-request-id": "r-1"}):
+        start = Tracer().start(headers)
+        assert (start.trace_id, start.span_id) == ("0" * 31 + "1", "0" * 15 + "1")
+        assert uuid.UUID(start.request_id).version == 4 if not headers else start.request_id == "r-1"
+        assert parse_traceparent(dict(start.set_headers)["traceparent"]) is not None
+
+
+def test_start_without_trace_headers_draws_distinct_valid_ids() -> None:
+    tracer = Tracer()
+    starts = [tracer.start({}) for _ in range(2000)]
+    for ids in ({s.trace_id for s in starts}, {s.span_id for s in starts}, {s.request_id for s in starts}):
+        assert len(ids) == 2000
+    for start in starts[:200]:
+        parsed = uuid.UUID(start.request_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == start.request_id
+        assert len(start.trace_id) == 32 and len(start.span_id) == 16
+        assert int(start.trace_id, 16) and int(start.span_id, 16)
+        # The request id's digits are drawn apart from the trace's.
+        assert start.request_id.replace("-", "") not in start.trace_id + start.span_id
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-request-id": "r-1"},
+        {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "a=1"},
+        {"b3": f"{TRACE}-{SPAN}-1", "x-b3-sampled": "1", "tracestate": "a=1"},
+    ],
+)
+def test_set_fields_and_replaced_names_are_the_headers_encoded(headers: dict[str, str]) -> None:
+    """What the HTTP engine sends upstream, as bytes: set_headers, and the caller's fields it replaces
+    (set_headers' names and remove_headers)."""
+    start = Tracer().start(headers)
+    assert start.set_fields == tuple((n.encode(), v.encode("latin-1")) for n, v in start.set_headers)
+    assert start.set_fields is start.set_fields  # encoded once
+    assert start.replaced_names == (
+        *[n.encode() for n, _ in start.set_headers],
+        *[n.encode() for n in start.remove_headers],
+    )
 
 
 # -- config ----------------------------------------------------------------------------------------

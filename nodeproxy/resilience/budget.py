@@ -77,8 +77,8 @@ class RetryBudget:
         self._slot_end = -math.inf  # clock time when the newest slot ends (record_request's shortcut)
         self.refused = 0  # retries refused, for metrics
 
-    def _current(self) -> _Slot:
-        index = max(math.floor(self.clock() / self.slot_width), self._latest)
+    def _current(self, now: float | None = None) -> _Slot:
+        index = max(math.floor((self.clock() if now is None else now) / self.slot_width), self._latest)
         self._latest = index
         self._slot_end = (index + 1) * self.slot_width
         slots = self._slots
@@ -89,12 +89,15 @@ class RetryBudget:
             slots.popleft()
         return slots[-1]
 
-    def record_request(self) -> None:
-        """An original request (not a retry) was sent: it earns retry_ratio of a retry."""
-        if self.clock() < self._slot_end:  # every request: still in the newest slot (one clock read)
-            self._slots[-1].requests += 1
+    def record_request(self, now: float | None = None) -> None:
+        """An original request (not a retry) was sent: it earns retry_ratio of a retry. `now`: the
+        budget's clock read by the caller for the same event (None: read it here)."""
+        if now is None:
+            now = self.clock()
+        if now < self._slot_end:
+            self._slots[-1].requests += 1  # every request: still in the newest slot
             return
-        self._current().requests += 1
+        self._current(now).requests += 1
 
     def available(self) -> float:
         """Retries the budget would admit right now (may be fractional)."""

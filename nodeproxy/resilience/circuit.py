@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from nodeproxy.resilience.outcome import GrpcStatus, LocalAnswer
 
@@ -45,6 +46,11 @@ class Resource(enum.Enum):
     # Members are singletons compared by identity: hash them by identity too, in C, instead of
     # Enum's hash of the name in Python (two acquires per request hash a member).
     __hash__ = object.__hash__
+
+
+# The member every request acquires and releases, read once here: an Enum member lookup on the class
+# costs more than the counting itself.
+_REQUESTS: Final = Resource.REQUESTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +109,21 @@ class CircuitBreaker:
             # A release without an acquire would silently raise the limit for everyone after.
             raise RuntimeError(f"circuit breaker: {resource.value} released more often than acquired")
         self.in_use[resource] -= 1
+
+    def try_acquire_request(self) -> bool:
+        """try_acquire(Resource.REQUESTS), for every request head: the same counts, fewer lookups."""
+        in_use = self.in_use
+        held = in_use[_REQUESTS]
+        if held >= self.limits.max_requests:
+            self.overflows[_REQUESTS] += 1
+            return False
+        in_use[_REQUESTS] = held + 1
+        return True
+
+    def release_request(self) -> None:
+        """release(Resource.REQUESTS), for every request's end."""
+        in_use = self.in_use
+        held = in_use[_REQUESTS]
+        if held <= 0:
+            raise RuntimeError("circuit breaker: requests released more often than acquired")
+        in_use[_REQUESTS] = held - 1

@@ -32,6 +32,7 @@ from nodeproxy.resilience.outcome import GrpcStatus, LocalAnswer
 __all__ = [
     "DEFAULT_ROUTE_TIMEOUT",
     "GRPC_TIMEOUT_HEADER",
+    "NO_DEADLINE",
     "TIMEOUT_HEADER",
     "Deadline",
     "deadline_exceeded",
@@ -159,3 +160,6 @@ class Deadline:
         if grpc:
             return ((GRPC_TIMEOUT_HEADER, format_grpc_timeout(left)),)
         return ((TIMEOUT_HEADER, format_timeout_ms(left)),)
+
+
+NO_DEADLINE = Deadline(None)  # shared by every request without one (a Deadline is immutable)

@@ -23,6 +23,7 @@ counts and decide.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,13 @@ from dataclasses import dataclass
 from nodeproxy.balance import Balancer, Clock, Endpoint, make_balancer
 from nodeproxy.resilience.circuit import CircuitBreaker, Resource, overflow_answer
 from nodeproxy.resilience.config import RateLimitConfig, RouteResilience, ServiceResilience
-from nodeproxy.resilience.deadline import Deadline, deadline_exceeded
+from nodeproxy.resilience.deadline import (
+    GRPC_TIMEOUT_HEADER,
+    NO_DEADLINE,
+    TIMEOUT_HEADER,
+    Deadline,
+    deadline_exceeded,
+)
 from nodeproxy.resilience.fault import FaultPolicy
 from nodeproxy.resilience.outcome import (
     GATEWAY_ERROR_STATUSES,
@@ -66,6 +73,11 @@ class RouteGuards:
     # What the engine is asked to do for this route's attempts (see hold_min_status_for).
     hold_min_status: int = 0
     replay_limit: int = 0
+
+    def __post_init__(self) -> None:
+        # admit() computes the deadline without Deadline.for_request's checks: they are made here.
+        if not self.timeout >= 0:
+            raise ValueError(f"route {self.name}: timeout must be >= 0 seconds, not {self.timeout}")
 
     @classmethod
     def from_config(cls, name: str, config: RouteResilience) -> RouteGuards:
@@ -145,8 +157,18 @@ class Admission:
 
     @property
     def attempt_timeout(self) -> float | None:
-        """Bound on the first attempt's wait for a response head (None: none)."""
-        return self.deadline.attempt_timeout(self._guards.clock(), self._policy.per_try_timeout)
+        """Bound on the first attempt's wait for a response head (None: none): what
+        ``deadline.attempt_timeout(clock(), per_try_timeout)`` gives, inline (every request asks)."""
+        per_try = self._policy.per_try_timeout  # None or positive and finite (RetryPolicy checks)
+        expires_at = self.deadline.expires_at
+        if expires_at is None:
+            return per_try
+        left = expires_at - self._guards.clock()
+        if left < 0.0:
+            left = 0.0
+        if per_try is not None and per_try < left:
+            return per_try
+        return None if left == math.inf else left
 
     def headers_at(self, now: float) -> tuple[tuple[str, str], ...]:
         """Headers to set (replacing the caller's) on an attempt sent at `now`: the time left."""
@@ -229,6 +251,7 @@ class ServiceGuards:
         self.budget = config.retry_budget.budget(clock)
         self.outlier = OutlierDetector(config.outlier_detection.settings(), endpoints, clock)
         self.limiter = RateLimiter(config.rate_limit.bucket() if config.rate_limit else None, clock)
+        self._limit_scope = f"service {name}"  # the 429's detail names it
         self._route_limits: dict[str, RateLimitConfig] = {}
         self._set_route_limits(routes or {})
 
@@ -275,24 +298,38 @@ class ServiceGuards:
         )
 
     def admit(self, route: RouteGuards, headers: Mapping[str, str], *, grpc: bool) -> Admission | LocalAnswer:
-        """A request head arrived for `route`; `headers` holds at least route.header_names."""
-        limited = self.limiter.check(route.name, f"service {self.name}")
-        if limited is not None:
-            return limited
+        """A request head arrived for `route`; `headers` holds at least route.header_names.
+
+        This runs for every request: what is not configured costs an attribute test, and the clock
+        is read once for the deadline and the budget."""
+        limiter = self.limiter
+        if limiter.service_bucket is not None or limiter.route_buckets:  # else check() has nothing to do
+            limited = limiter.check(route.name, self._limit_scope)
+            if limited is not None:
+                return limited
         delay = 0.0
-        if route.fault is not None:
-            action = route.fault.decide(headers, self.rng)
+        fault = route.fault
+        if fault is not None:
+            action = fault.decide(headers, self.rng)
             if action.abort is not None:
                 return action.abort
             delay = action.delay
-        if not self.breaker.try_acquire(Resource.REQUESTS):
+        if not self.breaker.try_acquire_request():
             return overflow_answer(Resource.REQUESTS)
         now = self.clock()
-        deadline = Deadline.for_request(
-            now, route.timeout, headers, grpc=grpc, honor_caller_timeout=route.honor_caller_timeout
-        )
+        timeout = route.timeout  # >= 0 (RouteGuards checks), 0: none
+        if (
+            route.honor_caller_timeout
+            and headers
+            and (GRPC_TIMEOUT_HEADER if grpc else TIMEOUT_HEADER) in headers
+        ):
+            deadline = Deadline.for_request(now, timeout, headers, grpc=grpc)
+        elif 0 < timeout < math.inf:  # Deadline.for_request without a caller's header, inline
+            deadline = Deadline(now + timeout)
+        else:
+            deadline = NO_DEADLINE
         # The injected delay is spent from the deadline too (the caller waits for it).
-        self.budget.record_request()  # an original request: it earns its share of the retry budget
+        self.budget.record_request(now)  # an original request: it earns its share of the retry budget
         return Admission(self, route.retry_policy, deadline, delay, grpc)
 
     def attempt_ended(
@@ -315,4 +352,4 @@ class ServiceGuards:
     def request_ended(self, admission: Admission) -> None:
         """The request is over: frees its request slot (and an active-retry slot it may hold)."""
         admission.finished()
-        self.breaker.release(Resource.REQUESTS)
+        self.breaker.release_request()

@@ -198,8 +198,10 @@ class OutlierDetector:
         health = self._health.get(endpoint)
         if health is None:
             return None
-        if not result.is_5xx and health.ejected_until is None:
-            # The common case, every successful request: no clock, no scan of the other endpoints.
+        status = result.status  # not None: a response (then failure is None), not a 5xx below 500
+        if status is not None and status < 500 and health.ejected_until is None:
+            # The common case, every successful request: no clock, no scan of the other endpoints
+            # (and `not result.is_5xx` inline).
             health.consecutive_5xx = health.consecutive_gateway = 0
             health.probation = False
             return None
