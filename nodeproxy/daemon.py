@@ -396,7 +396,7 @@ class Worker:
         await mesh.start(loop)
         # HTTP ports' requests to pods on peer nodes ride the same tunnel (nodeproxy.proxy.mesh_entry).
         if self.http is not None:
-            self.http.use_mesh(mesh.entry.address, mesh.entry.token, mesh.http_path)
+            self.http.use_mesh(mesh.entry.address, mesh.entry.token, mesh.http_path, mesh.identity_of)
 
     def remove_capture_if_last(self) -> None:
         """After serve(), on_failure open, supervisor dead: the last process of the daemon removes the

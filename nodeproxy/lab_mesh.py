@@ -26,7 +26,7 @@ from pathlib import Path
 from nodeproxy import netns
 from nodeproxy.identity.ca import DEFAULT_NODE_CREDENTIAL_TTL, CertificateAuthority, init_ca, write_credential
 from nodeproxy.identity.spiffeid import SpiffeId
-from nodeproxy.lab import Pod, wait_listening
+from nodeproxy.lab import HTTP_PORT, Pod, wait_listening
 from nodeproxy.lab_nodes import Node, NodeLab, start_backends
 
 TRUST_DOMAIN = "cluster.local"
@@ -36,9 +36,14 @@ METRICS_PORT = 15020
 # config lists as its workload but no pod has, so node-b accepts tunnels for it and cannot connect (503).
 FLAKY_VIP = "10.96.0.50"
 GHOST_POD = "10.244.2.50"
-# The CA backdates notBefore by a minute (nodeproxy.identity.lifetimes.BACKDATE), so a 90 s SVID lives
-# 150 s and is renewed at half of that: 15 s (+-7.5 s jitter) after it was issued.
+# A 90 s SVID is renewed at half its life from issuance (the CA's backdated minute does not count,
+# nodeproxy.identity.lifetimes): 45 s (+-4.5 s jitter) after it was issued.
 DEFAULT_LAB_SVID_TTL = timedelta(seconds=90)
+# HTTP services of node-a (port 80, protocol http: the HTTP engine) whose endpoints run on node-b: b1's
+# lab backend, and b0's (namespace secure: STRICT, so plaintext from node-a would be refused).
+WEB_VIP = "10.96.0.60"
+SECURE_WEB_VIP = "10.96.0.61"
+WEB_PORT = 80
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def daemon_config(
         "metrics": {"port": METRICS_PORT},
         "identity": identity_section(lab, directory, node, svid_ttl),
         "mesh": {"peers": {other.name: other.underlay_ip}},
-        "services": [] if node.name != "node-a" else [flaky_service(lab)],
+        "services": [] if node.name != "node-a" else [flaky_service(lab), *web_services(lab)],
         "authz": {
             "peer_authentication": [{"name": "secure-strict", "namespace": "secure", "mode": "STRICT"}],
             "authorization_policies": [
@@ -192,6 +197,20 @@ def flaky_service(lab: NodeLab) -> dict[str, object]:
             }
         },
     }
+
+
+def web_services(lab: NodeLab) -> list[dict[str, object]]:
+    """WEB_VIP:80 -> b1:8080 and SECURE_WEB_VIP:80 -> b0:8080, both HTTP ports on node-b's pods."""
+    b0, b1 = lab.nodes[1].pods[0], lab.nodes[1].pods[1]
+    return [
+        {
+            "name": name,
+            "vip": vip,
+            "ports": [{"port": WEB_PORT, "target_port": HTTP_PORT, "protocol": "http"}],
+            "endpoints": [{"address": pod.ip, "node": "node-b"}],
+        }
+        for name, vip, pod in (("web", WEB_VIP, b1), ("secure-web", SECURE_WEB_VIP, b0))
+    ]
 
 
 def start_daemon(lab: NodeLab, directory: Path, node: Node, config: dict[str, object]) -> Daemon:

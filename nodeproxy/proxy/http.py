@@ -154,8 +154,8 @@ class HttpConnection:
     started: float
     worker: _l7.HttpWorker
     requests: int = 0
-    # The SPIFFE ID the mTLS tunnel verified for the source workload; None for plaintext (and for
-    # connections captured from local pods, which have no peer certificate).
+    # The SPIFFE ID of the source workload, for policies: the identity the mesh gives the client pod
+    # (its requests travel with that SVID); None without the mesh or for a pod without identity.
     source_principal: str | None = None
 
 
@@ -257,6 +257,7 @@ class HttpProxy:
         # With the mTLS mesh (use_mesh): per attempt, whether the endpoint is reached through the
         # tunnel. None: every endpoint is connected to directly.
         self._mesh_path: MeshPath | None = None
+        self._principal_of: Callable[[str], str | None] | None = None
         self._peek_timeout_ms = max(1, int(http.peek_timeout * 1000))
         self._relay_idle_ms = int(relay.idle_timeout * 1000)
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -314,14 +315,22 @@ class HttpProxy:
         self.process_records()
         os.close(self.notify_fd)
 
-    def use_mesh(self, entry: tuple[str, int], token: bytes, path: MeshPath) -> None:
+    def use_mesh(
+        self,
+        entry: tuple[str, int],
+        token: bytes,
+        path: MeshPath,
+        principal_of: Callable[[str], str | None],
+    ) -> None:
         """Send requests to endpoints on peer nodes through the mTLS tunnel: the engines connect to the
         mesh entry at `entry` (nodeproxy.proxy.mesh_entry) with `token`, for every attempt that `path`
         (source pod address, endpoint) answers True; a string is a refusal (503 UAEX, as the L4 path
-        refuses), False a direct connection."""
+        refuses), False a direct connection. principal_of (pod address -> SPIFFE ID or None) names the
+        source workload of new connections for the policies."""
         for worker in self.workers:
             worker.set_mesh_entry(entry[0], entry[1], token)
         self._mesh_path = path
+        self._principal_of = principal_of
 
     def begin_drain(self) -> None:
         """For Worker.drain_hooks: responses from now on carry `Connection: close` and end their
@@ -359,6 +368,8 @@ class HttpProxy:
         worker = self.workers[self._next]
         self._next = (self._next + 1) % len(self.workers)
         conn = HttpConnection(conn_id, client_ip, client_port, orig_ip, orig_port, time.monotonic(), worker)
+        if self._principal_of is not None:
+            conn.source_principal = self._principal_of(client_ip)
         worker.adopt(
             conn_id, client_fd, client_ip if self.bind_source else None, self._peek_timeout_ms if sniff else 0
         )

@@ -399,9 +399,18 @@ class MeshWorker:
 
     # -- outbound ---------------------------------------------------------------------------------------
 
-    def adopt(self, conn_id: int, fd: int, path: TunnelTo, authority: str, source_ip: str) -> None:
+    def adopt(
+        self,
+        conn_id: int,
+        fd: int,
+        path: TunnelTo,
+        authority: str,
+        source_ip: str,
+        l7_checked: bool = False,
+    ) -> None:
         """Tunnel client socket `fd`; raises (LookupError: no identity or SVID; OSError) with fd still
-        the caller's, else fd is the engine's and a StreamDone with conn_id follows."""
+        the caller's, else fd is the engine's and a StreamDone with conn_id follows. l7_checked: the
+        HTTP engine applied the destination's policies to every request on it (the mesh entry)."""
         # The engine keeps presenting the last certificate it was given for an identity; one that expired
         # without a renewal (CA unreachable) would only fail the peer's handshake, so refuse here, saying
         # why (NoSvid).
@@ -409,7 +418,9 @@ class MeshWorker:
         if spiffe_id is None:
             spiffe_id = self._spiffe_ids[path.identity] = SpiffeId.parse(path.identity)
         self.certs.svid_for(spiffe_id)
-        self.client.adopt(conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity)
+        self.client.adopt(
+            conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity, l7_checked=l7_checked
+        )
 
     # -- the HTTP engine's way in ------------------------------------------------------------------------
 
@@ -423,6 +434,10 @@ class MeshWorker:
             return path.reason
         return True
 
+    def identity_of(self, source_ip: str) -> str | None:
+        """The SPIFFE ID a pod of this node travels as (the current snapshot's), else None."""
+        return self.directory.identity_of(source_ip)
+
     def _adopt_from_entry(self, entry_id: int, fd: int, header: EntryHeader) -> str | None:
         """A connection from the HTTP engine arrived at the entry: into the tunnel (None), or the reason
         it cannot go (the entry resets it; the engine sees a failed attempt and may retry elsewhere)."""
@@ -434,7 +449,7 @@ class MeshWorker:
         if not isinstance(path, TunnelTo):  # a reload moved the endpoint meanwhile, or a refusal
             return path.reason if path is not None else f"{destination} is no longer on a peer node"
         try:
-            self.adopt(entry_id, fd, path, f"{destination}:{port}", header.source_ip)
+            self.adopt(entry_id, fd, path, f"{destination}:{port}", header.source_ip, l7_checked=True)
         except (LookupError, ValueError, OSError) as err:
             return f"cannot tunnel to {path.peer_node}: {err}"
         self._entry_streams[entry_id] = time.monotonic()
