@@ -13,8 +13,9 @@ peer's chain verified against the trust bundle by OpenSSL and its leaf checked a
 trust domain (and as the expected identity when one is given). Each client connection is one CONNECT
 stream (`:authority` the destination, `forwarded: for=<source ip>`, and `x-nodeproxy-authorized: l7`
 when the caller says it applied the destination's L7 policies to every request on it); the client's
-bytes follow at once (the peer holds them until it decided, and drops them on a refusal), the peer's after its 2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both ways); an
-error on either side resets the other (RST_STREAM / TCP RST).
+bytes follow at once (the peer holds them until it decided, and drops them on a refusal), the peer's
+after its 2xx. The client's FIN becomes END_STREAM and the peer's END_STREAM a FIN (half-close both
+ways); an error on either side resets the other (RST_STREAM / TCP RST).
 
 Inbound: the listening socket given to listen() (15008) accepts TLS 1.3 with a client certificate
 required and verified the same way. Each CONNECT stream is posted to Python as an INBOUND record (peer

@@ -11,7 +11,10 @@ Outbound use (the listener's cross-node path)::
     engine.start()
     client = TunnelClient(engine, identity_of=index.identity_of, credential_for=manager.svid_for)
     client.adopt(conn_id, fd, peer_node_ip="192.168.100.2", authority="10.244.2.100:8080",
-                 source_ip="10.244.1.10")          # False: no identity for that source (reset it)
+                 source_ip="10.244.1.10")          # NoIdentity: none for that source (reset it)
+    client.adopt(..., l7_checked=True)             # the HTTP engine's upstream connection: every
+                                                   # request on it was checked against the
+                                                   # destination's policies here
     ...
     for record in engine.records():                # when engine.notify_fd is readable
         ...                                        # StreamDone carries conn_id, ending and bytes
