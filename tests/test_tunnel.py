@@ -3,6 +3,7 @@ CONNECT, certificates from the identity package's CA (bad ones hand-made with cr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -625,12 +626,16 @@ def _adopt(
 
 
 def _echo_once(app: socket.socket, payload: bytes) -> bytes:
+    """What the pod echoed, or b"<reset>" when the stream was refused (the reset may come before the
+    payload is even sent, when the refusal is quick)."""
     with app:
-        app.sendall(payload)
-        app.shutdown(socket.SHUT_WR)
         try:
+            app.sendall(payload)
+            app.shutdown(socket.SHUT_WR)
             return recv_all(app)
-        except ConnectionResetError:
+        except OSError as err:  # reset before or after the send, or before the shutdown
+            if err.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                raise
             return b"<reset>"
 
 
