@@ -313,9 +313,12 @@ def test_deny_policy_on_the_destination_node_resets_the_connection(mesh: MeshLab
     a1, b1 = mesh.a.pods[1], mesh.b.pods[1]
     assert is_reset(a1, b1.ip, ECHO_PORT)
     denied = mesh.daemons["node-b"].wait_record(
-        lambda r: r.get("event") == "tunnel stream" and r.get("allowed") is False
+        lambda r: (
+            r.get("event") == "tunnel stream"
+            and r.get("allowed") is False
+            and r.get("peer_identity") == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a1"
+        )
     )
-    assert denied["peer_identity"] == f"spiffe://{TRUST_DOMAIN}/ns/lab/sa/a1"
     assert "deny-a1" in str(denied["reason"])
     closed = mesh.daemons["node-a"].wait_record(
         lambda r: r.get("event") == "connection closed" and str(r.get("src", "")).startswith(f"{a1.ip}:")
