@@ -286,6 +286,14 @@ class AccessLog:
         """Whether any record could be written: callers test this before gathering a record's fields."""
         return self.enabled and self.level.threshold <= WARNING
 
+    def request_wanted(self, status: int, flags: str) -> bool:
+        """Whether the level lets request()'s record of a request with this status and flags through
+        (sampling aside): callers test this before gathering its fields, so that at level warning a
+        success costs no more than this."""
+        return self.enabled and self.level.threshold <= (
+            WARNING if status >= 500 or status == 0 or flags != "-" else INFO
+        )
+
     def _keep(self, failure: bool) -> str | None:
         """The level name of a record that is written, None if the level or sampling skips it."""
         if not self.enabled:

@@ -456,9 +456,12 @@ class PeakEwma:
                 second.rtt_estimate, second.rtt_updated_at = default_rtt, now
             if first.rtt_samples == 0 and second.rtt_samples == 0:
                 return second if second.active < first.active else first
-            # cost() of each, inline: estimate decayed since its last sample x (in flight + 1)
-            first_cost = first.rtt_estimate * exp(-max(0.0, now - first.rtt_updated_at) * rate)
-            second_cost = second.rtt_estimate * exp(-max(0.0, now - second.rtt_updated_at) * rate)
+            # cost() of each, inline: estimate decayed since its last sample x (in flight + 1); no
+            # time passed (or the clock stepped back) decays nothing: exp(-0.0) is 1.0
+            elapsed = now - first.rtt_updated_at
+            first_cost = first.rtt_estimate * exp(-elapsed * rate) if elapsed > 0 else first.rtt_estimate
+            elapsed = now - second.rtt_updated_at
+            second_cost = second.rtt_estimate * exp(-elapsed * rate) if elapsed > 0 else second.rtt_estimate
             first_cost *= first.active * per_weight + 1
             second_cost *= second.active * per_weight + 1
             return second if second_cost < first_cost else first

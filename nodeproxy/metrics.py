@@ -22,7 +22,7 @@ path or a pod address, so the number of series is bounded by the config; `max_se
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -408,9 +408,9 @@ class WorkerMetrics:
         series.duration_s += duration_s
         series.bytes_in += bytes_in
         series.bytes_out += bytes_out
-        series.duration_buckets[bisect.bisect_left(_DURATION_BOUNDS_S, duration_s)] += 1
-        series.bytes_in_buckets[bisect.bisect_left(HISTOGRAM_BOUNDS, bytes_in)] += 1
-        series.bytes_out_buckets[bisect.bisect_left(HISTOGRAM_BOUNDS, bytes_out)] += 1
+        series.duration_buckets[bisect_left(_DURATION_BOUNDS_S, duration_s)] += 1
+        series.bytes_in_buckets[bisect_left(HISTOGRAM_BOUNDS, bytes_in)] += 1
+        series.bytes_out_buckets[bisect_left(HISTOGRAM_BOUNDS, bytes_out)] += 1
 
     def tcp_opened(self, service: str | None, source_ip: str, destination_ip: str | None) -> None:
         """A client connection was taken on: service None for a passthrough (not a service);

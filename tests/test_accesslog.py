@@ -352,3 +352,23 @@ def test_loaded_daemon_log_of_two_workers_is_one_json_record_per_line(
     assert len(closed) >= requests, (len(closed), requests)
     workers = {int(str(r["conn"])) % 2 for r in closed}
     assert workers == {0, 1}, "both workers logged connections"
+
+
+@pytest.mark.parametrize("threshold", [INFO, WARNING, ERROR])
+@pytest.mark.parametrize(
+    ("status", "flags"), [(200, "-"), (404, "-"), (503, "-"), (0, "-"), (200, "URX"), (429, "RL")]
+)
+def test_request_wanted_says_whether_request_writes_a_record(threshold: int, status: int, flags: str) -> None:
+    """The HTTP engine asks request_wanted() before it gathers a request's fields: it must agree with
+    request() on every level, status and flag (and say no for a disabled log)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        log = AccessLog(write_fd, level=FixedLevel(threshold))
+        fields = log.http_request_fields(1, ("10.0.0.1", 1), ("10.96.0.10", 80), "web", ("10.0.0.2", 8080))
+        log.request(1, fields, "GET", "web", "/", "default", status, flags, 0, 0, 2, 0.1, 0.2, 0.3, 1, False)
+        assert not AccessLog(write_fd, enabled=False).request_wanted(status, flags)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        written = parse_lines(reader.read().decode())
+    assert log.request_wanted(status, flags) == bool(written)

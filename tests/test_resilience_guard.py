@@ -328,6 +328,7 @@ def test_admit_reads_the_clock_once_and_sets_the_deadline_for_request_would(
     assert admission.deadline == Deadline.for_request(
         clock.now, timeout, headers, grpc=grpc, honor_caller_timeout=honor
     )
+    assert admission.expires_at == admission.deadline.expires_at and admission.deadline is admission.deadline
     assert guards.budget.available() == pytest.approx(guards.budget.reserve + guards.budget.retry_ratio)
     guards.request_ended(admission)
 

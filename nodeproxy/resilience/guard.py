@@ -106,21 +106,32 @@ class Admission:
     """A request let through: wait `delay` (fault injection, 0 normally), then attempt; set
     `upstream_headers` on each attempt (recomputed per attempt with :meth:`headers_at`).
 
-    Its RetryState is made only when first needed (a failed attempt, or a caller asking for
-    `retry`): most requests never fail, and this runs for every request."""
+    `expires_at` is the deadline in clock seconds (None: none); its :class:`Deadline` object, and the
+    RetryState, are made only when first needed (a failed attempt, or a caller asking for them): most
+    requests never fail, and this runs for every request."""
 
-    __slots__ = ("_first", "_guards", "_policy", "_retry", "deadline", "delay", "grpc")
+    __slots__ = ("_deadline", "_first", "_guards", "_policy", "_retry", "delay", "expires_at", "grpc")
 
     def __init__(
-        self, guards: ServiceGuards, policy: RetryPolicy, deadline: Deadline, delay: float, grpc: bool
+        self, guards: ServiceGuards, policy: RetryPolicy, expires_at: float | None, delay: float, grpc: bool
     ) -> None:
         self._guards = guards
         self._policy = policy
-        self.deadline = deadline
+        self.expires_at = expires_at
         self.delay = delay
         self.grpc = grpc
+        self._deadline: Deadline | None = None
         self._retry: RetryState | None = None
         self._first: str | None = None  # the first attempt's endpoint, until a RetryState exists
+
+    @property
+    def deadline(self) -> Deadline:
+        """The request's deadline (`expires_at`) as a Deadline, made on first use."""
+        deadline = self._deadline
+        if deadline is None:
+            expires_at = self.expires_at
+            deadline = self._deadline = NO_DEADLINE if expires_at is None else Deadline(expires_at)
+        return deadline
 
     @property
     def retry(self) -> RetryState:
@@ -160,7 +171,7 @@ class Admission:
         """Bound on the first attempt's wait for a response head (None: none): what
         ``deadline.attempt_timeout(clock(), per_try_timeout)`` gives, inline (every request asks)."""
         per_try = self._policy.per_try_timeout  # None or positive and finite (RetryPolicy checks)
-        expires_at = self.deadline.expires_at
+        expires_at = self.expires_at
         if expires_at is None:
             return per_try
         left = expires_at - self._guards.clock()
@@ -318,19 +329,20 @@ class ServiceGuards:
             return overflow_answer(Resource.REQUESTS)
         now = self.clock()
         timeout = route.timeout  # >= 0 (RouteGuards checks), 0: none
+        expires_at: float | None
         if (
             route.honor_caller_timeout
             and headers
             and (GRPC_TIMEOUT_HEADER if grpc else TIMEOUT_HEADER) in headers
         ):
-            deadline = Deadline.for_request(now, timeout, headers, grpc=grpc)
+            expires_at = Deadline.for_request(now, timeout, headers, grpc=grpc).expires_at
         elif 0 < timeout < math.inf:  # Deadline.for_request without a caller's header, inline
-            deadline = Deadline(now + timeout)
+            expires_at = now + timeout
         else:
-            deadline = NO_DEADLINE
+            expires_at = None
         # The injected delay is spent from the deadline too (the caller waits for it).
         self.budget.record_request(now)  # an original request: it earns its share of the retry budget
-        return Admission(self, route.retry_policy, deadline, delay, grpc)
+        return Admission(self, route.retry_policy, expires_at, delay, grpc)
 
     def attempt_ended(
         self,
@@ -351,5 +363,6 @@ class ServiceGuards:
 
     def request_ended(self, admission: Admission) -> None:
         """The request is over: frees its request slot (and an active-retry slot it may hold)."""
-        admission.finished()
+        if admission._retry is not None:  # admission.finished(), without the call for most requests
+            admission._retry.finished()
         self.breaker.release_request()
