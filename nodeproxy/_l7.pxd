@@ -251,6 +251,8 @@ cdef struct Up:
     h1_head resp
     h1_body resp_body
     int64_t since_ns          # connect start (U_CONNECTING) or idle start (U_IDLE)
+    bint mesh_header_sent     # via the mesh entry: the PROXY v2 header went out; U_CONNECTING until the
+                              # tunnel's one-byte open announcement arrives (_mesh_opened)
     Up *idle_prev             # pool idle list: most recent at the head (LIFO), oldest at the tail
     Up *idle_next
     bint dead
@@ -451,6 +453,7 @@ cdef class HttpWorker:
     cdef void _attach(self, Down *d, Up *u, bint reused) noexcept nogil
     cdef Up *_connect(self, Pool *p, int *err) noexcept nogil
     cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst, bint via_mesh) noexcept nogil
+    cdef int _mesh_opened(self, Up *u, int *err) noexcept nogil
     cdef void _pool_release(self, Up *u) noexcept nogil
     cdef void _pool_unwait(self, Down *d) noexcept nogil
     cdef void _serve_waiter(self, Pool *p) noexcept nogil

@@ -1242,7 +1242,7 @@ cdef class HttpWorker:
         self._drive(d)
 
     cdef void _on_up_event(self, Up *u, uint32_t events) noexcept nogil:
-        cdef int err
+        cdef int err, opened
         cdef Up *s
         cdef Down *d = u.down
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -1254,12 +1254,20 @@ cdef class HttpWorker:
         if u.h2 != NULL:
             if u.state == U_CONNECTING:
                 err = sock_error(u.fd)
-                if err == 0 and not events & EPOLLOUT:
+                if err == 0 and not events & EPOLLOUT and not u.mesh_header_sent:
                     return
                 if err != 0 or events & (EPOLLHUP | EPOLLERR):
                     self._h2u_fail(u, err if err else ECONNRESET)
                     self._close_up(u, False)
                     return
+                if u.pool.via_mesh:
+                    opened = self._mesh_opened(u, &err)
+                    if opened == 0:
+                        return
+                    if opened < 0:
+                        self._h2u_fail(u, err)
+                        self._close_up(u, False)
+                        return
                 u.state = U_BUSY
                 s = u.h2.streams
                 while s != NULL:
@@ -1276,13 +1284,22 @@ cdef class HttpWorker:
             return
         if u.state == U_CONNECTING:
             err = sock_error(u.fd)
-            if err == 0 and not events & EPOLLOUT:
+            if err == 0 and not events & EPOLLOUT and not u.mesh_header_sent:
                 return
             if err != 0 or events & (EPOLLHUP | EPOLLERR):
                 self._close_up(u, False)
                 if d != NULL:
                     self._attempt_failed(d, err if err else ECONNRESET, FLAG_UF)
                 return
+            if u.pool.via_mesh:
+                opened = self._mesh_opened(u, &err)
+                if opened == 0:
+                    return
+                if opened < 0:
+                    self._close_up(u, False)
+                    if d != NULL:
+                        self._attempt_failed(d, err, FLAG_UF)
+                    return
             u.state = U_BUSY
             if d != NULL:
                 self._attempt_sent(d)
@@ -1596,7 +1613,6 @@ cdef class HttpWorker:
         cdef sockaddr_in src, dst
         cdef epoll_event ev
         cdef Up *u
-        cdef unsigned char header[PROXY_V2_HEADER_LEN]
         if p.via_mesh and not self.mesh_entry_set:
             err[0] = EHOSTUNREACH  # answer() refuses such forwards; checked here too, it costs nothing
             return NULL
@@ -1643,14 +1659,6 @@ cdef class HttpWorker:
         u.state = U_CONNECTING
         u.pool = p
         u.since_ns = self.now_ns
-        if p.via_mesh:
-            # First bytes on the connection, before the request (HTTP/1.1) or the preface (HTTP/2).
-            _proxy_v2_header(header, p.source_ip, p.dst_ip, p.dst_port, self.mesh_token)
-            if _append(&u.outb, header, PROXY_V2_HEADER_LEN) < 0:
-                err[0] = ENOMEM
-                close(fd)
-                free(u)
-                return NULL
         ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
         ev.data.ptr = u
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -1665,6 +1673,39 @@ cdef class HttpWorker:
             self.ups.prev = u
         self.ups = u
         return u
+
+    cdef int _mesh_opened(self, Up *u, int *err) noexcept nogil:
+        """A connection to the mesh entry counts as connected once the tunnel to the pod is open, so that
+        a tunnel that cannot open is a connect failure (retried elsewhere by default), not a reset after
+        the request. Once the TCP connect completes the PROXY v2 header goes out; the tunnel answers one
+        0x00 byte when its CONNECT got a 2xx (nodeproxy.proxy.mesh_entry). 1: open; 0: wait (for the
+        byte, under the connect timeout); -1: failed (err)."""
+        cdef unsigned char header[PROXY_V2_HEADER_LEN]
+        cdef unsigned char opened = 0xFF
+        cdef ssize_t n
+        cdef Pool *p = u.pool
+        if not u.mesh_header_sent:
+            _proxy_v2_header(header, p.source_ip, p.dst_ip, p.dst_port, self.mesh_token)
+            n = send(u.fd, header, PROXY_V2_HEADER_LEN, MSG_NOSIGNAL)
+            if n != PROXY_V2_HEADER_LEN:
+                # A socket that just connected has an empty send buffer: the header fits whole, or the
+                # connection is broken. There is no partial write to resume.
+                err[0] = errno if n < 0 else EIO
+                return -1
+            u.mesh_header_sent = True
+        n = recv(u.fd, &opened, 1, 0)
+        if n == 1:
+            if opened != 0:
+                err[0] = EPROTO  # not the tunnel speaking: nothing after it can be trusted either
+                return -1
+            return 1
+        if n == 0:
+            err[0] = ECONNREFUSED  # closed without opening: the tunnel (or the entry) refused it
+            return -1
+        if errno == EAGAIN or errno == EINTR:
+            return 0
+        err[0] = errno
+        return -1
 
     cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst, bint via_mesh) noexcept nogil:
         cdef uint32_t bucket = _hash_pool(source_ip, dst.sin_addr.s_addr, dst.sin_port)

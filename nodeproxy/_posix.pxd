@@ -21,6 +21,8 @@ cdef extern from "<errno.h>" nogil:
         ECONNRESET
         EPIPE
         EHOSTUNREACH
+        ECONNREFUSED
+        EPROTO
 
 
 cdef extern from "<unistd.h>" nogil:

@@ -516,6 +516,7 @@ cdef struct Stream:
     char authority[256]      # AUTHORITY_MAX
     char forwarded[128]      # FORWARDED_MAX: the value of the `forwarded` field (for=<source ip>)
     bint l7_checked          # the CONNECT carries / carried `x-nodeproxy-authorized: l7`
+    bint announce_open       # outbound: write one 0x00 byte to the plain socket when the CONNECT gets a 2xx
     Stream *prev             # the TLS connection's list
     Stream *next
     Stream *await_next       # inbound: the list waiting for Python's decision
@@ -537,6 +538,7 @@ ctypedef struct Adoption:
     char forwarded[128]
     char expected[1024]      # NP_ID_MAX
     bint l7_checked          # send `x-nodeproxy-authorized: l7` with the CONNECT
+    bint announce_open       # see Stream.announce_open
 
 
 ctypedef struct Answer:

@@ -673,6 +673,14 @@ cdef void _outbound_response(Engine *e, Stream *s, int status) noexcept nogil:
         _stream_reset(e, s, END_REFUSED, 0, NGHTTP2_CANCEL)
         return
     s.state = S_OPEN
+    if s.announce_open:
+        # The first byte the plain side reads: the stream reached the pod. Nothing was written to this
+        # socket before (no DATA precedes the HEADERS), so its send buffer takes the byte whole; not
+        # through to_plain, whose bytes are credited to the peer's window as they leave.
+        if send(s.fd, b"\0", 1, MSG_NOSIGNAL) != 1:
+            s.failed_side = SIDE_PLAIN
+            _stream_reset(e, s, END_PLAIN_RESET, errno if errno else EIO, NGHTTP2_CANCEL)
+            return
     if s.deferred:
         s.deferred = False
         nghttp2_session_resume_data(t.session, s.stream_id)
@@ -1274,6 +1282,7 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     memcpy(s.authority, a.authority, sizeof(s.authority))
     memcpy(s.forwarded, a.forwarded, sizeof(s.forwarded))
     s.l7_checked = a.l7_checked
+    s.announce_open = a.announce_open
     e.live_streams += 1
     # The client socket resets if anything goes wrong from here on (it carries SO_LINGER {1, 0}).
     set_reset_on_close(s.fd, True)
@@ -1736,13 +1745,17 @@ cdef class TunnelWorker:
             raise OSError(errno, _os.strerror(errno))
 
     def adopt(self, uint64_t conn_id, int client_fd, str peer_ip, int peer_port, str authority,
-              str identity, str source_ip=None, str peer_identity=None, bint l7_checked=False):
+              str identity, str source_ip=None, str peer_identity=None, bint l7_checked=False,
+              bint announce_open=False):
         """Tunnel a client socket to `authority` ("podip:port") through the node at peer_ip:peer_port,
         as `identity` (set_identity() first). source_ip goes to the peer as `forwarded: for=<ip>`;
         peer_identity, if given, is the only SPIFFE ID the peer may present; l7_checked adds
         `x-nodeproxy-authorized: l7` (this node applied the destination's L7 policies to every request
-        on the connection). On return the socket belongs to the engine; on an exception it stays with
-        the caller. Ends with one STREAM_DONE record."""
+        on the connection); announce_open writes one 0x00 byte to the client socket when the CONNECT is
+        answered 2xx, before any byte of the pod's (the HTTP engine waits for it: until then the
+        connection counts as connecting, and a tunnel that cannot open is a connect failure). On return
+        the socket belongs to the engine; on an exception it stays with the caller. Ends with one
+        STREAM_DONE record."""
         cdef Adoption a
         cdef sockaddr_in peer, src
         cdef bytes raw_authority = authority.encode("ascii")
@@ -1771,6 +1784,7 @@ cdef class TunnelWorker:
         memcpy(a.forwarded, <const char*>raw_forwarded, len(raw_forwarded))
         memcpy(a.expected, <const char*>raw_expected, len(raw_expected))
         a.l7_checked = l7_checked
+        a.announce_open = announce_open
         flags = fcntl(client_fd, F_GETFL)
         if flags < 0 or (not flags & O_NONBLOCK and fcntl(client_fd, F_SETFL, flags | O_NONBLOCK) < 0):
             raise OSError(errno, _os.strerror(errno))

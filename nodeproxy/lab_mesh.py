@@ -43,6 +43,9 @@ DEFAULT_LAB_SVID_TTL = timedelta(seconds=90)
 # lab backend, and b0's (namespace secure: STRICT, so plaintext from node-a would be refused).
 WEB_VIP = "10.96.0.60"
 SECURE_WEB_VIP = "10.96.0.61"
+# An HTTP service of node-a whose endpoints are GHOST_POD (node-b cannot connect: the tunnel does not
+# open) and b1, round robin: a request to the ghost is retried on b1.
+FLAKY_WEB_VIP = "10.96.0.62"
 WEB_PORT = 80
 
 
@@ -200,16 +203,22 @@ def flaky_service(lab: NodeLab) -> dict[str, object]:
 
 
 def web_services(lab: NodeLab) -> list[dict[str, object]]:
-    """WEB_VIP:80 -> b1:8080 and SECURE_WEB_VIP:80 -> b0:8080, both HTTP ports on node-b's pods."""
-    b0, b1 = lab.nodes[1].pods[0], lab.nodes[1].pods[1]
+    """WEB_VIP:80 -> b1:8080, SECURE_WEB_VIP:80 -> b0:8080 and FLAKY_WEB_VIP:80 -> GHOST_POD:8080 and
+    b1:8080, HTTP ports on node-b's pods."""
+    b0, b1 = lab.nodes[1].pods[0].ip, lab.nodes[1].pods[1].ip
     return [
         {
             "name": name,
             "vip": vip,
             "ports": [{"port": WEB_PORT, "target_port": HTTP_PORT, "protocol": "http"}],
-            "endpoints": [{"address": pod.ip, "node": "node-b"}],
+            "balancer": "round_robin",
+            "endpoints": [{"address": ip, "node": "node-b"} for ip in ips],
         }
-        for name, vip, pod in (("web", WEB_VIP, b1), ("secure-web", SECURE_WEB_VIP, b0))
+        for name, vip, ips in (
+            ("web", WEB_VIP, [b1]),
+            ("secure-web", SECURE_WEB_VIP, [b0]),
+            ("flaky-web", FLAKY_WEB_VIP, [GHOST_POD, b1]),
+        )
     ]
 
 

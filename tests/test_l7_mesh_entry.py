@@ -113,12 +113,15 @@ class FakeEntry:
         self.sock.close()
 
 
-def read_header(conn: socket.socket) -> EntryHeader:
+def read_header(conn: socket.socket, announce: bool = True) -> EntryHeader:
+    """The engine's header; then, as the tunnel does once its CONNECT is answered, the open byte."""
     data = b""
     while (parsed := parse_entry_header(data, TOKEN)) is None:
         chunk = conn.recv(HEADER_BYTES - len(data))
         assert chunk, f"closed after {data!r}"
         data += chunk
+    if announce:
+        conn.sendall(b"\0")
     return parsed
 
 
@@ -231,6 +234,64 @@ def test_http2_upstream_through_the_entry_gets_the_header_before_the_preface(eng
         assert read_response(client).body == b"h2"
         client.close()
         upstream.close()
+    finally:
+        entry.close()
+
+
+def test_nothing_of_the_request_goes_before_the_tunnel_is_open(engine: Engine) -> None:
+    entry = FakeEntry()
+    try:
+        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
+        client = adopt_from(engine, SOURCE_POD)
+        client.sendall(b"GET /wait HTTP/1.1\r\nHost: web\r\n\r\n")
+        head = engine.record(_l7.HEAD)
+        engine.worker.answer([via_mesh_forward(head[1])], [])
+        upstream = entry.accept()
+        read_header(upstream, announce=False)
+        upstream.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            upstream.recv(100)  # the request waits for the open byte
+        upstream.settimeout(10)
+        upstream.sendall(b"\0")
+        assert recv_until(upstream, b"\r\n\r\n").startswith(b"GET /wait ")
+        upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        client.settimeout(10)
+        assert client.recv(100).startswith(b"HTTP/1.1 204")
+        client.close()
+        upstream.close()
+    finally:
+        entry.close()
+
+
+@pytest.mark.parametrize("ending", ["reset", "close", "wrong byte"])
+def test_a_tunnel_that_does_not_open_is_a_connect_failure(engine: Engine, ending: str) -> None:
+    """So the default retry policy (connect-failure) tries another endpoint: the pod never saw the
+    request."""
+    entry = FakeEntry()
+    try:
+        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
+        client = adopt_from(engine, SOURCE_POD)
+        client.sendall(b"POST /once HTTP/1.1\r\nHost: web\r\ncontent-length: 2\r\n\r\nhi")
+        head = engine.record(_l7.HEAD)
+        engine.worker.answer([via_mesh_forward(head[1])], [])
+        upstream = entry.accept()
+        read_header(upstream, announce=False)
+        if ending == "reset":
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif ending == "wrong byte":
+            upstream.sendall(b"H")
+        upstream.close()
+        failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
+        assert failed[6] == _l7.FAIL_CONNECT, failed
+        # The retry (here to the same entry) resends the request whole on a new connection.
+        engine.worker.answer([via_mesh_forward(head[1])], [])
+        again = entry.accept()
+        read_header(again)
+        assert recv_until(again, b"hi").endswith(b"\r\n\r\nhi")
+        again.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        assert read_response(client).status == 200
+        client.close()
+        again.close()
     finally:
         entry.close()
 

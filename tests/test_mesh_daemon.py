@@ -31,6 +31,7 @@ from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.lab import ECHO_PORT, HTTP_PORT, Pod
 from nodeproxy.lab_mesh import (
     FLAKY_VIP,
+    FLAKY_WEB_VIP,
     GHOST_POD,
     METRICS_PORT,
     SECURE_WEB_VIP,
@@ -254,6 +255,22 @@ def test_a_strict_destination_takes_http_through_the_tunnel_and_a_pod_without_id
     # a2 has no identity: the tunnel cannot carry it, and b0 refuses plaintext (STRICT): 503 UAEX here.
     [(status, headers, _)] = http_requests(a2, SECURE_WEB_VIP, ["/secure"])
     assert status == 503 and headers["x-nodeproxy-flags"] == "UAEX", headers
+
+
+def test_an_http_request_to_an_endpoint_whose_tunnel_does_not_open_is_retried_on_another(
+    mesh: MeshLab,
+) -> None:
+    """GHOST_POD is a workload of node-b with no pod: node-b answers the CONNECT 503. The HTTP engine
+    counts that as a connect failure (the tunnel never opened, the request never left), which Istio's
+    default retry policy retries on another endpoint: every request is answered by b1."""
+    a0 = mesh.a.pods[0]
+    answers = http_requests(a0, FLAKY_WEB_VIP, [f"/try{i}" for i in range(6)])
+    assert [status for status, _, _ in answers] == [200] * 6, answers
+    assert all(body.startswith("backend=b1 ") for _, _, body in answers)
+    retried = mesh.daemons["node-a"].wait_record(
+        lambda r: r.get("event") == "request" and r.get("service") == "flaky-web" and r.get("attempts") == 2
+    )
+    assert retried["status"] == 200 and retried["upstream"] == f"{mesh.b.pods[1].ip}:{HTTP_PORT}", retried
 
 
 def test_l7_policies_apply_per_request_through_the_tunnel_and_l4_streams_stay_denied(mesh: MeshLab) -> None:

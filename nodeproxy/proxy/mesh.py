@@ -407,10 +407,12 @@ class MeshWorker:
         authority: str,
         source_ip: str,
         l7_checked: bool = False,
+        announce_open: bool = False,
     ) -> None:
         """Tunnel client socket `fd`; raises (LookupError: no identity or SVID; OSError) with fd still
         the caller's, else fd is the engine's and a StreamDone with conn_id follows. l7_checked: the
-        HTTP engine applied the destination's policies to every request on it (the mesh entry)."""
+        HTTP engine applied the destination's policies to every request on it; announce_open: it waits
+        for one 0x00 byte that says the stream is open (both: the mesh entry's connections)."""
         # The engine keeps presenting the last certificate it was given for an identity; one that expired
         # without a renewal (CA unreachable) would only fail the peer's handshake, so refuse here, saying
         # why (NoSvid).
@@ -419,7 +421,14 @@ class MeshWorker:
             spiffe_id = self._spiffe_ids[path.identity] = SpiffeId.parse(path.identity)
         self.certs.svid_for(spiffe_id)
         self.client.adopt(
-            conn_id, fd, path.peer_ip, authority, source_ip, path.peer_identity, l7_checked=l7_checked
+            conn_id,
+            fd,
+            path.peer_ip,
+            authority,
+            source_ip,
+            path.peer_identity,
+            l7_checked=l7_checked,
+            announce_open=announce_open,
         )
 
     # -- the HTTP engine's way in ------------------------------------------------------------------------
@@ -449,7 +458,15 @@ class MeshWorker:
         if not isinstance(path, TunnelTo):  # a reload moved the endpoint meanwhile, or a refusal
             return path.reason if path is not None else f"{destination} is no longer on a peer node"
         try:
-            self.adopt(entry_id, fd, path, f"{destination}:{port}", header.source_ip, l7_checked=True)
+            self.adopt(
+                entry_id,
+                fd,
+                path,
+                f"{destination}:{port}",
+                header.source_ip,
+                l7_checked=True,
+                announce_open=True,
+            )
         except (LookupError, ValueError, OSError) as err:
             return f"cannot tunnel to {path.peer_node}: {err}"
         self._entry_streams[entry_id] = time.monotonic()

@@ -287,13 +287,24 @@ class TunnelEngine:
         peer_identity: str | None = None,
         *,
         l7_checked: bool = False,
+        announce_open: bool = False,
     ) -> None:
         """Tunnel `fd` (see TunnelWorker.adopt); the socket belongs to the engine once this returns.
         l7_checked: every request on this connection was checked against the destination's policies
         here (the HTTP engine's upstream connections), so the peer judges the stream by what its
-        connection decides; False (the default) for captured L4 connections."""
+        connection decides; False (the default) for captured L4 connections. announce_open: one 0x00
+        byte to `fd` once the stream is open (the HTTP engine's connect completion)."""
         self.worker.adopt(
-            conn_id, fd, peer_ip, peer_port, authority, identity, source_ip, peer_identity, l7_checked
+            conn_id,
+            fd,
+            peer_ip,
+            peer_port,
+            authority,
+            identity,
+            source_ip,
+            peer_identity,
+            l7_checked,
+            announce_open,
         )
 
     def answer(self, answers: list[InboundAnswer]) -> None:
@@ -353,12 +364,14 @@ class TunnelClient:
         peer_identity: str | None = None,
         *,
         l7_checked: bool = False,
+        announce_open: bool = False,
     ) -> None:
         """Tunnel client socket `fd` (from the source pod at source_ip) to `authority` ("podip:port") on
         the node at peer_node_ip. Raises NoIdentity (or the credential source's error) with fd still the
         caller's; otherwise fd belongs to the engine and a StreamDone with conn_id follows.
         l7_checked: see TunnelEngine.adopt (True only for a connection whose every request this node
-        checked against the destination's policies as source_ip's workload)."""
+        checked against the destination's policies as source_ip's workload); announce_open: see
+        TunnelEngine.adopt."""
         identity = self.identity(source_ip)
         self.engine.adopt(
             conn_id,
@@ -370,4 +383,5 @@ class TunnelClient:
             self.peer_port,
             peer_identity,
             l7_checked=l7_checked,
+            announce_open=announce_open,
         )
