@@ -522,6 +522,7 @@ class MeshWorker:
                         authority=record.authority,
                         source_ip=decision.source_ip,
                         peer_node=record.peer_ip,
+                        l7_checked=record.l7_checked,
                         reason=decision.reason,
                     )
                 elif isinstance(record, StreamDone):
