@@ -394,15 +394,16 @@ class TraceStart:
     set_headers: fields the upstream request carries, each replacing the caller's field of that name;
     remove_headers: the caller's trace fields the upstream request must not carry. trace_id: 32 hex
     digits (a 64-bit B3 id padded), as exported and logged. span_id: the proxy's span;
-    parent_span_id: the caller's span (None: the proxy's span is the trace's root).
+    parent_span_id: the caller's span (None: the proxy's span is the trace's root). set_fields:
+    set_headers encoded for the HTTP engine (name ASCII, value latin-1); computed here unless given.
     """
 
     __slots__ = (
-        "_set_fields",
         "parent_span_id",
         "remove_headers",
         "request_id",
         "sampled",
+        "set_fields",
         "set_headers",
         "span_id",
         "trace_id",
@@ -419,6 +420,7 @@ class TraceStart:
         sampled: bool,
         request_id: str,
         tracestate: str | None,
+        set_fields: tuple[tuple[bytes, bytes], ...] | None = None,
     ) -> None:
         self.set_headers = set_headers
         self.remove_headers = remove_headers
@@ -428,17 +430,11 @@ class TraceStart:
         self.sampled = sampled
         self.request_id = request_id
         self.tracestate = tracestate
-        self._set_fields: tuple[tuple[bytes, bytes], ...] | None = None
-
-    @property
-    def set_fields(self) -> tuple[tuple[bytes, bytes], ...]:
-        """set_headers encoded for the HTTP engine (name ASCII, value latin-1), made on first use."""
-        fields = self._set_fields
-        if fields is None:
-            fields = self._set_fields = tuple(
-                [(_ENCODED_NAMES[name], value.encode("latin-1")) for name, value in self.set_headers]
-            )
-        return fields
+        self.set_fields = (
+            set_fields
+            if set_fields is not None
+            else tuple([(_ENCODED_NAMES[name], value.encode("latin-1")) for name, value in set_headers])
+        )
 
     @property
     def replaced_names(self) -> tuple[bytes, ...]:
@@ -492,13 +488,22 @@ class Tracer:
             trace_id, span_id = digits[:32], digits[32:48]
             if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids (1 in 2**64)
                 trace_id, span_id = new_trace_id(), new_span_id()
-            traceparent = (TRACEPARENT, f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}")
+            traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+            # set_fields built here: the values are ASCII (hex digits; a kept request id is not sent)
             if callers_request_id:
                 return TraceStart(
-                    (traceparent,), _NO_NAMES, trace_id, span_id, None, sampled, request_id, None
+                    ((TRACEPARENT, traceparent),),
+                    _NO_NAMES,
+                    trace_id,
+                    span_id,
+                    None,
+                    sampled,
+                    request_id,
+                    None,
+                    ((_TRACEPARENT_FIELD, traceparent.encode()),),
                 )
             return TraceStart(
-                (traceparent, (X_REQUEST_ID, request_id)),
+                ((TRACEPARENT, traceparent), (X_REQUEST_ID, request_id)),
                 _NO_NAMES,
                 trace_id,
                 span_id,
@@ -506,6 +511,7 @@ class Tracer:
                 sampled,
                 request_id,
                 None,
+                ((_TRACEPARENT_FIELD, traceparent.encode()), (_X_REQUEST_ID_FIELD, request_id.encode())),
             )
         return self._start_from(headers, request_id)
 
@@ -667,6 +673,8 @@ class Tracer:
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 # Every name TraceStart sets or removes, encoded once (TraceStart.set_fields / replaced_names).
 _ENCODED_NAMES: Final[Mapping[str, bytes]] = {name: name.encode("ascii") for name in HEADER_NAMES}
+_TRACEPARENT_FIELD: Final = _ENCODED_NAMES[TRACEPARENT]
+_X_REQUEST_ID_FIELD: Final = _ENCODED_NAMES[X_REQUEST_ID]
 MAX_SPAN_TEXT: Final = 256  # client text (method, authority, path, request id) in an exported span
 # W3C asks vendors to pass on at least 512 characters of tracestate; a longer one is not exported.
 MAX_EXPORTED_TRACESTATE: Final = 512
