@@ -10,6 +10,7 @@ from nodeproxy._h2 cimport (
     nghttp2_data_source_read_callback,
     nghttp2_data_source,
     nghttp2_frame,
+    nghttp2_frame_hd,
     nghttp2_nv,
     nghttp2_option,
     nghttp2_session,
@@ -118,6 +119,12 @@ cdef extern from "nghttp2/nghttp2.h" nogil:
         int32_t stream_remote_window_size, uint32_t remote_max_frame_size, void *user_data) noexcept
     void nghttp2_session_callbacks_set_data_source_read_length_callback(
         nghttp2_session_callbacks *cbs, nghttp2_data_source_read_length_callback cb)
+    enum:
+        NGHTTP2_FLAG_ACK
+    ctypedef struct nghttp2_ping:
+        nghttp2_frame_hd hd
+        uint8_t opaque_data[8]
+    int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
 
 
 # X.509-SVID checks of a peer's leaf certificate, run inside OpenSSL's verification (so a failed check
@@ -401,13 +408,27 @@ cdef enum:
     REASON_MAX = 256
     PLAIN_BUF_KEEP = 262144  # a drained to_plain buffer larger than this is freed, not kept for reuse
     SCAN_INTERVAL_NS = 250000000  # deadlines (handshake, connect, pool idle) are checked this often
+    # Draining, inbound: the final GOAWAY follows the shutdown notice once the peer acknowledged the PING
+    # sent with it (every stream it opened before seeing the notice has arrived by then), or after this
+    # long without that acknowledgement.
+    DRAIN_NOTICE_NS = 1000000000
+    # Outbound: a stream the peer refused unprocessed (REFUSED_STREAM, or above a GOAWAY's last stream)
+    # before it sent a byte is tried again on another connection at most this many times.
+    STREAM_RETRIES = 3
 
 
 cdef enum TlsState:
     T_CONNECTING = 0       # client: TCP connect in progress
     T_HANDSHAKING = 1
     T_OPEN = 2             # handshake done, HTTP/2 session up
-    T_CLOSING = 3          # GOAWAY sent or received: no new streams; closes when the last one ends
+    T_CLOSING = 3          # GOAWAY sent or received, or retired by draining: no new streams; closes when
+                           # the last one ends (Engine.closing_tls counts these)
+
+
+cdef enum DrainStage:
+    DRAIN_NONE = 0
+    DRAIN_NOTICE = 1       # inbound: shutdown notice (GOAWAY 2^31-1) and a PING sent; streams still taken
+    DRAIN_FINAL = 2        # inbound: GOAWAY with the last processed stream sent (the state is T_CLOSING)
 
 
 cdef enum StreamState:
@@ -423,7 +444,9 @@ cdef enum Ending:
     END_CLOSED = 0           # both directions finished (END_STREAM both ways, FIN both ways)
     END_PLAIN_RESET = 1      # the plain side (client pod, or local pod inbound) failed; the stream was reset
     END_PEER_RESET = 2       # the tunnel peer reset the stream; the plain side got an RST
-    END_TUNNEL_FAILED = 3    # the TLS connection failed or closed (handshake, verification, I/O)
+    END_TUNNEL_FAILED = 3    # the TLS connection failed or closed (handshake, verification, I/O); err
+                             # ECONNREFUSED: outbound, the peer refused it unprocessed and it could not be
+                             # tried again (bytes had gone out, or STREAM_RETRIES tries were spent)
     END_REFUSED = 4          # outbound: the peer answered non-2xx; inbound: Python denied it
     END_CONNECT_FAILED = 5   # inbound: the local pod could not be reached (503 to the peer)
     END_ABORTED = 6          # the engine stopped while the stream was live
@@ -468,6 +491,9 @@ cdef struct TlsConn:
     uint32_t generation      # client: the identity's certificate generation it was made with
     uint32_t nstreams
     uint32_t peer_max_streams
+    bint retired             # client: draining began after it was made; takes no new stream
+    DrainStage drain_stage   # server: how far its graceful shutdown went
+    int64_t drain_deadline_ns  # server: the final GOAWAY goes at the latest then (DRAIN_NOTICE_NS)
     int64_t deadline_ns      # connect + handshake deadline
     int64_t idle_since_ns    # when its last stream ended (client pool idle timeout)
     Stream *streams
@@ -517,6 +543,7 @@ cdef struct Stream:
     char forwarded[128]      # FORWARDED_MAX: the value of the `forwarded` field (for=<source ip>)
     bint l7_checked          # the CONNECT carries / carried `x-nodeproxy-authorized: l7`
     bint announce_open       # outbound: write one 0x00 byte to the plain socket when the CONNECT gets a 2xx
+    uint8_t retries          # outbound: times the stream was refused unprocessed and tried again
     Stream *prev             # the TLS connection's list
     Stream *next
     Stream *await_next       # inbound: the list waiting for Python's decision
@@ -586,6 +613,8 @@ cdef struct Engine:
     int wake_fd
     int notify_fd
     bint stopping
+    bint drain_requested     # under lock: begin_draining() was called
+    bint draining            # engine thread: it took the request (see _begin_draining)
     pthread_mutex_t lock
     bint woken
     char trust_domain[256]   # NP_TD_MAX
@@ -624,6 +653,7 @@ cdef struct Engine:
     Stream *awaiting
     int64_t live_streams
     int64_t live_tls
+    int64_t closing_tls      # of live_tls: those in T_CLOSING
     unsigned char rbuf[131072]  # READ_BUF
 
 

@@ -29,13 +29,21 @@ were written to the plain socket, so a slow reader holds at most its window here
 Bytes from a plain socket are read straight into nghttp2's frame buffer (the data source reads the
 socket), frames are gathered into 64 KiB before SSL_write so records are full 16 KiB ones.
 
+Draining (begin_draining()): inbound connections send HTTP/2's graceful shutdown (GOAWAY with the largest
+stream id and a PING, then, once the PING is acknowledged, GOAWAY NO_ERROR with the last stream processed),
+finish their streams and close; outbound ones made before take no new stream and close when idle. A peer's
+GOAWAY is honoured the same way: that connection takes no new stream. A stream the peer refused unprocessed
+(REFUSED_STREAM, or above its GOAWAY's last stream id) is sent again, on another connection after a
+GOAWAY, as long as none of the client's bytes went with it (at most STREAM_RETRIES times); otherwise it
+ends TUNNEL_FAILED with ECONNREFUSED.
+
 Ownership: a socket passed to adopt() belongs to the engine from then on. Every adopted connection and
 every INBOUND stream ends with exactly one STREAM_DONE record. Only the engine thread touches TlsConn and
 Stream structs; Python reaches the engine through mutex-protected queues and an eventfd each way.
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset, strcmp, strlen
+from libc.string cimport memcmp, memcpy, memset, strcmp, strlen
 
 from nodeproxy._h2 cimport (
     NGHTTP2_CANCEL,
@@ -52,6 +60,7 @@ from nodeproxy._h2 cimport (
     NGHTTP2_INTERNAL_ERROR,
     NGHTTP2_NO_ERROR,
     NGHTTP2_NV_FLAG_NONE,
+    NGHTTP2_PING,
     NGHTTP2_PROTOCOL_ERROR,
     NGHTTP2_REFUSED_STREAM,
     NGHTTP2_SETTINGS,
@@ -74,6 +83,7 @@ from nodeproxy._h2 cimport (
     nghttp2_session_client_new2,
     nghttp2_session_consume,
     nghttp2_session_del,
+    nghttp2_session_get_last_proc_stream_id,
     nghttp2_session_get_remote_settings,
     nghttp2_session_get_stream_user_data,
     nghttp2_session_mem_recv,
@@ -90,6 +100,7 @@ from nodeproxy._h2 cimport (
     nghttp2_submit_response,
     nghttp2_submit_rst_stream,
     nghttp2_submit_settings,
+    nghttp2_submit_shutdown_notice,
 )
 
 import os as _os
@@ -116,6 +127,9 @@ cdef const char *_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:
 cdef const char *_AUTHORIZED_FIELD = "x-nodeproxy-authorized"
 cdef const char *_AUTHORIZED_L7 = "l7"
 _SPIFFE_ID_MAX = NP_ID_MAX - 1
+# The opaque data of the PING sent with a draining connection's shutdown notice (its ACK ends the notice).
+cdef const char *_DRAIN_PING = "np-drain"
+assert strlen(_DRAIN_PING) == 8  # a PING's opaque data is exactly 8 bytes (RFC 9113 6.7)
 
 # What the buffer sizes rely on: a read batch holds at least one whole record (the loop stops when the
 # next one might not fit), and the socket backlog bound lets a full production round through.
@@ -385,9 +399,19 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
                 _outbound_response(e, s, t.hdr_status)
     elif frame.hd.type == NGHTTP2_SETTINGS:
         t.peer_max_streams = nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+        if t.server and e.draining and not frame.hd.flags & NGHTTP2_FLAG_ACK:
+            # Accepted while draining: the notice goes once the peer's first flight (its SETTINGS, then
+            # the streams it queued before the handshake ended) is here. Sent at the handshake, it would
+            # reach the peer before that flight went, and turn those streams away.
+            _drain_notice(e, t)
     elif frame.hd.type == NGHTTP2_GOAWAY:
-        # No new stream goes on this connection; nghttp2 closes the streams the peer will not process.
-        t.state = T_CLOSING
+        # No new stream goes on this connection; nghttp2 closes the streams the peer will not process
+        # (REFUSED_STREAM: _on_stream_close tries them again elsewhere when that is safe).
+        _set_closing(e, t)
+    elif (frame.hd.type == NGHTTP2_PING and frame.hd.flags & NGHTTP2_FLAG_ACK and t.drain_stage == DRAIN_NOTICE
+            and memcmp((<const nghttp2_ping*>frame).opaque_data, _DRAIN_PING, 8) == 0):
+        # The peer has read our shutdown notice: every stream it opened before that has arrived.
+        _drain_final(e, t)
     if (frame.hd.type == NGHTTP2_DATA or frame.hd.type == NGHTTP2_HEADERS) and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
         s = <Stream*>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
         if s != NULL and not s.dead:
@@ -443,6 +467,11 @@ cdef int _on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t 
     if s == NULL or s.dead:
         return 0
     s.h2_closed = True
+    if (error_code == NGHTTP2_REFUSED_STREAM and s.outbound and s.state == S_REQUESTED
+            and s.failed_side == SIDE_NONE):
+        # The peer did not process it (RFC 9113 8.7: REFUSED_STREAM, or above its GOAWAY's last stream).
+        _outbound_refused(t.engine, s)
+        return 0
     if error_code != NGHTTP2_NO_ERROR or not (s.h2_eof and s.plain_eof):
         # Reset (by the peer, or by nghttp2 after our data source failed): the plain side gets an RST.
         if s.failed_side == SIDE_PLAIN:
@@ -814,6 +843,72 @@ cdef TlsConn *_new_tls(Engine *e, int fd, bint server, SSL_CTX *ctx) noexcept no
     return t
 
 
+cdef void _set_closing(Engine *e, TlsConn *t) noexcept nogil:
+    """No new stream on t; it closes once its last one ended (_tls_flush, or the scan)."""
+    if t.state != T_CLOSING and not t.dead:
+        t.state = T_CLOSING
+        e.closing_tls += 1
+
+
+cdef void _drain_notice(Engine *e, TlsConn *t) noexcept nogil:
+    """Start an open inbound connection's graceful shutdown: GOAWAY with the largest stream id (the
+    peer opens no new stream; those on the way are still taken) and a PING; the final GOAWAY follows
+    its ACK (_on_frame_recv) or DRAIN_NOTICE_NS (the scan)."""
+    if t.drain_stage != DRAIN_NONE or t.state != T_OPEN or t.session == NULL:
+        return
+    t.drain_stage = DRAIN_NOTICE
+    t.drain_deadline_ns = e.now_ns + DRAIN_NOTICE_NS
+    if (nghttp2_submit_shutdown_notice(t.session) != 0
+            or nghttp2_submit_ping(t.session, NGHTTP2_FLAG_NONE, <const uint8_t*>_DRAIN_PING) != 0):
+        _drain_final(e, t)  # out of memory: no notice, straight to the final word
+        return
+    _mark_dirty(e, t)
+
+
+cdef void _drain_final(Engine *e, TlsConn *t) noexcept nogil:
+    """GOAWAY NO_ERROR with the last stream this side processed: the peer knows every stream above it
+    can go elsewhere; the ones below finish, then the connection closes."""
+    if t.drain_stage == DRAIN_FINAL or t.session == NULL:
+        return
+    t.drain_stage = DRAIN_FINAL
+    _set_closing(e, t)  # a stream arriving from now on is refused (REFUSED_STREAM: the peer retries it)
+    if nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(t.session),
+                             NGHTTP2_NO_ERROR, NULL, 0) != 0:
+        # Out of memory: the peer learns it when the connection closes after its last stream (the scan
+        # sends the GOAWAY then); meanwhile new streams are refused one by one.
+        return
+    _mark_dirty(e, t)
+
+
+cdef void _retire_idle(Engine *e, TlsConn *t) noexcept nogil:
+    """Close an open connection without streams, saying goodbye first."""
+    nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0)
+    if _tls_flush(e, t) == 0:
+        _tls_close(e, t)
+
+
+cdef void _begin_draining(Engine *e) noexcept nogil:
+    """Inbound connections start their graceful shutdown (and connections accepted from now on do so as
+    soon as they open); outbound ones made so far take no new stream and close when idle (now, for those
+    without streams). The listener is still served, and adoptions still work, on new connections."""
+    cdef TlsConn *t = e.conns
+    cdef TlsConn *next
+    e.draining = True
+    while t != NULL:
+        next = t.next
+        if t.dead:
+            pass
+        elif t.server:
+            _drain_notice(e, t)  # one still handshaking: at its first SETTINGS
+        else:
+            t.retired = True
+            if t.state >= T_OPEN:
+                _set_closing(e, t)
+                if t.nstreams == 0:
+                    _retire_idle(e, t)
+        t = next
+
+
 cdef void _tls_close(Engine *e, TlsConn *t) noexcept nogil:
     """Release a TLS connection; its streams (if any are left) are reset as TUNNEL_FAILED."""
     cdef TlsConn **link
@@ -821,6 +916,8 @@ cdef void _tls_close(Engine *e, TlsConn *t) noexcept nogil:
         _stream_finish(e, t.streams, END_TUNNEL_FAILED, ECONNRESET)
     if t.dead:
         return
+    if t.state == T_CLOSING:
+        e.closing_tls -= 1
     t.dead = True
     if t.dirty:
         link = &e.dirty
@@ -975,6 +1072,8 @@ cdef int _open_session(Engine *e, TlsConn *t) noexcept nogil:
         if s.state == S_WAIT_TLS and _submit_connect(e, s) < 0 and t.dead:
             return -1
         s = next
+    if t.retired:
+        _set_closing(e, t)  # draining began while it was opening: it carries the streams it had, only
     _mark_dirty(e, t)
     return 0
 
@@ -1122,8 +1221,11 @@ cdef int _tls_flush(Engine *e, TlsConn *t) noexcept nogil:
             return -1
         if produced == 0:
             break
-    if nghttp2_session_want_read(t.session) == 0 and nghttp2_session_want_write(t.session) == 0:
-        _tls_close(e, t)  # both sides said GOAWAY and every stream is done
+    if (t.nstreams == 0 and nghttp2_session_want_read(t.session) == 0
+            and nghttp2_session_want_write(t.session) == 0):
+        # A GOAWAY went one way or the other and every stream is done: nghttp2's (closed once END_STREAM
+        # went both ways) and ours (which may still be writing the last bytes to the plain socket).
+        _tls_close(e, t)
         return -1
     return 0
 
@@ -1255,13 +1357,8 @@ cdef void _apply_answer(Engine *e, Answer *a) noexcept nogil:
 
 cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     cdef Stream *s = <Stream*>calloc(1, sizeof(Stream))
-    cdef TlsConn *t
     cdef epoll_event ev
     cdef Record r
-    cdef SSL_CTX *ctx = NULL
-    cdef uint32_t generation = 0
-    cdef sockaddr_in peer
-    cdef int fd, err = 0
     if s == NULL:
         set_reset_on_close(a.fd, True)
         close(a.fd)
@@ -1286,77 +1383,134 @@ cdef void _adopt(Engine *e, Adoption *a) noexcept nogil:
     e.live_streams += 1
     # The client socket resets if anything goes wrong from here on (it carries SO_LINGER {1, 0}).
     set_reset_on_close(s.fd, True)
-    t = _pooled(e, a)
-    if t == NULL:
-        pthread_mutex_lock(&e.lock)
-        if 0 <= a.ident < <int>e.nidents and e.idents[a.ident].ctx != NULL:
-            ctx = e.idents[a.ident].ctx
-            SSL_CTX_up_ref(ctx)
-            generation = e.idents[a.ident].generation
-        pthread_mutex_unlock(&e.lock)
-        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-        if fd >= 0 and ctx != NULL:
-            memset(&peer, 0, sizeof(peer))
-            peer.sin_family = AF_INET
-            peer.sin_port = htons(a.peer_port)
-            peer.sin_addr.s_addr = a.peer_ip
-            if set_tcp_options(fd) < 0 or (connect(fd, <sockaddr*>&peer, sizeof(peer)) < 0 and errno != EINPROGRESS):
-                err = errno
-            else:
-                t = _new_tls(e, fd, False, ctx)
-                err = ENOMEM
-        else:
-            err = errno if fd < 0 else ENOENT
-        if ctx != NULL:
-            SSL_CTX_free(ctx)  # SSL_new took its own reference
-        if t == NULL:
-            if fd >= 0:
-                close(fd)
-            s.t = NULL
-            _stream_finish(e, s, END_TUNNEL_FAILED if err != ENOMEM and err != EMFILE and err != ENFILE
-                           else END_LOCAL_RESOURCES, err)
-            return
-        t.state = T_CONNECTING
-        t.peer_ip = a.peer_ip
-        t.peer_port = a.peer_port
-        t.ident = a.ident
-        t.generation = generation
-        t.deadline_ns = e.now_ns + e.connect_timeout_ns + e.handshake_timeout_ns
-        memcpy(t.check.expected, a.expected, sizeof(t.check.expected))
-    s.t = t
-    s.next = t.streams
-    if t.streams != NULL:
-        t.streams.prev = s
-    t.streams = s
-    t.nstreams += 1
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
     ev.data.ptr = s
     if epoll_ctl(e.epfd, EPOLL_CTL_ADD, s.fd, &ev) < 0:
         _stream_finish(e, s, END_LOCAL_RESOURCES, errno)
         return
+    _place_outbound(e, s, a.peer_ip, a.peer_port, a.ident, a.expected)
+
+
+cdef void _place_outbound(Engine *e, Stream *s, uint32_t peer_ip, uint16_t peer_port, int ident,
+                          const char *expected) noexcept nogil:
+    """Put a stream without a connection (new, or refused by the peer) on a pooled connection to the peer,
+    or on a new one; the CONNECT goes out now if the connection is open, else once it is."""
+    cdef TlsConn *t = _pooled(e, peer_ip, peer_port, ident, expected)
+    cdef int err = 0
+    if t == NULL:
+        t = _dial(e, peer_ip, peer_port, ident, expected, &err)
+        if t == NULL:
+            _stream_finish(e, s, END_TUNNEL_FAILED if err != ENOMEM and err != EMFILE and err != ENFILE
+                           else END_LOCAL_RESOURCES, err)
+            return
+    s.t = t
+    s.prev = NULL
+    s.next = t.streams
+    if t.streams != NULL:
+        t.streams.prev = s
+    t.streams = s
+    t.nstreams += 1
     if t.state == T_OPEN:
         _submit_connect(e, s)
 
 
-cdef TlsConn *_pooled(Engine *e, Adoption *a) noexcept nogil:
+cdef TlsConn *_dial(Engine *e, uint32_t peer_ip, uint16_t peer_port, int ident, const char *expected,
+                    int *err) noexcept nogil:
+    """A new client connection to the peer with the identity's current certificate (connecting); NULL
+    with *err set if it cannot be started."""
+    cdef SSL_CTX *ctx = NULL
+    cdef uint32_t generation = 0
+    cdef sockaddr_in peer
+    cdef TlsConn *t = NULL
+    cdef int fd
+    pthread_mutex_lock(&e.lock)
+    if 0 <= ident < <int>e.nidents and e.idents[ident].ctx != NULL:
+        ctx = e.idents[ident].ctx
+        SSL_CTX_up_ref(ctx)
+        generation = e.idents[ident].generation
+    pthread_mutex_unlock(&e.lock)
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd >= 0 and ctx != NULL:
+        memset(&peer, 0, sizeof(peer))
+        peer.sin_family = AF_INET
+        peer.sin_port = htons(peer_port)
+        peer.sin_addr.s_addr = peer_ip
+        if set_tcp_options(fd) < 0 or (connect(fd, <sockaddr*>&peer, sizeof(peer)) < 0 and errno != EINPROGRESS):
+            err[0] = errno
+        else:
+            t = _new_tls(e, fd, False, ctx)
+            err[0] = ENOMEM
+    else:
+        err[0] = errno if fd < 0 else ENOENT
+    if ctx != NULL:
+        SSL_CTX_free(ctx)  # SSL_new took its own reference
+    if t == NULL:
+        if fd >= 0:
+            close(fd)
+        return NULL
+    t.state = T_CONNECTING
+    t.peer_ip = peer_ip
+    t.peer_port = peer_port
+    t.ident = ident
+    t.generation = generation
+    t.deadline_ns = e.now_ns + e.connect_timeout_ns + e.handshake_timeout_ns
+    _copy_text(t.check.expected, sizeof(t.check.expected), expected, strlen(expected))
+    return t
+
+
+cdef TlsConn *_pooled(Engine *e, uint32_t peer_ip, uint16_t peer_port, int ident,
+                      const char *expected) noexcept nogil:
     """An open (or opening) connection to the same peer with the same identity's current certificate
-    and the same expected peer identity, with room for one more stream; NULL if there is none."""
+    and the same expected peer identity, with room for one more stream; NULL if there is none. Draining
+    retired every connection made before it began (their streams go on; new ones take new connections)."""
     cdef TlsConn *t = e.conns
     cdef uint32_t generation = 0
     cdef uint32_t limit
     pthread_mutex_lock(&e.lock)
-    if 0 <= a.ident < <int>e.nidents:
-        generation = e.idents[a.ident].generation
+    if 0 <= ident < <int>e.nidents:
+        generation = e.idents[ident].generation
     pthread_mutex_unlock(&e.lock)
     while t != NULL:
-        if (not t.server and not t.dead and t.state < T_CLOSING and t.peer_ip == a.peer_ip
-                and t.peer_port == a.peer_port and t.ident == a.ident and t.generation == generation
-                and strcmp(t.check.expected, a.expected) == 0):
+        if (not t.server and not t.dead and not t.retired and t.state < T_CLOSING and t.peer_ip == peer_ip
+                and t.peer_port == peer_port and t.ident == ident and t.generation == generation
+                and strcmp(t.check.expected, expected) == 0):
             limit = t.peer_max_streams if t.peer_max_streams < e.max_streams else e.max_streams
             if t.nstreams < limit and (t.session == NULL or nghttp2_session_check_request_allowed(t.session)):
                 return t
         t = t.next
     return NULL
+
+
+cdef void _outbound_refused(Engine *e, Stream *s) noexcept nogil:
+    """The peer turned an outbound stream away unprocessed (nghttp2 is closing it with REFUSED_STREAM).
+    Before any byte of the client's left, it is tried again on another connection (the CONNECT carries
+    nothing else); afterwards those bytes are gone, so it ends as TUNNEL_FAILED, err ECONNREFUSED (the
+    client socket gets an RST, and the HTTP engine sees a connect failure)."""
+    cdef TlsConn *old = s.t
+    if s.bytes_up > 0 or s.retries >= STREAM_RETRIES or e.stopping:
+        _stream_finish(e, s, END_TUNNEL_FAILED, ECONNREFUSED)
+        return
+    # Off the refusing connection (it is left open for its other streams, or closes when they end).
+    nghttp2_session_set_stream_user_data(old.session, s.stream_id, NULL)
+    if s.prev != NULL:
+        s.prev.next = s.next
+    else:
+        old.streams = s.next
+    if s.next != NULL:
+        s.next.prev = s.prev
+    old.nstreams -= 1
+    if old.nstreams == 0:
+        old.idle_since_ns = e.now_ns
+    _mark_dirty(e, old)
+    s.t = NULL
+    s.prev = s.next = NULL
+    s.stream_id = -1
+    s.state = S_WAIT_TLS
+    s.h2_closed = False
+    s.deferred = False
+    s.plain_eof = False  # a FIN read already is read again (recv keeps returning 0)
+    s.retries += 1
+    _place_outbound(e, s, old.peer_ip, old.peer_port, old.ident, old.check.expected)
 
 
 cdef void _accept(Engine *e) noexcept nogil:
@@ -1439,6 +1593,11 @@ cdef void _scan(Engine *e) noexcept nogil:
                 _tls_fail(e, t, ETIMEDOUT, "TLS connect or handshake timed out")
             t = next
             continue
+        if t.drain_stage == DRAIN_NOTICE and e.now_ns > t.drain_deadline_ns:
+            _drain_final(e, t)  # the PING was not acknowledged in time
+        elif (t.server and e.draining and t.drain_stage == DRAIN_NONE
+                and e.now_ns - t.idle_since_ns > DRAIN_NOTICE_NS):
+            _drain_notice(e, t)  # accepted while draining, and the peer sent no SETTINGS
         s = t.streams
         while s != NULL:
             snext = s.next
@@ -1456,19 +1615,16 @@ cdef void _scan(Engine *e) noexcept nogil:
             if 0 <= t.ident < <int>e.nidents:
                 current = e.idents[t.ident].generation
             pthread_mutex_unlock(&e.lock)
-            if (current != t.generation or t.state == T_CLOSING
+            if (current != t.generation or t.state == T_CLOSING or e.draining
                     or e.now_ns - t.idle_since_ns > e.pool_idle_ns):
-                # Idle past the pool timeout, or made with a certificate since rotated: say goodbye.
-                nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0)
-                if _tls_flush(e, t) == 0:
-                    _tls_close(e, t)
+                # Idle past the pool timeout, made with a certificate since rotated, or draining (a
+                # draining worker keeps no idle connection to a peer): say goodbye.
+                _retire_idle(e, t)
         elif t.server and t.nstreams == 0 and (t.state == T_CLOSING
                                                or e.now_ns - t.idle_since_ns > 2 * e.pool_idle_ns):
             # The client closes its idle pooled connections after pool_idle; one that does not (gone
             # without a FIN, or not one of ours) is let go after twice that.
-            nghttp2_submit_goaway(t.session, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, NULL, 0)
-            if _tls_flush(e, t) == 0:
-                _tls_close(e, t)
+            _retire_idle(e, t)
         t = next
 
 
@@ -1478,8 +1634,10 @@ cdef void _take_submissions(Engine *e) noexcept nogil:
     cdef size_t nadopts, nanswers, i
     cdef uint64_t counter
     cdef Record r
+    cdef bint drain
     read(e.wake_fd, &counter, sizeof(counter))
     pthread_mutex_lock(&e.lock)
+    drain = e.drain_requested
     adopts, nadopts = e.adopts, e.adopts_len
     answers, nanswers = e.answers, e.answers_len
     e.adopts = NULL
@@ -1502,6 +1660,8 @@ cdef void _take_submissions(Engine *e) noexcept nogil:
         _apply_answer(e, &answers[i])
     free(adopts)
     free(answers)
+    if drain and not e.draining and not e.stopping:
+        _begin_draining(e)  # after the adoptions handed over before begin_draining()
 
 
 cdef void _bury(Engine *e) noexcept nogil:
@@ -1674,6 +1834,17 @@ cdef class TunnelWorker:
     def tls_connections(self):
         """TLS connections open now (pooled client ones and accepted ones, handshaking included)."""
         return self.e.live_tls
+
+    @property
+    def closing_connections(self):
+        """Of tls_connections, those that take no new stream and close when their last one ends (a GOAWAY
+        went one way or the other, or draining retired them)."""
+        return self.e.closing_tls
+
+    @property
+    def draining(self):
+        """begin_draining() was called."""
+        return bool(self.e.drain_requested)
 
     # -- called from Python ------------------------------------------------------------------------
 
@@ -1856,6 +2027,24 @@ cdef class TunnelWorker:
         finally:
             free(batch)
         return out
+
+    def begin_draining(self):
+        """Stop taking new streams on the connections there are, without cutting a stream; idempotent.
+
+        Inbound: every connection sends the graceful shutdown (GOAWAY NO_ERROR with the largest stream
+        id, and a PING; once the peer acknowledged it, or after 1 s, GOAWAY NO_ERROR with the last stream
+        it processed), serves the streams it has, and closes once they ended. The peer opens its next
+        streams on a new connection (to whichever process the listening port hands it to). Connections
+        accepted from now on (the listener is still served: a peer may be handed this process's socket
+        until its owner closes it) get the same at once, after the streams in their first flight.
+        Outbound: the connections made so far take no new stream; idle ones close now, busy ones when
+        their last stream ends. Adoptions go on working, on new connections (a draining worker may
+        still tunnel connections it accepted), which close as soon as they are idle."""
+        cdef uint64_t one = 1
+        pthread_mutex_lock(&self.e.lock)
+        self.e.drain_requested = True
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wake_fd, &one, sizeof(one))
 
     def stop(self):
         """Ask run() to return; live streams are reset (ABORTED) and connections closed."""

@@ -28,6 +28,7 @@ from tests.tunnel_harness import (
     TRUST_DOMAIN,
     Pki,
     PodServer,
+    ScriptedPeer,
     Tunnels,
     captured_pair,
     next_conn_id,
@@ -761,3 +762,200 @@ def test_authorized_field_is_taken_only_once_and_only_as_l7(tmp_path: Path, echo
         17: "400",
     }
     assert claims == {"1": True, "3": False, "7": False, "9": False, "13": False, "15": False}
+
+
+# ---- draining (GOAWAY) and streams a peer refused ------------------------------------------------
+
+
+def _echoes(app: socket.socket, payload: bytes) -> bool:
+    """Send payload on a tunnelled socket and read the pod's echo of it (the stream stays open)."""
+    app.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = app.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received == payload
+
+
+def test_draining_server_moves_peers_to_a_new_connection_and_lets_streams_finish(
+    tmp_path: Path, echo: PodServer
+) -> None:
+    """begin_draining on the receiving engine: its connection sends GOAWAY; the stream on it flows on to
+    its end; the client's next stream opens a new TLS connection and succeeds (that one, accepted while
+    draining, is told to go away too); each connection closes once its stream ended. Nothing fails."""
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    with tunnels(tmp_path) as t:
+        old = t.tunnel(echo.port)
+        assert _echoes(old, b"before")
+        assert t.client.tls_connections == 1 and t.server.tls_connections == 1
+        t.server.begin_draining()
+        assert t.server.draining
+        wait_for(lambda: t.server.closing_connections == 1, timeout=5, what="the server's final GOAWAY")
+        wait_for(lambda: t.client.closing_connections == 1, timeout=5, what="the client to take the GOAWAY")
+        new = t.tunnel(echo.port)
+        assert _echoes(new, b"after")
+        assert t.client.tls_connections == 2 and t.server.tls_connections == 2
+        assert len([r for r in t.client_records.opened() if r.outbound]) == 2
+        assert len({r.tls_id for r in t.server_records.inbound()}) == 2
+        # The stream on the drained connection keeps flowing, both ways, to its end.
+
+        def send() -> None:
+            old.sendall(payload)
+            old.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert recv_all(old) == payload
+        sender.join()
+        old.close()
+        wait_for(lambda: t.server.tls_connections == 1, timeout=5, what="the drained connection to close")
+        wait_for(lambda: t.client.tls_connections == 1, timeout=5, what="the client's side of it to close")
+        assert t.client.closing_connections == 1  # the new one: its peer is draining as well
+        new.close()
+        wait_for(
+            lambda: t.server.tls_connections == 0 and t.client.tls_connections == 0,
+            timeout=5,
+            what="the second connection to close after its stream",
+        )
+        wait_for(lambda: len(t.server_records.done()) == 2, what="server done")
+        client_done = t.client_records.done()
+        server_done = t.server_records.done()
+        assert not t.client_records.failed() and not t.server_records.failed()
+    assert [d.ending for d in client_done] == [StreamEnding.CLOSED] * 2
+    assert [d.ending for d in server_done] == [StreamEnding.CLOSED] * 2
+    assert sorted(d.bytes_up for d in client_done) == [len(b"after"), len(b"before") + len(payload)]
+
+
+def test_draining_client_retires_its_pooled_connections(tmp_path: Path, echo: PodServer) -> None:
+    """begin_draining on the sending engine: its idle pooled connection closes at once, the busy one
+    takes no new stream and closes when its stream ends; a new adoption opens a new connection."""
+    with tunnels(tmp_path) as t:
+        t.client.set_identity(PEER_ID, t.pki.svid(PEER_ID))
+        busy = t.tunnel(echo.port)
+        assert _echoes(busy, b"busy")
+        idle = t.tunnel(echo.port, identity=PEER_ID)  # a second pool: another identity
+        assert _echoes(idle, b"idle")
+        idle.close()
+        wait_for(lambda: t.client.live_streams == 1, what="the idle connection's stream to end")
+        assert t.client.tls_connections == 2  # pooled for reuse (the pool idle timeout is 30 s)
+        t.client.begin_draining()
+        wait_for(lambda: t.client.tls_connections == 1, timeout=5, what="the idle connection to close")
+        wait_for(lambda: t.server.tls_connections == 1, timeout=5, what="the server's side of it to close")
+        assert t.client.closing_connections == 1  # the busy one
+        fresh = t.tunnel(echo.port)
+        assert _echoes(fresh, b"fresh")
+        assert t.client.tls_connections == 2
+        assert len([r for r in t.client_records.opened() if r.outbound]) == 3
+        assert _echoes(busy, b"still flowing")
+        busy.close()
+        fresh.close()
+        wait_for(
+            lambda: t.client.tls_connections == 0 and t.server.tls_connections == 0,
+            timeout=5,
+            what="both connections to close after their streams",
+        )
+        wait_for(lambda: len(t.server_records.done()) == 3, what="server done")
+        endings = [d.ending for d in t.client_records.done()]
+        assert not t.client_records.failed() and not t.server_records.failed()
+    assert endings == [StreamEnding.CLOSED] * 3
+
+
+@pytest.mark.parametrize(
+    ("actions", "connections"),
+    [(["goaway", "echo"], 2), (["refuse", "echo"], 1), (["refuse", "refuse", "refuse", "echo"], 1)],
+    ids=["goaway-new-connection", "refused-same-connection", "refused-three-times"],
+)
+def test_stream_refused_before_its_first_byte_is_tried_again(
+    tmp_path: Path, actions: list[str], connections: int
+) -> None:
+    """A peer turns the CONNECT away unprocessed (GOAWAY with a lower last stream, or REFUSED_STREAM)
+    before any client byte went: the engine sends it again (on a new connection after a GOAWAY) and the
+    stream works; nothing is reset."""
+    pki = Pki(tmp_path / "ca")
+    peer = ScriptedPeer(pki, tmp_path / "peer", actions)
+    try:
+        with tunnels(tmp_path, pki=pki) as t:
+            app, captured = captured_pair()
+            conn_id = next_conn_id()
+            t.client.adopt(
+                conn_id,
+                captured.detach(),
+                "127.0.0.1",
+                "127.0.0.1:9",
+                CLIENT_ID,
+                "127.0.0.1",
+                peer_port=peer.port,
+            )
+            with app:
+                wait_for(lambda: len(peer.requests) == len(actions), timeout=5, what="the retries")
+                assert _echoes(app, b"after the refusals")
+                app.shutdown(socket.SHUT_WR)
+                assert recv_all(app) == b""
+            wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+            (done,) = t.client_records.done()
+            assert done.id == conn_id and done.ending is StreamEnding.CLOSED and done.status == 200
+            assert peer.connections == connections
+            assert [number for number, _, _ in peer.requests][-1] == connections
+    finally:
+        peer.close()
+
+
+def test_stream_refused_after_client_bytes_went_ends_as_tunnel_failed(tmp_path: Path) -> None:
+    """The peer's GOAWAY refuses a stream whose first client bytes already went with it: those bytes are
+    gone, so it is not sent again; it ends TUNNEL_FAILED with ECONNREFUSED and the client gets an RST."""
+    pki = Pki(tmp_path / "ca")
+    peer = ScriptedPeer(pki, tmp_path / "peer", ["goaway-after-data"])
+    try:
+        with tunnels(tmp_path, pki=pki) as t:
+            app, captured = captured_pair()
+            app.sendall(b"request")  # waiting in the socket: it goes right after the CONNECT
+            t.client.adopt(
+                next_conn_id(),
+                captured.detach(),
+                "127.0.0.1",
+                "127.0.0.1:9",
+                CLIENT_ID,
+                "127.0.0.1",
+                peer_port=peer.port,
+            )
+            with app, pytest.raises(ConnectionResetError):
+                while app.recv(100):
+                    pass
+            wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+            (done,) = t.client_records.done()
+            assert done.ending is StreamEnding.TUNNEL_FAILED and done.err == errno.ECONNREFUSED
+            assert done.bytes_up == len(b"request")
+            assert len(peer.requests) == 1
+    finally:
+        peer.close()
+
+
+def test_stream_refused_every_time_ends_after_its_retries(tmp_path: Path) -> None:
+    """A peer that refuses a stream every time: three more tries (STREAM_RETRIES), then TUNNEL_FAILED
+    with ECONNREFUSED and an RST to the client; no loop."""
+    pki = Pki(tmp_path / "ca")
+    peer = ScriptedPeer(pki, tmp_path / "peer", ["refuse"] * 5)
+    try:
+        with tunnels(tmp_path, pki=pki) as t:
+            app, captured = captured_pair()
+            t.client.adopt(
+                next_conn_id(),
+                captured.detach(),
+                "127.0.0.1",
+                "127.0.0.1:9",
+                CLIENT_ID,
+                "127.0.0.1",
+                peer_port=peer.port,
+            )
+            with app, pytest.raises(ConnectionResetError):
+                while app.recv(100):
+                    pass
+            wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+            (done,) = t.client_records.done()
+            assert done.ending is StreamEnding.TUNNEL_FAILED and done.err == errno.ECONNREFUSED
+            assert done.bytes_up == 0
+            assert len(peer.requests) == 4
+    finally:
+        peer.close()

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -330,3 +331,108 @@ def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
         parts.append(chunk)
         total += len(chunk)
     return b"".join(parts)
+
+
+class ScriptedPeer:
+    """A stand-in tunnel peer on 127.0.0.1 (Python's ssl and the h2 package, SERVER_NODE_ID's SVID, client
+    certificates required) whose CONNECT streams follow `actions`, one per stream in arrival order:
+    "echo" answers 200 and echoes; "refuse" resets the stream with REFUSED_STREAM; "goaway" answers the
+    request with GOAWAY(NO_ERROR, last stream 0); "goaway-after-data" does so at the stream's first DATA.
+    After a GOAWAY the connection reads until the client closes it."""
+
+    def __init__(self, pki: Pki, directory: Path, actions: list[str]) -> None:
+        credential = pki.svid(SERVER_NODE_ID)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "peer.pem").write_bytes(credential.cert_chain_pem)
+        (directory / "peer.key").write_bytes(credential.key_pem)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.context.load_cert_chain(directory / "peer.pem", directory / "peer.key")
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_verify_locations(cadata=pki.bundle.decode())
+        self.context.set_alpn_protocols(["h2"])
+        self.actions = list(actions)
+        self.requests: list[tuple[int, int, str]] = []  # (connection number, stream id, action)
+        self.connections = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+            thread = threading.Thread(target=self._serve, args=(raw, number), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _next_action(self, number: int, stream_id: int) -> str:
+        with self.lock:
+            action = self.actions.pop(0) if self.actions else "echo"
+            self.requests.append((number, stream_id, action))
+        return action
+
+    def _serve(self, raw: socket.socket, number: int) -> None:
+        import h2.config
+        import h2.connection
+        import h2.errors
+        import h2.events
+        import h2.exceptions
+
+        raw.settimeout(10)
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                conn.initiate_connection()
+                tls.sendall(conn.data_to_send())
+                actions: dict[int, str] = {}
+                gone_away = False
+                while not gone_away and (data := tls.recv(65536)):
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            action = actions[event.stream_id] = self._next_action(number, event.stream_id)
+                            if action == "goaway":
+                                gone_away = True
+                            elif action == "refuse":
+                                conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                            elif action == "echo":
+                                conn.send_headers(event.stream_id, [(":status", "200")])
+                        elif isinstance(event, h2.events.DataReceived):
+                            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                            action = actions.get(event.stream_id, "")
+                            if action == "goaway-after-data":
+                                gone_away = True
+                            elif action == "echo":
+                                conn.send_data(event.stream_id, event.data)
+                        elif (
+                            isinstance(event, h2.events.StreamEnded)
+                            and actions.get(event.stream_id) == "echo"
+                        ):
+                            conn.end_stream(event.stream_id)
+                        if gone_away:
+                            conn.close_connection(h2.errors.ErrorCodes.NO_ERROR, last_stream_id=0)
+                            break
+                    tls.sendall(conn.data_to_send())
+                while tls.recv(65536):  # after the GOAWAY: until the client closes
+                    pass
+        except (OSError, h2.exceptions.H2Error):
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(5)

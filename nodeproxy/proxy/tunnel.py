@@ -43,7 +43,10 @@ class StreamEnding(IntEnum):
     CLOSED = _tunnel.CLOSED
     PLAIN_RESET = _tunnel.PLAIN_RESET  # the pod side failed; the stream was reset
     PEER_RESET = _tunnel.PEER_RESET  # the tunnel peer reset the stream; the pod side got an RST
-    TUNNEL_FAILED = _tunnel.TUNNEL_FAILED  # the TLS connection failed (handshake, verification, I/O)
+    # The TLS connection failed (handshake, verification, I/O); err ECONNREFUSED: the peer turned the
+    # stream away unprocessed (GOAWAY, REFUSED_STREAM) after client bytes had gone out with it, or after
+    # STREAM_RETRIES tries (a stream refused before sending a byte is tried again on a new connection).
+    TUNNEL_FAILED = _tunnel.TUNNEL_FAILED
     REFUSED = _tunnel.REFUSED  # outbound: the peer answered non-2xx; inbound: policy denied it
     CONNECT_FAILED = _tunnel.CONNECT_FAILED  # inbound: the local pod could not be reached
     ABORTED = _tunnel.ABORTED  # the engine stopped
@@ -208,6 +211,14 @@ class TunnelEngine:
         os.close(self._notify_fd)
         return last
 
+    def begin_draining(self) -> None:
+        """The worker drains: peers are told (HTTP/2 GOAWAY) to open their next streams elsewhere, and
+        this engine's own pooled connections take no new stream; every live stream flows on to its end,
+        and connections close as their last stream ends. Adoptions still work (on new connections).
+        Idempotent; nothing once stopped. See TunnelWorker.begin_draining."""
+        if not self._stopped:
+            self.worker.begin_draining()
+
     def records(self) -> list[TunnelRecord]:
         """The records posted since the last call (none once stopped)."""
         if self._stopped:
@@ -317,6 +328,15 @@ class TunnelEngine:
     @property
     def tls_connections(self) -> int:
         return self.worker.tls_connections
+
+    @property
+    def closing_connections(self) -> int:
+        """Connections that take no new stream and close when their last one ends."""
+        return self.worker.closing_connections
+
+    @property
+    def draining(self) -> bool:
+        return self.worker.draining
 
 
 class NoIdentity(LookupError):
