@@ -345,7 +345,9 @@ class MeshWorker:
         self.config = config
 
     def stop_accepting(self) -> None:
-        """Draining: no new plaintext inbound connections (tunnels already open keep their streams)."""
+        """Draining: no new plaintext inbound connections; peers are told (GOAWAY) to open their next
+        streams elsewhere (a successor after an upgrade), and the streams already open flow on."""
+        self.engine.begin_draining()
         if self.inbound_sock is not None and self._loop is not None:
             self._loop.remove_reader(self.inbound_sock.fileno())
             self.inbound_sock.close()
