@@ -481,6 +481,8 @@ class SkipUnhealthy:
         all_healthy: Callable[[], bool] | None = None,
     ) -> None:
         self.inner = inner
+        # The inner balancer's observe itself, not a method that calls it: one call less per response.
+        self.observe: Callable[[Endpoint, float], None] = inner.observe
         self.healthy = healthy
         # Optional cheap "nobody is unhealthy now" (no ejection in force): then a pick skips the
         # per-endpoint questions and goes straight to the inner balancer.
@@ -509,9 +511,6 @@ class SkipUnhealthy:
 
         return pick_skipping_unhealthy
 
-    def observe(self, endpoint: Endpoint, rtt: float) -> None:
-        self.inner.observe(endpoint, rtt)
-
 
 class PreferLocal:
     """Keeps requests on `node` when it can: picks among the endpoints on that node that are not yet
@@ -525,6 +524,7 @@ class PreferLocal:
         healthy: Callable[[Endpoint], bool] | None = None,
     ) -> None:
         self.inner = inner
+        self.observe: Callable[[Endpoint, float], None] = inner.observe  # as SkipUnhealthy's
         self.node = node
         self.healthy = healthy
 
@@ -541,9 +541,6 @@ class PreferLocal:
     def prepare(self, endpoints: Sequence[Endpoint]) -> Picker:
         # Health changes between picks, and asking may change the detector's state: ask every time.
         return _pick_every_time(self, endpoints)
-
-    def observe(self, endpoint: Endpoint, rtt: float) -> None:
-        self.inner.observe(endpoint, rtt)
 
 
 BALANCERS: dict[str, type[RoundRobin] | type[LeastConnections] | type[PowerOfTwoChoices] | type[PeakEwma]] = {
