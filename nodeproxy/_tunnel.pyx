@@ -1517,22 +1517,30 @@ cdef void _accept(Engine *e) noexcept nogil:
     cdef sockaddr_in peer
     cdef socklen_t plen
     cdef int fd
-    cdef SSL_CTX *ctx
+    cdef SSL_CTX *ctx = NULL
     cdef TlsConn *t
+    cdef int err
     while True:
         plen = sizeof(peer)
+        # Under the lock: stop_listening() returns only once no accept() uses the socket any more.
+        pthread_mutex_lock(&e.lock)
+        if e.listener.fd < 0:
+            e.accept_pending = False
+            pthread_mutex_unlock(&e.lock)
+            return
         fd = accept4(e.listener.fd, <sockaddr*>&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        err = errno
+        if fd >= 0:
+            ctx = e.server_ctx
+            if ctx != NULL:
+                SSL_CTX_up_ref(ctx)
+        pthread_mutex_unlock(&e.lock)
         if fd < 0:
-            if errno == EINTR or errno == ECONNABORTED:
+            if err == EINTR or err == ECONNABORTED:
                 continue
             # EAGAIN: drained. EMFILE and the like: the scan tries again (the edge will not come back).
-            e.accept_pending = errno != EAGAIN
+            e.accept_pending = err != EAGAIN
             return
-        pthread_mutex_lock(&e.lock)
-        ctx = e.server_ctx
-        if ctx != NULL:
-            SSL_CTX_up_ref(ctx)
-        pthread_mutex_unlock(&e.lock)
         if ctx == NULL or set_tcp_options(fd) < 0:
             set_reset_on_close(fd, True)
             close(fd)  # no server certificate yet: nobody can be served
@@ -1576,7 +1584,7 @@ cdef void _scan(Engine *e) noexcept nogil:
     cdef Stream *snext
     cdef uint32_t current
     e.scanned_ns = e.now_ns
-    if e.accept_pending and e.listener.fd >= 0:
+    if e.accept_pending:
         _accept(e)
     while t != NULL:
         next = t.next
@@ -1693,8 +1701,11 @@ cdef void _close_all(Engine *e) noexcept nogil:
             _tls_flush(e, t)  # best effort: the peer learns the streams were cancelled
         if not t.dead:
             _tls_close(e, t)
+    pthread_mutex_lock(&e.lock)
     if e.listener.fd >= 0:
         epoll_ctl(e.epfd, EPOLL_CTL_DEL, e.listener.fd, NULL)
+        e.listener.fd = -1
+    pthread_mutex_unlock(&e.lock)
 
 
 cdef void _loop(Engine *e) noexcept nogil:
@@ -1902,18 +1913,34 @@ cdef class TunnelWorker:
     def listen(self, int listen_fd):
         """Serve inbound tunnels on a listening socket (non-blocking; the caller keeps owning it)."""
         cdef epoll_event ev
-        cdef int flags
-        if self.e.listener.fd >= 0:
-            raise RuntimeError("already listening")
+        cdef int flags, rc, err
         flags = fcntl(listen_fd, F_GETFL)
         if flags < 0 or (not flags & O_NONBLOCK and fcntl(listen_fd, F_SETFL, flags | O_NONBLOCK) < 0):
             raise OSError(errno, _os.strerror(errno))
-        self.e.listener.fd = listen_fd
         ev.events = EPOLLIN | EPOLLET
         ev.data.ptr = &self.e.listener
-        if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, listen_fd, &ev) < 0:
+        pthread_mutex_lock(&self.e.lock)
+        if self.e.listener.fd >= 0:
+            pthread_mutex_unlock(&self.e.lock)
+            raise RuntimeError("already listening")
+        rc = epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, listen_fd, &ev)
+        err = errno
+        if rc == 0:
+            self.e.listener.fd = listen_fd
+        pthread_mutex_unlock(&self.e.lock)
+        if rc < 0:
+            raise OSError(err, _os.strerror(err))
+
+    def stop_listening(self):
+        """Accept no more tunnels on the listening socket given to listen(); idempotent. On return the
+        engine no longer touches that socket, so the caller may close it (a draining worker does: closed,
+        it leaves its SO_REUSEPORT group and the kernel hands peers' new connections to the other
+        sockets). Connections accepted before go on."""
+        pthread_mutex_lock(&self.e.lock)
+        if self.e.listener.fd >= 0:
+            epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, self.e.listener.fd, NULL)
             self.e.listener.fd = -1
-            raise OSError(errno, _os.strerror(errno))
+        pthread_mutex_unlock(&self.e.lock)
 
     def adopt(self, uint64_t conn_id, int client_fd, str peer_ip, int peer_port, str authority,
               str identity, str source_ip=None, str peer_identity=None, bint l7_checked=False,

@@ -959,3 +959,32 @@ def test_stream_refused_every_time_ends_after_its_retries(tmp_path: Path) -> Non
             assert len(peer.requests) == 4
     finally:
         peer.close()
+
+
+def test_stop_listening_accepts_no_more_and_keeps_the_connections(tmp_path: Path, echo: PodServer) -> None:
+    """stop_listening: the engine takes no connection from the listening socket any more (a peer's TCP
+    connection waits in the backlog of the socket, which the caller may now close); the connection it
+    had keeps carrying old and new streams."""
+    with tunnels(tmp_path) as t:
+        app = t.tunnel(echo.port)
+        assert _echoes(app, b"before")
+        t.server.stop_listening()
+        t.server.stop_listening()  # idempotent
+        with socket.create_connection(("127.0.0.1", t.port), timeout=5):
+            time.sleep(0.5)  # accepted at once when the engine listens (edge-triggered)
+            assert t.server.tls_connections == 1
+        port = t.port
+        t.listener.close()
+        assert _echoes(app, b"after")
+        fresh, captured = captured_pair()
+        t.client.adopt(
+            next_conn_id(),
+            captured.detach(),
+            "127.0.0.1",
+            f"127.0.0.1:{echo.port}",
+            CLIENT_ID,
+            "127.0.0.1",
+            peer_port=port,
+        )
+        assert _echoes(fresh, b"a new stream on the pooled connection")
+        assert t.client.tls_connections == 1

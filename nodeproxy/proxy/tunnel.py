@@ -286,6 +286,13 @@ class TunnelEngine:
         sock.setblocking(False)
         self.worker.listen(sock.fileno())
 
+    def stop_listening(self) -> None:
+        """Accept no more tunnels on the socket given to listen(); on return the engine no longer uses
+        it, so the caller may close it (a draining worker: the kernel then hands peers' new connections
+        to the other sockets of its SO_REUSEPORT group). Idempotent; nothing once stopped."""
+        if not self._stopped:
+            self.worker.stop_listening()
+
     def adopt(
         self,
         conn_id: int,
