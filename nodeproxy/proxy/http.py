@@ -94,12 +94,6 @@ def _response_result(status: int, grpc_status: int) -> AttemptResult:
     return AttemptResult(status=status, grpc_status=grpc_status if grpc_status >= 0 else None)
 
 
-@functools.lru_cache(maxsize=64)
-def _ascii(name: str) -> bytes:
-    """A header name the proxy itself sets, encoded once."""
-    return name.encode("ascii")
-
-
 @functools.lru_cache(maxsize=1024)  # flag bits x local flags: a handful in practice
 def flag_text(bits: int, local_flag: str | None = None, extra_flag: str | None = None) -> str:
     """Envoy-style flags, comma-separated (e.g. "UF,URX"); a Python-decided local reply adds its own,
@@ -505,7 +499,7 @@ class HttpProxy:
             admission is not None and routes is not None and compiled is not None and destination is not None
         )
         now = time.monotonic()
-        expires_at = admission.deadline.expires_at
+        expires_at = admission.expires_at
         if expires_at is not None and now >= expires_at:  # a fault delay or a backoff took the rest
             self._reply(
                 request_id, request, deadline_exceeded("the deadline passed before an attempt"), answers
@@ -540,18 +534,14 @@ class HttpProxy:
         endpoint.total += 1
         trace = request.trace
         if trace is not None and trace.set_headers:  # the proxy's span as the upstream's parent
-            request_add = (*request_add, *[(_ascii(n), v.encode("latin-1")) for n, v in trace.set_headers])
+            request_add = (*request_add, *trace.set_fields)
             if request.trace_sent:  # replace what the caller sent
-                request_remove = (
-                    *request_remove,
-                    *[_ascii(n) for n, _ in trace.set_headers],
-                    *[_ascii(n) for n in trace.remove_headers],
-                )
+                request_remove = (*request_remove, *trace.replaced_names)
         if expires_at is not None:  # the time left, replacing the caller's value
             if admission.grpc:
                 name, value = _GRPC_TIMEOUT, format_grpc_timeout(expires_at - now).encode()
             else:
-                name, value = _TIMEOUT_MS, b"%d" % max(0, math.ceil((expires_at - now) * 1000))
+                name, value = _TIMEOUT_MS, b"%d" % math.ceil((expires_at - now) * 1000)  # > 0: checked above
             request_add = (*request_add, (name, value))
             if request.timeout_sent:
                 request_remove = (*request_remove, name)
@@ -565,7 +555,7 @@ class HttpProxy:
                 request_remove,
                 edits.response_add,
                 edits.response_remove,
-                max(1, math.ceil(timeout * 1000)) if timeout is not None else 0,  # 0 would mean none
+                (math.ceil(timeout * 1000) or 1) if timeout is not None else 0,  # 0 would mean none
                 decision.upstream_protocol == "http2",
                 guards.hold_min_status,
                 guards.replay_limit,
@@ -834,7 +824,7 @@ class HttpProxy:
                 attempts=attempts,
                 flags=flags_text,
             )
-        if not self._access_log.warning_enabled:  # failures are warning-level records
+        if not self._access_log.request_wanted(status, flags_text):  # before gathering the fields
             return
         self._access_log.request(
             request_id,
