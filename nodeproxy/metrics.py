@@ -287,16 +287,19 @@ def _first_label(labels: Mapping[str, str], keys: Iterable[str]) -> str | None:
     return None
 
 
-def peer_labels(labels: Mapping[str, str]) -> tuple[str, ...]:
-    """The PEER_LABELS values of a workload with these Kubernetes labels (an endpoint's `labels`)."""
+def peer_labels(
+    labels: Mapping[str, str], namespace: str | None = None, principal: str | None = None
+) -> tuple[str, ...]:
+    """The PEER_LABELS values of a workload with these Kubernetes labels (an endpoint's `labels`) and,
+    when the mesh's identity section lists the pod, its namespace and SPIFFE ID."""
     canonical = _first_label(labels, _CANONICAL_NAME_KEYS)
     revision = _first_label(labels, _CANONICAL_REVISION_KEYS)
     return (
         canonical or UNKNOWN,  # workload: the config has no owner (Deployment) name
         canonical or UNKNOWN,
         revision or ("latest" if canonical else UNKNOWN),  # Istio's default revision is "latest"
-        UNKNOWN,  # namespace: the config has none
-        UNKNOWN,  # principal: no workload identity until mTLS
+        namespace or UNKNOWN,  # identity.workloads[].namespace; services carry none
+        principal or UNKNOWN,  # the pod's SPIFFE ID (identity.workloads), as Istio's principal labels
         labels.get("app") or UNKNOWN,
         labels.get("version") or UNKNOWN,
         UNKNOWN,  # cluster
@@ -337,16 +340,33 @@ class WorkerMetrics:
         merged: dict[str, dict[str, str]] = {}
         service_peers: dict[tuple[str, str], tuple[str, ...]] = {}
         services: dict[str, tuple[str, ...]] = {}
+        # The mesh's inventory (identity.workloads): namespace, SPIFFE ID and labels of every pod, also
+        # of client pods that are no service's endpoint.
+        workloads: dict[str, tuple[str, str]] = {}
+        workload_labels: dict[str, Mapping[str, str]] = {}
+        if config.identity is not None:
+            trust_domain = config.identity.trust_domain
+            for workload in config.identity.workloads:
+                address = str(workload.ip)
+                workloads[address] = (workload.namespace, str(workload.spiffe_id(trust_domain)))
+                workload_labels[address] = workload.labels
+                merged[address] = dict(workload.labels)
         for service in config.services:
             # No namespace in the config: destination_service is the bare name, not Istio's FQDN.
             services[service.name] = (service.name, service.name, UNKNOWN)
             for endpoint in service.endpoints:
                 address = str(endpoint.address)
-                service_peers[(service.name, address)] = peer_labels(endpoint.labels)
+                namespace, principal = workloads.get(address, (None, None))
+                service_peers[(service.name, address)] = peer_labels(
+                    {**workload_labels.get(address, {}), **endpoint.labels}, namespace, principal
+                )
                 labels = merged.setdefault(address, {})
                 for key, value in endpoint.labels.items():
                     labels.setdefault(key, value)
-        self._peers = {address: peer_labels(labels) for address, labels in merged.items()}
+        self._peers = {
+            address: peer_labels(labels, *workloads.get(address, (None, None)))
+            for address, labels in merged.items()
+        }
         self._service_peers, self._services = service_peers, services
         self._http_keys.clear()
         self._tcp_keys.clear()

@@ -378,3 +378,30 @@ def test_certificate_expiry_merges_to_the_earliest() -> None:
     samples = parse(render(total))["nodeproxy_certificate_expiry_timestamp_seconds"]
     assert [(s.labels, s.value) for s in samples] == [({"identity": identity[0]}, 1500.0)]
     assert all(f.merge in ("sum", "min") for f in INTERNAL.values())
+
+
+def test_the_mesh_inventory_names_namespaces_principals_and_client_pods() -> None:
+    """With identity.workloads, a pod's namespace and SPIFFE ID become its workload_namespace and
+    principal labels, and a client pod that is no service's endpoint gets its own labels."""
+    mesh_config = parse_config(
+        CONFIG_YAML
+        + """identity:
+  trust_domain: cluster.local
+  ca: 192.168.100.1:15012
+  trust_bundle: /etc/nodeproxy/bundle.pem
+  node_credential: {cert: /etc/nodeproxy/node.pem, key: /etc/nodeproxy/node.key}
+  workloads:
+    - {ip: 10.244.1.100, namespace: shop, service_account: reviews, node: node-a}
+    - {ip: 10.244.1.77, namespace: web, service_account: ui, node: node-a, labels: {app: ui, version: v9}}
+""",
+        source="test",
+    )
+    metrics = WorkerMetrics(mesh_config)
+    request(metrics, source_ip="10.244.1.77")
+    labels = only(scrape(metrics)["istio_requests"], "istio_requests_total", response_code="200").labels
+    assert labels["destination_workload_namespace"] == "shop"
+    assert labels["destination_principal"] == "spiffe://cluster.local/ns/shop/sa/reviews"
+    assert labels["destination_app"] == "reviews" and labels["destination_version"] == "v1"  # endpoint's
+    assert labels["source_workload_namespace"] == "web"
+    assert labels["source_principal"] == "spiffe://cluster.local/ns/web/sa/ui"
+    assert labels["source_app"] == "ui" and labels["source_version"] == "v9"
