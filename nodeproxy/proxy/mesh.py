@@ -348,6 +348,12 @@ class MeshWorker:
         """Draining: no new plaintext inbound connections; peers are told (GOAWAY) to open their next
         streams elsewhere (a successor after an upgrade), and the streams already open flow on."""
         self.engine.begin_draining()
+        # Out of the SO_REUSEPORT group, as the outbound listener: new peer connections go to the
+        # successor (an upgrade) or nowhere, not to a process about to exit.
+        self.engine.stop_listening()  # from here on the engine never touches the socket
+        if self.hbone_sock is not None:
+            self.hbone_sock.close()
+            self.hbone_sock = None
         if self.inbound_sock is not None and self._loop is not None:
             self._loop.remove_reader(self.inbound_sock.fileno())
             self.inbound_sock.close()
