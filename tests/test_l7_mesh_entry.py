@@ -154,146 +154,137 @@ def adopt_from(engine: Engine, source_ip: str) -> socket.socket:
     return client
 
 
-def test_a_via_mesh_forward_goes_to_the_entry_with_the_header_first(engine: Engine) -> None:
-    entry = FakeEntry()
+@pytest.fixture()
+def entry(engine: Engine) -> Iterator[FakeEntry]:
+    """A FakeEntry the engine's via-mesh forwards go to."""
+    running = FakeEntry()
     try:
-        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
-        client = adopt_from(engine, SOURCE_POD)
-        for i in range(2):  # the second request reuses the pooled connection: one header per connection
-            client.sendall(b"GET /x%d HTTP/1.1\r\nHost: web\r\n\r\n" % i)
-            head = engine.record(_l7.HEAD)
-            engine.worker.answer([via_mesh_forward(head[1])], [])
-            if i == 0:
-                upstream = entry.accept()
-                assert read_header(upstream) == EntryHeader(SOURCE_POD, *ENDPOINT, HEADER_BYTES)
-            request = recv_until(upstream, b"\r\n\r\n")
-            assert request.startswith(b"GET /x%d HTTP/1.1\r\n" % i), request
-            upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            assert read_response(client).body == b"ok"
-            engine.record(_l7.DONE, head[1])
-        client.close()
-        upstream.close()
+        engine.worker.set_mesh_entry(running.address[0], running.address[1], TOKEN)
+        yield running
     finally:
-        entry.close()
+        running.close()
 
 
-def test_a_direct_forward_to_the_same_endpoint_uses_another_pool(engine: Engine) -> None:
+def request_via_mesh(engine: Engine, client: socket.socket, request: bytes, http2: bool = False) -> int:
+    """Send `request`, answer its head with a via-mesh forward; its request id."""
+    client.sendall(request)
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([via_mesh_forward(head[1], http2)], [])
+    return int(head[1])
+
+
+def test_a_via_mesh_forward_goes_to_the_entry_with_the_header_first(engine: Engine, entry: FakeEntry) -> None:
+    client = adopt_from(engine, SOURCE_POD)
+    for i in range(2):  # the second request reuses the pooled connection: one header per connection
+        request_id = request_via_mesh(engine, client, b"GET /x%d HTTP/1.1\r\nHost: web\r\n\r\n" % i)
+        if i == 0:
+            upstream = entry.accept()
+            assert read_header(upstream) == EntryHeader(SOURCE_POD, *ENDPOINT, HEADER_BYTES)
+        request = recv_until(upstream, b"\r\n\r\n")
+        assert request.startswith(b"GET /x%d HTTP/1.1\r\n" % i), request
+        upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        assert read_response(client).body == b"ok"
+        engine.record(_l7.DONE, request_id)
+    client.close()
+    upstream.close()
+
+
+def test_a_direct_forward_to_the_same_endpoint_uses_another_pool(engine: Engine, entry: FakeEntry) -> None:
     """The header names the endpoint; a direct connection must never be taken from the mesh pool (nor
     the other way): here the direct attempt fails (nothing listens at the pod address) while the mesh
     connection sits idle."""
-    entry = FakeEntry()
-    try:
-        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
-        client = adopt_from(engine, "127.0.0.1")
-        client.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        head = engine.record(_l7.HEAD)
-        engine.worker.answer([(head[1], "127.0.0.1", 9, (), (), (), (), 0, False, 0, 65536, True)], [])
-        upstream = entry.accept()
-        assert read_header(upstream).destination_port == 9
-        upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        assert read_response(client).status == 200
-        engine.record(_l7.DONE, head[1])
-        client.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        head = engine.record(_l7.HEAD)
-        engine.worker.answer([(head[1], "127.0.0.1", 9, (), (), (), (), 0, False, 0, 65536, False)], [])
-        failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
-        assert failed[6] == _l7.FAIL_CONNECT
-        engine.worker.answer([], [(head[1], 502, "UF", "no")])
-        assert read_response(client).status == 502
-        client.close()
-        upstream.close()
-    finally:
-        entry.close()
+    client = adopt_from(engine, "127.0.0.1")
+    client.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([(head[1], "127.0.0.1", 9, (), (), (), (), 0, False, 0, 65536, True)], [])
+    upstream = entry.accept()
+    assert read_header(upstream).destination_port == 9
+    upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert read_response(client).status == 200
+    engine.record(_l7.DONE, head[1])
+    client.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+    head = engine.record(_l7.HEAD)
+    engine.worker.answer([(head[1], "127.0.0.1", 9, (), (), (), (), 0, False, 0, 65536, False)], [])
+    failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
+    assert failed[6] == _l7.FAIL_CONNECT
+    engine.worker.answer([], [(head[1], 502, "UF", "no")])
+    assert read_response(client).status == 502
+    client.close()
+    upstream.close()
 
 
-def test_http2_upstream_through_the_entry_gets_the_header_before_the_preface(engine: Engine) -> None:
-    entry = FakeEntry()
-    try:
-        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
-        client = adopt_from(engine, SOURCE_POD)
-        client.sendall(b"GET /h2 HTTP/1.1\r\nHost: web\r\n\r\n")
-        head = engine.record(_l7.HEAD)
-        engine.worker.answer([via_mesh_forward(head[1], http2=True)], [])
-        upstream = entry.accept()
-        assert read_header(upstream).source_ip == SOURCE_POD
-        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        server.initiate_connection()
+def test_http2_upstream_through_the_entry_gets_the_header_before_the_preface(
+    engine: Engine, entry: FakeEntry
+) -> None:
+    client = adopt_from(engine, SOURCE_POD)
+    request_via_mesh(engine, client, b"GET /h2 HTTP/1.1\r\nHost: web\r\n\r\n", http2=True)
+    upstream = entry.accept()
+    assert read_header(upstream).source_ip == SOURCE_POD
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    upstream.sendall(server.data_to_send())
+    answered = False
+    deadline = time.monotonic() + 10
+    while not answered and time.monotonic() < deadline:
+        data = upstream.recv(65536)
+        assert data
+        for event in server.receive_data(data):  # the preface comes first, or h2 raises
+            if isinstance(event, h2.events.RequestReceived):
+                assert dict(event.headers)[b":path"] == b"/h2"
+                server.send_headers(event.stream_id, [(":status", "200"), ("content-length", "2")])
+                server.send_data(event.stream_id, b"h2", end_stream=True)
+                answered = True
         upstream.sendall(server.data_to_send())
-        answered = False
-        deadline = time.monotonic() + 10
-        while not answered and time.monotonic() < deadline:
-            data = upstream.recv(65536)
-            assert data
-            for event in server.receive_data(data):  # the preface comes first, or h2 raises
-                if isinstance(event, h2.events.RequestReceived):
-                    assert dict(event.headers)[b":path"] == b"/h2"
-                    server.send_headers(event.stream_id, [(":status", "200"), ("content-length", "2")])
-                    server.send_data(event.stream_id, b"h2", end_stream=True)
-                    answered = True
-            upstream.sendall(server.data_to_send())
-        assert read_response(client).body == b"h2"
-        client.close()
-        upstream.close()
-    finally:
-        entry.close()
+    assert read_response(client).body == b"h2"
+    client.close()
+    upstream.close()
 
 
-def test_nothing_of_the_request_goes_before_the_tunnel_is_open(engine: Engine) -> None:
-    entry = FakeEntry()
-    try:
-        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
-        client = adopt_from(engine, SOURCE_POD)
-        client.sendall(b"GET /wait HTTP/1.1\r\nHost: web\r\n\r\n")
-        head = engine.record(_l7.HEAD)
-        engine.worker.answer([via_mesh_forward(head[1])], [])
-        upstream = entry.accept()
-        read_header(upstream, announce=False)
-        upstream.settimeout(0.3)
-        with pytest.raises(TimeoutError):
-            upstream.recv(100)  # the request waits for the open byte
-        upstream.settimeout(10)
-        upstream.sendall(b"\0")
-        assert recv_until(upstream, b"\r\n\r\n").startswith(b"GET /wait ")
-        upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
-        client.settimeout(10)
-        assert client.recv(100).startswith(b"HTTP/1.1 204")
-        client.close()
-        upstream.close()
-    finally:
-        entry.close()
+def test_nothing_of_the_request_goes_before_the_tunnel_is_open(engine: Engine, entry: FakeEntry) -> None:
+    client = adopt_from(engine, SOURCE_POD)
+    request_via_mesh(engine, client, b"GET /wait HTTP/1.1\r\nHost: web\r\n\r\n")
+    upstream = entry.accept()
+    read_header(upstream, announce=False)
+    upstream.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        upstream.recv(100)  # the request waits for the open byte
+    upstream.settimeout(10)
+    upstream.sendall(b"\0")
+    assert recv_until(upstream, b"\r\n\r\n").startswith(b"GET /wait ")
+    upstream.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    client.settimeout(10)
+    assert client.recv(100).startswith(b"HTTP/1.1 204")
+    client.close()
+    upstream.close()
 
 
 @pytest.mark.parametrize("ending", ["reset", "close", "wrong byte"])
-def test_a_tunnel_that_does_not_open_is_a_connect_failure(engine: Engine, ending: str) -> None:
+def test_a_tunnel_that_does_not_open_is_a_connect_failure(
+    engine: Engine, entry: FakeEntry, ending: str
+) -> None:
     """So the default retry policy (connect-failure) tries another endpoint: the pod never saw the
     request."""
-    entry = FakeEntry()
-    try:
-        engine.worker.set_mesh_entry(entry.address[0], entry.address[1], TOKEN)
-        client = adopt_from(engine, SOURCE_POD)
-        client.sendall(b"POST /once HTTP/1.1\r\nHost: web\r\ncontent-length: 2\r\n\r\nhi")
-        head = engine.record(_l7.HEAD)
-        engine.worker.answer([via_mesh_forward(head[1])], [])
-        upstream = entry.accept()
-        read_header(upstream, announce=False)
-        if ending == "reset":
-            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        elif ending == "wrong byte":
-            upstream.sendall(b"H")
-        upstream.close()
-        failed = engine.record(_l7.ATTEMPT_FAILED, head[1])
-        assert failed[6] == _l7.FAIL_CONNECT, failed
-        # The retry (here to the same entry) resends the request whole on a new connection.
-        engine.worker.answer([via_mesh_forward(head[1])], [])
-        again = entry.accept()
-        read_header(again)
-        assert recv_until(again, b"hi").endswith(b"\r\n\r\nhi")
-        again.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        assert read_response(client).status == 200
-        client.close()
-        again.close()
-    finally:
-        entry.close()
+    client = adopt_from(engine, SOURCE_POD)
+    post = b"POST /once HTTP/1.1\r\nHost: web\r\ncontent-length: 2\r\n\r\nhi"
+    request_id = request_via_mesh(engine, client, post)
+    upstream = entry.accept()
+    read_header(upstream, announce=False)
+    if ending == "reset":
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    elif ending == "wrong byte":
+        upstream.sendall(b"H")
+    upstream.close()
+    failed = engine.record(_l7.ATTEMPT_FAILED, request_id)
+    assert failed[6] == _l7.FAIL_CONNECT, failed
+    # The retry (here to the same entry) resends the request whole on a new connection.
+    engine.worker.answer([via_mesh_forward(request_id)], [])
+    again = entry.accept()
+    read_header(again)
+    assert recv_until(again, b"hi").endswith(b"\r\n\r\nhi")
+    again.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert read_response(client).status == 200
+    client.close()
+    again.close()
 
 
 def test_via_mesh_needs_the_entry_and_the_entry_is_set_once(engine: Engine) -> None:
