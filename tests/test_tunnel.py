@@ -21,7 +21,7 @@ from nodeproxy.authz.engine import compile_authz
 from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.policy import Workload
 from nodeproxy.proxy.inbound import InboundRequest, Verdict, authz_policy
-from nodeproxy.proxy.tunnel import EngineSettings, StreamEnding
+from nodeproxy.proxy.tunnel import EngineSettings, StreamDone, StreamEnding
 from tests.tunnel_harness import (
     CLIENT_ID,
     SERVER_NODE_ID,
@@ -862,6 +862,26 @@ def test_draining_client_retires_its_pooled_connections(tmp_path: Path, echo: Po
     assert endings == [StreamEnding.CLOSED] * 3
 
 
+def adopt_to_peer(t: Tunnels, captured: socket.socket, peer: ScriptedPeer) -> int:
+    """Tunnel `captured` to the scripted peer as CLIENT_ID; its conn id."""
+    conn_id = next_conn_id()
+    t.client.adopt(
+        conn_id, captured.detach(), "127.0.0.1", "127.0.0.1:9", CLIENT_ID, "127.0.0.1", peer_port=peer.port
+    )
+    return conn_id
+
+
+def reset_as_tunnel_failed(t: Tunnels, app: socket.socket) -> StreamDone:
+    """The application's socket is reset and the stream ends TUNNEL_FAILED with ECONNREFUSED."""
+    with app, pytest.raises(ConnectionResetError):
+        while app.recv(100):
+            pass
+    wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
+    (done,) = t.client_records.done()
+    assert done.ending is StreamEnding.TUNNEL_FAILED and done.err == errno.ECONNREFUSED
+    return done
+
+
 @pytest.mark.parametrize(
     ("actions", "connections"),
     [(["goaway", "echo"], 2), (["refuse", "echo"], 1), (["refuse", "refuse", "refuse", "echo"], 1)],
@@ -878,16 +898,7 @@ def test_stream_refused_before_its_first_byte_is_tried_again(
     try:
         with tunnels(tmp_path, pki=pki) as t:
             app, captured = captured_pair()
-            conn_id = next_conn_id()
-            t.client.adopt(
-                conn_id,
-                captured.detach(),
-                "127.0.0.1",
-                "127.0.0.1:9",
-                CLIENT_ID,
-                "127.0.0.1",
-                peer_port=peer.port,
-            )
+            conn_id = adopt_to_peer(t, captured, peer)
             with app:
                 wait_for(lambda: len(peer.requests) == len(actions), timeout=5, what="the retries")
                 assert _echoes(app, b"after the refusals")
@@ -911,21 +922,8 @@ def test_stream_refused_after_client_bytes_went_ends_as_tunnel_failed(tmp_path: 
         with tunnels(tmp_path, pki=pki) as t:
             app, captured = captured_pair()
             app.sendall(b"request")  # waiting in the socket: it goes right after the CONNECT
-            t.client.adopt(
-                next_conn_id(),
-                captured.detach(),
-                "127.0.0.1",
-                "127.0.0.1:9",
-                CLIENT_ID,
-                "127.0.0.1",
-                peer_port=peer.port,
-            )
-            with app, pytest.raises(ConnectionResetError):
-                while app.recv(100):
-                    pass
-            wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
-            (done,) = t.client_records.done()
-            assert done.ending is StreamEnding.TUNNEL_FAILED and done.err == errno.ECONNREFUSED
+            adopt_to_peer(t, captured, peer)
+            done = reset_as_tunnel_failed(t, app)
             assert done.bytes_up == len(b"request")
             assert len(peer.requests) == 1
     finally:
@@ -940,21 +938,8 @@ def test_stream_refused_every_time_ends_after_its_retries(tmp_path: Path) -> Non
     try:
         with tunnels(tmp_path, pki=pki) as t:
             app, captured = captured_pair()
-            t.client.adopt(
-                next_conn_id(),
-                captured.detach(),
-                "127.0.0.1",
-                "127.0.0.1:9",
-                CLIENT_ID,
-                "127.0.0.1",
-                peer_port=peer.port,
-            )
-            with app, pytest.raises(ConnectionResetError):
-                while app.recv(100):
-                    pass
-            wait_for(lambda: len(t.client_records.done()) == 1, what="client done")
-            (done,) = t.client_records.done()
-            assert done.ending is StreamEnding.TUNNEL_FAILED and done.err == errno.ECONNREFUSED
+            adopt_to_peer(t, captured, peer)
+            done = reset_as_tunnel_failed(t, app)
             assert done.bytes_up == 0
             assert len(peer.requests) == 4
     finally:
