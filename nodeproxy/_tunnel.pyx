@@ -627,6 +627,20 @@ cdef void _maybe_done(Engine *e, Stream *s) noexcept nogil:
         _stream_finish(e, s, END_CLOSED, 0)
 
 
+cdef void _unlink_stream(Engine *e, TlsConn *t, Stream *s) noexcept nogil:
+    """Take the stream off its TLS connection's list; a connection left without streams is idle from now."""
+    if s.prev != NULL:
+        s.prev.next = s.next
+    else:
+        t.streams = s.next
+    if s.next != NULL:
+        s.next.prev = s.prev
+    t.nstreams -= 1
+    if t.nstreams == 0:
+        t.idle_since_ns = e.now_ns
+    s.t = NULL
+
+
 cdef void _stream_finish(Engine *e, Stream *s, int ending, int err) noexcept nogil:
     """The stream is over: close its plain socket (FIN when CLOSED, else RST), post STREAM_DONE."""
     cdef TlsConn *t = s.t
@@ -648,16 +662,7 @@ cdef void _stream_finish(Engine *e, Stream *s, int ending, int err) noexcept nog
             if held > 0:
                 nghttp2_session_consume(t.session, s.stream_id, held)  # the connection's credit back
             _mark_dirty(e, t)
-        if s.prev != NULL:
-            s.prev.next = s.next
-        else:
-            t.streams = s.next
-        if s.next != NULL:
-            s.next.prev = s.prev
-        t.nstreams -= 1
-        if t.nstreams == 0:
-            t.idle_since_ns = e.now_ns
-        s.t = NULL
+        _unlink_stream(e, t, s)
     if s.state == S_AWAIT_DECISION:
         link = &e.awaiting
         while link[0] != NULL:
@@ -1492,17 +1497,8 @@ cdef void _outbound_refused(Engine *e, Stream *s) noexcept nogil:
         return
     # Off the refusing connection (it is left open for its other streams, or closes when they end).
     nghttp2_session_set_stream_user_data(old.session, s.stream_id, NULL)
-    if s.prev != NULL:
-        s.prev.next = s.next
-    else:
-        old.streams = s.next
-    if s.next != NULL:
-        s.next.prev = s.prev
-    old.nstreams -= 1
-    if old.nstreams == 0:
-        old.idle_since_ns = e.now_ns
+    _unlink_stream(e, old, s)
     _mark_dirty(e, old)
-    s.t = NULL
     s.prev = s.next = NULL
     s.stream_id = -1
     s.state = S_WAIT_TLS

@@ -168,7 +168,9 @@ def daemon_config(
         "metrics": {"port": METRICS_PORT},
         "identity": identity_section(lab, directory, node, svid_ttl),
         "mesh": {"peers": {other.name: other.underlay_ip}},
-        "services": [] if node.name != "node-a" else [flaky_service(lab), *web_services(lab)],
+        # Both nodes know every service, as a control plane pushes them: node-b needs them to know which
+        # of its pods' ports speak HTTP (plaintext callers of a pod with L7 policies: judged per request).
+        "services": [flaky_service(lab), *web_services(lab)],
         "authz": {
             "peer_authentication": [{"name": "secure-strict", "namespace": "secure", "mode": "STRICT"}],
             "authorization_policies": [

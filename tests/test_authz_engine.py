@@ -487,3 +487,31 @@ authz:
     )
     assert isinstance(good, WithAuthz)
     assert good.authz.authorization_policies[0].rules[0].from_ is not None
+
+
+def test_decides_per_request_when_a_jwt_rule_or_an_l7_attribute_covers_the_pod() -> None:
+    """What makes the inbound path give a plaintext connection to the HTTP engine (nodeproxy.proxy.mesh)."""
+    assert not engine({}).decides_per_request(WEB_IP)
+    l4_only = {
+        "authorization_policies": [
+            {
+                "name": "p",
+                "namespace": "shop",
+                "rules": [{"from": [{"namespaces": ["front"]}], "to": [{"ports": [80]}]}],
+            }
+        ]
+    }
+    assert not engine(l4_only).decides_per_request(WEB_IP)
+    paths = {
+        "authorization_policies": [
+            {
+                "name": "p",
+                "namespace": "shop",
+                "selector": {"service_account": "web"},
+                "rules": [{"to": [{"paths": ["/x"]}]}],
+            }
+        ]
+    }
+    assert engine(paths).decides_per_request(WEB_IP)
+    assert not engine(paths).decides_per_request(API_IP)  # the selector picks web only
+    assert engine(JWT_CONFIG).decides_per_request(WEB_IP)  # a RequestAuthentication covers it

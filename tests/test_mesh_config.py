@@ -190,3 +190,29 @@ def test_an_inbound_stream_may_name_only_a_source_with_the_proven_identity_on_it
     )
     assert known.forged_source(a0, "10.244.1.10", "192.168.100.1") is None
     assert "not at 192.168.100.3" in str(known.forged_source(a0, "10.244.1.10", "192.168.100.3"))
+
+
+def test_inbound_http_ports_are_this_nodes_pods_of_http_service_ports() -> None:
+    """Where a plaintext caller can be judged per request: (pod, target port) of http/http2/grpc ports,
+    for endpoints on this node by their `node` or the identity inventory; tcp and auto ports are not."""
+    services = """
+services:
+  - name: web
+    vip: 10.96.0.1
+    ports: [{port: 80, target_port: 8080, protocol: http}, {port: 9000, protocol: tcp}]
+    endpoints: [{address: 10.244.1.10}, {address: 10.244.2.11}, {address: 10.244.1.77, node: node-a}]
+  - name: rpc
+    vip: 10.96.0.2
+    ports: [{port: 50051, protocol: grpc}, {port: 81, target_port: 8080, protocol: http2}]
+    endpoints: [{address: 10.244.1.10}]
+  - name: sniffed
+    vip: 10.96.0.3
+    ports: [{port: 82, protocol: auto}]
+    endpoints: [{address: 10.244.1.10}]
+"""
+    directory = MeshDirectory.build(config(services))
+    assert directory.inbound_http == {
+        ("10.244.1.10", 8080): False,  # http and http2 on one pod port: HTTP/1.1, which both speak
+        ("10.244.1.10", 50051): True,
+        ("10.244.1.77", 8080): False,  # not in the inventory, but its endpoint says node-a
+    }

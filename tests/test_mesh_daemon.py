@@ -9,6 +9,7 @@ SVIDs live 90 s (renewed 40.5-49.5 s after issue), so they rotate during the mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from joserfc import jwk, jws
 
 from nodeproxy import netns
 from nodeproxy.identity.ca import CertificateAuthority, init_ca, private_key_pem
@@ -324,6 +326,74 @@ def test_l7_policies_apply_per_request_through_the_tunnel_and_l4_streams_stay_de
     deadline = time.monotonic() + 5
     while http_get(a0, b1.ip)[:12] != "HTTP/1.1 200" and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def test_a_caller_outside_the_mesh_is_judged_per_request_by_the_destination(mesh: MeshLab) -> None:
+    """a2 has no identity: its requests to b1 cross the underlay in plaintext and reach node-b's inbound
+    port. b1's policies need the requests (paths, a JWT's request principal), so node-b's HTTP engine
+    checks each one and sends what is allowed to b1, from a2's address. (At L4 these rules could only
+    deny: before, every connection was reset.)"""
+    a2, b1 = mesh.a.pods[2], mesh.b.pods[1]
+    key = jwk.ECKey.generate_key("P-256", parameters={"kid": "lab-idp"}, private=True)
+    other_key = jwk.ECKey.generate_key("P-256", parameters={"kid": "lab-idp"}, private=True)
+    jwks_path = mesh.directory / "lab-idp-jwks.json"
+    jwks_path.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+
+    def token(signer: jwk.ECKey) -> str:
+        claims = {"iss": "https://idp.lab", "sub": "alice", "aud": "lab", "exp": int(time.time()) + 600}
+        header = {"alg": "ES256", "typ": "JWT", "kid": "lab-idp"}
+        return jws.serialize_compact(header, json.dumps(claims).encode(), signer, algorithms=["ES256"])
+
+    originals = {name: json.loads(d.config_path.read_text()) for name, d in mesh.daemons.items()}
+    policy = {
+        "name": "b1-by-request",
+        "namespace": "lab",
+        "selector": {"service_account": "b1"},
+        "action": "ALLOW",
+        "rules": [
+            {"to": [{"paths": ["/public*"]}]},
+            {"from": [{"request_principals": ["https://idp.lab/alice"]}], "to": [{"paths": ["/private*"]}]},
+            {"to": [{"ports": [ECHO_PORT]}]},  # the other tests' echo traffic
+        ],
+    }
+    authentication = {
+        "name": "lab-idp",
+        "namespace": "lab",
+        "selector": {"service_account": "b1"},
+        "jwt_rules": [{"issuer": "https://idp.lab", "audiences": ["lab"], "jwks_file": str(jwks_path)}],
+    }
+
+    def get(path: str, bearer: str | None = None) -> tuple[int, str]:
+        auth = f"Authorization: Bearer {bearer}\r\n" if bearer else ""
+        with connect(a2, b1.ip, HTTP_PORT) as sock, sock.makefile("rb") as replies:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: b1\r\n{auth}Connection: close\r\n\r\n".encode())
+            status = int(replies.readline().split()[1])
+            return status, replies.read().decode("latin-1")
+
+    try:
+        for name, daemon in mesh.daemons.items():
+            changed = json.loads(json.dumps(originals[name]))
+            changed["authz"]["authorization_policies"].append(policy)
+            changed["authz"]["request_authentication"] = [authentication]
+            reload(daemon, changed, "config reloaded")
+        deadline = time.monotonic() + 5  # every worker applies it from its control pipe
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if get("/public")[0] == 200:
+                    break
+            time.sleep(0.1)
+        status, body = get("/public")
+        assert status == 200 and f"client={a2.ip}:" in body, body  # from the caller's own address
+        assert get("/private")[0] == 403  # no token: no request principal
+        assert get("/private", token(key))[0] == 200
+        assert get("/private", token(other_key))[0] == 401  # signed by a key the JWKS does not have
+        denied = mesh.daemons["node-b"].wait_record(
+            lambda r: r.get("event") == "request" and r.get("path") == "/private" and r.get("status") == 403
+        )
+        assert denied["flags"] == "RBAC" and str(denied["src"]).startswith(f"{a2.ip}:"), denied
+    finally:
+        for name, daemon in mesh.daemons.items():
+            reload(daemon, originals[name], "config reloaded")
 
 
 def test_deny_policy_on_the_destination_node_resets_the_connection(mesh: MeshLab) -> None:

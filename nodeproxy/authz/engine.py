@@ -144,6 +144,13 @@ class AuthzEngine:
             decision = self.policies.evaluate(workload, request)
         return ConnectionVerdict(decision.allowed, decision.reason)
 
+    def decides_per_request(self, destination_ip: str) -> bool:
+        """Whether connections to this pod can only be judged request by request: a JWT rule covers it,
+        or one of its policies has an L7 attribute (a connection check would apply that rule as L4:
+        deny). The inbound path then gives a plaintext connection to an HTTP port to the HTTP engine."""
+        workload = self.workloads.get(destination_ip)
+        return self.authenticator(workload) is not None or self.policies.applicable(workload).uses_l7
+
     def authenticator(self, workload: Workload | None) -> JwtAuthenticator | None:
         """The JWT check for requests to `workload`; None when no RequestAuthentication covers it."""
         if workload in self._authenticators:

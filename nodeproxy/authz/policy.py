@@ -497,6 +497,7 @@ class _CompiledRule:
     # when it is L4 only; with L7 parts, never (DENY: left to the request check) or its L4 parts (ALLOW:
     # some request on the connection may match).
     l4_prefilter: Predicate
+    uses_l7: bool  # some part is an L7 attribute: only a request check decides it exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +522,7 @@ def _compile_policy(policy: AuthorizationPolicy) -> _CompiledPolicy:
             # DENY rule's L4 parts keep it out. A connection checked per request: the request check
             # applies the L7 rules, the connection needs only a possible ALLOW match.
             l4, l4_prefilter = (l4_parts, _never) if deny else (_never, l4_parts)
-        rules.append(_CompiledRule(i, l7, l4, l4_prefilter))
+        rules.append(_CompiledRule(i, l7, l4, l4_prefilter, rule.uses_l7))
     return _CompiledPolicy(policy.qualified_name, deny, policy.selector, policy.namespace, tuple(rules))
 
 
@@ -551,6 +552,11 @@ class _PolicySet:
     @property
     def empty(self) -> bool:
         return not self.deny and not self.allow
+
+    @property
+    def uses_l7(self) -> bool:
+        """Some rule of these policies needs a request to be decided exactly."""
+        return any(rule.uses_l7 for policy in (*self.deny, *self.allow) for rule in policy.rules)
 
 
 # What _evaluate judges by, and how its reasons name it: each rule's l7, l4 or l4_prefilter predicate.

@@ -151,6 +151,11 @@ class HttpConnection:
     # The SPIFFE ID of the source workload, for policies: the identity the mesh gives the client pod
     # (its requests travel with that SVID); None without the mesh or for a pod without identity.
     source_principal: str | None = None
+    # adopt_inbound(): a plaintext connection for this pod of the node, from outside the mesh. Its
+    # requests are not routed: each is checked against the pod's policies and JWT rules, then sent to
+    # the pod (HTTP/2 when inbound_http2).
+    inbound: Endpoint | None = None
+    inbound_http2: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -370,6 +375,31 @@ class HttpProxy:
         self.connections[conn_id] = conn
         self.stats.connections += 1
 
+    def adopt_inbound(
+        self,
+        conn_id: int,
+        client_fd: int,
+        client_ip: str,
+        client_port: int,
+        pod_ip: str,
+        pod_port: int,
+        http2: bool,
+    ) -> None:
+        """A plaintext connection for an HTTP port of a pod of this node, from a caller outside the mesh
+        (the mesh's inbound port), whose policies need the requests: each request is authorized (JWT,
+        L7 rules; no principal) and sent to pod_ip:pod_port from the caller's address, HTTP/2 when
+        `http2`. No routing, balancing or retries: the destination is the pod. Owns the fd unless this
+        raises."""
+        if self._stopped:
+            raise RuntimeError("http proxy is closed")
+        worker = self.workers[self._next]
+        self._next = (self._next + 1) % len(self.workers)
+        conn = HttpConnection(conn_id, client_ip, client_port, pod_ip, pod_port, time.monotonic(), worker)
+        conn.inbound, conn.inbound_http2 = Endpoint(pod_ip, pod_port), http2
+        worker.adopt(conn_id, client_fd, client_ip if self.bind_source else None, 0)
+        self.connections[conn_id] = conn
+        self.stats.connections += 1
+
     # -- records ---------------------------------------------------------------------------------------
 
     def process_records(self) -> None:
@@ -459,6 +489,9 @@ class HttpProxy:
         if self.tracer is not None:
             request.trace = self.tracer.start(trace_headers)
             request.trace_sent = trace_headers is not _NO_HEADERS
+        if conn.inbound is not None:
+            self._inbound_request(request_id, request, conn.inbound, answers)
+            return
         if route is None or route.http is None:
             # The service or its HTTP protocol went away with a reload since the connection came in.
             self._reply(request_id, request, LocalReply(404, "NR", "service port is no longer HTTP"), answers)
@@ -560,6 +593,43 @@ class HttpProxy:
                 guards.hold_min_status,
                 guards.replay_limit,
                 via_mesh,
+            )
+        )
+
+    def _inbound_request(
+        self, request_id: int, request: PendingRequest, pod: Endpoint, answers: Answers
+    ) -> None:
+        """A request of an adopt_inbound() connection: the pod's JWT rules and policies, then the pod.
+        Without an authorization snapshot (no mesh any more after a reload) it is refused: the
+        connection was let in only to be checked per request."""
+        if self._authz_state is None:
+            self._reply(
+                request_id, request, LocalReply(403, "RBAC", "no policies to check the request"), answers
+            )
+            return
+        checked = self._authorize(request_id, request, pod, answers)
+        if checked is None:
+            return  # denied: answered
+        request_add, request_remove = checked
+        trace = request.trace
+        if trace is not None and trace.set_headers:
+            request_add = (*request_add, *trace.set_fields)
+            if request.trace_sent:
+                request_remove = (*request_remove, *trace.replaced_names)
+        request.endpoint, request.in_flight = pod, True
+        pod.active += 1
+        pod.total += 1
+        answers[0].append(
+            (
+                request_id,
+                pod.address,
+                pod.port,
+                request_add,
+                request_remove,
+                (),
+                (),
+                0,
+                request.conn.inbound_http2,
             )
         )
 

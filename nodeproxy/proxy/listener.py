@@ -532,6 +532,22 @@ class OutboundListener:
         if self.on_load_change is not None:
             self.on_load_change(len(self.connections))
 
+    def http_inbound(
+        self, fd: int, client_ip: str, client_port: int, pod_ip: str, pod_port: int, http2: bool
+    ) -> bool:
+        """A plaintext inbound connection whose pod's policies need its requests: to the HTTP engine
+        (HttpProxy.adopt_inbound). False when there is no engine or it refused: the fd is still the
+        caller's."""
+        if self.http is None:
+            return False
+        try:
+            self.http.adopt_inbound(next(self._ids), fd, client_ip, client_port, pod_ip, pod_port, http2)
+        except (OSError, RuntimeError, ValueError) as err:
+            log.error("inbound HTTP adoption failed", error=str(err), destination=f"{pod_ip}:{pod_port}")
+            return False
+        self.stats.accepted += 1
+        return True
+
     def relay_inbound(
         self, fd: int, client_ip: str, client_port: int, pod_ip: str, pod_port: int, started: float
     ) -> None:

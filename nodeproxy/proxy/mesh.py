@@ -33,7 +33,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -44,7 +44,7 @@ from nodeproxy import _fastpath
 from nodeproxy.authz.engine import AuthzEngine, compile_authz, workloads_on_node
 from nodeproxy.authz.jwt import JwksRefresher
 from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authentication
-from nodeproxy.authz.policy import Workload
+from nodeproxy.authz.policy import L4Request, Workload
 from nodeproxy.config import Config, MeshConfig
 from nodeproxy.identity.certmanager import CertManager, NoSvid
 from nodeproxy.identity.config import IdentityConfig
@@ -52,6 +52,7 @@ from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.proxy.inbound import (
     STATUS_DENIED,
     InboundDecision,
+    Verdict,
     authz_policy,
     decide_inbound,
     decide_plaintext,
@@ -136,6 +137,9 @@ class MeshDirectory:
     destination_workloads: dict[str, Workload]  # pod IP -> Workload, every node's (their STRICT mode)
     peer_authentication: CompiledPeerAuthentication
     endpoint_nodes: dict[str, str]  # endpoint IP -> its node, from the services' endpoints (`node`)
+    # (pod IP, port) of this node's pods that serve an http, http2 or grpc service port -> HTTP/2 or not:
+    # where a plaintext caller can be judged per request (MeshWorker._on_plaintext).
+    inbound_http: dict[tuple[str, int], bool]
 
     @classmethod
     def build(cls, config: Config) -> MeshDirectory:
@@ -158,6 +162,7 @@ class MeshDirectory:
             endpoint_nodes={
                 str(e.address): e.node for service in config.services for e in service.endpoints if e.node
             },
+            inbound_http=inbound_http_ports(config, node, {str(w.ip): w.node for w in identity.workloads}),
         )
 
     @property
@@ -214,6 +219,27 @@ class MeshDirectory:
         if decision.accepted:
             return None
         return MeshRefusal(f"source {source_ip} has no identity and {destination_ip}: {decision.reason}")
+
+
+def inbound_http_ports(
+    config: Config, node: str, workload_nodes: Mapping[str, str]
+) -> dict[tuple[str, int], bool]:
+    """(pod IP, port) -> speaks HTTP/2, for the endpoints on `node` (by their `node`, else the identity
+    inventory's) of service ports whose protocol is http, http2 or grpc (`auto` is not known to be HTTP).
+    Two services that disagree about a pod's port: HTTP/1.1 wins, which every HTTP server speaks."""
+    ports: dict[tuple[str, int], bool] = {}
+    for service in config.services:
+        for port in service.ports:
+            protocol = port.resolved_protocol
+            if protocol not in ("http", "http2", "grpc"):
+                continue
+            for endpoint in service.endpoints:
+                address = str(endpoint.address)
+                if (endpoint.node or workload_nodes.get(address)) != node:
+                    continue
+                key = (address, port.backend_port)
+                ports[key] = ports.get(key, True) and protocol != "http"
+    return ports
 
 
 def engine_settings(mesh: MeshConfig) -> EngineSettings:
@@ -595,9 +621,23 @@ class MeshWorker:
             return
         policy = authz_policy(self.authz)
         local_pods = self.directory.local_pods
+        inbound_http = self.directory.inbound_http
         started = time.monotonic()
         for fd, src_ip, src_port, dst_ip, dst_port in batch:
-            verdict = decide_plaintext(src_ip, dst_ip, dst_port, local_pods, policy)
+            http2 = inbound_http.get((dst_ip, dst_port))
+            if http2 is not None and dst_ip in local_pods and self.authz.decides_per_request(dst_ip):
+                # Its policies need the requests (JWT, L7 rules): the HTTP engine checks each one. The
+                # connection must pass peer authentication (STRICT refuses it) and what of the policies
+                # a connection decides (no ALLOW rule could match a caller without principal: refused).
+                checked = self.authz.check_connection(L4Request(src_ip, None, dst_ip, dst_port), http=True)
+                verdict = Verdict(checked.allowed, checked.reason)
+                if verdict.allowed:
+                    if self.listener.http_inbound(fd, src_ip, src_port, dst_ip, dst_port, http2):
+                        self.inbound_allowed += 1
+                        continue
+                    verdict = Verdict(False, "the HTTP engine could not take it")
+            else:
+                verdict = decide_plaintext(src_ip, dst_ip, dst_port, local_pods, policy)
             if not verdict.allowed:
                 self.inbound_denied += 1
                 _fastpath.reset_and_close(fd)
