@@ -3,6 +3,7 @@ one X.509-SVID rule each (cryptography's builder, since the CA itself refuses to
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,3 +108,14 @@ def key_pem(key: PrivateKey) -> bytes:
 
 def new_key() -> PrivateKey:
     return generate_private_key()
+
+
+class FixedRandom(random.Random):
+    """random() always returns ``value``: jitter and backoff become exact (0.5: no jitter)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value

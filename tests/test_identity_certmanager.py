@@ -5,7 +5,6 @@ through lifetimes instantly; the last tests use the real CA service over TLS on 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from nodeproxy.identity.caserver import CaServer
 from nodeproxy.identity.certmanager import CertEvent, CertManager, NoSvid, TrustBundleError
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffe import SpiffeId, verify_svid_chain
-from tests.identity_helpers import NOW, key_pem
+from tests.identity_helpers import NOW, FixedRandom, key_pem
 
 TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
@@ -38,17 +37,6 @@ class FakeClock:
 
     def advance(self, delta: timedelta) -> None:
         self.now += delta
-
-
-class FixedRandom(random.Random):
-    """random() always returns ``value``: jitter and backoff become exact."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 class LocalSigner:

@@ -10,7 +10,6 @@ proxy's request path), so the loop keeps running while an RSA key is made.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -37,7 +36,7 @@ from nodeproxy.identity.certmanager import CertManager
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.lifetimes import BACKDATE, MIN_SVID_TTL, issuance_time, renewal_point
 from nodeproxy.identity.spiffe import SpiffeId
-from tests.identity_helpers import NOW, make_ca
+from tests.identity_helpers import NOW, FixedRandom, make_ca
 
 TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
@@ -51,17 +50,6 @@ class FakeClock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-class FixedRandom(random.Random):
-    """random() always returns ``value``: the jitter becomes exact (0.5: none)."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 class LocalSigner:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -282,7 +282,6 @@ def test_l7_policies_apply_per_request_through_the_tunnel_and_l4_streams_stay_de
     L4). A connection from a0 straight to b1:8080 (a plain L4 stream, nothing checked per request)
     is still judged at L4 by node-b, where a rule with paths never matches: reset."""
     a0, b1 = mesh.a.pods[0], mesh.b.pods[1]
-    originals = {name: json.loads(d.config_path.read_text()) for name, d in mesh.daemons.items()}
     policy = {
         "name": "b1-public-paths",
         "namespace": "lab",
@@ -296,11 +295,7 @@ def test_l7_policies_apply_per_request_through_the_tunnel_and_l4_streams_stay_de
             {"to": [{"ports": [ECHO_PORT]}]},  # the other tests' echo traffic
         ],
     }
-    try:
-        for name, daemon in mesh.daemons.items():
-            changed = json.loads(json.dumps(originals[name]))
-            changed["authz"]["authorization_policies"].append(policy)
-            reload(daemon, changed, "config reloaded")
+    with authz_added(mesh, policy):
         # A tunnel stream is judged when it opens: let the HTTP engine's pooled upstream connections of
         # the earlier tests (opened before the policy) close first (http.upstream_idle_timeout, 4 s).
         time.sleep(4.5)
@@ -320,12 +315,26 @@ def test_l7_policies_apply_per_request_through_the_tunnel_and_l4_streams_stay_de
         assert stream["allowed"] is True, stream
         assert is_reset(a0, b1.ip, HTTP_PORT)  # L4 to the same port: node-b denies at L4
         assert echoes(a0, b1.ip, ECHO_PORT)
-    finally:
-        for name, daemon in mesh.daemons.items():
-            reload(daemon, originals[name], "config reloaded")
     deadline = time.monotonic() + 5
     while http_get(a0, b1.ip)[:12] != "HTTP/1.1 200" and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def authz_added(mesh: MeshLab, policy: Mapping[str, object], **authz: object) -> Iterator[None]:
+    """Both daemons reloaded with `policy` added (and `authz` keys set), as a control plane pushes the
+    same policies to every node; their configs restored at the end."""
+    originals = {name: json.loads(d.config_path.read_text()) for name, d in mesh.daemons.items()}
+    try:
+        for name, daemon in mesh.daemons.items():
+            changed = json.loads(json.dumps(originals[name]))
+            changed["authz"]["authorization_policies"].append(policy)
+            changed["authz"].update(authz)
+            reload(daemon, changed, "config reloaded")
+        yield
+    finally:
+        for name, daemon in mesh.daemons.items():
+            reload(daemon, originals[name], "config reloaded")
 
 
 def test_a_caller_outside_the_mesh_is_judged_per_request_by_the_destination(mesh: MeshLab) -> None:
@@ -344,7 +353,6 @@ def test_a_caller_outside_the_mesh_is_judged_per_request_by_the_destination(mesh
         header = {"alg": "ES256", "typ": "JWT", "kid": "lab-idp"}
         return jws.serialize_compact(header, json.dumps(claims).encode(), signer, algorithms=["ES256"])
 
-    originals = {name: json.loads(d.config_path.read_text()) for name, d in mesh.daemons.items()}
     policy = {
         "name": "b1-by-request",
         "namespace": "lab",
@@ -370,12 +378,7 @@ def test_a_caller_outside_the_mesh_is_judged_per_request_by_the_destination(mesh
             status = int(replies.readline().split()[1])
             return status, replies.read().decode("latin-1")
 
-    try:
-        for name, daemon in mesh.daemons.items():
-            changed = json.loads(json.dumps(originals[name]))
-            changed["authz"]["authorization_policies"].append(policy)
-            changed["authz"]["request_authentication"] = [authentication]
-            reload(daemon, changed, "config reloaded")
+    with authz_added(mesh, policy, request_authentication=[authentication]):
         deadline = time.monotonic() + 5  # every worker applies it from its control pipe
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, IndexError, ValueError):
@@ -391,9 +394,6 @@ def test_a_caller_outside_the_mesh_is_judged_per_request_by_the_destination(mesh
             lambda r: r.get("event") == "request" and r.get("path") == "/private" and r.get("status") == 403
         )
         assert denied["flags"] == "RBAC" and str(denied["src"]).startswith(f"{a2.ip}:"), denied
-    finally:
-        for name, daemon in mesh.daemons.items():
-            reload(daemon, originals[name], "config reloaded")
 
 
 def test_deny_policy_on_the_destination_node_resets_the_connection(mesh: MeshLab) -> None:
