@@ -76,8 +76,12 @@ BUDGET_WINDOW = 10.0
 # (f) circuit breaker
 BREAKER_VIP = "10.96.0.55"
 MAX_REQUESTS = 2
-OVERFLOW_LIMIT = 0.005
-OVERFLOW_CEILING = 0.050
+# An overflow answer must not wait for a slot (a request that waits takes the backends' 500 ms). Its own
+# time is the batch's Python decision plus two thread wake-ups: 3 ms on a warm machine, 6-10 ms on this
+# shared VM when its vCPU wakes cold after the idle gaps between bursts (measured 2026-11-26; the old
+# 5 ms bound failed there for the previous release's code too). Speed belongs in bench/, not here.
+OVERFLOW_LIMIT = 0.050
+OVERFLOW_CEILING = 0.100
 # (g) rate limit
 LIMIT_VIP = "10.96.0.56"
 LIMIT_RATE = 50.0
@@ -426,9 +430,9 @@ def burst(scenario: Scenario, count: int, label: str) -> list[Response]:
 
 def test_circuit_breaker_overflow_answers_503_uo_at_once(scenario: Scenario) -> None:
     """(f) max_requests 2, backends taking 500 ms, 10 requests at once, three times: each time 2 go
-    through and 8 are answered 503 with flag UO; the overflow answers take under 5 ms (median over the
-    24; every one under OVERFLOW_CEILING, far below the 500 ms a request waiting for a slot would take:
-    single answers on this shared 2-core machine sometimes wait several ms for a CPU)."""
+    through and 8 are answered 503 with flag UO, every one of them before either admitted request is
+    answered, and far below the 500 ms a request waiting for a slot would take (OVERFLOW_LIMIT for the
+    median over the 24, OVERFLOW_CEILING for each)."""
     scenario.backends.set_all(Behaviour(delay_ms=500))
     overflow_times: list[float] = []
     for round_ in range(3):
@@ -440,6 +444,9 @@ def test_circuit_breaker_overflow_answers_503_uo_at_once(scenario: Scenario) -> 
             shown
         )
         assert all("UO" in a.flags for a in answers if a.status == 503), shown
+        assert max(a.elapsed for a in answers if a.status == 503) < min(
+            a.elapsed for a in answers if a.status == 200
+        ), shown  # answered at once, not after a slot freed
         overflow_times += [a.elapsed for a in answers if a.status == 503]
         time.sleep(0.6)  # the admitted requests finish: the next burst starts with the breaker empty
     median = percentile(overflow_times, 50)
