@@ -94,10 +94,16 @@ def _response_result(status: int, grpc_status: int) -> AttemptResult:
     return AttemptResult(status=status, grpc_status=grpc_status if grpc_status >= 0 else None)
 
 
-@functools.lru_cache(maxsize=1024)  # flag bits x local flags: a handful in practice
 def flag_text(bits: int, local_flag: str | None = None, extra_flag: str | None = None) -> str:
     """Envoy-style flags, comma-separated (e.g. "UF,URX"); a Python-decided local reply adds its own,
     and so does a request whose retries ran out (URX)."""
+    if not bits and not local_flag and not extra_flag:
+        return "-"  # most requests: no cache lookup (hashing the arguments costs more than this test)
+    return _flag_text(bits, local_flag, extra_flag)
+
+
+@functools.lru_cache(maxsize=1024)  # flag bits x local flags: a handful in practice
+def _flag_text(bits: int, local_flag: str | None, extra_flag: str | None) -> str:
     names = [name for bit, name in FLAG_NAMES if bits & bit and name != "LR"]
     if local_flag and local_flag not in names:
         names.append(local_flag)
@@ -158,9 +164,10 @@ class HttpConnection:
     inbound_http2: bool = False
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class PendingRequest:
-    """A request between its head and its DONE record."""
+    """A request between its head and its DONE record. Built for every request head: __init__ is
+    written out (one chained store per default) because the generated one costs more per field."""
 
     conn: HttpConnection
     attrs: RequestAttrs
@@ -184,6 +191,19 @@ class PendingRequest:
     trace: TraceStart | None = None
     trace_sent: bool = False  # the caller sent trace headers (the upstream's must replace them)
     timeout_sent: bool = False  # the caller sent its deadline header (replaced by the time left)
+
+    def __init__(
+        self, conn: HttpConnection, attrs: RequestAttrs, service: str | None = None, route: str | None = None
+    ) -> None:
+        self.conn = conn
+        self.attrs = attrs
+        self.service = service
+        self.route = route
+        # The defaults declared above, which the dataclass does not apply with init=False.
+        self.endpoint = self.local_flag = self.routes = self.compiled = self.destination = None
+        self.admission = self.extra_flag = self.timer = self.trace = None
+        self.grpc = self.in_flight = self.retried = self.result_counted = False
+        self.trace_sent = self.timeout_sent = False
 
 
 @dataclass
@@ -538,15 +558,27 @@ class HttpProxy:
                 request_id, request, deadline_exceeded("the deadline passed before an attempt"), answers
             )
             return
-        tried: Collection[str] = admission.tried
-        if tried:  # a retry: another endpoint if there is one
-            tried = exclude_for_retry(tried, [e.address for e in destination.endpoints])
+        tried: Collection[str] = ()
+        # request.endpoint is set only below, together with admission.attempt_started(): None means
+        # the first attempt, nothing tried (spares the `tried` property for every request).
+        if request.endpoint is not None:
+            tried = admission.tried
+            if tried:  # a retry: another endpoint if there is one
+                tried = exclude_for_retry(tried, [e.address for e in destination.endpoints])
         decision = forward_to(routes, compiled, destination, request.attrs, tried)
         if isinstance(decision, LocalReply):
             self._reply(request_id, request, decision, answers)
             return
         endpoint = decision.endpoint
-        edits = self._edits_for(decision)
+        # Most routes edit no header: _edits_for's test inline, without the call.
+        edits = (
+            self._edits_for(decision)
+            if decision.request_headers_add
+            or decision.request_headers_remove
+            or decision.response_headers_add
+            or decision.response_headers_remove
+            else _NO_EDITS
+        )
         request_add, request_remove = edits.request_add, edits.request_remove
         if self._authz_state is not None:
             checked = self._authorize(request_id, request, endpoint, answers)
@@ -567,17 +599,18 @@ class HttpProxy:
         endpoint.total += 1
         trace = request.trace
         if trace is not None and trace.set_headers:  # the proxy's span as the upstream's parent
-            request_add = (*request_add, *trace.set_fields)
+            # Tuples are concatenated (no list in between); empty ones are not rebuilt.
+            request_add = request_add + trace.set_fields if request_add else trace.set_fields
             if request.trace_sent:  # replace what the caller sent
-                request_remove = (*request_remove, *trace.replaced_names)
+                request_remove = request_remove + trace.replaced_names
         if expires_at is not None:  # the time left, replacing the caller's value
             if admission.grpc:
                 name, value = _GRPC_TIMEOUT, format_grpc_timeout(expires_at - now).encode()
             else:
                 name, value = _TIMEOUT_MS, b"%d" % math.ceil((expires_at - now) * 1000)  # > 0: checked above
-            request_add = (*request_add, (name, value))
+            request_add = request_add + ((name, value),)  # noqa: RUF005 (concatenation: no list built)
             if request.timeout_sent:
-                request_remove = (*request_remove, name)
+                request_remove = request_remove + (name,)  # noqa: RUF005
         guards = compiled.guards
         answers[0].append(
             (
@@ -836,12 +869,17 @@ class HttpProxy:
         (_, request_id, conn_id, status, flags, err, bytes_in, bytes_out, decide_ns, upstream_ns, total_ns,
          attempts, reused, response_ns, grpc_status) = record  # fmt: skip
         request = self.requests.pop(request_id, None)
-        endpoint = request.endpoint if request is not None else None
-        if request is not None:
+        if request is None:
+            endpoint = attrs = trace = service = route = None
+            protocol = "http"
+            flags_text = flag_text(flags)
+        else:
+            # Each field read once into a local: this runs for every request.
+            endpoint = request.endpoint
             if request.timer is not None:
                 request.timer.cancel()
                 request.timer = None
-            routes, admission = request.routes, request.admission
+            routes = request.routes
             if endpoint is not None and request.in_flight:
                 endpoint.active -= 1
                 request.in_flight = False
@@ -853,22 +891,25 @@ class HttpProxy:
                         self._ejected(request, ejection)
                     if response_ns:
                         routes.balancer.observe(endpoint, response_ns / 1e9)
+            admission = request.admission
             if admission is not None and routes is not None:
                 routes.guards.request_ended(admission)
+            local_flag, extra_flag = request.local_flag, request.extra_flag
+            # flag_text's own no-flags test, inline: most requests have none.
+            flags_text = (
+                flag_text(flags, local_flag, extra_flag) if flags or local_flag or extra_flag else "-"
+            )
+            attrs, trace, service, route = request.attrs, request.trace, request.service, request.route
+            protocol = "grpc" if request.grpc else "http"
         self.stats.status_classes[status // 100] += 1  # 0: no response
-        flags_text = (
-            flag_text(flags, request.local_flag, request.extra_flag)
-            if request is not None
-            else flag_text(flags)
-        )
-        conn = self.connections.get(conn_id)
-        attrs = request.attrs if request is not None else None
-        if self.metrics is not None:
-            self.metrics.http_request(
-                request.service if request is not None else None,
+        metrics = self.metrics
+        if metrics is not None:
+            conn = self.connections.get(conn_id)
+            metrics.http_request(
+                service,
                 conn.client_ip if conn is not None else "",
                 endpoint,
-                "grpc" if request is not None and request.grpc else "http",
+                protocol,
                 status,
                 grpc_status,
                 flags_text,
@@ -876,7 +917,6 @@ class HttpProxy:
                 bytes_in,
                 bytes_out,
             )
-        trace = request.trace if request is not None else None
         if trace is not None and trace.sampled and self.tracer is not None:
             end_ns = time.time_ns()
             self.tracer.finish(
@@ -886,8 +926,8 @@ class HttpProxy:
                 method=attrs.method if attrs else None,
                 authority=attrs.authority if attrs else None,
                 path=attrs.path if attrs else None,
-                route=request.route if request else None,
-                service=request.service if request else None,
+                route=route,
+                service=service,
                 status=status,
                 grpc_status=grpc_status,
                 upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else None,
@@ -896,19 +936,20 @@ class HttpProxy:
             )
         if not self._access_log.request_wanted(status, flags_text):  # before gathering the fields
             return
+        conn = self.connections.get(conn_id)
         self._access_log.request(
             request_id,
             self._access_log.http_request_fields(
                 conn_id,
                 (conn.client_ip, conn.client_port) if conn else None,
                 (conn.orig_ip, conn.orig_port) if conn else None,
-                request.service if request else None,
+                service,
                 (endpoint.address, endpoint.port) if endpoint else None,
             ),
             method=attrs.method if attrs else None,
             authority=attrs.authority if attrs else None,
             path=attrs.path if attrs else None,
-            route=request.route if request else None,
+            route=route,
             status=status,
             flags=flags_text,
             err=err,
