@@ -70,6 +70,8 @@ log = structlog.get_logger("nodeproxy.http")
 # How an attempt failed, by the engine's ATTEMPT_FAILED failure kinds (FAIL_HELD: a response head
 # the engine holds for a decision, see RouteGuards.hold_min_status).
 _UPE: int = _l7.FLAGS["UPE"]
+_HEAD: int = _l7.HEAD  # the record kinds of every request, read without the module attribute
+_DONE: int = _l7.DONE
 _TIMEOUT_MS = TIMEOUT_HEADER.encode()
 _GRPC_TIMEOUT = GRPC_TIMEOUT_HEADER.encode()
 _FAILURES: dict[int, Failure] = {
@@ -457,13 +459,14 @@ class HttpProxy:
 
     def _handle(self, records: Iterable[tuple[Any, ...]], state: RoutingState, answers: Answers) -> None:
         """Act on one batch; `state` is the routing snapshot read once for the whole batch."""
+        on_head, on_done = self._on_head, self._on_done  # the two kinds of every request, bound once
         for record in records:
             kind = record[0]
             try:
-                if kind == _l7.HEAD:
-                    self._on_head(record, state, answers)
-                elif kind == _l7.DONE:
-                    self._on_done(record)
+                if kind == _HEAD:
+                    on_head(record, state, answers)
+                elif kind == _DONE:
+                    on_done(record)
                 elif kind == _l7.ATTEMPT_FAILED:
                     self._on_attempt_failed(record, answers)
                 elif kind == _l7.CONN_CLOSED:
@@ -506,8 +509,9 @@ class HttpProxy:
         attrs = RequestAttrs(method, authority, path, query, picked)
         request = PendingRequest(conn, attrs)
         self.requests[request_id] = request
-        if self.tracer is not None:
-            request.trace = self.tracer.start(trace_headers)
+        tracer = self.tracer
+        if tracer is not None:
+            request.trace = tracer.start(trace_headers)
             request.trace_sent = trace_headers is not _NO_HEADERS
         if conn.inbound is not None:
             self._inbound_request(request_id, request, conn.inbound, answers)
@@ -934,12 +938,15 @@ class HttpProxy:
                 attempts=attempts,
                 flags=flags_text,
             )
-        if not self._access_log.request_wanted(status, flags_text):  # before gathering the fields
+        access_log = self._access_log
+        # Before gathering the fields; `enabled` first spares the call when the log is off (request_wanted
+        # is False then).
+        if not access_log.enabled or not access_log.request_wanted(status, flags_text):
             return
         conn = self.connections.get(conn_id)
-        self._access_log.request(
+        access_log.request(
             request_id,
-            self._access_log.http_request_fields(
+            access_log.http_request_fields(
                 conn_id,
                 (conn.client_ip, conn.client_port) if conn else None,
                 (conn.orig_ip, conn.orig_port) if conn else None,
