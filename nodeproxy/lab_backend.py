@@ -343,9 +343,16 @@ class HttpResponder(asyncio.Protocol):
             action()
             return
         self.busy = True
-        asyncio.get_running_loop().call_later(behaviour.delay_ms / 1000, self._delayed, action)
+        due = time.monotonic() + behaviour.delay_ms / 1000
+        asyncio.get_running_loop().call_later(behaviour.delay_ms / 1000, self._delayed, action, due)
 
-    def _delayed(self, action: Callable[[], None]) -> None:
+    def _delayed(self, action: Callable[[], None], due: float) -> None:
+        # uvloop's timers run on libuv's millisecond clock, cached per loop turn: they may fire up to about
+        # a millisecond before `due`. The behaviour promises at least delay_ms: wait out the rest.
+        left = due - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left + 0.0005, self._delayed, action, due)
+            return
         self.busy = False
         if not self.closed:
             action()
