@@ -395,8 +395,7 @@ class Worker:
         self.certificate_expiry = mesh.certificate_expiry
         await mesh.start(loop)
         # HTTP ports' requests to pods on peer nodes ride the same tunnel (nodeproxy.proxy.mesh_entry).
-        if self.http is not None:
-            self.http.use_mesh(mesh.entry.address, mesh.entry.token, mesh.http_path, mesh.identity_of)
+        self.http.use_mesh(mesh.entry.address, mesh.entry.token, mesh.http_path, mesh.identity_of)
 
     def remove_capture_if_last(self) -> None:
         """After serve(), on_failure open, supervisor dead: the last process of the daemon removes the
@@ -502,7 +501,7 @@ class Worker:
             "inbound_allowed": mesh.inbound_allowed,
             "inbound_denied": mesh.inbound_denied,
             "tls_failures": mesh.tls_failures,
-            "http_tunneled": mesh.entry_tunneled,
+            "http_tunneled": mesh.entry.accepted,
             "http_tunnel_refused": mesh.entry.refused,
             "certificates": {identity: expiry for identity, expiry in mesh.certificate_expiry()},
         }

@@ -489,7 +489,8 @@ class Tracer:
             if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids (1 in 2**64)
                 trace_id, span_id = new_trace_id(), new_span_id()
             traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-            # set_fields built here: the values are ASCII (hex digits; a kept request id is not sent)
+            # set_fields built here: the values are ASCII (hex digits; a kept request id is not sent). Two
+            # literal constructors: building the tuples by concatenation cost 1.2k instructions per request.
             if callers_request_id:
                 return TraceStart(
                     ((TRACEPARENT, traceparent),),

@@ -90,6 +90,20 @@ NotHttpHandler = Callable[[int, int, str, int, str, int], None]
 MeshPath = Callable[[str, Endpoint], "bool | str"]
 
 
+def _with_trace_fields(
+    request: PendingRequest, add: tuple[tuple[bytes, bytes], ...], remove: tuple[bytes, ...]
+) -> tuple[tuple[tuple[bytes, bytes], ...], tuple[bytes, ...]]:
+    """The upstream's header edits with the proxy's span as its parent (and, when the caller sent trace
+    headers, theirs removed). Tuples are concatenated, no list in between; an empty one is not rebuilt."""
+    trace = request.trace
+    if trace is None or not trace.set_headers:
+        return add, remove
+    add = add + trace.set_fields if add else trace.set_fields
+    if request.trace_sent:  # replace what the caller sent
+        remove = remove + trace.replaced_names
+    return add, remove
+
+
 @functools.lru_cache(maxsize=1024)  # statuses x grpc codes seen; bounded against odd peers
 def _response_result(status: int, grpc_status: int) -> AttemptResult:
     """The AttemptResult of a response (grpc_status -1: none), built once per distinct pair."""
@@ -386,16 +400,10 @@ class HttpProxy:
             raise RuntimeError("http proxy is closed")
         if sniff and self.not_http is None:
             raise ValueError("sniffing needs a not_http handler for what is not HTTP")
-        worker = self.workers[self._next]
-        self._next = (self._next + 1) % len(self.workers)
-        conn = HttpConnection(conn_id, client_ip, client_port, orig_ip, orig_port, time.monotonic(), worker)
+        conn = self._new_connection(conn_id, client_ip, client_port, orig_ip, orig_port)
         if self._principal_of is not None:
             conn.source_principal = self._principal_of(client_ip)
-        worker.adopt(
-            conn_id, client_fd, client_ip if self.bind_source else None, self._peek_timeout_ms if sniff else 0
-        )
-        self.connections[conn_id] = conn
-        self.stats.connections += 1
+        self._hand_over(conn, client_fd, self._peek_timeout_ms if sniff else 0)
 
     def adopt_inbound(
         self,
@@ -414,12 +422,22 @@ class HttpProxy:
         raises."""
         if self._stopped:
             raise RuntimeError("http proxy is closed")
+        conn = self._new_connection(conn_id, client_ip, client_port, pod_ip, pod_port)
+        conn.inbound, conn.inbound_http2 = Endpoint(pod_ip, pod_port), http2
+        self._hand_over(conn, client_fd, 0)
+
+    def _new_connection(
+        self, conn_id: int, client_ip: str, client_port: int, orig_ip: str, orig_port: int
+    ) -> HttpConnection:
+        """A connection record on the next engine thread (round robin)."""
         worker = self.workers[self._next]
         self._next = (self._next + 1) % len(self.workers)
-        conn = HttpConnection(conn_id, client_ip, client_port, pod_ip, pod_port, time.monotonic(), worker)
-        conn.inbound, conn.inbound_http2 = Endpoint(pod_ip, pod_port), http2
-        worker.adopt(conn_id, client_fd, client_ip if self.bind_source else None, 0)
-        self.connections[conn_id] = conn
+        return HttpConnection(conn_id, client_ip, client_port, orig_ip, orig_port, time.monotonic(), worker)
+
+    def _hand_over(self, conn: HttpConnection, client_fd: int, sniff_timeout_ms: int) -> None:
+        """The engine thread takes the socket (if this raises, the fd is still the caller's)."""
+        conn.worker.adopt(conn.id, client_fd, conn.client_ip if self.bind_source else None, sniff_timeout_ms)
+        self.connections[conn.id] = conn
         self.stats.connections += 1
 
     # -- records ---------------------------------------------------------------------------------------
@@ -574,7 +592,7 @@ class HttpProxy:
             self._reply(request_id, request, decision, answers)
             return
         endpoint = decision.endpoint
-        # Most routes edit no header: _edits_for's test inline, without the call.
+        # Most routes edit no header: tested here, without a call.
         edits = (
             self._edits_for(decision)
             if decision.request_headers_add
@@ -601,12 +619,8 @@ class HttpProxy:
         request.endpoint, request.in_flight = endpoint, True
         endpoint.active += 1
         endpoint.total += 1
-        trace = request.trace
-        if trace is not None and trace.set_headers:  # the proxy's span as the upstream's parent
-            # Tuples are concatenated (no list in between); empty ones are not rebuilt.
-            request_add = request_add + trace.set_fields if request_add else trace.set_fields
-            if request.trace_sent:  # replace what the caller sent
-                request_remove = request_remove + trace.replaced_names
+        if request.trace is not None:
+            request_add, request_remove = _with_trace_fields(request, request_add, request_remove)
         if expires_at is not None:  # the time left, replacing the caller's value
             if admission.grpc:
                 name, value = _GRPC_TIMEOUT, format_grpc_timeout(expires_at - now).encode()
@@ -648,11 +662,8 @@ class HttpProxy:
         if checked is None:
             return  # denied: answered
         request_add, request_remove = checked
-        trace = request.trace
-        if trace is not None and trace.set_headers:
-            request_add = (*request_add, *trace.set_fields)
-            if request.trace_sent:
-                request_remove = (*request_remove, *trace.replaced_names)
+        if request.trace is not None:
+            request_add, request_remove = _with_trace_fields(request, request_add, request_remove)
         request.endpoint, request.in_flight = pod, True
         pod.active += 1
         pod.total += 1
@@ -731,14 +742,8 @@ class HttpProxy:
             fn()
 
     def _edits_for(self, decision: Forward) -> _Edits:
-        """Header edits encoded once per route (routes are immutable per snapshot), not per request."""
-        if not (
-            decision.request_headers_add
-            or decision.request_headers_remove
-            or decision.response_headers_add
-            or decision.response_headers_remove
-        ):
-            return _NO_EDITS
+        """Header edits encoded once per route (routes are immutable per snapshot), not per request.
+        Called only for a decision that edits something (_attempt tests that inline: most do not)."""
         key = id(decision.request_headers_add) ^ id(decision.response_headers_add) * 31
         cached = self._edits.get(key)
         if cached is not None and _same_edits(cached[0], decision):
@@ -898,11 +903,7 @@ class HttpProxy:
             admission = request.admission
             if admission is not None and routes is not None:
                 routes.guards.request_ended(admission)
-            local_flag, extra_flag = request.local_flag, request.extra_flag
-            # flag_text's own no-flags test, inline: most requests have none.
-            flags_text = (
-                flag_text(flags, local_flag, extra_flag) if flags or local_flag or extra_flag else "-"
-            )
+            flags_text = flag_text(flags, request.local_flag, request.extra_flag)
             attrs, trace, service, route = request.attrs, request.trace, request.service, request.route
             protocol = "grpc" if request.grpc else "http"
         self.stats.status_classes[status // 100] += 1  # 0: no response

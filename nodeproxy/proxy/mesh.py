@@ -47,7 +47,6 @@ from nodeproxy.authz.peer import CompiledPeerAuthentication, compile_peer_authen
 from nodeproxy.authz.policy import L4Request, Workload
 from nodeproxy.config import Config, MeshConfig
 from nodeproxy.identity.certmanager import CertManager, NoSvid
-from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffeid import SpiffeId
 from nodeproxy.proxy.inbound import (
     STATUS_DENIED,
@@ -253,12 +252,6 @@ def engine_settings(mesh: MeshConfig) -> EngineSettings:
     )
 
 
-def cert_manager(identity: IdentityConfig, node: str, renew_node_credential: bool) -> CertManager:
-    """CertManager.from_config; only one process renews the node credential files (the CA client of
-    every process reads them per request)."""
-    return CertManager.from_config(identity, node, renew_node_credential=renew_node_credential)
-
-
 def _file_stamp(path: Path) -> tuple[int, int, int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -278,7 +271,10 @@ class MeshWorker:
         self.refresher = JwksRefresher()
         self.authz = self._compile_authz(config)
         self.http_authz = self._compile_http_authz(config)
-        self.certs = cert_manager(identity, config.node.name, renew_node_credential=worker_index == 0)
+        # Only worker 0 renews the node credential files (the CA client of every worker reads them).
+        self.certs = CertManager.from_config(
+            identity, config.node.name, renew_node_credential=worker_index == 0
+        )
         self.engine = TunnelEngine(
             identity.trust_domain, self.certs.trust_bundle_pem(), engine_settings(mesh)
         )
@@ -288,14 +284,13 @@ class MeshWorker:
             lambda spiffe_id: self.certs.svid_for(SpiffeId.parse(spiffe_id)),
             peer_port=mesh.hbone_port,
         )
-        assert identity.node_credential is not None  # cert_manager checked it
+        assert identity.node_credential is not None  # CertManager.from_config checked it
         self._node_files = (identity.node_credential.cert, identity.node_credential.key)
         self._node_stamp: tuple[int, int, int, int] | None = None
         self.hbone_sock: socket.socket | None = None
         self.inbound_sock: socket.socket | None = None
         self.entry = MeshEntry(self._adopt_from_entry)
         self._entry_streams: dict[int, float] = {}  # entry conn id -> when it was adopted
-        self.entry_tunneled = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._spiffe_ids: dict[str, SpiffeId] = {}  # parsed once per identity, not per connection
@@ -396,8 +391,6 @@ class MeshWorker:
         for record in self.engine.stop():
             if isinstance(record, StreamDone) and record.outbound:
                 self._outbound_done(record)
-        if self.hbone_sock is not None:
-            self.hbone_sock.close()
 
     @property
     def live_streams(self) -> int:
@@ -504,7 +497,6 @@ class MeshWorker:
         except (LookupError, ValueError, OSError) as err:
             return f"cannot tunnel to {path.peer_node}: {err}"
         self._entry_streams[entry_id] = time.monotonic()
-        self.entry_tunneled += 1
         return None
 
     def _outbound_done(self, record: StreamDone) -> None:

@@ -221,5 +221,5 @@ class MeshEntry:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with an RST, so the engine sees a reset (a failed attempt), not a clean end of response."""
+    """Close with an RST before the open byte: the engine's attempt fails to connect (retried elsewhere)."""
     _fastpath.reset_and_close(sock.detach())
