@@ -453,6 +453,7 @@ cdef class HttpWorker:
     cdef void _attach(self, Down *d, Up *u, bint reused) noexcept nogil
     cdef Up *_connect(self, Pool *p, int *err) noexcept nogil
     cdef Pool *_pool_for(self, uint32_t source_ip, sockaddr_in *dst, bint via_mesh) noexcept nogil
+    cdef int _connect_done(self, Up *u, uint32_t events, int *err) noexcept nogil
     cdef int _mesh_opened(self, Up *u, int *err) noexcept nogil
     cdef void _pool_release(self, Up *u) noexcept nogil
     cdef void _pool_unwait(self, Down *d) noexcept nogil

@@ -1253,21 +1253,13 @@ cdef class HttpWorker:
             u.writable = True
         if u.h2 != NULL:
             if u.state == U_CONNECTING:
-                err = sock_error(u.fd)
-                if err == 0 and not events & EPOLLOUT and not u.mesh_header_sent:
+                opened = self._connect_done(u, events, &err)
+                if opened == 0:
                     return
-                if err != 0 or events & (EPOLLHUP | EPOLLERR):
-                    self._h2u_fail(u, err if err else ECONNRESET)
+                if opened < 0:
+                    self._h2u_fail(u, err)
                     self._close_up(u, False)
                     return
-                if u.pool.via_mesh:
-                    opened = self._mesh_opened(u, &err)
-                    if opened == 0:
-                        return
-                    if opened < 0:
-                        self._h2u_fail(u, err)
-                        self._close_up(u, False)
-                        return
                 u.state = U_BUSY
                 s = u.h2.streams
                 while s != NULL:
@@ -1283,23 +1275,14 @@ cdef class HttpWorker:
                 self._close_up(u, False)
             return
         if u.state == U_CONNECTING:
-            err = sock_error(u.fd)
-            if err == 0 and not events & EPOLLOUT and not u.mesh_header_sent:
+            opened = self._connect_done(u, events, &err)
+            if opened == 0:
                 return
-            if err != 0 or events & (EPOLLHUP | EPOLLERR):
+            if opened < 0:
                 self._close_up(u, False)
                 if d != NULL:
-                    self._attempt_failed(d, err if err else ECONNRESET, FLAG_UF)
+                    self._attempt_failed(d, err, FLAG_UF)
                 return
-            if u.pool.via_mesh:
-                opened = self._mesh_opened(u, &err)
-                if opened == 0:
-                    return
-                if opened < 0:
-                    self._close_up(u, False)
-                    if d != NULL:
-                        self._attempt_failed(d, err, FLAG_UF)
-                    return
             u.state = U_BUSY
             if d != NULL:
                 self._attempt_sent(d)
@@ -1673,6 +1656,19 @@ cdef class HttpWorker:
             self.ups.prev = u
         self.ups = u
         return u
+
+    cdef int _connect_done(self, Up *u, uint32_t events, int *err) noexcept nogil:
+        """An event on a connecting upstream (HTTP/1.1 or HTTP/2): 1 connected, 0 not yet, -1 failed
+        (err). Via the mesh entry, connected means the tunnel to the pod is open (_mesh_opened)."""
+        cdef int e = sock_error(u.fd)
+        if e == 0 and not events & EPOLLOUT and not u.mesh_header_sent:
+            return 0
+        if e != 0 or events & (EPOLLHUP | EPOLLERR):
+            err[0] = e if e else ECONNRESET
+            return -1
+        if u.pool.via_mesh:
+            return self._mesh_opened(u, err)
+        return 1
 
     cdef int _mesh_opened(self, Up *u, int *err) noexcept nogil:
         """A connection to the mesh entry counts as connected once the tunnel to the pod is open, so that

@@ -119,3 +119,16 @@ class FixedRandom(random.Random):
 
     def random(self) -> float:
         return self.value
+
+
+class FakeClock:
+    """A clock the test moves (the managers' and the CA's ``clock``)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta

@@ -20,23 +20,12 @@ from nodeproxy.identity.caserver import CaServer
 from nodeproxy.identity.certmanager import CertEvent, CertManager, NoSvid, TrustBundleError
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.spiffe import SpiffeId, verify_svid_chain
-from tests.identity_helpers import NOW, FixedRandom, key_pem
+from tests.identity_helpers import NOW, FakeClock, FixedRandom, key_pem
 
 TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
 API = SpiffeId.for_workload(TD, "default", "api")
 T = TypeVar("T")
-
-
-class FakeClock:
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
 
 
 class LocalSigner:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,20 +36,12 @@ from nodeproxy.identity.certmanager import CertManager
 from nodeproxy.identity.config import IdentityConfig
 from nodeproxy.identity.lifetimes import BACKDATE, MIN_SVID_TTL, issuance_time, renewal_point
 from nodeproxy.identity.spiffe import SpiffeId
-from tests.identity_helpers import NOW, FixedRandom, make_ca
+from tests.identity_helpers import NOW, FakeClock, FixedRandom, make_ca
 
 TD = "cluster.local"
 WEB = SpiffeId.for_workload(TD, "default", "web")
 NODE = SpiffeId.for_node(TD, "node-a")
 T = TypeVar("T")
-
-
-class FakeClock:
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 class LocalSigner:
