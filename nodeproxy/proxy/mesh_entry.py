@@ -7,10 +7,11 @@ endpoint on a peer node it connects, instead of to the pod, to this worker's mes
 listener on an ephemeral port. Its first bytes are a PROXY protocol v2 header (the format HAProxy
 defined; nothing of it is parsed by anyone else) naming the source pod and the endpoint, with a
 per-process secret in a TLV. The entry reads exactly the header, decides the path as the L4 path does
-(MeshDirectory.outbound_path) and adopts the socket into the tunnel as that pod's identity. From then
-on bytes flow engine -> loopback -> tunnel engine -> TLS -> peer node -> pod, and a reset travels back
-the same way, so the engine sees an upstream reset when the tunnel could not be opened (its retry
-policy then picks another endpoint).
+(MeshDirectory.outbound_path) and adopts the socket into the tunnel as that pod's identity, asking it
+to announce the open stream with one 0x00 byte. The engine sends its request only after that byte, so a
+tunnel that cannot open (or a refusal here: a reset) is a connect failure of the attempt, which the
+retry policy sends to another endpoint. From then on bytes flow engine -> loopback -> tunnel engine ->
+TLS -> peer node -> pod, and a reset travels back the same way.
 
 Why the token: any process of the node's network namespace can connect to a loopback port, and a
 header naming a source pod would otherwise let it travel as that pod's identity. The token is random per
