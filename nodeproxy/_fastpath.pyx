@@ -874,10 +874,11 @@ cdef class RelayWorker:
     cdef void _fail_connect(self, Conn *c, int err, int kind) noexcept nogil:
         # The client socket goes back to Python, untouched, so it can try another endpoint.
         cdef int client_fd = c.fds[CLIENT]
+        cdef uint64_t conn_id = c.id
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, client_fd, NULL)
         c.fds[CLIENT] = -1
-        self._complete_raw(c.id, kind, err, 0, 0, client_fd)
-        self._release(c)
+        self._release(c)  # first: Python may act on the record at once (see _finish)
+        self._complete_raw(conn_id, kind, err, 0, 0, client_fd)
 
     cdef void _abort(self, Conn *c, int failed, int err) noexcept nogil:
         """One side failed: drop the connection; both sockets reset (SO_LINGER {1, 0} since setup)."""
@@ -891,13 +892,16 @@ cdef class RelayWorker:
 
     cdef void _finish(self, Conn *c, int kind, int err) noexcept nogil:
         cdef int k
+        cdef uint64_t conn_id = c.id, up = c.dirs[CLIENT].bytes, down = c.dirs[UPSTREAM].bytes
         if kind == END_CLOSED or kind == END_IDLE_TIMEOUT:
             # Graceful: the close sends FIN after every byte still queued, instead of an RST.
             for k in range(2):
                 if c.fds[k] >= 0:
                     set_reset_on_close(c.fds[k], False)
-        self._complete_raw(c.id, kind, err, c.dirs[CLIENT].bytes, c.dirs[UPSTREAM].bytes, -1)
+        # Release before the record: Python may read it at once, and a connection it sees as ended must
+        # hold nothing any more (sockets closed and out of the epoll set, pipes back in the pool).
         self._release(c)
+        self._complete_raw(conn_id, kind, err, up, down, -1)
 
     cdef void _release(self, Conn *c) noexcept nogil:
         """Close everything the connection still holds and retire it (freed at the end of the loop turn)."""
